@@ -1,0 +1,56 @@
+"""A preallocated key/value cache for incremental decoding.
+
+The model writes the keys and values of new positions into the cache and attends over everything
+written so far. Allocating once (instead of concatenating every step) keeps decoding free of
+reallocations and gives torch.compile / CUDA graphs fixed shapes to work with.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer: two tensors of shape (n_layer, B, nh, max_len, hs).
+
+    ``static=True`` makes :meth:`update` return the whole buffer (fixed shape, for CUDA graphs);
+    the model then masks positions that were not written yet.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int,
+                 head_size: int, *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, static: bool = False) -> None:
+        shape = (n_layer, batch_size, n_head, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.static = static
+
+    @classmethod
+    def for_model(cls, config: ModelConfig, batch_size: int, *, max_len: int | None = None,
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  static: bool = False) -> KVCache:
+        return cls(config.n_layer, batch_size, config.n_head, max_len or config.context_length,
+                   config.head_size, device=device, dtype=dtype, static=static)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) at positions [start_pos, start_pos + T) of ``layer``.
+
+        Returns the keys and values to attend over: (B, nh, start_pos + T, hs), or the whole
+        buffer (B, nh, max_len, hs) when the cache is static.
+        """
+        end = start_pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
+        self.k[layer, :, :, start_pos:end] = k
+        self.v[layer, :, :, start_pos:end] = v
+        if self.static:
+            return self.k[layer], self.v[layer]
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]

@@ -1,0 +1,219 @@
+"""The GPT model, in forward order: positions, attention, MLP, block, GPT.
+
+Pure ``nn.Module``s: no I/O, no optimizer, no Hugging Face code. Parameter names follow GPT-2
+(``wte, wpe, h.N.ln_1, h.N.attn.c_attn, ...``) so the Hugging Face key map is a short table.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.layer_norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """The fixed positions of "Attention is all you need": (length, dim), sin on even dims."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table
+
+
+def rope_tables(length: int, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles: each (length, head_size // 2), float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + hs/2) of x (B, nh, T, hs) by the angles of its T positions."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: the one attention class.
+
+    Fast path: ``F.scaled_dot_product_attention``. With ``need_weights=True`` the same maths is
+    done by hand (softmax of q k^T / sqrt(hs)) so the attention probabilities can be returned.
+    """
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.head_size = config.head_size
+        self.dropout = config.dropout
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_cache: KVCache | None = None, start_pos: int = 0,
+                mask: torch.Tensor | None = None, need_weights: bool = False,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v, start_pos)  # (B, nh, L, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            L = k.size(2)
+            if mask is None:  # causal, aligned so the last query sees the last key
+                mask = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(diagonal=L - T)
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_size))  # (B, nh, T, L)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            weights = torch.softmax(scores.float(), dim=-1).type_as(q)
+            y = F.dropout(weights, dropout_p, self.training) @ v  # (B, nh, T, hs)
+        else:
+            # With no mask, is_causal aligns top-left: right only when queries and keys start at
+            # the same position, which the caller guarantees by passing a mask otherwise.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                               is_causal=mask is None and T > 1)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y)), weights
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, **attn_kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, weights = self.attn(self.ln_1(x), **attn_kwargs)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, weights
+
+
+class GPT(nn.Module):
+    """A GPT-2-family decoder. ``GPT(ModelConfig())`` is GPT-2 124M (untrained)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.position == "learned":
+            self.wpe = nn.Embedding(config.context_length, config.n_embd)
+        elif config.position == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(config.context_length,
+                                                               config.n_embd), persistent=False)
+        else:
+            cos, sin = rope_tables(config.context_length, config.head_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = residual_std if name.endswith("c_proj") else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+
+    def num_params(self) -> int:
+        """Parameters, tied weights counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    def forward(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None, start_pos: int = 0,
+                last_only: bool = False, need_weights: bool = False):
+        """Logits for token ids ``idx`` (B, T) placed at positions [start_pos, start_pos + T).
+
+        With ``kv_cache``, keys/values of these positions are written into it and attention
+        covers every cached position before them. ``last_only`` returns logits of the last
+        position only (B, 1, V). With ``need_weights`` returns ``(logits, weights)`` where
+        weights is a list of (B, nh, T, L) attention probabilities, one per layer.
+        """
+        B, T = idx.shape
+        end = start_pos + T
+        if end > self.config.context_length:
+            raise ValueError(f"positions up to {end} exceed the context length "
+                             f"({self.config.context_length})")
+        if start_pos and kv_cache is None:
+            raise ValueError("start_pos > 0 needs the kv_cache holding the earlier positions")
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.position == "learned":
+            x = x + self.wpe(torch.arange(start_pos, end, device=idx.device))
+        elif self.config.position == "sinusoidal":
+            x = x + self.pos_table[start_pos:end].to(x.dtype)
+        else:
+            rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])
+        x = self.drop(x)
+        mask = self.attention_mask(T, start_pos, kv_cache, idx.device)
+        all_weights = []
+        for block in self.h:
+            x, weights = block(x, rope=rope, kv_cache=kv_cache, start_pos=start_pos, mask=mask,
+                               need_weights=need_weights)
+            all_weights.append(weights)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        return (logits, all_weights) if need_weights else logits
+
+    @staticmethod
+    def attention_mask(T: int, start_pos: int, kv_cache: KVCache | None,
+                       device: torch.device) -> torch.Tensor | None:
+        """Boolean (T, L) mask, or None when plain causal attention is right.
+
+        Query i sits at position start_pos + i and may see keys at positions <= start_pos + i.
+        None means: no cache offset (is_causal is right) or a single query over a dynamic cache
+        (it may see every key).
+        """
+        if kv_cache is None or (not kv_cache.static and (start_pos == 0 or T == 1)):
+            return None
+        L = kv_cache.max_len if kv_cache.static else start_pos + T
+        query_pos = torch.arange(start_pos, start_pos + T, device=device)[:, None]
+        return torch.arange(L, device=device)[None, :] <= query_pos

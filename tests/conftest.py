@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny configs and models that run in milliseconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from gptcli.config import ModelConfig
+from gptcli.model import GPT
+
+# Keep the suite on the CPU threads CI has, and silence Hugging Face's network lookups.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    fields = dict(vocab_size=101, context_length=32, n_layer=2, n_head=3, n_embd=48)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter (biases and norms too) non-trivial random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+@pytest.fixture
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    return randomize_(GPT(tiny_config())).eval()
