@@ -171,6 +171,53 @@ def load_checkpoint(path: str | os.PathLike, *, device: torch.device | str = "cp
     return model, tokenizer, dict(metadata)
 
 
+def resolve_model(name: str | os.PathLike | None, runs_dir: str | os.PathLike = "runs") -> Path:
+    """Find the checkpoint a user means by ``name``.
+
+    A checkpoint file; a run folder (its ``best.safetensors``, else ``last.safetensors``); the
+    name of a model in the local store (``gpt2`` -> ``$GPTCLI_HOME/models/gpt2.safetensors``);
+    or, for None, the most recently written run under ``runs_dir``.
+    """
+    from .runtime import models_dir, store_name
+
+    if name is None:
+        runs = sorted(Path(runs_dir).glob("*/*.safetensors"), key=lambda p: p.stat().st_mtime)
+        runs = [p for p in runs if p.name in ("best.safetensors", "last.safetensors")]
+        if not runs:
+            raise UserError(f"no --model given and no trained run under ./{runs_dir}; "
+                            f"train one with `gpt train` or {_available_hint()}")
+        return resolve_model(runs[-1].parent)
+    path = Path(name)
+    if path.is_dir():
+        for candidate in ("best.safetensors", "last.safetensors"):
+            if (path / candidate).is_file():
+                return path / candidate
+        raise UserError(f"run folder {path} has no best.safetensors or last.safetensors")
+    if path.is_file() or path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
+        return check_readable(path)
+    stored = models_dir() / f"{store_name(str(name))}.safetensors"
+    if stored.is_file():
+        return stored
+    raise UserError(f"no model named {str(name)!r}: not a file, run folder or downloaded model; "
+                    f"{_available_hint()}")
+
+
+def local_models() -> list[str]:
+    """Names of the models in the local store."""
+    from .runtime import models_dir
+
+    return sorted(p.stem.replace("--", "/") for p in models_dir().glob("*.safetensors"))
+
+
+def _available_hint() -> str:
+    names = local_models()
+    runs = sorted(str(p.parent) for p in Path("runs").glob("*/last.safetensors"))
+    available = names + runs
+    if not available:
+        return "nothing is available locally yet (try `gpt download gpt2` or `gpt train`)"
+    return "available locally: " + ", ".join(available)
+
+
 def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     """What `gpt info` shows, read from the header only (no weights loaded)."""
     shapes, metadata = read_safetensors(path, tensors=False)

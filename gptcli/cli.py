@@ -93,13 +93,14 @@ def not_built(what: str) -> None:
 
 @command("info")
 def info_cmd(
-    model: Annotated[Path, typer.Argument(help="A gptcli checkpoint (.safetensors).")],
+    model: Annotated[str, typer.Argument(
+        help="A checkpoint file, a run folder, or the name of a downloaded model.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Show a checkpoint's config, parameter count, tokenizer, provenance and size."""
-    from .checkpoint import checkpoint_info
+    from .checkpoint import checkpoint_info, resolve_model
 
-    info = checkpoint_info(model)
+    info = checkpoint_info(resolve_model(model))
     if as_json:
         print(json.dumps(info))
         return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -129,6 +130,24 @@ def seed_everything(seed: int) -> None:
 
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def gptcli_home() -> Path:
+    """The local store: ``$GPTCLI_HOME`` or ``~/.cache/gptcli`` (models/ and datasets/ inside)."""
+    return Path(os.environ.get("GPTCLI_HOME") or Path.home() / ".cache" / "gptcli")
+
+
+def models_dir() -> Path:
+    return gptcli_home() / "models"
+
+
+def datasets_dir() -> Path:
+    return gptcli_home() / "datasets"
+
+
+def store_name(name: str) -> str:
+    """File-system name for a model or dataset name: ``org/name`` -> ``org--name``."""
+    return name.strip("/").replace("/", "--")
 
 
 def is_debug() -> bool:
