@@ -122,10 +122,109 @@ def info_cmd(
 
 # ----------------------------------------------------------------------------- commands built later
 
+def _default(field: str, model=None) -> str:
+    """' (default: X)' from the config model, so defaults live in one place."""
+    from .config import TrainConfig
+
+    value = (model or TrainConfig).model_fields[field].default
+    return "" if value is None else f" (default: {value})"
+
+
+def _given(**flags) -> dict:
+    """The flags the user actually set (None means: not given)."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+Opt = typer.Option
+DeviceOpt = Annotated[Optional[str], Opt(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[Optional[str], Opt(help="auto (bf16 on GPUs that support it, else float32), "
+                                             "float32, bfloat16 or float16.")]
+
+
 @command("train")
-def train_cmd() -> None:
-    """Train a model on text files (default: the bundled Shakespeare corpus)."""
-    not_built("train")
+def train_cmd(
+    data: Annotated[Optional[list[str]], Opt(help="Text file, folder of .txt files or downloaded "
+                    "dataset name; repeat for several (default: bundled Shakespeare).")] = None,
+    tokenizer: Annotated[Optional[str], Opt(help="gpt2, char, or auto (char for the tiny/small "
+                         "presets, else gpt2).")] = None,
+    val_fraction: Annotated[Optional[float], Opt(help="Share of tokens held out for validation, "
+                            "from the end" + _default("val_fraction"))] = None,
+    encoding: Annotated[Optional[str], Opt(help="Text encoding of the data" + _default("encoding"))] = None,
+    preset: Annotated[Optional[str], Opt(help="Model shape: tiny, small, gpt2, gpt2-medium, "
+                      "gpt2-large, gpt2-xl" + _default("preset"))] = None,
+    n_layer: Annotated[Optional[int], Opt(help="Override the preset's number of layers.")] = None,
+    n_head: Annotated[Optional[int], Opt(help="Override the preset's attention heads.")] = None,
+    n_embd: Annotated[Optional[int], Opt(help="Override the preset's embedding width.")] = None,
+    context_length: Annotated[Optional[int], Opt(help="Override the preset's context length.")] = None,
+    dropout: Annotated[Optional[float], Opt(help="Dropout rate" + _default("dropout"))] = None,
+    init_from: Annotated[Optional[str], Opt(help="Start from this checkpoint, run folder or "
+                         "downloaded model (fine-tuning).")] = None,
+    batch_size: Annotated[Optional[int], Opt(help="Sequences per micro-batch" + _default("batch_size"))] = None,
+    grad_accum: Annotated[Optional[int], Opt(help="Micro-batches per optimizer step" + _default("grad_accum"))] = None,
+    lr: Annotated[Optional[float], Opt(help="Peak learning rate" + _default("lr"))] = None,
+    min_lr: Annotated[Optional[float], Opt(help="Learning rate at the end of the cosine decay" + _default("min_lr"))] = None,
+    warmup_steps: Annotated[Optional[int], Opt(help="Linear warm-up steps" + _default("warmup_steps"))] = None,
+    max_steps: Annotated[Optional[int], Opt(help="Optimizer steps" + _default("max_steps"))] = None,
+    epochs: Annotated[Optional[float], Opt(help="Train for this many passes over the data "
+                      "instead of --max-steps.")] = None,
+    max_time: Annotated[Optional[float], Opt(help="Stop (and save) after this many seconds.")] = None,
+    weight_decay: Annotated[Optional[float], Opt(help="AdamW weight decay" + _default("weight_decay"))] = None,
+    beta1: Annotated[Optional[float], Opt(help="AdamW beta1" + _default("beta1"))] = None,
+    beta2: Annotated[Optional[float], Opt(help="AdamW beta2" + _default("beta2"))] = None,
+    grad_clip: Annotated[Optional[float], Opt(help="Clip the gradient norm; 0 disables" + _default("grad_clip"))] = None,
+    eval_interval: Annotated[Optional[int], Opt(help="Steps between evaluations and saves" + _default("eval_interval"))] = None,
+    eval_steps: Annotated[Optional[int], Opt(help="Validation batches per evaluation" + _default("eval_steps"))] = None,
+    log_interval: Annotated[Optional[int], Opt(help="Steps between log lines" + _default("log_interval"))] = None,
+    save_interval: Annotated[Optional[int], Opt(help="Also keep step-N.safetensors every N steps.")] = None,
+    sample_interval: Annotated[Optional[int], Opt(help="Steps between generated samples; 0 "
+                               "disables" + _default("sample_interval"))] = None,
+    sample_tokens: Annotated[Optional[int], Opt(help="Length of each sample" + _default("sample_tokens"))] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    compile: Annotated[Optional[bool], Opt("--compile/--no-compile", help="torch.compile the model.")] = None,
+    seed: Annotated[Optional[int], Opt(help="Random seed" + _default("seed"))] = None,
+    out: Annotated[Optional[str], Opt(help="Run folder (default: runs/<data name>).")] = None,
+    config: Annotated[Optional[Path], Opt(help="Load settings from a JSON file; flags override it.")] = None,
+    resume: Annotated[bool, Opt("--resume", help="Continue the run in --out exactly where it "
+                      "stopped; `--resume auto` starts fresh when there is nothing to resume.")] = False,
+    resume_auto: Annotated[bool, Opt("--resume-auto", hidden=True)] = False,
+    force: Annotated[bool, Opt("--force", help="Overwrite the files of an existing run folder.")] = False,
+) -> None:
+    """Train a model on text files (default: the tiny preset on the bundled Shakespeare)."""
+    explicit = _given(**{k: v for k, v in locals().items()
+                         if k not in ("config", "resume", "resume_auto", "force")})
+    from .display import TrainDisplay
+    from .train import default_out, fit, merge_config, prepare_run_folder
+
+    cfg = _validated(lambda: merge_config(explicit, config, None))
+    folder = Path(cfg.out) if cfg.out else default_out(cfg)
+    resuming = prepare_run_folder(folder, resume="auto" if resume_auto else "yes" if resume else None,
+                                  force=force)
+    if resuming:
+        cfg = _validated(lambda: merge_config(explicit, config, folder))
+    result = fit(cfg, out=folder, resume=resuming, display=TrainDisplay())
+    if result.stopped_by:
+        print(f"stopped by {result.stopped_by} at step {result.step}; saved {folder / 'last.safetensors'}."
+              f" Resume with: gpt train --out {folder} --resume", file=sys.stderr)
+        if result.stopped_by.startswith("SIG"):
+            raise typer.Exit(130 if result.stopped_by == "SIGINT" else 143)
+        return
+    best = f"best val loss {result.best_val:.4f}, " if result.best_val is not None else ""
+    print(f"done: {result.step} steps, {best}checkpoint {result.checkpoint}\n"
+          f"try it: gpt generate --model {folder} --prompt \"{'ROMEO:' if not cfg.data else 'The'}\"",
+          file=sys.stderr)
+
+
+def _validated(build):
+    """Run a config constructor, turning validation errors into one-line user errors."""
+    from pydantic import ValidationError
+
+    from .config import validation_message
+
+    try:
+        return build()
+    except ValidationError as e:
+        raise UserError(validation_message(e)) from None
 
 
 @command("generate")
@@ -135,15 +234,89 @@ def generate_cmd() -> None:
 
 
 @command("download")
-def download_cmd() -> None:
+def download_cmd(
+    name: Annotated[Optional[str], typer.Argument(
+        help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, a Hub repo id (org/name), a "
+             "local Hugging Face GPT-2 folder, or the dataset tinystories.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Fetch text files of this Hub dataset repo (org/name) instead of a model.")] = None,
+    file: Annotated[Optional[list[str]], typer.Option(
+        "--file", help="A .txt file of the --dataset repo to fetch (repeatable).")] = None,
+    revision: Annotated[Optional[str], typer.Option(
+        help="Branch, tag or commit of the Hub repo (default: main).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Write the checkpoint here instead of the local model store.")] = None,
+    offline: Annotated[bool, typer.Option(
+        "--offline", help="Use only the Hugging Face cache (like HF_HUB_OFFLINE=1).")] = False,
+    list_: Annotated[bool, typer.Option(
+        "--list", help="Show the known names and what is in the local store.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
     """Download GPT-2 weights (or a text dataset) from the Hugging Face Hub."""
-    not_built("download")
+    if list_:
+        from .hub import list_available
+
+        info = list_available()
+        if as_json:
+            print(json.dumps(info))
+            return
+        for kind in ("models", "datasets"):
+            for key, entry in info[kind].items():
+                print(f"{key:<12} {entry['repo']:<30} {'stored' if entry['stored'] else ''}")
+        print(f"in {info['models_dir']}: {', '.join(info['stored_models']) or '(nothing)'}")
+        print(f"in {info['datasets_dir']}: {', '.join(info['stored_datasets']) or '(nothing)'}")
+        return
+    from .hub import download
+
+    result = download(name, dataset=dataset, files=file, revision=revision, out=out,
+                      offline=offline, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if as_json:
+        print(json.dumps(result))
+    elif result["kind"] == "dataset":
+        print(f"stored dataset {result['name']} ({result['size'] / 1e6:,.1f} MB) in "
+              f"{result['path']}; train on it with `gpt train --data {result['name']}`")
+    else:
+        print(f"stored {result['name']}: {result['parameters']:,} parameters, "
+              f"{result['size'] / 1e6:,.1f} MB, {result['path']}")
 
 
 @command("inspect-attention")
-def inspect_attention_cmd() -> None:
-    """Show what every attention head attends to."""
-    not_built("inspect-attention")
+def inspect_attention_cmd(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help=(
+        "Checkpoint file, run folder or downloaded model name (default: the latest run)."))] = None,
+    text: Annotated[Optional[str], typer.Option("--text", help="The text to look at.")] = None,
+    text_file: Annotated[Optional[Path], typer.Option(
+        "--text-file", help="Read the text from this UTF-8 file instead.")] = None,
+    layer: Annotated[str, typer.Option(
+        "--layer", help="Layer(s) to show, 0-based: N, N,M or 'all'.")] = "0",
+    head: Annotated[str, typer.Option(
+        "--head", help="Head(s) to show, 0-based: N, N,M or 'all' (terminal: their mean).")] = "all",
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Write a PNG grid of heatmaps (needs matplotlib: the plot extra).")] = None,
+    html: Annotated[Optional[Path], typer.Option(
+        "--html", help="Write a self-contained interactive HTML page.")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print tokens, selected weights and head summary as JSON.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Show what every attention head attends to: heatmap, top tokens, head summary."""
+    from rich.console import Console
+
+    from . import attention
+
+    if out is not None:
+        attention.require_matplotlib()  # fail before the slow part
+    insp = attention.inspect(model, text=text, text_file=text_file, layer=layer, head=head,
+                             device=device)
+    err = Console(stderr=True)
+    if out is not None:
+        err.print(f"wrote {attention.write_png(insp, out)}")
+    if html is not None:
+        err.print(f"wrote {attention.write_html(insp, html)}")
+    if as_json:
+        print(json.dumps(attention.to_json(insp)))
+    else:
+        attention.render_terminal(Console(), insp)
 
 
 @command("bench")
@@ -153,26 +326,86 @@ def bench_cmd() -> None:
 
 
 @command("eval")
-def eval_cmd() -> None:
-    """Loss, perplexity and bits per byte of a model on a text file."""
-    not_built("eval")
+def eval_cmd(
+    model: Annotated[Optional[str], Opt(help="Checkpoint file, run folder or downloaded model "
+                     "(default: the latest run).")] = None,
+    data: Annotated[Optional[list[str]], Opt(help="Text file(s) or folder to score (default: "
+                    "the bundled Shakespeare).")] = None,
+    context_length: Annotated[Optional[int], Opt(help="Window length (default: the model's).")] = None,
+    stride: Annotated[Optional[int], Opt(help="Tokens scored per window; smaller gives each "
+                      "token more context (default: the window length).")] = None,
+    batch_size: Annotated[int, Opt(help="Windows per forward pass.")] = 8,
+    encoding: Annotated[str, Opt(help="Text encoding of the data.")] = "utf-8",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    as_json: Annotated[bool, Opt("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Mean loss, perplexity and bits per byte of a model on a text file (sliding window)."""
+    from .train import evaluate_file
+
+    result = evaluate_file(model, data, context_length=context_length, stride=stride,
+                           batch_size=batch_size, encoding=encoding, device=device or "auto",
+                           dtype=dtype or "auto")
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(f"{result['model']}: loss {result['loss']:.4f} nats/token, perplexity "
+          f"{result['perplexity']:.2f}, {result['bits_per_byte']:.4f} bits/byte "
+          f"({result['tokens']:,} tokens scored)")
 
 
 @command("export")
-def export_cmd() -> None:
-    """Write a model as a Hugging Face GPT-2 folder."""
-    not_built("export")
+def export_cmd(
+    model: Annotated[str, typer.Option(
+        help="A checkpoint file, a run folder, or the name of a downloaded model.")],
+    to: Annotated[Path, typer.Option(
+        help="Folder to write config.json, model.safetensors, generation_config.json into.")],
+) -> None:
+    """Write a model as a Hugging Face GPT-2 folder (loadable by transformers)."""
+    from .checkpoint import resolve_model
+    from .hub import export_model
+
+    result = export_model(resolve_model(model), to)
+    print(f"wrote {', '.join(result['files'])} ({result['parameters']:,} parameters) to "
+          f"{result['path']}")
+    if result["tokenizer"] != "gpt2":
+        print(f"note: this model uses the {result['tokenizer']} tokenizer, which transformers "
+              "does not know; encode text with gptcli's tokenizer", file=sys.stderr)
 
 
 @command("plot")
-def plot_cmd() -> None:
-    """Overlay the loss curves of several runs."""
-    not_built("plot")
+def plot_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders to compare.")],
+    out: Annotated[Path, Opt(help="Where to write the picture.")] = Path("loss.png"),
+) -> None:
+    """Overlay the loss curves of several runs and list the settings that differ."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .plot import compare_runs, plot_runs
+
+    differ, rows = compare_runs(runs)
+    table = Table("run", "best val", *differ)
+    for row in rows:
+        best = f"{row['best_val']:.4f}" if row["best_val"] is not None else "-"
+        table.add_row(row["run"], best, *(str(row[k]) for k in differ))
+    Console().print(table)
+    try:
+        plot_runs(runs, out)
+    except ImportError:
+        raise UserError('plotting needs matplotlib: pip install "gptcli[plot]"') from None
+    print(f"wrote {out}", file=sys.stderr)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    app()
+    args = list(sys.argv[1:] if argv is None else argv)
+    # `--resume auto` is spelled as an option value; typer has no optional-value options.
+    for i in range(len(args) - 1):
+        if args[i] == "--resume" and args[i + 1] == "auto":
+            args[i:i + 2] = ["--resume-auto"]
+            break
+    app(args=args, prog_name="gpt")
 
 
 if __name__ == "__main__":

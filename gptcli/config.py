@@ -103,3 +103,73 @@ def validation_message(err: Exception) -> str:
             msg = "unknown setting"
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
+
+
+class TrainConfig(BaseModel):
+    """Every setting of a training run; each field is also a `gpt train` flag."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # data
+    data: list[str] | None = Field(None, description="text files, folders of .txt, or dataset names")
+    tokenizer: Literal["auto", "gpt2", "char"] = "auto"
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    encoding: str = "utf-8"
+    # model
+    preset: str = "tiny"
+    n_layer: int | None = Field(None, ge=1)
+    n_head: int | None = Field(None, ge=1)
+    n_embd: int | None = Field(None, ge=1)
+    context_length: int | None = Field(None, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    init_from: str | None = None
+    # optimisation
+    batch_size: int = Field(12, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    min_lr: float = Field(1e-4, ge=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    max_steps: int = Field(2000, ge=1)
+    epochs: float | None = Field(None, gt=0.0)
+    max_time: float | None = Field(None, gt=0.0, description="seconds")
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.99, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping")
+    # evaluation, saving, sampling
+    eval_interval: int = Field(250, ge=1)
+    eval_steps: int = Field(20, ge=1)
+    log_interval: int = Field(10, ge=1)
+    save_interval: int | None = Field(None, ge=1)
+    sample_interval: int = Field(500, ge=0, description="0 disables samples")
+    sample_tokens: int = Field(200, ge=1)
+    # runtime
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    seed: int = 1337
+    out: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        return self
+
+
+class SampleConfig(BaseModel):
+    """How to pick each next token, and when to stop."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(200, ge=1)
+    temperature: float = Field(0.8, ge=0.0, description="0 means greedy")
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    num_samples: int = Field(1, ge=1)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool = False

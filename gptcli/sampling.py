@@ -1,0 +1,218 @@
+"""From logits to text: token selection and the one decode loop.
+
+``decode_loop`` is the only place that runs the model token by token; ``generate`` (the CLI,
+samples during training) and ``bench`` all go through it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import SampleConfig
+from .kv_cache import KVCache
+from .model import GPT
+from .tokenizer import Tokenizer
+
+
+# ----------------------------------------------------------------------------- token selection
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
+                             penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on every token id in ``seen`` (B, t): positive logits are divided by
+    ``penalty``, negative ones multiplied, so a penalty > 1 always makes repeats less likely."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    picked = logits.gather(1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(1, seen, picked)
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties at the k-th value are kept)."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability sum
+    reaches ``p`` (the most likely token is always kept)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    # A token is dropped when the tokens before it already reach p.
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token(logits: torch.Tensor, config: SampleConfig, seen: torch.Tensor,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """Pick one token per row of ``logits`` (B, V): returns (B,) ids."""
+    logits = apply_repetition_penalty(logits.float(), seen, config.repetition_penalty)
+    if config.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_top_k(logits / config.temperature, config.top_k)
+    logits = filter_top_p(logits, config.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- the decode loop
+
+def window_start(length: int, context_length: int) -> int:
+    """Where the model's view starts once a sequence of ``length`` tokens no longer fits.
+
+    The window jumps forward by a quarter of the context at a time (not one token at a time), so
+    the KV cache is rebuilt once per jump rather than at every token.
+    """
+    if length <= context_length:
+        return 0
+    shift = max(1, context_length // 4)
+    # the smallest multiple of the shift that brings the view back within the context
+    return -(-(length - context_length) // shift) * shift
+
+
+@torch.no_grad()
+def decode_loop(model: GPT, prompt: torch.Tensor, config: SampleConfig, *,
+                generator: torch.Generator | None = None,
+                step: Callable | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sequence in ``prompt`` (B, T), ``max_new_tokens`` times.
+
+    The prompt is prefilled into a preallocated KV cache, then tokens are decoded one at a
+    time. When the sequence outgrows the context, the window slides (see ``window_start``) and
+    the cache is rebuilt from the tokens still in view. ``step`` replaces ``model`` for the
+    one-token calls (e.g. a torch.compile'd version); the caller decides when to stop.
+    """
+    context = model.config.context_length
+    B = prompt.size(0)
+    tokens = torch.empty(B, prompt.size(1) + config.max_new_tokens, dtype=torch.long,
+                         device=prompt.device)
+    tokens[:, :prompt.size(1)] = prompt
+    length = prompt.size(1)
+    dtype = model.wte.weight.dtype
+    cache = KVCache.for_model(model.config, B, device=prompt.device, dtype=dtype,
+                              static=step is not None and prompt.device.type == "cuda")
+    step = step or model
+    start = window_start(length, context)
+    logits = model(tokens[:, start:length], kv_cache=cache, last_only=True)
+    for i in range(config.max_new_tokens):
+        seen = tokens[:, :length] if config.repetition_penalty != 1.0 else tokens[:, :0]
+        nxt = next_token(logits[:, -1], config, seen, generator)
+        tokens[:, length] = nxt
+        length += 1
+        yield nxt
+        if i + 1 == config.max_new_tokens:
+            return
+        new_start = window_start(length, context)
+        if new_start != start:  # slide: rebuild the cache from the tokens still in view
+            start = new_start
+            logits = model(tokens[:, start:length], kv_cache=cache, last_only=True)
+        else:
+            logits = step(tokens[:, length - 1:length], kv_cache=cache,
+                          start_pos=length - 1 - start)
+
+
+# ----------------------------------------------------------------------------- text generation
+
+@dataclass
+class Sample:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+    done: bool = False
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    decode_time_s: float = 0.0
+    total_time_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # tokens after the first, per second of decoding (per sequence in the batch)
+        steps = self.new_tokens - 1
+        return steps / self.decode_time_s if steps > 0 and self.decode_time_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+                "time_to_first_token_s": self.time_to_first_token_s,
+                "decode_tokens_per_s": self.decode_tokens_per_s,
+                "total_time_s": self.total_time_s}
+
+
+def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], config: SampleConfig, *,
+             on_text: Callable[[int, str], None] | None = None,
+             step: Callable | None = None) -> tuple[list[Sample], GenerationStats]:
+    """Generate ``config.num_samples`` continuations of ``prompt_ids`` as one batch.
+
+    Stops a sample at end-of-text (unless ``ignore_eos``) or just before a stop string.
+    ``on_text(sample_index, piece)`` receives text as soon as it is final: whole characters only,
+    and held back while it could still be the start of a stop string.
+    """
+    from .runtime import synchronize
+
+    device = model.device
+    generator = None
+    if config.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    prompt = torch.tensor([prompt_ids] * config.num_samples, dtype=torch.long, device=device)
+    samples = [Sample() for _ in range(config.num_samples)]
+    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in samples]
+    emitted = [0] * len(samples)
+    hold = max((len(s) for s in config.stop), default=1) - 1
+    eot = None if config.ignore_eos else tokenizer.eot_id
+    stats = GenerationStats(prompt_tokens=len(prompt_ids))
+    t0 = time.perf_counter()
+    t_first = t0
+
+    def emit(i: int, final: bool) -> None:
+        s = samples[i]
+        upto = len(s.text) if final else max(emitted[i], len(s.text) - hold)
+        if on_text is not None and upto > emitted[i]:
+            on_text(i, s.text[emitted[i]:upto])
+        emitted[i] = upto
+
+    for n, nxt in enumerate(decode_loop(model, prompt, config, generator=generator, step=step)):
+        ids = nxt.tolist()  # one host sync per step: needed to stream and to stop
+        if n == 0:
+            synchronize(device)
+            t_first = time.perf_counter()
+            stats.time_to_first_token_s = t_first - t0
+        stats.new_tokens = n + 1
+        for i, (s, tok) in enumerate(zip(samples, ids)):
+            if s.done:
+                continue
+            if tok == eot:
+                s.done, s.finish_reason = True, "eos"
+                s.text += decoders[i].decode(b"", final=True)
+                emit(i, final=True)
+                continue
+            s.token_ids.append(tok)
+            s.text += decoders[i].decode(tokenizer.decode_bytes([tok]))
+            cut = min((c for c in (s.text.find(stop, max(0, emitted[i] - hold))
+                                   for stop in config.stop) if c >= 0), default=-1)
+            if cut >= 0:
+                s.text, s.done, s.finish_reason = s.text[:cut], True, "stop"
+            emit(i, final=s.done)
+        if all(s.done for s in samples):
+            break
+    for i, s in enumerate(samples):
+        if not s.done:
+            s.text += decoders[i].decode(b"", final=True)
+            emit(i, final=True)
+    synchronize(device)
+    end = time.perf_counter()
+    stats.decode_time_s = end - t_first
+    stats.total_time_s = end - t0
+    return samples, stats

@@ -1,0 +1,472 @@
+"""Training: ``fit()`` is the visible loop; the small helpers around it do one thing each.
+
+AdamW with decoupled weight decay on matrices only, linear warm-up then cosine decay, gradient
+accumulation and clipping, autocast (bf16, or fp16 with a GradScaler), optional torch.compile.
+The run folder holds config.json, metrics.jsonl, last/best checkpoints with training state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import (load_checkpoint, read_safetensors, resolve_model, save_checkpoint,
+                         unwrap_model, write_safetensors)
+from .config import ModelConfig, SampleConfig, TrainConfig
+from .data import BatchSampler, check_enough, load_tokens, resolve_data
+from .model import GPT
+from .runtime import (RuntimeFailure, UserError, resolve_device, resolve_dtype, seed_everything,
+                      synchronize)
+
+RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "last.state.safetensors",
+             "best.safetensors", "loss.png")
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay from lr to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= max_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay only on tensors with >= 2 dims (matrices, embeddings), not on biases
+    and norm gains. Fused kernels where the device has them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for bf16/fp16 (weights stay float32); nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *, grad_accum: int,
+               grad_clip: float, amp, scaler: torch.amp.GradScaler | None,
+               device: torch.device) -> torch.Tensor:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (a tensor, so
+    reading it is the caller's choice of when to synchronise)."""
+    total = torch.zeros((), device=device)
+    for micro in range(grad_accum):
+        x, y = next_batch()
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        # DDP: all-reduce only on the last micro-step
+        sync = getattr(model, "no_sync", None)
+        ctx = sync() if sync is not None and micro < grad_accum - 1 else contextlib.nullcontext()
+        with ctx:
+            with amp:
+                loss = loss_fn(model(x), y) / grad_accum
+            (scaler.scale(loss) if scaler else loss).backward()
+        total += loss.detach()
+    if grad_clip > 0:
+        if scaler:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean cross-entropy (nats per token)
+    tokens: int  # tokens scored
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+
+def eval_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int]]:
+    """Sliding windows over ``n_tokens`` tokens: (input start, first scored offset) pairs.
+
+    Every token after the first is scored exactly once, each with as much context as the stride
+    allows: a window scores only the targets the previous windows did not."""
+    T = min(context, n_tokens - 1)
+    windows, covered = [(0, 0)], T  # targets 1..T are scored by the first window
+    while covered < n_tokens - 1:
+        end = min(covered + stride, n_tokens - 1)  # last target index of this window
+        start = end - T
+        windows.append((start, covered - start))
+        covered = end
+    return windows
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tokens: np.ndarray, context_length: int, *,
+             stride: int | None = None, batch_size: int = 8, max_windows: int | None = None,
+             device: torch.device | str = "cpu", amp=None) -> EvalResult:
+    """Mean loss over ``tokens`` with a sliding window; with ``max_windows``, an evenly spaced
+    subset of the windows (used for quick validation during training)."""
+    T = min(context_length, len(tokens) - 1)
+    windows = eval_windows(len(tokens), T, stride or T)
+    if max_windows and len(windows) > max_windows:
+        pick = np.linspace(0, len(windows) - 1, max_windows).round().astype(int)
+        windows = [windows[i] for i in pick]
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i: i + batch_size]
+        batch = torch.from_numpy(np.stack([tokens[s: s + T + 1] for s, _ in chunk]).astype(np.int64))
+        x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
+        with amp or contextlib.nullcontext():
+            logits = model(x)
+        losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                                 reduction="none").view(len(chunk), T)
+        scored = torch.arange(T, device=losses.device)[None, :] >= torch.tensor(
+            [first for _, first in chunk], device=losses.device)[:, None]
+        total += losses[scored].sum().item()
+        count += int(scored.sum().item())
+    model.train(was_training)
+    return EvalResult(loss=total / max(1, count), tokens=count)
+
+
+def evaluate_file(model_name: str | None, data: list[str] | None, *, context_length: int | None,
+                  stride: int | None, batch_size: int, encoding: str, device: str,
+                  dtype: str) -> dict:
+    """`gpt eval`: loss, perplexity and bits per byte of a model over whole text files."""
+    path = resolve_model(model_name)
+    dev = resolve_device(device)
+    model, tokenizer, _ = load_checkpoint(path, device=dev)
+    files = resolve_data(data)
+    tokens = load_tokens(files, tokenizer.spec(), encoding=encoding).tokens
+    T = min(context_length or model.config.context_length, model.config.context_length)
+    if stride is not None and not 1 <= stride <= T:
+        raise UserError(f"--stride must be between 1 and the window length ({T}), got {stride}")
+    if len(tokens) < 2:
+        raise UserError(f"{files[0]} has {len(tokens)} token(s); scoring needs at least 2")
+    result = evaluate(model, tokens, T, stride=stride, batch_size=batch_size, device=dev,
+                      amp=autocast(dev, resolve_dtype(dtype, dev)))
+    n_bytes = sum(f.stat().st_size for f in files) if encoding.lower().replace("-", "") == "utf8" \
+        else len(tokenizer.decode_bytes(tokens.tolist()))
+    return {"model": str(path), "data": [str(f) for f in files], "loss": result.loss,
+            "perplexity": result.perplexity, "tokens": result.tokens,
+            "bits_per_byte": result.loss * result.tokens / math.log(2) / n_bytes,
+            "context_length": T, "stride": stride or T}
+
+
+# ----------------------------------------------------------------------------- training state
+
+def save_state(path: Path, optimizer: torch.optim.Optimizer, sampler: BatchSampler,
+               scaler: torch.amp.GradScaler | None, *, step: int, best_val: float | None,
+               cfg: TrainConfig, elapsed: float) -> None:
+    """Everything besides the weights that a resumed run needs, as safetensors + JSON metadata."""
+    opt = optimizer.state_dict()
+    tensors = {f"optimizer.{pid}.{key}": value for pid, state in opt["state"].items()
+               for key, value in state.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.sampler"] = sampler.state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    metadata = {"format": "gptcli-state/1", "step": step, "best_val": best_val,
+                "elapsed": elapsed, "param_groups": opt["param_groups"],
+                "scaler": scaler.state_dict() if scaler else None,
+                "train_config": cfg.model_dump()}
+    write_safetensors(path, tensors, metadata)
+
+
+def load_state(path: Path, optimizer: torch.optim.Optimizer, sampler: BatchSampler,
+               scaler: torch.amp.GradScaler | None) -> dict:
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != "gptcli-state/1":
+        raise UserError(f"{path} is not a gptcli training state file")
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    torch.set_rng_state(tensors["rng.torch"])
+    sampler.load_state(tensors["rng.sampler"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    if scaler and meta.get("scaler") not in (None, "null"):
+        scaler.load_state_dict(json.loads(meta["scaler"]))
+    return {"step": int(meta["step"]), "best_val": json.loads(meta["best_val"]),
+            "elapsed": float(meta["elapsed"])}
+
+
+# ----------------------------------------------------------------------------- run folder
+
+def default_out(cfg: TrainConfig) -> Path:
+    if not cfg.data:
+        return Path("runs") / "shakespeare"
+    return Path("runs") / (Path(cfg.data[0].rstrip("/")).stem.replace("--", "-") or "run")
+
+
+def prepare_run_folder(out: Path, *, resume: str | None, force: bool) -> bool:
+    """Check the run folder; returns True when the run resumes from it.
+
+    ``resume`` is None (fresh run), "yes" (must resume) or "auto" (resume if there is a state).
+    A folder with files is never overwritten without ``force``.
+    """
+    has_state = (out / "last.safetensors").is_file() and (out / "last.state.safetensors").is_file()
+    if resume == "yes" and not has_state:
+        raise UserError(f"nothing to resume in {out}: it has no last.safetensors with its "
+                        "training state; start a new run without --resume")
+    if resume and has_state:
+        return True
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"run folder {out} already has files; pass --resume to continue "
+                            "that run, --force to overwrite it, or --out to pick another folder")
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        for snap in out.glob("step-*.safetensors"):
+            snap.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def merge_config(explicit: dict, config_file: Path | None, resume_from: Path | None) -> TrainConfig:
+    """Saved run config (when resuming) < --config file < flags given on the command line."""
+    fields: dict = {}
+    if resume_from is not None and (resume_from / "config.json").is_file():
+        fields.update(json.loads((resume_from / "config.json").read_text())["train"])
+    if config_file is not None:
+        if not config_file.is_file():
+            raise UserError(f"config file {config_file} does not exist")
+        try:
+            loaded = json.loads(config_file.read_text())
+        except ValueError as e:
+            raise UserError(f"config file {config_file} is not valid JSON: {e}") from None
+        fields.update(loaded.get("train", loaded))
+    fields.update(explicit)
+    return TrainConfig(**fields)
+
+
+class MetricsLog:
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        if resume_step is not None and path.is_file():  # forget what came after the saved state
+            lines = [ln for ln in path.read_text().splitlines()
+                     if ln and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in lines))
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, **record) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# ----------------------------------------------------------------------------- fit
+
+@dataclass
+class FitResult:
+    out: Path
+    step: int
+    best_val: float | None
+    last_val: float | None
+    tokens_per_s: float
+    stopped_by: str | None = None  # "SIGINT", "SIGTERM", "max-time" or None
+    checkpoint: Path | None = None
+
+
+class _Stop:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))  # a second press is final
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def fit(cfg: TrainConfig, *, out: Path, resume: bool = False, display=None,
+        stop_after: int | None = None) -> FitResult:
+    """Train as ``cfg`` says, writing the run folder ``out`` (already prepared)."""
+    from .display import NullDisplay
+    from .sampling import generate
+
+    display = display or NullDisplay()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    seed_everything(cfg.seed)
+
+    # data and model
+    init = None
+    if resume:
+        init = load_checkpoint(out / "last.safetensors")
+    elif cfg.init_from:
+        init = load_checkpoint(resolve_model(cfg.init_from))
+    files = resolve_data(cfg.data)
+    tok_spec = init[1].spec() if init else (cfg.tokenizer if cfg.tokenizer != "auto" else
+                                            ("char" if cfg.preset in ("tiny", "small") else "gpt2"))
+    data = display.tokenize(lambda progress: load_tokens(files, tok_spec, encoding=cfg.encoding,
+                                                         progress=progress))
+    tokenizer = data.tokenizer
+    if init:
+        model = init[0]
+        if cfg.dropout != model.config.dropout:
+            model = _with_dropout(model, cfg.dropout)
+    else:
+        mcfg = ModelConfig.from_preset(cfg.preset, vocab_size=tokenizer.vocab_size,
+                                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                       context_length=cfg.context_length, dropout=cfg.dropout)
+        model = GPT(mcfg)
+    mcfg = model.config
+    train_tokens, val_tokens = data.split(cfg.val_fraction)
+    check_enough(len(train_tokens), len(val_tokens), mcfg.context_length, cfg.val_fraction)
+    model.to(device).train()
+
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * mcfg.context_length
+    max_steps = cfg.max_steps
+    if cfg.epochs is not None:
+        max_steps = max(1, math.ceil(cfg.epochs * len(train_tokens) / tokens_per_step))
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    sampler = BatchSampler(train_tokens, mcfg.context_length, cfg.batch_size, cfg.seed)
+    step, best_val, elapsed_before = 0, None, 0.0
+    if resume:
+        state = load_state(out / "last.state.safetensors", optimizer, sampler, scaler)
+        step, best_val, elapsed_before = state["step"], state["best_val"], state["elapsed"]
+    (out / "config.json").write_text(json.dumps(
+        {"train": cfg.model_dump(), "model": mcfg.model_dump(), "tokenizer": tokenizer.spec(),
+         "tokens_per_step": tokens_per_step, "max_steps": max_steps}, indent=2))
+    metrics = MetricsLog(out / "metrics.jsonl", step if resume else None)
+    amp = autocast(device, dtype)
+    runner = torch.compile(model) if cfg.compile else model
+
+    def save(name: str, val: float | None) -> Path:
+        return save_checkpoint(out / name, model, tokenizer, step=step, val_loss=val,
+                               source=f"gpt train ({out})")
+
+    def save_last(val: float | None) -> None:
+        save("last.safetensors", val)
+        save_state(out / "last.state.safetensors", optimizer, sampler, scaler, step=step,
+                   best_val=best_val, cfg=cfg, elapsed=elapsed_before + time.perf_counter() - t0)
+
+    sample_cfg = SampleConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=0,
+                              seed=cfg.seed)
+    prompt = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode(
+        "\n" if "\n" in getattr(tokenizer, "chars", "\n") else tokenizer.decode([0]))
+
+    display.start(step=step, max_steps=max_steps, device=device, dtype=dtype,
+                  params=model.num_params(), tokens_per_step=tokens_per_step, out=out)
+    t0 = time.perf_counter()
+    t_log, steps_since_log = t0, 0
+    last_val, tok_s, stopped_by = None, 0.0, None
+    with _Stop() as stop:
+        while step < max_steps:
+            lr = lr_at(step, cfg, max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = train_step(runner, optimizer, sampler.next_batch, grad_accum=cfg.grad_accum,
+                              grad_clip=cfg.grad_clip, amp=amp, scaler=scaler, device=device)
+            step += 1
+            steps_since_log += 1
+            if step % cfg.log_interval == 0 or step == max_steps:
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    metrics.close()
+                    raise RuntimeFailure(
+                        f"the training loss became {loss_value} at step {step}; stopped without "
+                        f"saving (the last good checkpoint in {out} is kept); try a lower --lr")
+                now = time.perf_counter()
+                tok_s = steps_since_log * tokens_per_step / (now - t_log)
+                t_log, steps_since_log = now, 0
+                metrics.write(step=step, train_loss=loss_value, lr=lr, tokens_per_s=tok_s,
+                              elapsed=elapsed_before + now - t0)
+                display.step(step, loss=loss_value, lr=lr, tokens_per_s=tok_s)
+            if step % cfg.eval_interval == 0 or step == max_steps:
+                last_val = evaluate(model, val_tokens, mcfg.context_length,
+                                    batch_size=cfg.batch_size,
+                                    max_windows=cfg.eval_steps * cfg.batch_size, device=device,
+                                    amp=amp).loss if len(val_tokens) else None
+                if last_val is not None and not math.isfinite(last_val):
+                    metrics.close()
+                    raise RuntimeFailure(f"the validation loss became {last_val} at step {step}; "
+                                         f"stopped (the last good checkpoint in {out} is kept)")
+                metrics.write(step=step, val_loss=last_val)
+                display.eval(step, last_val)
+                if last_val is not None and (best_val is None or last_val < best_val):
+                    best_val = last_val
+                    save("best.safetensors", last_val)
+                save_last(last_val)
+            if cfg.save_interval and step % cfg.save_interval == 0:
+                save(f"step-{step}.safetensors", last_val)
+            if cfg.sample_interval and step % cfg.sample_interval == 0:
+                model.eval()
+                samples, _ = generate(model, tokenizer, prompt, sample_cfg)
+                model.train()
+                display.sample(step, samples[0].text)
+            if stop.signal is not None or (step == stop_after) or (
+                    cfg.max_time and elapsed_before + time.perf_counter() - t0 > cfg.max_time):
+                if step < max_steps:
+                    stopped_by = (signal.Signals(stop.signal).name if stop.signal is not None
+                                  else "max-time" if cfg.max_time else "stop-after")
+                    save_last(last_val)
+                break
+    synchronize(device)
+    metrics.close()
+    display.finish()
+    if len(val_tokens) == 0 and not (out / "best.safetensors").exists():
+        save("best.safetensors", None)
+    _plot_losses(out)
+    return FitResult(out=out, step=step, best_val=best_val, last_val=last_val,
+                     tokens_per_s=tok_s, stopped_by=stopped_by,
+                     checkpoint=out / ("best.safetensors" if (out / "best.safetensors").exists()
+                                       else "last.safetensors"))
+
+
+def _with_dropout(model: GPT, dropout: float) -> GPT:
+    """The same weights in a model whose config has another dropout rate (for fine-tuning)."""
+    new = GPT(model.config.model_copy(update={"dropout": dropout}))
+    new.load_state_dict(model.state_dict())
+    return new
+
+
+def _plot_losses(out: Path) -> None:
+    try:
+        from .plot import plot_runs
+
+        plot_runs([out], out / "loss.png")
+    except ImportError:  # matplotlib is optional
+        pass
