@@ -59,9 +59,20 @@ def resolve_data(data: list[str] | None) -> list[Path]:
     return files
 
 
+def _boundary(text: str, lo: int, hi: int) -> int:
+    """The last cut in (lo, hi) just after a lone line break between two non-space characters:
+    GPT-2's pre-tokenizer always ends a piece there, so cutting changes no token; -1 if none."""
+    i = text.rfind("\n", lo, hi - 1)
+    while i >= lo:
+        if not text[i + 1].isspace() and (i == 0 or not text[i - 1].isspace()):
+            return i + 1
+        i = text.rfind("\n", lo, i)
+    return -1
+
+
 def read_text_chunks(path: Path, encoding: str = "utf-8") -> Iterator[str]:
-    """Decoded text of ``path`` in chunks that end at a line break (so BPE merges across a chunk
-    boundary are rare), with a clear error naming the byte offset of undecodable input."""
+    """Decoded text of ``path`` in chunks cut where tokenization is unaffected (see
+    ``_boundary``), with a clear error naming the byte offset of undecodable input."""
     try:
         decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
     except LookupError:
@@ -83,8 +94,8 @@ def read_text_chunks(path: Path, encoding: str = "utf-8") -> Iterator[str]:
                 if text:
                     yield text
                 return
-            cut = text.rfind("\n") + 1
-            if cut == 0:
+            cut = _boundary(text, 0, len(text))
+            if cut < 0:
                 carry = text
                 continue
             carry = text[cut:]
@@ -96,8 +107,8 @@ def _split_pieces(text: str) -> list[str]:
     while start < len(text):
         end = min(len(text), start + PIECE_CHARS)
         if end < len(text):
-            nl = text.rfind("\n", start, end)
-            end = nl + 1 if nl > start else end
+            cut = _boundary(text, start, end + 1)
+            end = cut if cut > start else end
         pieces.append(text[start:end])
         start = end
     return pieces

@@ -35,3 +35,22 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def tiny_model() -> GPT:
     torch.manual_seed(0)
     return randomize_(GPT(tiny_config())).eval()
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """Every test gets its own model store and token cache, and runs in a scratch folder."""
+    home = tmp_path / "gptcli-home"
+    monkeypatch.setenv("GPTCLI_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    return home
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A 30,000-character piece of the bundled Shakespeare."""
+    from gptcli.data import bundled_corpus
+
+    path = tmp_path / "corpus.txt"
+    path.write_text(bundled_corpus().read_text()[:30_000])
+    return path

@@ -1,0 +1,235 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gptcli import train
+from gptcli.checkpoint import load_checkpoint, save_checkpoint
+from gptcli.cli import app
+from gptcli.config import TrainConfig
+from gptcli.model import GPT
+from gptcli.runtime import RuntimeFailure
+from gptcli.tokenizer import CharTokenizer
+from gptcli.train import eval_windows, evaluate, fit, lr_at, prepare_run_folder
+
+from conftest import randomize_, tiny_config
+
+runner = CliRunner()
+SMALL = dict(tokenizer="char", n_layer=1, n_head=2, n_embd=32, context_length=16, batch_size=4,
+             sample_interval=0, device="cpu", warmup_steps=2, log_interval=1)
+
+
+def config(corpus, **kw) -> TrainConfig:
+    return TrainConfig(data=[str(corpus)], **{**SMALL, **kw})
+
+
+def losses(out):
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r], \
+        [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+
+
+def test_loss_falls(corpus, tmp_path):
+    out = tmp_path / "run"
+    prepare_run_folder(out, resume=None, force=False)
+    result = fit(config(corpus, max_steps=60, eval_interval=30, lr=3e-3), out=out)
+    train_losses, val_losses = losses(out)
+    assert train_losses[-1][1] < train_losses[0][1] - 0.5
+    assert val_losses[-1][1] < val_losses[0][1]
+    assert result.best_val == min(v for _, v in val_losses)
+    for name in ("config.json", "last.safetensors", "last.state.safetensors", "best.safetensors",
+                 "loss.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["lr"] == 3e-3 and saved["model"]["n_embd"] == 32
+
+
+def test_resume_equals_uninterrupted_run(corpus, tmp_path):
+    cfg = config(corpus, max_steps=12, eval_interval=4, dropout=0.1)  # dropout: RNG must resume
+    straight = tmp_path / "straight"
+    prepare_run_folder(straight, resume=None, force=False)
+    fit(cfg, out=straight)
+
+    split = tmp_path / "split"
+    prepare_run_folder(split, resume=None, force=False)
+    first = fit(cfg, out=split, stop_after=6)
+    assert first.stopped_by == "stop-after" and first.step == 6
+    assert prepare_run_folder(split, resume="yes", force=False) is True
+    fit(cfg, out=split, resume=True)
+
+    assert losses(split) == losses(straight)
+    a, _, _ = load_checkpoint(straight / "last.safetensors")
+    b, _, _ = load_checkpoint(split / "last.safetensors")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    prepare_run_folder(out, resume=None, force=False)
+    real_loss = train.loss_fn
+    calls = {"n": 0}
+
+    def poisoned(logits, targets):
+        calls["n"] += 1
+        loss = real_loss(logits, targets)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    monkeypatch.setattr(train, "loss_fn", poisoned)
+    with pytest.raises(RuntimeFailure, match=r"the training loss became nan at step 5; stopped "
+                                             r"without saving .* try a lower --lr"):
+        fit(config(corpus, max_steps=20, eval_interval=2), out=out)
+    model, _, meta = load_checkpoint(out / "last.safetensors")
+    assert meta["step"] == "4"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg, 110) == pytest.approx(1e-4)
+    assert lr_at(9, cfg, 110) == pytest.approx(1e-3)
+    assert lr_at(60, cfg, 110) == pytest.approx(5.5e-4)
+    assert lr_at(110, cfg, 110) == pytest.approx(1e-4)
+
+
+def test_weight_decay_only_on_matrices():
+    opt = train.make_optimizer(GPT(tiny_config()), TrainConfig(weight_decay=0.1),
+                               torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
+
+
+@pytest.mark.parametrize("n,context,stride", [(100, 16, 16), (100, 16, 5), (17, 16, 4), (10, 16, 3)])
+def test_eval_windows_score_every_token_once(n, context, stride):
+    T = min(context, n - 1)
+    scored = []
+    for start, first in eval_windows(n, context, stride):
+        assert 0 <= start and start + T <= n - 1
+        scored += list(range(start + first + 1, start + T + 1))
+    assert scored == list(range(1, n))
+
+
+def test_evaluate_equals_direct_computation():
+    model = randomize_(GPT(tiny_config())).eval()
+    tokens = np.random.default_rng(0).integers(0, 101, 70).astype(np.uint16)
+    t = torch.from_numpy(tokens.astype(np.int64))
+    with torch.no_grad():  # stride = context: non-overlapping windows of 32, then the tail
+        direct = []
+        for start, first in [(0, 0), (32, 0), (37, 27)]:
+            logits = model(t[None, start:start + 32])
+            nll = torch.nn.functional.cross_entropy(logits[0], t[start + 1:start + 33], reduction="none")
+            direct.append(nll[first:])
+        expected = torch.cat(direct).mean().item()
+    result = evaluate(model, tokens, 32, batch_size=2)
+    assert result.tokens == 69
+    assert result.loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_gpt_eval_cli_equals_direct_computation(tmp_path):
+    text = "the cat sat on the mat. "
+    tok = CharTokenizer.from_text(text)
+    model = randomize_(GPT(tiny_config(vocab_size=tok.vocab_size))).eval()
+    path = save_checkpoint(tmp_path / "m.safetensors", model, tok)
+    (tmp_path / "t.txt").write_text(text)
+    result = runner.invoke(app, ["eval", "--model", str(path), "--data", str(tmp_path / "t.txt"),
+                                 "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    ids = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:]).item()
+    assert got["loss"] == pytest.approx(expected, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(expected * 23 / math.log(2) / 24, rel=1e-5)
+
+
+def cli(*args):
+    return runner.invoke(app, ["train", *args])
+
+
+def test_cli_refuses_to_overwrite_a_run(corpus, tmp_path):
+    args = ["--data", str(corpus), "--out", str(tmp_path / "run"), "--max-steps", "2",
+            "--eval-interval", "2", "--n-layer", "1", "--n-embd", "32", "--context-length", "16",
+            "--batch-size", "2", "--device", "cpu"]
+    assert cli(*args).exit_code == 0
+    before = (tmp_path / "run" / "last.safetensors").read_bytes()
+    result = cli(*args)
+    assert result.exit_code == 2
+    assert f"run folder {tmp_path / 'run'} already has files; pass --resume" in result.stderr
+    assert (tmp_path / "run" / "last.safetensors").read_bytes() == before
+    assert cli(*args, "--force").exit_code == 0
+    result = cli(*args, "--max-steps", "4", "--resume")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["max_steps"] == 4
+
+
+def test_cli_config_file_and_flags(corpus, tmp_path):
+    conf = tmp_path / "run.json"
+    conf.write_text(json.dumps({"max_steps": 3, "lr": 5e-4, "n_layer": 1, "n_embd": 32,
+                                "context_length": 16, "batch_size": 2, "eval_interval": 3}))
+    result = cli("--config", str(conf), "--data", str(corpus), "--lr", "2e-4", "--out",
+                 str(tmp_path / "r"), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
+    assert saved["max_steps"] == 3 and saved["lr"] == 2e-4
+    assert "try it: gpt generate --model" in result.stderr
+
+
+@pytest.mark.parametrize("make,args,message", [
+    (None, ["--data", "nope.txt"], "error: data path nope.txt does not exist"),
+    (lambda p: (p / "e.txt").write_text(""), ["--data", "e.txt"], "error: data file e.txt is empty"),
+    (lambda p: (p / "d").mkdir(), ["--data", "d"], "error: folder d has no .txt files"),
+    (lambda p: (p / "b.txt").write_bytes(b"ok\xff\xfe"), ["--data", "b.txt"],
+     "error: b.txt is not valid utf-8 text (byte offset 2)"),
+    (lambda p: (p / "s.txt").write_text("too short"), ["--data", "s.txt"],
+     "error: not enough data: 9 tokens, but context length 64"),
+    (None, ["--lr", "-1"], "error: lr: Input should be greater than 0"),
+    (None, ["--preset", "huge"], "error: unknown preset 'huge'; choose one of: tiny"),
+    (None, ["--device", "cuda"], "error: device 'cuda' is not available"),
+    (None, ["--resume"], "error: nothing to resume in runs/shakespeare"),
+])
+def test_cli_bad_input_exits_2(tmp_path, make, args, message):
+    if make:
+        make(tmp_path)
+    result = cli(*args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(message)
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_sigint_saves_a_resumable_checkpoint(corpus, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "gptcli", "train", "--data", str(corpus), "--out", str(out),
+            "--max-steps", "100000", "--eval-interval", "5", "--n-layer", "1", "--n-embd", "32",
+            "--context-length", "16", "--batch-size", "2", "--device", "cpu",
+            "--sample-interval", "0"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
+    try:
+        deadline = time.time() + 60
+        while not (out / "last.state.safetensors").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Resume with: gpt train --out" in stderr and "Traceback" not in stderr
+    _, _, meta = load_checkpoint(out / "last.safetensors")
+    stopped = int(meta["step"])
+    assert stopped >= 5
+    result = runner.invoke(app, ["train", "--out", str(out), "--resume", "--max-steps",
+                                 str(stopped + 2)])
+    assert result.exit_code == 0, result.output
+    _, _, meta = load_checkpoint(out / "last.safetensors")
+    assert int(meta["step"]) == stopped + 2
