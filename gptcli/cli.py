@@ -228,9 +228,95 @@ def _validated(build):
 
 
 @command("generate")
-def generate_cmd() -> None:
-    """Generate text from a model."""
-    not_built("generate")
+def generate_cmd(
+    model: Annotated[Optional[str], Opt("--model", "-m", help="Checkpoint file, run folder or "
+                     "downloaded model name (default: the latest run under ./runs).")] = None,
+    prompt: Annotated[Optional[str], Opt("--prompt", "-p", help="Text to continue; '-' reads "
+                      "standard input (also read when piped).")] = None,
+    prompt_file: Annotated[Optional[Path], Opt(help="Read the prompt from this file.")] = None,
+    max_new_tokens: Annotated[int, Opt(help="Tokens to generate per sample.")] = 200,
+    temperature: Annotated[float, Opt(help="Sampling temperature; 0 is greedy.")] = 0.8,
+    top_k: Annotated[int, Opt(help="Sample among the k most likely tokens; 0 is off.")] = 0,
+    top_p: Annotated[float, Opt(help="Nucleus sampling: smallest set with this probability.")] = 1.0,
+    repetition_penalty: Annotated[float, Opt(help="> 1 discourages repeating earlier tokens.")] = 1.0,
+    seed: Annotated[Optional[int], Opt(help="Same seed, same text (on the same device).")] = None,
+    num_samples: Annotated[int, Opt(help="Samples generated together as one batch.")] = 1,
+    stop: Annotated[Optional[list[str]], Opt(help="End a sample before this text (repeatable).")] = None,
+    ignore_eos: Annotated[bool, Opt("--ignore-eos", help="Go on past the end-of-text token.")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    compile: Annotated[bool, Opt("--compile", help="torch.compile the one-token step.")] = False,
+    as_json: Annotated[bool, Opt("--json", help="Print one JSON object instead of text.")] = False,
+    interactive: Annotated[bool, Opt("--interactive", "-i", help="A prompt loop: each line a new "
+                           "prompt; Ctrl-D or /quit leaves.")] = False,
+) -> None:
+    """Generate text from a model, streamed to stdout (statistics on stderr)."""
+    from .config import SampleConfig
+    from .sampling import load_generator
+
+    cfg = _validated(lambda: SampleConfig(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, seed=seed, num_samples=num_samples,
+        stop=stop or [], ignore_eos=ignore_eos))
+    if model is None:
+        from .checkpoint import resolve_model
+
+        print(f"using {resolve_model(None)} (the latest run)", file=sys.stderr)
+    loaded = load_generator(model, device=device or "auto", dtype=dtype or "auto", compile=compile)
+    if interactive:
+        while (line := _read_prompt_line()) is not None:
+            _generate_once(loaded, line, cfg, as_json)
+        return
+    _generate_once(loaded, _read_prompt(prompt, prompt_file), cfg, as_json)
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise UserError(f"prompt file {prompt_file} does not exist")
+        return prompt_file.read_text(encoding="utf-8")
+    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
+    return prompt or ""
+
+
+def _read_prompt_line() -> str | None:
+    try:
+        line = input("> ")
+    except EOFError:
+        return None
+    return None if line.strip() == "/quit" else line
+
+
+def _generate_once(loaded, text: str, cfg, as_json: bool) -> None:
+    from .sampling import generate, prompt_ids
+
+    model, tokenizer, _, step = loaded
+    ids, warning = prompt_ids(tokenizer, text, model.config.context_length)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    stream = not as_json and cfg.num_samples == 1
+
+    def on_text(i: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if stream:
+        sys.stdout.write(text)
+    samples, stats = generate(model, tokenizer, ids, cfg, on_text=on_text if stream else None,
+                              step=step)
+    if as_json:
+        print(json.dumps({"prompt_token_ids": ids, "stats": stats.as_dict(), "samples": [
+            {"text": s.text, "token_ids": s.token_ids, "finish_reason": s.finish_reason}
+            for s in samples]}))
+        return
+    for i, s in enumerate(samples if not stream else []):
+        print(f"{'' if i == 0 else chr(10)}----- sample {i + 1}/{len(samples)} -----")
+        sys.stdout.write(text + s.text)
+    print(flush=True)
+    print(f"[{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new tokens, first token "
+          f"{stats.time_to_first_token_s * 1000:.0f} ms, {stats.decode_tokens_per_s:.1f} "
+          f"tokens/s]", file=sys.stderr)
 
 
 @command("download")

@@ -216,3 +216,40 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], config: Sa
     stats.decode_time_s = end - t_first
     stats.total_time_s = end - t0
     return samples, stats
+
+
+# ----------------------------------------------------------------------------- setting up
+
+def load_generator(model_name: str | None, *, device: str = "auto", dtype: str = "auto",
+                   compile: bool = False):
+    """Load a model for generation: ``(model, tokenizer, checkpoint path, step)``, where ``step``
+    is the compiled one-token function or None."""
+    from .checkpoint import load_checkpoint, resolve_model
+    from .runtime import resolve_device, resolve_dtype
+
+    path = resolve_model(model_name)
+    dev = resolve_device(device)
+    model, tokenizer, _ = load_checkpoint(path, device=dev, dtype=resolve_dtype(dtype, dev))
+    step = None
+    if compile:
+        # CUDA: a static cache shape and CUDA graphs; elsewhere a plain compiled step
+        step = torch.compile(model, mode="reduce-overhead" if dev.type == "cuda" else None,
+                             dynamic=False)
+    return model, tokenizer, path, step
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str, context_length: int) -> tuple[list[int], str | None]:
+    """Token ids of the prompt (an empty prompt starts at end-of-text, or a newline for char
+    models) and a warning when it had to be cut to the context."""
+    ids = tokenizer.encode(text) if text else []
+    if not ids:
+        if tokenizer.eot_id is not None:
+            ids = [tokenizer.eot_id]
+        else:
+            chars = getattr(tokenizer, "chars", [])
+            ids = tokenizer.encode("\n") if "\n" in chars else [0]
+    if len(ids) > context_length:
+        return ids[-context_length:], (f"the prompt has {len(ids)} tokens, more than the "
+                                       f"model's context of {context_length}; keeping the last "
+                                       f"{context_length}")
+    return ids, None

@@ -1,0 +1,247 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gptcli.checkpoint import save_checkpoint
+from gptcli.cli import app
+from gptcli.config import SampleConfig
+from gptcli.model import GPT
+from gptcli.sampling import (apply_repetition_penalty, decode_loop, filter_top_k, filter_top_p,
+                             generate, next_token, prompt_ids, window_start)
+from gptcli.tokenizer import CharTokenizer, GPT2Tokenizer
+
+from conftest import randomize_, tiny_config
+
+runner = CliRunner()
+
+
+def greedy(n, **kw):
+    return SampleConfig(max_new_tokens=n, temperature=0, **kw)
+
+
+def full_recompute(model, prompt, n):
+    """Reference: no cache, the whole window recomputed for every token."""
+    idx = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            start = window_start(idx.size(1), model.config.context_length)
+            idx = torch.cat([idx, model(idx[:, start:])[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx[:, prompt.size(1):]
+
+
+@pytest.mark.parametrize("options", [dict(), dict(position="rope"), dict(position="sinusoidal")])
+def test_kv_cache_greedy_equals_full_recomputation_across_window_slides(options):
+    model = randomize_(GPT(tiny_config(**options))).eval()
+    prompt = torch.randint(0, 101, (2, 20))
+    n = 70  # context 32: the window slides several times
+    cached = torch.stack(list(decode_loop(model, prompt, greedy(n))), dim=1)
+    assert torch.equal(cached, full_recompute(model, prompt, n))
+
+
+def test_greedy_equals_transformers_generate():
+    transformers = pytest.importorskip("transformers", reason="parity needs transformers")
+    from test_model import hf_pair
+
+    hf, ours = hf_pair(dict(vocab_size=101, n_positions=64, n_embd=48, n_layer=2, n_head=3))
+    prompt = torch.randint(0, 101, (1, 6))
+    with torch.no_grad():
+        expected = hf.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                               pad_token_id=0)[:, 6:]
+    got = torch.stack(list(decode_loop(ours, prompt, greedy(40))), dim=1)
+    assert got.tolist() == expected.tolist()
+
+
+def test_window_start():
+    assert window_start(32, 32) == 0
+    assert window_start(33, 32) == 8
+    assert window_start(40, 32) == 8
+    assert window_start(41, 32) == 16
+
+
+def test_top_k_and_top_p_on_hand_made_logits():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    kept = lambda t: torch.isfinite(t)[0].tolist()  # noqa: E731
+    assert kept(filter_top_k(logits, 2)) == [True, True, False, False, False]
+    assert kept(filter_top_p(logits, 0.5)) == [True, False, False, False, False]
+    assert kept(filter_top_p(logits, 0.6)) == [True, True, False, False, False]
+    assert kept(filter_top_p(logits, 0.86)) == [True, True, True, True, False]
+    assert kept(filter_top_p(logits, 1.0)) == [True] * 5
+    shuffled = logits[:, [3, 0, 4, 2, 1]]  # order must not matter
+    assert kept(filter_top_p(shuffled, 0.6)) == [False, True, False, False, True]
+
+
+def test_repetition_penalty_on_hand_made_logits():
+    logits = torch.tensor([[2.0, -1.0, 3.0, 0.5]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -2.0, 3.0, 0.5]]
+
+
+def test_top_k_1_equals_greedy_and_seed_reproduces():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g)
+    seen = torch.zeros(4, 0, dtype=torch.long)
+    top1 = next_token(logits, SampleConfig(temperature=1.5, top_k=1), seen, g)
+    assert torch.equal(top1, logits.argmax(-1))
+    model = randomize_(GPT(tiny_config())).eval()
+    tok = CharTokenizer([chr(ord("A") + i % 60) if i < 60 else chr(200 + i) for i in range(101)])
+    cfg = SampleConfig(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=7, num_samples=2)
+    a, _ = generate(model, tok, [1, 2, 3], cfg)
+    b, _ = generate(model, tok, [1, 2, 3], cfg)
+    c, _ = generate(model, tok, [1, 2, 3], cfg.model_copy(update={"seed": 8}))
+    assert [s.token_ids for s in a] == [s.token_ids for s in b] != [s.token_ids for s in c]
+
+
+def eot_model(eot_at: int, vocab=101):
+    """A model that always predicts token 5, except at position eot_at where it predicts 0."""
+    model = GPT(tiny_config(vocab_size=vocab, position="learned"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.ln_f.weight.fill_(1.0)
+        model.wpe.weight[:, 0] = 1.0
+        model.wpe.weight[eot_at, 1] = 10.0
+        model.lm_head = torch.nn.Linear(48, vocab, bias=False)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[5, 0] = 1.0
+        model.lm_head.weight[0, 1] = 1.0
+    return model.eval()
+
+
+def test_end_of_text_and_stop_strings():
+    tok = CharTokenizer(list("\x00abcdefghij") + [chr(300 + i) for i in range(89)])
+
+    class WithEot(CharTokenizer):
+        eot_id = 0
+
+    eot_tok = WithEot(tok.chars)
+    samples, stats = generate(eot_model(eot_at=6), eot_tok, [1, 2], greedy(20))
+    assert samples[0].finish_reason == "eos" and samples[0].text == "eeeee"
+    assert stats.new_tokens == 6
+    samples, _ = generate(eot_model(eot_at=6), eot_tok, [1, 2], greedy(20, ignore_eos=True))
+    assert samples[0].finish_reason == "length" and len(samples[0].token_ids) == 20
+    pieces = []
+    samples, _ = generate(eot_model(eot_at=30), tok, [1, 2], greedy(20, stop=["eee"]),
+                          on_text=lambda i, p: pieces.append(p))
+    assert samples[0].finish_reason == "stop" and samples[0].text == "" and pieces == []
+
+
+def test_streamed_pieces_never_split_a_character(monkeypatch):
+    from gptcli import sampling
+
+    tok = GPT2Tokenizer()
+    text = "naïve café 🙂 日本語"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([t]) for t in ids)  # some tokens are partial characters
+
+    def replay(model, prompt, config, **kw):  # stands in for the model: yields fixed tokens
+        for t in ids:
+            yield torch.tensor([t])
+
+    monkeypatch.setattr(sampling, "decode_loop", replay)
+    pieces = []
+    model = GPT(tiny_config())
+    samples, _ = generate(model, tok, [1], greedy(len(ids)), on_text=lambda i, p: pieces.append(p))
+    assert samples[0].text == text and "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces) and len(pieces) > 3
+
+
+def test_prompt_helpers():
+    tok = CharTokenizer.from_text("ab\n")
+    assert prompt_ids(tok, "", 8) == (tok.encode("\n"), None)
+    assert prompt_ids(GPT2Tokenizer(), "", 8) == ([50256], None)
+    ids, warning = prompt_ids(tok, "ab" * 10, 8)
+    assert ids == tok.encode("ab" * 4)
+    assert warning == "the prompt has 20 tokens, more than the model's context of 8; keeping the last 8"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+@pytest.fixture
+def char_checkpoint(tmp_path):
+    text = "abcdefghij klmnopqrstuvwxyz.\n"
+    tok = CharTokenizer.from_text(text)
+    torch.manual_seed(0)
+    model = randomize_(GPT(tiny_config(vocab_size=tok.vocab_size, context_length=16)), 3)
+    return save_checkpoint(tmp_path / "m.safetensors", model, tok)
+
+
+def gen(*args, input=None):
+    return runner.invoke(app, ["generate", *args], input=input)
+
+
+def test_cli_streams_text_and_prints_stats(char_checkpoint):
+    result = gen("--model", str(char_checkpoint), "--prompt", "abc", "--max-new-tokens", "40",
+                 "--seed", "1", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("abc") and len(result.stdout.rstrip("\n")) >= 3
+    assert "3 prompt tokens, 40 new tokens" in result.stderr and "tokens/s" in result.stderr
+
+
+def test_cli_json_and_piped_stdin(char_checkpoint):
+    result = gen("--model", str(char_checkpoint), "--max-new-tokens", "25", "--temperature", "0",
+                 "--num-samples", "2", "--json", input="hello")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    tok = CharTokenizer.from_text("abcdefghij klmnopqrstuvwxyz.\n")
+    assert out["prompt_token_ids"] == tok.encode("hello")
+    assert len(out["samples"]) == 2 and out["samples"][0] == out["samples"][1]  # greedy
+    sample = out["samples"][0]
+    assert len(sample["token_ids"]) == 25 and sample["finish_reason"] == "length"
+    assert sample["text"] == tok.decode(sample["token_ids"])
+    assert out["stats"]["new_tokens"] == 25 and out["stats"]["decode_tokens_per_s"] > 0
+
+
+def test_cli_real_subprocess_pipe(char_checkpoint):
+    out = subprocess.run([sys.executable, "-m", "gptcli", "generate", "--model",
+                          str(char_checkpoint), "--prompt", "-", "--max-new-tokens", "5",
+                          "--temperature", "0"], input="abc", capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("abc") and "prompt tokens" in out.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--temperature", "-1"], "error: temperature: Input should be greater than or equal to 0"),
+    (["--top-p", "0"], "error: top_p: Input should be greater than 0"),
+    (["--top-p", "1.5"], "error: top_p: Input should be less than or equal to 1"),
+    (["--top-k", "-3"], "error: top_k: Input should be greater than or equal to 0"),
+    (["--max-new-tokens", "0"], "error: max_new_tokens: Input should be greater than or equal to 1"),
+    (["--prompt", "xyz!"], "error: the text has 1 character(s) outside this model's"),
+    (["--prompt-file", "nope.txt"], "error: prompt file nope.txt does not exist"),
+])
+def test_cli_bad_input(char_checkpoint, args, message):
+    result = gen("--model", str(char_checkpoint), *args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(message), result.stderr
+
+
+def test_cli_unknown_model_lists_what_is_available(char_checkpoint, isolated_home):
+    (isolated_home / "models").mkdir(parents=True)
+    (isolated_home / "models" / "gpt2.safetensors").write_bytes(char_checkpoint.read_bytes())
+    result = gen("--model", "gpt3", "--prompt", "a")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: no model named 'gpt3': not a file, run folder or "
+                                     "downloaded model; available locally: gpt2")
+    result = gen("--model", "gpt2", "--prompt", "abc", "--max-new-tokens", "3")
+    assert result.exit_code == 0, result.output
+
+
+def test_cli_without_model_uses_latest_run_or_explains(char_checkpoint, tmp_path):
+    result = gen("--prompt", "a")
+    assert result.exit_code == 2
+    assert "no --model given and no trained run under ./runs" in result.stderr
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "runs" / "x" / "last.safetensors").write_bytes(char_checkpoint.read_bytes())
+    result = gen("--prompt", "a", "--max-new-tokens", "3")
+    assert result.exit_code == 0, result.output
+    assert "using runs/x/last.safetensors (the latest run)" in result.stderr
+
+
+def test_cli_interactive(char_checkpoint):
+    result = gen("--model", str(char_checkpoint), "--interactive", "--max-new-tokens", "3",
+                 "--temperature", "0", input="abc\nxyz.\n/quit\nnever\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("> ") == 3 and "abc" in result.stdout and "never" not in result.stdout
