@@ -1,19 +1,30 @@
-"""Hugging Face GPT-2 <-> gptcli: the key map (data, not code) and the conversions.
+"""Hugging Face GPT-2 <-> gptcli: the key map (data, not code), the conversions, `gpt download`
+(Hub repos, local HF folders, text datasets) and `gpt export`.
 
 gptcli's parameter names are Hugging Face GPT-2's without the ``transformer.`` prefix. The
 differences are listed below: GPT-2's Conv1D layers store weights as (in, out), nn.Linear as
 (out, in), and HF keeps causal-mask buffers that gptcli rebuilds.
+
+Downloads go through ``huggingface_hub`` (its cache under ``HF_HOME``, resumable transfers,
+``HF_TOKEN``, ``HF_ENDPOINT`` mirrors, ``HF_HUB_OFFLINE``); it is imported only when needed.
+Pickle weights (``pytorch_model.bin``) are never downloaded or opened.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 from collections.abc import Mapping
-from typing import Any
-
-import torch
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .config import ModelConfig
-from .runtime import UserError
+from .runtime import (GptcliError, RuntimeFailure, UserError, datasets_dir, models_dir,
+                      store_name)
+
+if TYPE_CHECKING:  # torch is imported where tensors are touched: dataset and error paths skip it
+    import torch
 
 HF_PREFIX = "transformer."
 # Weights stored transposed by GPT-2's Conv1D.
@@ -79,3 +90,350 @@ def state_dict_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
             continue
         out[HF_PREFIX + name] = tensor.t().contiguous() if name.endswith(HF_TRANSPOSED) else tensor
     return out
+
+
+# ----------------------------------------------------------------------------- download
+
+# Short names -> Hub repos. Anything else with a slash is taken as a repo id.
+KNOWN_MODELS = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "distilgpt2": "distilbert/distilgpt2",
+}
+# Short names -> (dataset repo, its plain-text files).
+KNOWN_DATASETS = {
+    "tinystories": ("roneneldan/TinyStories", ("TinyStories-train.txt", "TinyStories-valid.txt")),
+}
+HF_WEIGHTS = "model.safetensors"
+HF_WEIGHTS_INDEX = "model.safetensors.index.json"
+HF_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+NO_PICKLE = ("gptcli does not unpickle downloaded files, because unpickling can run arbitrary "
+             "code; ask for (or convert to) a safetensors version")
+GPT2_VOCAB = 50257
+
+
+def _offline(offline: bool) -> bool:
+    """``--offline`` or ``HF_HUB_OFFLINE=1`` (read now, not when huggingface_hub was imported)."""
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return offline or flag.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _is_network_error(e: BaseException) -> bool:
+    module = type(e).__module__.split(".")[0]
+    return isinstance(e, (ConnectionError, TimeoutError)) or module in (
+        "httpx", "httpx2", "httpcore", "requests", "urllib3")
+
+
+def hub_fetch(repo: str, filename: str, *, revision: str | None = None, offline: bool = False,
+              repo_type: str = "model", optional: bool = False,
+              local_dir: str | os.PathLike | None = None) -> Path | None:
+    """One file of a Hub repo, through huggingface_hub's cache (resumable, HF_TOKEN, HF_ENDPOINT,
+    HF_HOME). Every huggingface_hub error becomes one UserError/RuntimeFailure line; with
+    ``optional=True`` a file the repo does not have (or, offline, has not cached) is None."""
+    offline = _offline(offline)
+    if offline:  # so huggingface_hub, if imported only now, makes no background calls either
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    kind = "dataset" if repo_type == "dataset" else "model"
+    at = f" at revision {revision!r}" if revision else ""
+    where = constants.ENDPOINT
+    try:
+        return Path(hf_hub_download(repo, filename, repo_type=repo_type, revision=revision,
+                                    local_files_only=offline, local_dir=local_dir))
+    except LocalEntryNotFoundError as e:
+        if optional and offline:
+            return None
+        if offline:
+            raise UserError(f"offline, and {filename} of {kind} repo {repo}{at} is not in the "
+                            f"local cache ({constants.HF_HUB_CACHE}); run the same command "
+                            "once with network access (without --offline / HF_HUB_OFFLINE=1)")
+        raise RuntimeFailure(f"could not reach {where} to download {filename} of {repo} "
+                             f"({_cause(e)}); check the connection or HF_ENDPOINT, or use "
+                             "--offline for what is already cached") from None
+    except GatedRepoError:
+        raise UserError(f"{kind} repo {repo} is gated: accept its terms on the Hub and set "
+                        "HF_TOKEN to a token with access") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"no {kind} repo {repo!r} on {where} (or it is private: set HF_TOKEN)"
+                        ) from None
+    except RevisionNotFoundError:
+        raise UserError(f"{kind} repo {repo} has no revision {revision!r}") from None
+    except EntryNotFoundError:
+        if optional:
+            return None
+        raise UserError(f"{kind} repo {repo}{at} has no file {filename}") from None
+    except HFValidationError as e:
+        raise UserError(f"{repo!r} is not a valid Hub repo id: {_cause(e)}") from None
+    except Exception as e:  # noqa: BLE001 - network and HTTP failures, whatever the client raised
+        from huggingface_hub.errors import HfHubHTTPError
+
+        if isinstance(e, HfHubHTTPError) or _is_network_error(e) or isinstance(e, OSError):
+            raise RuntimeFailure(f"downloading {filename} of {repo} from {where} failed "
+                                 f"({_cause(e)}); run the command again to resume") from None
+        raise
+
+
+def _cause(e: BaseException) -> str:
+    """The first line of the innermost explained cause of ``e``."""
+    while e.__cause__ is not None and str(e.__cause__):
+        e = e.__cause__
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def resolve_repo(name: str) -> str:
+    """``gpt2`` -> ``openai-community/gpt2``; ``org/name`` stays; anything else is refused."""
+    if name in KNOWN_MODELS:
+        return KNOWN_MODELS[name]
+    if name.count("/") == 1 and all(name.split("/")):
+        return name
+    raise UserError(f"unknown model {name!r}: use one of {', '.join(KNOWN_MODELS)}, a Hub repo "
+                    "id like org/name, or a local Hugging Face folder")
+
+
+def download(name: str | None, *, dataset: str | None = None, files: list[str] | None = None,
+             revision: str | None = None, out: str | os.PathLike | None = None,
+             offline: bool = False, log=None) -> dict[str, Any]:
+    """What `gpt download` does: a dataset (``--dataset`` or a known dataset name), a local
+    Hugging Face folder (an existing directory), or a Hub model (known name or org/name)."""
+    if dataset or (name in KNOWN_DATASETS and not Path(name).is_dir()):
+        if out:
+            raise UserError("--out is for models; datasets go to the local store")
+        return {"kind": "dataset", **download_dataset(dataset or name, files, revision=revision,
+                                                      offline=offline)}
+    if files:
+        raise UserError("--file picks files of a dataset; use it with --dataset org/name")
+    if not name:
+        raise UserError(f"say what to download: one of {', '.join(KNOWN_MODELS)}, a Hub repo id "
+                        "(org/name), a local Hugging Face folder, or --list to see the choices")
+    if Path(name).is_dir():
+        if revision:
+            raise UserError("--revision is for Hub repos, not local folders")
+        return {"kind": "model", **convert_folder(name, out=out, log=log)}
+    return {"kind": "model", **download_model(name, revision=revision, out=out,
+                                              offline=offline, log=log)}
+
+
+def download_model(name: str, *, revision: str | None = None, out: str | os.PathLike | None = None,
+                   offline: bool = False, log=None) -> dict[str, Any]:
+    """Fetch a GPT-2 repo from the Hub (config.json + safetensors, single or sharded), convert it
+    and store it as a gptcli checkpoint. Returns what :func:`convert_hf` returns."""
+    repo = resolve_repo(name)
+    config_path = hub_fetch(repo, "config.json", revision=revision, offline=offline)
+    hf_config = _read_hf_config(config_path, repo)
+    config_from_hf(hf_config)  # refuse non-GPT-2 repos before fetching any weights
+    fetch = functools.partial(hub_fetch, repo, revision=revision, offline=offline)
+    weights = fetch(HF_WEIGHTS, optional=True)
+    if weights is not None:
+        files = [weights]
+    else:
+        index = fetch(HF_WEIGHTS_INDEX, optional=True)
+        if index is None:
+            raise _no_safetensors(repo, revision, offline)
+        files = [fetch(shard) for shard in _shards(index, repo)]
+    return convert_hf(hf_config, files, out or _store_path(name), log=log,
+                      source=f"hf:{repo}", revision=_commit_of(config_path, revision))
+
+
+def _no_safetensors(repo: str, revision: str | None, offline: bool) -> GptcliError:
+    if _offline(offline):
+        return UserError(f"offline, and neither {HF_WEIGHTS} nor {HF_WEIGHTS_INDEX} of {repo} is "
+                         "in the local cache; run the same command once with network access")
+    from huggingface_hub import HfApi
+
+    for pickle_name in HF_PICKLE_WEIGHTS:
+        try:
+            found = HfApi().file_exists(repo, pickle_name, revision=revision)
+        except Exception:  # noqa: BLE001 - only used to word the message
+            found = False
+        if found:
+            return UserError(f"{repo} has only pickle weights ({pickle_name}), no safetensors; "
+                             + NO_PICKLE)
+    return UserError(f"{repo} has no {HF_WEIGHTS} (nor {HF_WEIGHTS_INDEX}); gptcli converts "
+                     "safetensors weights only")
+
+
+def _commit_of(path: Path, revision: str | None) -> str | None:
+    """The commit a file in huggingface_hub's cache came from (``.../snapshots/<sha>/file``)."""
+    parent = path.parent.name
+    return parent if len(parent) == 40 else revision
+
+
+def _read_hf_config(path: Path, where: str) -> dict[str, Any]:
+    try:
+        hf = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"config.json of {where} is not readable JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"config.json of {where} is not a JSON object")
+    return hf
+
+
+def _shards(index_path: Path, where: str) -> list[str]:
+    try:
+        weight_map = json.loads(Path(index_path).read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{HF_WEIGHTS_INDEX} of {where} is damaged: {e}") from None
+    bad = [s for s in shards if not s.endswith(".safetensors") or "/" in s or ".." in s]
+    if bad:
+        raise UserError(f"{HF_WEIGHTS_INDEX} of {where} names files that are not safetensors "
+                        f"shards: {bad[:3]}")
+    return shards
+
+
+def _store_path(name: str) -> Path:
+    return models_dir() / f"{store_name(name)}.safetensors"
+
+
+def convert_folder(folder: str | os.PathLike, *, out: str | os.PathLike | None = None,
+                   log=None) -> dict[str, Any]:
+    """Convert a local Hugging Face GPT-2 folder (config.json + safetensors), no network."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{folder} has no config.json; it is not a Hugging Face model folder")
+    hf_config = _read_hf_config(config_path, str(folder))
+    config_from_hf(hf_config)
+    if (folder / HF_WEIGHTS).is_file():
+        files = [folder / HF_WEIGHTS]
+    elif (folder / HF_WEIGHTS_INDEX).is_file():
+        files = [folder / s for s in _shards(folder / HF_WEIGHTS_INDEX, str(folder))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"shards listed in {HF_WEIGHTS_INDEX} are missing: {missing[:3]}")
+    else:
+        pickles = [p for p in HF_PICKLE_WEIGHTS if (folder / p).exists()]
+        if pickles:
+            raise UserError(f"{folder} has only pickle weights ({pickles[0]}); " + NO_PICKLE)
+        raise UserError(f"{folder} has no {HF_WEIGHTS} (nor {HF_WEIGHTS_INDEX})")
+    name = folder.resolve().name
+    return convert_hf(hf_config, files, out or _store_path(name), log=log,
+                      source=f"local:{folder.resolve()}")
+
+
+def convert_hf(hf_config: Mapping[str, Any], files: list[Path], out: str | os.PathLike, *,
+               log=None, **provenance: Any) -> dict[str, Any]:
+    """Hugging Face GPT-2 config + safetensors files -> one gptcli checkpoint at ``out``, then
+    load it back once to verify. Returns name, path, parameters, size and source."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    from .checkpoint import load_checkpoint, model_tensors, save_checkpoint
+    from .model import GPT
+    from .tokenizer import GPT2Tokenizer
+
+    config = config_from_hf(hf_config)
+    if config.vocab_size < GPT2_VOCAB:
+        raise UserError(f"this model has vocab_size {config.vocab_size}, fewer than the GPT-2 "
+                        f"tokenizer's {GPT2_VOCAB} tokens; gptcli pairs Hub models with the "
+                        "GPT-2 tokenizer")
+    hf_state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                hf_state.update({k: f.get_tensor(k) for k in f.keys()})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path} is not a readable safetensors file: {e}") from None
+    if log:
+        log(f"converting {len(files)} file(s), {len(hf_state)} tensors")
+    state = state_dict_from_hf(hf_state, config)
+    model = GPT(config)
+    expected = {k: tuple(v.shape) for k, v in model_tensors(model).items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        raise UserError(f"the weights do not match config.json (missing: {missing[:4]}, "
+                        f"unexpected: {unexpected[:4]}, wrong shape: {wrong[:4]})")
+    with torch.no_grad():
+        model.load_state_dict(state, strict=False)
+    out = Path(out)
+    save_checkpoint(out, model, GPT2Tokenizer(), **{k: v for k, v in provenance.items() if v})
+    del model, state, hf_state
+    verified, _, _ = load_checkpoint(out)  # read back what was written, as a user would
+    n_params = sum(t.numel() for t in model_tensors(verified).values())
+    return {"name": out.stem.replace("--", "/"), "path": str(out.resolve()),
+            "parameters": n_params, "size": out.stat().st_size,
+            "source": provenance.get("source"), "revision": provenance.get("revision")}
+
+
+def download_dataset(name: str, files: list[str] | None = None, *, revision: str | None = None,
+                     offline: bool = False) -> dict[str, Any]:
+    """Plain-text files of a Hub dataset repo into ``datasets_dir()/<store name>/``, where
+    ``gpt train --data NAME`` finds them. ``name`` is a known name or ``org/name``."""
+    if name in KNOWN_DATASETS:
+        repo, default_files = KNOWN_DATASETS[name]
+    else:
+        repo, default_files = resolve_dataset_repo(name), ()
+    files = list(files or default_files)
+    if not files:
+        raise UserError(f"say which text file(s) of dataset {repo} to fetch with --file F.txt")
+    bad = [f for f in files if not f.endswith(".txt")]
+    if bad:
+        raise UserError(f"gptcli downloads plain-text (.txt) dataset files only, not {bad[0]}")
+    folder = datasets_dir() / store_name(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [hub_fetch(repo, f, revision=revision, offline=offline, repo_type="dataset",
+                       local_dir=folder) for f in files]
+    return {"name": name, "path": str(folder.resolve()), "files": [str(p) for p in paths],
+            "size": sum(p.stat().st_size for p in paths), "source": f"hf:datasets/{repo}"}
+
+
+def resolve_dataset_repo(name: str) -> str:
+    if name.count("/") == 1 and all(name.split("/")):
+        return name
+    raise UserError(f"unknown dataset {name!r}: use one of {', '.join(KNOWN_DATASETS)} or a "
+                    "Hub dataset repo id like org/name")
+
+
+def list_available() -> dict[str, Any]:
+    """The known names and what is already in the local store (for ``gpt download --list``)."""
+    from .checkpoint import local_models
+
+    stored = local_models()
+    datasets = sorted(p.name.replace("--", "/") for p in datasets_dir().glob("*")
+                      if p.is_dir() and any(p.glob("*.txt")))
+    return {"models": {n: {"repo": r, "stored": n in stored} for n, r in KNOWN_MODELS.items()},
+            "datasets": {n: {"repo": r, "stored": n in datasets}
+                         for n, (r, _) in KNOWN_DATASETS.items()},
+            "stored_models": stored, "stored_datasets": datasets,
+            "models_dir": str(models_dir()), "datasets_dir": str(datasets_dir())}
+
+
+# ----------------------------------------------------------------------------- export
+
+def export_model(model: str | os.PathLike, to: str | os.PathLike) -> dict[str, Any]:
+    """Write checkpoint ``model`` as a Hugging Face GPT-2 folder (config.json, model.safetensors,
+    generation_config.json) that ``GPT2LMHeadModel.from_pretrained`` loads. Options GPT-2 cannot
+    express are refused before any weights are read."""
+    from .checkpoint import (atomic_write, load_checkpoint, model_tensors, parse_metadata,
+                             read_safetensors, write_safetensors)
+
+    _, metadata = read_safetensors(model, tensors=False)
+    config, spec = parse_metadata(model, metadata)
+    hf = config_to_hf(config)
+    to = Path(to)
+    if to.exists() and not to.is_dir():
+        raise UserError(f"--to {to} is a file; give a folder to write the Hugging Face model into")
+    net, tokenizer, _ = load_checkpoint(model)
+    special = {}
+    if spec.get("type") == "gpt2" and config.vocab_size >= GPT2_VOCAB:
+        special = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
+    hf.update(bos_token_id=special.get("bos_token_id"), eos_token_id=special.get("eos_token_id"),
+              dtype=str(next(net.parameters()).dtype).removeprefix("torch."))
+    weights = write_safetensors(to / HF_WEIGHTS, state_dict_to_hf(model_tensors(net)),
+                                {"format": "pt"})
+    for name, payload in (("config.json", hf), ("generation_config.json", special)):
+        text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+        atomic_write(to / name, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
+    return {"path": str(to.resolve()), "files": sorted(p.name for p in to.iterdir()
+                                                        if not p.name.startswith(".")),
+            "size": weights.stat().st_size, "tokenizer": spec.get("type"),
+            "parameters": sum(t.numel() for t in model_tensors(net).values())}

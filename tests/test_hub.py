@@ -1,0 +1,360 @@
+"""`gpt download` and `gpt export` against a Hugging Face Hub look-alike on 127.0.0.1.
+
+The downloads run the real `gpt` CLI in a subprocess (huggingface_hub reads HF_ENDPOINT, HF_HOME
+and HF_HUB_OFFLINE when it is imported), with the real huggingface_hub client talking HTTP to
+tests/hf_server.py, which serves tiny random GPT-2 repos that transformers writes at test time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+transformers = pytest.importorskip("transformers")
+
+from gptcli.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from gptcli.cli import app  # noqa: E402
+from gptcli.model import GPT  # noqa: E402
+from gptcli.tokenizer import CharTokenizer, GPT2Tokenizer  # noqa: E402
+
+from conftest import randomize_, tiny_config  # noqa: E402
+from hf_server import HubServer, Repo  # noqa: E402
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hf_model(seed: int) -> transformers.GPT2LMHeadModel:
+    """A tiny random GPT-2 with the real vocabulary size (so the GPT-2 tokenizer fits)."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2,
+                                     n_head=4)
+    return randomize_(transformers.GPT2LMHeadModel(config), seed).eval()
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def hub_data(tmp_path_factory):
+    """Repos written by transformers once per module: (repos for the server, HF models, folders)."""
+    root = tmp_path_factory.mktemp("hf-repos")
+    single, sharded = hf_model(0), hf_model(1)
+    single.save_pretrained(root / "single")
+    sharded.save_pretrained(root / "sharded", max_shard_size="2MB")
+    assert (root / "sharded" / "model.safetensors.index.json").is_file()
+    config = json.loads((root / "single" / "config.json").read_text())
+    pickle_files = {"config.json": json.dumps(config).encode(), "pytorch_model.bin": b"\x80\x04"}
+    llama = folder_files(root / "single")
+    llama["config.json"] = json.dumps({**config, "model_type": "llama"}).encode()
+    repos = {
+        "t/single": Repo(folder_files(root / "single")),
+        "t/sharded": Repo(folder_files(root / "sharded")),
+        "t/pickle": Repo(pickle_files),
+        "t/llama": Repo(llama),
+        "t/drop": Repo(folder_files(root / "single"), drop=True),
+        "datasets/t/text": Repo({"a.txt": b"Once upon a time.\n", "b.txt": b"The end.\n"},
+                                repo_type="dataset"),
+    }
+    return {"repos": repos, "models": {"t/single": single, "t/sharded": sharded}, "root": root}
+
+
+@pytest.fixture
+def hub(hub_data):
+    """The look-alike Hub, started for one test and shut down after it."""
+    with HubServer(hub_data["repos"]) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def downloaded(hub_data, tmp_path_factory) -> Path:
+    """A folder whose HF cache and gptcli store hold t/single, downloaded once by the CLI; the
+    server is gone afterwards, so everything that uses it runs offline."""
+    home = tmp_path_factory.mktemp("downloaded")
+    with HubServer(hub_data["repos"]) as server:
+        result = gpt(home, "download", "t/single", endpoint=server.url)
+    assert result.returncode == 0, result.stderr
+    return home
+
+
+def dead_endpoint() -> str:
+    """An address on 127.0.0.1 where nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def gpt(tmp_path: Path, *args: str, endpoint: str, offline: bool = False,
+        ) -> subprocess.CompletedProcess:
+    """Run the real `gpt` CLI with its own Hub endpoint, HF cache and gptcli store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "GPTCLI_"))}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"),
+               GPTCLI_HOME=str(tmp_path / "gptcli"), HF_HUB_OFFLINE="1" if offline else "0",
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "gptcli", *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+
+
+def error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr, result.stderr
+    return lines[-1] if lines else ""
+
+
+def assert_same_logits(path: Path, reference: torch.nn.Module, vocab: int = 50257) -> None:
+    model, tokenizer, meta = load_checkpoint(path)
+    ids = torch.randint(0, vocab, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ids)
+        ours = ours[0] if isinstance(ours, tuple) else ours
+        theirs = reference(ids).logits
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def stored(tmp_path: Path, name: str) -> Path:
+    return tmp_path / "gptcli" / "models" / f"{name}.safetensors"
+
+
+# ----------------------------------------------------------------------------- download
+
+def test_download_single_file_matches_transformers(tmp_path, hub, hub_data):
+    result = gpt(tmp_path, "download", "t/single", endpoint=hub.url)
+    assert result.returncode == 0, result.stderr
+    path = stored(tmp_path, "t--single")
+    assert result.stdout.startswith("stored t/single: ") and str(path) in result.stdout
+    assert_same_logits(path, hub_data["models"]["t/single"])
+    meta = load_checkpoint(path)[2]
+    assert meta["source"] == "hf:t/single"
+    assert meta["revision"] == hub_data["repos"]["t/single"].commit
+    assert json.loads(meta["tokenizer"]) == {"type": "gpt2"}
+
+
+def test_download_sharded_matches_transformers(tmp_path, hub, hub_data):
+    out = tmp_path / "mine.safetensors"
+    result = gpt(tmp_path, "download", "t/sharded", "--out", str(out), "--json", endpoint=hub.url)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["path"] == str(out) and info["parameters"] == sum(
+        p.numel() for p in hub_data["models"]["t/sharded"].parameters())
+    shards = {path for method, path in hub.requests if method == "GET" and "model-0000" in path}
+    assert len(shards) == 2
+    assert_same_logits(out, hub_data["models"]["t/sharded"])
+
+
+def test_offline_after_download_works(downloaded, hub_data):
+    # --offline: nothing is asked of the network (the endpoint is dead anyway).
+    result = gpt(downloaded, "download", "t/single", "--offline", "--out", "a.safetensors",
+                 endpoint=dead_endpoint())
+    assert result.returncode == 0, result.stderr
+    assert_same_logits(downloaded / "a.safetensors", hub_data["models"]["t/single"])
+    # HF_HUB_OFFLINE=1 alone does the same.
+    result = gpt(downloaded, "download", "t/single", "--out", "b.safetensors",
+                 endpoint=dead_endpoint(), offline=True)
+    assert result.returncode == 0, result.stderr
+    assert (downloaded / "b.safetensors").is_file()
+
+
+def test_offline_before_download_says_what_is_missing(tmp_path, hub):
+    result = gpt(tmp_path, "download", "t/single", "--offline", endpoint=hub.url)
+    assert result.returncode == 2
+    assert error_line(result).startswith(
+        "error: offline, and config.json of model repo t/single is not in the local cache")
+    assert hub.requests == []
+
+
+def test_unknown_repo_is_a_404_message(tmp_path, hub):
+    result = gpt(tmp_path, "download", "t/missing", endpoint=hub.url)
+    assert result.returncode == 2
+    assert error_line(result) == (f"error: no model repo 't/missing' on {hub.url} "
+                                  "(or it is private: set HF_TOKEN)")
+
+
+def test_unknown_revision(tmp_path, hub):
+    result = gpt(tmp_path, "download", "t/single", "--revision", "v9", endpoint=hub.url)
+    assert result.returncode == 2
+    assert error_line(result) == "error: model repo t/single has no revision 'v9'"
+
+
+def test_non_gpt2_model_type_is_refused_before_weights(tmp_path, hub):
+    result = gpt(tmp_path, "download", "t/llama", endpoint=hub.url)
+    assert result.returncode == 2
+    assert error_line(result) == ("error: this is not a GPT-2 model: config.json says "
+                                  "model_type 'llama'; gptcli converts only model_type 'gpt2'")
+    assert not any("model.safetensors" in path for method, path in hub.requests)
+
+
+def test_pickle_only_repo_is_refused_unopened(tmp_path, hub):
+    result = gpt(tmp_path, "download", "t/pickle", endpoint=hub.url)
+    assert result.returncode == 2
+    line = error_line(result)
+    assert line.startswith("error: t/pickle has only pickle weights (pytorch_model.bin)")
+    assert "unpickling can run arbitrary code" in line
+    assert ("GET", "/t/pickle/resolve/main/pytorch_model.bin") not in hub.requests
+
+
+def test_connection_dropped_mid_file(tmp_path, hub):
+    result = gpt(tmp_path, "download", "t/drop", endpoint=hub.url)
+    assert result.returncode == 1
+    line = error_line(result)
+    assert line.startswith(f"error: downloading model.safetensors of t/drop from {hub.url} "
+                           "failed (")
+    assert line.endswith("; run the command again to resume")
+    assert not stored(tmp_path, "t--drop").exists()
+
+
+def test_download_dataset_text_files(tmp_path, hub):
+    result = gpt(tmp_path, "download", "--dataset", "t/text", "--file", "a.txt", "--file",
+                 "b.txt", endpoint=hub.url)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "gptcli" / "datasets" / "t--text"
+    assert (folder / "a.txt").read_text() == "Once upon a time.\n"
+    assert (folder / "b.txt").read_text() == "The end.\n"
+    assert "gpt train --data t/text" in result.stdout
+
+
+def test_dataset_files_must_be_text(tmp_path):
+    result = runner.invoke(app, ["download", "--dataset", "t/text", "--file", "x.bin"],
+                           env={"GPTCLI_HOME": str(tmp_path)})
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: gptcli downloads plain-text (.txt) dataset files "
+                                     "only, not x.bin")
+
+
+def test_unreachable_hub_is_one_line_exit_1(tmp_path, monkeypatch):
+    # The real client retries a dead endpoint with back-off for ~25 s, so this one error path
+    # is checked in process: huggingface_hub's own "cannot reach" error, caused by a refused
+    # connection, becomes one RuntimeFailure line.
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from gptcli import hub
+    from gptcli.runtime import RuntimeFailure
+
+    def unreachable(*args, **kwargs):
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError as e:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file "
+                                          "on the Hub") from e
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(RuntimeFailure) as err:
+        hub.hub_fetch("openai-community/gpt2", "config.json")
+    assert str(err.value).startswith(
+        f"could not reach {huggingface_hub.constants.ENDPOINT} to download config.json of "
+        "openai-community/gpt2 (ConnectionRefusedError: [Errno 111] Connection refused)")
+
+
+# ----------------------------------------------------------------------------- local, in process
+
+def test_download_list(tmp_path):
+    env = {"GPTCLI_HOME": str(tmp_path)}
+    save_checkpoint(tmp_path / "models" / "gpt2.safetensors", GPT(tiny_config(vocab_size=50257)),
+                    GPT2Tokenizer())
+    result = runner.invoke(app, ["download", "--list"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "openai-community/gpt2-xl" in result.stdout and "roneneldan/TinyStories" in result.stdout
+    assert f"in {tmp_path / 'models'}: gpt2" in result.stdout
+    info = json.loads(runner.invoke(app, ["download", "--list", "--json"], env=env).stdout)
+    assert info["models"]["gpt2"] == {"repo": "openai-community/gpt2", "stored": True}
+    assert info["models"]["distilgpt2"]["stored"] is False
+
+
+def test_download_local_folder(tmp_path, hub_data):
+    folder = hub_data["root"] / "sharded"
+    result = runner.invoke(app, ["download", str(folder)], env={"GPTCLI_HOME": str(tmp_path)})
+    assert result.exit_code == 0, result.output
+    assert_same_logits(tmp_path / "models" / "sharded.safetensors", hub_data["models"]["t/sharded"])
+
+
+def test_local_folder_with_pickle_only_is_refused(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    result = runner.invoke(app, ["download", str(tmp_path / "hf")],
+                           env={"GPTCLI_HOME": str(tmp_path)})
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {tmp_path / 'hf'} has only pickle weights")
+
+
+# ----------------------------------------------------------------------------- export
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "char"])
+def test_export_round_trip_with_transformers(tmp_path, tokenizer):
+    vocab = 50257 if tokenizer == "gpt2" else 101
+    model = randomize_(GPT(tiny_config(vocab_size=vocab)), seed=3).eval()
+    tok = GPT2Tokenizer() if tokenizer == "gpt2" else CharTokenizer([chr(33 + i)
+                                                                     for i in range(101)])
+    path = save_checkpoint(tmp_path / "m.safetensors", model, tok)
+    result = runner.invoke(app, ["export", "--model", str(path), "--to", str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors"]
+    reference = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert_same_logits(path, reference, vocab)
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation == ({"bos_token_id": 50256, "eos_token_id": 50256}
+                          if tokenizer == "gpt2" else {})
+
+
+@pytest.mark.parametrize("option, shown", [
+    (dict(norm="rmsnorm"), "norm=rmsnorm"), (dict(position="rope"), "position=rope"),
+    (dict(position="sinusoidal"), "position=sinusoidal"),
+    (dict(tie_embeddings=False), "tie_embeddings=False"), (dict(bias=False), "bias=False")])
+def test_export_refuses_what_gpt2_cannot_express(tmp_path, option, shown):
+    path = save_checkpoint(tmp_path / "m.safetensors", GPT(tiny_config(n_embd=48, **option)),
+                           CharTokenizer.from_text("abc"))
+    result = runner.invoke(app, ["export", "--model", str(path), "--to", str(tmp_path / "hf")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: Hugging Face GPT-2 cannot express this model "
+                                     f"({shown})")
+    assert not (tmp_path / "hf").exists()
+
+
+# ----------------------------------------------------------------------------- using downloads
+
+def _has_options(command: str, *options: str) -> bool:
+    result = runner.invoke(app, [command, "--help"], terminal_width=200)
+    return all(option in result.stdout for option in options)
+
+
+@pytest.mark.skipif(not _has_options("generate", "--max-new-tokens", "--temperature", "--json"),
+                    reason="`gpt generate` is not built yet")
+def test_greedy_generate_after_download_equals_transformers_offline(downloaded, hub_data):
+    prompt = "The meaning of life is"
+    result = gpt(downloaded, "generate", "--model", "t/single", "--prompt", prompt,
+                 "--max-new-tokens", "8", "--temperature", "0", "--json",
+                 endpoint=dead_endpoint(), offline=True)
+    assert result.returncode == 0, result.stderr
+    sample = json.loads(result.stdout)["samples"][0]
+    ids = torch.tensor([GPT2Tokenizer().encode(prompt)])
+    with torch.no_grad():
+        theirs = hub_data["models"]["t/single"].generate(
+            ids, max_new_tokens=8, do_sample=False, pad_token_id=50256)[0, ids.shape[1]:]
+    ours = sample["token_ids"]
+    assert ours == theirs[:len(ours)].tolist()
+    assert len(ours) == 8 or sample["finish_reason"] == "eos"
+
+
+@pytest.mark.skipif(not _has_options("eval", "--model", "--data", "--json"),
+                    reason="`gpt eval` is not built yet")
+def test_eval_after_download_offline(downloaded):
+    (downloaded / "text.txt").write_text("Once upon a time there was a tiny model. " * 20)
+    result = gpt(downloaded, "eval", "--model", "t/single", "--data", "text.txt", "--json",
+                 endpoint=dead_endpoint(), offline=True)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    assert scores["tokens"] > 0
+    assert scores["perplexity"] == pytest.approx(math.exp(scores["loss"]), rel=1e-3)
