@@ -103,6 +103,45 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, tokenizer: 
     return write_safetensors(path, model_tensors(model), metadata)
 
 
+def save_training_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer,
+                        scaler: torch.amp.GradScaler | None, *, rng: Mapping[str, torch.Tensor],
+                        meta: Mapping[str, Any]) -> Path:
+    """What a resumed run needs besides the weights: optimizer moments as tensors, random
+    generator states, and JSON metadata (step, best val loss, TrainConfig, ...)."""
+    opt = optimizer.state_dict()
+    tensors = {f"optimizer.{pid}.{key}": value for pid, state in opt["state"].items()
+               for key, value in state.items()}
+    tensors.update({f"rng.{name}": value for name, value in rng.items()})
+    metadata = {"format": "gptcli-state/1", "param_groups": opt["param_groups"],
+                "scaler": scaler.state_dict() if scaler else None, **meta}
+    return write_safetensors(path, tensors, metadata)
+
+
+def load_training_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer,
+                        scaler: torch.amp.GradScaler | None) -> tuple[dict, dict]:
+    """Restore ``optimizer`` (and ``scaler``); returns the random generator states and metadata."""
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != "gptcli-state/1":
+        raise UserError(f"{path} is not a gptcli training state file")
+    state: dict[int, dict] = {}
+    rng = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+        elif name.startswith("rng."):
+            rng[name[4:]] = value
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{path} does not fit this model's optimizer: {e}") from None
+    if scaler and meta.get("scaler") not in (None, "null"):
+        scaler.load_state_dict(json.loads(meta["scaler"]))
+    parsed = {k: json.loads(v) for k, v in meta.items() if k not in ("param_groups", "scaler")
+              and k != "format"}
+    return rng, parsed
+
+
 def check_readable(path: str | os.PathLike) -> Path:
     """Refuse pickle files and missing paths with a message that says why."""
     path = Path(path)

@@ -31,7 +31,9 @@ app = typer.Typer(
 
 def fail(message: str, code: int) -> None:
     """Print one line to stderr and exit with ``code``."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    where = f"rank {rank}: " if rank is not None else ""
+    print(f"error: {where}{message}", file=sys.stderr, flush=True)
     raise typer.Exit(code)
 
 
@@ -194,15 +196,22 @@ def train_cmd(
     explicit = _given(**{k: v for k, v in locals().items()
                          if k not in ("config", "resume", "resume_auto", "force")})
     from .display import TrainDisplay
+    from .runtime import setup_distributed, teardown_distributed
     from .train import default_out, fit, merge_config, prepare_run_folder
 
     cfg = _validated(lambda: merge_config(explicit, config, None))
     folder = Path(cfg.out) if cfg.out else default_out(cfg)
-    resuming = prepare_run_folder(folder, resume="auto" if resume_auto else "yes" if resume else None,
-                                  force=force)
-    if resuming:
-        cfg = _validated(lambda: merge_config(explicit, config, folder))
-    result = fit(cfg, out=folder, resume=resuming, display=TrainDisplay())
+    dist = setup_distributed(cfg.device)  # under torchrun: join the job; else one process
+    try:
+        resuming = dist.main_first(lambda: prepare_run_folder(
+            folder, resume="auto" if resume_auto else "yes" if resume else None, force=force))
+        if resuming:
+            cfg = _validated(lambda: merge_config(explicit, config, folder))
+        result = fit(cfg, out=folder, resume=resuming, display=TrainDisplay())
+    finally:
+        teardown_distributed()
+    if not dist.is_main:  # rank 0 reports; the others only pass on a signal's exit status
+        raise typer.Exit({"SIGINT": 130, "SIGTERM": 143}.get(result.stopped_by or "", 0))
     if result.stopped_by:
         print(f"stopped by {result.stopped_by} at step {result.step}; saved {folder / 'last.safetensors'}."
               f" Resume with: gpt train --out {folder} --resume", file=sys.stderr)
@@ -406,9 +415,42 @@ def inspect_attention_cmd(
 
 
 @command("bench")
-def bench_cmd() -> None:
-    """Measure training and generation speed on this machine."""
-    not_built("bench")
+def bench_cmd(
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    preset: Annotated[Optional[str], Opt(help="Model shape (GPT-2 vocabulary): tiny, small, gpt2, "
+                      "... (default: gpt2 on CUDA, small on MPS, tiny on CPU).")] = None,
+    batch_size: Annotated[Optional[int], Opt(help="Training batch; generation is timed at "
+                          "batch 1 and also at this one when given (default: fits the device).")] = None,
+    context_length: Annotated[Optional[int], Opt(help="Override the preset's context length.")] = None,
+    prompt_length: Annotated[Optional[int], Opt(help="Prompt tokens to prefill (default: "
+                             "min(128, context/2)).")] = None,
+    new_tokens: Annotated[Optional[int], Opt(help="Tokens to decode per run (default: "
+                          "min(128, what fits in the context)).")] = None,
+    steps: Annotated[int, Opt(help="Timed training steps, and timed generation runs.")] = 10,
+    warmup: Annotated[int, Opt(help="Untimed warm-up steps (generation: up to 2 runs).")] = 3,
+    compile: Annotated[bool, Opt("--compile/--no-compile", help="torch.compile the model.")] = False,
+    only: Annotated[Optional[str], Opt(help="Measure only: train or generate.")] = None,
+    peak_tflops: Annotated[Optional[float], Opt(help="The device's dense peak TFLOPs for the "
+                           "dtype (for MFU; default: a table of known GPUs).")] = None,
+    bandwidth_gbs: Annotated[Optional[float], Opt(help="The device's memory bandwidth in GB/s "
+                             "(default: a table of known GPUs).")] = None,
+    as_json: Annotated[bool, Opt("--json", help="Print one JSON object as the last line of "
+                       "stdout (the table goes to stderr).")] = False,
+) -> None:
+    """Measure training and generation speed on this machine: tokens/s, MFU, bandwidth use."""
+    given = _given(**{k: v for k, v in locals().items() if k != "as_json"})
+    from rich.console import Console
+
+    from .bench import BenchSettings, ProgressBars, render, run
+
+    settings = BenchSettings(**given)
+    err = Console(stderr=True)
+    with ProgressBars(err) as progress:
+        result = run(settings, progress)
+    render(result, err if as_json else Console())
+    if as_json:
+        print(json.dumps(result), flush=True)
 
 
 @command("eval")

@@ -209,21 +209,28 @@ def check_enough(n_train: int, n_val: int, context_length: int, val_fraction: fl
 
 
 class BatchSampler:
-    """Random windows of ``context_length + 1`` tokens. Its state (the generator's) is part of
-    the training state, so a resumed run draws exactly the batches it would have drawn."""
+    """Random windows of ``context_length + 1`` tokens.
 
-    def __init__(self, tokens: np.ndarray, context_length: int, batch_size: int, seed: int):
+    Every rank of a distributed job draws the same ``batch_size * world`` window starts from the
+    same generator and keeps its own slice, so ranks see different windows, the generator state
+    (part of the training state) is the same everywhere, and 2 ranks with batch b see exactly
+    the windows of 1 process with batch 2b.
+    """
+
+    def __init__(self, tokens: np.ndarray, context_length: int, batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1):
         self.tokens = tokens
         self.context_length = context_length
         self.batch_size = batch_size
+        self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets, each (batch_size, context_length) int64 on the CPU."""
-        T = self.context_length
-        starts = torch.randint(len(self.tokens) - T, (self.batch_size,),
-                               generator=self.generator).tolist()
-        windows = np.stack([self.tokens[s: s + T + 1] for s in starts]).astype(np.int64)
+        T, B = self.context_length, self.batch_size
+        starts = torch.randint(len(self.tokens) - T, (B * self.world,), generator=self.generator)
+        mine = starts[self.rank * B:(self.rank + 1) * B].tolist()
+        windows = np.stack([self.tokens[s: s + T + 1] for s in mine]).astype(np.int64)
         batch = torch.from_numpy(windows)
         return batch[:, :-1], batch[:, 1:]
 

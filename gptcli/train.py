@@ -20,13 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import (load_checkpoint, read_safetensors, resolve_model, save_checkpoint,
-                         unwrap_model, write_safetensors)
+from .checkpoint import (load_checkpoint, load_training_state, resolve_model, save_checkpoint,
+                         save_training_state)
 from .config import ModelConfig, SampleConfig, TrainConfig
 from .data import BatchSampler, check_enough, load_tokens, resolve_data
 from .model import GPT
-from .runtime import (RuntimeFailure, UserError, resolve_device, resolve_dtype, seed_everything,
-                      synchronize)
+from .runtime import (RuntimeFailure, UserError, current_dist, resolve_device, resolve_dtype,
+                      seed_everything, synchronize)
 
 RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "last.state.safetensors",
              "best.safetensors", "loss.png")
@@ -134,6 +134,8 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, context_length: int, *,
     if max_windows and len(windows) > max_windows:
         pick = np.linspace(0, len(windows) - 1, max_windows).round().astype(int)
         windows = [windows[i] for i in pick]
+    dist = current_dist()
+    windows = windows[dist.rank::dist.world]  # under torchrun each rank scores its share
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -150,7 +152,8 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, context_length: int, *,
         total += losses[scored].sum().item()
         count += int(scored.sum().item())
     model.train(was_training)
-    return EvalResult(loss=total / max(1, count), tokens=count)
+    total, count = dist.sum([total, float(count)], torch.device(device))
+    return EvalResult(loss=total / max(1, count), tokens=int(count))
 
 
 def evaluate_file(model_name: str | None, data: list[str] | None, *, context_length: int | None,
@@ -175,47 +178,6 @@ def evaluate_file(model_name: str | None, data: list[str] | None, *, context_len
             "perplexity": result.perplexity, "tokens": result.tokens,
             "bits_per_byte": result.loss * result.tokens / math.log(2) / n_bytes,
             "context_length": T, "stride": stride or T}
-
-
-# ----------------------------------------------------------------------------- training state
-
-def save_state(path: Path, optimizer: torch.optim.Optimizer, sampler: BatchSampler,
-               scaler: torch.amp.GradScaler | None, *, step: int, best_val: float | None,
-               cfg: TrainConfig, elapsed: float) -> None:
-    """Everything besides the weights that a resumed run needs, as safetensors + JSON metadata."""
-    opt = optimizer.state_dict()
-    tensors = {f"optimizer.{pid}.{key}": value for pid, state in opt["state"].items()
-               for key, value in state.items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.sampler"] = sampler.state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    metadata = {"format": "gptcli-state/1", "step": step, "best_val": best_val,
-                "elapsed": elapsed, "param_groups": opt["param_groups"],
-                "scaler": scaler.state_dict() if scaler else None,
-                "train_config": cfg.model_dump()}
-    write_safetensors(path, tensors, metadata)
-
-
-def load_state(path: Path, optimizer: torch.optim.Optimizer, sampler: BatchSampler,
-               scaler: torch.amp.GradScaler | None) -> dict:
-    tensors, meta = read_safetensors(path)
-    if meta.get("format") != "gptcli-state/1":
-        raise UserError(f"{path} is not a gptcli training state file")
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer."):
-            _, pid, key = name.split(".", 2)
-            state.setdefault(int(pid), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    torch.set_rng_state(tensors["rng.torch"])
-    sampler.load_state(tensors["rng.sampler"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    if scaler and meta.get("scaler") not in (None, "null"):
-        scaler.load_state_dict(json.loads(meta["scaler"]))
-    return {"step": int(meta["step"]), "best_val": json.loads(meta["best_val"]),
-            "elapsed": float(meta["elapsed"])}
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -321,14 +283,19 @@ class _Stop:
 
 def fit(cfg: TrainConfig, *, out: Path, resume: bool = False, display=None,
         stop_after: int | None = None) -> FitResult:
-    """Train as ``cfg`` says, writing the run folder ``out`` (already prepared)."""
+    """Train as ``cfg`` says, writing the run folder ``out`` (already prepared).
+
+    Under torchrun (see ``runtime.setup_distributed``) every rank runs this same loop on its own
+    slice of each batch; rank 0 alone writes files and shows progress.
+    """
     from .display import NullDisplay
     from .sampling import generate
 
-    display = display or NullDisplay()
-    device = resolve_device(cfg.device)
+    dist = current_dist()
+    display = display if display is not None and dist.is_main else NullDisplay()
+    device = dist.device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed + dist.rank)
 
     # data and model
     init = None
@@ -339,55 +306,81 @@ def fit(cfg: TrainConfig, *, out: Path, resume: bool = False, display=None,
     files = resolve_data(cfg.data)
     tok_spec = init[1].spec() if init else (cfg.tokenizer if cfg.tokenizer != "auto" else
                                             ("char" if cfg.preset in ("tiny", "small") else "gpt2"))
-    data = display.tokenize(lambda progress: load_tokens(files, tok_spec, encoding=cfg.encoding,
-                                                         progress=progress))
+
+    def tokenize():
+        return display.tokenize(lambda progress: load_tokens(
+            files, tok_spec, encoding=cfg.encoding, progress=progress))
+
+    if dist.enabled:  # rank 0 fills the token cache once; the others then read it
+        dist.main_first(lambda: tokenize() and None)
+    data = tokenize()
     tokenizer = data.tokenizer
     if init:
         model = init[0]
         if cfg.dropout != model.config.dropout:
             model = _with_dropout(model, cfg.dropout)
     else:
-        mcfg = ModelConfig.from_preset(cfg.preset, vocab_size=tokenizer.vocab_size,
-                                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                       context_length=cfg.context_length, dropout=cfg.dropout)
-        model = GPT(mcfg)
+        model = GPT(ModelConfig.from_preset(
+            cfg.preset, vocab_size=tokenizer.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+            n_embd=cfg.n_embd, context_length=cfg.context_length, dropout=cfg.dropout))
     mcfg = model.config
     train_tokens, val_tokens = data.split(cfg.val_fraction)
     check_enough(len(train_tokens), len(val_tokens), mcfg.context_length, cfg.val_fraction)
     model.to(device).train()
 
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * mcfg.context_length
+    # effective batch: batch x grad-accum x world size, in tokens
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * dist.world * mcfg.context_length
     max_steps = cfg.max_steps
     if cfg.epochs is not None:
         max_steps = max(1, math.ceil(cfg.epochs * len(train_tokens) / tokens_per_step))
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    sampler = BatchSampler(train_tokens, mcfg.context_length, cfg.batch_size, cfg.seed)
+    sampler = BatchSampler(train_tokens, mcfg.context_length, cfg.batch_size, cfg.seed,
+                           rank=dist.rank, world=dist.world)
     step, best_val, elapsed_before = 0, None, 0.0
     if resume:
-        state = load_state(out / "last.state.safetensors", optimizer, sampler, scaler)
-        step, best_val, elapsed_before = state["step"], state["best_val"], state["elapsed"]
-    (out / "config.json").write_text(json.dumps(
-        {"train": cfg.model_dump(), "model": mcfg.model_dump(), "tokenizer": tokenizer.spec(),
-         "tokens_per_step": tokens_per_step, "max_steps": max_steps}, indent=2))
-    metrics = MetricsLog(out / "metrics.jsonl", step if resume else None)
+        rng, meta = load_training_state(out / "last.state.safetensors", optimizer, scaler)
+        sampler.load_state(rng["sampler"])
+        torch.set_rng_state(rng.get(f"torch.{dist.rank}", rng["torch.0"]))
+        step, best_val, elapsed_before = meta["step"], meta["best_val"], meta["elapsed"]
+    metrics = None
+    if dist.is_main:
+        (out / "config.json").write_text(json.dumps(
+            {"train": cfg.model_dump(), "model": mcfg.model_dump(), "tokenizer": tokenizer.spec(),
+             "world_size": dist.world, "tokens_per_step": tokens_per_step,
+             "max_steps": max_steps}, indent=2))
+        metrics = MetricsLog(out / "metrics.jsonl", step if resume else None)
     amp = autocast(device, dtype)
     runner = torch.compile(model) if cfg.compile else model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
 
-    def save(name: str, val: float | None) -> Path:
-        return save_checkpoint(out / name, model, tokenizer, step=step, val_loss=val,
-                               source=f"gpt train ({out})")
+        runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda"
+                                         else None)
+
+    def save(name: str, val: float | None) -> None:
+        if dist.is_main:
+            save_checkpoint(out / name, model, tokenizer, step=step, val_loss=val,
+                            source=f"gpt train ({out})")
 
     def save_last(val: float | None) -> None:
         save("last.safetensors", val)
-        save_state(out / "last.state.safetensors", optimizer, sampler, scaler, step=step,
-                   best_val=best_val, cfg=cfg, elapsed=elapsed_before + time.perf_counter() - t0)
+        rng = {f"torch.{r}": s for r, s in enumerate(dist.gather(torch.get_rng_state()))}
+        if dist.is_main:
+            save_training_state(out / "last.state.safetensors", optimizer, scaler,
+                                rng={**rng, "sampler": sampler.state()},
+                                meta={"step": step, "best_val": best_val, "train_config":
+                                      cfg.model_dump(), "elapsed": elapsed_before + time.perf_counter() - t0})
 
-    sample_cfg = SampleConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=0,
-                              seed=cfg.seed)
+    def fail(message: str) -> None:
+        if metrics:
+            metrics.close()
+        raise RuntimeFailure(f"{message} at step {step}; stopped without saving (the last good "
+                             f"checkpoint in {out} is kept); try a lower --lr")
+
+    sample_cfg = SampleConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, seed=cfg.seed)
     prompt = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode(
         "\n" if "\n" in getattr(tokenizer, "chars", "\n") else tokenizer.decode([0]))
-
     display.start(step=step, max_steps=max_steps, device=device, dtype=dtype,
                   params=model.num_params(), tokens_per_step=tokens_per_step, out=out)
     t0 = time.perf_counter()
@@ -403,28 +396,25 @@ def fit(cfg: TrainConfig, *, out: Path, resume: bool = False, display=None,
             step += 1
             steps_since_log += 1
             if step % cfg.log_interval == 0 or step == max_steps:
-                loss_value = loss.item()
+                loss_value = dist.sum([loss.item()], device)[0] / dist.world
                 if not math.isfinite(loss_value):
-                    metrics.close()
-                    raise RuntimeFailure(
-                        f"the training loss became {loss_value} at step {step}; stopped without "
-                        f"saving (the last good checkpoint in {out} is kept); try a lower --lr")
+                    fail(f"the training loss became {loss_value}")
                 now = time.perf_counter()
                 tok_s = steps_since_log * tokens_per_step / (now - t_log)
                 t_log, steps_since_log = now, 0
-                metrics.write(step=step, train_loss=loss_value, lr=lr, tokens_per_s=tok_s,
-                              elapsed=elapsed_before + now - t0)
+                if metrics:
+                    metrics.write(step=step, train_loss=loss_value, lr=lr, tokens_per_s=tok_s,
+                                  elapsed=elapsed_before + now - t0)
                 display.step(step, loss=loss_value, lr=lr, tokens_per_s=tok_s)
             if step % cfg.eval_interval == 0 or step == max_steps:
                 last_val = evaluate(model, val_tokens, mcfg.context_length,
-                                    batch_size=cfg.batch_size,
-                                    max_windows=cfg.eval_steps * cfg.batch_size, device=device,
-                                    amp=amp).loss if len(val_tokens) else None
+                                    batch_size=cfg.batch_size, device=device, amp=amp,
+                                    max_windows=cfg.eval_steps * cfg.batch_size,
+                                    ).loss if len(val_tokens) else None
                 if last_val is not None and not math.isfinite(last_val):
-                    metrics.close()
-                    raise RuntimeFailure(f"the validation loss became {last_val} at step {step}; "
-                                         f"stopped (the last good checkpoint in {out} is kept)")
-                metrics.write(step=step, val_loss=last_val)
+                    fail(f"the validation loss became {last_val}")
+                if metrics:
+                    metrics.write(step=step, val_loss=last_val)
                 display.eval(step, last_val)
                 if last_val is not None and (best_val is None or last_val < best_val):
                     best_val = last_val
@@ -432,28 +422,32 @@ def fit(cfg: TrainConfig, *, out: Path, resume: bool = False, display=None,
                 save_last(last_val)
             if cfg.save_interval and step % cfg.save_interval == 0:
                 save(f"step-{step}.safetensors", last_val)
-            if cfg.sample_interval and step % cfg.sample_interval == 0:
+            if cfg.sample_interval and step % cfg.sample_interval == 0 and dist.is_main:
                 model.eval()
                 samples, _ = generate(model, tokenizer, prompt, sample_cfg)
                 model.train()
                 display.sample(step, samples[0].text)
-            if stop.signal is not None or (step == stop_after) or (
-                    cfg.max_time and elapsed_before + time.perf_counter() - t0 > cfg.max_time):
+            out_of_time = bool(cfg.max_time) and elapsed_before + time.perf_counter() - t0 > cfg.max_time
+            # every rank must agree to stop at the same step, or the others would hang
+            if dist.any(stop.signal is not None or step == stop_after or out_of_time, device):
                 if step < max_steps:
                     stopped_by = (signal.Signals(stop.signal).name if stop.signal is not None
-                                  else "max-time" if cfg.max_time else "stop-after")
+                                  else "max-time" if out_of_time else
+                                  "stop-after" if step == stop_after else "another rank")
                     save_last(last_val)
                 break
     synchronize(device)
-    metrics.close()
+    if metrics:
+        metrics.close()
     display.finish()
     if len(val_tokens) == 0 and not (out / "best.safetensors").exists():
         save("best.safetensors", None)
-    _plot_losses(out)
+    if dist.is_main:
+        _plot_losses(out)
+    best = out / "best.safetensors"
     return FitResult(out=out, step=step, best_val=best_val, last_val=last_val,
                      tokens_per_s=tok_s, stopped_by=stopped_by,
-                     checkpoint=out / ("best.safetensors" if (out / "best.safetensors").exists()
-                                       else "last.safetensors"))
+                     checkpoint=best if best.exists() else out / "last.safetensors")
 
 
 def _with_dropout(model: GPT, dropout: float) -> GPT:

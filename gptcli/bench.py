@@ -1,0 +1,524 @@
+"""`gpt bench`: training and generation speed of the real code paths, against the hardware limit.
+
+Training is timed through ``train.train_step`` with ``train.make_optimizer`` and ``train.autocast``
+(the code ``fit()`` runs) on synthetic tokens already on the device; generation through
+``sampling.decode_loop`` (the loop ``generate`` runs), consuming each token with ``.tolist()`` as
+``generate`` does. Nothing here re-implements a forward, a step or a decode loop.
+
+Timing: the clock is read only after ``runtime.synchronize``; warm-up steps (the first of which
+holds torch.compile's compilation) are reported apart and left out of the median/min/max.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .config import PRESETS, ModelConfig, SampleConfig, TrainConfig
+from .model import GPT
+from .runtime import RuntimeFailure, UserError, device_name, resolve_device, resolve_dtype, \
+    synchronize
+
+# Dense (no 2:4 sparsity) peak tensor throughput in TFLOPs, from the vendors' datasheets /
+# architecture whitepapers: NVIDIA H100 and H200 datasheets (SXM, PCIe, NVL), the A100, A10 and L4
+# datasheets, the Ada (RTX 4090) and Ampere GA102 (RTX 3090) whitepapers. bf16/fp16 are with fp32
+# accumulation (what PyTorch uses): on GeForce cards that is half the fp16-accumulate figure that
+# marketing quotes (RTX 4090: 165.2 not 330.3; RTX 3090: 71 not 142). "tf32" is float32 matmuls
+# when torch allows TF32; "fp32" is plain float32 (CUDA cores). Patterns are matched against
+# torch.cuda.get_device_name, first match wins. A10G (AWS) and Apple GPUs are left out: their
+# figures are not published per chip (Apple: per GPU core count), so MFU needs --peak-tflops.
+PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
+    (r"H100.*NVL", "H100 NVL", {"bf16": 835, "tf32": 418, "fp32": 60}),
+    (r"H100.*PCIe", "H100 PCIe", {"bf16": 756, "tf32": 378, "fp32": 51}),
+    (r"H100", "H100 SXM", {"bf16": 989, "tf32": 494, "fp32": 67}),
+    (r"H200.*NVL", "H200 NVL", {"bf16": 835, "tf32": 418, "fp32": 60}),
+    (r"H200", "H200 SXM", {"bf16": 989, "tf32": 494, "fp32": 67}),
+    (r"\bA100\b", "A100", {"bf16": 312, "tf32": 156, "fp32": 19.5}),
+    (r"\bA10\b", "A10", {"bf16": 125, "tf32": 62.5, "fp32": 31.2}),
+    (r"\bL4\b", "L4", {"bf16": 121, "tf32": 60, "fp32": 30.3}),
+    (r"RTX 4090(?! D)", "RTX 4090", {"bf16": 165.2, "tf32": 82.6, "fp32": 82.6}),
+    (r"RTX 3090(?! Ti)", "RTX 3090", {"bf16": 71, "tf32": 35.6, "fp32": 35.6}),
+]
+
+# Peak memory bandwidth in GB/s (10^9 bytes/s), same sources; Apple from its chip pages (only chips
+# with a single memory configuration; M3 Max / M4 Max vary with the model).
+BANDWIDTH_GBS: list[tuple[str, str, float]] = [
+    (r"H100.*NVL", "H100 NVL", 3900), (r"H100.*PCIe", "H100 PCIe", 2000),
+    (r"H100", "H100 SXM", 3350), (r"H200", "H200", 4800),
+    (r"A100.*80GB.*PCIe", "A100 80GB PCIe", 1935), (r"A100.*80GB", "A100 80GB SXM", 2039),
+    (r"A100", "A100 40GB", 1555), (r"\bA10\b", "A10", 600), (r"\bL4\b", "L4", 300),
+    (r"RTX 4090(?! D)", "RTX 4090", 1008), (r"RTX 3090(?! Ti)", "RTX 3090", 936),
+    (r"Apple M1 Ultra", "M1 Ultra", 800), (r"Apple M1 Max", "M1 Max", 400),
+    (r"Apple M1 Pro", "M1 Pro", 200), (r"Apple M1$", "M1", 68.25),
+    (r"Apple M2 Ultra", "M2 Ultra", 800), (r"Apple M2 Max", "M2 Max", 400),
+    (r"Apple M2 Pro", "M2 Pro", 200), (r"Apple M2$", "M2", 100),
+    (r"Apple M3 Pro", "M3 Pro", 150), (r"Apple M3$", "M3", 100),
+    (r"Apple M4 Pro", "M4 Pro", 273), (r"Apple M4$", "M4", 120),
+]
+
+GiB = 1024 ** 3
+
+
+@dataclass
+class BenchSettings:
+    """What to measure; None fields are chosen for the device by :func:`resolve_settings`."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    preset: str | None = None
+    batch_size: int | None = None
+    context_length: int | None = None
+    prompt_length: int | None = None
+    new_tokens: int | None = None
+    steps: int = 10
+    warmup: int = 3
+    compile: bool = False
+    only: str | None = None  # "train", "generate" or None (both)
+    peak_tflops: float | None = None
+    bandwidth_gbs: float | None = None
+    seed: int = 1337
+
+
+# ----------------------------------------------------------------------------- formulas
+
+def training_flops_per_token(config: ModelConfig) -> int:
+    """Model FLOPs per trained token (forward + backward), the PaLM / nanoGPT count:
+    6N + 12 L H Q T. N is the parameter count without the learned position table (a lookup,
+    no matmul); the tied embedding counts once, as the lm_head matmul. 12LHQT is attention's
+    QK^T and AV over the full (not causally halved) T x T scores."""
+    n = config.num_params() - (config.context_length * config.n_embd
+                               if config.position == "learned" else 0)
+    L, H, Q, T = config.n_layer, config.n_head, config.head_size, config.context_length
+    return 6 * n + 12 * L * H * Q * T
+
+
+def weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of weights one decode step reads: every parameter once in the model dtype (the tied
+    embedding once, as the lm_head reads all of it; the position table in full, an overcount of
+    <1% for gpt2). KV-cache and activation traffic are not counted, so utilisation is a floor."""
+    return config.num_params() * torch.empty((), dtype=dtype).element_size()
+
+
+def bandwidth_utilisation(bytes_per_step: int, steps_per_s: float, gbs: float) -> float:
+    """Share of the device's memory bandwidth that weight reads alone use while decoding."""
+    return bytes_per_step * steps_per_s / (gbs * 1e9)
+
+
+def mfu(flops_per_token: int, tokens_per_s: float, peak_tflops: float) -> float:
+    return flops_per_token * tokens_per_s / (peak_tflops * 1e12)
+
+
+# ----------------------------------------------------------------------------- the hardware
+
+def _hardware_name(device: torch.device) -> str:
+    name = device_name(device)
+    if device.type == "mps" and platform.system() == "Darwin":
+        import subprocess
+
+        try:  # e.g. "Apple M2 Pro": the chip, which fixes its memory bandwidth
+            name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], text=True,
+                                  capture_output=True, timeout=5).stdout.strip() or name
+        except OSError:
+            pass
+    return name
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype, hw: str) -> tuple[float | None, str]:
+    """(dense peak TFLOPs for ``dtype`` or None, where the figure comes from)."""
+    if device.type != "cuda":
+        return None, f"unknown for {hw}; pass --peak-tflops"
+    key = "bf16" if dtype in (torch.bfloat16, torch.float16) else (
+        "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32")
+    for pattern, label, peaks in PEAK_TFLOPS:
+        if re.search(pattern, hw):
+            return float(peaks[key]), f"{label} {key} dense (datasheet)"
+    return None, f"unknown for {hw}; pass --peak-tflops"
+
+
+def peak_bandwidth(device: torch.device, hw: str) -> tuple[float | None, str]:
+    if device.type == "cpu":
+        return None, "unknown for CPUs; pass --bandwidth-gbs"
+    for pattern, label, gbs in BANDWIDTH_GBS:
+        if re.search(pattern, hw):
+            return float(gbs), f"{label} (datasheet)"
+    return None, f"unknown for {hw}; pass --bandwidth-gbs"
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes the benchmark may allocate on ``device`` (None when it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory()) - torch.mps.driver_allocated_memory()
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on every platform (macOS lacks it)
+        return None
+
+
+def train_memory_estimate(config: ModelConfig, batch: int, dtype: torch.dtype) -> int:
+    """Rough bytes a training step needs: fp32 weights, grads and two AdamW moments (16 bytes per
+    parameter), ~34 activation values per layer, token and channel (Korthikanti et al. 2022, with
+    fused attention), and logits kept in the autocast dtype plus float32 for the loss."""
+    act = torch.empty((), dtype=dtype).element_size()
+    tokens = batch * config.context_length
+    acts = config.n_layer * tokens * config.n_embd * 17 * act
+    logits = tokens * config.vocab_size * (act + 8)
+    return 16 * config.num_params() + acts + logits
+
+
+def generate_memory_estimate(config: ModelConfig, batch: int, dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    cache = 2 * config.n_layer * batch * config.context_length * config.n_embd * size
+    return config.num_params() * size + cache + 4 * batch * config.vocab_size * 4
+
+
+def peak_memory(device: torch.device, sampled: int = 0) -> int:
+    """CUDA: max allocated since the phase began. MPS: the largest allocation seen after each
+    step (torch.mps has no peak counter). CPU: the process's max RSS, since it started."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if device.type == "mps":
+        return max(sampled, torch.mps.current_allocated_memory())
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _is_oom(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or \
+        "can't allocate memory" in text
+
+
+# ----------------------------------------------------------------------------- settings
+
+def resolve_settings(s: BenchSettings) -> tuple[BenchSettings, torch.device, torch.dtype,
+                                                 ModelConfig]:
+    """Fill in device-fitting defaults, check what was asked, and refuse what cannot fit."""
+    device = resolve_device(s.device)
+    dtype = resolve_dtype(s.dtype, device)
+    if s.only not in (None, "train", "generate"):
+        raise UserError(f"--only must be train or generate, got {s.only!r}")
+    for name in ("steps", "batch_size", "context_length", "prompt_length", "new_tokens"):
+        if (value := getattr(s, name)) is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if s.warmup < 0:
+        raise UserError(f"--warmup must be 0 or more, got {s.warmup}")
+    for name in ("peak_tflops", "bandwidth_gbs"):
+        if (value := getattr(s, name)) is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    preset = s.preset or {"cuda": "gpt2", "mps": "small"}.get(device.type, "tiny")
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    # Every preset with the GPT-2 vocabulary (50257), so the figures compare across presets.
+    config = ModelConfig.from_preset(preset, context_length=s.context_length)
+    T = config.context_length
+    prompt = s.prompt_length or max(1, min(128, T // 2))
+    new = s.new_tokens or max(1, min(128, T - prompt))
+    if prompt + new > T:
+        raise UserError(f"--prompt-length ({prompt}) + --new-tokens ({new}) must fit in the "
+                        f"context length ({T}), so the decode loop never slides its window")
+    warmup = max(s.warmup, 1) if s.compile else s.warmup  # the first step compiles
+    available = available_memory(device)
+    batch = s.batch_size or (1 if s.only == "generate" else None)
+    if batch is None:
+        batch = 8 if device.type == "mps" else 16
+        while (batch > 1 and available is not None
+               and train_memory_estimate(config, batch, dtype) > 0.8 * available):
+            batch //= 2
+    if available is not None:
+        needs = []
+        if s.only != "generate":
+            needs.append(("training", train_memory_estimate(config, batch, dtype)))
+        if s.only != "train":
+            needs.append(("generation", generate_memory_estimate(config, batch, dtype)))
+        for what, need in needs:
+            if need > available:
+                raise UserError(
+                    f"the {preset} preset needs about {need / GiB:.1f} GiB for {what} at batch "
+                    f"size {batch}, context {T}, {str(dtype).removeprefix('torch.')}; "
+                    f"{device.type} has {available / GiB:.1f} GiB available. Try a smaller "
+                    "--preset, --batch-size or --context-length")
+    resolved = BenchSettings(**{**asdict(s), "preset": preset, "batch_size": batch,
+                                "context_length": T, "prompt_length": prompt, "new_tokens": new,
+                                "warmup": warmup})
+    return resolved, device, dtype, config
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def bench_train(model: GPT, s: BenchSettings, device: torch.device, dtype: torch.dtype,
+                tick: Callable[[], None]) -> dict:
+    """Time ``train.train_step``: the optimizer step ``fit()`` takes, on random tokens."""
+    from . import train
+
+    cfg = TrainConfig(preset=s.preset, batch_size=s.batch_size, device=s.device, dtype=s.dtype,
+                      compile=s.compile, seed=s.seed)
+    model.train()
+    optimizer = train.make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None  # as fit()
+    amp = train.autocast(device, dtype)
+    runner = torch.compile(model) if s.compile else model  # as fit()
+    T, V = model.config.context_length, model.config.vocab_size
+    # Batches made on the device beforehand, so no data loading is timed.
+    g = torch.Generator(device=device).manual_seed(s.seed)
+    batches = [torch.randint(0, V, (s.batch_size, T + 1), device=device, generator=g)
+               for _ in range(min(4, s.warmup + s.steps))]
+    count = iter(range(1 << 62))
+
+    def next_batch():
+        b = batches[next(count) % len(batches)]
+        return b[:, :-1], b[:, 1:]
+
+    times, sampled = [], 0
+    _reset_peak(device)
+    for i in range(s.warmup + s.steps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        loss = train.train_step(runner, optimizer, next_batch, grad_accum=cfg.grad_accum,
+                                grad_clip=cfg.grad_clip, amp=amp, scaler=scaler, device=device)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+        if device.type == "mps":
+            sampled = max(sampled, torch.mps.current_allocated_memory())
+        tick()
+    if not torch.isfinite(loss):
+        raise RuntimeFailure(f"the benchmark's training loss became {loss.item()}")
+    steady = times[s.warmup:]
+    tokens = s.batch_size * T
+    step = _spread(steady)
+    out = {"batch_size": s.batch_size, "context_length": T, "tokens_per_step": tokens,
+           "step_time_s": step, "tokens_per_s": tokens / step["median"],
+           "first_step_s": times[0], "flops_per_token": training_flops_per_token(model.config),
+           "peak_memory_bytes": peak_memory(device, sampled)}
+    if s.compile:  # the first step minus an ordinary one: the time spent compiling
+        out["compile_s"] = max(times[0] - step["median"], 1e-9)
+    del optimizer
+    return out
+
+
+def bench_generate(model: GPT, s: BenchSettings, batch: int, device: torch.device,
+                   step: Callable | None, tick: Callable[[], None]) -> dict:
+    """Time ``sampling.decode_loop``: prefill + first token (TTFT), then one token at a time."""
+    from .sampling import decode_loop
+
+    V = model.config.vocab_size
+    g = torch.Generator(device=device).manual_seed(s.seed)
+    prompt = torch.randint(0, V, (batch, s.prompt_length), device=device, generator=g)
+    cfg = SampleConfig(max_new_tokens=s.new_tokens, temperature=0)
+    runs, sampled = [], 0
+    _reset_peak(device)
+    for i in range(min(s.warmup, 2) + s.steps):  # one warm-up run already compiles every shape
+        synchronize(device)
+        t0 = time.perf_counter()
+        stamps = []
+        for tok in decode_loop(model, prompt, cfg, step=step):
+            tok.tolist()  # the host needs each token, as in generate(): a sync per token
+            stamps.append(time.perf_counter())
+        synchronize(device)
+        end = time.perf_counter()
+        runs.append((stamps[0] - t0, end - stamps[0]))
+        if device.type == "mps":
+            sampled = max(sampled, torch.mps.current_allocated_memory())
+        tick()
+    first_run = sum(runs[0])
+    runs = runs[len(runs) - s.steps:]
+    ttft = _spread([r[0] for r in runs])
+    compile_s = first_run - statistics.median(sum(r) for r in runs)
+    out = {"batch_size": batch, "prompt_tokens": s.prompt_length, "new_tokens": s.new_tokens,
+           "time_to_first_token_s": ttft,
+           "prefill_tokens_per_s": batch * s.prompt_length / ttft["median"],
+           "first_run_s": first_run}
+    if s.new_tokens > 1:
+        per_token = _spread([r[1] / (s.new_tokens - 1) for r in runs])  # seconds per step
+        out.update({"decode_ms_per_token": {k: v * 1e3 for k, v in per_token.items()},
+                    "decode_tokens_per_s": batch / per_token["median"],
+                    "decode_steps_per_s": 1 / per_token["median"]})
+    if step is not None:  # the first run minus an ordinary one: the time spent compiling
+        out["compile_s"] = max(compile_s, 1e-9)
+    out["peak_memory_bytes"] = peak_memory(device, sampled)
+    return out
+
+
+def run(s: BenchSettings, progress: Callable[[str, int], Callable[[], None]] | None = None
+        ) -> dict:
+    """Measure as ``s`` says; returns the figures as one JSON-ready dict.
+
+    ``progress(label, total)`` is called at the start of each phase and returns a function that
+    is called once per step/run.
+    """
+    batch_given = s.batch_size is not None
+    s, device, dtype, config = resolve_settings(s)
+    progress = progress or (lambda label, total: (lambda: None))
+    hw = _hardware_name(device)
+    peak, peak_src = (s.peak_tflops, "--peak-tflops") if s.peak_tflops else \
+        peak_tflops(device, dtype, hw)
+    bw, bw_src = (s.bandwidth_gbs, "--bandwidth-gbs") if s.bandwidth_gbs else \
+        peak_bandwidth(device, hw)
+    result: dict = {
+        "device": str(device), "device_name": hw, "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "settings": asdict(s) | {"vocab_size": config.vocab_size, "n_layer": config.n_layer,
+                                 "n_head": config.n_head, "n_embd": config.n_embd},
+        "parameters": config.num_params(),
+        "peak_tflops": peak, "peak_tflops_source": peak_src,
+        "bandwidth_gbs": bw, "bandwidth_source": bw_src,
+    }
+    phase = "training" if s.only != "generate" else "generation"
+    try:
+        torch.manual_seed(s.seed)
+        model = GPT(config).to(device)
+        if s.only != "generate":
+            t = bench_train(model, s, device, dtype, progress("training", s.warmup + s.steps))
+            t["mfu"] = mfu(t["flops_per_token"], t["tokens_per_s"], peak) if peak else None
+            result["train"] = t
+        if s.only != "train":
+            phase = "generation"
+            model.eval().to(dtype)  # generation runs with weights in the dtype, as generate does
+            step = None
+            if s.compile:  # as sampling.load_generator
+                torch._dynamo.reset()  # compile from scratch, as `gpt generate` would
+                compiled = torch.compile(model, dynamic=False,
+                                         mode="reduce-overhead" if device.type == "cuda" else None)
+                # A plain function: decode_loop's `step or model` calls len() on a compiled
+                # module, which raises TypeError (a bug in sampling.py, reported).
+                step = lambda *args, **kwargs: compiled(*args, **kwargs)  # noqa: E731
+            result["weight_bytes_per_step"] = weight_bytes(config, dtype)
+            result["generate"] = []
+            for batch in sorted({1, s.batch_size if batch_given else 1}):
+                n = min(s.warmup, 2) + s.steps
+                g = bench_generate(model, s, batch, device, step,
+                                   progress(f"generation, batch {batch}", n))
+                if "decode_steps_per_s" in g:
+                    g["bandwidth_utilisation"] = bandwidth_utilisation(
+                        result["weight_bytes_per_step"], g["decode_steps_per_s"], bw) if bw else None
+                result["generate"].append(g)
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        if not _is_oom(e):
+            raise
+        raise RuntimeFailure(
+            f"out of memory during {phase} at batch size {s.batch_size} on {hw}; try a smaller "
+            f"--batch-size (e.g. {max(1, s.batch_size // 2)}), --context-length or --preset"
+        ) from None
+    return result
+
+
+# ----------------------------------------------------------------------------- showing
+
+class ProgressBars:
+    """A rich progress bar per phase on stderr (nothing when stderr is not a terminal)."""
+
+    def __init__(self, console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+            TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                                 transient=True, disable=not console.is_terminal)
+
+    def __enter__(self) -> Callable[[str, int], Callable[[], None]]:
+        self.progress.__enter__()
+
+        def phase(label: str, total: int) -> Callable[[], None]:
+            task = self.progress.add_task(f"bench: {label}", total=total)
+            return lambda: self.progress.advance(task)
+
+        return phase
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+
+def _fmt(x: float | None, unit: str = "", digits: int = 1) -> str:
+    return "unknown" if x is None else f"{x:,.{digits}f}{unit}"
+
+
+def _spread_ms(d: dict, scale: float = 1e3) -> str:
+    return f"{d['median'] * scale:,.2f} ms (min {d['min'] * scale:,.2f}, max {d['max'] * scale:,.2f})"
+
+
+def render(result: dict, console) -> None:
+    """The figures as a rich table."""
+    from rich.table import Table
+
+    s = result["settings"]
+    table = Table(title=f"gpt bench: {result['device_name']} ({result['device']}), torch "
+                        f"{result['torch']}, {result['dtype']}", show_header=False,
+                  title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model", f"{s['preset']}: {result['parameters'] / 1e6:,.1f}M parameters, "
+                  f"{s['n_layer']} layers, {s['n_head']} heads, width {s['n_embd']}, vocabulary "
+                  f"{s['vocab_size']}, context {s['context_length']}")
+    table.add_row("settings", f"batch {s['batch_size']}, {s['steps']} timed steps after "
+                  f"{s['warmup']} warm-up, compile {'on' if s['compile'] else 'off'}, "
+                  f"{result['threads']} CPU threads")
+    table.add_row("peak compute", f"{_fmt(result['peak_tflops'])} TFLOPs "
+                  f"({result['peak_tflops_source']})")
+    table.add_row("memory bandwidth", f"{_fmt(result['bandwidth_gbs'])} GB/s "
+                  f"({result['bandwidth_source']})")
+    if t := result.get("train"):
+        table.add_section()
+        table.add_row("train step", _spread_ms(t["step_time_s"]))
+        table.add_row("train tokens/s", f"{t['tokens_per_s']:,.0f} ({t['tokens_per_step']:,} "
+                      f"tokens per step, {t['flops_per_token'] / 1e6:,.1f} MFLOPs per token)")
+        table.add_row("MFU", "unknown (peak unknown)" if t["mfu"] is None else
+                      f"{t['mfu'] * 100:.1f}%")
+        first = f"{t['first_step_s']:.2f} s" + (f" (compile about {t['compile_s']:.1f} s)"
+                                                 if "compile_s" in t else "")
+        table.add_row("first step", first)
+        table.add_row("train peak memory", f"{t['peak_memory_bytes'] / GiB:,.2f} GiB")
+    for g in result.get("generate", []):
+        table.add_section()
+        b = f"batch {g['batch_size']}"
+        table.add_row(f"time to first token, {b}", f"{_spread_ms(g['time_to_first_token_s'])} "
+                      f"for {g['prompt_tokens']} prompt tokens")
+        table.add_row(f"prefill, {b}", f"{g['prefill_tokens_per_s']:,.0f} tokens/s")
+        if "decode_tokens_per_s" in g:
+            table.add_row(f"decode, {b}", f"{g['decode_tokens_per_s']:,.1f} tokens/s, "
+                          f"{_spread_ms(g['decode_ms_per_token'], 1)} per token "
+                          f"({g['new_tokens']} new tokens)")
+            util = g["bandwidth_utilisation"]
+            table.add_row(f"bandwidth use, {b}", f"{'unknown' if util is None else f'{util:.1%}'}"
+                          f" (weights {result['weight_bytes_per_step'] / 1e6:,.0f} MB per step)")
+        if "compile_s" in g:
+            table.add_row(f"first run, {b}", f"{g['first_run_s']:.2f} s (compile about "
+                          f"{g['compile_s']:.1f} s)")
+        table.add_row(f"generate peak memory, {b}", f"{g['peak_memory_bytes'] / GiB:,.2f} GiB")
+    console.print(table)
+    notes = []
+    if result["device"] == "cpu":
+        notes.append("peak memory on the CPU is the process's max RSS since it started")
+    if result["peak_tflops"] is None and "train" in result:
+        notes.append("MFU needs the device's peak: pass --peak-tflops")
+    if result["bandwidth_gbs"] is None and "generate" in result:
+        notes.append("bandwidth use needs the device's bandwidth: pass --bandwidth-gbs")
+    for note in notes:
+        console.print(f"note: {note}", style="dim")
