@@ -1,0 +1,174 @@
+"""`gpt bench`: the figures exist and are positive, the formulas match hand counts, errors exit
+with their messages. Small shapes so the real train step and decode loop run in a second."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gptcli import bench
+from gptcli.cli import app
+from gptcli.config import ModelConfig
+from gptcli.model import GPT
+
+runner = CliRunner()
+FAST = ["bench", "--device", "cpu", "--preset", "tiny", "--steps", "2", "--warmup", "1",
+        "--batch-size", "2", "--context-length", "32", "--prompt-length", "8",
+        "--new-tokens", "4", "--json"]
+# Figures that are null on a CPU unless the device's peak / bandwidth is given.
+NULL_ON_CPU = {"mfu", "bandwidth_utilisation", "peak_tflops", "bandwidth_gbs"}
+
+
+def figures(obj, path=""):
+    """(path, value) of every number or null in the result, settings and labels aside."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key != "settings":
+                yield from figures(value, f"{path}.{key}" if path else key)
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            yield from figures(value, f"{path}[{i}]")
+    elif obj is None or (isinstance(obj, (int, float)) and not isinstance(obj, bool)):
+        yield path, obj
+
+
+def run_json(*extra):
+    result = runner.invoke(app, FAST + list(extra))
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_cpu_bench_json_every_figure_positive():
+    out = run_json()
+    assert out["device"] == "cpu" and out["dtype"] == "float32"
+    assert out["settings"]["vocab_size"] == 50257 and out["settings"]["batch_size"] == 2
+    assert out["train"]["tokens_per_step"] == 2 * 32
+    assert [g["batch_size"] for g in out["generate"]] == [1, 2]  # batch 1, and the one given
+    seen = dict(figures(out))
+    assert {"train.step_time_s.median", "train.tokens_per_s", "train.peak_memory_bytes",
+            "generate[0].prefill_tokens_per_s", "generate[0].time_to_first_token_s.median",
+            "generate[0].decode_tokens_per_s", "generate[0].decode_ms_per_token.median",
+            "generate[1].decode_tokens_per_s"} <= set(seen)
+    for path, value in seen.items():
+        if path.split(".")[-1] in NULL_ON_CPU:
+            assert value is None, path  # unknown on a CPU: never guessed
+        else:
+            assert value is not None and value > 0, path
+
+
+def test_given_peak_makes_mfu_positive():
+    out = run_json("--only", "train", "--peak-tflops", "1.5")
+    assert "generate" not in out
+    for path, value in figures(out):
+        if path != "bandwidth_gbs":
+            assert value is not None and value > 0, path
+    t = out["train"]
+    assert t["mfu"] == pytest.approx(t["flops_per_token"] * t["tokens_per_s"] / 1.5e12)
+
+
+def test_given_bandwidth_makes_utilisation_positive():
+    i = FAST.index("--batch-size")
+    args = FAST[:i] + FAST[i + 2:]  # no --batch-size: generation at batch 1 only
+    result = runner.invoke(app, args + ["--only", "generate", "--bandwidth-gbs", "20"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "train" not in out and [g["batch_size"] for g in out["generate"]] == [1]
+    for path, value in figures(out):
+        if path != "peak_tflops":
+            assert value is not None and value > 0, path
+    g = out["generate"][0]
+    assert g["bandwidth_utilisation"] == pytest.approx(
+        out["weight_bytes_per_step"] * g["decode_steps_per_s"] / 20e9)
+
+
+def test_flops_per_token_equals_hand_count():
+    # V=10, C=4, L=1, H=2 (Q=2), T=8, biases, learned positions, tied embeddings.
+    # Matmul weights: wte/lm_head 10*4 = 40; block: ln_1 8, c_attn 4*12+12 = 60,
+    # attn.c_proj 16+4 = 20, ln_2 8, c_fc 4*16+16 = 80, mlp.c_proj 16*4+4 = 68 -> 244; ln_f 8.
+    # N = 40 + 244 + 8 = 292 (the 8*4 position table is a lookup: not counted).
+    # 6N = 1752; attention 12*L*H*Q*T = 12*1*2*2*8 = 384; total 2136.
+    cfg = ModelConfig(vocab_size=10, context_length=8, n_layer=1, n_head=2, n_embd=4)
+    assert bench.training_flops_per_token(cfg) == 2136
+    model = GPT(cfg)
+    assert model.num_params() - model.wpe.weight.numel() == 292
+
+
+def test_bandwidth_formula_equals_hand_count():
+    cfg = ModelConfig(vocab_size=10, context_length=8, n_layer=1, n_head=2, n_embd=4)
+    # every parameter once, the 32 position weights included: (292 + 32) * 4 bytes in float32
+    assert bench.weight_bytes(cfg, torch.float32) == 1296
+    assert bench.weight_bytes(cfg, torch.bfloat16) == 648
+    # 1296 bytes per step at 1e6 steps/s = 1.296 GB/s, on a 2.592 GB/s device: one half
+    assert bench.bandwidth_utilisation(1296, 1e6, 2.592) == pytest.approx(0.5)
+    # gpt2 in float32: 124,439,808 parameters (tied) -> 497.8 MB per decoded token
+    assert bench.weight_bytes(ModelConfig(), torch.float32) == 124_439_808 * 4
+
+
+@pytest.mark.parametrize("name, label, bf16, gbs", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989, 3350),
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756, 2000),
+    ("NVIDIA H200", "H200 SXM", 989, 4800),
+    ("NVIDIA A100-SXM4-40GB", "A100", 312, 1555),
+    ("NVIDIA A100-SXM4-80GB", "A100", 312, 2039),
+    ("NVIDIA A10", "A10", 125, 600),
+    ("NVIDIA GeForce RTX 4090", "RTX 4090", 165.2, 1008),
+    ("NVIDIA A10G", None, None, None),  # not in the table: unknown, not the A10's figures
+])
+def test_device_tables(name, label, bf16, gbs):
+    cuda = torch.device("cuda")
+    peak, source = bench.peak_tflops(cuda, torch.bfloat16, name)
+    bw, _ = bench.peak_bandwidth(cuda, name)
+    assert (peak, bw) == (bf16, gbs)
+    assert source.startswith(label) if label else "unknown" in source
+
+
+def test_cpu_peak_is_unknown_not_guessed():
+    cpu = torch.device("cpu")
+    assert bench.peak_tflops(cpu, torch.float32, "x86_64")[0] is None
+    assert bench.peak_bandwidth(cpu, "x86_64")[0] is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_exit_2():
+    result = runner.invoke(app, ["bench", "--device", "cuda", "--steps", "1"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: device 'cuda' is not available on this machine (no CUDA GPU or a CPU-only "
+        "torch build); use --device cpu or --device auto"]
+
+
+def test_too_large_preset_refused_before_allocating(monkeypatch):
+    monkeypatch.setattr(bench, "available_memory", lambda device: 2 * 1024 ** 3)
+    monkeypatch.setattr(bench, "GPT", lambda config: pytest.fail("allocated the model"))
+    result = runner.invoke(app, ["bench", "--device", "cpu", "--preset", "gpt2-xl",
+                                 "--batch-size", "1"])
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert line.startswith("error: the gpt2-xl preset needs about ")
+    assert "GiB for training at batch size 1, context 1024, float32; cpu has 2.0 GiB available" \
+        in line and "--batch-size" in line
+
+
+def test_oom_during_run_is_a_runtime_failure(monkeypatch):
+    import gptcli.train
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(gptcli.train, "train_step", oom)
+    result = runner.invoke(app, FAST[:-1] + ["--batch-size", "4"])
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert line.startswith("error: out of memory during training at batch size 4 on ")
+    assert line.endswith("try a smaller --batch-size (e.g. 2), --context-length or --preset")
+
+
+def test_bad_values_exit_2():
+    result = runner.invoke(app, ["bench", "--device", "cpu", "--only", "eval"])
+    assert result.exit_code == 2 and "--only must be train or generate" in result.stderr
+    result = runner.invoke(app, ["bench", "--device", "cpu", "--preset", "tiny",
+                                 "--prompt-length", "60", "--new-tokens", "10"])
+    assert result.exit_code == 2 and "must fit in the context length (64)" in result.stderr
