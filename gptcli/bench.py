@@ -23,6 +23,7 @@ import torch
 
 from .config import PRESETS, ModelConfig, SampleConfig, TrainConfig
 from .model import GPT
+from .sampling import compile_step
 from .runtime import RuntimeFailure, UserError, device_name, resolve_device, resolve_dtype, \
     synchronize
 
@@ -405,11 +406,7 @@ def run(s: BenchSettings, progress: Callable[[str, int], Callable[[], None]] | N
             step = None
             if s.compile:  # as sampling.load_generator
                 torch._dynamo.reset()  # compile from scratch, as `gpt generate` would
-                compiled = torch.compile(model, dynamic=False,
-                                         mode="reduce-overhead" if device.type == "cuda" else None)
-                # A plain function: decode_loop's `step or model` calls len() on a compiled
-                # module, which raises TypeError (a bug in sampling.py, reported).
-                step = lambda *args, **kwargs: compiled(*args, **kwargs)  # noqa: E731
+                step = compile_step(model)
             result["weight_bytes_per_step"] = weight_bytes(config, dtype)
             result["generate"] = []
             for batch in sorted({1, s.batch_size if batch_given else 1}):

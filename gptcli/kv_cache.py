@@ -40,17 +40,21 @@ class KVCache:
         return self.k.size(1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-               start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+               start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hs) at positions [start_pos, start_pos + T) of ``layer``.
 
         Returns the keys and values to attend over: (B, nh, start_pos + T, hs), or the whole
-        buffer (B, nh, max_len, hs) when the cache is static.
+        buffer (B, nh, max_len, hs) when the cache is static. A static cache also takes
+        ``start_pos`` as a 0-d tensor, so a compiled step sees the same inputs at every position.
         """
+        if self.static:
+            pos = start_pos + torch.arange(k.size(2), device=k.device)
+            self.k[layer].index_copy_(2, pos, k)
+            self.v[layer].index_copy_(2, pos, v)
+            return self.k[layer], self.v[layer]
         end = start_pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
         self.k[layer, :, :, start_pos:end] = k
         self.v[layer, :, :, start_pos:end] = v
-        if self.static:
-            return self.k[layer], self.v[layer]
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]

@@ -64,7 +64,7 @@ class CausalSelfAttention(nn.Module):
         self.layer = layer
 
     def forward(self, x: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_cache: KVCache | None = None, start_pos: int = 0,
+                kv_cache: KVCache | None = None, start_pos: int | torch.Tensor = 0,
                 mask: torch.Tensor | None = None, need_weights: bool = False,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
@@ -167,32 +167,37 @@ class GPT(nn.Module):
     def device(self) -> torch.device:
         return self.wte.weight.device
 
-    def forward(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None, start_pos: int = 0,
-                last_only: bool = False, need_weights: bool = False):
+    def forward(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
+                start_pos: int | torch.Tensor = 0, last_only: bool = False,
+                need_weights: bool = False):
         """Logits for token ids ``idx`` (B, T) placed at positions [start_pos, start_pos + T).
 
         With ``kv_cache``, keys/values of these positions are written into it and attention
-        covers every cached position before them. ``last_only`` returns logits of the last
-        position only (B, 1, V). With ``need_weights`` returns ``(logits, weights)`` where
-        weights is a list of (B, nh, T, L) attention probabilities, one per layer.
+        covers every cached position before them (``start_pos`` may be a 0-d tensor with a
+        static cache, for compiled steps). ``last_only`` returns logits of the last position
+        only (B, 1, V). With ``need_weights`` returns ``(logits, weights)`` where weights is a
+        list of (B, nh, T, L) attention probabilities, one per layer.
         """
         B, T = idx.shape
-        end = start_pos + T
-        if end > self.config.context_length:
-            raise ValueError(f"positions up to {end} exceed the context length "
-                             f"({self.config.context_length})")
-        if start_pos and kv_cache is None:
-            raise ValueError("start_pos > 0 needs the kv_cache holding the earlier positions")
+        if isinstance(start_pos, torch.Tensor):
+            pos = start_pos + torch.arange(T, device=idx.device)
+        else:
+            if start_pos + T > self.config.context_length:
+                raise ValueError(f"positions up to {start_pos + T} exceed the context length "
+                                 f"({self.config.context_length})")
+            if start_pos and kv_cache is None:
+                raise ValueError("start_pos > 0 needs the kv_cache holding the earlier positions")
+            pos = torch.arange(start_pos, start_pos + T, device=idx.device)
         x = self.wte(idx)  # (B, T, C)
         rope = None
         if self.config.position == "learned":
-            x = x + self.wpe(torch.arange(start_pos, end, device=idx.device))
+            x = x + self.wpe(pos)
         elif self.config.position == "sinusoidal":
-            x = x + self.pos_table[start_pos:end].to(x.dtype)
+            x = x + self.pos_table[pos].to(x.dtype)
         else:
-            rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])
+            rope = (self.rope_cos[pos], self.rope_sin[pos])
         x = self.drop(x)
-        mask = self.attention_mask(T, start_pos, kv_cache, idx.device)
+        mask = self.attention_mask(pos, start_pos, kv_cache)
         all_weights = []
         for block in self.h:
             x, weights = block(x, rope=rope, kv_cache=kv_cache, start_pos=start_pos, mask=mask,
@@ -204,16 +209,16 @@ class GPT(nn.Module):
         return (logits, all_weights) if need_weights else logits
 
     @staticmethod
-    def attention_mask(T: int, start_pos: int, kv_cache: KVCache | None,
-                       device: torch.device) -> torch.Tensor | None:
-        """Boolean (T, L) mask, or None when plain causal attention is right.
+    def attention_mask(pos: torch.Tensor, start_pos: int | torch.Tensor,
+                       kv_cache: KVCache | None) -> torch.Tensor | None:
+        """Boolean (T, L) mask for queries at positions ``pos``, or None when plain causal
+        attention is right.
 
-        Query i sits at position start_pos + i and may see keys at positions <= start_pos + i.
-        None means: no cache offset (is_causal is right) or a single query over a dynamic cache
-        (it may see every key).
+        Query i may see keys at positions <= pos[i]. None means: no cache offset (is_causal is
+        right) or a single query over a dynamic cache (it may see every key).
         """
+        T = pos.size(0)
         if kv_cache is None or (not kv_cache.static and (start_pos == 0 or T == 1)):
             return None
         L = kv_cache.max_len if kv_cache.static else start_pos + T
-        query_pos = torch.arange(start_pos, start_pos + T, device=device)[:, None]
-        return torch.arange(L, device=device)[None, :] <= query_pos
+        return torch.arange(L, device=pos.device)[None, :] <= pos[:, None]

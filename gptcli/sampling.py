@@ -98,9 +98,11 @@ def decode_loop(model: GPT, prompt: torch.Tensor, config: SampleConfig, *,
     tokens[:, :prompt.size(1)] = prompt
     length = prompt.size(1)
     dtype = model.wte.weight.dtype
-    cache = KVCache.for_model(model.config, B, device=prompt.device, dtype=dtype,
-                              static=step is not None and prompt.device.type == "cuda")
-    step = step or model
+    # A compiled step gets a static cache and a tensor position: the same shapes and inputs at
+    # every token, so it compiles once (and CUDA graphs can replay it).
+    static = step is not None
+    cache = KVCache.for_model(model.config, B, device=prompt.device, dtype=dtype, static=static)
+    step = model if step is None else step
     start = window_start(length, context)
     logits = model(tokens[:, start:length], kv_cache=cache, last_only=True)
     for i in range(config.max_new_tokens):
@@ -116,8 +118,9 @@ def decode_loop(model: GPT, prompt: torch.Tensor, config: SampleConfig, *,
             start = new_start
             logits = model(tokens[:, start:length], kv_cache=cache, last_only=True)
         else:
+            pos = length - 1 - start
             logits = step(tokens[:, length - 1:length], kv_cache=cache,
-                          start_pos=length - 1 - start)
+                          start_pos=torch.tensor(pos, device=prompt.device) if static else pos)
 
 
 # ----------------------------------------------------------------------------- text generation
@@ -230,12 +233,14 @@ def load_generator(model_name: str | None, *, device: str = "auto", dtype: str =
     path = resolve_model(model_name)
     dev = resolve_device(device)
     model, tokenizer, _ = load_checkpoint(path, device=dev, dtype=resolve_dtype(dtype, dev))
-    step = None
-    if compile:
-        # CUDA: a static cache shape and CUDA graphs; elsewhere a plain compiled step
-        step = torch.compile(model, mode="reduce-overhead" if dev.type == "cuda" else None,
-                             dynamic=False)
-    return model, tokenizer, path, step
+    return model, tokenizer, path, compile_step(model) if compile else None
+
+
+def compile_step(model: GPT):
+    """The compiled one-token step for ``decode_loop``: compiled once, since the loop gives it a
+    static cache and a tensor position; on CUDA with CUDA graphs ("reduce-overhead")."""
+    return torch.compile(model, dynamic=False,
+                         mode="reduce-overhead" if model.device.type == "cuda" else None)
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str, context_length: int) -> tuple[list[int], str | None]:

@@ -245,3 +245,20 @@ def test_cli_interactive(char_checkpoint):
                  "--temperature", "0", input="abc\nxyz.\n/quit\nnever\n")
     assert result.exit_code == 0, result.output
     assert result.stdout.count("> ") == 3 and "abc" in result.stdout and "never" not in result.stdout
+
+
+def test_compiled_step_matches_eager_and_compiles_once():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from gptcli.sampling import compile_step
+
+    model = randomize_(GPT(tiny_config(n_layer=1, context_length=16))).eval()
+    prompt = torch.randint(0, 101, (1, 3))
+    cfg = greedy(30)  # several window slides at context 16
+    eager = [t.item() for t in decode_loop(model, prompt, cfg)]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = [t.item() for t in decode_loop(model, prompt, cfg, step=compile_step(model))]
+    assert compiled == eager
+    assert counters["stats"]["unique_graphs"] == 1  # not one graph per position
