@@ -208,8 +208,10 @@ def train_cmd(
         if resuming:
             cfg = _validated(lambda: merge_config(explicit, config, folder))
         result = fit(cfg, out=folder, resume=resuming, display=TrainDisplay())
-    finally:
-        teardown_distributed()
+    except BaseException:
+        teardown_distributed(clean=False)
+        raise
+    teardown_distributed()
     if not dist.is_main:  # rank 0 reports; the others only pass on a signal's exit status
         raise typer.Exit({"SIGINT": 130, "SIGTERM": 143}.get(result.stopped_by or "", 0))
     if result.stopped_by:

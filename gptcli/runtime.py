@@ -250,10 +250,15 @@ def setup_distributed(device_name: str = "auto") -> Dist:
     return _DIST
 
 
-def teardown_distributed() -> None:
+def teardown_distributed(clean: bool = True) -> None:
+    """Leave the torchrun job. After a clean run the ranks first wait for each other, so none
+    tears the group down while another still uses it; after an error nobody waits (the others
+    are ended by torchrun)."""
     global _DIST
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
     _DIST = Dist()
