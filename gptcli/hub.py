@@ -1,9 +1,10 @@
 """Hugging Face GPT-2 <-> gptcli: the key map (data, not code), the conversions, `gpt download`
 (Hub repos, local HF folders, text datasets) and `gpt export`.
 
-gptcli's parameter names are Hugging Face GPT-2's without the ``transformer.`` prefix. The
-differences are listed below: GPT-2's Conv1D layers store weights as (in, out), nn.Linear as
-(out, in), and HF keeps causal-mask buffers that gptcli rebuilds.
+gptcli's parameters are Hugging Face GPT-2's, with the same names (less the ``transformer.``
+prefix) and the same layouts (projection weights (in, out), as GPT-2's Conv1D stores them). The
+only differences are listed below: the prefix, HF's causal-mask buffers that gptcli rebuilds, and
+the tied output matrix that gptcli stores once.
 
 Downloads go through ``huggingface_hub`` (its cache under ``HF_HOME``, resumable transfers,
 ``HF_TOKEN``, ``HF_ENDPOINT`` mirrors, ``HF_HUB_OFFLINE``); it is imported only when needed.
@@ -27,9 +28,6 @@ if TYPE_CHECKING:  # torch is imported where tensors are touched: dataset and er
     import torch
 
 HF_PREFIX = "transformer."
-# Weights stored transposed by GPT-2's Conv1D.
-HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
-                 "mlp.c_proj.weight")
 # Buffers in HF files that are not weights.
 HF_DROPPED = (".attn.bias", ".attn.masked_bias")
 # HF config.json field -> ModelConfig field.
@@ -78,7 +76,7 @@ def state_dict_from_hf(hf_state: Mapping[str, torch.Tensor],
             continue
         if name == "lm_head.weight" and config.tie_embeddings:
             continue
-        out[name] = tensor.t() if name.endswith(HF_TRANSPOSED) else tensor
+        out[name] = tensor
     return out
 
 
@@ -88,7 +86,7 @@ def state_dict_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     for name, tensor in state.items():
         if name == "lm_head.weight":
             continue
-        out[HF_PREFIX + name] = tensor.t().contiguous() if name.endswith(HF_TRANSPOSED) else tensor
+        out[HF_PREFIX + name] = tensor
     return out
 
 

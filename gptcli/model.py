@@ -1,7 +1,8 @@
 """The GPT model, in forward order: positions, attention, MLP, block, GPT.
 
 Pure ``nn.Module``s: no I/O, no optimizer, no Hugging Face code. Parameter names follow GPT-2
-(``wte, wpe, h.N.ln_1, h.N.attn.c_attn, ...``) so the Hugging Face key map is a short table.
+(``wte, wpe, h.N.ln_1, h.N.attn.c_attn, ...``) and their layouts (projection weights are (in, out),
+as in GPT-2's Conv1D), so the Hugging Face key map is a short table.
 """
 
 from __future__ import annotations
@@ -46,6 +47,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.type_as(x)
 
 
+class Projection(nn.Module):
+    """A linear layer whose weight is stored as (in, out), like GPT-2's own Conv1D.
+
+    Decoding at batch 1 is a matrix-vector product per layer, bound by reading the weights; on
+    CPUs that read is about 20% faster in this layout than in nn.Linear's (out, in) (measured in
+    benchmarks/generate_vs_transformers.py), and it is the layout of GPT-2 checkpoints.
+    """
+
+    def __init__(self, n_in: int, n_out: int, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.size(-1))  # (B*T, in)
+        y = flat @ self.weight if self.bias is None else torch.addmm(self.bias, flat, self.weight)
+        return y.view(*x.shape[:-1], y.size(-1))
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention: the one attention class.
 
@@ -55,8 +75,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Projection(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Projection(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.head_size = config.head_size
@@ -98,8 +118,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Projection(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Projection(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +171,7 @@ class GPT(nn.Module):
         """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding, Projection)):
                 std = residual_std if name.endswith("c_proj") else 0.02
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, "bias", None) is not None:

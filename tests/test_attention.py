@@ -57,7 +57,7 @@ def previous_token_model(context_length=16, n_embd=48, scale=200.0) -> GPT:
         model.wpe.weight.zero_()
         model.wpe.weight[:, :4] = torch.stack([angle.cos(), angle.sin(), -angle.cos(),
                                                -angle.sin()], dim=1)
-        w = model.h[0].attn.c_attn.weight  # (3C, C): rows of q, then k, then v
+        w = model.h[0].attn.c_attn.weight.t()  # (3C, C) view: rows of q, then k, then v
         w[: 2 * C].zero_()
         c, s = math.cos(theta), math.sin(theta)
         w[0:2, 0:2] = scale * torch.tensor([[c, s], [-s, c]])  # q: rotate by -theta
@@ -92,7 +92,7 @@ def test_maps_equal_a_direct_recomputation_from_q_and_k(norm):
     cfg, T = model.config, idx.size(1)
     for layer, block in enumerate(model.h):
         x = attn_inputs[layer]  # (1, T, C): what the attention read
-        q, k, _ = F.linear(x, block.attn.c_attn.weight, block.attn.c_attn.bias).split(
+        q, k, _ = F.linear(x, block.attn.c_attn.weight.t(), block.attn.c_attn.bias).split(
             cfg.n_embd, dim=2)
         q = q.view(1, T, cfg.n_head, cfg.head_size).transpose(1, 2)  # (1, nh, T, hs)
         k = k.view(1, T, cfg.n_head, cfg.head_size).transpose(1, 2)
