@@ -46,13 +46,14 @@ class TrainDisplay(NullDisplay):
             return work(lambda done, total: progress.update(task, completed=done, total=total))
 
     def start(self, *, step: int, max_steps: int, device, dtype, params: int,
-              tokens_per_step: int, out: Path) -> None:
+              tokens_per_step: int, out: Path, batch: str = "") -> None:
         self.max_steps = max_steps
         self.t0 = time.perf_counter()
         dtype_name = str(dtype).replace("torch.", "")
         self.console.print(
-            f"training {params:,} parameters on {device} ({dtype_name}), {tokens_per_step:,} "
-            f"tokens per step, steps {step}->{max_steps}, run folder {out}")
+            f"training {params:,} parameters on {device} ({dtype_name}); effective batch "
+            f"{batch}{tokens_per_step:,} tokens per step; steps {step}->{max_steps}; run folder {out}",
+            highlight=False, soft_wrap=True)
         if self.live:
             self.progress = Progress(
                 TextColumn("step"), MofNCompleteColumn(), BarColumn(bar_width=24),
@@ -81,7 +82,7 @@ class TrainDisplay(NullDisplay):
         else:
             elapsed = time.perf_counter() - self.t0
             self.console.print(f"step {step}/{self.max_steps} | {self._info()} | {elapsed:.0f}s",
-                               highlight=False)
+                               highlight=False, soft_wrap=True)
 
     def sample(self, step: int, text: str) -> None:
         self.console.print(f"[dim]--- sample at step {step} ---[/dim]")

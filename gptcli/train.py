@@ -382,7 +382,9 @@ def fit(cfg: TrainConfig, *, out: Path, resume: bool = False, display=None,
     prompt = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode(
         "\n" if "\n" in getattr(tokenizer, "chars", "\n") else tokenizer.decode([0]))
     display.start(step=step, max_steps=max_steps, device=device, dtype=dtype,
-                  params=model.num_params(), tokens_per_step=tokens_per_step, out=out)
+                  params=model.num_params(), tokens_per_step=tokens_per_step, out=out,
+                  batch=f"{cfg.batch_size} x {cfg.grad_accum} grad-accum x {dist.world} "
+                        f"process(es) x {mcfg.context_length} context = ")
     t0 = time.perf_counter()
     t_log, steps_since_log = t0, 0
     last_val, tok_s, stopped_by = None, 0.0, None

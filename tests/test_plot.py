@@ -1,0 +1,46 @@
+import json
+
+from typer.testing import CliRunner
+
+from gptcli.cli import app
+from gptcli.plot import compare_runs, read_metrics
+
+runner = CliRunner()
+
+
+def fake_run(folder, lr, val_losses):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(
+        {"train": {"lr": lr, "batch_size": 12, "out": str(folder)}, "model": {"n_layer": 4}}))
+    lines = []
+    for step, val in enumerate(val_losses, 1):
+        lines.append(json.dumps({"step": step * 10, "train_loss": val + 0.1, "lr": lr}))
+        lines.append(json.dumps({"step": step * 10, "val_loss": val}))
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_compare_runs_lists_only_differing_settings(tmp_path):
+    a = fake_run(tmp_path / "a", 1e-3, [3.0, 2.5, 2.6])
+    b = fake_run(tmp_path / "b", 3e-4, [3.1, 2.8])
+    differ, rows = compare_runs([a, b])
+    assert differ == ["lr"]
+    assert rows[0]["best_val"] == 2.5 and rows[1]["best_val"] == 2.8
+    train, val = read_metrics(a)
+    assert train[0] == (10, 3.1) and val[-1] == (30, 2.6)
+
+
+def test_gpt_plot_writes_png_and_table(tmp_path):
+    a = fake_run(tmp_path / "a", 1e-3, [3.0, 2.5])
+    b = fake_run(tmp_path / "b", 3e-4, [3.1, 2.8])
+    result = runner.invoke(app, ["plot", str(a), str(b), "--out", str(tmp_path / "cmp.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "lr" in result.stdout and "2.5000" in result.stdout and "2.8000" in result.stdout
+
+
+def test_gpt_plot_refuses_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["plot", str(tmp_path / "empty")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'empty'} is not a run folder (it has no metrics.jsonl)"
