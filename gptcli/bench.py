@@ -11,8 +11,6 @@ holds torch.compile's compilation) are reported apart and left out of the median
 
 from __future__ import annotations
 
-import platform
-import re
 import statistics
 import sys
 import time
@@ -23,46 +21,9 @@ import torch
 
 from .config import PRESETS, ModelConfig, SampleConfig, TrainConfig
 from .model import GPT
+from .hardware import hardware_name, peak_bandwidth, peak_tflops
+from .runtime import RuntimeFailure, UserError, resolve_device, resolve_dtype, synchronize
 from .sampling import compile_step
-from .runtime import RuntimeFailure, UserError, device_name, resolve_device, resolve_dtype, \
-    synchronize
-
-# Dense (no 2:4 sparsity) peak tensor throughput in TFLOPs, from the vendors' datasheets /
-# architecture whitepapers: NVIDIA H100 and H200 datasheets (SXM, PCIe, NVL), the A100, A10 and L4
-# datasheets, the Ada (RTX 4090) and Ampere GA102 (RTX 3090) whitepapers. bf16/fp16 are with fp32
-# accumulation (what PyTorch uses): on GeForce cards that is half the fp16-accumulate figure that
-# marketing quotes (RTX 4090: 165.2 not 330.3; RTX 3090: 71 not 142). "tf32" is float32 matmuls
-# when torch allows TF32; "fp32" is plain float32 (CUDA cores). Patterns are matched against
-# torch.cuda.get_device_name, first match wins. A10G (AWS) and Apple GPUs are left out: their
-# figures are not published per chip (Apple: per GPU core count), so MFU needs --peak-tflops.
-PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
-    (r"H100.*NVL", "H100 NVL", {"bf16": 835, "tf32": 418, "fp32": 60}),
-    (r"H100.*PCIe", "H100 PCIe", {"bf16": 756, "tf32": 378, "fp32": 51}),
-    (r"H100", "H100 SXM", {"bf16": 989, "tf32": 494, "fp32": 67}),
-    (r"H200.*NVL", "H200 NVL", {"bf16": 835, "tf32": 418, "fp32": 60}),
-    (r"H200", "H200 SXM", {"bf16": 989, "tf32": 494, "fp32": 67}),
-    (r"\bA100\b", "A100", {"bf16": 312, "tf32": 156, "fp32": 19.5}),
-    (r"\bA10\b", "A10", {"bf16": 125, "tf32": 62.5, "fp32": 31.2}),
-    (r"\bL4\b", "L4", {"bf16": 121, "tf32": 60, "fp32": 30.3}),
-    (r"RTX 4090(?! D)", "RTX 4090", {"bf16": 165.2, "tf32": 82.6, "fp32": 82.6}),
-    (r"RTX 3090(?! Ti)", "RTX 3090", {"bf16": 71, "tf32": 35.6, "fp32": 35.6}),
-]
-
-# Peak memory bandwidth in GB/s (10^9 bytes/s), same sources; Apple from its chip pages (only chips
-# with a single memory configuration; M3 Max / M4 Max vary with the model).
-BANDWIDTH_GBS: list[tuple[str, str, float]] = [
-    (r"H100.*NVL", "H100 NVL", 3900), (r"H100.*PCIe", "H100 PCIe", 2000),
-    (r"H100", "H100 SXM", 3350), (r"H200", "H200", 4800),
-    (r"A100.*80GB.*PCIe", "A100 80GB PCIe", 1935), (r"A100.*80GB", "A100 80GB SXM", 2039),
-    (r"A100", "A100 40GB", 1555), (r"\bA10\b", "A10", 600), (r"\bL4\b", "L4", 300),
-    (r"RTX 4090(?! D)", "RTX 4090", 1008), (r"RTX 3090(?! Ti)", "RTX 3090", 936),
-    (r"Apple M1 Ultra", "M1 Ultra", 800), (r"Apple M1 Max", "M1 Max", 400),
-    (r"Apple M1 Pro", "M1 Pro", 200), (r"Apple M1$", "M1", 68.25),
-    (r"Apple M2 Ultra", "M2 Ultra", 800), (r"Apple M2 Max", "M2 Max", 400),
-    (r"Apple M2 Pro", "M2 Pro", 200), (r"Apple M2$", "M2", 100),
-    (r"Apple M3 Pro", "M3 Pro", 150), (r"Apple M3$", "M3", 100),
-    (r"Apple M4 Pro", "M4 Pro", 273), (r"Apple M4$", "M4", 120),
-]
 
 GiB = 1024 ** 3
 
@@ -116,41 +77,7 @@ def mfu(flops_per_token: int, tokens_per_s: float, peak_tflops: float) -> float:
     return flops_per_token * tokens_per_s / (peak_tflops * 1e12)
 
 
-# ----------------------------------------------------------------------------- the hardware
-
-def _hardware_name(device: torch.device) -> str:
-    name = device_name(device)
-    if device.type == "mps" and platform.system() == "Darwin":
-        import subprocess
-
-        try:  # e.g. "Apple M2 Pro": the chip, which fixes its memory bandwidth
-            name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], text=True,
-                                  capture_output=True, timeout=5).stdout.strip() or name
-        except OSError:
-            pass
-    return name
-
-
-def peak_tflops(device: torch.device, dtype: torch.dtype, hw: str) -> tuple[float | None, str]:
-    """(dense peak TFLOPs for ``dtype`` or None, where the figure comes from)."""
-    if device.type != "cuda":
-        return None, f"unknown for {hw}; pass --peak-tflops"
-    key = "bf16" if dtype in (torch.bfloat16, torch.float16) else (
-        "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32")
-    for pattern, label, peaks in PEAK_TFLOPS:
-        if re.search(pattern, hw):
-            return float(peaks[key]), f"{label} {key} dense (datasheet)"
-    return None, f"unknown for {hw}; pass --peak-tflops"
-
-
-def peak_bandwidth(device: torch.device, hw: str) -> tuple[float | None, str]:
-    if device.type == "cpu":
-        return None, "unknown for CPUs; pass --bandwidth-gbs"
-    for pattern, label, gbs in BANDWIDTH_GBS:
-        if re.search(pattern, hw):
-            return float(gbs), f"{label} (datasheet)"
-    return None, f"unknown for {hw}; pass --bandwidth-gbs"
-
+# ----------------------------------------------------------------------------- memory
 
 def available_memory(device: torch.device) -> int | None:
     """Bytes the benchmark may allocate on ``device`` (None when it cannot be told)."""
@@ -378,7 +305,7 @@ def run(s: BenchSettings, progress: Callable[[str, int], Callable[[], None]] | N
     batch_given = s.batch_size is not None
     s, device, dtype, config = resolve_settings(s)
     progress = progress or (lambda label, total: (lambda: None))
-    hw = _hardware_name(device)
+    hw = hardware_name(device)
     peak, peak_src = (s.peak_tflops, "--peak-tflops") if s.peak_tflops else \
         peak_tflops(device, dtype, hw)
     bw, bw_src = (s.bandwidth_gbs, "--bandwidth-gbs") if s.bandwidth_gbs else \
@@ -428,94 +355,3 @@ def run(s: BenchSettings, progress: Callable[[str, int], Callable[[], None]] | N
 
 
 # ----------------------------------------------------------------------------- showing
-
-class ProgressBars:
-    """A rich progress bar per phase on stderr (nothing when stderr is not a terminal)."""
-
-    def __init__(self, console) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-            TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeRemainingColumn(), console=console,
-                                 transient=True, disable=not console.is_terminal)
-
-    def __enter__(self) -> Callable[[str, int], Callable[[], None]]:
-        self.progress.__enter__()
-
-        def phase(label: str, total: int) -> Callable[[], None]:
-            task = self.progress.add_task(f"bench: {label}", total=total)
-            return lambda: self.progress.advance(task)
-
-        return phase
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
-
-
-def _fmt(x: float | None, unit: str = "", digits: int = 1) -> str:
-    return "unknown" if x is None else f"{x:,.{digits}f}{unit}"
-
-
-def _spread_ms(d: dict, scale: float = 1e3) -> str:
-    return f"{d['median'] * scale:,.2f} ms (min {d['min'] * scale:,.2f}, max {d['max'] * scale:,.2f})"
-
-
-def render(result: dict, console) -> None:
-    """The figures as a rich table."""
-    from rich.table import Table
-
-    s = result["settings"]
-    table = Table(title=f"gpt bench: {result['device_name']} ({result['device']}), torch "
-                        f"{result['torch']}, {result['dtype']}", show_header=False,
-                  title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("model", f"{s['preset']}: {result['parameters'] / 1e6:,.1f}M parameters, "
-                  f"{s['n_layer']} layers, {s['n_head']} heads, width {s['n_embd']}, vocabulary "
-                  f"{s['vocab_size']}, context {s['context_length']}")
-    table.add_row("settings", f"batch {s['batch_size']}, {s['steps']} timed steps after "
-                  f"{s['warmup']} warm-up, compile {'on' if s['compile'] else 'off'}, "
-                  f"{result['threads']} CPU threads")
-    table.add_row("peak compute", f"{_fmt(result['peak_tflops'])} TFLOPs "
-                  f"({result['peak_tflops_source']})")
-    table.add_row("memory bandwidth", f"{_fmt(result['bandwidth_gbs'])} GB/s "
-                  f"({result['bandwidth_source']})")
-    if t := result.get("train"):
-        table.add_section()
-        table.add_row("train step", _spread_ms(t["step_time_s"]))
-        table.add_row("train tokens/s", f"{t['tokens_per_s']:,.0f} ({t['tokens_per_step']:,} "
-                      f"tokens per step, {t['flops_per_token'] / 1e6:,.1f} MFLOPs per token)")
-        table.add_row("MFU", "unknown (peak unknown)" if t["mfu"] is None else
-                      f"{t['mfu'] * 100:.1f}%")
-        first = f"{t['first_step_s']:.2f} s" + (f" (compile about {t['compile_s']:.1f} s)"
-                                                 if "compile_s" in t else "")
-        table.add_row("first step", first)
-        table.add_row("train peak memory", f"{t['peak_memory_bytes'] / GiB:,.2f} GiB")
-    for g in result.get("generate", []):
-        table.add_section()
-        b = f"batch {g['batch_size']}"
-        table.add_row(f"time to first token, {b}", f"{_spread_ms(g['time_to_first_token_s'])} "
-                      f"for {g['prompt_tokens']} prompt tokens")
-        table.add_row(f"prefill, {b}", f"{g['prefill_tokens_per_s']:,.0f} tokens/s")
-        if "decode_tokens_per_s" in g:
-            table.add_row(f"decode, {b}", f"{g['decode_tokens_per_s']:,.1f} tokens/s, "
-                          f"{_spread_ms(g['decode_ms_per_token'], 1)} per token "
-                          f"({g['new_tokens']} new tokens)")
-            util = g["bandwidth_utilisation"]
-            table.add_row(f"bandwidth use, {b}", f"{'unknown' if util is None else f'{util:.1%}'}"
-                          f" (weights {result['weight_bytes_per_step'] / 1e6:,.0f} MB per step)")
-        if "compile_s" in g:
-            table.add_row(f"first run, {b}", f"{g['first_run_s']:.2f} s (compile about "
-                          f"{g['compile_s']:.1f} s)")
-        table.add_row(f"generate peak memory, {b}", f"{g['peak_memory_bytes'] / GiB:,.2f} GiB")
-    console.print(table)
-    notes = []
-    if result["device"] == "cpu":
-        notes.append("peak memory on the CPU is the process's max RSS since it started")
-    if result["peak_tflops"] is None and "train" in result:
-        notes.append("MFU needs the device's peak: pass --peak-tflops")
-    if result["bandwidth_gbs"] is None and "generate" in result:
-        notes.append("bandwidth use needs the device's bandwidth: pass --bandwidth-gbs")
-    for note in notes:
-        console.print(f"note: {note}", style="dim")

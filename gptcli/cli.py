@@ -444,7 +444,8 @@ def bench_cmd(
     given = _given(**{k: v for k, v in locals().items() if k != "as_json"})
     from rich.console import Console
 
-    from .bench import BenchSettings, ProgressBars, render, run
+    from .bench import BenchSettings, run
+    from .display import ProgressBars, render
 
     settings = BenchSettings(**given)
     err = Console(stderr=True)
@@ -471,7 +472,7 @@ def eval_cmd(
     as_json: Annotated[bool, Opt("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Mean loss, perplexity and bits per byte of a model on a text file (sliding window)."""
-    from .train import evaluate_file
+    from .evaluate import evaluate_file
 
     result = evaluate_file(model, data, context_length=context_length, stride=stride,
                            batch_size=batch_size, encoding=encoding, device=device or "auto",

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .runtime import UserError, datasets_dir, gptcli_home, store_name
-from .tokenizer import CharTokenizer, Tokenizer, get_tokenizer
+from .tokenizer import Tokenizer, get_tokenizer
 
 CHUNK_BYTES = 4 << 20  # read 4 MiB at a time
 PIECE_CHARS = 256 << 10  # tiktoken encodes pieces of this size in parallel threads

@@ -102,6 +102,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for bf16/fp16 (weights stay float32); nothing for float32."""
+    import contextlib
+
+    import torch
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def device_name(device: torch.device) -> str:
     """A human-readable name of the hardware behind ``device``."""
     import platform

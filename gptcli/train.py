@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,9 +23,10 @@ from .checkpoint import (load_checkpoint, load_training_state, resolve_model, sa
                          save_training_state)
 from .config import ModelConfig, SampleConfig, TrainConfig
 from .data import BatchSampler, check_enough, load_tokens, resolve_data
+from .evaluate import evaluate
 from .model import GPT
-from .runtime import (RuntimeFailure, UserError, current_dist, resolve_device, resolve_dtype,
-                      seed_everything, synchronize)
+from .runtime import (RuntimeFailure, UserError, autocast, current_dist,
+                      resolve_dtype, seed_everything, synchronize)
 
 RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "last.state.safetensors",
              "best.safetensors", "loss.png")
@@ -53,13 +53,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision for bf16/fp16 (weights stay float32); nothing for float32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -96,88 +89,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total
-
-
-@dataclass
-class EvalResult:
-    loss: float  # mean cross-entropy (nats per token)
-    tokens: int  # tokens scored
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(min(self.loss, 700.0))
-
-
-def eval_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int]]:
-    """Sliding windows over ``n_tokens`` tokens: (input start, first scored offset) pairs.
-
-    Every token after the first is scored exactly once, each with as much context as the stride
-    allows: a window scores only the targets the previous windows did not."""
-    T = min(context, n_tokens - 1)
-    windows, covered = [(0, 0)], T  # targets 1..T are scored by the first window
-    while covered < n_tokens - 1:
-        end = min(covered + stride, n_tokens - 1)  # last target index of this window
-        start = end - T
-        windows.append((start, covered - start))
-        covered = end
-    return windows
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens: np.ndarray, context_length: int, *,
-             stride: int | None = None, batch_size: int = 8, max_windows: int | None = None,
-             device: torch.device | str = "cpu", amp=None) -> EvalResult:
-    """Mean loss over ``tokens`` with a sliding window; with ``max_windows``, an evenly spaced
-    subset of the windows (used for quick validation during training)."""
-    T = min(context_length, len(tokens) - 1)
-    windows = eval_windows(len(tokens), T, stride or T)
-    if max_windows and len(windows) > max_windows:
-        pick = np.linspace(0, len(windows) - 1, max_windows).round().astype(int)
-        windows = [windows[i] for i in pick]
-    dist = current_dist()
-    windows = windows[dist.rank::dist.world]  # under torchrun each rank scores its share
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        chunk = windows[i: i + batch_size]
-        batch = torch.from_numpy(np.stack([tokens[s: s + T + 1] for s, _ in chunk]).astype(np.int64))
-        x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
-        with amp or contextlib.nullcontext():
-            logits = model(x)
-        losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
-                                 reduction="none").view(len(chunk), T)
-        scored = torch.arange(T, device=losses.device)[None, :] >= torch.tensor(
-            [first for _, first in chunk], device=losses.device)[:, None]
-        total += losses[scored].sum().item()
-        count += int(scored.sum().item())
-    model.train(was_training)
-    total, count = dist.sum([total, float(count)], torch.device(device))
-    return EvalResult(loss=total / max(1, count), tokens=int(count))
-
-
-def evaluate_file(model_name: str | None, data: list[str] | None, *, context_length: int | None,
-                  stride: int | None, batch_size: int, encoding: str, device: str,
-                  dtype: str) -> dict:
-    """`gpt eval`: loss, perplexity and bits per byte of a model over whole text files."""
-    path = resolve_model(model_name)
-    dev = resolve_device(device)
-    model, tokenizer, _ = load_checkpoint(path, device=dev)
-    files = resolve_data(data)
-    tokens = load_tokens(files, tokenizer.spec(), encoding=encoding).tokens
-    T = min(context_length or model.config.context_length, model.config.context_length)
-    if stride is not None and not 1 <= stride <= T:
-        raise UserError(f"--stride must be between 1 and the window length ({T}), got {stride}")
-    if len(tokens) < 2:
-        raise UserError(f"{files[0]} has {len(tokens)} token(s); scoring needs at least 2")
-    result = evaluate(model, tokens, T, stride=stride, batch_size=batch_size, device=dev,
-                      amp=autocast(dev, resolve_dtype(dtype, dev)))
-    n_bytes = sum(f.stat().st_size for f in files) if encoding.lower().replace("-", "") == "utf8" \
-        else len(tokenizer.decode_bytes(tokens.tolist()))
-    return {"model": str(path), "data": [str(f) for f in files], "loss": result.loss,
-            "perplexity": result.perplexity, "tokens": result.tokens,
-            "bits_per_byte": result.loss * result.tokens / math.log(2) / n_bytes,
-            "context_length": T, "stride": stride or T}
 
 
 # ----------------------------------------------------------------------------- run folder

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptcli import bench
+from gptcli import bench, hardware
 from gptcli.cli import app
 from gptcli.config import ModelConfig
 from gptcli.model import GPT
@@ -119,16 +119,16 @@ def test_bandwidth_formula_equals_hand_count():
 ])
 def test_device_tables(name, label, bf16, gbs):
     cuda = torch.device("cuda")
-    peak, source = bench.peak_tflops(cuda, torch.bfloat16, name)
-    bw, _ = bench.peak_bandwidth(cuda, name)
+    peak, source = hardware.peak_tflops(cuda, torch.bfloat16, name)
+    bw, _ = hardware.peak_bandwidth(cuda, name)
     assert (peak, bw) == (bf16, gbs)
     assert source.startswith(label) if label else "unknown" in source
 
 
 def test_cpu_peak_is_unknown_not_guessed():
     cpu = torch.device("cpu")
-    assert bench.peak_tflops(cpu, torch.float32, "x86_64")[0] is None
-    assert bench.peak_bandwidth(cpu, "x86_64")[0] is None
+    assert hardware.peak_tflops(cpu, torch.float32, "x86_64")[0] is None
+    assert hardware.peak_bandwidth(cpu, "x86_64")[0] is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

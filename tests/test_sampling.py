@@ -43,7 +43,7 @@ def test_kv_cache_greedy_equals_full_recomputation_across_window_slides(options)
 
 
 def test_greedy_equals_transformers_generate():
-    transformers = pytest.importorskip("transformers", reason="parity needs transformers")
+    pytest.importorskip("transformers", reason="parity needs transformers")
     from test_model import hf_pair
 
     hf, ours = hf_pair(dict(vocab_size=101, n_positions=64, n_embd=48, n_layer=2, n_head=3))

@@ -1,26 +1,23 @@
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from gptcli import train
-from gptcli.checkpoint import load_checkpoint, save_checkpoint
+from gptcli.checkpoint import load_checkpoint
 from gptcli.cli import app
 from gptcli.config import TrainConfig
 from gptcli.model import GPT
 from gptcli.runtime import RuntimeFailure
-from gptcli.tokenizer import CharTokenizer
-from gptcli.train import eval_windows, evaluate, fit, lr_at, prepare_run_folder
+from gptcli.train import fit, lr_at, prepare_run_folder
 
-from conftest import randomize_, tiny_config
+from conftest import tiny_config
 
 runner = CliRunner()
 SMALL = dict(tokenizer="char", n_layer=1, n_head=2, n_embd=32, context_length=16, batch_size=4,
@@ -106,50 +103,6 @@ def test_weight_decay_only_on_matrices():
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
-
-
-@pytest.mark.parametrize("n,context,stride", [(100, 16, 16), (100, 16, 5), (17, 16, 4), (10, 16, 3)])
-def test_eval_windows_score_every_token_once(n, context, stride):
-    T = min(context, n - 1)
-    scored = []
-    for start, first in eval_windows(n, context, stride):
-        assert 0 <= start and start + T <= n - 1
-        scored += list(range(start + first + 1, start + T + 1))
-    assert scored == list(range(1, n))
-
-
-def test_evaluate_equals_direct_computation():
-    model = randomize_(GPT(tiny_config())).eval()
-    tokens = np.random.default_rng(0).integers(0, 101, 70).astype(np.uint16)
-    t = torch.from_numpy(tokens.astype(np.int64))
-    with torch.no_grad():  # stride = context: non-overlapping windows of 32, then the tail
-        direct = []
-        for start, first in [(0, 0), (32, 0), (37, 27)]:
-            logits = model(t[None, start:start + 32])
-            nll = torch.nn.functional.cross_entropy(logits[0], t[start + 1:start + 33], reduction="none")
-            direct.append(nll[first:])
-        expected = torch.cat(direct).mean().item()
-    result = evaluate(model, tokens, 32, batch_size=2)
-    assert result.tokens == 69
-    assert result.loss == pytest.approx(expected, rel=1e-5)
-
-
-def test_gpt_eval_cli_equals_direct_computation(tmp_path):
-    text = "the cat sat on the mat. "
-    tok = CharTokenizer.from_text(text)
-    model = randomize_(GPT(tiny_config(vocab_size=tok.vocab_size))).eval()
-    path = save_checkpoint(tmp_path / "m.safetensors", model, tok)
-    (tmp_path / "t.txt").write_text(text)
-    result = runner.invoke(app, ["eval", "--model", str(path), "--data", str(tmp_path / "t.txt"),
-                                 "--device", "cpu", "--json"])
-    assert result.exit_code == 0, result.output
-    got = json.loads(result.stdout)
-    ids = torch.tensor([tok.encode(text)])
-    with torch.no_grad():
-        expected = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:]).item()
-    assert got["loss"] == pytest.approx(expected, rel=1e-5)
-    assert got["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
-    assert got["bits_per_byte"] == pytest.approx(expected * 23 / math.log(2) / 24, rel=1e-5)
 
 
 def cli(*args):

@@ -1,0 +1,101 @@
+"""Scoring text: mean loss, perplexity and bits per byte with a sliding window.
+
+``evaluate`` is the one implementation: `gpt eval` scores whole files with it, and training uses
+it for the validation loss (on an evenly spaced subset of the windows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_checkpoint, resolve_model
+from .data import load_tokens, resolve_data
+from .runtime import UserError, autocast, current_dist, resolve_device, resolve_dtype
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean cross-entropy (nats per token)
+    tokens: int  # tokens scored
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+
+def eval_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int]]:
+    """Sliding windows over ``n_tokens`` tokens: (input start, first scored offset) pairs.
+
+    Every token after the first is scored exactly once, each with as much context as the stride
+    allows: a window scores only the targets the previous windows did not."""
+    T = min(context, n_tokens - 1)
+    windows, covered = [(0, 0)], T  # targets 1..T are scored by the first window
+    while covered < n_tokens - 1:
+        end = min(covered + stride, n_tokens - 1)  # last target index of this window
+        start = end - T
+        windows.append((start, covered - start))
+        covered = end
+    return windows
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tokens: np.ndarray, context_length: int, *,
+             stride: int | None = None, batch_size: int = 8, max_windows: int | None = None,
+             device: torch.device | str = "cpu", amp=None) -> EvalResult:
+    """Mean loss over ``tokens`` with a sliding window; with ``max_windows``, an evenly spaced
+    subset of the windows (used for quick validation during training)."""
+    T = min(context_length, len(tokens) - 1)
+    windows = eval_windows(len(tokens), T, stride or T)
+    if max_windows and len(windows) > max_windows:
+        pick = np.linspace(0, len(windows) - 1, max_windows).round().astype(int)
+        windows = [windows[i] for i in pick]
+    dist = current_dist()
+    windows = windows[dist.rank::dist.world]  # under torchrun each rank scores its share
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i: i + batch_size]
+        batch = torch.from_numpy(np.stack([tokens[s: s + T + 1] for s, _ in chunk]).astype(np.int64))
+        x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
+        with amp or contextlib.nullcontext():
+            logits = model(x)
+        losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                                 reduction="none").view(len(chunk), T)
+        scored = torch.arange(T, device=losses.device)[None, :] >= torch.tensor(
+            [first for _, first in chunk], device=losses.device)[:, None]
+        total += losses[scored].sum().item()
+        count += int(scored.sum().item())
+    model.train(was_training)
+    total, count = dist.sum([total, float(count)], torch.device(device))
+    return EvalResult(loss=total / max(1, count), tokens=int(count))
+
+
+def evaluate_file(model_name: str | None, data: list[str] | None, *, context_length: int | None,
+                  stride: int | None, batch_size: int, encoding: str, device: str,
+                  dtype: str) -> dict:
+    """`gpt eval`: loss, perplexity and bits per byte of a model over whole text files."""
+    path = resolve_model(model_name)
+    dev = resolve_device(device)
+    model, tokenizer, _ = load_checkpoint(path, device=dev)
+    files = resolve_data(data)
+    tokens = load_tokens(files, tokenizer.spec(), encoding=encoding).tokens
+    T = min(context_length or model.config.context_length, model.config.context_length)
+    if stride is not None and not 1 <= stride <= T:
+        raise UserError(f"--stride must be between 1 and the window length ({T}), got {stride}")
+    if len(tokens) < 2:
+        raise UserError(f"{files[0]} has {len(tokens)} token(s); scoring needs at least 2")
+    result = evaluate(model, tokens, T, stride=stride, batch_size=batch_size, device=dev,
+                      amp=autocast(dev, resolve_dtype(dtype, dev)))
+    n_bytes = sum(f.stat().st_size for f in files) if encoding.lower().replace("-", "") == "utf8" \
+        else len(tokenizer.decode_bytes(tokens.tolist()))
+    return {"model": str(path), "data": [str(f) for f in files], "loss": result.loss,
+            "perplexity": result.perplexity, "tokens": result.tokens,
+            "bits_per_byte": result.loss * result.tokens / math.log(2) / n_bytes,
+            "context_length": T, "stride": stride or T}

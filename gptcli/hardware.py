@@ -1,0 +1,84 @@
+"""What the hardware can do at best: dense peak throughput and memory bandwidth of common
+accelerators, from their datasheets, for MFU and bandwidth-use figures. Unknown stays unknown:
+a lookup that finds nothing returns None, never a guess."""
+
+from __future__ import annotations
+
+import platform
+import re
+
+import torch
+
+from .runtime import device_name
+
+# Dense (no 2:4 sparsity) peak tensor throughput in TFLOPs, from the vendors' datasheets /
+# architecture whitepapers: NVIDIA H100 and H200 datasheets (SXM, PCIe, NVL), the A100, A10 and L4
+# datasheets, the Ada (RTX 4090) and Ampere GA102 (RTX 3090) whitepapers. bf16/fp16 are with fp32
+# accumulation (what PyTorch uses): on GeForce cards that is half the fp16-accumulate figure that
+# marketing quotes (RTX 4090: 165.2 not 330.3; RTX 3090: 71 not 142). "tf32" is float32 matmuls
+# when torch allows TF32; "fp32" is plain float32 (CUDA cores). Patterns are matched against
+# torch.cuda.get_device_name, first match wins. A10G (AWS) and Apple GPUs are left out: their
+# figures are not published per chip (Apple: per GPU core count), so MFU needs --peak-tflops.
+PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
+    (r"H100.*NVL", "H100 NVL", {"bf16": 835, "tf32": 418, "fp32": 60}),
+    (r"H100.*PCIe", "H100 PCIe", {"bf16": 756, "tf32": 378, "fp32": 51}),
+    (r"H100", "H100 SXM", {"bf16": 989, "tf32": 494, "fp32": 67}),
+    (r"H200.*NVL", "H200 NVL", {"bf16": 835, "tf32": 418, "fp32": 60}),
+    (r"H200", "H200 SXM", {"bf16": 989, "tf32": 494, "fp32": 67}),
+    (r"\bA100\b", "A100", {"bf16": 312, "tf32": 156, "fp32": 19.5}),
+    (r"\bA10\b", "A10", {"bf16": 125, "tf32": 62.5, "fp32": 31.2}),
+    (r"\bL4\b", "L4", {"bf16": 121, "tf32": 60, "fp32": 30.3}),
+    (r"RTX 4090(?! D)", "RTX 4090", {"bf16": 165.2, "tf32": 82.6, "fp32": 82.6}),
+    (r"RTX 3090(?! Ti)", "RTX 3090", {"bf16": 71, "tf32": 35.6, "fp32": 35.6}),
+]
+
+# Peak memory bandwidth in GB/s (10^9 bytes/s), same sources; Apple from its chip pages (only chips
+# with a single memory configuration; M3 Max / M4 Max vary with the model).
+BANDWIDTH_GBS: list[tuple[str, str, float]] = [
+    (r"H100.*NVL", "H100 NVL", 3900), (r"H100.*PCIe", "H100 PCIe", 2000),
+    (r"H100", "H100 SXM", 3350), (r"H200", "H200", 4800),
+    (r"A100.*80GB.*PCIe", "A100 80GB PCIe", 1935), (r"A100.*80GB", "A100 80GB SXM", 2039),
+    (r"A100", "A100 40GB", 1555), (r"\bA10\b", "A10", 600), (r"\bL4\b", "L4", 300),
+    (r"RTX 4090(?! D)", "RTX 4090", 1008), (r"RTX 3090(?! Ti)", "RTX 3090", 936),
+    (r"Apple M1 Ultra", "M1 Ultra", 800), (r"Apple M1 Max", "M1 Max", 400),
+    (r"Apple M1 Pro", "M1 Pro", 200), (r"Apple M1$", "M1", 68.25),
+    (r"Apple M2 Ultra", "M2 Ultra", 800), (r"Apple M2 Max", "M2 Max", 400),
+    (r"Apple M2 Pro", "M2 Pro", 200), (r"Apple M2$", "M2", 100),
+    (r"Apple M3 Pro", "M3 Pro", 150), (r"Apple M3$", "M3", 100),
+    (r"Apple M4 Pro", "M4 Pro", 273), (r"Apple M4$", "M4", 120),
+]
+
+
+def hardware_name(device: torch.device) -> str:
+    """The device's name as the tables below match it (the chip, for Apple GPUs)."""
+    name = device_name(device)
+    if device.type == "mps" and platform.system() == "Darwin":
+        import subprocess
+
+        try:  # e.g. "Apple M2 Pro": the chip, which fixes its memory bandwidth
+            name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], text=True,
+                                  capture_output=True, timeout=5).stdout.strip() or name
+        except OSError:
+            pass
+    return name
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype, hw: str) -> tuple[float | None, str]:
+    """(dense peak TFLOPs for ``dtype`` or None, where the figure comes from)."""
+    if device.type != "cuda":
+        return None, f"unknown for {hw}; pass --peak-tflops"
+    key = "bf16" if dtype in (torch.bfloat16, torch.float16) else (
+        "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32")
+    for pattern, label, peaks in PEAK_TFLOPS:
+        if re.search(pattern, hw):
+            return float(peaks[key]), f"{label} {key} dense (datasheet)"
+    return None, f"unknown for {hw}; pass --peak-tflops"
+
+
+def peak_bandwidth(device: torch.device, hw: str) -> tuple[float | None, str]:
+    if device.type == "cpu":
+        return None, "unknown for CPUs; pass --bandwidth-gbs"
+    for pattern, label, gbs in BANDWIDTH_GBS:
+        if re.search(pattern, hw):
+            return float(gbs), f"{label} (datasheet)"
+    return None, f"unknown for {hw}; pass --bandwidth-gbs"
