@@ -224,8 +224,13 @@ class GPT(nn.Module):
                                need_weights=need_weights)
             all_weights.append(weights)
         if last_only:
-            x = x[:, -1:, :]
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+            # Decoding needs a few rows of logits. Computed as (V, C) @ (C, B) rather than
+            # (B, C) @ (C, V), BLAS reads the big output matrix 2-3x faster on CPUs for 2-16 rows
+            # (and as fast for 1); the result is a transposed view.
+            h = self.ln_f(x[:, -1, :])  # (B, C)
+            logits = (self.lm_head.weight @ h.T).T.unsqueeze(1)  # (B, 1, V)
+        else:
+            logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         return (logits, all_weights) if need_weights else logits
 
     @staticmethod

@@ -325,13 +325,6 @@ def test_export_refuses_what_gpt2_cannot_express(tmp_path, option, shown):
 
 # ----------------------------------------------------------------------------- using downloads
 
-def _has_options(command: str, *options: str) -> bool:
-    result = runner.invoke(app, [command, "--help"], terminal_width=200)
-    return all(option in result.stdout for option in options)
-
-
-@pytest.mark.skipif(not _has_options("generate", "--max-new-tokens", "--temperature", "--json"),
-                    reason="`gpt generate` is not built yet")
 def test_greedy_generate_after_download_equals_transformers_offline(downloaded, hub_data):
     prompt = "The meaning of life is"
     result = gpt(downloaded, "generate", "--model", "t/single", "--prompt", prompt,
@@ -348,8 +341,6 @@ def test_greedy_generate_after_download_equals_transformers_offline(downloaded, 
     assert len(ours) == 8 or sample["finish_reason"] == "eos"
 
 
-@pytest.mark.skipif(not _has_options("eval", "--model", "--data", "--json"),
-                    reason="`gpt eval` is not built yet")
 def test_eval_after_download_offline(downloaded):
     (downloaded / "text.txt").write_text("Once upon a time there was a tiny model. " * 20)
     result = gpt(downloaded, "eval", "--model", "t/single", "--data", "text.txt", "--json",
