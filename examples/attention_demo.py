@@ -117,7 +117,9 @@ with torch.no_grad():
     if cfg.position == "learned":
         x = x + model.wpe(pos)
     elif cfg.position == "sinusoidal":
-        x = x + model.pos_table[: ids.size(1)]
+        from gptcli.model import sinusoidal_positions
+
+        x = x + sinusoidal_positions(pos, cfg.n_embd)
     if cfg.position != "rope":  # rope rotates q and k by position: left out of this sketch
         block = model.h[0]
         q, k, _ = block.attn.c_attn(block.ln_1(x)).split(cfg.n_embd, dim=2)

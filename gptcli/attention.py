@@ -364,7 +364,7 @@ def html_data(insp: Inspection) -> dict:
 def write_html(insp: Inspection, path: str | Path) -> Path:
     """One self-contained page (inline CSS/JS, no network): hover a token to see what it
     attends to; layer/head selectors; the head summary."""
-    data = json.dumps(html_data(insp), separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/")
+    data = json.dumps(html_data(insp), separators=(",", ":"), ensure_ascii=False).replace("<", "\\u003c")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(HTML_TEMPLATE.replace("__DATA__", data), encoding="utf-8")

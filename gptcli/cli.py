@@ -285,7 +285,11 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt_file is not None:
         if not prompt_file.is_file():
             raise UserError(f"prompt file {prompt_file} does not exist")
-        return prompt_file.read_text(encoding="utf-8")
+        try:
+            return prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"prompt file {prompt_file} is not UTF-8 text (byte offset "
+                            f"{e.start})") from None
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         return sys.stdin.read()
     return prompt or ""

@@ -35,6 +35,9 @@ def eval_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, in
     Every token after the first is scored exactly once, each with as much context as the stride
     allows: a window scores only the targets the previous windows did not."""
     T = min(context, n_tokens - 1)
+    if T < 1 or stride < 1:
+        raise ValueError(f"eval windows need context >= 1, stride >= 1 and 2+ tokens "
+                         f"(got context {context}, stride {stride}, {n_tokens} tokens)")
     windows, covered = [(0, 0)], T  # targets 1..T are scored by the first window
     while covered < n_tokens - 1:
         end = min(covered + stride, n_tokens - 1)  # last target index of this window
@@ -86,6 +89,10 @@ def evaluate_file(model_name: str | None, data: list[str] | None, *, context_len
     model, tokenizer, _ = load_checkpoint(path, device=dev)
     files = resolve_data(data)
     tokens = load_tokens(files, tokenizer.spec(), encoding=encoding).tokens
+    if context_length is not None and context_length < 1:
+        raise UserError(f"--context-length must be at least 1, got {context_length}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     T = min(context_length or model.config.context_length, model.config.context_length)
     if stride is not None and not 1 <= stride <= T:
         raise UserError(f"--stride must be between 1 and the window length ({T}), got {stride}")

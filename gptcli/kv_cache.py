@@ -27,6 +27,11 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.static = static
+        if static:
+            # The compiled step writes into these buffers; marking their addresses static lets
+            # CUDA graphs replay the writes instead of refusing graphs with mutated inputs.
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
 
     @classmethod
     def for_model(cls, config: ModelConfig, batch_size: int, *, max_len: int | None = None,
@@ -47,14 +52,15 @@ class KVCache:
         buffer (B, nh, max_len, hs) when the cache is static. A static cache also takes
         ``start_pos`` as a 0-d tensor, so a compiled step sees the same inputs at every position.
         """
+        if not isinstance(start_pos, torch.Tensor) and start_pos + k.size(2) > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to "
+                             f"{start_pos + k.size(2)}")
         if self.static:
             pos = start_pos + torch.arange(k.size(2), device=k.device)
             self.k[layer].index_copy_(2, pos, k)
             self.v[layer].index_copy_(2, pos, v)
             return self.k[layer], self.v[layer]
         end = start_pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
         self.k[layer, :, :, start_pos:end] = k
         self.v[layer, :, :, start_pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]

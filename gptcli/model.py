@@ -23,20 +23,21 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
 
 
-def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
-    """The fixed positions of "Attention is all you need": (length, dim), sin on even dims."""
-    pos = torch.arange(length, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(length, dim)
-    table[:, 0::2] = torch.sin(pos * freq)
-    table[:, 1::2] = torch.cos(pos * freq)
-    return table
+def sinusoidal_positions(pos: torch.Tensor, dim: int) -> torch.Tensor:
+    """The fixed positions of "Attention is all you need" for positions ``pos`` (T,): (T, dim)
+    float32, sin on even dims. Computed, not stored, so they stay float32 in a bf16 model."""
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=pos.device)
+                     * (-math.log(10000.0) / dim))
+    angles = pos.float()[:, None] * freq  # (T, dim/2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)  # interleave sin, cos
 
 
-def rope_tables(length: int, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles: each (length, head_size // 2), float32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+def rope_angles(pos: torch.Tensor, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles of positions ``pos`` (T,): each (T, head_size // 2),
+    float32 (computed, not stored, so a bf16 model keeps exact phases)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32,
+                                            device=pos.device) / head_size)
+    angles = pos.float()[:, None] * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -152,13 +153,6 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         if config.position == "learned":
             self.wpe = nn.Embedding(config.context_length, config.n_embd)
-        elif config.position == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(config.context_length,
-                                                               config.n_embd), persistent=False)
-        else:
-            cos, sin = rope_tables(config.context_length, config.head_size, config.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = make_norm(config)
@@ -213,9 +207,9 @@ class GPT(nn.Module):
         if self.config.position == "learned":
             x = x + self.wpe(pos)
         elif self.config.position == "sinusoidal":
-            x = x + self.pos_table[pos].to(x.dtype)
+            x = x + sinusoidal_positions(pos, self.config.n_embd).to(x.dtype)
         else:
-            rope = (self.rope_cos[pos], self.rope_sin[pos])
+            rope = rope_angles(pos, self.config.head_size, self.config.rope_theta)
         x = self.drop(x)
         mask = self.attention_mask(pos, start_pos, kv_cache)
         all_weights = []

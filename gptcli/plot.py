@@ -15,9 +15,10 @@ def read_metrics(run: Path) -> tuple[list[tuple[int, float]], list[tuple[int, fl
         raise UserError(f"{run} is not a run folder (it has no metrics.jsonl)")
     train, val = [], []
     for line in path.read_text().splitlines():
-        if not line.strip():
+        try:
+            record = json.loads(line)
+        except ValueError:  # blank, or cut off by a run killed mid-write
             continue
-        record = json.loads(line)
         if record.get("train_loss") is not None:
             train.append((record["step"], record["train_loss"]))
         if record.get("val_loss") is not None:

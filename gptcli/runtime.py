@@ -255,6 +255,10 @@ def setup_distributed(device_name: str = "auto") -> Dist:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     _DIST = Dist(rank, world, local_rank)
     device = _DIST.device(device_name)
+    if device.type == "mps":  # gloo cannot reduce MPS tensors, and nccl is CUDA only
+        _DIST = Dist()
+        raise UserError("distributed training supports CUDA (nccl) and CPUs (gloo), not mps; "
+                        "pass --device cpu to train under torchrun on this machine")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)

@@ -158,5 +158,8 @@ def get_tokenizer(spec: str | dict = "gpt2", text: str | Iterable[str] | None = 
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "char" and isinstance(spec.get("chars"), str):
-        return CharTokenizer(list(spec["chars"]))
+        try:
+            return CharTokenizer(list(spec["chars"]))
+        except ValueError as e:
+            raise UserError(f"damaged char tokenizer spec: {e}") from None
     raise UserError(f"unknown tokenizer spec {json.dumps(spec)[:80]}")

@@ -140,11 +140,19 @@ def merge_config(explicit: dict, config_file: Path | None, resume_from: Path | N
     return TrainConfig(**fields)
 
 
+def _parse(line: str) -> dict | None:
+    """One metrics.jsonl record; None for a blank or cut-off line (a run killed mid-write)."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+
+
 class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None) -> None:
         if resume_step is not None and path.is_file():  # forget what came after the saved state
             lines = [ln for ln in path.read_text().splitlines()
-                     if ln and json.loads(ln).get("step", 0) <= resume_step]
+                     if (record := _parse(ln)) is not None and record.get("step", 0) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in lines))
         self.file = open(path, "a", buffering=1)
 
@@ -200,7 +208,7 @@ def fit(cfg: TrainConfig, *, out: Path, resume: bool = False, display=None,
     slice of each batch; rank 0 alone writes files and shows progress.
     """
     from .display import NullDisplay
-    from .sampling import generate
+    from .sampling import generate, prompt_ids
 
     dist = current_dist()
     display = display if display is not None and dist.is_main else NullDisplay()
@@ -253,6 +261,8 @@ def fit(cfg: TrainConfig, *, out: Path, resume: bool = False, display=None,
         rng, meta = load_training_state(out / "last.state.safetensors", optimizer, scaler)
         sampler.load_state(rng["sampler"])
         torch.set_rng_state(rng.get(f"torch.{dist.rank}", rng["torch.0"]))
+        if device.type == "cuda" and f"cuda.{dist.rank}" in rng:  # dropout masks on the GPU
+            torch.cuda.set_rng_state(rng[f"cuda.{dist.rank}"], device)
         step, best_val, elapsed_before = meta["step"], meta["best_val"], meta["elapsed"]
     metrics = None
     if dist.is_main:
@@ -277,6 +287,9 @@ def fit(cfg: TrainConfig, *, out: Path, resume: bool = False, display=None,
     def save_last(val: float | None) -> None:
         save("last.safetensors", val)
         rng = {f"torch.{r}": s for r, s in enumerate(dist.gather(torch.get_rng_state()))}
+        if device.type == "cuda":
+            states = dist.gather(torch.cuda.get_rng_state(device))
+            rng.update({f"cuda.{r}": s for r, s in enumerate(states)})
         if dist.is_main:
             save_training_state(out / "last.state.safetensors", optimizer, scaler,
                                 rng={**rng, "sampler": sampler.state()},
@@ -290,8 +303,7 @@ def fit(cfg: TrainConfig, *, out: Path, resume: bool = False, display=None,
                              f"checkpoint in {out} is kept); try a lower --lr")
 
     sample_cfg = SampleConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, seed=cfg.seed)
-    prompt = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode(
-        "\n" if "\n" in getattr(tokenizer, "chars", "\n") else tokenizer.decode([0]))
+    prompt, _ = prompt_ids(tokenizer, "", mcfg.context_length)  # end-of-text, or a newline
     display.start(step=step, max_steps=max_steps, device=device, dtype=dtype,
                   params=model.num_params(), tokens_per_step=tokens_per_step, out=out,
                   batch=f"{cfg.batch_size} x {cfg.grad_accum} grad-accum x {dist.world} "

@@ -103,3 +103,15 @@ def test_info_reads_header_only(tmp_path):
     assert info["config"]["n_layer"] == 2 and info["tokenizer"] == "gpt2"
     assert info["provenance"]["source"] == "test"
     json.dumps(info)
+
+
+def test_saved_files_follow_the_umask_not_private(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "m.safetensors", GPT(tiny_config()), GPT2Tokenizer())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

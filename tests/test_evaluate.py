@@ -59,3 +59,18 @@ def test_gpt_eval_cli_equals_direct_computation(tmp_path):
     assert got["loss"] == pytest.approx(expected, rel=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
     assert got["bits_per_byte"] == pytest.approx(expected * 23 / math.log(2) / 24, rel=1e-5)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--context-length", "-5"], "error: --context-length must be at least 1, got -5"),
+    (["--batch-size", "0"], "error: --batch-size must be at least 1, got 0"),
+    (["--stride", "100"], "error: --stride must be between 1 and the window length (32), got 100"),
+])
+def test_gpt_eval_bad_values_exit_2(tmp_path, args, message):
+    tok = CharTokenizer.from_text("abc ")
+    path = save_checkpoint(tmp_path / "m.safetensors", GPT(tiny_config(vocab_size=4)), tok)
+    (tmp_path / "t.txt").write_text("abc " * 30)
+    result = runner.invoke(app, ["eval", "--model", str(path), "--data", str(tmp_path / "t.txt"),
+                                 *args])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == message

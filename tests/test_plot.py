@@ -44,3 +44,11 @@ def test_gpt_plot_refuses_a_folder_that_is_not_a_run(tmp_path):
     result = runner.invoke(app, ["plot", str(tmp_path / "empty")])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'empty'} is not a run folder (it has no metrics.jsonl)"
+
+
+def test_a_cut_off_last_line_is_skipped(tmp_path):
+    run = fake_run(tmp_path / "a", 1e-3, [3.0, 2.5])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 30, "train_lo')  # the run was killed mid-write
+    train, val = read_metrics(run)
+    assert len(train) == 2 and val[-1] == (20, 2.5)

@@ -211,8 +211,10 @@ def test_cli_real_subprocess_pipe(char_checkpoint):
     (["--max-new-tokens", "0"], "error: max_new_tokens: Input should be greater than or equal to 1"),
     (["--prompt", "xyz!"], "error: the text has 1 character(s) outside this model's"),
     (["--prompt-file", "nope.txt"], "error: prompt file nope.txt does not exist"),
+    (["--prompt-file", "latin.txt"], "error: prompt file latin.txt is not UTF-8 text (byte offset 3)"),
 ])
-def test_cli_bad_input(char_checkpoint, args, message):
+def test_cli_bad_input(char_checkpoint, args, message, tmp_path):
+    (tmp_path / "latin.txt").write_bytes(b"caf\xe9")
     result = gen("--model", str(char_checkpoint), *args)
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith(message), result.stderr
