@@ -274,6 +274,9 @@ def generate_cmd(
 
         print(f"using {resolve_model(None)} (the latest run)", file=sys.stderr)
     loaded = load_generator(model, device=device or "auto", dtype=dtype or "auto", compile=compile)
+    if compile and loaded[0].device.type == "cpu":
+        print("note: on CPUs the compiled step decodes slower than eager (measured 0.3x for gpt2); "
+              "--compile pays off on CUDA", file=sys.stderr)
     if interactive:
         while (line := _read_prompt_line()) is not None:
             _generate_once(loaded, line, cfg, as_json)
