@@ -172,12 +172,10 @@ def read_text(text: str | None, text_file: str | Path | None) -> str:
 def inspect(model_name: str | None, *, text: str | None = None, text_file=None,
             layer: str = "0", head: str = "all", device: str = "auto") -> Inspection:
     """Load a model, run the text through it once, and measure every head."""
-    from .checkpoint import load_checkpoint, resolve_model
-    from .runtime import resolve_device
+    from .checkpoint import load_model
 
     text = read_text(text, text_file)
-    path = resolve_model(model_name)
-    model, tokenizer, _ = load_checkpoint(path, device=resolve_device(device))
+    model, tokenizer, path = load_model(model_name, device=device)
     cfg = model.config
     layers = parse_selection(layer, cfg.n_layer, "--layer", "layer")
     heads = parse_selection(head, cfg.n_head, "--head", "head")

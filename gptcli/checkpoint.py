@@ -264,6 +264,19 @@ def _available_hint() -> str:
     return "available locally: " + ", ".join(available)
 
 
+def load_model(name: str | os.PathLike | None, *, device: str = "auto",
+               dtype: str | None = None) -> tuple[GPT, Tokenizer, Path]:
+    """What every command that uses a model does first: find it (``resolve_model``), pick the
+    device (and, if given, the weights' dtype) and load it. Returns (model, tokenizer, path)."""
+    from .runtime import resolve_device, resolve_dtype
+
+    path = resolve_model(name)
+    dev = resolve_device(device)
+    model, tokenizer, _ = load_checkpoint(
+        path, device=dev, dtype=resolve_dtype(dtype, dev) if dtype is not None else None)
+    return model, tokenizer, path
+
+
 def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     """What `gpt info` shows, read from the header only (no weights loaded)."""
     shapes, metadata = read_safetensors(path, tensors=False)

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, resolve_model
+from .checkpoint import load_model
 from .data import load_tokens, resolve_data
-from .runtime import UserError, autocast, current_dist, resolve_device, resolve_dtype
+from .runtime import UserError, autocast, current_dist, resolve_dtype
 
 
 @dataclass
@@ -84,9 +84,8 @@ def evaluate_file(model_name: str | None, data: list[str] | None, *, context_len
                   stride: int | None, batch_size: int, encoding: str, device: str,
                   dtype: str) -> dict:
     """`gpt eval`: loss, perplexity and bits per byte of a model over whole text files."""
-    path = resolve_model(model_name)
-    dev = resolve_device(device)
-    model, tokenizer, _ = load_checkpoint(path, device=dev)
+    model, tokenizer, path = load_model(model_name, device=device)  # float32 weights, autocast
+    dev = model.device
     files = resolve_data(data)
     tokens = load_tokens(files, tokenizer.spec(), encoding=encoding).tokens
     if context_length is not None and context_length < 1:

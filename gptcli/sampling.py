@@ -227,12 +227,9 @@ def load_generator(model_name: str | None, *, device: str = "auto", dtype: str =
                    compile: bool = False):
     """Load a model for generation: ``(model, tokenizer, checkpoint path, step)``, where ``step``
     is the compiled one-token function or None."""
-    from .checkpoint import load_checkpoint, resolve_model
-    from .runtime import resolve_device, resolve_dtype
+    from .checkpoint import load_model
 
-    path = resolve_model(model_name)
-    dev = resolve_device(device)
-    model, tokenizer, _ = load_checkpoint(path, device=dev, dtype=resolve_dtype(dtype, dev))
+    model, tokenizer, path = load_model(model_name, device=device, dtype=dtype)
     return model, tokenizer, path, compile_step(model) if compile else None
 
 
