@@ -1,7 +1,7 @@
 """`gpt bench`: training and generation speed of the real code paths, against the hardware limit.
 
-Training is timed through ``train.train_step`` with ``train.make_optimizer`` and ``train.autocast``
-(the code ``fit()`` runs) on synthetic tokens already on the device; generation through
+Training is timed through ``train.train_step`` with the optimizer, scaler, autocast and compiled
+model from ``train.step_parts`` (what ``fit()`` builds) on synthetic tokens already on the device; generation through
 ``sampling.decode_loop`` (the loop ``generate`` runs), consuming each token with ``.tolist()`` as
 ``generate`` does. Nothing here re-implements a forward, a step or a decode loop.
 
@@ -210,10 +210,8 @@ def bench_train(model: GPT, s: BenchSettings, device: torch.device, dtype: torch
     cfg = TrainConfig(preset=s.preset, batch_size=s.batch_size, device=s.device, dtype=s.dtype,
                       compile=s.compile, seed=s.seed)
     model.train()
-    optimizer = train.make_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None  # as fit()
-    amp = train.autocast(device, dtype)
-    runner = torch.compile(model) if s.compile else model  # as fit()
+    parts = train.step_parts(model, cfg, device, dtype)  # what fit() builds
+    optimizer, scaler, amp, runner = parts.optimizer, parts.scaler, parts.amp, parts.runner
     T, V = model.config.context_length, model.config.vocab_size
     # Batches made on the device beforehand, so no data loading is timed.
     g = torch.Generator(device=device).manual_seed(s.seed)

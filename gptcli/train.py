@@ -55,6 +55,25 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
+@dataclass
+class StepParts:
+    """What ``train_step`` needs besides the model and the batches: built once by
+    ``step_parts`` for fit() and for `gpt bench`, so both time the same thing."""
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    amp: object
+    runner: torch.nn.Module  # the model, compiled when asked
+
+
+def step_parts(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+               dtype: torch.dtype) -> StepParts:
+    """AdamW, a GradScaler for float16 only, autocast, and the (optionally compiled) model."""
+    return StepParts(optimizer=make_optimizer(model, cfg, device),
+                     scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
+                     amp=autocast(device, dtype),
+                     runner=torch.compile(model) if cfg.compile else model)
+
+
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
@@ -252,8 +271,8 @@ def fit(cfg: TrainConfig, *, out: Path, resume: bool = False, display=None,
     max_steps = cfg.max_steps
     if cfg.epochs is not None:
         max_steps = max(1, math.ceil(cfg.epochs * len(train_tokens) / tokens_per_step))
-    optimizer = make_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    parts = step_parts(model, cfg, device, dtype)
+    optimizer, scaler, amp, runner = parts.optimizer, parts.scaler, parts.amp, parts.runner
     sampler = BatchSampler(train_tokens, mcfg.context_length, cfg.batch_size, cfg.seed,
                            rank=dist.rank, world=dist.world)
     step, best_val, elapsed_before = 0, None, 0.0
@@ -271,8 +290,6 @@ def fit(cfg: TrainConfig, *, out: Path, resume: bool = False, display=None,
              "world_size": dist.world, "tokens_per_step": tokens_per_step,
              "max_steps": max_steps}, indent=2))
         metrics = MetricsLog(out / "metrics.jsonl", step if resume else None)
-    amp = autocast(device, dtype)
-    runner = torch.compile(model) if cfg.compile else model
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
