@@ -22,7 +22,7 @@ import torch
 from .config import PRESETS, ModelConfig, SampleConfig, TrainConfig
 from .model import GPT
 from .hardware import hardware_name, peak_bandwidth, peak_tflops
-from .runtime import RuntimeFailure, UserError, resolve_device, resolve_dtype, synchronize
+from .runtime import RuntimeFailure, UserError, is_oom, resolve_device, resolve_dtype, synchronize
 from .sampling import compile_step
 
 GiB = 1024 ** 3
@@ -133,12 +133,6 @@ def peak_memory(device: torch.device, sampled: int = 0) -> int:
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def _is_oom(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or \
-        "can't allocate memory" in text
 
 
 # ----------------------------------------------------------------------------- settings
@@ -343,7 +337,7 @@ def run(s: BenchSettings, progress: Callable[[str, int], Callable[[], None]] | N
                         result["weight_bytes_per_step"], g["decode_steps_per_s"], bw) if bw else None
                 result["generate"].append(g)
     except (RuntimeError, torch.OutOfMemoryError) as e:
-        if not _is_oom(e):
+        if not is_oom(e):
             raise
         raise RuntimeFailure(
             f"out of memory during {phase} at batch size {s.batch_size} on {hw}; try a smaller "

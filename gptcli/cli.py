@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .runtime import GptcliError, UserError, is_debug
+from .runtime import GptcliError, UserError, is_debug, is_oom
 
 app = typer.Typer(
     name="gpt",
@@ -57,7 +57,7 @@ def command(name: str | None = None, **kwargs):
                     traceback.print_exc()
                 fail("interrupted", 130)
             except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
-                if type(e).__name__ == "OutOfMemoryError":
+                if is_oom(e):
                     if is_debug():
                         traceback.print_exc()
                     fail("out of memory on the device; try a smaller --batch-size or model", 1)

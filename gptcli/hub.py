@@ -189,7 +189,7 @@ def resolve_repo(name: str) -> str:
     """``gpt2`` -> ``openai-community/gpt2``; ``org/name`` stays; anything else is refused."""
     if name in KNOWN_MODELS:
         return KNOWN_MODELS[name]
-    if name.count("/") == 1 and all(name.split("/")):
+    if _is_repo_id(name):
         return name
     raise UserError(f"unknown model {name!r}: use one of {', '.join(KNOWN_MODELS)}, a Hub repo "
                     "id like org/name, or a local Hugging Face folder")
@@ -384,8 +384,13 @@ def download_dataset(name: str, files: list[str] | None = None, *, revision: str
             "size": sum(p.stat().st_size for p in paths), "source": f"hf:datasets/{repo}"}
 
 
+def _is_repo_id(name: str) -> bool:
+    """``org/name``: one slash, neither side empty."""
+    return name.count("/") == 1 and all(name.split("/"))
+
+
 def resolve_dataset_repo(name: str) -> str:
-    if name.count("/") == 1 and all(name.split("/")):
+    if _is_repo_id(name):
         return name
     raise UserError(f"unknown dataset {name!r}: use one of {', '.join(KNOWN_DATASETS)} or a "
                     "Hub dataset repo id like org/name")

@@ -161,6 +161,13 @@ def store_name(name: str) -> str:
     return name.strip("/").replace("/", "--")
 
 
+def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` says a device (or the host) ran out of memory."""
+    text = str(e).lower()
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in text or \
+        "can't allocate memory" in text
+
+
 def is_debug() -> bool:
     return os.environ.get("GPTCLI_DEBUG", "") not in ("", "0")
 
