@@ -269,11 +269,9 @@ def generate_cmd(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed, num_samples=num_samples,
         stop=stop or [], ignore_eos=ignore_eos))
-    if model is None:
-        from .checkpoint import resolve_model
-
-        print(f"using {resolve_model(None)} (the latest run)", file=sys.stderr)
     loaded = load_generator(model, device=device or "auto", dtype=dtype or "auto", compile=compile)
+    if model is None:
+        print(f"using {loaded[2]} (the latest run)", file=sys.stderr)
     if compile and loaded[0].device.type == "cpu":
         print("note: on CPUs the compiled step decodes slower than eager (measured 0.3x for gpt2); "
               "--compile pays off on CUDA", file=sys.stderr)

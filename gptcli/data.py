@@ -139,6 +139,16 @@ def load_tokens(files: list[Path], tokenizer: str | dict, *, encoding: str = "ut
     """
     kind = tokenizer if isinstance(tokenizer, str) else tokenizer["type"]
     total = sum(f.stat().st_size for f in files)
+    # Files unchanged since the last run (same paths, sizes, modification times) skip even the
+    # hashing pass, so a second run on multi-GB data starts at once.
+    seen = cache_dir() / "seen" / (hashlib.sha256(json.dumps(
+        [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+        + [tokenizer, encoding], sort_keys=True).encode()).hexdigest()[:24] + ".json")
+    if seen.is_file():
+        known = json.loads(seen.read_text())
+        bin_path = cache_dir() / f"{known['key']}.bin"
+        if bin_path.is_file() and bin_path.with_suffix(".json").is_file():
+            return _open_tokens(get_tokenizer(known["spec"]), bin_path, files)
     digest = hashlib.sha256()
     chars: set[str] = set()
     done = 0
@@ -159,13 +169,21 @@ def load_tokens(files: list[Path], tokenizer: str | dict, *, encoding: str = "ut
                          ).hexdigest()[:24]
     bin_path = cache_dir() / f"{key}.bin"
     meta_path = bin_path.with_suffix(".json")
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     if not (bin_path.is_file() and meta_path.is_file()):
-        _write_tokens(files, tok, bin_path, meta_path, dtype, encoding, total, progress)
+        _write_tokens(files, tok, bin_path, meta_path, _token_dtype(tok), encoding, total, progress)
     if progress:
         progress(2 * total, 2 * total)
-    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
-    return TokenData(tok, tokens, bin_path, files)
+    seen.parent.mkdir(parents=True, exist_ok=True)
+    seen.write_text(json.dumps({"key": key, "spec": spec}))
+    return _open_tokens(tok, bin_path, files)
+
+
+def _token_dtype(tok: Tokenizer):
+    return np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+
+
+def _open_tokens(tok: Tokenizer, bin_path: Path, files: list[Path]) -> TokenData:
+    return TokenData(tok, np.memmap(bin_path, dtype=_token_dtype(tok), mode="r"), bin_path, files)
 
 
 def _write_tokens(files, tok: Tokenizer, bin_path: Path, meta_path: Path, dtype, encoding: str,

@@ -93,3 +93,22 @@ def test_sampler_state_resumes_the_same_batches():
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     x, y = expected[0]
     assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_unchanged_files_skip_even_the_hashing_pass(corpus, monkeypatch):
+    first = load_tokens([corpus], "char")
+    monkeypatch.setattr(data, "read_text_chunks", lambda *a, **k: pytest.fail("read again"))
+    second = load_tokens([corpus], "char")
+    assert second.path == first.path and second.tokenizer.spec() == first.tokenizer.spec()
+
+
+def test_an_edited_file_is_tokenized_again(tmp_path):
+    import os
+
+    path = tmp_path / "t.txt"
+    path.write_text("abc\n")
+    assert load_tokens([path], "char").tokens.tolist() == [1, 2, 3, 0]
+    path.write_text("abd\n")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    again = load_tokens([path], "char")
+    assert again.tokenizer.decode(again.tokens.tolist()) == "abd\n"
