@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .runtime import UserError
+from .runtime import UserError, require
 
 INDUCTION_SEED = 0  # the random repeated sequence is the same on every run
 INDUCTION_BATCH = 4  # sequences averaged for the induction score
@@ -285,11 +285,7 @@ PANEL_INCHES, DPI = 2.5, 100
 
 
 def require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UserError('--out needs matplotlib, which is not installed; install it with '
-                        'pip install "gptcli[plot]" (or pip install matplotlib)') from None
+    require("matplotlib", "plot", needed_for="--out")
 
 
 def png_grid(insp: Inspection) -> tuple[list[list[tuple[int, int]]], int, int]:

@@ -526,10 +526,7 @@ def plot_cmd(
         best = f"{row['best_val']:.4f}" if row["best_val"] is not None else "-"
         table.add_row(row["run"], best, *(str(row[k]) for k in differ))
     Console().print(table)
-    try:
-        plot_runs(runs, out)
-    except ImportError:
-        raise UserError('plotting needs matplotlib: pip install "gptcli[plot]"') from None
+    plot_runs(runs, out)
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .runtime import UserError
+from .runtime import UserError, require
 
 
 def read_metrics(run: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -46,8 +46,7 @@ def compare_runs(runs: list[Path]) -> tuple[list[str], list[dict]]:
 
 def plot_runs(runs: list[Path], out: Path) -> Path:
     """Train (thin) and validation (thick, dots) loss of each run on one set of axes."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot", needed_for="plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

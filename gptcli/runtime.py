@@ -168,6 +168,52 @@ def is_oom(e: BaseException) -> bool:
         "can't allocate memory" in text
 
 
+def require(module: str, extra: str, *, needed_for: str = "this"):
+    """Import an optional dependency, or fail with a message naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{needed_for} needs {module.split('.')[0]}, which is not installed; "
+                        f'install it with pip install "gptcli[{extra}]"') from None
+
+
+# errno values that mean the device or the disk failed, not the path the user gave
+_DISK_ERRNOS = {"ENOSPC", "EDQUOT", "EIO", "EFBIG", "ENOMEM"}
+
+
+def os_error_reason(e: OSError) -> str:
+    """What went wrong, in words: "no space left on device", "permission denied", ..."""
+    import errno as errno_mod
+
+    name = errno_mod.errorcode.get(e.errno or 0, "")
+    words = {"ENOENT": "it does not exist", "ELOOP": "it is a symbolic link loop",
+             "ENOTDIR": "a part of the path is a file, not a folder",
+             "EISDIR": "it is a folder", "EACCES": "permission denied",
+             "EPERM": "permission denied", "EROFS": "the file system is read-only",
+             "ENOSPC": "no space left on device", "EDQUOT": "disk quota exceeded",
+             "ENAMETOOLONG": "the name is too long", "EEXIST": "it already exists"}
+    if name in words:
+        return words[name]
+    return (e.strerror or str(e) or "input/output error").lower()
+
+
+def path_error(e: OSError, doing: str, path=None, *, note: str = "") -> GptcliError:
+    """An OSError on a user's path as one sentence: ``cannot <doing> <path>: <reason>[; note]``.
+    A failing disk or device is a runtime failure (exit 1); anything about the path is bad input
+    (exit 2)."""
+    import errno as errno_mod
+
+    where = path if path is not None else (e.filename or "")
+    text = f"cannot {doing} {where}: {os_error_reason(e)}" if where else \
+        f"cannot {doing}: {os_error_reason(e)}"
+    if note:
+        text += f"; {note}"
+    disk = errno_mod.errorcode.get(e.errno or 0, "") in _DISK_ERRNOS
+    return RuntimeFailure(text) if disk else UserError(text)
+
+
 def is_debug() -> bool:
     return os.environ.get("GPTCLI_DEBUG", "") not in ("", "0")
 

@@ -400,9 +400,9 @@ def _with_dropout(model: GPT, dropout: float) -> GPT:
 
 
 def _plot_losses(out: Path) -> None:
-    try:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None:  # optional: the plot extra
         from .plot import plot_runs
 
         plot_runs([out], out / "loss.png")
-    except ImportError:  # matplotlib is optional
-        pass

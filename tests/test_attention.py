@@ -243,7 +243,7 @@ def test_missing_matplotlib_says_how_to_install(tiny_ckpt, tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip() == ('error: --out needs matplotlib, which is not installed; install '
-                                  'it with pip install "gptcli[plot]" (or pip install matplotlib)')
+                                  'it with pip install "gptcli[plot]"')
     assert not (tmp_path / "a.png").exists()
 
 

@@ -52,3 +52,18 @@ def test_a_cut_off_last_line_is_skipped(tmp_path):
         f.write('{"step": 30, "train_lo')  # the run was killed mid-write
     train, val = read_metrics(run)
     assert len(train) == 2 and val[-1] == (20, 2.5)
+
+
+def test_gpt_plot_without_matplotlib_names_the_extra(tmp_path):
+    import subprocess
+    import sys
+
+    a = fake_run(tmp_path / "a", 1e-3, [3.0, 2.5])
+    code = ("import sys; sys.modules['matplotlib'] = None\n"  # makes `import matplotlib` fail
+            "from gptcli.cli import main; main()")
+    out = subprocess.run([sys.executable, "-c", code, "plot", str(a), "--out",
+                          str(tmp_path / "p.png")], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == ('error: plotting needs matplotlib, which is not installed; '
+                                  'install it with pip install "gptcli[plot]"')
+    assert not (tmp_path / "p.png").exists()
