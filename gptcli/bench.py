@@ -1,9 +1,10 @@
 """`gpt bench`: training and generation speed of the real code paths, against the hardware limit.
 
-Training is timed through ``train.train_step`` with the optimizer, scaler, autocast and compiled
-model from ``train.step_parts`` (what ``fit()`` builds) on synthetic tokens already on the device; generation through
-``sampling.decode_loop`` (the loop ``generate`` runs), consuming each token with ``.tolist()`` as
-``generate`` does. Nothing here re-implements a forward, a step or a decode loop.
+Training is timed through ``optim.train_step`` with the optimizer, scaler, autocast and compiled
+model from ``optim.step_parts`` (what ``fit()`` builds) on synthetic tokens already on the
+device; generation through ``sampling.decode_loop`` (the loop ``generate`` runs), consuming each
+token with ``.tolist()`` as ``generate`` does. Nothing here re-implements a forward, a step or a
+decode loop.
 
 Timing: the clock is read only after ``runtime.synchronize``; warm-up steps (the first of which
 holds torch.compile's compilation) are reported apart and left out of the median/min/max.
@@ -15,37 +16,16 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import PRESETS, ModelConfig, SampleConfig, TrainConfig
+from . import hardware
+from .config import PRESETS, BenchConfig, ModelConfig, SampleConfig, TrainConfig
 from .model import GPT
-from .hardware import hardware_name, peak_bandwidth, peak_tflops
+from .hardware import (check_memory, generate_memory_estimate, hardware_name, peak_bandwidth,
+                       peak_tflops, train_memory_estimate)
 from .runtime import RuntimeFailure, UserError, is_oom, resolve_device, resolve_dtype, synchronize
 from .sampling import compile_step
-
-GiB = 1024 ** 3
-
-
-@dataclass
-class BenchSettings:
-    """What to measure; None fields are chosen for the device by :func:`resolve_settings`."""
-
-    device: str = "auto"
-    dtype: str = "auto"
-    preset: str | None = None
-    batch_size: int | None = None
-    context_length: int | None = None
-    prompt_length: int | None = None
-    new_tokens: int | None = None
-    steps: int = 10
-    warmup: int = 3
-    compile: bool = False
-    only: str | None = None  # "train", "generate" or None (both)
-    peak_tflops: float | None = None
-    bandwidth_gbs: float | None = None
-    seed: int = 1337
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -79,44 +59,6 @@ def mfu(flops_per_token: int, tokens_per_s: float, peak_tflops: float) -> float:
 
 # ----------------------------------------------------------------------------- memory
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes the benchmark may allocate on ``device`` (None when it cannot be told)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "mps":
-        return int(torch.mps.recommended_max_memory()) - torch.mps.driver_allocated_memory()
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not on every platform (macOS lacks it)
-        return None
-
-
-def train_memory_estimate(config: ModelConfig, batch: int, dtype: torch.dtype) -> int:
-    """Rough bytes a training step needs: fp32 weights, grads and two AdamW moments (16 bytes per
-    parameter), ~34 activation values per layer, token and channel (Korthikanti et al. 2022, with
-    fused attention), and logits kept in the autocast dtype plus float32 for the loss."""
-    act = torch.empty((), dtype=dtype).element_size()
-    tokens = batch * config.context_length
-    acts = config.n_layer * tokens * config.n_embd * 17 * act
-    logits = tokens * config.vocab_size * (act + 8)
-    return 16 * config.num_params() + acts + logits
-
-
-def generate_memory_estimate(config: ModelConfig, batch: int, dtype: torch.dtype) -> int:
-    size = torch.empty((), dtype=dtype).element_size()
-    cache = 2 * config.n_layer * batch * config.context_length * config.n_embd * size
-    return config.num_params() * size + cache + 4 * batch * config.vocab_size * 4
-
-
 def peak_memory(device: torch.device, sampled: int = 0) -> int:
     """CUDA: max allocated since the phase began. MPS: the largest allocation seen after each
     step (torch.mps has no peak counter). CPU: the process's max RSS, since it started."""
@@ -137,21 +79,12 @@ def _reset_peak(device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------- settings
 
-def resolve_settings(s: BenchSettings) -> tuple[BenchSettings, torch.device, torch.dtype,
-                                                 ModelConfig]:
-    """Fill in device-fitting defaults, check what was asked, and refuse what cannot fit."""
+def resolve_settings(s: BenchConfig) -> tuple[BenchConfig, torch.device, torch.dtype,
+                                               ModelConfig]:
+    """Fill in device-fitting defaults (BenchConfig has checked every value already) and refuse
+    what cannot fit, before allocating anything."""
     device = resolve_device(s.device)
     dtype = resolve_dtype(s.dtype, device)
-    if s.only not in (None, "train", "generate"):
-        raise UserError(f"--only must be train or generate, got {s.only!r}")
-    for name in ("steps", "batch_size", "context_length", "prompt_length", "new_tokens"):
-        if (value := getattr(s, name)) is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if s.warmup < 0:
-        raise UserError(f"--warmup must be 0 or more, got {s.warmup}")
-    for name in ("peak_tflops", "bandwidth_gbs"):
-        if (value := getattr(s, name)) is not None and value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     preset = s.preset or {"cuda": "gpt2", "mps": "small"}.get(device.type, "tiny")
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
@@ -164,29 +97,24 @@ def resolve_settings(s: BenchSettings) -> tuple[BenchSettings, torch.device, tor
         raise UserError(f"--prompt-length ({prompt}) + --new-tokens ({new}) must fit in the "
                         f"context length ({T}), so the decode loop never slides its window")
     warmup = max(s.warmup, 1) if s.compile else s.warmup  # the first step compiles
-    available = available_memory(device)
     batch = s.batch_size or (1 if s.only == "generate" else None)
-    if batch is None:
+    if batch is None:  # the largest power of two up to 16 whose estimate fits comfortably
+        available = hardware.available_memory(device)
         batch = 8 if device.type == "mps" else 16
         while (batch > 1 and available is not None
                and train_memory_estimate(config, batch, dtype) > 0.8 * available):
             batch //= 2
-    if available is not None:
-        needs = []
-        if s.only != "generate":
-            needs.append(("training", train_memory_estimate(config, batch, dtype)))
-        if s.only != "train":
-            needs.append(("generation", generate_memory_estimate(config, batch, dtype)))
-        for what, need in needs:
-            if need > available:
-                raise UserError(
-                    f"the {preset} preset needs about {need / GiB:.1f} GiB for {what} at batch "
-                    f"size {batch}, context {T}, {str(dtype).removeprefix('torch.')}; "
-                    f"{device.type} has {available / GiB:.1f} GiB available. Try a smaller "
-                    "--preset, --batch-size or --context-length")
-    resolved = BenchSettings(**{**asdict(s), "preset": preset, "batch_size": batch,
-                                "context_length": T, "prompt_length": prompt, "new_tokens": new,
-                                "warmup": warmup})
+    shape = f"at batch size {batch}, context {T}, {str(dtype).removeprefix('torch.')}"
+    hint = "Try a smaller --preset, --batch-size or --context-length."
+    if s.only != "generate":
+        check_memory(train_memory_estimate(config, batch, dtype), device,
+                     f"the {preset} preset's training {shape}", hint)
+    if s.only != "train":
+        check_memory(generate_memory_estimate(config, batch, dtype), device,
+                     f"the {preset} preset's generation {shape}", hint)
+    resolved = s.model_copy(update={"preset": preset, "batch_size": batch, "context_length": T,
+                                    "prompt_length": prompt, "new_tokens": new,
+                                    "warmup": warmup})
     return resolved, device, dtype, config
 
 
@@ -196,15 +124,15 @@ def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def bench_train(model: GPT, s: BenchSettings, device: torch.device, dtype: torch.dtype,
+def bench_train(model: GPT, s: BenchConfig, device: torch.device, dtype: torch.dtype,
                 tick: Callable[[], None]) -> dict:
-    """Time ``train.train_step``: the optimizer step ``fit()`` takes, on random tokens."""
-    from . import train
+    """Time ``optim.train_step``: the optimizer step ``fit()`` takes, on random tokens."""
+    from . import optim
 
     cfg = TrainConfig(preset=s.preset, batch_size=s.batch_size, device=s.device, dtype=s.dtype,
                       compile=s.compile, seed=s.seed)
     model.train()
-    parts = train.step_parts(model, cfg, device, dtype)  # what fit() builds
+    parts = optim.step_parts(model, cfg, device, dtype)  # what fit() builds
     optimizer, scaler, amp, runner = parts.optimizer, parts.scaler, parts.amp, parts.runner
     T, V = model.config.context_length, model.config.vocab_size
     # Batches made on the device beforehand, so no data loading is timed.
@@ -222,7 +150,7 @@ def bench_train(model: GPT, s: BenchSettings, device: torch.device, dtype: torch
     for i in range(s.warmup + s.steps):
         synchronize(device)
         t0 = time.perf_counter()
-        loss = train.train_step(runner, optimizer, next_batch, grad_accum=cfg.grad_accum,
+        loss = optim.train_step(runner, optimizer, next_batch, grad_accum=cfg.grad_accum,
                                 grad_clip=cfg.grad_clip, amp=amp, scaler=scaler, device=device)
         synchronize(device)
         times.append(time.perf_counter() - t0)
@@ -240,11 +168,10 @@ def bench_train(model: GPT, s: BenchSettings, device: torch.device, dtype: torch
            "peak_memory_bytes": peak_memory(device, sampled)}
     if s.compile:  # the first step minus an ordinary one: the time spent compiling
         out["compile_s"] = max(times[0] - step["median"], 1e-9)
-    del optimizer
     return out
 
 
-def bench_generate(model: GPT, s: BenchSettings, batch: int, device: torch.device,
+def bench_generate(model: GPT, s: BenchConfig, batch: int, device: torch.device,
                    step: Callable | None, tick: Callable[[], None]) -> dict:
     """Time ``sampling.decode_loop``: prefill + first token (TTFT), then one token at a time."""
     from .sampling import decode_loop
@@ -287,7 +214,7 @@ def bench_generate(model: GPT, s: BenchSettings, batch: int, device: torch.devic
     return out
 
 
-def run(s: BenchSettings, progress: Callable[[str, int], Callable[[], None]] | None = None
+def run(s: BenchConfig, progress: Callable[[str, int], Callable[[], None]] | None = None
         ) -> dict:
     """Measure as ``s`` says; returns the figures as one JSON-ready dict.
 
@@ -305,7 +232,7 @@ def run(s: BenchSettings, progress: Callable[[str, int], Callable[[], None]] | N
     result: dict = {
         "device": str(device), "device_name": hw, "torch": torch.__version__,
         "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-        "settings": asdict(s) | {"vocab_size": config.vocab_size, "n_layer": config.n_layer,
+        "settings": s.model_dump() | {"vocab_size": config.vocab_size, "n_layer": config.n_layer,
                                  "n_head": config.n_head, "n_embd": config.n_embd},
         "parameters": config.num_params(),
         "peak_tflops": peak, "peak_tflops_source": peak_src,

@@ -1,13 +1,15 @@
-"""Configuration models (pydantic). Defaults are defined once, here.
+"""Configuration models (pydantic): the one place where a setting's default, constraint and help
+text live. The CLI derives its flags from these fields (``cli/options.py``): a field's
+``description`` is the flag's help, ``json_schema_extra`` gives its help group and metavar.
 
 This module must not import torch: the CLI imports it to validate flags before any heavy work.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Norm = Literal["layernorm", "rmsnorm"]
 Position = Literal["learned", "sinusoidal", "rope"]
@@ -88,21 +90,63 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def validation_message(err: Exception) -> str:
-    """One readable sentence from a pydantic ValidationError (or any exception)."""
+def validation_message(err: Exception, *, flags: bool = False) -> str:
+    """One readable sentence from a pydantic ValidationError (or any exception): each problem as
+    "<setting> <rule>, got <value>". With ``flags``, settings are named as command-line flags
+    (``--batch-size``), for errors in what the user typed."""
     errors = getattr(err, "errors", None)
     if not callable(errors):
         return str(err)
     parts = []
     for e in errors():
         loc = ".".join(str(p) for p in e.get("loc", ()))
+        name = ("--" + loc.replace("_", "-")) if flags and loc else loc
         msg = e.get("msg", "invalid value")
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+        for prefix, words in (("Value error, ", ""), ("Input should be greater than or equal to",
+                              "must be at least"), ("Input should be greater than",
+                              "must be greater than"), ("Input should be less than or equal to",
+                              "must be at most"), ("Input should be less than", "must be less than"),
+                              ("Input should be", "must be")):
+            if msg.startswith(prefix):
+                msg = (words + msg[len(prefix):]).strip()
+                break
         if e.get("type") == "extra_forbidden":
-            msg = "unknown setting"
-        parts.append(f"{loc}: {msg}" if loc else msg)
+            msg = "is not a setting" if not flags else "is not an option"
+        value = e.get("input")
+        got = f", got {value!r}" if isinstance(value, (int, float, str)) and \
+            e.get("type") != "extra_forbidden" and not isinstance(value, bool) else ""
+        parts.append(f"{name} {msg}{got}" if name else msg)
     return "; ".join(parts)
+
+
+def setting(default: Any = None, help: str = "", *, group: str, metavar: str | None = None,
+            **constraints: Any) -> Any:
+    """A config field that is also a command-line flag: its help text, its group in ``--help``
+    and the placeholder shown for its value (``N``, ``FILE``, ...)."""
+    extra = {"group": group, **({"metavar": metavar} if metavar else {})}
+    return Field(default, description=help, json_schema_extra=extra, **constraints)
+
+
+# Options shared by several commands, declared once (each command's config uses these types).
+DEVICE_HELP = "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps."
+DTYPE_HELP = ("auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16 or "
+              "float16. Inference loads the weights in it; training keeps float32 weights and "
+              "computes in it (autocast).")
+SEED_LIMIT = 2 ** 63  # torch seeds are 64-bit
+Device = Annotated[str, Field(description=DEVICE_HELP,
+                              json_schema_extra={"group": "Device", "metavar": "NAME"})]
+Dtype = Annotated[str, Field(description=DTYPE_HELP,
+                             json_schema_extra={"group": "Device", "metavar": "NAME"})]
+Compile = Annotated[bool, Field(description="torch.compile the model (generation: the one-token "
+                                "step; pays off on CUDA, slower on CPUs).",
+                                json_schema_extra={"group": "Device"})]
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT, description="Random seed (0 <= seed < 2**63): "
+                            "the same seed gives the same result on the same device.",
+                            json_schema_extra={"group": "Run", "metavar": "N"})]
+ModelName = Annotated[Optional[str], Field(
+    description="Checkpoint file, run folder or downloaded model name (default: the latest run "
+                "under ./runs).",
+    json_schema_extra={"group": "Model", "metavar": "MODEL", "short": "-m"})]
 
 
 class TrainConfig(BaseModel):
@@ -111,44 +155,64 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # data
-    data: list[str] | None = Field(None, description="text files, folders of .txt, or dataset names")
-    tokenizer: Literal["auto", "gpt2", "char"] = "auto"
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    encoding: str = "utf-8"
+    data: list[str] | None = setting(
+        None, "Text file, folder of .txt files or downloaded dataset name; repeat for several "
+        "(default: the bundled Shakespeare).", group="Data", metavar="PATH")
+    tokenizer: Literal["auto", "gpt2", "char"] = setting(
+        "auto", "gpt2, char, or auto (char for the tiny and small presets, else gpt2).",
+        group="Data", metavar="NAME")
+    val_fraction: float = setting(0.1, "Share of the tokens held out for validation, from the "
+                                  "end.", group="Data", ge=0.0, lt=1.0)
+    encoding: str = setting("utf-8", "Text encoding of the data.", group="Data", metavar="NAME")
     # model
-    preset: str = "tiny"
-    n_layer: int | None = Field(None, ge=1)
-    n_head: int | None = Field(None, ge=1)
-    n_embd: int | None = Field(None, ge=1)
-    context_length: int | None = Field(None, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    init_from: str | None = None
+    preset: str = setting("tiny", "Model shape: " + ", ".join(PRESETS) + ".", group="Model",
+                          metavar="NAME")
+    n_layer: int | None = setting(None, "Transformer blocks (default: the preset's).",
+                                  group="Model", ge=1)
+    n_head: int | None = setting(None, "Attention heads (default: the preset's).", group="Model",
+                                 ge=1)
+    n_embd: int | None = setting(None, "Embedding width (default: the preset's).", group="Model",
+                                 ge=1)
+    context_length: int | None = setting(None, "Context length in tokens (default: the "
+                                         "preset's).", group="Model", ge=1)
+    dropout: float = setting(0.0, "Dropout rate.", group="Model", ge=0.0, lt=1.0)
+    init_from: str | None = setting(None, "Start from this checkpoint, run folder or downloaded "
+                                    "model (fine-tuning).", group="Model", metavar="MODEL")
     # optimisation
-    batch_size: int = Field(12, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    min_lr: float = Field(1e-4, ge=0.0)
-    warmup_steps: int = Field(100, ge=0)
-    max_steps: int = Field(2000, ge=1)
-    epochs: float | None = Field(None, gt=0.0)
-    max_time: float | None = Field(None, gt=0.0, description="seconds")
-    weight_decay: float = Field(0.1, ge=0.0)
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(0.99, ge=0.0, lt=1.0)
-    grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping")
+    batch_size: int = setting(12, "Sequences per micro-batch.", group="Optimisation", ge=1)
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.", group="Optimisation", ge=1)
+    lr: float = setting(1e-3, "Peak learning rate.", group="Optimisation", gt=0.0)
+    min_lr: float = setting(1e-4, "Learning rate at the end of the cosine decay.",
+                            group="Optimisation", ge=0.0)
+    warmup_steps: int = setting(100, "Linear warm-up steps.", group="Optimisation", ge=0)
+    max_steps: int = setting(2000, "Optimizer steps.", group="Optimisation", ge=1)
+    epochs: float | None = setting(None, "Train for this many passes over the data instead of "
+                                   "--max-steps.", group="Optimisation", gt=0.0)
+    max_time: float | None = setting(None, "Stop (and save) after this many seconds.",
+                                     group="Optimisation", metavar="SECONDS", gt=0.0)
+    weight_decay: float = setting(0.1, "AdamW weight decay (matrices only).",
+                                  group="Optimisation", ge=0.0)
+    beta1: float = setting(0.9, "AdamW beta1.", group="Optimisation", ge=0.0, lt=1.0)
+    beta2: float = setting(0.99, "AdamW beta2.", group="Optimisation", ge=0.0, lt=1.0)
+    grad_clip: float = setting(1.0, "Clip the gradient norm to this; 0 disables clipping.",
+                               group="Optimisation", ge=0.0)
     # evaluation, saving, sampling
-    eval_interval: int = Field(250, ge=1)
-    eval_steps: int = Field(20, ge=1)
-    log_interval: int = Field(10, ge=1)
-    save_interval: int | None = Field(None, ge=1)
-    sample_interval: int = Field(500, ge=0, description="0 disables samples")
-    sample_tokens: int = Field(200, ge=1)
-    # runtime
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
-    seed: int = 1337
-    out: str | None = None
+    eval_interval: int = setting(250, "Steps between evaluations (and saves).", group="Run",
+                                 ge=1)
+    eval_steps: int = setting(20, "Validation batches per evaluation.", group="Run", ge=1)
+    log_interval: int = setting(10, "Steps between log lines.", group="Run", ge=1)
+    save_interval: int | None = setting(None, "Also keep step-N.safetensors every N steps.",
+                                        group="Run", ge=1)
+    sample_interval: int = setting(500, "Steps between generated samples; 0 disables them.",
+                                   group="Run", ge=0)
+    sample_tokens: int = setting(200, "Length of each sample in tokens.", group="Run", ge=1)
+    out: str | None = setting(None, "Run folder (default: runs/<data name>).", group="Run",
+                              metavar="DIR")
+    seed: Seed = 1337
+    # device
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+    compile: Compile = False
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -164,12 +228,87 @@ class SampleConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(200, ge=1)
-    temperature: float = Field(0.8, ge=0.0, description="0 means greedy")
-    top_k: int = Field(0, ge=0, description="0 disables top-k")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    num_samples: int = Field(1, ge=1)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
-    ignore_eos: bool = False
+    max_new_tokens: int = setting(200, "Tokens to generate per sample.", group="Sampling", ge=1)
+    temperature: float = setting(0.8, "Sampling temperature; 0 is greedy.", group="Sampling",
+                                 ge=0.0)
+    top_k: int = setting(0, "Sample among the k most likely tokens; 0 is off.",
+                         group="Sampling", ge=0)
+    top_p: float = setting(1.0, "Nucleus sampling: the smallest set of tokens with this "
+                           "probability.", group="Sampling", gt=0.0, le=1.0)
+    repetition_penalty: float = setting(1.0, "Above 1 discourages repeating earlier tokens.",
+                                        group="Sampling", gt=0.0)
+    num_samples: int = setting(1, "Samples generated together as one batch.", group="Sampling",
+                               ge=1)
+    seed: Seed | None = Field(None, json_schema_extra={"group": "Sampling"})  # help: Seed's
+    stop: list[str] = setting([], "End a sample just before this text (repeatable).",
+                              group="Sampling", metavar="TEXT")
+    ignore_eos: bool = setting(False, "Go on past the end-of-text token.", group="Sampling")
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: list[str]) -> list[str]:
+        if any(s == "" for s in stop):
+            raise ValueError("must not be an empty string (it would stop at once)")
+        return stop
+
+
+class LoadConfig(BaseModel):
+    """Which model to load for inference, and where."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelName = None
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+    compile: Compile = False
+
+
+class EvalConfig(BaseModel):
+    """What `gpt eval` scores and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: list[str] | None = setting(
+        None, "Text file(s) or folder to score (default: the run's own validation split when "
+        "--model is a run).", group="Data", metavar="PATH")
+    encoding: str = setting("utf-8", "Text encoding of the data.", group="Data", metavar="NAME")
+    context_length: int | None = setting(
+        None, "Window length, at most the model's context (default: the model's).",
+        group="Scoring", ge=1)
+    stride: int | None = setting(None, "Tokens scored per window; smaller gives each token more "
+                                 "context (default: the window length).", group="Scoring", ge=1)
+    batch_size: int = setting(8, "Windows per forward pass.", group="Scoring", ge=1)
+
+
+class BenchConfig(BaseModel):
+    """What `gpt bench` measures; None fields are chosen for the device (bench.resolve)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+    preset: str | None = setting(None, "Model shape (GPT-2 vocabulary): " + ", ".join(PRESETS)
+                                 + " (default: gpt2 on CUDA, small on MPS, tiny on CPU).",
+                                 group="Model", metavar="NAME")
+    batch_size: int | None = setting(None, "Training batch; generation is timed at batch 1 and "
+                                     "also at this one when given (default: fits the device).",
+                                     group="Model", ge=1)
+    context_length: int | None = setting(None, "Context length (default: the preset's).",
+                                         group="Model", ge=1)
+    prompt_length: int | None = setting(None, "Prompt tokens to prefill (default: min(128, "
+                                        "context/2)).", group="Generation", ge=1)
+    new_tokens: int | None = setting(None, "Tokens to decode per run (default: min(128, what "
+                                     "fits in the context)).", group="Generation", ge=1)
+    steps: int = setting(10, "Timed training steps, and timed generation runs.", group="Run",
+                         ge=1)
+    warmup: int = setting(3, "Untimed warm-up steps (generation: up to 2 runs).", group="Run",
+                          ge=0)
+    compile: Compile = False
+    only: Literal["train", "generate"] | None = setting(None, "Measure only train or generate.",
+                                                        group="Run", metavar="WHAT")
+    peak_tflops: float | None = setting(None, "The device's dense peak TFLOPs for the dtype, "
+                                        "for MFU (default: a table of known GPUs).",
+                                        group="Hardware", gt=0.0)
+    bandwidth_gbs: float | None = setting(None, "The device's memory bandwidth in GB/s (default: "
+                                          "a table of known GPUs).", group="Hardware", gt=0.0)
+    seed: Seed = 1337

@@ -7,11 +7,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-GiB = 1024 ** 3
-
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+from rich.live import Live
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeRemainingColumn)
+from rich.text import Text
+
+GiB = 1024 ** 3
 
 
 class NullDisplay:
@@ -30,17 +32,21 @@ class NullDisplay:
 
 
 class TrainDisplay(NullDisplay):
+    """A live status line on a terminal (plain log lines otherwise). The line is laid out for
+    the terminal's width: step/total, loss, val, tokens/s and ETA always fit in 80 columns; the
+    bar, lr and elapsed time are added only when there is room."""
+
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True)
-        self.live = self.console.is_terminal
-        self.progress: Progress | None = None
-        self.task = None
+        self.console = console or Console(stderr=True, highlight=False)
+        self.is_live = self.console.is_terminal
+        self.live: Live | None = None
         self.val: float | None = None
         self.metrics: dict = {}
-        self.max_steps = 0
+        self.step_no = self.first_step = self.max_steps = 0
+        self.t0 = self.t_first = time.perf_counter()
 
     def tokenize(self, work: Callable):
-        if not self.live:
+        if not self.is_live:
             return work(None)
         with Progress(TextColumn("tokenizing"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                       TimeRemainingColumn(), console=self.console, transient=True) as progress:
@@ -48,52 +54,100 @@ class TrainDisplay(NullDisplay):
             return work(lambda done, total: progress.update(task, completed=done, total=total))
 
     def start(self, *, step: int, max_steps: int, device, dtype, params: int,
-              tokens_per_step: int, out: Path, batch: str = "") -> None:
+              tokens_per_step: int, out: Path, batch: tuple[int, int, int, int]) -> None:
+        self.step_no = self.first_step = step
         self.max_steps = max_steps
-        self.t0 = time.perf_counter()
+        self.t0 = self.t_first = time.perf_counter()
+        size, accum, world, context = batch
         dtype_name = str(dtype).replace("torch.", "")
-        self.console.print(
-            f"training {params:,} parameters on {device} ({dtype_name}); effective batch "
-            f"{batch}{tokens_per_step:,} tokens per step; steps {step}->{max_steps}; run folder {out}",
-            highlight=False, soft_wrap=True)
-        if self.live:
-            self.progress = Progress(
-                TextColumn("step"), MofNCompleteColumn(), BarColumn(bar_width=24),
-                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                TimeRemainingColumn(), console=self.console)
-            self.task = self.progress.add_task("train", total=max_steps, completed=step, info="")
-            self.progress.start()
+        parts = [f"{size} sequences"] + ([f"{accum} micro-batches"] if accum > 1 else []) + \
+            ([f"{world} processes"] if world > 1 else []) + [f"{context} tokens"]
+        self.console.print(f"training {params:,} parameters on {device} ({dtype_name}), step "
+                           f"{step} -> {max_steps}")
+        self.console.print(f"batch: {' x '.join(parts)} = {tokens_per_step:,} tokens per step")
+        self.console.print(f"run folder: {out}")
+        if self.is_live:
+            self.live = Live(self._line(), console=self.console, auto_refresh=False,
+                             transient=False)
+            self.live.start()
 
-    def _info(self) -> str:
+    def _eta(self) -> str:
+        done = self.step_no - self.first_step
+        if done <= 0:
+            return "-"
+        left = (time.perf_counter() - self.t_first) / done * (self.max_steps - self.step_no)
+        return _clock(left)
+
+    def _pieces(self) -> list[tuple[str, bool]]:
+        """The status as (text, essential) pieces, in the order shown."""
         m = self.metrics
-        parts = [f"loss {m['loss']:.4f}" if "loss" in m else "loss -",
-                 f"val {self.val:.4f}" if self.val is not None else "val -",
-                 f"lr {m['lr']:.2e}" if "lr" in m else "",
-                 f"{m['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in m else ""]
-        return " | ".join(p for p in parts if p)
+        return [(f"step {self.step_no}/{self.max_steps}", True),
+                (f"loss {m['loss']:.4f}" if "loss" in m else "loss -", True),
+                (f"val {self.val:.4f}" if self.val is not None else "val -", True),
+                (f"lr {m['lr']:.1e}" if "lr" in m else "", False),
+                (f"{m['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in m else "- tok/s", True),
+                (f"eta {self._eta()}", True),
+                (f"elapsed {_clock(time.perf_counter() - self.t0)}", False)]
+
+    def _line(self) -> Text:
+        """The live line for this terminal's width: optional pieces (elapsed, then lr) are
+        dropped before anything essential; a progress bar is added when there is room."""
+        pieces = [p for p in self._pieces() if p[0]]
+        width = self.console.width - 1
+        text = " | ".join(t for t, _ in pieces)
+        while len(text) > width and any(not keep for _, keep in pieces):
+            drop = max(i for i, (_, keep) in enumerate(pieces) if not keep)
+            pieces.pop(drop)
+            text = " | ".join(t for t, _ in pieces)
+        bar = min(24, width - len(text) - 2)
+        if bar >= 10:
+            filled = round(bar * self.step_no / max(1, self.max_steps))
+            text = "━" * filled + "─" * (bar - filled) + "  " + text
+        return Text(text[:width])
 
     def step(self, step: int, **metrics) -> None:
-        self.metrics = metrics
-        if self.progress is not None:
-            self.progress.update(self.task, completed=step, info=self._info())
+        self.step_no, self.metrics = step, metrics
+        if self.live is not None:
+            self.live.update(self._line(), refresh=True)
 
     def eval(self, step: int, val_loss: float | None) -> None:
-        self.val = val_loss
-        if self.progress is not None:
-            self.progress.update(self.task, completed=step, info=self._info())
+        self.step_no, self.val = step, val_loss
+        if self.live is not None:
+            self.live.update(self._line(), refresh=True)
         else:
-            elapsed = time.perf_counter() - self.t0
-            self.console.print(f"step {step}/{self.max_steps} | {self._info()} | {elapsed:.0f}s",
-                               highlight=False, soft_wrap=True)
+            self.console.print(" | ".join(t for t, _ in self._pieces() if t), soft_wrap=True)
 
-    def sample(self, step: int, text: str) -> None:
+    def sample(self, step: int, text: str | None) -> None:
+        if text is None:
+            return
         self.console.print(f"[dim]--- sample at step {step} ---[/dim]")
         self.console.print(text, markup=False, highlight=False)
         self.console.print("[dim]---[/dim]")
 
     def finish(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+    def report(self, result, prompt: str | None) -> None:
+        """The last lines of `gpt train`: where the model is, or how to resume."""
+        if result.stopped_by:
+            self.console.print(
+                f"stopped by {result.stopped_by} at step {result.step}; saved "
+                f"{Path(result.out) / 'last.safetensors'}. Resume with: gpt train --out "
+                f"{result.out} --resume", soft_wrap=True)
+            return
+        best = f"best val loss {result.best_val:.4f}, " if result.best_val is not None else ""
+        hint = f"gpt generate --model {result.out}" + (f' --prompt "{prompt}"' if prompt else "")
+        self.console.print(f"done: {result.step} steps, {best}checkpoint {result.checkpoint}",
+                           soft_wrap=True)
+        self.console.print(f"try it: {hint}", soft_wrap=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
 # ----------------------------------------------------------------------------- gpt bench
@@ -185,3 +239,70 @@ def render(result: dict, console) -> None:
         notes.append("bandwidth use needs the device's bandwidth: pass --bandwidth-gbs")
     for note in notes:
         console.print(f"note: {note}", style="dim")
+
+
+# ----------------------------------------------------------------------------- results on stdout
+
+def render_info(info: dict, title: str, console=None) -> None:
+    """`gpt info`: the config fields that mean something for this model, rounded figures."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("parameters", f"{info['parameters']:,}")
+    table.add_row("file size", f"{info['file_size'] / 1e6:,.1f} MB")
+    table.add_row("tokenizer", info["tokenizer"])
+    config = dict(info["config"])
+    if config.get("position") != "rope":
+        config.pop("rope_theta", None)
+    for key, value in {**config, **info["provenance"]}.items():
+        table.add_row(key, _rounded(value))
+    (console or Console()).print(table)
+
+
+def _rounded(value) -> str:
+    """Floats stored as text (e.g. a val loss in checkpoint metadata) shown to 4 decimals."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if isinstance(value, bool) or float(number).is_integer() or "e" in str(value).lower():
+        return str(value)
+    return f"{number:.4f}"
+
+
+def render_eval(result: dict) -> None:
+    print(f"{result['model']}: loss {result['loss']:.4f} nats/token, perplexity "
+          f"{result['perplexity']:.2f}, {result['bits_per_byte']:.4f} bits/byte")
+    print(f"scored {result['tokens']:,} tokens of {result['data']} (window "
+          f"{result['context_length']}, stride {result['stride']})")
+
+
+def render_listing(info: dict) -> None:
+    """`gpt download --list`."""
+    for kind in ("models", "datasets"):
+        for key, entry in info[kind].items():
+            print(f"{key:<12} {entry['repo']:<30} {'stored' if entry['stored'] else ''}".rstrip())
+    print(f"in {info['models_dir']}: {', '.join(info['stored_models']) or '(nothing)'}")
+    print(f"in {info['datasets_dir']}: {', '.join(info['stored_datasets']) or '(nothing)'}")
+
+
+def render_download(result: dict) -> None:
+    if result["kind"] == "dataset":
+        print(f"stored dataset {result['name']} ({result['size'] / 1e6:,.1f} MB) in "
+              f"{result['path']}; train on it with `gpt train --data {result['name']}`")
+    else:
+        print(f"stored {result['name']}: {result['parameters']:,} parameters, "
+              f"{result['size'] / 1e6:,.1f} MB, {result['path']}")
+
+
+def render_comparison(differ: list[str], rows: list[dict]) -> None:
+    """`gpt plot`: one row per run, with its best val loss and the settings that differ."""
+    from rich.table import Table
+
+    table = Table("run", "best val", *differ)
+    for row in rows:
+        best = f"{row['best_val']:.4f}" if row["best_val"] is not None else "-"
+        table.add_row(row["run"], best, *(str(row[k]) for k in differ))
+    Console().print(table)

@@ -9,14 +9,18 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_model
+from .config import EvalConfig, LoadConfig
 from .data import load_tokens, resolve_data
-from .runtime import UserError, autocast, current_dist, resolve_dtype
+from .distributed import current_dist
+from .runs import RunFolder
+from .runtime import UserError
 
 
 @dataclass
@@ -80,28 +84,52 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, context_length: int, *,
     return EvalResult(loss=total / max(1, count), tokens=int(count))
 
 
-def evaluate_file(model_name: str | None, data: list[str] | None, *, context_length: int | None,
-                  stride: int | None, batch_size: int, encoding: str, device: str,
-                  dtype: str) -> dict:
-    """`gpt eval`: loss, perplexity and bits per byte of a model over whole text files."""
-    model, tokenizer, path = load_model(model_name, device=device)  # float32 weights, autocast
-    dev = model.device
-    files = resolve_data(data)
-    tokens = load_tokens(files, tokenizer.spec(), encoding=encoding).tokens
-    if context_length is not None and context_length < 1:
-        raise UserError(f"--context-length must be at least 1, got {context_length}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    T = min(context_length or model.config.context_length, model.config.context_length)
-    if stride is not None and not 1 <= stride <= T:
-        raise UserError(f"--stride must be between 1 and the window length ({T}), got {stride}")
+def evaluate_file(load: LoadConfig, cfg: EvalConfig) -> dict:
+    """`gpt eval`: loss, perplexity and bits per byte of a model over whole text files, or over
+    its own run's validation split when no data is given and the model is a run."""
+    model, tokenizer, path = load_model(load.model, device=load.device, dtype=load.dtype)
+    limit = model.config.context_length
+    if cfg.context_length is not None and cfg.context_length > limit:
+        raise UserError(f"--context-length {cfg.context_length} is longer than the model's "
+                        f"context ({limit}); use at most {limit}")
+    T = cfg.context_length or limit
+    if cfg.stride is not None and cfg.stride > T:
+        raise UserError(f"--stride must be between 1 and the window length ({T}), got "
+                        f"{cfg.stride}")
+    tokens, scored, n_bytes = scoring_data(cfg, path, tokenizer)
     if len(tokens) < 2:
-        raise UserError(f"{files[0]} has {len(tokens)} token(s); scoring needs at least 2")
-    result = evaluate(model, tokens, T, stride=stride, batch_size=batch_size, device=dev,
-                      amp=autocast(dev, resolve_dtype(dtype, dev)))
-    n_bytes = sum(f.stat().st_size for f in files) if encoding.lower().replace("-", "") == "utf8" \
-        else len(tokenizer.decode_bytes(tokens.tolist()))
-    return {"model": str(path), "data": [str(f) for f in files], "loss": result.loss,
+        raise UserError(f"{scored} has {len(tokens)} token(s); scoring needs at least 2")
+    result = evaluate(model, tokens, T, stride=cfg.stride, batch_size=cfg.batch_size,
+                      device=model.device)
+    return {"model": str(path), "data": scored, "loss": result.loss,
             "perplexity": result.perplexity, "tokens": result.tokens,
             "bits_per_byte": result.loss * result.tokens / math.log(2) / n_bytes,
-            "context_length": T, "stride": stride or T}
+            "context_length": T, "stride": cfg.stride or T}
+
+
+def scoring_data(cfg: EvalConfig, model_path: Path, tokenizer) -> tuple[np.ndarray, str, int]:
+    """The tokens to score, a phrase saying what they are, and their size in bytes (for bits
+    per byte): ``--data``'s files, else the validation split of the run the model came from."""
+    if cfg.data:
+        files = resolve_data(cfg.data)
+        tokens = load_tokens(files, tokenizer.spec(), encoding=cfg.encoding).tokens
+        utf8 = cfg.encoding.lower().replace("-", "").replace("_", "") == "utf8"
+        n_bytes = sum(f.stat().st_size for f in files) if utf8 else \
+            len(tokenizer.decode_bytes(tokens.tolist()))
+        return tokens, ", ".join(str(f) for f in files), n_bytes
+    saved = RunFolder(model_path.parent).read_config()
+    fraction = (saved or {}).get("train", {}).get("val_fraction", 0)
+    if not saved or not fraction:
+        raise UserError(f"say what to score with --data FILE: {model_path} is not in a run "
+                        "folder with a validation split")
+    train = saved["train"]
+    try:
+        files = resolve_data(train.get("data"))
+    except UserError as e:
+        raise UserError(f"the data of run {model_path.parent} is not there any more ({e}); "
+                        "pass --data") from None
+    all_tokens = load_tokens(files, tokenizer.spec(), encoding=train.get("encoding", "utf-8"))
+    _, tokens = all_tokens.split(fraction)
+    names = ", ".join(f.name for f in files)
+    what = f"the validation split of run {model_path.parent} (the last {fraction:.0%} of {names})"
+    return tokens, what, len(tokenizer.decode_bytes(tokens.tolist()))

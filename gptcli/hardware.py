@@ -1,6 +1,7 @@
-"""What the hardware can do at best: dense peak throughput and memory bandwidth of common
-accelerators, from their datasheets, for MFU and bandwidth-use figures. Unknown stays unknown:
-a lookup that finds nothing returns None, never a guess."""
+"""What the hardware can do: dense peak throughput and memory bandwidth of common accelerators,
+from their datasheets, for MFU and bandwidth-use figures (unknown stays unknown: a lookup that
+finds nothing returns None, never a guess); the memory available on a device and what training
+or generation will ask of it, so commands refuse a shape that cannot fit before allocating it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import re
 
 import torch
 
-from .runtime import device_name
+from .config import ModelConfig
+from .runtime import UserError, device_name
 
 # Dense (no 2:4 sparsity) peak tensor throughput in TFLOPs, from the vendors' datasheets /
 # architecture whitepapers: NVIDIA H100 and H200 datasheets (SXM, PCIe, NVL), the A100, A10 and L4
@@ -82,3 +84,55 @@ def peak_bandwidth(device: torch.device, hw: str) -> tuple[float | None, str]:
         if re.search(pattern, hw):
             return float(gbs), f"{label} (datasheet)"
     return None, f"unknown for {hw}; pass --bandwidth-gbs"
+
+
+# ----------------------------------------------------------------------------- memory
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes the benchmark may allocate on ``device`` (None when it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory()) - torch.mps.driver_allocated_memory()
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on every platform (macOS lacks it)
+        return None
+
+
+def train_memory_estimate(config: ModelConfig, batch: int, dtype: torch.dtype) -> int:
+    """Rough bytes a training step needs: fp32 weights, grads and two AdamW moments (16 bytes per
+    parameter), ~34 activation values per layer, token and channel (Korthikanti et al. 2022, with
+    fused attention), and logits kept in the autocast dtype plus float32 for the loss."""
+    act = torch.empty((), dtype=dtype).element_size()
+    tokens = batch * config.context_length
+    acts = config.n_layer * tokens * config.n_embd * 17 * act
+    logits = tokens * config.vocab_size * (act + 8)
+    return 16 * config.num_params() + acts + logits
+
+
+def generate_memory_estimate(config: ModelConfig, batch: int, dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    cache = 2 * config.n_layer * batch * config.context_length * config.n_embd * size
+    return config.num_params() * size + cache + 4 * batch * config.vocab_size * 4
+
+
+GiB = 1024 ** 3
+
+
+def check_memory(need: int, device: torch.device, what: str, hint: str) -> None:
+    """Refuse, before allocating anything, a job whose estimate exceeds the device's available
+    memory: ``what`` says what needs it, ``hint`` how to ask for less."""
+    available = available_memory(device)
+    if available is not None and need > available:
+        raise UserError(f"{what} needs about {need / GiB:,.1f} GiB; {device.type} has "
+                        f"{available / GiB:,.1f} GiB available. {hint}")

@@ -412,7 +412,8 @@ def list_available() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- export
 
-def export_model(model: str | os.PathLike, to: str | os.PathLike) -> dict[str, Any]:
+def export_model(model: str | os.PathLike, to: str | os.PathLike, *,
+                 force: bool = False) -> dict[str, Any]:
     """Write checkpoint ``model`` as a Hugging Face GPT-2 folder (config.json, model.safetensors,
     generation_config.json) that ``GPT2LMHeadModel.from_pretrained`` loads. Options GPT-2 cannot
     express are refused before any weights are read."""
@@ -425,6 +426,9 @@ def export_model(model: str | os.PathLike, to: str | os.PathLike) -> dict[str, A
     to = Path(to)
     if to.exists() and not to.is_dir():
         raise UserError(f"--to {to} is a file; give a folder to write the Hugging Face model into")
+    if to.is_dir() and any(to.iterdir()) and not force:
+        raise UserError(f"--to {to} already has files; pass --force to overwrite them, or give "
+                        "an empty or new folder")
     net, tokenizer, _ = load_checkpoint(model)
     special = {}
     if spec.get("type") == "gpt2" and config.vocab_size >= GPT2_VOCAB:

@@ -10,6 +10,7 @@ import codecs
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -54,8 +55,12 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def next_token(logits: torch.Tensor, config: SampleConfig, seen: torch.Tensor,
-               generator: torch.Generator | None) -> torch.Tensor:
-    """Pick one token per row of ``logits`` (B, V): returns (B,) ids."""
+               generator: torch.Generator | None, vocab_size: int | None = None) -> torch.Tensor:
+    """Pick one token per row of ``logits`` (B, V): returns (B,) ids. With ``vocab_size``, ids
+    from there on (the padding rows of a padded vocabulary, which no tokenizer can decode) are
+    never picked."""
+    if vocab_size is not None and vocab_size < logits.size(-1):
+        logits = logits[..., :vocab_size]
     logits = apply_repetition_penalty(logits.float(), seen, config.repetition_penalty)
     if config.temperature == 0:
         return logits.argmax(dim=-1)
@@ -82,14 +87,15 @@ def window_start(length: int, context_length: int) -> int:
 
 @torch.no_grad()
 def decode_loop(model: GPT, prompt: torch.Tensor, config: SampleConfig, *,
-                generator: torch.Generator | None = None,
-                step: Callable | None = None) -> Iterator[torch.Tensor]:
+                generator: torch.Generator | None = None, step: Callable | None = None,
+                vocab_size: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence in ``prompt`` (B, T), ``max_new_tokens`` times.
 
     The prompt is prefilled into a preallocated KV cache, then tokens are decoded one at a
     time. When the sequence outgrows the context, the window slides (see ``window_start``) and
     the cache is rebuilt from the tokens still in view. ``step`` replaces ``model`` for the
     one-token calls (e.g. a torch.compile'd version); the caller decides when to stop.
+    ``vocab_size`` limits the ids picked to the tokenizer's (see ``next_token``).
     """
     context = model.config.context_length
     B = prompt.size(0)
@@ -107,7 +113,7 @@ def decode_loop(model: GPT, prompt: torch.Tensor, config: SampleConfig, *,
     logits = model(tokens[:, start:length], kv_cache=cache, last_only=True)
     for i in range(config.max_new_tokens):
         seen = tokens[:, :length] if config.repetition_penalty != 1.0 else tokens[:, :0]
-        nxt = next_token(logits[:, -1], config, seen, generator)
+        nxt = next_token(logits[:, -1], config, seen, generator, vocab_size)
         tokens[:, length] = nxt
         length += 1
         yield nxt
@@ -125,12 +131,59 @@ def decode_loop(model: GPT, prompt: torch.Tensor, config: SampleConfig, *,
 
 # ----------------------------------------------------------------------------- text generation
 
+class TextStream:
+    """One sample's text as its tokens arrive: incremental UTF-8 decoding (a character split
+    across tokens is never emitted half), stop strings, and the text held back while it could
+    still be the start of a stop string. One per sample; serving keeps one per request."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], eot_id: int | None) -> None:
+        self.tokenizer, self.stop, self.eot_id = tokenizer, stop, eot_id
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.emitted = 0  # characters of text already handed out
+        self.finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token: int) -> str:
+        """Add one generated token; returns the text that became final (maybe empty)."""
+        if self.done:
+            return ""
+        if token == self.eot_id:
+            return self.close("eos")
+        self.token_ids.append(token)
+        self.text += self.decoder.decode(self.tokenizer.decode_bytes([token]))
+        cut = min((c for c in (self.text.find(s, max(0, self.emitted - self.hold))
+                               for s in self.stop) if c >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            return self.close("stop")
+        return self._take(len(self.text) - self.hold)
+
+    def close(self, reason: str = "length") -> str:
+        """Finish the sample (end-of-text, a stop string, or its length); returns the rest."""
+        if self.done:
+            return ""
+        if reason != "stop":
+            self.text += self.decoder.decode(b"", final=True)
+        self.finish_reason = reason
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        piece = self.text[self.emitted:upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return piece
+
+
 @dataclass
 class Sample:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str = "length"
-    done: bool = False
 
 
 @dataclass
@@ -160,8 +213,7 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], config: Sa
     """Generate ``config.num_samples`` continuations of ``prompt_ids`` as one batch.
 
     Stops a sample at end-of-text (unless ``ignore_eos``) or just before a stop string.
-    ``on_text(sample_index, piece)`` receives text as soon as it is final: whole characters only,
-    and held back while it could still be the start of a stop string.
+    ``on_text(sample_index, piece)`` receives text as soon as it is final (see TextStream).
     """
     from .runtime import synchronize
 
@@ -170,67 +222,54 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], config: Sa
     if config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
     prompt = torch.tensor([prompt_ids] * config.num_samples, dtype=torch.long, device=device)
-    samples = [Sample() for _ in range(config.num_samples)]
-    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in samples]
-    emitted = [0] * len(samples)
-    hold = max((len(s) for s in config.stop), default=1) - 1
     eot = None if config.ignore_eos else tokenizer.eot_id
+    streams = [TextStream(tokenizer, config.stop, eot) for _ in range(config.num_samples)]
+    emit = on_text or (lambda i, piece: None)
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
-    t0 = time.perf_counter()
-    t_first = t0
-
-    def emit(i: int, final: bool) -> None:
-        s = samples[i]
-        upto = len(s.text) if final else max(emitted[i], len(s.text) - hold)
-        if on_text is not None and upto > emitted[i]:
-            on_text(i, s.text[emitted[i]:upto])
-        emitted[i] = upto
-
-    for n, nxt in enumerate(decode_loop(model, prompt, config, generator=generator, step=step)):
+    t0 = t_first = time.perf_counter()
+    for n, nxt in enumerate(decode_loop(model, prompt, config, generator=generator, step=step,
+                                        vocab_size=tokenizer.vocab_size)):
         ids = nxt.tolist()  # one host sync per step: needed to stream and to stop
         if n == 0:
             synchronize(device)
             t_first = time.perf_counter()
             stats.time_to_first_token_s = t_first - t0
         stats.new_tokens = n + 1
-        for i, (s, tok) in enumerate(zip(samples, ids)):
-            if s.done:
-                continue
-            if tok == eot:
-                s.done, s.finish_reason = True, "eos"
-                s.text += decoders[i].decode(b"", final=True)
-                emit(i, final=True)
-                continue
-            s.token_ids.append(tok)
-            s.text += decoders[i].decode(tokenizer.decode_bytes([tok]))
-            cut = min((c for c in (s.text.find(stop, max(0, emitted[i] - hold))
-                                   for stop in config.stop) if c >= 0), default=-1)
-            if cut >= 0:
-                s.text, s.done, s.finish_reason = s.text[:cut], True, "stop"
-            emit(i, final=s.done)
-        if all(s.done for s in samples):
+        for i, (stream, token) in enumerate(zip(streams, ids)):
+            if piece := stream.push(token):
+                emit(i, piece)
+        if all(s.done for s in streams):
             break
-    for i, s in enumerate(samples):
-        if not s.done:
-            s.text += decoders[i].decode(b"", final=True)
-            emit(i, final=True)
+    for i, stream in enumerate(streams):
+        if piece := stream.close():
+            emit(i, piece)
     synchronize(device)
     end = time.perf_counter()
-    stats.decode_time_s = end - t_first
-    stats.total_time_s = end - t0
-    return samples, stats
+    stats.decode_time_s, stats.total_time_s = end - t_first, end - t0
+    return [Sample(s.token_ids, s.text, s.finish_reason) for s in streams], stats
 
 
 # ----------------------------------------------------------------------------- setting up
 
+@dataclass
+class Loaded:
+    """A model ready to generate: the model, its tokenizer, where it came from, and the compiled
+    one-token step (None: the model itself)."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    path: Path
+    step: Callable | None = None
+
+
 def load_generator(model_name: str | None, *, device: str = "auto", dtype: str = "auto",
-                   compile: bool = False):
-    """Load a model for generation: ``(model, tokenizer, checkpoint path, step)``, where ``step``
-    is the compiled one-token function or None."""
+                   compile: bool = False) -> Loaded:
+    """Load a model for generation (see ``checkpoint.load_model``), compiling its one-token
+    step when asked."""
     from .checkpoint import load_model
 
     model, tokenizer, path = load_model(model_name, device=device, dtype=dtype)
-    return model, tokenizer, path, compile_step(model) if compile else None
+    return Loaded(model, tokenizer, path, compile_step(model) if compile else None)
 
 
 def compile_step(model: GPT):

@@ -1,116 +1,39 @@
-"""Training: ``fit()`` is the visible loop; the small helpers around it do one thing each.
+"""Training: ``fit()`` is the visible loop; ``setup()`` builds what it needs before it starts,
+and the small helpers around it do one thing each.
 
 AdamW with decoupled weight decay on matrices only, linear warm-up then cosine decay, gradient
-accumulation and clipping, autocast (bf16, or fp16 with a GradScaler), optional torch.compile.
-The run folder holds config.json, metrics.jsonl, last/best checkpoints with training state.
+accumulation and clipping, autocast (bf16, or fp16 with a GradScaler), optional torch.compile,
+DDP under torchrun. The run folder (``runs.RunFolder``) owns the files.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import (load_checkpoint, load_training_state, resolve_model, save_checkpoint,
                          save_training_state)
-from .config import ModelConfig, SampleConfig, TrainConfig
+from .config import ModelConfig, SampleConfig, TrainConfig, validation_message
 from .data import BatchSampler, check_enough, load_tokens, resolve_data
+from .distributed import Dist, current_dist, setup_distributed, teardown_distributed
 from .evaluate import evaluate
+from .hardware import check_memory, train_memory_estimate
 from .model import GPT
-from .runtime import (RuntimeFailure, UserError, autocast, current_dist,
+from .optim import StepParts, lr_at, step_parts, train_step
+from .runs import RunFolder, MetricsLog, new_run_id
+from .runtime import (Interrupted, RuntimeFailure, UserError, autocast, path_error,
                       resolve_dtype, seed_everything, synchronize)
-
-RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "last.state.safetensors",
-             "best.safetensors", "loss.png")
+from .tokenizer import Tokenizer
 
 
-# ----------------------------------------------------------------------------- small helpers
-
-def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine decay from lr to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if step >= max_steps:
-        return cfg.min_lr
-    progress = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
-                   device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on tensors with >= 2 dims (matrices, embeddings), not on biases
-    and norm gains. Fused kernels where the device has them."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
-
-
-@dataclass
-class StepParts:
-    """What ``train_step`` needs besides the model and the batches: built once by
-    ``step_parts`` for fit() and for `gpt bench`, so both time the same thing."""
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler | None
-    amp: object
-    runner: torch.nn.Module  # the model, compiled when asked
-
-
-def step_parts(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
-               dtype: torch.dtype) -> StepParts:
-    """AdamW, a GradScaler for float16 only, autocast, and the (optionally compiled) model."""
-    return StepParts(optimizer=make_optimizer(model, cfg, device),
-                     scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
-                     amp=autocast(device, dtype),
-                     runner=torch.compile(model) if cfg.compile else model)
-
-
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-
-
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *, grad_accum: int,
-               grad_clip: float, amp, scaler: torch.amp.GradScaler | None,
-               device: torch.device) -> torch.Tensor:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (a tensor, so
-    reading it is the caller's choice of when to synchronise)."""
-    total = torch.zeros((), device=device)
-    for micro in range(grad_accum):
-        x, y = next_batch()
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        # DDP: all-reduce only on the last micro-step
-        sync = getattr(model, "no_sync", None)
-        ctx = sync() if sync is not None and micro < grad_accum - 1 else contextlib.nullcontext()
-        with ctx:
-            with amp:
-                loss = loss_fn(model(x), y) / grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
-        total += loss.detach()
-    if grad_clip > 0:
-        if scaler:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total
-
-
-# ----------------------------------------------------------------------------- run folder
+# ----------------------------------------------------------------------------- settings
 
 def default_out(cfg: TrainConfig) -> Path:
     if not cfg.data:
@@ -118,71 +41,29 @@ def default_out(cfg: TrainConfig) -> Path:
     return Path("runs") / (Path(cfg.data[0].rstrip("/")).stem.replace("--", "-") or "run")
 
 
-def prepare_run_folder(out: Path, *, resume: str | None, force: bool) -> bool:
-    """Check the run folder; returns True when the run resumes from it.
+def merge_config(explicit: dict, config_file: Path | None, saved: dict | None) -> TrainConfig:
+    """The one place settings merge: the saved run config (when resuming) < the ``--config``
+    file < flags given on the command line. Defaults come from TrainConfig itself."""
+    from pydantic import ValidationError
 
-    ``resume`` is None (fresh run), "yes" (must resume) or "auto" (resume if there is a state).
-    A folder with files is never overwritten without ``force``.
-    """
-    has_state = (out / "last.safetensors").is_file() and (out / "last.state.safetensors").is_file()
-    if resume == "yes" and not has_state:
-        raise UserError(f"nothing to resume in {out}: it has no last.safetensors with its "
-                        "training state; start a new run without --resume")
-    if resume and has_state:
-        return True
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise UserError(f"run folder {out} already has files; pass --resume to continue "
-                            "that run, --force to overwrite it, or --out to pick another folder")
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        for snap in out.glob("step-*.safetensors"):
-            snap.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return False
-
-
-def merge_config(explicit: dict, config_file: Path | None, resume_from: Path | None) -> TrainConfig:
-    """Saved run config (when resuming) < --config file < flags given on the command line."""
-    fields: dict = {}
-    if resume_from is not None and (resume_from / "config.json").is_file():
-        fields.update(json.loads((resume_from / "config.json").read_text())["train"])
+    fields: dict = dict((saved or {}).get("train", {}))
     if config_file is not None:
-        if not config_file.is_file():
-            raise UserError(f"config file {config_file} does not exist")
         try:
-            loaded = json.loads(config_file.read_text())
+            loaded = json.loads(Path(config_file).read_text())
+        except OSError as e:
+            raise path_error(e, "read config file", config_file) from None
         except ValueError as e:
             raise UserError(f"config file {config_file} is not valid JSON: {e}") from None
-        fields.update(loaded.get("train", loaded))
+        loaded = loaded.get("train", loaded) if isinstance(loaded, dict) else loaded
+        try:
+            fields.update(TrainConfig.model_validate(loaded).model_dump(exclude_unset=True))
+        except ValidationError as e:
+            raise UserError(f"config file {config_file}: {validation_message(e)}") from None
     fields.update(explicit)
     return TrainConfig(**fields)
 
 
-def _parse(line: str) -> dict | None:
-    """One metrics.jsonl record; None for a blank or cut-off line (a run killed mid-write)."""
-    try:
-        return json.loads(line) if line.strip() else None
-    except ValueError:
-        return None
-
-
-class MetricsLog:
-    def __init__(self, path: Path, resume_step: int | None) -> None:
-        if resume_step is not None and path.is_file():  # forget what came after the saved state
-            lines = [ln for ln in path.read_text().splitlines()
-                     if (record := _parse(ln)) is not None and record.get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in lines))
-        self.file = open(path, "a", buffering=1)
-
-    def write(self, **record) -> None:
-        self.file.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        self.file.close()
-
-
-# ----------------------------------------------------------------------------- fit
+# ----------------------------------------------------------------------------- setup
 
 @dataclass
 class FitResult:
@@ -191,9 +72,205 @@ class FitResult:
     best_val: float | None
     last_val: float | None
     tokens_per_s: float
-    stopped_by: str | None = None  # "SIGINT", "SIGTERM", "max-time" or None
+    stopped_by: str | None = None  # "SIGINT", "SIGTERM", "max-time", "stop-after" or None
     checkpoint: Path | None = None
+    is_main: bool = True
 
+    @property
+    def exit_code(self) -> int:
+        """What the process reports: a stop by signal keeps the signal's shell status."""
+        return {"SIGINT": 130, "SIGTERM": 143}.get(self.stopped_by or "", 0)
+
+
+@dataclass
+class Session:
+    """Everything the loop needs, built by ``setup`` before it starts."""
+
+    cfg: TrainConfig
+    run: RunFolder
+    dist: Dist
+    display: object
+    model: GPT
+    runner: torch.nn.Module  # the model, compiled and/or wrapped in DDP
+    parts: StepParts
+    tokenizer: Tokenizer
+    sampler: BatchSampler
+    val_tokens: np.ndarray
+    device: torch.device
+    dtype: torch.dtype
+    max_steps: int
+    tokens_per_step: int
+    run_id: str
+    step: int = 0
+    best_val: float | None = None
+    elapsed_before: float = 0.0
+    metrics: MetricsLog | None = None
+    t0: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    def log(self, **record) -> None:
+        if self.metrics:
+            self.metrics.write(**record)
+
+    def mean_over_ranks(self, value: float) -> float:
+        return self.dist.sum([value], self.device)[0] / self.dist.world
+
+    def check_finite(self, what: str, value: float | None) -> None:
+        if value is not None and not math.isfinite(value):
+            if self.metrics:
+                self.metrics.close()
+            raise RuntimeFailure(f"the {what} became {value} at step {self.step}; stopped without "
+                                 f"saving (the last good checkpoint in {self.run.path} is kept); "
+                                 "try a lower --lr")
+
+    def save(self, path: Path, val: float | None) -> None:
+        if self.dist.is_main:
+            save_checkpoint(path, self.model, self.tokenizer, step=self.step, val_loss=val,
+                            run_id=self.run_id, source=f"gpt train ({self.run.path})")
+
+    def save_last(self, val: float | None) -> None:
+        """last.safetensors and the training state that resumes from it, marked with the same
+        step and run id (a resume refuses a pair that does not match)."""
+        self.save(self.run.last, val)
+        rng = {f"torch.{r}": s for r, s in enumerate(self.dist.gather(torch.get_rng_state()))}
+        if self.device.type == "cuda":  # dropout masks on the GPU
+            states = self.dist.gather(torch.cuda.get_rng_state(self.device))
+            rng.update({f"cuda.{r}": s for r, s in enumerate(states)})
+        if self.dist.is_main:
+            save_training_state(
+                self.run.last_state, self.parts.optimizer, self.parts.scaler,
+                rng={**rng, "sampler": self.sampler.state()},
+                meta={key: json.dumps(value) for key, value in {  # the state's metadata is JSON
+                    "step": self.step, "run_id": self.run_id, "best_val": self.best_val,
+                    "train_config": self.cfg.model_dump(), "elapsed": self.elapsed(),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}.items()})
+
+    def validate(self) -> float | None:
+        if not len(self.val_tokens):
+            return None
+        loss = evaluate(self.model, self.val_tokens, self.model.config.context_length,
+                        batch_size=self.cfg.batch_size, device=self.device, amp=self.parts.amp,
+                        max_windows=self.cfg.eval_steps * self.cfg.batch_size).loss
+        self.check_finite("validation loss", loss)
+        return loss
+
+    def sample(self) -> str | None:
+        if not self.dist.is_main:
+            return None
+        from .sampling import generate, prompt_ids
+
+        prompt, _ = prompt_ids(self.tokenizer, "", self.model.config.context_length)
+        config = SampleConfig(max_new_tokens=self.cfg.sample_tokens, temperature=0.8,
+                              seed=self.cfg.seed)
+        self.model.eval()
+        samples, _ = generate(self.model, self.tokenizer, prompt, config)
+        self.model.train()
+        return samples[0].text
+
+    def stop_reason(self, signum: int | None, stop_after: int | None) -> str | None:
+        """Why to stop now, agreed by every rank (a rank that stopped alone would hang the
+        others)."""
+        out_of_time = bool(self.cfg.max_time) and self.elapsed() > self.cfg.max_time
+        if not self.dist.any(signum is not None or self.step == stop_after or out_of_time,
+                             self.device):
+            return None
+        return (signal.Signals(signum).name if signum is not None else "max-time" if out_of_time
+                else "stop-after" if self.step == stop_after else "another rank")
+
+
+def setup(cfg: TrainConfig, run: RunFolder, resume: bool, display) -> Session:
+    """Device, data, model, optimizer, sampler and (when resuming) the saved state; writes
+    config.json and opens metrics.jsonl (rank 0)."""
+    from .display import NullDisplay
+
+    dist = current_dist()
+    display = display if display is not None and dist.is_main else NullDisplay()
+    device = dist.device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    seed_everything(cfg.seed + dist.rank)
+    init = load_checkpoint(run.last) if resume else \
+        load_checkpoint(resolve_model(cfg.init_from)) if cfg.init_from else None
+    files = resolve_data(cfg.data)
+    tokenizer_spec = init[1].spec() if init else cfg.tokenizer if cfg.tokenizer != "auto" else \
+        "char" if cfg.preset in ("tiny", "small") else "gpt2"
+
+    def tokenize():
+        return display.tokenize(lambda progress: load_tokens(
+            files, tokenizer_spec, encoding=cfg.encoding, progress=progress))
+
+    if dist.enabled:  # rank 0 fills the token cache once; the others then read it
+        dist.main_first(lambda: tokenize() and None)
+    data = tokenize()
+    model = build_model(cfg, init, data.tokenizer.vocab_size, device, dtype)
+    train_tokens, val_tokens = data.split(cfg.val_fraction)
+    T = model.config.context_length
+    check_enough(len(train_tokens), len(val_tokens), T, cfg.val_fraction)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * dist.world * T
+    max_steps = cfg.max_steps if cfg.epochs is None else \
+        max(1, math.ceil(cfg.epochs * len(train_tokens) / tokens_per_step))
+    parts = step_parts(model, cfg, device, dtype)
+    runner = parts.runner
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(
+            runner, device_ids=[device.index] if device.type == "cuda" else None)
+    s = Session(cfg=cfg, run=run, dist=dist, display=display, model=model, runner=runner,
+                parts=parts, tokenizer=data.tokenizer, val_tokens=val_tokens, device=device,
+                dtype=dtype, max_steps=max_steps, tokens_per_step=tokens_per_step,
+                sampler=BatchSampler(train_tokens, T, cfg.batch_size, cfg.seed, rank=dist.rank,
+                                     world=dist.world),
+                run_id=(run.read_config() or {}).get("run_id") if resume else new_run_id())
+    if resume:
+        restore_state(s)
+    if dist.is_main:
+        run.write_config({"run_id": s.run_id, "train": cfg.model_dump(),
+                          "model": model.config.model_dump(), "tokenizer": data.tokenizer.spec(),
+                          "world_size": dist.world, "tokens_per_step": tokens_per_step,
+                          "max_steps": max_steps, "data": [str(f) for f in data.files],
+                          "validation": {"fraction": cfg.val_fraction, "tokens": len(val_tokens),
+                                         "from": "the end of the data"}})
+        s.metrics = run.open_metrics(s.step if resume else None)
+    return s
+
+
+def build_model(cfg: TrainConfig, init, vocab_size: int, device: torch.device,
+                dtype: torch.dtype) -> GPT:
+    """The model to train (a new one, or the checkpoint's), after checking that a training step
+    of this shape fits in the device's memory."""
+    config = init[0].config if init else ModelConfig.from_preset(
+        cfg.preset, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+        n_embd=cfg.n_embd, context_length=cfg.context_length, dropout=cfg.dropout)
+    check_memory(train_memory_estimate(config, cfg.batch_size, dtype), device,
+                 f"a training step at --batch-size {cfg.batch_size} with context "
+                 f"{config.context_length} and {config.num_params():,} parameters",
+                 "Try a smaller --batch-size (raise --grad-accum to keep the effective batch), "
+                 "--context-length or model.")
+    if init is None:
+        model = GPT(config)
+    elif cfg.dropout != config.dropout:  # fine-tuning with another dropout rate
+        model = GPT(config.model_copy(update={"dropout": cfg.dropout}))
+        model.load_state_dict(init[0].state_dict())
+    else:
+        model = init[0]
+    return model.to(device).train()
+
+
+def restore_state(s: Session) -> None:
+    """Optimizer moments, random generator states, sampler position and counters of
+    last.state.safetensors: the run goes on as if it had never stopped."""
+    rng, meta = load_training_state(s.run.last_state, s.parts.optimizer, s.parts.scaler)
+    s.sampler.load_state(rng["sampler"])
+    torch.set_rng_state(rng.get(f"torch.{s.dist.rank}", rng["torch.0"]))
+    if s.device.type == "cuda" and f"cuda.{s.dist.rank}" in rng:
+        torch.cuda.set_rng_state(rng[f"cuda.{s.dist.rank}"], s.device)
+    s.step, s.best_val, s.elapsed_before = meta["step"], meta["best_val"], meta["elapsed"]
+    s.run_id = meta.get("run_id") or s.run_id
+
+
+# ----------------------------------------------------------------------------- fit
 
 class _Stop:
     """Turns SIGINT/SIGTERM into a request to stop after the current step."""
@@ -219,184 +296,105 @@ class _Stop:
             signal.signal(sig, handler)
 
 
-def fit(cfg: TrainConfig, *, out: Path, resume: bool = False, display=None,
+def fit(cfg: TrainConfig, *, out: RunFolder | Path, resume: bool = False, display=None,
         stop_after: int | None = None) -> FitResult:
-    """Train as ``cfg`` says, writing the run folder ``out`` (already prepared).
-
-    Under torchrun (see ``runtime.setup_distributed``) every rank runs this same loop on its own
-    slice of each batch; rank 0 alone writes files and shows progress.
-    """
-    from .display import NullDisplay
-    from .sampling import generate, prompt_ids
-
-    dist = current_dist()
-    display = display if display is not None and dist.is_main else NullDisplay()
-    device = dist.device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    seed_everything(cfg.seed + dist.rank)
-
-    # data and model
-    init = None
-    if resume:
-        init = load_checkpoint(out / "last.safetensors")
-    elif cfg.init_from:
-        init = load_checkpoint(resolve_model(cfg.init_from))
-    files = resolve_data(cfg.data)
-    tok_spec = init[1].spec() if init else (cfg.tokenizer if cfg.tokenizer != "auto" else
-                                            ("char" if cfg.preset in ("tiny", "small") else "gpt2"))
-
-    def tokenize():
-        return display.tokenize(lambda progress: load_tokens(
-            files, tok_spec, encoding=cfg.encoding, progress=progress))
-
-    if dist.enabled:  # rank 0 fills the token cache once; the others then read it
-        dist.main_first(lambda: tokenize() and None)
-    data = tokenize()
-    tokenizer = data.tokenizer
-    if init:
-        model = init[0]
-        if cfg.dropout != model.config.dropout:
-            model = _with_dropout(model, cfg.dropout)
-    else:
-        model = GPT(ModelConfig.from_preset(
-            cfg.preset, vocab_size=tokenizer.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-            n_embd=cfg.n_embd, context_length=cfg.context_length, dropout=cfg.dropout))
-    mcfg = model.config
-    train_tokens, val_tokens = data.split(cfg.val_fraction)
-    check_enough(len(train_tokens), len(val_tokens), mcfg.context_length, cfg.val_fraction)
-    model.to(device).train()
-
-    # effective batch: batch x grad-accum x world size, in tokens
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * dist.world * mcfg.context_length
-    max_steps = cfg.max_steps
-    if cfg.epochs is not None:
-        max_steps = max(1, math.ceil(cfg.epochs * len(train_tokens) / tokens_per_step))
-    parts = step_parts(model, cfg, device, dtype)
-    optimizer, scaler, amp, runner = parts.optimizer, parts.scaler, parts.amp, parts.runner
-    sampler = BatchSampler(train_tokens, mcfg.context_length, cfg.batch_size, cfg.seed,
-                           rank=dist.rank, world=dist.world)
-    step, best_val, elapsed_before = 0, None, 0.0
-    if resume:
-        rng, meta = load_training_state(out / "last.state.safetensors", optimizer, scaler)
-        sampler.load_state(rng["sampler"])
-        torch.set_rng_state(rng.get(f"torch.{dist.rank}", rng["torch.0"]))
-        if device.type == "cuda" and f"cuda.{dist.rank}" in rng:  # dropout masks on the GPU
-            torch.cuda.set_rng_state(rng[f"cuda.{dist.rank}"], device)
-        step, best_val, elapsed_before = meta["step"], meta["best_val"], meta["elapsed"]
-    metrics = None
-    if dist.is_main:
-        (out / "config.json").write_text(json.dumps(
-            {"train": cfg.model_dump(), "model": mcfg.model_dump(), "tokenizer": tokenizer.spec(),
-             "world_size": dist.world, "tokens_per_step": tokens_per_step,
-             "max_steps": max_steps}, indent=2))
-        metrics = MetricsLog(out / "metrics.jsonl", step if resume else None)
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda"
-                                         else None)
-
-    def save(name: str, val: float | None) -> None:
-        if dist.is_main:
-            save_checkpoint(out / name, model, tokenizer, step=step, val_loss=val,
-                            source=f"gpt train ({out})")
-
-    def save_last(val: float | None) -> None:
-        save("last.safetensors", val)
-        rng = {f"torch.{r}": s for r, s in enumerate(dist.gather(torch.get_rng_state()))}
-        if device.type == "cuda":
-            states = dist.gather(torch.cuda.get_rng_state(device))
-            rng.update({f"cuda.{r}": s for r, s in enumerate(states)})
-        if dist.is_main:
-            save_training_state(out / "last.state.safetensors", optimizer, scaler,
-                                rng={**rng, "sampler": sampler.state()},
-                                meta={"step": step, "best_val": best_val, "train_config":
-                                      cfg.model_dump(), "elapsed": elapsed_before + time.perf_counter() - t0})
-
-    def fail(message: str) -> None:
-        if metrics:
-            metrics.close()
-        raise RuntimeFailure(f"{message} at step {step}; stopped without saving (the last good "
-                             f"checkpoint in {out} is kept); try a lower --lr")
-
-    sample_cfg = SampleConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, seed=cfg.seed)
-    prompt, _ = prompt_ids(tokenizer, "", mcfg.context_length)  # end-of-text, or a newline
-    display.start(step=step, max_steps=max_steps, device=device, dtype=dtype,
-                  params=model.num_params(), tokens_per_step=tokens_per_step, out=out,
-                  batch=f"{cfg.batch_size} x {cfg.grad_accum} grad-accum x {dist.world} "
-                        f"process(es) x {mcfg.context_length} context = ")
-    t0 = time.perf_counter()
-    t_log, steps_since_log = t0, 0
-    last_val, tok_s, stopped_by = None, 0.0, None
+    """Train as ``cfg`` says in the run folder ``out`` (already prepared). Under torchrun every
+    rank runs this same loop on its own slice of each batch; rank 0 alone writes files."""
+    s = setup(cfg, out if isinstance(out, RunFolder) else RunFolder(out), resume, display)
+    display = s.display
+    display.start(step=s.step, max_steps=s.max_steps, device=s.device, dtype=s.dtype,
+                  params=s.model.num_params(), tokens_per_step=s.tokens_per_step, out=s.run.path,
+                  batch=(cfg.batch_size, cfg.grad_accum, s.dist.world,
+                         s.model.config.context_length))
+    s.t0 = t_log = time.perf_counter()
+    since_log, last_val, tok_s, stopped_by = 0, None, 0.0, None
     with _Stop() as stop:
-        while step < max_steps:
-            lr = lr_at(step, cfg, max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = train_step(runner, optimizer, sampler.next_batch, grad_accum=cfg.grad_accum,
-                              grad_clip=cfg.grad_clip, amp=amp, scaler=scaler, device=device)
-            step += 1
-            steps_since_log += 1
-            if step % cfg.log_interval == 0 or step == max_steps:
-                loss_value = dist.sum([loss.item()], device)[0] / dist.world
-                if not math.isfinite(loss_value):
-                    fail(f"the training loss became {loss_value}")
+        while s.step < s.max_steps:
+            for group in s.parts.optimizer.param_groups:
+                group["lr"] = lr = lr_at(s.step, cfg, s.max_steps)
+            loss = train_step(s.runner, s.parts.optimizer, s.sampler.next_batch,
+                              grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
+                              amp=s.parts.amp, scaler=s.parts.scaler, device=s.device)
+            s.step += 1
+            since_log += 1
+            final = s.step == s.max_steps
+            if s.step % cfg.log_interval == 0 or final:
+                loss_value = s.mean_over_ranks(loss.item())
+                s.check_finite("training loss", loss_value)
                 now = time.perf_counter()
-                tok_s = steps_since_log * tokens_per_step / (now - t_log)
-                t_log, steps_since_log = now, 0
-                if metrics:
-                    metrics.write(step=step, train_loss=loss_value, lr=lr, tokens_per_s=tok_s,
-                                  elapsed=elapsed_before + now - t0)
-                display.step(step, loss=loss_value, lr=lr, tokens_per_s=tok_s)
-            if step % cfg.eval_interval == 0 or step == max_steps:
-                last_val = evaluate(model, val_tokens, mcfg.context_length,
-                                    batch_size=cfg.batch_size, device=device, amp=amp,
-                                    max_windows=cfg.eval_steps * cfg.batch_size,
-                                    ).loss if len(val_tokens) else None
-                if last_val is not None and not math.isfinite(last_val):
-                    fail(f"the validation loss became {last_val}")
-                if metrics:
-                    metrics.write(step=step, val_loss=last_val)
-                display.eval(step, last_val)
-                if last_val is not None and (best_val is None or last_val < best_val):
-                    best_val = last_val
-                    save("best.safetensors", last_val)
-                save_last(last_val)
-            if cfg.save_interval and step % cfg.save_interval == 0:
-                save(f"step-{step}.safetensors", last_val)
-            if cfg.sample_interval and step % cfg.sample_interval == 0 and dist.is_main:
-                model.eval()
-                samples, _ = generate(model, tokenizer, prompt, sample_cfg)
-                model.train()
-                display.sample(step, samples[0].text)
-            out_of_time = bool(cfg.max_time) and elapsed_before + time.perf_counter() - t0 > cfg.max_time
-            # every rank must agree to stop at the same step, or the others would hang
-            if dist.any(stop.signal is not None or step == stop_after or out_of_time, device):
-                if step < max_steps:
-                    stopped_by = (signal.Signals(stop.signal).name if stop.signal is not None
-                                  else "max-time" if out_of_time else
-                                  "stop-after" if step == stop_after else "another rank")
-                    save_last(last_val)
+                tok_s, t_log, since_log = since_log * s.tokens_per_step / (now - t_log), now, 0
+                s.log(step=s.step, train_loss=loss_value, lr=lr, tokens_per_s=tok_s,
+                      elapsed=s.elapsed())
+                display.step(s.step, loss=loss_value, lr=lr, tokens_per_s=tok_s)
+            if s.step % cfg.eval_interval == 0 or final:
+                last_val = s.validate()
+                s.log(step=s.step, val_loss=last_val)
+                display.eval(s.step, last_val)
+                if last_val is not None and (s.best_val is None or last_val < s.best_val):
+                    s.best_val = last_val
+                    s.save(s.run.best, last_val)
+                s.save_last(last_val)
+            if cfg.save_interval and s.step % cfg.save_interval == 0:
+                s.save(s.run.snapshot(s.step), last_val)
+            if cfg.sample_interval and s.step % cfg.sample_interval == 0:
+                display.sample(s.step, s.sample())
+            if reason := s.stop_reason(stop.signal, stop_after):
+                if not final:
+                    stopped_by = reason
+                    s.save_last(last_val)
                 break
-    synchronize(device)
-    if metrics:
-        metrics.close()
-    display.finish()
-    if len(val_tokens) == 0 and not (out / "best.safetensors").exists():
-        save("best.safetensors", None)
-    if dist.is_main:
-        _plot_losses(out)
-    best = out / "best.safetensors"
-    return FitResult(out=out, step=step, best_val=best_val, last_val=last_val,
-                     tokens_per_s=tok_s, stopped_by=stopped_by,
-                     checkpoint=best if best.exists() else out / "last.safetensors")
+    return finish(s, last_val, tok_s, stopped_by)
 
 
-def _with_dropout(model: GPT, dropout: float) -> GPT:
-    """The same weights in a model whose config has another dropout rate (for fine-tuning)."""
-    new = GPT(model.config.model_copy(update={"dropout": dropout}))
-    new.load_state_dict(model.state_dict())
-    return new
+def finish(s: Session, last_val: float | None, tok_s: float, stopped_by: str | None) -> FitResult:
+    synchronize(s.device)
+    if s.metrics:
+        s.metrics.close()
+    s.display.finish()
+    if not len(s.val_tokens) and not s.run.best.exists():
+        s.save(s.run.best, None)
+    if s.dist.is_main:
+        _plot_losses(s.run.path)
+    best = s.run.best
+    return FitResult(out=s.run.path, step=s.step, best_val=s.best_val, last_val=last_val,
+                     tokens_per_s=tok_s, stopped_by=stopped_by, is_main=s.dist.is_main,
+                     checkpoint=best if best.exists() else s.run.last)
+
+
+def launch(explicit: dict, *, config_file: Path | None = None, resume: str | None = None,
+           force: bool = False, display=None) -> FitResult:
+    """What `gpt train` does: join the torchrun job (if any), lock and check the run folder,
+    merge the settings, fit, and leave the job. ``resume`` is None, "yes" or "auto"."""
+    cfg = merge_config(explicit, config_file, None)
+    run = RunFolder(cfg.out or default_out(cfg))
+    dist = setup_distributed(cfg.device)
+    try:
+        dist.main_first(run.lock)  # one process trains in a folder at a time
+        if dist.main_first(lambda: run.prepare(resume=resume, force=force)):
+            cfg = merge_config(explicit, config_file, run.read_config())
+            result = fit(cfg, out=run, resume=True, display=display)
+        else:
+            result = fit(cfg, out=run, display=display)
+    except KeyboardInterrupt:  # a second Ctrl-C: the first one's save may not have finished
+        teardown_distributed(clean=False)
+        raise Interrupted(interrupted_message(run)) from None
+    except BaseException:
+        teardown_distributed(clean=False)
+        raise
+    finally:
+        run.unlock()
+    teardown_distributed()
+    return result
+
+
+def interrupted_message(run: RunFolder) -> str:
+    if not run.has_state():
+        return "interrupted before the first checkpoint was saved"
+    from .checkpoint import read_safetensors
+
+    step = read_safetensors(run.last, tensors=False)[1].get("step", "?")
+    return (f"interrupted; the checkpoint of step {step} is saved. Resume with: gpt train --out "
+            f"{run.path} --resume")
 
 
 def _plot_losses(out: Path) -> None:

@@ -141,24 +141,25 @@ def test_unavailable_device_exit_2():
 
 
 def test_too_large_preset_refused_before_allocating(monkeypatch):
-    monkeypatch.setattr(bench, "available_memory", lambda device: 2 * 1024 ** 3)
+    monkeypatch.setattr(hardware, "available_memory", lambda device: 2 * 1024 ** 3)
     monkeypatch.setattr(bench, "GPT", lambda config: pytest.fail("allocated the model"))
     result = runner.invoke(app, ["bench", "--device", "cpu", "--preset", "gpt2-xl",
                                  "--batch-size", "1"])
     assert result.exit_code == 2
     line = result.stderr.strip()
-    assert line.startswith("error: the gpt2-xl preset needs about ")
-    assert "GiB for training at batch size 1, context 1024, float32; cpu has 2.0 GiB available" \
-        in line and "--batch-size" in line
+    assert line.startswith("error: the gpt2-xl preset's training at batch size 1, context "
+                           "1024, float32 needs about ")
+    assert "GiB; cpu has 2.0 GiB available. Try a smaller --preset, --batch-size or " \
+        "--context-length." in line
 
 
 def test_oom_during_run_is_a_runtime_failure(monkeypatch):
-    import gptcli.train
+    import gptcli.optim
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(gptcli.train, "train_step", oom)
+    monkeypatch.setattr(gptcli.optim, "train_step", oom)
     result = runner.invoke(app, FAST[:-1] + ["--batch-size", "4"])
     assert result.exit_code == 1
     line = result.stderr.strip()
@@ -168,7 +169,8 @@ def test_oom_during_run_is_a_runtime_failure(monkeypatch):
 
 def test_bad_values_exit_2():
     result = runner.invoke(app, ["bench", "--device", "cpu", "--only", "eval"])
-    assert result.exit_code == 2 and "--only must be train or generate" in result.stderr
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --only must be 'train' or 'generate', got 'eval'"
     result = runner.invoke(app, ["bench", "--device", "cpu", "--preset", "tiny",
                                  "--prompt-length", "60", "--new-tokens", "10"])
     assert result.exit_code == 2 and "must fit in the context length (64)" in result.stderr

@@ -51,10 +51,10 @@ def test_validation_explains_itself():
     assert validation_message(err.value) == "n_embd (100) must be divisible by n_head (3)"
     with pytest.raises(ValidationError) as err:
         ModelConfig(norm="batchnorm")
-    assert validation_message(err.value).startswith("norm: Input should be 'layernorm' or 'rmsnorm'")
+    assert validation_message(err.value) == "norm must be 'layernorm' or 'rmsnorm', got 'batchnorm'"
     with pytest.raises(ValidationError) as err:
         ModelConfig(n_layers=3)
-    assert validation_message(err.value) == "n_layers: unknown setting"
+    assert validation_message(err.value) == "n_layers is not a setting"
     with pytest.raises(ValidationError, match="rope needs an even head size"):
         ModelConfig(n_embd=15, n_head=5, position="rope")
 

@@ -41,8 +41,7 @@ def test_torchrun_trains_writes_one_checkpoint_set_and_resumes(corpus, tmp_path)
     config = __import__("json").loads((out / "config.json").read_text())
     assert config["world_size"] == 2 and config["tokens_per_step"] == 2 * 2 * 16
     assert result.stderr.count("done: 4 steps") == 1  # rank 0 alone reports
-    assert "effective batch 2 x 1 grad-accum x 2 process(es) x 16 context = 64 tokens per step" \
-        in result.stderr
+    assert "batch: 2 sequences x 2 processes x 16 tokens = 64 tokens per step" in result.stderr
     _, _, meta = load_checkpoint(out / "last.safetensors")
     assert meta["step"] == "4"
 

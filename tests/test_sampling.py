@@ -204,13 +204,18 @@ def test_cli_real_subprocess_pipe(char_checkpoint):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--temperature", "-1"], "error: temperature: Input should be greater than or equal to 0"),
-    (["--top-p", "0"], "error: top_p: Input should be greater than 0"),
-    (["--top-p", "1.5"], "error: top_p: Input should be less than or equal to 1"),
-    (["--top-k", "-3"], "error: top_k: Input should be greater than or equal to 0"),
-    (["--max-new-tokens", "0"], "error: max_new_tokens: Input should be greater than or equal to 1"),
+    (["--temperature", "-1"], "error: --temperature must be at least 0, got -1.0"),
+    (["--top-p", "0"], "error: --top-p must be greater than 0, got 0.0"),
+    (["--top-p", "1.5"], "error: --top-p must be at most 1, got 1.5"),
+    (["--top-k", "-3"], "error: --top-k must be at least 0, got -3"),
+    (["--max-new-tokens", "0"], "error: --max-new-tokens must be at least 1, got 0"),
+    (["--stop", ""], "error: --stop must not be an empty string (it would stop at once)"),
+    (["--seed", "99999999999999999999"],
+     "error: --seed must be less than 9223372036854775808, got 99999999999999999999"),
+    (["--seed", "-1"], "error: --seed must be at least 0, got -1"),
     (["--prompt", "xyz!"], "error: the text has 1 character(s) outside this model's"),
-    (["--prompt-file", "nope.txt"], "error: prompt file nope.txt does not exist"),
+    (["--prompt-file", "nope.txt"], "error: cannot read prompt file nope.txt: it does not exist"),
+    (["--prompt-file", "."], "error: cannot read prompt file .: it is a folder"),
     (["--prompt-file", "latin.txt"], "error: prompt file latin.txt is not UTF-8 text (byte offset 3)"),
 ])
 def test_cli_bad_input(char_checkpoint, args, message, tmp_path):
@@ -218,6 +223,7 @@ def test_cli_bad_input(char_checkpoint, args, message, tmp_path):
     result = gen("--model", str(char_checkpoint), *args)
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_cli_unknown_model_lists_what_is_available(char_checkpoint, isolated_home):

@@ -9,13 +9,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptcli import train
+from gptcli import optim
 from gptcli.checkpoint import load_checkpoint
 from gptcli.cli import app
 from gptcli.config import TrainConfig
 from gptcli.model import GPT
 from gptcli.runtime import RuntimeFailure
-from gptcli.train import fit, lr_at, prepare_run_folder
+from gptcli.optim import lr_at
+from gptcli.runs import RunFolder
+from gptcli.train import fit
 
 from conftest import tiny_config
 
@@ -36,7 +38,7 @@ def losses(out):
 
 def test_loss_falls(corpus, tmp_path):
     out = tmp_path / "run"
-    prepare_run_folder(out, resume=None, force=False)
+    RunFolder(out).prepare(resume=None, force=False)
     result = fit(config(corpus, max_steps=60, eval_interval=30, lr=3e-3), out=out)
     train_losses, val_losses = losses(out)
     assert train_losses[-1][1] < train_losses[0][1] - 0.5
@@ -52,14 +54,14 @@ def test_loss_falls(corpus, tmp_path):
 def test_resume_equals_uninterrupted_run(corpus, tmp_path):
     cfg = config(corpus, max_steps=12, eval_interval=4, dropout=0.1)  # dropout: RNG must resume
     straight = tmp_path / "straight"
-    prepare_run_folder(straight, resume=None, force=False)
+    RunFolder(straight).prepare(resume=None, force=False)
     fit(cfg, out=straight)
 
     split = tmp_path / "split"
-    prepare_run_folder(split, resume=None, force=False)
+    RunFolder(split).prepare(resume=None, force=False)
     first = fit(cfg, out=split, stop_after=6)
     assert first.stopped_by == "stop-after" and first.step == 6
-    assert prepare_run_folder(split, resume="yes", force=False) is True
+    assert RunFolder(split).prepare(resume="yes", force=False) is True
     fit(cfg, out=split, resume=True)
 
     assert losses(split) == losses(straight)
@@ -71,8 +73,8 @@ def test_resume_equals_uninterrupted_run(corpus, tmp_path):
 
 def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    prepare_run_folder(out, resume=None, force=False)
-    real_loss = train.loss_fn
+    RunFolder(out).prepare(resume=None, force=False)
+    real_loss = optim.loss_fn
     calls = {"n": 0}
 
     def poisoned(logits, targets):
@@ -80,7 +82,7 @@ def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(corpus, tmp_path, monk
         loss = real_loss(logits, targets)
         return loss * float("nan") if calls["n"] > 4 else loss
 
-    monkeypatch.setattr(train, "loss_fn", poisoned)
+    monkeypatch.setattr(optim, "loss_fn", poisoned)
     with pytest.raises(RuntimeFailure, match=r"the training loss became nan at step 5; stopped "
                                              r"without saving .* try a lower --lr"):
         fit(config(corpus, max_steps=20, eval_interval=2), out=out)
@@ -98,7 +100,7 @@ def test_lr_schedule():
 
 
 def test_weight_decay_only_on_matrices():
-    opt = train.make_optimizer(GPT(tiny_config()), TrainConfig(weight_decay=0.1),
+    opt = optim.make_optimizer(GPT(tiny_config()), TrainConfig(weight_decay=0.1),
                                torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
@@ -145,7 +147,7 @@ def test_cli_config_file_and_flags(corpus, tmp_path):
      "error: b.txt is not valid utf-8 text (byte offset 2)"),
     (lambda p: (p / "s.txt").write_text("too short"), ["--data", "s.txt"],
      "error: not enough data: 9 tokens, but context length 64"),
-    (None, ["--lr", "-1"], "error: lr: Input should be greater than 0"),
+    (None, ["--lr", "-1"], "error: --lr must be greater than 0, got -1.0"),
     (None, ["--preset", "huge"], "error: unknown preset 'huge'; choose one of: tiny"),
     (None, ["--device", "cuda"], "error: device 'cuda' is not available"),
     (None, ["--resume"], "error: nothing to resume in runs/shakespeare"),

@@ -1,0 +1,33 @@
+"""The `gpt` command line: the only package that imports typer.
+
+Each command parses its flags (derived from the pydantic configs, see ``app.py``), calls one
+library function and renders the result. torch and the model code are imported inside the
+commands, so `gpt --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from . import commands  # noqa: F401 - registers the commands on the app
+from .app import STDOUT_CLOSED, app, silence_stdout
+
+__all__ = ["app", "main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    # `--resume auto` is spelled as an option value; typer has no optional-value options.
+    for i in range(len(args) - 1):
+        if args[i] == "--resume" and args[i + 1] == "auto":
+            args[i:i + 2] = ["--resume-auto"]
+            break
+    try:
+        try:
+            app(args=args, prog_name="gpt")
+        finally:
+            sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
+    except BrokenPipeError:
+        silence_stdout()
+        sys.exit(STDOUT_CLOSED)

@@ -1,0 +1,255 @@
+"""The `gpt` Typer app: the one error policy, and flags derived from the pydantic configs.
+
+A command declares its own command-line-only options (``--json``, ``--prompt``, ...) as usual and
+names the config models whose fields are also flags; ``command`` adds one flag per field, with the
+field's description as help, its ``group`` as the help panel and its ``metavar``. Every derived
+flag defaults to "not given" (None), so a command receives only what the user typed, and the
+config models (with ``--config`` files and saved run configs, where a command has them) supply
+every default in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sys
+import traceback
+import types
+import typing
+from typing import Annotated, Any, Optional
+
+import typer
+from typer.core import TyperCommand, TyperGroup
+
+from .. import __version__
+from ..runtime import GptcliError, UserError, is_debug, is_oom
+
+
+class _HelpSwitch:
+    """The help option is a switch: show no ``<bool>`` placeholder after it."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+            panels = [getattr(p, "rich_help_panel", None) for p in self.params]
+            if any(panels):  # --help goes last, in the last group, not in a group of its own
+                option.rich_help_panel = [p for p in panels if p][-1]
+        return option
+
+
+class Command(_HelpSwitch, TyperCommand):
+    pass
+
+
+class Group(_HelpSwitch, TyperGroup):
+    pass
+
+
+app = typer.Typer(
+    name="gpt",
+    cls=Group,
+    help="Train, run, inspect and benchmark GPT-2-family language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+
+
+# ----------------------------------------------------------------------------- error policy
+
+def fail(message: str, code: int):
+    """Print one line to stderr and exit with ``code``."""
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    where = f"rank {rank}: " if rank is not None else ""
+    print(f"error: {where}{message}", file=sys.stderr, flush=True)
+    raise typer.Exit(code)
+
+
+STDOUT_CLOSED = 141  # the status of a process ended by SIGPIPE, as other Unix tools end
+
+
+def silence_stdout() -> None:
+    """The reader of our stdout went away (``| head``): not an error for a command-line tool.
+    Point stdout at /dev/null so the interpreter's final flush cannot complain either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _is_validation_error(e: BaseException) -> bool:
+    return type(e).__name__ == "ValidationError" and type(e).__module__.startswith("pydantic")
+
+
+def handle_errors(fn, oom_hint: str):
+    """``fn`` under the one error policy: a user error is one line on stderr and exit status 2
+    (bad input) or 1 (runtime failure); ``--debug`` shows the traceback as well."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kw):
+        try:
+            return fn(*args, **kw)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except BrokenPipeError:
+            silence_stdout()
+            raise typer.Exit(STDOUT_CLOSED) from None
+        except BaseException as e:  # noqa: BLE001 - the last line of defence against tracebacks
+            message, code = describe(e, oom_hint)
+            if is_debug():
+                traceback.print_exc()
+            fail(message, code)
+
+    return wrapper
+
+
+def describe(e: BaseException, oom_hint: str) -> tuple[str, int]:
+    """The one-line message and exit status for an exception that reached a command."""
+    from ..config import validation_message
+    from ..runtime import path_error
+
+    if isinstance(e, GptcliError):
+        return str(e), e.exit_code
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted", 130
+    if _is_validation_error(e):
+        return validation_message(e, flags=True), UserError.exit_code
+    if is_oom(e):
+        return f"out of memory on the device; {oom_hint}", 1
+    if isinstance(e, OSError) and e.filename:
+        err = path_error(e, "use", e.filename)
+        return str(err), err.exit_code
+    return (f"{type(e).__name__}: {e} (an unexpected failure; run with `gpt --debug ...` for "
+            "the traceback)"), 1
+
+
+# ----------------------------------------------------------------------------- flags from configs
+
+METAVARS = {int: "N", float: "FLOAT", str: "TEXT"}
+
+
+def field_info(field) -> tuple[str, dict]:
+    """A config field's help text and extras, looking inside ``Optional[Annotated[...]]``."""
+    description, extra = field.description, dict(field.json_schema_extra or {})
+    if description is None:  # e.g. `seed: Seed | None`: the shared type carries the help
+        for arg in typing.get_args(field.annotation):
+            for meta in getattr(arg, "__metadata__", ()):
+                description = description or getattr(meta, "description", None)
+                extra = {**(getattr(meta, "json_schema_extra", None) or {}), **extra}
+    return description or "", extra
+
+
+def _base_type(annotation) -> type:
+    """int, float, str, bool or list[str] for a field annotation (Optional and Annotated and
+    Literal unwrapped)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _base_type(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return _base_type(next(a for a in typing.get_args(annotation) if a is not type(None)))
+    if origin is typing.Literal:
+        return type(typing.get_args(annotation)[0])
+    if origin is list:
+        return list[str]
+    return annotation
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def config_flags(*models, exclude: tuple[str, ...] = ()) -> dict[str, inspect.Parameter]:
+    """One Typer option per field of ``models`` (the first model wins for a shared name)."""
+    params: dict[str, inspect.Parameter] = {}
+    for model in models:
+        for name, field in model.model_fields.items():
+            if name in params or name in exclude:
+                continue
+            help_text, extra = field_info(field)
+            kind = _base_type(field.annotation)
+            if field.default not in (None, [], False):
+                help_text = f"{help_text} (default: {field.default})"
+            names = (flag_name(name), *([extra["short"]] if "short" in extra else []))
+            option = typer.Option(*names, help=help_text, show_default=False,
+                                  rich_help_panel=extra.get("group"),
+                                  metavar="" if kind is bool else extra.get(
+                                      "metavar", METAVARS.get(kind, "TEXT")))
+            params[name] = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                             annotation=Annotated[Optional[kind], option])
+    return params
+
+
+def _panel(param: inspect.Parameter) -> str | None:
+    for meta in getattr(param.annotation, "__metadata__", ()):
+        if getattr(meta, "rich_help_panel", None):
+            return meta.rich_help_panel
+    return None
+
+
+def command(name: str, *configs, exclude: tuple[str, ...] = (), panels: tuple[str, ...] = (),
+            oom_hint: str = "try a smaller model", **kwargs):
+    """Register a command under the error policy. With ``configs``, the command also gets one
+    flag per config field and receives the ones the user gave as ``given`` (a dict).
+    ``panels`` orders the groups of options in ``--help``."""
+
+    def register(fn):
+        handled = callback = handle_errors(fn, oom_hint)
+        if configs:
+            own = [p for p in inspect.signature(fn, eval_str=True).parameters.values()
+                   if p.name != "given"]
+            derived = config_flags(*configs, exclude=(*exclude, *(p.name for p in own)))
+            order = {panel: i for i, panel in enumerate(panels)}
+            listed = sorted([p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+                             for p in (*derived.values(), *own)],
+                            key=lambda p: order.get(_panel(p), len(order)))
+
+            @functools.wraps(fn)
+            def with_given(**kw):
+                given = {k: kw.pop(k) for k in derived if kw.get(k) is not None}
+                for k in derived:
+                    kw.pop(k, None)
+                return handled(given=given, **kw)
+
+            with_given.__signature__ = inspect.Signature(listed)
+            with_given.__annotations__ = {p.name: p.annotation for p in listed}
+            del with_given.__wrapped__  # Typer must read the signature above, not fn's
+            callback = with_given
+        return app.command(name, cls=Command, **kwargs)(callback)
+
+    return register
+
+
+def settings(model, given: dict[str, Any], **fixed: Any):
+    """Build a config model from the flags that belong to it (validation errors become one-line
+    user errors through the error policy)."""
+    fields = {k: v for k, v in given.items() if k in model.model_fields}
+    return model(**{**fields, **fixed})
+
+
+# ----------------------------------------------------------------------------- shared CLI options
+
+Json = Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object on stdout.",
+                                    rich_help_panel="Output")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"gptcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", metavar="",
+                                        help="Show full tracebacks on errors.")] = False,
+    version: Annotated[Optional[bool], typer.Option(
+        "--version", metavar="", callback=_version, is_eager=True,
+        help="Print the version and exit.")] = None,
+) -> None:
+    """Train, run, inspect and benchmark GPT-2-family language models."""
+    if debug:
+        os.environ["GPTCLI_DEBUG"] = "1"

@@ -1,0 +1,313 @@
+"""The commands. Each parses, validates, calls one library function and renders the result;
+settings come from the config models (see ``app.command``), rendering from ``display.py``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..config import BenchConfig, EvalConfig, LoadConfig, SampleConfig, TrainConfig
+from ..runtime import UserError
+from .app import Json, command, settings
+
+Opt = typer.Option
+Arg = typer.Argument
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- train
+
+@command("train", TrainConfig, panels=("Data", "Model", "Optimisation", "Run", "Device"),
+         oom_hint="try a smaller --batch-size (raise --grad-accum to keep "
+         "the effective batch), --context-length or model")
+def train_cmd(
+    given: dict,
+    config: Annotated[Optional[Path], Opt(metavar="FILE", rich_help_panel="Run", help=(
+        "Load settings from a JSON file; flags override it."))] = None,
+    resume: Annotated[bool, Opt("--resume", metavar="", rich_help_panel="Run", help=(
+        "Continue the run in --out exactly where it stopped; `--resume auto` resumes when "
+        "there is a saved state, else starts fresh."))] = False,
+    resume_auto: Annotated[bool, Opt("--resume-auto", hidden=True)] = False,
+    force: Annotated[bool, Opt("--force", metavar="", rich_help_panel="Run", help=(
+        "Overwrite the files of an existing run folder."))] = False,
+) -> None:
+    """Train a model on text files (default: the tiny preset on the bundled Shakespeare)."""
+    from ..display import TrainDisplay
+    from ..train import launch
+
+    display = TrainDisplay()
+    result = launch(given, config_file=config, force=force,
+                    resume="auto" if resume_auto else "yes" if resume else None, display=display)
+    if result.is_main:
+        display.report(result, prompt=suggested_prompt(result.out))
+    raise typer.Exit(result.exit_code)
+
+
+def suggested_prompt(run: Path) -> str | None:
+    """A prompt for the "try it" hint that the run's tokenizer can encode."""
+    saved = json.loads((Path(run) / "config.json").read_text())
+    if saved["tokenizer"]["type"] == "gpt2":
+        return "The"
+    return "ROMEO:" if not saved["train"].get("data") else None
+
+
+# ----------------------------------------------------------------------------- generate
+
+@command("generate", LoadConfig, SampleConfig,
+         panels=("Model", "Prompt", "Sampling", "Device", "Output"),
+         oom_hint="try a smaller --num-samples or --max-new-tokens, or a smaller model")
+def generate_cmd(
+    given: dict,
+    prompt: Annotated[Optional[str], Opt("--prompt", "-p", metavar="TEXT", rich_help_panel="Prompt",
+                                         help="Text to continue; '-' reads standard input (also "
+                                              "read when piped).")] = None,
+    prompt_file: Annotated[Optional[Path], Opt(metavar="FILE", rich_help_panel="Prompt", help=(
+        "Read the prompt from this UTF-8 file."))] = None,
+    interactive: Annotated[bool, Opt("--interactive", "-i", metavar="", rich_help_panel="Prompt",
+                                     help="A prompt loop: each line a new prompt; Ctrl-D or "
+                                          "/quit leaves.")] = False,
+    as_json: Json = False,
+) -> None:
+    """Generate text from a model, streamed to stdout (statistics on stderr)."""
+    from ..sampling import load_generator
+
+    load, sample = settings(LoadConfig, given), settings(SampleConfig, given)
+    loaded = load_generator(load.model, device=load.device, dtype=load.dtype,
+                            compile=load.compile)
+    if load.model is None:
+        note(f"using {loaded.path} (the latest run)")
+    if load.compile and loaded.model.device.type == "cpu":
+        note("note: on CPUs the compiled step decodes slower than eager (measured 0.3x for "
+             "gpt2); --compile pays off on CUDA")
+    prompts = iter(read_prompt_line, None) if interactive else [read_prompt(prompt, prompt_file)]
+    for text in prompts:
+        generate_once(loaded, text, sample, as_json)
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    from ..runtime import path_error
+
+    if prompt_file is not None:
+        try:
+            return prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"prompt file {prompt_file} is not UTF-8 text (byte offset "
+                            f"{e.start})") from None
+        except OSError as e:
+            raise path_error(e, "read prompt file", prompt_file) from None
+    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
+    return prompt or ""
+
+
+def read_prompt_line() -> str | None:
+    try:
+        line = input("> ")
+    except EOFError:
+        return None
+    return None if line.strip() == "/quit" else line
+
+
+def generate_once(loaded, text: str, cfg: SampleConfig, as_json: bool) -> None:
+    from ..sampling import generate, prompt_ids
+
+    ids, warning = prompt_ids(loaded.tokenizer, text, loaded.model.config.context_length)
+    if warning:
+        note(f"warning: {warning}")
+    stream = not as_json and cfg.num_samples == 1
+    if stream:
+        sys.stdout.write(text)
+
+    def on_text(i: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    samples, stats = generate(loaded.model, loaded.tokenizer, ids, cfg,
+                              on_text=on_text if stream else None, step=loaded.step)
+    if as_json:
+        print(json.dumps({"prompt_token_ids": ids, "stats": stats.as_dict(), "samples": [
+            {"text": s.text, "token_ids": s.token_ids, "finish_reason": s.finish_reason}
+            for s in samples]}))
+        return
+    for i, s in enumerate(samples if not stream else []):
+        print(f"{'' if i == 0 else chr(10)}----- sample {i + 1}/{len(samples)} -----")
+        sys.stdout.write(text + s.text)
+    print(flush=True)
+    note(f"[{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new tokens, first token "
+         f"{stats.time_to_first_token_s * 1000:.0f} ms, {stats.decode_tokens_per_s:.1f} "
+         "tokens/s]")
+
+
+# ----------------------------------------------------------------------------- eval
+
+@command("eval", LoadConfig, EvalConfig, exclude=("compile",),
+         panels=("Model", "Data", "Scoring", "Device", "Output"),
+         oom_hint="try a smaller --batch-size or --context-length")
+def eval_cmd(given: dict, as_json: Json = False) -> None:
+    """Loss, perplexity and bits per byte of a model on text (sliding window); without --data,
+    on the validation split of the run the model comes from."""
+    from ..display import render_eval
+    from ..evaluate import evaluate_file
+
+    result = evaluate_file(settings(LoadConfig, given), settings(EvalConfig, given))
+    if as_json:
+        print(json.dumps(result))
+    else:
+        render_eval(result)
+
+
+# ----------------------------------------------------------------------------- inspect-attention
+
+@command("inspect-attention", LoadConfig, exclude=("compile",),
+         panels=("Model", "Text", "Selection", "Device", "Output"))
+def inspect_attention_cmd(
+    given: dict,
+    text: Annotated[Optional[str], Opt("--text", metavar="TEXT", rich_help_panel="Text", help=(
+        "The text to look at."))] = None,
+    text_file: Annotated[Optional[Path], Opt("--text-file", metavar="FILE", rich_help_panel="Text",
+                                             help="Read the text from this UTF-8 file instead.")] = None,
+    layer: Annotated[str, Opt("--layer", metavar="N", rich_help_panel="Selection", help=(
+        "Layer(s) to show, 0-based: N, N,M or 'all'. [default: 0]"))] = "0",
+    head: Annotated[str, Opt("--head", metavar="N", rich_help_panel="Selection", help=(
+        "Head(s) to show, 0-based: N, N,M or 'all' (terminal: their mean). "
+        "[default: all]"))] = "all",
+    out: Annotated[Optional[Path], Opt("--out", metavar="FILE", rich_help_panel="Output", help=(
+        "Write a PNG grid of heatmaps (needs matplotlib: the plot extra)."))] = None,
+    html: Annotated[Optional[Path], Opt("--html", metavar="FILE", rich_help_panel="Output", help=(
+        "Write a self-contained interactive HTML page."))] = None,
+    as_json: Annotated[bool, Opt("--json", metavar="", rich_help_panel="Output", help=(
+        "Print tokens, selected weights and head summary as JSON."))] = False,
+) -> None:
+    """Show what every attention head attends to: heatmap, top tokens, head summary. The maps
+    are computed in the weights' dtype and shown as float32."""
+    from rich.console import Console
+
+    from .. import attention
+
+    load = settings(LoadConfig, given)
+    if out is not None:
+        attention.require_matplotlib()  # fail before the slow part
+    insp = attention.inspect(load.model, text=text, text_file=text_file, layer=layer, head=head,
+                             device=load.device, dtype=load.dtype)
+    if out is not None:
+        note(f"wrote {attention.write_png(insp, out)}")
+    if html is not None:
+        note(f"wrote {attention.write_html(insp, html)}")
+    if as_json:
+        print(json.dumps(attention.to_json(insp)))
+    else:
+        attention.render_terminal(Console(), insp)
+
+
+# ----------------------------------------------------------------------------- bench
+
+@command("bench", BenchConfig,
+         panels=("Model", "Generation", "Run", "Hardware", "Device", "Output"), oom_hint="try a smaller --batch-size, --context-length or --preset")
+def bench_cmd(given: dict, as_json: Annotated[bool, Opt(
+        "--json", metavar="", rich_help_panel="Output", help="Print one JSON object as the last "
+        "line of stdout (the table goes to stderr).")] = False) -> None:
+    """Measure training and generation speed on this machine: tokens/s, MFU, bandwidth use."""
+    from rich.console import Console
+
+    from ..bench import run
+    from ..display import ProgressBars, render
+
+    err = Console(stderr=True)
+    with ProgressBars(err) as progress:
+        result = run(settings(BenchConfig, given), progress)
+    render(result, err if as_json else Console())
+    if as_json:
+        print(json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- models on disk
+
+@command("info")
+def info_cmd(
+    model: Annotated[str, Arg(metavar="MODEL", help=(
+        "A checkpoint file, a run folder, or the name of a downloaded model."))],
+    as_json: Json = False,
+) -> None:
+    """Show a checkpoint's config, parameter count, tokenizer, provenance and size."""
+    from ..checkpoint import checkpoint_info, resolve_model
+    from ..display import render_info
+
+    info = checkpoint_info(resolve_model(model))
+    if as_json:
+        print(json.dumps(info))
+    else:
+        render_info(info, title=model)
+
+
+@command("download")
+def download_cmd(
+    name: Annotated[Optional[str], Arg(metavar="NAME", help=(
+        "gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, a Hub repo id (org/name), a "
+        "local Hugging Face GPT-2 folder, or the dataset tinystories."))] = None,
+    dataset: Annotated[Optional[str], Opt(metavar="REPO", help=(
+        "Fetch text files of this Hub dataset repo (org/name) instead of a model."))] = None,
+    file: Annotated[Optional[list[str]], Opt("--file", metavar="FILE", help=(
+        "A .txt file of the --dataset repo to fetch (repeatable)."))] = None,
+    revision: Annotated[Optional[str], Opt(metavar="REV", help=(
+        "Branch, tag or commit of the Hub repo (default: main)."))] = None,
+    out: Annotated[Optional[Path], Opt(metavar="FILE", help=(
+        "Write the checkpoint here instead of the local model store."))] = None,
+    offline: Annotated[bool, Opt("--offline", metavar="", help=(
+        "Use only the Hugging Face cache (like HF_HUB_OFFLINE=1)."))] = False,
+    list_: Annotated[bool, Opt("--list", metavar="", help=(
+        "Show the known names and what is in the local store."))] = False,
+    as_json: Json = False,
+) -> None:
+    """Download GPT-2 weights (or a text dataset) from the Hugging Face Hub."""
+    from ..display import render_download, render_listing
+    from ..hub import download, list_available
+
+    if list_:
+        info = list_available()
+        print(json.dumps(info)) if as_json else render_listing(info)
+        return
+    result = download(name, dataset=dataset, files=file, revision=revision, out=out,
+                      offline=offline, log=note)
+    print(json.dumps(result)) if as_json else render_download(result)
+
+
+@command("export")
+def export_cmd(
+    model: Annotated[str, Opt(metavar="MODEL", help=(
+        "A checkpoint file, a run folder, or the name of a downloaded model."))],
+    to: Annotated[Path, Opt(metavar="DIR", help=(
+        "Folder to write config.json, model.safetensors, generation_config.json into."))],
+    force: Annotated[bool, Opt("--force", metavar="", help=(
+        "Overwrite files already in --to."))] = False,
+) -> None:
+    """Write a model as a Hugging Face GPT-2 folder (loadable by transformers)."""
+    from ..checkpoint import resolve_model
+    from ..hub import export_model
+
+    result = export_model(resolve_model(model), to, force=force)
+    print(f"wrote {', '.join(result['files'])} ({result['parameters']:,} parameters) to "
+          f"{result['path']}")
+    if result["tokenizer"] != "gpt2":
+        note(f"note: this model uses the {result['tokenizer']} tokenizer, which transformers "
+             "does not know; encode text with gptcli's tokenizer")
+
+
+@command("plot")
+def plot_cmd(
+    runs: Annotated[list[Path], Arg(metavar="RUN...", help="Run folders to compare.")],
+    out: Annotated[Path, Opt(metavar="FILE", help="Where to write the picture. "
+                             "[default: loss.png]")] = Path("loss.png"),
+) -> None:
+    """Overlay the loss curves of several runs and list the settings that differ."""
+    from ..display import render_comparison
+    from ..plot import compare_runs, plot_runs
+
+    render_comparison(*compare_runs(runs))
+    note(f"wrote {plot_runs(runs, out)}")

@@ -1,0 +1,280 @@
+"""The run folder: one owner for a training run's files.
+
+``config.json`` (the resolved settings, the run id), ``metrics.jsonl`` (one JSON record per log
+or evaluation), ``last.safetensors`` with ``last.state.safetensors`` (what a resume needs),
+``best.safetensors``, ``step-N.safetensors`` snapshots, ``loss.png``, and ``.lock`` while a
+process trains in it. The rules: a folder with files is never overwritten without ``force``; a
+resume needs a last checkpoint and a training state from the same run and step; one process at a
+time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .runtime import UserError, path_error
+
+LOCK = ".lock"
+RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "last.state.safetensors",
+             "best.safetensors", "loss.png")
+
+
+def read_records(path: Path) -> Iterator[dict]:
+    """The records of a metrics.jsonl file; a blank or cut-off line (a run killed mid-write) is
+    skipped."""
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            yield record
+
+
+class RunLocked(UserError):
+    pass
+
+
+class RunFolder:
+    """The files of one training run, at ``path``."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._locked = False
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # paths
+    @property
+    def last(self) -> Path:
+        return self.path / "last.safetensors"
+
+    @property
+    def last_state(self) -> Path:
+        return self.path / "last.state.safetensors"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.safetensors"
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def snapshot(self, step: int) -> Path:
+        return self.path / f"step-{step}.safetensors"
+
+    def has_state(self) -> bool:
+        return self.last.is_file() and self.last_state.is_file()
+
+    def files(self) -> list[Path]:
+        """What is in the folder, less the lock."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p for p in self.path.iterdir() if p.name != LOCK)
+
+    # the overwrite / resume rules
+    def prepare(self, *, resume: str | None, force: bool) -> bool:
+        """Check the folder before a run; returns True when the run resumes from it.
+
+        ``resume`` is None (a fresh run), "yes" (must resume) or "auto" (resume if there is a
+        state, else start fresh: a run killed before its first checkpoint left only its
+        config and metrics, nothing to lose). A folder with files is never overwritten without
+        ``force``.
+        """
+        if resume == "yes" and not self.has_state():
+            raise UserError(f"nothing to resume in {self.path}: it has no last.safetensors with "
+                            "its training state; start a new run without --resume")
+        if resume and self.has_state():
+            self.check_state_pair()
+            return True
+        files = self.files()
+        nothing_to_lose = resume == "auto" and not any(p.suffix == ".safetensors" for p in files)
+        if files and not (force or nothing_to_lose):
+            raise UserError(f"run folder {self.path} already has files; pass --resume to "
+                            "continue that run, --force to overwrite it, or --out to pick "
+                            "another folder")
+        for name in RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        for snap in self.path.glob("step-*.safetensors"):
+            snap.unlink()
+        self.mkdir()
+        return False
+
+    def mkdir(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise path_error(e, "create run folder", self.path) from None
+        if not self.path.is_dir():
+            raise UserError(f"cannot use {self.path} as a run folder: it is a file")
+
+    def check_state_pair(self) -> None:
+        """Refuse a last.safetensors and last.state.safetensors that do not belong together
+        (another run, or another step: a crash between the two writes)."""
+        from .checkpoint import read_safetensors
+
+        _, model_meta = read_safetensors(self.last, tensors=False)
+        _, state_meta = read_safetensors(self.last_state, tensors=False)
+        model_step = _as_int(model_meta.get("step"))
+        state_step = _as_int(state_meta.get("step"))
+        model_run, state_run = model_meta.get("run_id"), _unquote(state_meta.get("run_id"))
+        if model_run == state_run and model_step == state_step:
+            return
+        if model_run != state_run:
+            newer = "last.safetensors" if model_meta.get("created", "") >= \
+                _unquote(state_meta.get("created")) else "last.state.safetensors"
+            why = f"they come from different runs ({model_run} and {state_run})"
+        else:
+            newer = "last.safetensors" if (model_step or 0) > (state_step or 0) else \
+                "last.state.safetensors"
+            why = f"they are from different steps ({model_step} and {state_step})"
+        raise UserError(f"cannot resume {self.path}: last.safetensors and last.state.safetensors "
+                        f"do not belong together: {why}, and {newer} is newer; start again with "
+                        "--force, or fine-tune from a checkpoint with --init-from")
+
+    # one process at a time
+    def lock(self) -> None:
+        """Take the folder's lock (a file holding our PID and host). A lock left by a process
+        that no longer runs on this host is taken over, with a note."""
+        self.mkdir()
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        path = self.path / LOCK
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(path)
+                if not _is_stale(holder, path):
+                    raise RunLocked(
+                        f"run folder {self.path} is in use by process {holder.get('pid')} on "
+                        f"{holder.get('host')} (lock file {path}); wait for it to finish, or pick "
+                        "another --out") from None
+                print(f"note: taking over the lock of {self.path} left by process "
+                      f"{holder.get('pid')}, which is no longer running", file=sys.stderr)
+                path.unlink(missing_ok=True)
+                continue
+            except OSError as e:
+                raise path_error(e, "lock run folder", self.path) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._locked = True
+            return
+        raise RunLocked(f"run folder {self.path} was locked by another process just now; pick "
+                        "another --out")
+
+    def unlock(self) -> None:
+        if self._locked:
+            (self.path / LOCK).unlink(missing_ok=True)
+            self._locked = False
+
+    def __enter__(self) -> RunFolder:
+        self.lock()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unlock()
+
+    # config.json
+    def read_config(self) -> dict[str, Any] | None:
+        if not self.config_path.is_file():
+            return None
+        try:
+            return json.loads(self.config_path.read_text())
+        except ValueError:
+            return None
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        from .checkpoint import atomic_write
+
+        text = json.dumps(config, indent=2)
+        atomic_write(self.config_path, lambda tmp: Path(tmp).write_text(text))
+
+    # metrics.jsonl
+    def records(self) -> list[dict]:
+        if not self.metrics_path.is_file():
+            raise UserError(f"{self.path} is not a run folder (it has no metrics.jsonl)")
+        return list(read_records(self.metrics_path))
+
+    def open_metrics(self, resume_step: int | None) -> MetricsLog:
+        return MetricsLog(self.metrics_path, resume_step)
+
+
+class MetricsLog:
+    """Appends one JSON record per line; on resume, first forgets what came after the saved
+    state (those steps are trained again)."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        if resume_step is not None and path.is_file():
+            kept = [r for r in read_records(path) if r.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, **record) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _read_lock(path: Path) -> dict:
+    try:
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _is_stale(holder: dict, path: Path) -> bool:
+    """A lock whose process is gone. Only decidable on the same host. A lock without a readable
+    PID is being written right now, or was left by a process killed while writing it: stale
+    once it is a few seconds old."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        try:
+            return time.time() - path.stat().st_mtime > 5
+        except OSError:
+            return True
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, owned by someone else
+        return False
+    return False
+
+
+def _as_int(value) -> int | None:
+    try:
+        return int(_unquote(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def _unquote(value):
+    """Training-state metadata is JSON-encoded; checkpoint metadata is plain strings."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
