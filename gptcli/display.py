@@ -13,7 +13,19 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeRemainingColumn)
 from rich.text import Text
 
+from .runtime import STDOUT_CLOSED, silence_stdout
+
 GiB = 1024 ** 3
+
+
+class Stdout(Console):
+    """A console on stdout that ends quietly when its reader goes away (`gpt info | head`),
+    as every gptcli command does (rich's own default ends with status 1)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        silence_stdout()
+        raise SystemExit(STDOUT_CLOSED)
 
 
 class NullDisplay:
@@ -258,7 +270,7 @@ def render_info(info: dict, title: str, console=None) -> None:
         config.pop("rope_theta", None)
     for key, value in {**config, **info["provenance"]}.items():
         table.add_row(key, _rounded(value))
-    (console or Console()).print(table)
+    (console or Stdout()).print(table)
 
 
 def _rounded(value) -> str:
@@ -305,4 +317,4 @@ def render_comparison(differ: list[str], rows: list[dict]) -> None:
     for row in rows:
         best = f"{row['best_val']:.4f}" if row["best_val"] is not None else "-"
         table.add_row(row["run"], best, *(str(row[k]) for k in differ))
-    Console().print(table)
+    Stdout().print(table)

@@ -48,7 +48,7 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self._locked = False
+        self._locked = self._created = False
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -115,12 +115,13 @@ class RunFolder:
         return False
 
     def mkdir(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"cannot use {self.path} as a run folder: it is a file; give --out "
+                            "a folder")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise path_error(e, "create run folder", self.path) from None
-        if not self.path.is_dir():
-            raise UserError(f"cannot use {self.path} as a run folder: it is a file")
 
     def check_state_pair(self) -> None:
         """Refuse a last.safetensors and last.state.safetensors that do not belong together
@@ -150,6 +151,7 @@ class RunFolder:
     def lock(self) -> None:
         """Take the folder's lock (a file holding our PID and host). A lock left by a process
         that no longer runs on this host is taken over, with a note."""
+        self._created = not self.path.exists()
         self.mkdir()
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         path = self.path / LOCK
@@ -180,6 +182,8 @@ class RunFolder:
         if self._locked:
             (self.path / LOCK).unlink(missing_ok=True)
             self._locked = False
+            if self._created and not any(self.path.iterdir()):  # e.g. a refused --resume
+                self.path.rmdir()
 
     def __enter__(self) -> RunFolder:
         self.lock()

@@ -220,5 +220,22 @@ def path_error(e: OSError, doing: str, path=None, *, note: str = "") -> GptcliEr
     return RuntimeFailure(text) if disk else UserError(text)
 
 
+# How a command ends when the reader of its stdout goes away (`gpt ... | head`): quietly, with
+# the status of a process ended by SIGPIPE, as other Unix tools end.
+STDOUT_CLOSED = 141
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader is gone, so no later write or the
+    interpreter's final flush can complain."""
+    import sys
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def is_debug() -> bool:
     return os.environ.get("GPTCLI_DEBUG", "") not in ("", "0")

@@ -54,3 +54,15 @@ def corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text(bundled_corpus().read_text()[:30_000])
     return path
+
+
+@pytest.fixture
+def char_checkpoint(tmp_path):
+    """A tiny character model (context 16) saved as a checkpoint file."""
+    from gptcli.checkpoint import save_checkpoint
+    from gptcli.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefghij klmnopqrstuvwxyz.\n")
+    torch.manual_seed(0)
+    model = randomize_(GPT(tiny_config(vocab_size=tok.vocab_size, context_length=16)), 3)
+    return save_checkpoint(tmp_path / "m.safetensors", model, tok)

@@ -65,3 +65,97 @@ def test_debug_shows_traceback(tmp_path):
                           str(tmp_path / "model.pt")], capture_output=True, text=True)
     assert out.returncode == 2
     assert "Traceback" in out.stderr and "looks like a pickle file" in out.stderr
+
+
+# ----------------------------------------------------------------------------- closed stdout
+
+def run_into_closed_pipe(*args, cwd=None):
+    """Run `gpt ARGS` with a stdout whose reader has gone away (like `| head -c 0`)."""
+    read, write = __import__("os").pipe()
+    __import__("os").close(read)  # nobody will ever read: every write fails with EPIPE
+    try:
+        return subprocess.run([sys.executable, "-m", "gptcli", *args], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120, cwd=cwd)
+    finally:
+        __import__("os").close(write)
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "--prompt", "abc", "--max-new-tokens", "200", "--seed", "1"],
+    ["generate", "--prompt", "abc", "--max-new-tokens", "5", "--json"],
+    ["info"],
+    ["eval", "--data", "corpus.txt"],
+    ["inspect-attention", "--text", "abc abc"],
+])
+def test_a_closed_stdout_ends_quietly(char_checkpoint, tmp_path, command):
+    (tmp_path / "corpus.txt").write_text("abc def. " * 20)
+    model = [str(char_checkpoint)] if command[0] == "info" else ["--model", str(char_checkpoint)]
+    out = run_into_closed_pipe(*command[:1], *model, *command[1:], cwd=tmp_path)
+    assert out.returncode == 141, out.stderr
+    assert out.stderr == "" or "tokens/s]" in out.stderr  # generate's stats go to stderr
+    assert "Error" not in out.stderr and "error" not in out.stderr
+
+
+def test_head_cuts_generate_short(char_checkpoint):
+    """The shape from the issue: `gpt generate ... | head -c 20` ends at once, quietly."""
+    out = subprocess.run(f"{sys.executable} -m gptcli generate --model {char_checkpoint} "
+                         "--prompt abc --max-new-tokens 100000 --ignore-eos | head -c 20; "
+                         "echo \" ${PIPESTATUS[0]}\"", shell=True, executable="/bin/bash",
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.endswith(" 141\n") and len(out.stdout) == 20 + len(" 141\n")
+    assert "error" not in out.stderr
+
+
+# ----------------------------------------------------------------------------- --help
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_reads_like_a_cli_not_like_code(name):
+    result = runner.invoke(app, [name, "--help"], terminal_width=80)
+    text = result.stdout
+    for code_like in ("<bool>", "<str>", "<int>", "<float>", "<list", "{model}", "<path>"):
+        assert code_like not in text, f"{code_like} in gpt {name} --help"
+    switches = [line for line in text.splitlines() if "--json " in line or "--compile " in line]
+    for line in switches:  # a switch takes no value: nothing between the flag and its help
+        flag = "--json" if "--json " in line else "--compile"
+        assert line.split(flag, 1)[1].lstrip().split(" ")[0] not in ("BOOL", "BOOLEAN", "bool")
+
+
+def test_train_help_is_grouped_and_fits_80_columns():
+    text = runner.invoke(app, ["train", "--help"], terminal_width=80).stdout
+    panels = [line.split("─ ", 1)[1].split(" ─", 1)[0] for line in text.splitlines()
+              if line.startswith("╭─ ")]
+    assert panels == ["Data", "Model", "Optimisation", "Run", "Device"]
+    assert "--batch-size          N" in text and "--data                PATH" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_every_config_field_is_a_flag_and_every_flag_a_field():
+    """Settings exist once, in the pydantic configs: each command's flags are exactly its
+    configs' fields (plus the listed command-line-only options), with the field's help."""
+    import typer.main
+
+    from gptcli.cli.app import field_info, flag_name
+    from gptcli.config import BenchConfig, EvalConfig, LoadConfig, SampleConfig, TrainConfig
+
+    group = typer.main.get_command(app)
+    cases = {
+        "train": ((TrainConfig,), set(), {"--config", "--resume", "--resume-auto", "--force"}),
+        "generate": ((LoadConfig, SampleConfig), set(),
+                     {"--prompt", "--prompt-file", "--interactive", "--json"}),
+        "eval": ((LoadConfig, EvalConfig), {"compile"}, {"--json"}),
+        "inspect-attention": ((LoadConfig,), {"compile"},
+                              {"--text", "--text-file", "--layer", "--head", "--out", "--html",
+                               "--json"}),
+        "bench": ((BenchConfig,), set(), {"--json"}),
+    }
+    for name, (models, excluded, own) in cases.items():
+        command = group.commands[name]
+        flags = {p.opts[0]: p for p in command.params if p.param_type_name == "option"
+                 and p.opts[0] != "--help"}
+        fields = {flag_name(f): field for model in models
+                  for f, field in model.model_fields.items() if f not in excluded}
+        assert set(flags) == set(fields) | own, name
+        for flag, field in fields.items():
+            help_text, _ = field_info(field)
+            assert help_text and flags[flag].help.startswith(help_text), (name, flag)
+            assert flags[flag].default is None  # "not given": the config supplies the default

@@ -74,3 +74,45 @@ def test_gpt_eval_bad_values_exit_2(tmp_path, args, message):
                                  *args])
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == message
+
+
+def test_gpt_eval_refuses_a_window_longer_than_the_model_context(tmp_path):
+    tok = CharTokenizer.from_text("abc ")
+    path = save_checkpoint(tmp_path / "m.safetensors", GPT(tiny_config(vocab_size=4)), tok)
+    (tmp_path / "t.txt").write_text("abc " * 30)
+    result = runner.invoke(app, ["eval", "--model", str(path), "--data", str(tmp_path / "t.txt"),
+                                 "--context-length", "64"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: --context-length 64 is longer than the model's "
+                                     "context (32); use at most 32")
+
+
+def test_gpt_eval_of_a_run_scores_its_own_validation_split(corpus, tmp_path):
+    from gptcli.data import load_tokens, resolve_data
+
+    out = tmp_path / "run"
+    trained = runner.invoke(app, ["train", "--data", str(corpus), "--out", str(out), "--n-layer",
+                                  "1", "--n-embd", "32", "--context-length", "16", "--batch-size",
+                                  "2", "--max-steps", "2", "--eval-interval", "2", "--device",
+                                  "cpu", "--sample-interval", "0"])
+    assert trained.exit_code == 0, trained.output
+    result = runner.invoke(app, ["eval", "--model", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    assert got["data"] == (f"the validation split of run {out} (the last 10% of corpus.txt)")
+    model, tok, _ = __import__("gptcli.checkpoint", fromlist=["x"]).load_checkpoint(
+        out / "best.safetensors")
+    _, val = load_tokens(resolve_data([str(corpus)]), tok.spec()).split(0.1)
+    assert got["tokens"] == len(val) - 1  # every token of the split but the first is scored
+    assert got["loss"] == pytest.approx(evaluate(model, val, 16).loss, rel=1e-6)
+    text = runner.invoke(app, ["eval", "--model", str(out)]).stdout
+    assert f"scored {len(val) - 1:,} tokens of the validation split of run {out}" in text
+
+
+def test_gpt_eval_of_a_model_outside_a_run_needs_data(tmp_path):
+    tok = CharTokenizer.from_text("abc ")
+    path = save_checkpoint(tmp_path / "m.safetensors", GPT(tiny_config(vocab_size=4)), tok)
+    result = runner.invoke(app, ["eval", "--model", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: say what to score with --data FILE: {path} is not "
+                                     "in a run folder with a validation split")

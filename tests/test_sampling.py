@@ -160,15 +160,6 @@ def test_prompt_helpers():
 
 # ----------------------------------------------------------------------------- CLI
 
-@pytest.fixture
-def char_checkpoint(tmp_path):
-    text = "abcdefghij klmnopqrstuvwxyz.\n"
-    tok = CharTokenizer.from_text(text)
-    torch.manual_seed(0)
-    model = randomize_(GPT(tiny_config(vocab_size=tok.vocab_size, context_length=16)), 3)
-    return save_checkpoint(tmp_path / "m.safetensors", model, tok)
-
-
 def gen(*args, input=None):
     return runner.invoke(app, ["generate", *args], input=input)
 

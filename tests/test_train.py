@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptcli import optim
+from gptcli import optim, train
 from gptcli.checkpoint import load_checkpoint
 from gptcli.cli import app
 from gptcli.config import TrainConfig
@@ -188,3 +188,89 @@ def test_sigint_saves_a_resumable_checkpoint(corpus, tmp_path):
     assert result.exit_code == 0, result.output
     _, _, meta = load_checkpoint(out / "last.safetensors")
     assert int(meta["step"]) == stopped + 2
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_allocating(corpus, monkeypatch):
+    from gptcli import train as train_module
+
+    monkeypatch.setattr(train_module, "GPT", lambda config: pytest.fail("allocated the model"))
+    result = cli("--data", str(corpus), "--batch-size", "1000000000", "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert line.startswith("error: a training step at --batch-size 1000000000 with context 64 "
+                           "and 808,960 parameters needs about ")
+    assert "GiB available. Try a smaller --batch-size (raise --grad-accum to keep the effective " \
+           "batch), --context-length or model." in line
+    assert len(line.splitlines()) == 1
+
+
+def test_a_real_out_of_memory_is_one_line(corpus, monkeypatch):
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 123456789 bytes")
+
+    monkeypatch.setattr(optim, "train_step", oom)
+    monkeypatch.setattr(train, "train_step", oom)
+    result = cli("--data", str(corpus), *TINY_ARGS, "--max-steps", "2")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == ("error: out of memory on the device; try a smaller "
+                                     "--batch-size (raise --grad-accum to keep the effective "
+                                     "batch), --context-length or model")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--n-embd", "100", "--n-head", "3"], "error: n_embd (100) must be divisible by n_head (3)"),
+    (["--tokenizer", "bpe"], "error: --tokenizer must be 'auto', 'gpt2' or 'char', got 'bpe'"),
+    (["--seed", "-5"], "error: --seed must be at least 0, got -5"),
+])
+def test_validation_errors_are_one_line_naming_the_setting(corpus, args, message):
+    result = cli("--data", str(corpus), "--device", "cpu", *args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == message
+
+
+def test_a_bad_config_file_names_the_file(corpus, tmp_path):
+    conf = tmp_path / "run.json"
+    conf.write_text(json.dumps({"lr": 0, "n_layers": 2}))
+    result = cli("--config", str(conf), "--data", str(corpus))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: config file {conf}: lr must be greater than 0, got "
+                                     "0; n_layers is not a setting")
+    result = cli("--config", str(tmp_path))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: cannot read config file {tmp_path}: it is a folder"
+
+
+TINY_ARGS = ["--n-layer", "1", "--n-embd", "32", "--context-length", "16", "--batch-size", "2",
+             "--device", "cpu", "--sample-interval", "0"]
+
+
+def test_a_second_ctrl_c_still_says_how_to_resume(corpus, tmp_path, monkeypatch):
+    """The first Ctrl-C asks the loop to stop after saving; a second one interrupts whatever
+    runs. The message still points at the checkpoint that is on disk."""
+    out = tmp_path / "run"
+    assert cli("--data", str(corpus), "--out", str(out), *TINY_ARGS, "--max-steps", "2",
+               "--eval-interval", "2").exit_code == 0
+    real_setup = train.setup
+
+    def interrupted(*args, **kwargs):
+        real_setup(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "setup", interrupted)
+    result = cli("--out", str(out), "--resume", "--max-steps", "4")
+    assert result.exit_code == 130
+    assert result.stderr.strip() == (f"error: interrupted; the checkpoint of step 2 is saved. "
+                                     f"Resume with: gpt train --out {out} --resume")
+
+
+@pytest.mark.parametrize("extra,hint", [
+    ([], 'try it: gpt generate --model {out}\n'),  # char model on the user's data: no prompt
+    (["--tokenizer", "gpt2"], 'try it: gpt generate --model {out} --prompt "The"\n'),
+])
+def test_the_closing_hint_suits_the_tokenizer(corpus, tmp_path, extra, hint):
+    out = tmp_path / "run"
+    result = cli("--data", str(corpus), "--out", str(out), *TINY_ARGS, "--max-steps", "2",
+                 "--eval-interval", "2", *extra)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.endswith(hint.format(out=out))

@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 
 from . import commands  # noqa: F401 - registers the commands on the app
-from .app import STDOUT_CLOSED, app, silence_stdout
+from ..runtime import STDOUT_CLOSED, silence_stdout
+from .app import app
 
 __all__ = ["app", "main"]
 

@@ -23,11 +23,23 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from .. import __version__
-from ..runtime import GptcliError, UserError, is_debug, is_oom
+from ..runtime import STDOUT_CLOSED, GptcliError, UserError, is_debug, is_oom, silence_stdout
 
 
 class _HelpSwitch:
-    """The help option is a switch: show no ``<bool>`` placeholder after it."""
+    """Help that reads like a command line's, not like code: the help option is a switch (no
+    ``<bool>`` after it), and an argument shows its metavar alone (no ``<list[Path]>`` type
+    column, no ``{NAME}`` braces in the usage line)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if getattr(param, "param_type_name", "") != "argument":
+                continue
+            name = param.metavar or param.name.upper()
+            usage = name if param.required else f"[{name}]"
+            param.display_type_rich = lambda ctx: None
+            param._usage_display_name = lambda usage=usage: usage
 
     def get_help_option(self, ctx):
         option = super().get_help_option(ctx)
@@ -68,19 +80,6 @@ def fail(message: str, code: int):
     raise typer.Exit(code)
 
 
-STDOUT_CLOSED = 141  # the status of a process ended by SIGPIPE, as other Unix tools end
-
-
-def silence_stdout() -> None:
-    """The reader of our stdout went away (``| head``): not an error for a command-line tool.
-    Point stdout at /dev/null so the interpreter's final flush cannot complain either."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-
-
 def _is_validation_error(e: BaseException) -> bool:
     return type(e).__name__ == "ValidationError" and type(e).__module__.startswith("pydantic")
 
@@ -92,7 +91,9 @@ def handle_errors(fn, oom_hint: str):
     @functools.wraps(fn)
     def wrapper(*args, **kw):
         try:
-            return fn(*args, **kw)
+            result = fn(*args, **kw)
+            sys.stdout.flush()  # a closed pipe shows here, under this policy, not at exit
+            return result
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except BrokenPipeError:

@@ -174,10 +174,9 @@ def inspect_attention_cmd(
     text_file: Annotated[Optional[Path], Opt("--text-file", metavar="FILE", rich_help_panel="Text",
                                              help="Read the text from this UTF-8 file instead.")] = None,
     layer: Annotated[str, Opt("--layer", metavar="N", rich_help_panel="Selection", help=(
-        "Layer(s) to show, 0-based: N, N,M or 'all'. [default: 0]"))] = "0",
+        "Layer(s) to show, 0-based: N, N,M or 'all'."))] = "0",
     head: Annotated[str, Opt("--head", metavar="N", rich_help_panel="Selection", help=(
-        "Head(s) to show, 0-based: N, N,M or 'all' (terminal: their mean). "
-        "[default: all]"))] = "all",
+        "Head(s) to show, 0-based: N, N,M or 'all' (terminal: their mean)."))] = "all",
     out: Annotated[Optional[Path], Opt("--out", metavar="FILE", rich_help_panel="Output", help=(
         "Write a PNG grid of heatmaps (needs matplotlib: the plot extra)."))] = None,
     html: Annotated[Optional[Path], Opt("--html", metavar="FILE", rich_help_panel="Output", help=(
@@ -187,9 +186,8 @@ def inspect_attention_cmd(
 ) -> None:
     """Show what every attention head attends to: heatmap, top tokens, head summary. The maps
     are computed in the weights' dtype and shown as float32."""
-    from rich.console import Console
-
     from .. import attention
+    from ..display import Stdout
 
     load = settings(LoadConfig, given)
     if out is not None:
@@ -203,7 +201,7 @@ def inspect_attention_cmd(
     if as_json:
         print(json.dumps(attention.to_json(insp)))
     else:
-        attention.render_terminal(Console(), insp)
+        attention.render_terminal(Stdout(), insp)
 
 
 # ----------------------------------------------------------------------------- bench
@@ -217,12 +215,12 @@ def bench_cmd(given: dict, as_json: Annotated[bool, Opt(
     from rich.console import Console
 
     from ..bench import run
-    from ..display import ProgressBars, render
+    from ..display import ProgressBars, Stdout, render
 
     err = Console(stderr=True)
     with ProgressBars(err) as progress:
         result = run(settings(BenchConfig, given), progress)
-    render(result, err if as_json else Console())
+    render(result, err if as_json else Stdout())
     if as_json:
         print(json.dumps(result), flush=True)
 
@@ -301,9 +299,10 @@ def export_cmd(
 
 @command("plot")
 def plot_cmd(
-    runs: Annotated[list[Path], Arg(metavar="RUN...", help="Run folders to compare.")],
-    out: Annotated[Path, Opt(metavar="FILE", help="Where to write the picture. "
-                             "[default: loss.png]")] = Path("loss.png"),
+    runs: Annotated[list[Path], Arg(metavar="RUN...", help="Run folders to compare.",
+                                     show_default=False)],
+    out: Annotated[Path, Opt(metavar="FILE", help="Where to write the picture.")] = Path(
+        "loss.png"),
 ) -> None:
     """Overlay the loss curves of several runs and list the settings that differ."""
     from ..display import render_comparison

@@ -1,0 +1,59 @@
+import io
+
+import pytest
+import torch
+from rich.console import Console
+
+from gptcli.display import TrainDisplay, render_info
+
+
+def live_display(width: int) -> TrainDisplay:
+    console = Console(file=io.StringIO(), width=width, force_terminal=True)
+    display = TrainDisplay(console)
+    display.start(step=0, max_steps=20000, device=torch.device("cpu"), dtype=torch.float32,
+                  params=124_439_808, tokens_per_step=491_520, out="runs/a-long-run-name",
+                  batch=(12, 40, 1, 1024))
+    display.step(12345, loss=2.34567, lr=3.0e-4, tokens_per_s=123456.0)
+    display.eval(12345, 2.45678)
+    display.finish()
+    return display
+
+
+@pytest.mark.parametrize("width", [80, 76])
+def test_the_live_line_keeps_the_essentials_in_narrow_terminals(width):
+    line = live_display(width)._line().plain
+    assert len(line) < width
+    for piece in ("step 12345/20000", "loss 2.3457", "val 2.4568", "123,456 tok/s", "eta "):
+        assert piece in line, (piece, line)
+    assert not line.endswith("…")
+
+
+def test_the_live_line_adds_lr_elapsed_and_a_bar_when_there_is_room():
+    line = live_display(160)._line().plain
+    assert "lr 3.0e-04" in line and "elapsed" in line and "━" in line
+
+
+def test_the_start_lines_are_short_enough_for_80_columns():
+    console = Console(file=io.StringIO(), width=80)
+    display = TrainDisplay(console)
+    display.start(step=0, max_steps=2000, device=torch.device("cpu"), dtype=torch.float32,
+                  params=809_856, tokens_per_step=768, out="runs/shakespeare",
+                  batch=(12, 1, 1, 64))
+    lines = console.file.getvalue().splitlines()
+    assert lines == ["training 809,856 parameters on cpu (float32), step 0 -> 2000",
+                     "batch: 12 sequences x 64 tokens = 768 tokens per step",
+                     "run folder: runs/shakespeare"]
+
+
+def test_info_rounds_figures_and_hides_settings_the_model_does_not_use():
+    console = Console(file=io.StringIO(), width=100)
+    info = {"parameters": 10, "file_size": 1000, "tokenizer": "gpt2",
+            "config": {"position": "learned", "rope_theta": 10000.0, "n_layer": 2},
+            "provenance": {"val_loss": "1.8814077766345871", "step": "2000"}}
+    render_info(info, title="m", console=console)
+    text = console.file.getvalue()
+    assert "1.8814 " in text and "1.88140777" not in text and "2000" in text
+    assert "rope_theta" not in text
+    info["config"]["position"] = "rope"
+    render_info(info, title="m", console=console)
+    assert "rope_theta" in console.file.getvalue()
