@@ -40,10 +40,6 @@ class KVCache:
         return cls(config.n_layer, batch_size, config.n_head, max_len or config.context_length,
                    config.head_size, device=device, dtype=dtype, static=static)
 
-    @property
-    def batch_size(self) -> int:
-        return self.k.size(1)
-
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hs) at positions [start_pos, start_pos + T) of ``layer``.

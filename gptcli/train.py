@@ -70,8 +70,6 @@ class FitResult:
     out: Path
     step: int
     best_val: float | None
-    last_val: float | None
-    tokens_per_s: float
     stopped_by: str | None = None  # "SIGINT", "SIGTERM", "max-time", "stop-after" or None
     checkpoint: Path | None = None
     is_main: bool = True
@@ -307,7 +305,7 @@ def fit(cfg: TrainConfig, *, out: RunFolder | Path, resume: bool = False, displa
                   batch=(cfg.batch_size, cfg.grad_accum, s.dist.world,
                          s.model.config.context_length))
     s.t0 = t_log = time.perf_counter()
-    since_log, last_val, tok_s, stopped_by = 0, None, 0.0, None
+    since_log, last_val, stopped_by = 0, None, None
     with _Stop() as stop:
         while s.step < s.max_steps:
             for group in s.parts.optimizer.param_groups:
@@ -343,10 +341,10 @@ def fit(cfg: TrainConfig, *, out: RunFolder | Path, resume: bool = False, displa
                     stopped_by = reason
                     s.save_last(last_val)
                 break
-    return finish(s, last_val, tok_s, stopped_by)
+    return finish(s, stopped_by)
 
 
-def finish(s: Session, last_val: float | None, tok_s: float, stopped_by: str | None) -> FitResult:
+def finish(s: Session, stopped_by: str | None) -> FitResult:
     synchronize(s.device)
     if s.metrics:
         s.metrics.close()
@@ -356,9 +354,8 @@ def finish(s: Session, last_val: float | None, tok_s: float, stopped_by: str | N
     if s.dist.is_main:
         _plot_losses(s.run.path)
     best = s.run.best
-    return FitResult(out=s.run.path, step=s.step, best_val=s.best_val, last_val=last_val,
-                     tokens_per_s=tok_s, stopped_by=stopped_by, is_main=s.dist.is_main,
-                     checkpoint=best if best.exists() else s.run.last)
+    return FitResult(out=s.run.path, step=s.step, best_val=s.best_val, stopped_by=stopped_by,
+                     is_main=s.dist.is_main, checkpoint=best if best.exists() else s.run.last)
 
 
 def launch(explicit: dict, *, config_file: Path | None = None, resume: str | None = None,

@@ -168,8 +168,28 @@ def test_cli_streams_text_and_prints_stats(char_checkpoint):
     result = gen("--model", str(char_checkpoint), "--prompt", "abc", "--max-new-tokens", "40",
                  "--seed", "1", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("abc") and len(result.stdout.rstrip("\n")) >= 3
+    from gptcli.checkpoint import load_checkpoint
+
+    model, tok, _ = load_checkpoint(char_checkpoint)
+    samples, _ = generate(model, tok, tok.encode("abc"), SampleConfig(max_new_tokens=40, seed=1))
+    assert len(samples[0].text) == 40
+    assert result.stdout == "abc" + samples[0].text + "\n"  # the prompt, then the new text
     assert "3 prompt tokens, 40 new tokens" in result.stderr and "tokens/s" in result.stderr
+
+
+def test_cli_streams_as_tokens_arrive(char_checkpoint):
+    """Text reaches stdout while generation is still going, not all at the end."""
+    proc = subprocess.Popen([sys.executable, "-m", "gptcli", "generate", "--model",
+                             str(char_checkpoint), "--prompt", "abc", "--max-new-tokens",
+                             "1000000", "--seed", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        first = proc.stdout.read(50)  # arrives long before a million tokens are done
+        assert first.startswith(b"abc") and len(first) == 50
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
 def test_cli_json_and_piped_stdin(char_checkpoint):
@@ -261,3 +281,18 @@ def test_compiled_step_matches_eager_and_compiles_once():
     compiled = [t.item() for t in decode_loop(model, prompt, cfg, step=compile_step(model))]
     assert compiled == eager
     assert counters["stats"]["unique_graphs"] == 1  # not one graph per position
+
+
+def test_cli_out_of_memory_suggests_what_generate_can_change(char_checkpoint, monkeypatch):
+    from gptcli import sampling
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        yield
+
+    monkeypatch.setattr(sampling, "decode_loop", oom)
+    result = gen("--model", str(char_checkpoint), "--prompt", "abc")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: out of memory on the device; try a smaller --num-samples or --max-new-tokens, "
+        "or a smaller model")
