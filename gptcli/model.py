@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .quantize import chunked, chunked_matmul, int8_matmul, quantize_int8
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -51,20 +52,57 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Projection(nn.Module):
     """A linear layer whose weight is stored as (in, out), like GPT-2's own Conv1D.
 
-    Decoding at batch 1 is a matrix-vector product per layer, bound by reading the weights; on
-    CPUs that read is about 20% faster in this layout than in nn.Linear's (out, in) (measured in
-    benchmarks/generate_vs_transformers.py), and it is the layout of GPT-2 checkpoints.
+    For inference, ``quantize.prepare`` swaps the weight for a layout that decodes faster: int8
+    ``qweight`` (out, in) with per-output ``scale``, or float ``packed`` chunks (one per CPU
+    thread); ``forward`` uses whichever the module holds.
     """
 
-    def __init__(self, n_in: int, n_out: int, bias: bool = True) -> None:
+    def __init__(self, n_in: int, n_out: int, bias: bool = True, *, empty: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.n_in, self.n_out = n_in, n_out
+        self.weight = None if empty else nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out)) if bias else None
+        self.register_buffer("qweight", None)  # int8 (out, in)
+        self.register_buffer("scale", None)  # float32 (out,)
+        self.register_buffer("packed", None, persistent=False)  # (chunks, in, out/chunks)
+
+    def set_int8(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self.weight, self.qweight, self.scale = None, q, scale
+
+    def set_chunked(self, packed: torch.Tensor) -> None:
+        self.weight, self.packed = None, packed
+
+    def prepare(self, quantize: str | None, chunks: int) -> None:
+        """This layer's inference layout (see ``quantize.prepare``)."""
+        if self.weight is None:
+            return
+        if quantize == "int8":
+            self.set_int8(*quantize_int8(self.weight.t()))
+        else:
+            self.set_chunked(chunked(self.weight, chunks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))  # (B*T, in)
-        y = flat @ self.weight if self.bias is None else torch.addmm(self.bias, flat, self.weight)
-        return y.view(*x.shape[:-1], y.size(-1))
+        if self.weight is not None:
+            y = flat @ self.weight if self.bias is None else torch.addmm(self.bias, flat,
+                                                                         self.weight)
+        else:
+            y = int8_matmul(flat, self.qweight, self.scale) if self.qweight is not None else \
+                chunked_matmul(flat, self.packed, self.n_out)
+            y = y if self.bias is None else y + self.bias
+        return y.view(*x.shape[:-1], self.n_out)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embedding lookups from int8 rows (shared with the int8 output matrix when tied)."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.qweight[idx].float() * self.scale[idx].unsqueeze(-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -174,12 +212,17 @@ class GPT(nn.Module):
                 module.reset_parameters()
 
     def num_params(self) -> int:
-        """Parameters, tied weights counted once."""
-        return sum(p.numel() for p in self.parameters())
+        """Parameters, tied weights counted once (also after ``quantize.prepare``)."""
+        return self.config.num_params()
 
     @property
     def device(self) -> torch.device:
-        return self.wte.weight.device
+        return self.ln_f.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype activations are computed in (weights may be int8)."""
+        return self.ln_f.weight.dtype
 
     def forward(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
                 start_pos: int | torch.Tensor = 0, last_only: bool = False,
@@ -202,7 +245,7 @@ class GPT(nn.Module):
             if start_pos and kv_cache is None:
                 raise ValueError("start_pos > 0 needs the kv_cache holding the earlier positions")
             pos = torch.arange(start_pos, start_pos + T, device=idx.device)
-        x = self.wte(idx)  # (B, T, C)
+        x = self.wte(idx).to(self.dtype)  # (B, T, C)
         rope = None
         if self.config.position == "learned":
             x = x + self.wpe(pos)
@@ -217,12 +260,8 @@ class GPT(nn.Module):
             x, weights = block(x, rope=rope, kv_cache=kv_cache, start_pos=start_pos, mask=mask,
                                need_weights=need_weights)
             all_weights.append(weights)
-        if last_only:
-            # Decoding needs a few rows of logits. Computed as (V, C) @ (C, B) rather than
-            # (B, C) @ (C, V), BLAS reads the big output matrix 2-3x faster on CPUs for 2-16 rows
-            # (and as fast for 1); the result is a transposed view.
-            h = self.ln_f(x[:, -1, :])  # (B, C)
-            logits = (self.lm_head.weight @ h.T).T.unsqueeze(1)  # (B, 1, V)
+        if last_only:  # decoding needs the last position's logits only
+            logits = self.lm_head(self.ln_f(x[:, -1, :])).unsqueeze(1)  # (B, 1, V)
         else:
             logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         return (logits, all_weights) if need_weights else logits

@@ -103,7 +103,7 @@ def decode_loop(model: GPT, prompt: torch.Tensor, config: SampleConfig, *,
                          device=prompt.device)
     tokens[:, :prompt.size(1)] = prompt
     length = prompt.size(1)
-    dtype = model.wte.weight.dtype
+    dtype = model.dtype
     # A compiled step gets a static cache and a tensor position: the same shapes and inputs at
     # every token, so it compiles once (and CUDA graphs can replay it).
     static = step is not None
