@@ -22,8 +22,11 @@ import torch
 from . import hardware
 from .config import PRESETS, BenchConfig, ModelConfig, SampleConfig, TrainConfig
 from .model import GPT
-from .hardware import (check_memory, generate_memory_estimate, hardware_name, peak_bandwidth,
-                       peak_tflops, train_memory_estimate)
+from .checkpoint import checkpoint_info, load_model, resolve_model
+from .hardware import (check_memory, generate_memory_estimate, hardware_name,
+                       measure_bandwidth, measure_tflops, peak_bandwidth, peak_tflops,
+                       train_memory_estimate)
+from .quantize import check_scheme, prepare
 from .runtime import RuntimeFailure, UserError, is_oom, resolve_device, resolve_dtype, synchronize
 from .sampling import compile_step
 
@@ -41,11 +44,19 @@ def training_flops_per_token(config: ModelConfig) -> int:
     return 6 * n + 12 * L * H * Q * T
 
 
-def weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of weights one decode step reads: every parameter once in the model dtype (the tied
-    embedding once, as the lm_head reads all of it; the position table in full, an overcount of
-    <1% for gpt2). KV-cache and activation traffic are not counted, so utilisation is a floor."""
-    return config.num_params() * torch.empty((), dtype=dtype).element_size()
+def decode_bytes(model: GPT) -> int:
+    """Bytes of weights one decode step of ``model`` in its inference layout reads: every tensor
+    once (shared ones once), except an embedding table that is only looked up (one row a token)
+    while the output matrix is a separate copy."""
+    lookups = {id(t) for t in model.wte.parameters()} | {id(t) for t in model.wte.buffers()}
+    head = {id(t) for t in model.lm_head.buffers()} | {id(t) for t in model.lm_head.parameters()}
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in seen or (id(t) in lookups and id(t) not in head):
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
 
 
 def bandwidth_utilisation(bytes_per_step: int, steps_per_s: float, gbs: float) -> float:
@@ -85,11 +96,21 @@ def resolve_settings(s: BenchConfig) -> tuple[BenchConfig, torch.device, torch.d
     what cannot fit, before allocating anything."""
     device = resolve_device(s.device)
     dtype = resolve_dtype(s.dtype, device)
+    check_scheme(s.quantize, device)
+    if s.model or s.quantize:  # weights for inference only: nothing to train
+        if s.only == "train":
+            raise UserError("--model and --quantize time generation only; leave out --only train")
+        s = s.model_copy(update={"only": "generate"})
     preset = s.preset or {"cuda": "gpt2", "mps": "small"}.get(device.type, "tiny")
-    if preset not in PRESETS:
+    if s.model:
+        config = ModelConfig.model_validate(checkpoint_info(resolve_model(s.model))["config"])
+        config = config.model_copy(update={"context_length": min(
+            config.context_length, s.context_length or config.context_length)})
+        preset = s.model
+    elif preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    # Every preset with the GPT-2 vocabulary (50257), so the figures compare across presets.
-    config = ModelConfig.from_preset(preset, context_length=s.context_length)
+    else:  # every preset with the GPT-2 vocabulary (50257), so figures compare across presets
+        config = ModelConfig.from_preset(preset, context_length=s.context_length)
     T = config.context_length
     prompt = s.prompt_length or max(1, min(128, T // 2))
     new = s.new_tokens or max(1, min(128, T - prompt))
@@ -119,6 +140,19 @@ def resolve_settings(s: BenchConfig) -> tuple[BenchConfig, torch.device, torch.d
 
 
 # ----------------------------------------------------------------------------- measuring
+
+def ceiling(flag: float | None, flag_name: str, datasheet: tuple[float | None, str],
+            measure: Callable[[], float], *, needed: bool) -> tuple[float | None, str]:
+    """The device's ceiling and where it comes from: the flag, the datasheet table, or (for
+    CPUs and devices not in the table) a short measurement on this machine."""
+    if flag:
+        return flag, flag_name
+    if datasheet[0] is not None:
+        return datasheet
+    if not needed:
+        return None, "not measured (not needed for what was timed)"
+    return measure(), "measured"
+
 
 def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -225,10 +259,10 @@ def run(s: BenchConfig, progress: Callable[[str, int], Callable[[], None]] | Non
     s, device, dtype, config = resolve_settings(s)
     progress = progress or (lambda label, total: (lambda: None))
     hw = hardware_name(device)
-    peak, peak_src = (s.peak_tflops, "--peak-tflops") if s.peak_tflops else \
-        peak_tflops(device, dtype, hw)
-    bw, bw_src = (s.bandwidth_gbs, "--bandwidth-gbs") if s.bandwidth_gbs else \
-        peak_bandwidth(device, hw)
+    peak, peak_src = ceiling(s.peak_tflops, "--peak-tflops", peak_tflops(device, dtype, hw),
+                             lambda: measure_tflops(device, dtype), needed=s.only != "generate")
+    bw, bw_src = ceiling(s.bandwidth_gbs, "--bandwidth-gbs", peak_bandwidth(device, hw),
+                         lambda: measure_bandwidth(device), needed=s.only != "train")
     result: dict = {
         "device": str(device), "device_name": hw, "torch": torch.__version__,
         "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
@@ -241,7 +275,8 @@ def run(s: BenchConfig, progress: Callable[[str, int], Callable[[], None]] | Non
     phase = "training" if s.only != "generate" else "generation"
     try:
         torch.manual_seed(s.seed)
-        model = GPT(config).to(device)
+        model = load_model(s.model, device=str(device), dtype=s.dtype)[0] if s.model else \
+            GPT(config).to(device)
         if s.only != "generate":
             t = bench_train(model, s, device, dtype, progress("training", s.warmup + s.steps))
             t["mfu"] = mfu(t["flops_per_token"], t["tokens_per_s"], peak) if peak else None
@@ -249,11 +284,12 @@ def run(s: BenchConfig, progress: Callable[[str, int], Callable[[], None]] | Non
         if s.only != "train":
             phase = "generation"
             model.eval().to(dtype)  # generation runs with weights in the dtype, as generate does
+            prepare(model, s.quantize)  # the inference layout `gpt generate` loads models with
             step = None
             if s.compile:  # as sampling.load_generator
                 torch._dynamo.reset()  # compile from scratch, as `gpt generate` would
                 step = compile_step(model)
-            result["weight_bytes_per_step"] = weight_bytes(config, dtype)
+            result["weight_bytes_per_step"] = decode_bytes(model)
             result["generate"] = []
             for batch in sorted({1, s.batch_size if batch_given else 1}):
                 n = min(s.warmup, 2) + s.steps

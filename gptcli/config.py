@@ -143,6 +143,10 @@ Compile = Annotated[bool, Field(description="torch.compile the model (generation
 Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT, description="Random seed (0 <= seed < 2**63): "
                             "the same seed gives the same result on the same device.",
                             json_schema_extra={"group": "Run", "metavar": "N"})]
+Quantize = Annotated[Optional[Literal["int8"]], Field(
+    description="Quantize the weights for inference: int8 (per-channel weights, activations per "
+                "token; CPU only). Off by default.",
+    json_schema_extra={"group": "Device", "metavar": "SCHEME"})]
 ModelName = Annotated[Optional[str], Field(
     description="Checkpoint file, run folder or downloaded model name (default: the latest run "
                 "under ./runs).",
@@ -261,6 +265,7 @@ class LoadConfig(BaseModel):
     device: Device = "auto"
     dtype: Dtype = "auto"
     compile: Compile = False
+    quantize: Quantize = None
 
 
 class EvalConfig(BaseModel):
@@ -287,6 +292,10 @@ class BenchConfig(BaseModel):
 
     device: Device = "auto"
     dtype: Dtype = "auto"
+    quantize: Quantize = None
+    model: str | None = setting(None, "Time this checkpoint, run folder or downloaded model "
+                                "(generation only) instead of a preset with random weights.",
+                                group="Model", metavar="MODEL")
     preset: str | None = setting(None, "Model shape (GPT-2 vocabulary): " + ", ".join(PRESETS)
                                  + " (default: gpt2 on CUDA, small on MPS, tiny on CPU).",
                                  group="Model", metavar="NAME")
@@ -307,8 +316,9 @@ class BenchConfig(BaseModel):
     only: Literal["train", "generate"] | None = setting(None, "Measure only train or generate.",
                                                         group="Run", metavar="WHAT")
     peak_tflops: float | None = setting(None, "The device's dense peak TFLOPs for the dtype, "
-                                        "for MFU (default: a table of known GPUs).",
-                                        group="Hardware", gt=0.0)
+                                        "for MFU (default: a datasheet table of GPUs, else "
+                                        "measured).", group="Hardware", gt=0.0)
     bandwidth_gbs: float | None = setting(None, "The device's memory bandwidth in GB/s (default: "
-                                          "a table of known GPUs).", group="Hardware", gt=0.0)
+                                          "a datasheet table of GPUs, else measured).",
+                                          group="Hardware", gt=0.0)
     seed: Seed = 1337

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import platform
 import re
+import time
 
 import torch
 
@@ -84,6 +85,42 @@ def peak_bandwidth(device: torch.device, hw: str) -> tuple[float | None, str]:
         if re.search(pattern, hw):
             return float(gbs), f"{label} (datasheet)"
     return None, f"unknown for {hw}; pass --bandwidth-gbs"
+
+
+# ----------------------------------------------------------------------------- measured ceilings
+
+def _best_time(fn, device: torch.device, repeats: int) -> float:
+    from .runtime import synchronize
+
+    fn()  # warm-up: first-touch page faults, kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Achievable dense matmul throughput in TFLOP/s: the best of a few large square matmuls in
+    ``dtype`` (a ceiling for MFU where no datasheet figure applies). About a second on a CPU."""
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return 2 * n ** 3 / _best_time(lambda: a @ b, device, repeats=3) / 1e12
+
+
+def measure_bandwidth(device: torch.device) -> float:
+    """Achievable memory read bandwidth in GB/s: the best of a few reductions over a buffer far
+    larger than any cache (what a decode step does to its weights)."""
+    size = 1 << 30 if device.type != "cpu" else 512 << 20
+    available = available_memory(device)
+    if available is not None:
+        size = max(64 << 20, min(size, available // 4))
+    x = torch.ones(size // 4, device=device)
+    return size / _best_time(lambda: x.sum(), device, repeats=5) / 1e9
 
 
 # ----------------------------------------------------------------------------- memory
