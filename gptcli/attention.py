@@ -170,12 +170,15 @@ def read_text(text: str | None, text_file: str | Path | None) -> str:
 
 
 def inspect(model_name: str | None, *, text: str | None = None, text_file=None,
-            layer: str = "0", head: str = "all", device: str = "auto") -> Inspection:
-    """Load a model, run the text through it once, and measure every head."""
-    from .checkpoint import load_model
+            layer: str = "0", head: str = "all", device: str = "auto", dtype: str = "auto",
+            quantize: str | None = None) -> Inspection:
+    """Load a model, run the text through it once, and measure every head. The maps are those
+    of the model as loaded (in ``dtype``, int8 with ``quantize``), returned as float32."""
+    from .models import load_model
 
     text = read_text(text, text_file)
-    model, tokenizer, path = load_model(model_name, device=device)
+    model, tokenizer, path = load_model(model_name, device=device, dtype=dtype,
+                                        quantize=quantize)
     cfg = model.config
     layers = parse_selection(layer, cfg.n_layer, "--layer", "layer")
     heads = parse_selection(head, cfg.n_head, "--head", "head")

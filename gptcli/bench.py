@@ -22,7 +22,8 @@ import torch
 from . import hardware
 from .config import PRESETS, BenchConfig, ModelConfig, SampleConfig, TrainConfig
 from .model import GPT
-from .checkpoint import checkpoint_info, load_model, resolve_model
+from .checkpoint import checkpoint_info
+from .models import load_model, resolve_model
 from .hardware import (check_memory, generate_memory_estimate, hardware_name,
                        measure_bandwidth, measure_tflops, peak_bandwidth, peak_tflops,
                        train_memory_estimate)

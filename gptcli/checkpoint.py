@@ -1,17 +1,24 @@
 """Checkpoints: self-describing safetensors files, written atomically. Never pickle.
 
 A model checkpoint's header metadata holds ``format`` (``gptcli/1``), ``config`` (ModelConfig
-JSON), ``tokenizer`` (spec JSON) and provenance (gptcli version, step, val loss, source). Tied
-weights are stored once (``lm_head.weight`` is left out) and re-tied on load.
+JSON), ``tokenizer`` (spec JSON), ``quantization`` (``int8`` for int8 checkpoints) and provenance
+(gptcli version, step, run id, val loss, source). Tied weights are stored once (the output
+matrix is left out) and re-tied on load.
+
+A file is checked before anything is built from it: its metadata, then its tensor names and
+shapes against its config (from the header alone; nothing is allocated for a file that asks for
+more than it holds), then, for inference, that its weights are finite.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,32 +29,46 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig, validation_message
 from .model import GPT
-from .runtime import UserError
+from .runtime import UserError, path_error
 from .tokenizer import Tokenizer, get_tokenizer
 
 FORMAT = "gptcli/1"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+TIED_OUTPUT = ("lm_head.weight", "lm_head.qweight", "lm_head.scale")  # stored once, as wte's
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+# ----------------------------------------------------------------------------- writing
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *,
+                 what: str = "file") -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it
-    over ``path``. A failure at any point leaves whatever was at ``path`` untouched."""
+    over ``path``. A failure at any point leaves whatever was at ``path`` untouched; an OS error
+    becomes one sentence ("cannot write checkpoint to X: no space left on device; the previous
+    checkpoint is intact")."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    existed = path.is_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise path_error(e, f"write {what} to", path) from None
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; use the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        raise
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        note = f"the previous {what} is intact" if existed else ""
+        raise path_error(cause, f"write {what} to", path, note=note) from None
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -59,6 +80,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def _os_error(e: BaseException) -> OSError | None:
+    """The OS error behind a failed write: an OSError, or safetensors' own error for one."""
+    if isinstance(e, OSError):
+        return e
+    if isinstance(e, SafetensorError):
+        text = str(e).lower()
+        for words, code in (("no space left", errno.ENOSPC), ("permission denied", errno.EACCES),
+                            ("quota", errno.EDQUOT), ("read-only", errno.EROFS)):
+            if words in text:
+                return OSError(code, os.strerror(code))
+        return OSError(errno.EIO, str(e))
+    return None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -66,11 +101,11 @@ def _umask() -> int:
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                      metadata: Mapping[str, Any]) -> Path:
+                      metadata: Mapping[str, Any], *, what: str = "checkpoint") -> Path:
     """The one safetensors writer: contiguous CPU tensors, string metadata, atomic."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=meta))
+    return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=meta), what=what)
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -89,23 +124,28 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     model = unwrap_model(model)
     state = model.state_dict()
     if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
+        for name in TIED_OUTPUT:
+            state.pop(name, None)
     return state
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, tokenizer: Tokenizer,
                     **provenance: Any) -> Path:
-    """Write ``model`` with its config, tokenizer spec and provenance to one safetensors file."""
+    """Write ``model`` with its config, tokenizer spec and provenance to one safetensors file
+    (an int8 model as its int8 weights and scales, marked ``quantization: int8``)."""
     from . import __version__
+    from .quantize import is_quantized
 
-    config: ModelConfig = unwrap_model(model).config
+    model = unwrap_model(model)
     metadata = {
         "format": FORMAT,
-        "config": config.model_dump_json(),
+        "config": model.config.model_dump_json(),
         "tokenizer": json.dumps(tokenizer.spec()),
         "gptcli_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if is_quantized(model):
+        metadata["quantization"] = "int8"
     metadata.update({k: v for k, v in provenance.items() if v is not None})
     return write_safetensors(path, model_tensors(model), metadata)
 
@@ -149,16 +189,25 @@ def load_training_state(path: str | os.PathLike, optimizer: torch.optim.Optimize
     return rng, parsed
 
 
+# ----------------------------------------------------------------------------- reading
+
 def check_readable(path: str | os.PathLike) -> Path:
-    """Refuse pickle files and missing paths with a message that says why."""
+    """Refuse pickle files and paths that cannot be read, with a message that says why."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UserError(
             f"{path} looks like a pickle file ({path.suffix}); gptcli only loads .safetensors, "
             "because unpickling can run arbitrary code"
         )
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise UserError(f"checkpoint {path} is a symbolic link to {os.readlink(path)}, "
+                            "which does not exist") from None
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except OSError as e:  # a symbolic link loop, a file where a folder should be, ...
+        raise path_error(e, "read checkpoint", path) from None
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a checkpoint file")
     return path
@@ -166,17 +215,23 @@ def check_readable(path: str | os.PathLike) -> Path:
 
 def read_safetensors(path: str | os.PathLike, *, tensors: bool = True,
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors (or, with ``tensors=False``, only their names mapped to shapes) and metadata."""
+    """Tensors (or, with ``tensors=False``, only their names mapped to shapes: the header
+    alone is read) and metadata."""
     path = check_readable(path)
     try:
+        with open(path, "rb"):  # the OS's own words for what stops us reading it
+            pass
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             if tensors:
                 out = {k: f.get_tensor(k) for k in f.keys()}
             else:
-                out = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}")
+                out = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except OSError as e:
+        raise path_error(e, "read checkpoint", path) from None
+    except (SafetensorError, ValueError) as e:
+        raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}"
+                        ) from None
     return out, metadata
 
 
@@ -191,109 +246,126 @@ def parse_metadata(path: str | os.PathLike, metadata: Mapping[str, str],
     try:
         config = ModelConfig.model_validate_json(metadata["config"])
         spec = json.loads(metadata["tokenizer"])
-    except (KeyError, ValueError, ValidationError) as e:
+    except KeyError as e:
+        raise UserError(f"{path} has damaged gptcli metadata: no {e.args[0]} entry") from None
+    except (ValueError, ValidationError) as e:
         raise UserError(f"{path} has damaged gptcli metadata: {validation_message(e)}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        raise UserError(f"{path} has damaged gptcli metadata: its tokenizer entry is not a "
+                        "tokenizer spec (an object with a type)")
+    quantization = metadata.get("quantization")
+    if quantization is not None and quantization != "int8":
+        raise UserError(f"{path} says it is quantized as {quantization!r}, which this gptcli "
+                        "does not know (int8 only)")
     return config, spec
 
 
+def check_tokenizer(path: str | os.PathLike, config: ModelConfig, tokenizer: Tokenizer) -> None:
+    """The tokenizer must fit the embedding: every id it makes has a row, and (for character
+    vocabularies, which have no padding) every row has a character to decode to."""
+    fits = tokenizer.vocab_size <= config.vocab_size if tokenizer.name == "gpt2" else \
+        tokenizer.vocab_size == config.vocab_size
+    if not fits:
+        raise UserError(f"{path} is damaged: its {tokenizer.name} tokenizer has "
+                        f"{tokenizer.vocab_size} tokens but the model's embedding has "
+                        f"{config.vocab_size} rows")
+
+
+def expected_shapes(config: ModelConfig, quantization: str | None = None,
+                    ) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the tensors a checkpoint of ``config`` stores, from a model
+    built on the meta device (which allocates nothing)."""
+    from .quantize import prepare
+
+    with torch.device("meta"):
+        model = GPT(config)
+        if quantization:
+            prepare(model, quantization)
+    return {k: tuple(v.shape) for k, v in model_tensors(model).items()}
+
+
+def check_tensors(shapes: Mapping[str, Sequence[int]], config: ModelConfig, where: str, *,
+                  quantization: str | None = None) -> None:
+    """The one check that a set of tensors (names -> shapes) is what ``config`` needs: used by
+    load_checkpoint on a file's header and by the Hugging Face conversion. Cheap bounds come
+    first, so a header asking for a huge model fails before any model is built, even on the
+    meta device."""
+    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"h\.(\d+)\.", k))}
+    held = sum(_numel(s) for s in shapes.values())
+    if len(layers) != config.n_layer or config.num_params() > held:
+        raise UserError(f"{where}: the weights do not match the config: it describes "
+                        f"{config.n_layer} layers and {config.num_params():,} parameters, the "
+                        f"tensors hold {len(layers)} layers and {held:,} values")
+    expected = expected_shapes(config, quantization)
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{k} {tuple(shapes[k])} (config: {expected[k]})"
+             for k in sorted(set(shapes) & set(expected)) if tuple(shapes[k]) != expected[k]]
+    if missing or unexpected or wrong:
+        problems = [f"{label}: {', '.join(names[:4])}" for label, names in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                    if names]
+        raise UserError(f"{where}: the weights do not match the config ({'; '.join(problems)})")
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def check_finite(path: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Refuse NaN or infinite weights (a diverged run, a damaged file): they would make
+    sampling fail, or greedy decoding print garbage without a word."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{path}: the checkpoint's weights contain NaN or infinite values "
+                            f"(tensor {name})")
+
+
 def load_checkpoint(path: str | os.PathLike, *, device: torch.device | str = "cpu",
-                    dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer, dict]:
-    """Load a gptcli checkpoint: ``(model in eval mode, tokenizer, metadata)``."""
-    tensors, metadata = read_safetensors(path)
+                    dtype: torch.dtype | None = None, finite: bool = False,
+                    ) -> tuple[GPT, Tokenizer, dict]:
+    """Load a gptcli checkpoint: ``(model in eval mode, tokenizer, metadata)``. Everything is
+    checked before the model is built; ``finite`` also checks the weights' values (for
+    inference). An int8 checkpoint loads as an int8 model (see ``quantize``)."""
+    from .quantize import prepare
+
+    shapes, metadata = read_safetensors(path, tensors=False)
     config, spec = parse_metadata(path, metadata)
     tokenizer = get_tokenizer(spec)
-    model = GPT(config)
-    expected = set(model_tensors(model))
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not match its config (missing: "
-                        f"{sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]})")
-    try:
-        model.load_state_dict(tensors, strict=False)
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not match its config: {str(e).splitlines()[-1]}")
+    check_tokenizer(path, config, tokenizer)
+    quantization = metadata.get("quantization")
+    check_tensors(shapes, config, str(path), quantization=quantization)
+    tensors, _ = read_safetensors(path)
+    with torch.device("meta"):  # shapes only: the file's tensors become the weights
+        model = GPT(config)
+        if quantization:
+            prepare(model, quantization)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    if finite:
+        check_finite(path, model)
     model.to(device=device, dtype=dtype)
     model.eval()
     return model, tokenizer, dict(metadata)
-
-
-def resolve_model(name: str | os.PathLike | None, runs_dir: str | os.PathLike = "runs") -> Path:
-    """Find the checkpoint a user means by ``name``.
-
-    A checkpoint file; a run folder (its ``best.safetensors``, else ``last.safetensors``); the
-    name of a model in the local store (``gpt2`` -> ``$GPTCLI_HOME/models/gpt2.safetensors``);
-    or, for None, the most recently written run under ``runs_dir``.
-    """
-    from .runtime import models_dir, store_name
-
-    if name is None:
-        runs = sorted(Path(runs_dir).glob("*/*.safetensors"), key=lambda p: p.stat().st_mtime)
-        runs = [p for p in runs if p.name in ("best.safetensors", "last.safetensors")]
-        if not runs:
-            raise UserError(f"no --model given and no trained run under ./{runs_dir}; "
-                            f"train one with `gpt train` or {_available_hint()}")
-        return resolve_model(runs[-1].parent)
-    path = Path(name)
-    if path.is_dir():
-        for candidate in ("best.safetensors", "last.safetensors"):
-            if (path / candidate).is_file():
-                return path / candidate
-        raise UserError(f"run folder {path} has no best.safetensors or last.safetensors")
-    if path.is_file() or path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
-        return check_readable(path)
-    stored = models_dir() / f"{store_name(str(name))}.safetensors"
-    if stored.is_file():
-        return stored
-    raise UserError(f"no model named {str(name)!r}: not a file, run folder or downloaded model; "
-                    f"{_available_hint()}")
-
-
-def local_models() -> list[str]:
-    """Names of the models in the local store."""
-    from .runtime import models_dir
-
-    return sorted(p.stem.replace("--", "/") for p in models_dir().glob("*.safetensors"))
-
-
-def _available_hint() -> str:
-    names = local_models()
-    runs = sorted(str(p.parent) for p in Path("runs").glob("*/last.safetensors"))
-    available = names + runs
-    if not available:
-        return "nothing is available locally yet (try `gpt download gpt2` or `gpt train`)"
-    return "available locally: " + ", ".join(available)
-
-
-def load_model(name: str | os.PathLike | None, *, device: str = "auto",
-               dtype: str | None = None) -> tuple[GPT, Tokenizer, Path]:
-    """What every command that uses a model does first: find it (``resolve_model``), pick the
-    device (and, if given, the weights' dtype) and load it. Returns (model, tokenizer, path)."""
-    from .runtime import resolve_device, resolve_dtype
-
-    path = resolve_model(name)
-    dev = resolve_device(device)
-    model, tokenizer, _ = load_checkpoint(
-        path, device=dev, dtype=resolve_dtype(dtype, dev) if dtype is not None else None)
-    return model, tokenizer, path
 
 
 def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     """What `gpt info` shows, read from the header only (no weights loaded)."""
     shapes, metadata = read_safetensors(path, tensors=False)
     config, spec = parse_metadata(path, metadata)
-    n_params = 0
-    for shape in shapes.values():
-        count = 1
-        for s in shape:
-            count *= s
-        n_params += count
+    check_tensors(shapes, config, str(path), quantization=metadata.get("quantization"))
     extra = {k: v for k, v in metadata.items() if k not in ("format", "config", "tokenizer")}
     return {
         "path": str(Path(path).resolve()),
         "format": metadata["format"],
         "file_size": Path(path).stat().st_size,
-        "parameters": n_params,
+        "parameters": config.num_params(),
+        "quantization": metadata.get("quantization"),
         "config": config.model_dump(),
-        "tokenizer": spec["type"] + (f" ({len(spec['chars'])} characters)" if "chars" in spec else ""),
+        "tokenizer": spec["type"] + (f" ({len(spec['chars'])} characters)" if "chars" in spec
+                                     else ""),
         "provenance": extra,
     }

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_model
+from .models import load_model
 from .config import EvalConfig, LoadConfig
 from .data import load_tokens, resolve_data
 from .distributed import current_dist
@@ -87,7 +87,8 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, context_length: int, *,
 def evaluate_file(load: LoadConfig, cfg: EvalConfig) -> dict:
     """`gpt eval`: loss, perplexity and bits per byte of a model over whole text files, or over
     its own run's validation split when no data is given and the model is a run."""
-    model, tokenizer, path = load_model(load.model, device=load.device, dtype=load.dtype)
+    model, tokenizer, path = load_model(load.model, device=load.device, dtype=load.dtype,
+                                        quantize=load.quantize)
     limit = model.config.context_length
     if cfg.context_length is not None and cfg.context_length > limit:
         raise UserError(f"--context-length {cfg.context_length} is longer than the model's "

@@ -1,14 +1,14 @@
-"""Hugging Face GPT-2 <-> gptcli: the key map (data, not code), the conversions, `gpt download`
-(Hub repos, local HF folders, text datasets) and `gpt export`.
-
-gptcli's parameters are Hugging Face GPT-2's, with the same names (less the ``transformer.``
-prefix) and the same layouts (projection weights (in, out), as GPT-2's Conv1D stores them). The
-only differences are listed below: the prefix, HF's causal-mask buffers that gptcli rebuilds, and
-the tied output matrix that gptcli stores once.
+"""Hugging Face downloads and exports: `gpt download` (Hub repos, local HF folders, text
+datasets) and `gpt export`. The GPT-2 <-> gptcli map itself is ``hf.py``.
 
 Downloads go through ``huggingface_hub`` (its cache under ``HF_HOME``, resumable transfers,
 ``HF_TOKEN``, ``HF_ENDPOINT`` mirrors, ``HF_HUB_OFFLINE``); it is imported only when needed.
 Pickle weights (``pytorch_model.bin``) are never downloaded or opened.
+
+Files are fetched one by one with ``hf_hub_download`` rather than ``snapshot_download``: the
+order matters (config.json first, so a repo that is not GPT-2 is refused before any weights are
+fetched; then the single file or the shards its index names), offline mode must say which file
+is missing, and a pickle-only repo must be named as such without downloading it.
 """
 
 from __future__ import annotations
@@ -16,78 +16,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .config import ModelConfig
+from .hf import GPT2_VOCAB, from_hf, to_hf
 from .runtime import (GptcliError, RuntimeFailure, UserError, datasets_dir, models_dir,
                       store_name)
-
-if TYPE_CHECKING:  # torch is imported where tensors are touched: dataset and error paths skip it
-    import torch
-
-HF_PREFIX = "transformer."
-# Buffers in HF files that are not weights.
-HF_DROPPED = (".attn.bias", ".attn.masked_bias")
-# HF config.json field -> ModelConfig field.
-HF_CONFIG_MAP = {"vocab_size": "vocab_size", "n_positions": "context_length",
-                 "n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd",
-                 "layer_norm_epsilon": "layer_norm_eps",
-                 "tie_word_embeddings": "tie_embeddings"}
-
-
-def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
-    """A ModelConfig from a Hugging Face GPT-2 ``config.json`` (as a dict)."""
-    if hf.get("model_type") != "gpt2":
-        raise UserError(f"this is not a GPT-2 model: config.json says model_type "
-                        f"{hf.get('model_type')!r}; gptcli converts only model_type 'gpt2'")
-    act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise UserError(f"unsupported activation_function {act!r}: gptcli's GPT-2 uses "
-                        "the tanh-approximated GELU (gelu_new)")
-    fields = {ours: hf[theirs] for theirs, ours in HF_CONFIG_MAP.items() if theirs in hf}
-    fields.setdefault("tie_embeddings", True)
-    return ModelConfig(**fields)
-
-
-def config_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """A Hugging Face GPT-2 config dict; refuses options GPT-2 cannot express."""
-    unsupported = [f"{name}={getattr(config, name)}" for name, gpt2 in
-                   (("norm", "layernorm"), ("position", "learned"), ("bias", True),
-                    ("tie_embeddings", True)) if getattr(config, name) != gpt2]
-    if unsupported:
-        raise UserError(f"Hugging Face GPT-2 cannot express this model ({', '.join(unsupported)})")
-    hf = {theirs: getattr(config, ours) for theirs, ours in HF_CONFIG_MAP.items()}
-    hf.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=config.context_length,
-              activation_function="gelu_new", resid_pdrop=config.dropout,
-              embd_pdrop=config.dropout, attn_pdrop=config.dropout,
-              bos_token_id=50256, eos_token_id=50256)
-    return hf
-
-
-def state_dict_from_hf(hf_state: Mapping[str, torch.Tensor],
-                       config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face GPT-2 weights -> gptcli names and layouts."""
-    out = {}
-    for key, tensor in hf_state.items():
-        name = key[len(HF_PREFIX):] if key.startswith(HF_PREFIX) else key
-        if name.endswith(HF_DROPPED):
-            continue
-        if name == "lm_head.weight" and config.tie_embeddings:
-            continue
-        out[name] = tensor
-    return out
-
-
-def state_dict_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """gptcli weights -> Hugging Face GPT-2 names and layouts (tied lm_head left out)."""
-    out = {}
-    for name, tensor in state.items():
-        if name == "lm_head.weight":
-            continue
-        out[HF_PREFIX + name] = tensor
-    return out
 
 
 # ----------------------------------------------------------------------------- download
@@ -109,7 +43,6 @@ HF_WEIGHTS_INDEX = "model.safetensors.index.json"
 HF_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 NO_PICKLE = ("gptcli does not unpickle downloaded files, because unpickling can run arbitrary "
              "code; ask for (or convert to) a safetensors version")
-GPT2_VOCAB = 50257
 
 
 def _offline(offline: bool) -> bool:
@@ -225,7 +158,7 @@ def download_model(name: str, *, revision: str | None = None, out: str | os.Path
     repo = resolve_repo(name)
     config_path = hub_fetch(repo, "config.json", revision=revision, offline=offline)
     hf_config = _read_hf_config(config_path, repo)
-    config_from_hf(hf_config)  # refuse non-GPT-2 repos before fetching any weights
+    from_hf(hf_config)  # refuse non-GPT-2 repos before fetching any weights
     fetch = functools.partial(hub_fetch, repo, revision=revision, offline=offline)
     weights = fetch(HF_WEIGHTS, optional=True)
     if weights is not None:
@@ -298,7 +231,7 @@ def convert_folder(folder: str | os.PathLike, *, out: str | os.PathLike | None =
     if not config_path.is_file():
         raise UserError(f"{folder} has no config.json; it is not a Hugging Face model folder")
     hf_config = _read_hf_config(config_path, str(folder))
-    config_from_hf(hf_config)
+    from_hf(hf_config)
     if (folder / HF_WEIGHTS).is_file():
         files = [folder / HF_WEIGHTS]
     elif (folder / HF_WEIGHTS_INDEX).is_file():
@@ -316,23 +249,23 @@ def convert_folder(folder: str | os.PathLike, *, out: str | os.PathLike | None =
                       source=f"local:{folder.resolve()}")
 
 
-def convert_hf(hf_config: Mapping[str, Any], files: list[Path], out: str | os.PathLike, *,
+def convert_hf(hf_config: dict[str, Any], files: list[Path], out: str | os.PathLike, *,
                log=None, **provenance: Any) -> dict[str, Any]:
     """Hugging Face GPT-2 config + safetensors files -> one gptcli checkpoint at ``out``, then
     load it back once to verify. Returns name, path, parameters, size and source."""
     import torch
     from safetensors import SafetensorError, safe_open
 
-    from .checkpoint import load_checkpoint, model_tensors, save_checkpoint
+    from .checkpoint import check_tensors, load_checkpoint, save_checkpoint
     from .model import GPT
     from .tokenizer import GPT2Tokenizer
 
-    config = config_from_hf(hf_config)
+    config, _ = from_hf(hf_config)
     if config.vocab_size < GPT2_VOCAB:
         raise UserError(f"this model has vocab_size {config.vocab_size}, fewer than the GPT-2 "
                         f"tokenizer's {GPT2_VOCAB} tokens; gptcli pairs Hub models with the "
                         "GPT-2 tokenizer")
-    hf_state: dict[str, torch.Tensor] = {}
+    hf_state = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -341,24 +274,18 @@ def convert_hf(hf_config: Mapping[str, Any], files: list[Path], out: str | os.Pa
             raise UserError(f"{path} is not a readable safetensors file: {e}") from None
     if log:
         log(f"converting {len(files)} file(s), {len(hf_state)} tensors")
-    state = state_dict_from_hf(hf_state, config)
-    model = GPT(config)
-    expected = {k: tuple(v.shape) for k, v in model_tensors(model).items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        raise UserError(f"the weights do not match config.json (missing: {missing[:4]}, "
-                        f"unexpected: {unexpected[:4]}, wrong shape: {wrong[:4]})")
-    with torch.no_grad():
-        model.load_state_dict(state, strict=False)
+    config, state = from_hf(hf_config, hf_state)
+    check_tensors({k: tuple(v.shape) for k, v in state.items()}, config, "config.json")
+    with torch.device("meta"):  # shapes only: the file's tensors become the weights
+        model = GPT(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
     out = Path(out)
     save_checkpoint(out, model, GPT2Tokenizer(), **{k: v for k, v in provenance.items() if v})
     del model, state, hf_state
-    verified, _, _ = load_checkpoint(out)  # read back what was written, as a user would
-    n_params = sum(t.numel() for t in model_tensors(verified).values())
+    verified, _, _ = load_checkpoint(out, finite=True)  # read back what was written
     return {"name": out.stem.replace("--", "/"), "path": str(out.resolve()),
-            "parameters": n_params, "size": out.stat().st_size,
+            "parameters": verified.num_params(), "size": out.stat().st_size,
             "source": provenance.get("source"), "revision": provenance.get("revision")}
 
 
@@ -398,7 +325,7 @@ def resolve_dataset_repo(name: str) -> str:
 
 def list_available() -> dict[str, Any]:
     """The known names and what is already in the local store (for ``gpt download --list``)."""
-    from .checkpoint import local_models
+    from .models import local_models
 
     stored = local_models()
     datasets = sorted(p.name.replace("--", "/") for p in datasets_dir().glob("*")
@@ -416,31 +343,36 @@ def export_model(model: str | os.PathLike, to: str | os.PathLike, *,
                  force: bool = False) -> dict[str, Any]:
     """Write checkpoint ``model`` as a Hugging Face GPT-2 folder (config.json, model.safetensors,
     generation_config.json) that ``GPT2LMHeadModel.from_pretrained`` loads. Options GPT-2 cannot
-    express are refused before any weights are read."""
+    express are refused before any weights are read; a folder with files is not overwritten
+    without ``force``."""
     from .checkpoint import (atomic_write, load_checkpoint, model_tensors, parse_metadata,
                              read_safetensors, write_safetensors)
+    from .tokenizer import get_tokenizer
 
     _, metadata = read_safetensors(model, tensors=False)
     config, spec = parse_metadata(model, metadata)
-    hf = config_to_hf(config)
+    if metadata.get("quantization"):
+        raise UserError(f"{model} is an int8 checkpoint; export the float checkpoint it was "
+                        "made from")
+    eot = get_tokenizer(spec).eot_id if config.vocab_size >= GPT2_VOCAB else None
+    to_hf(config)  # refuse what GPT-2 cannot express, before reading any weights
     to = Path(to)
     if to.exists() and not to.is_dir():
         raise UserError(f"--to {to} is a file; give a folder to write the Hugging Face model into")
     if to.is_dir() and any(to.iterdir()) and not force:
         raise UserError(f"--to {to} already has files; pass --force to overwrite them, or give "
                         "an empty or new folder")
-    net, tokenizer, _ = load_checkpoint(model)
-    special = {}
-    if spec.get("type") == "gpt2" and config.vocab_size >= GPT2_VOCAB:
-        special = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
-    hf.update(bos_token_id=special.get("bos_token_id"), eos_token_id=special.get("eos_token_id"),
-              dtype=str(next(net.parameters()).dtype).removeprefix("torch."))
-    weights = write_safetensors(to / HF_WEIGHTS, state_dict_to_hf(model_tensors(net)),
-                                {"format": "pt"})
+    net, _, _ = load_checkpoint(model)
+    hf, hf_tensors = to_hf(config, model_tensors(net), eot_id=eot)
+    hf["dtype"] = str(next(net.parameters()).dtype).removeprefix("torch.")
+    weights = write_safetensors(to / "model.safetensors", hf_tensors, {"format": "pt"},
+                                what="model.safetensors")
+    special = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}
     for name, payload in (("config.json", hf), ("generation_config.json", special)):
         text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
-        atomic_write(to / name, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(to / name, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"),
+                     what=name)
     return {"path": str(to.resolve()), "files": sorted(p.name for p in to.iterdir()
                                                         if not p.name.startswith(".")),
             "size": weights.stat().st_size, "tokenizer": spec.get("type"),
-            "parameters": sum(t.numel() for t in model_tensors(net).values())}
+            "parameters": config.num_params()}

@@ -195,9 +195,18 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
+        self.tie_weights()
         self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Share the output matrix with the token embedding (GPT-2's tying); again after
+        loading a checkpoint replaced the embedding's tensors."""
+        if not self.config.tie_embeddings:
+            return
+        if isinstance(self.wte, QuantizedEmbedding):
+            self.lm_head.qweight, self.lm_head.scale = self.wte.qweight, self.wte.scale
+        else:
+            self.lm_head.weight = self.wte.weight
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""

@@ -207,8 +207,8 @@ def os_error_reason(e: OSError) -> str:
 
 def path_error(e: OSError, doing: str, path=None, *, note: str = "") -> GptcliError:
     """An OSError on a user's path as one sentence: ``cannot <doing> <path>: <reason>[; note]``.
-    A failing disk or device is a runtime failure (exit 1); anything about the path is bad input
-    (exit 2)."""
+    A failing disk or device (or an error without an errno) is a runtime failure (exit 1);
+    anything about the path is bad input (exit 2)."""
     import errno as errno_mod
 
     where = path if path is not None else (e.filename or "")
@@ -216,8 +216,8 @@ def path_error(e: OSError, doing: str, path=None, *, note: str = "") -> GptcliEr
         f"cannot {doing}: {os_error_reason(e)}"
     if note:
         text += f"; {note}"
-    disk = errno_mod.errorcode.get(e.errno or 0, "") in _DISK_ERRNOS
-    return RuntimeFailure(text) if disk else UserError(text)
+    name = errno_mod.errorcode.get(e.errno or 0, "")
+    return RuntimeFailure(text) if name in _DISK_ERRNOS or not name else UserError(text)
 
 
 # How a command ends when the reader of its stdout goes away (`gpt ... | head`): quietly, with

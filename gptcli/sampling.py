@@ -263,12 +263,13 @@ class Loaded:
 
 
 def load_generator(model_name: str | None, *, device: str = "auto", dtype: str = "auto",
-                   compile: bool = False) -> Loaded:
-    """Load a model for generation (see ``checkpoint.load_model``), compiling its one-token
+                   compile: bool = False, quantize: str | None = None) -> Loaded:
+    """Load a model for generation (see ``models.load_model``), compiling its one-token
     step when asked."""
-    from .checkpoint import load_model
+    from .models import load_model
 
-    model, tokenizer, path = load_model(model_name, device=device, dtype=dtype)
+    model, tokenizer, path = load_model(model_name, device=device, dtype=dtype,
+                                        quantize=quantize)
     return Loaded(model, tokenizer, path, compile_step(model) if compile else None)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import (load_checkpoint, load_training_state, resolve_model, save_checkpoint,
+from .checkpoint import (load_checkpoint, load_training_state, save_checkpoint,
                          save_training_state)
 from .config import ModelConfig, SampleConfig, TrainConfig, validation_message
 from .data import BatchSampler, check_enough, load_tokens, resolve_data
@@ -26,8 +26,9 @@ from .distributed import Dist, current_dist, setup_distributed, teardown_distrib
 from .evaluate import evaluate
 from .hardware import check_memory, train_memory_estimate
 from .model import GPT
+from .models import resolve_model
 from .optim import StepParts, lr_at, step_parts, train_step
-from .runs import RunFolder, MetricsLog, new_run_id
+from .runs import MetricsLog, RunFolder, new_run_id
 from .runtime import (Interrupted, RuntimeFailure, UserError, autocast, path_error,
                       resolve_dtype, seed_everything, synchronize)
 from .tokenizer import Tokenizer

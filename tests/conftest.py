@@ -22,6 +22,13 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+def char_tokenizer(n: int):
+    """A character tokenizer of exactly ``n`` distinct characters (to pair with a vocab of n)."""
+    from gptcli.tokenizer import CharTokenizer
+
+    return CharTokenizer([chr(0x100 + i) for i in range(n)])
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every parameter (biases and norms too) non-trivial random values."""
     g = torch.Generator().manual_seed(seed)

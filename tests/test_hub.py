@@ -116,7 +116,6 @@ def assert_same_logits(path: Path, reference: torch.nn.Module, vocab: int = 5025
     ids = torch.randint(0, vocab, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(ids)
-        ours = ours[0] if isinstance(ours, tuple) else ours
         theirs = reference(ids).logits
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() <= 1e-5
@@ -321,6 +320,23 @@ def test_export_refuses_what_gpt2_cannot_express(tmp_path, option, shown):
     assert result.stderr.strip() == (f"error: Hugging Face GPT-2 cannot express this model "
                                      f"({shown})")
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_into_a_folder_with_files_needs_force(tmp_path):
+    model = randomize_(GPT(tiny_config(vocab_size=50257)), seed=3).eval()
+    path = save_checkpoint(tmp_path / "m.safetensors", model, GPT2Tokenizer())
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("mine")
+    result = runner.invoke(app, ["export", "--model", str(path), "--to", str(tmp_path / "hf")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: --to {tmp_path / 'hf'} already has files; pass "
+                                     "--force to overwrite them, or give an empty or new folder")
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["config.json"]
+    assert (tmp_path / "hf" / "config.json").read_text() == "mine"
+    result = runner.invoke(app, ["export", "--model", str(path), "--to", str(tmp_path / "hf"),
+                                 "--force"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "gpt2"
 
 
 # ----------------------------------------------------------------------------- using downloads

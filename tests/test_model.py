@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from gptcli.config import ModelConfig
-from gptcli.hub import config_from_hf, state_dict_from_hf
+from gptcli.hf import from_hf
 from gptcli.kv_cache import KVCache
 from gptcli.model import GPT
 
@@ -26,9 +26,9 @@ def hf_pair(hf_fields, seed=0):
                                         attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(seed)
     hf = randomize_(transformers.GPT2LMHeadModel(hf_config), seed).eval()
-    config = config_from_hf(hf_config.to_dict())
+    config, state = from_hf(hf_config.to_dict(), hf.state_dict())
     ours = GPT(config).eval()
-    result = ours.load_state_dict(state_dict_from_hf(hf.state_dict(), config), strict=False)
+    result = ours.load_state_dict(state, strict=False)
     assert result.unexpected_keys == [] and result.missing_keys == ["lm_head.weight"]
     return hf, ours
 

@@ -242,8 +242,13 @@ def test_cli_unknown_model_lists_what_is_available(char_checkpoint, isolated_hom
     (isolated_home / "models" / "gpt2.safetensors").write_bytes(char_checkpoint.read_bytes())
     result = gen("--model", "gpt3", "--prompt", "a")
     assert result.exit_code == 2
-    assert result.stderr.strip() == ("error: no model named 'gpt3': not a file, run folder or "
-                                     "downloaded model; available locally: gpt2")
+    assert result.stderr.strip() == ("error: no model named 'gpt3': it is not a file, a run "
+                                     "folder or a downloaded model; available locally: gpt2")
+    result = gen("--model", "gpt2-medium", "--prompt", "a")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: gpt2-medium is not downloaded yet: get it with `gpt "
+                                     "download gpt2-medium` (once, with network access); "
+                                     "available locally: gpt2")
     result = gen("--model", "gpt2", "--prompt", "abc", "--max-new-tokens", "3")
     assert result.exit_code == 0, result.output
 
@@ -251,7 +256,9 @@ def test_cli_unknown_model_lists_what_is_available(char_checkpoint, isolated_hom
 def test_cli_without_model_uses_latest_run_or_explains(char_checkpoint, tmp_path):
     result = gen("--prompt", "a")
     assert result.exit_code == 2
-    assert "no --model given and no trained run under ./runs" in result.stderr
+    assert result.stderr.strip() == ("error: no --model given, and there is no trained run "
+                                     "under ./runs. Train one with `gpt train`, or download one "
+                                     "with `gpt download gpt2`")
     (tmp_path / "runs" / "x").mkdir(parents=True)
     (tmp_path / "runs" / "x" / "last.safetensors").write_bytes(char_checkpoint.read_bytes())
     result = gen("--prompt", "a", "--max-new-tokens", "3")

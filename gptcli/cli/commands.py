@@ -80,7 +80,7 @@ def generate_cmd(
 
     load, sample = settings(LoadConfig, given), settings(SampleConfig, given)
     loaded = load_generator(load.model, device=load.device, dtype=load.dtype,
-                            compile=load.compile)
+                            compile=load.compile, quantize=load.quantize)
     if load.model is None:
         note(f"using {loaded.path} (the latest run)")
     if load.compile and loaded.model.device.type == "cpu":
@@ -193,7 +193,7 @@ def inspect_attention_cmd(
     if out is not None:
         attention.require_matplotlib()  # fail before the slow part
     insp = attention.inspect(load.model, text=text, text_file=text_file, layer=layer, head=head,
-                             device=load.device, dtype=load.dtype)
+                             device=load.device, dtype=load.dtype, quantize=load.quantize)
     if out is not None:
         note(f"wrote {attention.write_png(insp, out)}")
     if html is not None:
@@ -234,7 +234,8 @@ def info_cmd(
     as_json: Json = False,
 ) -> None:
     """Show a checkpoint's config, parameter count, tokenizer, provenance and size."""
-    from ..checkpoint import checkpoint_info, resolve_model
+    from ..checkpoint import checkpoint_info
+    from ..models import resolve_model
     from ..display import render_info
 
     info = checkpoint_info(resolve_model(model))
@@ -286,7 +287,7 @@ def export_cmd(
         "Overwrite files already in --to."))] = False,
 ) -> None:
     """Write a model as a Hugging Face GPT-2 folder (loadable by transformers)."""
-    from ..checkpoint import resolve_model
+    from ..models import resolve_model
     from ..hub import export_model
 
     result = export_model(resolve_model(model), to, force=force)
