@@ -130,3 +130,31 @@ def prepare(model: nn.Module, quantize: str | None = None, chunks: int | None = 
 
 def is_quantized(model: nn.Module) -> bool:
     return getattr(model.lm_head, "qweight", None) is not None
+
+
+def quantize_checkpoint(model_name: str, out: str | None = None, *, force: bool = False) -> dict:
+    """`gpt quantize`: an int8 copy of a float checkpoint (int8 weights, float32 scales, the same
+    metadata plus ``quantization: int8``), by default beside it as ``<name>-int8.safetensors``
+    (so a stored ``gpt2`` gives ``gpt2-int8``, usable as ``--model gpt2-int8``)."""
+    from pathlib import Path
+
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .models import resolve_model
+    from .runtime import UserError
+
+    src = resolve_model(model_name)
+    target = Path(out) if out else src.with_name(f"{src.stem}-int8.safetensors")
+    if target.exists() and target.resolve() == src.resolve():
+        raise UserError("--out is the checkpoint being quantized; give another file")
+    if target.exists() and not force:
+        raise UserError(f"{target} already exists; pass --force to overwrite it, or --out to "
+                        "write another file")
+    model, tokenizer, meta = load_checkpoint(src, finite=True)
+    if is_quantized(model):
+        raise UserError(f"{src} is already an int8 checkpoint")
+    prepare(model, "int8")
+    kept = {k: v for k, v in meta.items() if k in ("step", "val_loss", "source", "run_id",
+                                                    "revision")}
+    save_checkpoint(target, model, tokenizer, **kept, quantized_from=str(src))
+    return {"path": str(target), "source": str(src), "size": target.stat().st_size,
+            "source_size": src.stat().st_size, "parameters": model.num_params()}

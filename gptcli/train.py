@@ -28,6 +28,7 @@ from .hardware import check_memory, train_memory_estimate
 from .model import GPT
 from .models import resolve_model
 from .optim import StepParts, lr_at, step_parts, train_step
+from .quantize import is_quantized
 from .runs import MetricsLog, RunFolder, new_run_id
 from .runtime import (Interrupted, RuntimeFailure, UserError, autocast, path_error,
                       resolve_dtype, seed_everything, synchronize)
@@ -191,6 +192,10 @@ def setup(cfg: TrainConfig, run: RunFolder, resume: bool, display) -> Session:
     seed_everything(cfg.seed + dist.rank)
     init = load_checkpoint(run.last) if resume else \
         load_checkpoint(resolve_model(cfg.init_from)) if cfg.init_from else None
+    if init and is_quantized(init[0]):
+        raise UserError(f"{cfg.init_from} is an int8 checkpoint, for inference only; train from "
+                        f"the float checkpoint it was made from "
+                        f"({init[2].get('quantized_from', 'see gpt info')})")
     files = resolve_data(cfg.data)
     tokenizer_spec = init[1].spec() if init else cfg.tokenizer if cfg.tokenizer != "auto" else \
         "char" if cfg.preset in ("tiny", "small") else "gpt2"

@@ -277,6 +277,30 @@ def download_cmd(
     print(json.dumps(result)) if as_json else render_download(result)
 
 
+@command("quantize")
+def quantize_cmd(
+    model: Annotated[str, Arg(metavar="MODEL", help=(
+        "A checkpoint file, a run folder, or the name of a downloaded model."))],
+    out: Annotated[Optional[Path], Opt(metavar="FILE", help=(
+        "Where to write the int8 checkpoint (default: beside it, as NAME-int8.safetensors)."))
+                   ] = None,
+    force: Annotated[bool, Opt("--force", metavar="", help="Overwrite --out if it exists.")
+                     ] = False,
+    as_json: Json = False,
+) -> None:
+    """Write an int8 copy of a checkpoint: about a quarter of the size, and several times
+    faster to generate from on a CPU (per-channel int8 weights)."""
+    from ..quantize import quantize_checkpoint
+
+    result = quantize_checkpoint(model, out, force=force)
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(f"wrote {result['path']} (int8, {result['size'] / 1e6:,.1f} MB, "
+          f"{result['size'] / result['source_size']:.0%} of {result['source']})")
+    note(f"use it with: gpt generate --model {result['path']}")
+
+
 @command("export")
 def export_cmd(
     model: Annotated[str, Opt(metavar="MODEL", help=(

@@ -1,0 +1,153 @@
+"""Inference layouts: int8 weights and the float chunked layout, on the one model class."""
+
+import copy
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gptcli.checkpoint import load_checkpoint, save_checkpoint
+from gptcli.cli import app
+from gptcli.model import GPT, Projection
+from gptcli.quantize import (chunked, chunked_matmul, dequantize_int8, int8_matmul, is_quantized,
+                             prepare, quantize_int8)
+from gptcli.sampling import decode_loop
+
+from conftest import char_tokenizer, randomize_, tiny_config
+from test_sampling import full_recompute, greedy
+
+runner = CliRunner()
+
+
+def test_int8_error_is_at_most_half_a_step_per_channel():
+    w = torch.randn(37, 53) * torch.logspace(-3, 1, 37)[:, None]  # rows of very different size
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (37,) and q.abs().max() <= 127
+    err = (dequantize_int8(q, scale) - w).abs().amax(dim=1)
+    assert torch.all(err <= scale / 2 + 1e-7 * scale)
+    torch.testing.assert_close(w.abs().amax(dim=1), 127 * scale)
+
+
+def test_int8_matmul_keeps_the_activations_to_about_15_bits():
+    """With float weights given exactly as int8 times scale, the only error left is the
+    activations': two int8 parts keep it near float32 rounding of a product (1e-4 relative),
+    where one part alone would leave ~1e-2."""
+    torch.manual_seed(0)
+    q = torch.randint(-127, 128, (64, 96), dtype=torch.int8)
+    scale = torch.rand(64) + 0.5
+    w = dequantize_int8(q, scale)
+    for rows in (1, 5):  # one product per part at batch 1, one stacked product for more rows
+        x = torch.randn(rows, 96) * 3
+        exact = x.double() @ w.double().T
+        got = int8_matmul(x, q, scale).double()
+        assert ((got - exact).norm() / exact.norm()).item() < 2e-4
+
+
+def test_chunked_layout_is_the_same_product():
+    w, x = torch.randn(24, 37), torch.randn(5, 24)
+    for chunks in (1, 2, 3, 8):
+        packed = chunked(w, chunks)
+        assert packed.shape == (chunks, 24, -(-37 // chunks))
+        torch.testing.assert_close(chunked_matmul(x, packed, 37), x @ w)
+
+
+def test_float_inference_layout_matches_the_training_layout():
+    model = randomize_(GPT(tiny_config())).eval()
+    prepared = copy.deepcopy(model)
+    prepare(prepared, None)
+    idx = torch.randint(0, 101, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(idx), model(idx), rtol=1e-5, atol=1e-5)
+    prompt = torch.randint(0, 101, (2, 5))
+    cfg = greedy(40)
+    assert torch.equal(torch.stack(list(decode_loop(prepared, prompt, cfg)), 1),
+                       torch.stack(list(decode_loop(model, prompt, cfg)), 1))
+
+
+def test_int8_logits_are_close_to_float32():
+    """Tolerance: per-channel int8 weights carry ~0.4% relative error each (half a step of
+    absmax/127, on values spread like a Gaussian), and it does not add up coherently over a
+    dot product, so logits move by about that fraction of their spread: 3% of the logits'
+    standard deviation, and the same top-1 token at nearly every position."""
+    model = randomize_(GPT(tiny_config()), seed=1).eval()
+    quantized = copy.deepcopy(model)
+    prepare(quantized, "int8")
+    idx = torch.randint(0, 101, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model(idx), quantized(idx)
+    assert (a - b).abs().max() < 0.3 * a.std()  # no position far off
+    assert (a - b).pow(2).mean().sqrt() < 0.03 * a.std()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("options", [dict(), dict(tie_embeddings=False, position="rope")])
+def test_int8_greedy_decode_equals_full_recomputation(options):
+    model = randomize_(GPT(tiny_config(**options)), seed=2).eval()
+    prepare(model, "int8")
+    assert is_quantized(model)
+    assert all(m.weight is None for m in model.modules() if isinstance(m, Projection))
+    prompt = torch.randint(0, 101, (2, 9))
+    n = 60  # context 32: the window slides
+    cached = torch.stack(list(decode_loop(model, prompt, greedy(n))), dim=1)
+    assert torch.equal(cached, full_recompute(model, prompt, n))
+
+
+def test_unknown_scheme_or_device_is_refused_with_exit_2(char_checkpoint):
+    result = runner.invoke(app, ["generate", "--model", str(char_checkpoint), "--quantize",
+                                 "int4", "--prompt", "a"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --quantize must be 'int8', got 'int4'"
+    from gptcli.quantize import check_scheme
+    from gptcli.runtime import UserError
+
+    with pytest.raises(UserError) as err:
+        check_scheme("int8", torch.device("cuda"))
+    assert str(err.value) == ("--quantize int8 runs on the CPU only for now, not on cuda; use "
+                              "--device cpu, or leave out --quantize")
+
+
+def test_gpt_quantize_round_trip(tmp_path):
+    model = randomize_(GPT(tiny_config()), seed=4).eval()
+    src = save_checkpoint(tmp_path / "m.safetensors", model, char_tokenizer(101), step=7)
+    result = runner.invoke(app, ["quantize", str(src)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "m-int8.safetensors"
+    assert result.stdout.startswith(f"wrote {out} (int8, ")
+    # loads as the same int8 model that quantizing in memory gives
+    loaded, _, meta = load_checkpoint(out)
+    assert meta["quantization"] == "int8" and meta["step"] == "7"
+    assert meta["quantized_from"] == str(src)
+    expected = copy.deepcopy(model)
+    prepare(expected, "int8")
+    idx = torch.randint(0, 101, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), expected(idx))
+    assert loaded.lm_head.qweight is loaded.wte.qweight  # tied: stored once, shared again
+    info = json.loads(runner.invoke(app, ["info", str(out), "--json"]).stdout)
+    assert info["quantization"] == "int8" and info["parameters"] == model.num_params()
+    assert "quantization" in runner.invoke(app, ["info", str(out)]).stdout
+    gen = runner.invoke(app, ["generate", "--model", str(out), "--prompt", chr(0x100),
+                              "--max-new-tokens", "5", "--json", "--temperature", "0"])
+    assert gen.exit_code == 0, gen.output
+    assert len(json.loads(gen.stdout)["samples"][0]["token_ids"]) == 5
+    again = runner.invoke(app, ["quantize", str(src)])
+    assert again.exit_code == 2
+    assert again.stderr.strip() == (f"error: {out} already exists; pass --force to overwrite it, "
+                                    "or --out to write another file")
+    twice = runner.invoke(app, ["quantize", str(out), "--out", str(tmp_path / "x.safetensors")])
+    assert twice.exit_code == 2
+    assert twice.stderr.strip() == f"error: {out} is already an int8 checkpoint"
+
+
+def test_training_from_an_int8_checkpoint_is_refused(tmp_path, corpus):
+    tok = char_tokenizer(101)
+    src = save_checkpoint(tmp_path / "m.safetensors", GPT(tiny_config()), tok)
+    assert runner.invoke(app, ["quantize", str(src)]).exit_code == 0
+    result = runner.invoke(app, ["train", "--data", str(corpus), "--init-from",
+                                 str(tmp_path / "m-int8.safetensors"), "--out",
+                                 str(tmp_path / "run"), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'm-int8.safetensors'} is an int8 checkpoint, for inference only; "
+        f"train from the float checkpoint it was made from ({src})")
