@@ -7,9 +7,12 @@ heatmap, a matplotlib PNG grid, a self-contained HTML explorer and plain JSON da
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -22,14 +25,17 @@ DOMINANT = 0.4  # a score at least this high names the head
 BROAD = 0.7  # normalised entropy at least this high (and no dominant score): "broad"
 HTML_MAX_VALUES = 3_000_000  # past this the HTML page holds only the selected layers
 VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
+HTML_TEMPLATE = resources.files("gptcli") / "assets" / "attention.html"
 
 
 @dataclass
 class Inspection:
     """Everything the renderers need. ``weights`` is (n_layer, n_head, T, T), float32, CPU."""
 
-    model: str
-    tokens: list[str]
+    model: str  # the checkpoint's path
+    name: str  # what to call it in titles: the run, the stored model, or the file
+    tokens: list[str]  # each token as shown: whitespace visible, broken UTF-8 as hex
+    texts: list[str]  # each token's own text (a partial character as U+FFFD)
     token_ids: list[int]
     weights: torch.Tensor
     layers: list[int]
@@ -185,8 +191,26 @@ def inspect(model_name: str | None, *, text: str | None = None, text_file=None,
     ids = tokenizer.encode(text)
     weights = capture_attention(model, torch.tensor(ids, dtype=torch.long))[0]
     induction, n = induction_scores(model)
-    return Inspection(str(path), [token_label(tokenizer, i) for i in ids], ids, weights,
-                      layers, heads, head_summary(weights, induction), n)
+    texts = [tokenizer.decode_bytes([i]).decode("utf-8", errors="replace") for i in ids]
+    return Inspection(str(path), display_name(path), [token_label(tokenizer, i) for i in ids],
+                      texts, ids, weights, layers, heads, head_summary(weights, induction), n)
+
+
+def display_name(path: Path) -> str:
+    """A checkpoint's name for titles: the run folder for a run's checkpoints, ``org/name`` for
+    a model in the local store, else the file's stem."""
+    from .runtime import models_dir
+
+    path = Path(path)
+    if (path.parent / "config.json").is_file() and re.fullmatch(
+            r"(best|last|step-\d+)(-int8)?", path.stem):
+        return path.parent.name
+    try:
+        if path.resolve().parent == models_dir().resolve():
+            return path.stem.replace("--", "/")
+    except OSError:
+        pass
+    return path.stem
 
 
 def selected_map(insp: Inspection, layer: int) -> torch.Tensor:
@@ -204,7 +228,8 @@ def heads_title(insp: Inspection) -> str:
 
 def to_json(insp: Inspection) -> dict:
     w = insp.weights[insp.layers][:, insp.heads]  # (layers, heads, T, T)
-    return {"model": insp.model, "tokens": insp.tokens, "token_ids": insp.token_ids,
+    return {"model": insp.model, "tokens": insp.texts, "display": insp.tokens,
+            "token_ids": insp.token_ids,
             "layers": insp.layers, "heads": insp.heads,
             "weights": [[[[round(x, 6) for x in row] for row in m] for m in lay]
                         for lay in w.tolist()],
@@ -303,16 +328,13 @@ def png_grid(insp: Inspection) -> tuple[list[list[tuple[int, int]]], int, int]:
     return rows, len(rows), ncols
 
 
-def write_png(insp: Inspection, path: str | Path) -> Path:
-    """A grid of heatmaps with token labels and a colour bar. Size: (cols*2.5+1) x (rows*2.5+0.5)
-    inches at 100 dpi (panels shrink past 12 rows or columns)."""
+def png_figure(insp: Inspection):
+    """A grid of heatmaps with token labels and a thin colour bar at the right. Size:
+    (cols*2.5+1) x (rows*2.5+0.5) inches at 100 dpi (panels shrink past 12 rows or columns)."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    path = Path(path)
-    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise UserError(f"--out {path}: use a .png (or .svg, .pdf) file name")
     grid, nrows, ncols = png_grid(insp)
     panel = PANEL_INCHES if max(nrows, ncols) <= 12 else 30 / max(nrows, ncols)
     fig = Figure(figsize=(ncols * panel + 1.0, nrows * panel + 0.5), dpi=DPI, layout="constrained")
@@ -337,10 +359,32 @@ def write_png(insp: Inspection, path: str | Path) -> Path:
                           rotation=90, fontsize=small)
             ax.set_yticks(ticks, [insp.tokens[i] for i in ticks] if c == 0 else [],
                           fontsize=small)
-    fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
-    fig.suptitle(f"{Path(insp.model).name}: row attends to column", fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    # A bar of fixed width in inches: a fraction of the axes would be half of a 1-panel figure.
+    bar = fig.colorbar(image, ax=axes, fraction=0.25 / (ncols * panel), aspect=25, pad=0.02)
+    bar.set_label("attention weight", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    fig.suptitle(f"{insp.name}: row attends to column", fontsize=9)
+    return fig
+
+
+def write_png(insp: Inspection, path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise UserError(f"--out {path}: use a .png (or .svg, .pdf) file name")
+    fig = png_figure(insp)
+    return write_output(path, lambda: fig.savefig(path, dpi=DPI), "--out")
+
+
+def write_output(path: Path, write, flag: str) -> Path:
+    """Run ``write`` for an output file the user named, creating its folder; an OS error on the
+    path is one sentence."""
+    from .runtime import make_folder, path_error
+
+    make_folder(path.parent, f"write {flag}", shown=path)
+    try:
+        write()
+    except OSError as e:
+        raise path_error(e, f"write {flag}", path) from None
     return path
 
 
@@ -352,7 +396,7 @@ def html_data(insp: Inspection) -> dict:
     layers = list(range(L)) if L * H * T * (T + 1) // 2 <= HTML_MAX_VALUES else insp.layers
     q = (insp.weights[layers] * 1000).round().to(torch.int32).tolist()
     w = [[[row[: i + 1] for i, row in enumerate(m)] for m in lay] for lay in q]
-    return {"model": Path(insp.model).name, "tokens": insp.tokens, "layers": layers,
+    return {"model": insp.name, "tokens": insp.tokens, "layers": layers,
             "n_head": H, "w": w, "summary": insp.summary,
             "start": {"layer": insp.layers[0],
                       "head": insp.heads[0] if len(insp.heads) == 1 else "mean"}}
@@ -361,64 +405,10 @@ def html_data(insp: Inspection) -> dict:
 def write_html(insp: Inspection, path: str | Path) -> Path:
     """One self-contained page (inline CSS/JS, no network): hover a token to see what it
     attends to; layer/head selectors; the head summary."""
-    data = json.dumps(html_data(insp), separators=(",", ":"), ensure_ascii=False).replace("<", "\\u003c")
+    data = json.dumps(html_data(insp), separators=(",", ":"), ensure_ascii=False)
+    data = data.replace("<", "\\u003c")  # no "</script>" can end the data block early
+    title = html.escape(f"{insp.name}: attention")
+    page = HTML_TEMPLATE.read_text(encoding="utf-8").replace("__TITLE__", title).replace(
+        "__DATA__", data)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(HTML_TEMPLATE.replace("__DATA__", data), encoding="utf-8")
-    return path
-
-
-HTML_TEMPLATE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>gptcli attention</title>
-<style>
-body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1100px;color:#222}
-#text span{font-family:monospace;padding:2px 1px;margin:1px;border:1px solid #ddd;
-  display:inline-block;cursor:pointer;white-space:pre}
-#text span.focus{outline:2px solid #d62728}
-#info{font-family:monospace;min-height:3em;margin:.8em 0}
-canvas{border:1px solid #ccc;image-rendering:pixelated}
-table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;text-align:right}
-tr:nth-child(even){background:#f4f4f4}
-</style></head><body>
-<h2>Attention: <span id="name"></span></h2>
-<p>Layer <select id="layer"></select> Head <select id="head"></select>
- &mdash; hover a token to see what it attends to (click to pin); cells: row attends to column.</p>
-<div id="text"></div><div id="info"></div><canvas id="map"></canvas>
-<h3>Head summary</h3><table id="summary"></table>
-<script type="application/json" id="data">__DATA__</script>
-<script>
-const D=JSON.parse(document.getElementById('data').textContent);
-const T=D.tokens.length,L=document.getElementById('layer'),H=document.getElementById('head');
-let pinned=null;
-document.getElementById('name').textContent=D.model;
-D.layers.forEach((l,i)=>L.add(new Option(l,i)));
-for(let h=0;h<D.n_head;h++)H.add(new Option(h,h));H.add(new Option('mean','mean'));
-L.value=Math.max(0,D.layers.indexOf(D.start.layer));H.value=D.start.head;
-function row(i){const m=D.w[+L.value];
-  if(H.value!=='mean')return m[+H.value][i].map(x=>x/1000);
-  const r=new Array(i+1).fill(0);m.forEach(h=>h[i].forEach((x,j)=>r[j]+=x/1000/D.n_head));return r;}
-const box=document.getElementById('text');
-D.tokens.forEach((t,i)=>{const s=document.createElement('span');s.textContent=t;s.title='#'+i;
-  s.onmouseenter=()=>{if(pinned===null)show(i)};s.onclick=()=>{pinned=pinned===i?null:i;show(i)};
-  box.appendChild(s);});
-function show(i){const r=row(i),spans=box.children;
-  for(let j=0;j<T;j++){const w=j<=i?r[j]:0;spans[j].style.background='rgba(214,39,40,'+w+')';
-    spans[j].classList.toggle('focus',j===i);}
-  const top=r.map((w,j)=>[w,j]).sort((a,b)=>b[0]-a[0]).slice(0,5);
-  document.getElementById('info').textContent='#'+i+' '+D.tokens[i]+' attends to: '+
-    top.map(([w,j])=>D.tokens[j]+'#'+j+' '+w.toFixed(3)).join('   ');}
-const cv=document.getElementById('map'),cell=Math.max(2,Math.min(16,Math.floor(600/T)));
-cv.width=cv.height=T*cell;
-function draw(){const c=cv.getContext('2d');c.fillStyle='#fff';c.fillRect(0,0,cv.width,cv.height);
-  for(let i=0;i<T;i++){const r=row(i);for(let j=0;j<=i;j++){const v=Math.round(255*(1-r[j]));
-    c.fillStyle='rgb(255,'+v+','+v+')';c.fillRect(j*cell,i*cell,cell,cell);}}}
-cv.onmousemove=e=>{const i=Math.floor(e.offsetY/cell);if(i>=0&&i<T&&pinned===null)show(i);};
-L.onchange=H.onchange=()=>{draw();show(pinned===null?T-1:pinned);};
-const tab=document.getElementById('summary'),cols=['layer','head','entropy','first_token',
-  'previous_token','induction','label'];
-tab.insertRow().innerHTML=cols.map(c=>'<th>'+c.replace('_',' ')+'</th>').join('');
-D.summary.forEach(s=>{tab.insertRow().innerHTML=cols.map(c=>'<td>'+(s[c]===null?'-':
-  (typeof s[c]==='number'&&c!=='layer'&&c!=='head'?s[c].toFixed(2):s[c]))+'</td>').join('');});
-draw();show(T-1);
-</script></body></html>
-"""
+    return write_output(path, lambda: path.write_text(page, encoding="utf-8"), "--html")

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig, validation_message
 from .model import GPT
-from .runtime import UserError, path_error
+from .runtime import UserError, make_folder, path_error
 from .tokenizer import Tokenizer, get_tokenizer
 
 FORMAT = "gptcli/1"
@@ -47,8 +47,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *,
     checkpoint is intact")."""
     path = Path(path)
     existed = path.is_file()
+    make_folder(path.parent, f"write {what} to", shown=path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as e:

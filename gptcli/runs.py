@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .runtime import UserError, path_error
+from .runtime import UserError, make_folder, path_error
 
 LOCK = ".lock"
 RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "last.state.safetensors",
@@ -118,10 +118,7 @@ class RunFolder:
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"cannot use {self.path} as a run folder: it is a file; give --out "
                             "a folder")
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise path_error(e, "create run folder", self.path) from None
+        make_folder(self.path, "create run folder")
 
     def check_state_pair(self) -> None:
         """Refuse a last.safetensors and last.state.safetensors that do not belong together

@@ -237,5 +237,24 @@ def silence_stdout() -> None:
         pass
 
 
+def make_folder(path, doing: str, shown=None) -> None:
+    """Create folder ``path`` (and its parents); a file in the way, or any other OS error, is
+    one sentence: ``cannot <doing> <shown or path>: ...``."""
+    import errno as errno_mod
+
+    path = Path(path)
+    shown = path if shown is None else shown
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                e = NotADirectoryError(errno_mod.ENOTDIR, "Not a directory", str(part))
+                raise path_error(e, doing, shown)
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise path_error(e, doing, shown) from None
+
+
 def is_debug() -> bool:
     return os.environ.get("GPTCLI_DEBUG", "") not in ("", "0")

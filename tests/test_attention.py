@@ -161,7 +161,8 @@ def test_json_parses_with_selected_weights(tiny_ckpt):
                     "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["tokens"] == [c.replace(" ", "·") for c in TEXT]
+    assert data["tokens"] == list(TEXT)  # the tokens' own text
+    assert data["display"] == [c.replace(" ", "·") for c in TEXT]  # as the terminal shows them
     assert data["layers"] == [0, 1] and data["heads"] == [0, 2]
     w = torch.tensor(data["weights"])
     assert w.shape == (2, 2, len(TEXT), len(TEXT))
@@ -189,6 +190,19 @@ def test_png_is_a_valid_image_of_the_expected_size(tiny_ckpt, tmp_path):
     json.loads(result.stdout)  # the PNG message went to stderr
 
 
+def test_png_colour_bar_is_thin_even_beside_one_panel(tiny_ckpt, tmp_path):
+    from gptcli.attention import inspect, png_figure
+
+    for head, panels in (("0", 1), ("all", 3)):
+        fig = png_figure(inspect(str(tiny_ckpt), text=TEXT, head=head, device="cpu"))
+        fig.canvas.draw()
+        *heatmaps, bar = fig.axes
+        assert len(heatmaps) == panels
+        panel = heatmaps[0].get_window_extent().width
+        assert bar.get_window_extent().width < 0.15 * panel, (head, bar.get_window_extent())
+        assert fig._suptitle.get_text() == "tiny: row attends to column"  # tiny.safetensors
+
+
 def test_html_is_self_contained_and_holds_the_tokens(tmp_path):
     gpt2 = get_tokenizer("gpt2")
     model = randomize_(GPT(tiny_config(vocab_size=gpt2.vocab_size, context_length=64)))
@@ -203,6 +217,28 @@ def test_html_is_self_contained_and_holds_the_tokens(tmp_path):
     assert "src=" not in page and "href=" not in page and "@import" not in page
     assert page.count("</script>") == 2  # the text's own </script> is escaped
     assert '<select id="layer">' in page and '<select id="head">' in page
+    assert "<title>bpe: attention</title>" in page  # the model's name, not "gptcli attention"
+    assert "fillText(label(D.tokens[i])" in page  # the heatmap is labelled with the tokens
+
+
+def test_titles_name_the_run_or_the_stored_model(tmp_path, isolated_home):
+    from gptcli.attention import display_name
+
+    run = tmp_path / "runs" / "shakespeare"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    assert display_name(run / "best.safetensors") == "shakespeare"
+    assert display_name(run / "step-200.safetensors") == "shakespeare"
+    assert display_name(isolated_home / "models" / "org--name.safetensors") == "org/name"
+    assert display_name(tmp_path / "mine.safetensors") == "mine"
+
+
+def test_unwritable_outputs_are_one_sentence(tiny_ckpt, tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = invoke("--model", tiny_ckpt, "--text", TEXT, "--html", tmp_path / "file" / "a.html")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: cannot write --html {tmp_path}/file/a.html: a part "
+                                     "of the path is a file, not a folder")
 
 
 # ----------------------------------------------------------------------------- errors
