@@ -21,7 +21,8 @@ from torch import nn
 from gptcli.config import ModelConfig, TrainConfig
 from gptcli.data import BatchSampler, load_tokens, resolve_data
 from gptcli.model import GPT
-from gptcli.train import autocast, make_optimizer, train_step
+from gptcli.optim import make_optimizer, train_step
+from gptcli.runtime import autocast
 
 
 class RefBlock(nn.Module):

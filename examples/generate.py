@@ -1,6 +1,6 @@
 """Generate text with the Python API: load a checkpoint, sample with a KV cache, stream.
 
-    python examples/generate.py runs/shakespeare-char "ROMEO:"
+    python examples/generate.py runs/shakespeare "ROMEO:"
     python examples/generate.py gpt2 "The meaning of life is"     # after `gpt download gpt2`
 """
 
@@ -12,8 +12,9 @@ from gptcli.sampling import generate, load_generator, prompt_ids
 model_name = sys.argv[1] if len(sys.argv) > 1 else None  # None: the latest run under ./runs
 prompt = sys.argv[2] if len(sys.argv) > 2 else "ROMEO:"
 
-model, tokenizer, path, _ = load_generator(model_name, device="auto")
-print(f"# {path}: {model.num_params():,} parameters", file=sys.stderr)
+loaded = load_generator(model_name, device="auto")  # add quantize="int8" for int8 weights
+model, tokenizer = loaded.model, loaded.tokenizer
+print(f"# {loaded.path}: {model.num_params():,} parameters", file=sys.stderr)
 
 ids, warning = prompt_ids(tokenizer, prompt, model.config.context_length)
 config = SampleConfig(max_new_tokens=120, temperature=0.8, top_p=0.95, seed=0)
