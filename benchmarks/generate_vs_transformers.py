@@ -31,7 +31,7 @@ from gptcli.hf import from_hf
 from gptcli.model import GPT
 from gptcli.quantize import prepare
 from gptcli.runtime import resolve_device, resolve_dtype, synchronize
-from gptcli.sampling import decode_loop
+from gptcli.decode import decode_loop
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Training is timed through ``optim.train_step`` with the optimizer, scaler, autocast and compiled
 model from ``optim.step_parts`` (what ``fit()`` builds) on synthetic tokens already on the
-device; generation through ``sampling.decode_loop`` (the loop ``generate`` runs), consuming each
+device; generation through ``decode.decode_loop`` (the Engine ``generate`` runs), consuming each
 token with ``.tolist()`` as ``generate`` does. Nothing here re-implements a forward, a step or a
 decode loop.
 
@@ -29,7 +29,7 @@ from .hardware import (check_memory, generate_memory_estimate, hardware_name,
                        train_memory_estimate)
 from .quantize import check_scheme, prepare
 from .runtime import RuntimeFailure, UserError, is_oom, resolve_device, resolve_dtype, synchronize
-from .sampling import compile_step
+from .decode import compile_step
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -208,8 +208,8 @@ def bench_train(model: GPT, s: BenchConfig, device: torch.device, dtype: torch.d
 
 def bench_generate(model: GPT, s: BenchConfig, batch: int, device: torch.device,
                    step: Callable | None, tick: Callable[[], None]) -> dict:
-    """Time ``sampling.decode_loop``: prefill + first token (TTFT), then one token at a time."""
-    from .sampling import decode_loop
+    """Time ``decode.decode_loop``: prefill + first token (TTFT), then one token at a time."""
+    from .decode import decode_loop
 
     V = model.config.vocab_size
     g = torch.Generator(device=device).manual_seed(s.seed)

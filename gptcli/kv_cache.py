@@ -2,7 +2,9 @@
 
 The model writes the keys and values of new positions into the cache and attends over everything
 written so far. Allocating once (instead of concatenating every step) keeps decoding free of
-reallocations and gives torch.compile / CUDA graphs fixed shapes to work with.
+reallocations and gives torch.compile / CUDA graphs fixed shapes to work with. Its rows are the
+sequences of a batch; ``rows`` gives a view of some of them (the decode engine prefills a new
+request into a free row while others are decoding), and rows may be at different positions.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ class KVCache:
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int,
                  head_size: int, *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, static: bool = False) -> None:
+                 dtype: torch.dtype = torch.float32, static: bool = False,
+                 buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         shape = (n_layer, batch_size, n_head, max_len, head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = buffers if buffers is not None else (
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype))
         self.max_len = max_len
         self.static = static
+        self.length = 0  # with per-row positions: how many positions the rows attend over
         if static:
             # The compiled step writes into these buffers; marking their addresses static lets
             # CUDA graphs replay the writes instead of refusing graphs with mutated inputs.
@@ -40,6 +45,17 @@ class KVCache:
         return cls(config.n_layer, batch_size, config.n_head, max_len or config.context_length,
                    config.head_size, device=device, dtype=dtype, static=static)
 
+    def rows(self, first: int, stop: int) -> KVCache:
+        """Rows [first, stop) as a cache of their own, sharing this one's memory."""
+        n_layer, _, n_head, max_len, head_size = self.k.shape
+        return KVCache(n_layer, stop - first, n_head, max_len, head_size, static=self.static,
+                       buffers=(self.k[:, first:stop], self.v[:, first:stop]))
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Copy row ``source``'s first ``length`` positions into row ``target``."""
+        self.k[:, target, :, :length] = self.k[:, source, :, :length]
+        self.v[:, target, :, :length] = self.v[:, source, :, :length]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hs) at positions [start_pos, start_pos + T) of ``layer``.
@@ -47,7 +63,16 @@ class KVCache:
         Returns the keys and values to attend over: (B, nh, start_pos + T, hs), or the whole
         buffer (B, nh, max_len, hs) when the cache is static. A static cache also takes
         ``start_pos`` as a 0-d tensor, so a compiled step sees the same inputs at every position.
+        ``start_pos`` may also be a (B,) tensor, one position per row; then the rows attend over
+        the first ``self.length`` positions (or the whole static buffer), under the model's mask.
         """
+        if isinstance(start_pos, torch.Tensor) and start_pos.dim() == 1:  # one per row
+            pos = start_pos[:, None] + torch.arange(k.size(2), device=k.device)  # (B, T)
+            rows = torch.arange(k.size(0), device=k.device)[:, None]
+            self.k[layer][rows, :, pos] = k.transpose(1, 2)  # (B, T, nh, hs) at [b, :, pos]
+            self.v[layer][rows, :, pos] = v.transpose(1, 2)
+            end = self.max_len if self.static else self.length
+            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
         if not isinstance(start_pos, torch.Tensor) and start_pos + k.size(2) > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to "
                              f"{start_pos + k.size(2)}")

@@ -34,11 +34,12 @@ def sinusoidal_positions(pos: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def rope_angles(pos: torch.Tensor, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles of positions ``pos`` (T,): each (T, head_size // 2),
-    float32 (computed, not stored, so a bf16 model keeps exact phases)."""
+    """cos and sin of the rotary angles of positions ``pos`` (T,) or (B, T): each of shape
+    pos.shape + (head_size // 2,), float32 (computed, not stored, so a bf16 model keeps exact
+    phases)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32,
                                             device=pos.device) / head_size)
-    angles = pos.float()[:, None] * inv_freq
+    angles = pos.float()[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -50,7 +51,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Projection(nn.Module):
-    """A linear layer whose weight is stored as (in, out), like GPT-2's own Conv1D.
+    """A linear layer whose weight is stored as (in, out), like GPT-2's own Conv1D (so Hugging
+    Face weights load untransposed; a batch-1 product also reads this layout 1.0-1.5x faster
+    than nn.Linear's (out, in) on CPUs: ``benchmarks/int8_kernels.py``, first two columns).
 
     For inference, ``quantize.prepare`` swaps the weight for a layout that decodes faster: int8
     ``qweight`` (out, in) with per-output ``scale``, or float ``packed`` chunks (one per CPU
@@ -240,13 +243,14 @@ class GPT(nn.Module):
 
         With ``kv_cache``, keys/values of these positions are written into it and attention
         covers every cached position before them (``start_pos`` may be a 0-d tensor with a
-        static cache, for compiled steps). ``last_only`` returns logits of the last position
+        static cache, for compiled steps, or a (B,) tensor: one start per row, for rows at
+        different positions). ``last_only`` returns logits of the last position
         only (B, 1, V). With ``need_weights`` returns ``(logits, weights)`` where weights is a
         list of (B, nh, T, L) attention probabilities, one per layer.
         """
         B, T = idx.shape
-        if isinstance(start_pos, torch.Tensor):
-            pos = start_pos + torch.arange(T, device=idx.device)
+        if isinstance(start_pos, torch.Tensor):  # 0-d: one position; (B,): one per row
+            pos = start_pos[..., None] + torch.arange(T, device=idx.device)  # (T,) or (B, T)
         else:
             if start_pos + T > self.config.context_length:
                 raise ValueError(f"positions up to {start_pos + T} exceed the context length "
@@ -259,9 +263,12 @@ class GPT(nn.Module):
         if self.config.position == "learned":
             x = x + self.wpe(pos)
         elif self.config.position == "sinusoidal":
-            x = x + sinusoidal_positions(pos, self.config.n_embd).to(x.dtype)
+            x = x + sinusoidal_positions(pos.reshape(-1), self.config.n_embd).view(
+                *pos.shape, -1).to(x.dtype)
         else:
-            rope = rope_angles(pos, self.config.head_size, self.config.rope_theta)
+            cos, sin = rope_angles(pos, self.config.head_size, self.config.rope_theta)
+            # (T, hs/2) broadcasts over batch and heads; per-row (B, T, hs/2) over heads
+            rope = (cos, sin) if pos.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
         x = self.drop(x)
         mask = self.attention_mask(pos, start_pos, kv_cache)
         all_weights = []
@@ -278,12 +285,15 @@ class GPT(nn.Module):
     @staticmethod
     def attention_mask(pos: torch.Tensor, start_pos: int | torch.Tensor,
                        kv_cache: KVCache | None) -> torch.Tensor | None:
-        """Boolean (T, L) mask for queries at positions ``pos``, or None when plain causal
-        attention is right.
+        """Boolean mask for queries at positions ``pos``: (T, L), or (B, 1, T, L) with per-row
+        positions (B, T); None when plain causal attention is right.
 
         Query i may see keys at positions <= pos[i]. None means: no cache offset (is_causal is
         right) or a single query over a dynamic cache (it may see every key).
         """
+        if pos.dim() == 2:  # rows at different positions, over the cache's first L positions
+            L = kv_cache.max_len if kv_cache.static else kv_cache.length
+            return torch.arange(L, device=pos.device) <= pos[:, None, :, None]
         T = pos.size(0)
         if kv_cache is None or (not kv_cache.static and (start_pos == 0 or T == 1)):
             return None

@@ -1,21 +1,18 @@
-"""From logits to text: token selection and the one decode loop.
-
-``decode_loop`` is the only place that runs the model token by token; ``generate`` (the CLI,
-samples during training) and ``bench`` all go through it.
-"""
+"""From logits to text: token selection, per-sample text streams, and ``generate``, which drives
+the one decode loop (``decode.Engine``) for the CLI and for samples during training."""
 
 from __future__ import annotations
 
 import codecs
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .config import SampleConfig
-from .kv_cache import KVCache
+from .decode import Engine, compile_step
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -68,65 +65,6 @@ def next_token(logits: torch.Tensor, config: SampleConfig, seen: torch.Tensor,
     logits = filter_top_p(logits, config.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------- the decode loop
-
-def window_start(length: int, context_length: int) -> int:
-    """Where the model's view starts once a sequence of ``length`` tokens no longer fits.
-
-    The window jumps forward by a quarter of the context at a time (not one token at a time), so
-    the KV cache is rebuilt once per jump rather than at every token.
-    """
-    if length <= context_length:
-        return 0
-    shift = max(1, context_length // 4)
-    # the smallest multiple of the shift that brings the view back within the context
-    return -(-(length - context_length) // shift) * shift
-
-
-@torch.no_grad()
-def decode_loop(model: GPT, prompt: torch.Tensor, config: SampleConfig, *,
-                generator: torch.Generator | None = None, step: Callable | None = None,
-                vocab_size: int | None = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every sequence in ``prompt`` (B, T), ``max_new_tokens`` times.
-
-    The prompt is prefilled into a preallocated KV cache, then tokens are decoded one at a
-    time. When the sequence outgrows the context, the window slides (see ``window_start``) and
-    the cache is rebuilt from the tokens still in view. ``step`` replaces ``model`` for the
-    one-token calls (e.g. a torch.compile'd version); the caller decides when to stop.
-    ``vocab_size`` limits the ids picked to the tokenizer's (see ``next_token``).
-    """
-    context = model.config.context_length
-    B = prompt.size(0)
-    tokens = torch.empty(B, prompt.size(1) + config.max_new_tokens, dtype=torch.long,
-                         device=prompt.device)
-    tokens[:, :prompt.size(1)] = prompt
-    length = prompt.size(1)
-    dtype = model.dtype
-    # A compiled step gets a static cache and a tensor position: the same shapes and inputs at
-    # every token, so it compiles once (and CUDA graphs can replay it).
-    static = step is not None
-    cache = KVCache.for_model(model.config, B, device=prompt.device, dtype=dtype, static=static)
-    step = model if step is None else step
-    start = window_start(length, context)
-    logits = model(tokens[:, start:length], kv_cache=cache, last_only=True)
-    for i in range(config.max_new_tokens):
-        seen = tokens[:, :length] if config.repetition_penalty != 1.0 else tokens[:, :0]
-        nxt = next_token(logits[:, -1], config, seen, generator, vocab_size)
-        tokens[:, length] = nxt
-        length += 1
-        yield nxt
-        if i + 1 == config.max_new_tokens:
-            return
-        new_start = window_start(length, context)
-        if new_start != start:  # slide: rebuild the cache from the tokens still in view
-            start = new_start
-            logits = model(tokens[:, start:length], kv_cache=cache, last_only=True)
-        else:
-            pos = length - 1 - start
-            logits = step(tokens[:, length - 1:length], kv_cache=cache,
-                          start_pos=torch.tensor(pos, device=prompt.device) if static else pos)
 
 
 # ----------------------------------------------------------------------------- text generation
@@ -212,8 +150,9 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], config: Sa
              step: Callable | None = None) -> tuple[list[Sample], GenerationStats]:
     """Generate ``config.num_samples`` continuations of ``prompt_ids`` as one batch.
 
-    Stops a sample at end-of-text (unless ``ignore_eos``) or just before a stop string.
-    ``on_text(sample_index, piece)`` receives text as soon as it is final (see TextStream).
+    Stops a sample at end-of-text (unless ``ignore_eos``) or just before a stop string; a
+    finished sample leaves the batch. ``on_text(sample_index, piece)`` receives text as soon as
+    it is final (see TextStream).
     """
     from .runtime import synchronize
 
@@ -221,25 +160,31 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], config: Sa
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
-    prompt = torch.tensor([prompt_ids] * config.num_samples, dtype=torch.long, device=device)
     eot = None if config.ignore_eos else tokenizer.eot_id
     streams = [TextStream(tokenizer, config.stop, eot) for _ in range(config.num_samples)]
     emit = on_text or (lambda i, piece: None)
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
-    t0 = t_first = time.perf_counter()
-    for n, nxt in enumerate(decode_loop(model, prompt, config, generator=generator, step=step,
-                                        vocab_size=tokenizer.vocab_size)):
-        ids = nxt.tolist()  # one host sync per step: needed to stream and to stop
+    t0 = time.perf_counter()
+    engine = Engine(model, config.num_samples, step=step, vocab_size=tokenizer.vocab_size)
+    rows = engine.add([prompt_ids] * config.num_samples, config, generator)
+    live = dict(zip(map(id, rows), range(len(rows))))  # row -> its sample
+    t_first = t0
+    for n in range(config.max_new_tokens):
+        tokens = engine.pick()  # one host sync per step: needed to stream and to stop
         if n == 0:
             synchronize(device)
             t_first = time.perf_counter()
             stats.time_to_first_token_s = t_first - t0
         stats.new_tokens = n + 1
-        for i, (stream, token) in enumerate(zip(streams, ids)):
+        for row, token in zip(list(engine.rows), tokens):
+            stream = streams[live[id(row)]]
             if piece := stream.push(token):
-                emit(i, piece)
-        if all(s.done for s in streams):
+                emit(live[id(row)], piece)
+            if stream.done:
+                engine.remove(row)
+        if not engine.rows or n + 1 == config.max_new_tokens:
             break
+        engine.advance()
     for i, stream in enumerate(streams):
         if piece := stream.close():
             emit(i, piece)
@@ -271,13 +216,6 @@ def load_generator(model_name: str | None, *, device: str = "auto", dtype: str =
     model, tokenizer, path = load_model(model_name, device=device, dtype=dtype,
                                         quantize=quantize)
     return Loaded(model, tokenizer, path, compile_step(model) if compile else None)
-
-
-def compile_step(model: GPT):
-    """The compiled one-token step for ``decode_loop``: compiled once, since the loop gives it a
-    static cache and a tensor position; on CUDA with CUDA graphs ("reduce-overhead")."""
-    return torch.compile(model, dynamic=False,
-                         mode="reduce-overhead" if model.device.type == "cuda" else None)
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str, context_length: int) -> tuple[list[int], str | None]:

@@ -12,7 +12,7 @@ from gptcli.cli import app
 from gptcli.model import GPT, Projection
 from gptcli.quantize import (chunked, chunked_matmul, dequantize_int8, int8_matmul, is_quantized,
                              prepare, quantize_int8)
-from gptcli.sampling import decode_loop
+from gptcli.decode import decode_loop
 
 from conftest import char_tokenizer, randomize_, tiny_config
 from test_sampling import full_recompute, greedy

@@ -10,8 +10,9 @@ from gptcli.checkpoint import save_checkpoint
 from gptcli.cli import app
 from gptcli.config import SampleConfig
 from gptcli.model import GPT
-from gptcli.sampling import (apply_repetition_penalty, decode_loop, filter_top_k, filter_top_p,
-                             generate, next_token, prompt_ids, window_start)
+from gptcli.decode import decode_loop, window_start
+from gptcli.sampling import (apply_repetition_penalty, filter_top_k, filter_top_p, generate,
+                             next_token, prompt_ids)
 from gptcli.tokenizer import CharTokenizer, GPT2Tokenizer
 
 from conftest import randomize_, tiny_config
@@ -129,24 +130,28 @@ def test_end_of_text_and_stop_strings():
     assert samples[0].finish_reason == "stop" and samples[0].text == "" and pieces == []
 
 
-def test_streamed_pieces_never_split_a_character(monkeypatch):
-    from gptcli import sampling
+def test_streamed_pieces_never_split_a_character():
+    from gptcli.sampling import TextStream
 
     tok = GPT2Tokenizer()
     text = "naïve café 🙂 日本語"
     ids = tok.encode(text)
     assert any("\ufffd" in tok.decode([t]) for t in ids)  # some tokens are partial characters
+    stream = TextStream(tok, stop=[], eot_id=tok.eot_id)
+    pieces = [stream.push(t) for t in ids] + [stream.close()]
+    assert stream.text == text and "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces) and len([p for p in pieces if p]) > 3
 
-    def replay(model, prompt, config, **kw):  # stands in for the model: yields fixed tokens
-        for t in ids:
-            yield torch.tensor([t])
 
-    monkeypatch.setattr(sampling, "decode_loop", replay)
-    pieces = []
-    model = GPT(tiny_config())
-    samples, _ = generate(model, tok, [1], greedy(len(ids)), on_text=lambda i, p: pieces.append(p))
-    assert samples[0].text == text and "".join(pieces) == text
-    assert all("\ufffd" not in p for p in pieces) and len(pieces) > 3
+def test_stop_strings_are_held_back_until_they_cannot_match():
+    from gptcli.sampling import TextStream
+
+    tok = CharTokenizer(list("abcXY"))
+    stream = TextStream(tok, stop=["XY"], eot_id=None)
+    pieces = [stream.push(t) for t in tok.encode("abXaX")]
+    assert pieces == ["", "a", "b", "X", "a"]  # the last len("XY") - 1 characters wait
+    assert stream.push(tok.encode("Y")[0]) == "" and stream.finish_reason == "stop"
+    assert stream.text == "abXa"
 
 
 def test_prompt_helpers():
@@ -277,7 +282,7 @@ def test_compiled_step_matches_eager_and_compiles_once():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from gptcli.sampling import compile_step
+    from gptcli.decode import compile_step
 
     model = randomize_(GPT(tiny_config(n_layer=1, context_length=16))).eval()
     prompt = torch.randint(0, 101, (1, 3))
@@ -295,9 +300,8 @@ def test_cli_out_of_memory_suggests_what_generate_can_change(char_checkpoint, mo
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
-        yield
 
-    monkeypatch.setattr(sampling, "decode_loop", oom)
+    monkeypatch.setattr(sampling, "Engine", oom)
     result = gen("--model", str(char_checkpoint), "--prompt", "abc")
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1] == (
