@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -180,7 +179,7 @@ def inspect(model_name: str | None, *, text: str | None = None, text_file=None,
             quantize: str | None = None) -> Inspection:
     """Load a model, run the text through it once, and measure every head. The maps are those
     of the model as loaded (in ``dtype``, int8 with ``quantize``), returned as float32."""
-    from .models import load_model
+    from .models import display_name, load_model
 
     text = read_text(text, text_file)
     model, tokenizer, path = load_model(model_name, device=device, dtype=dtype,
@@ -194,23 +193,6 @@ def inspect(model_name: str | None, *, text: str | None = None, text_file=None,
     texts = [tokenizer.decode_bytes([i]).decode("utf-8", errors="replace") for i in ids]
     return Inspection(str(path), display_name(path), [token_label(tokenizer, i) for i in ids],
                       texts, ids, weights, layers, heads, head_summary(weights, induction), n)
-
-
-def display_name(path: Path) -> str:
-    """A checkpoint's name for titles: the run folder for a run's checkpoints, ``org/name`` for
-    a model in the local store, else the file's stem."""
-    from .runtime import models_dir
-
-    path = Path(path)
-    if (path.parent / "config.json").is_file() and re.fullmatch(
-            r"(best|last|step-\d+)(-int8)?", path.stem):
-        return path.parent.name
-    try:
-        if path.resolve().parent == models_dir().resolve():
-            return path.stem.replace("--", "/")
-    except OSError:
-        pass
-    return path.stem
 
 
 def selected_map(insp: Inspection, layer: int) -> torch.Tensor:

@@ -322,3 +322,21 @@ class BenchConfig(BaseModel):
                                           "a datasheet table of GPUs, else measured).",
                                           group="Hardware", gt=0.0)
     seed: Seed = 1337
+
+
+class ServeConfig(BaseModel):
+    """How `gpt serve` listens and what it allows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = setting("127.0.0.1", "Address to listen on (0.0.0.0: every interface; give an "
+                        "--api-key then).", group="Server", metavar="HOST")
+    port: int = setting(8000, "Port to listen on.", group="Server", ge=1, le=65535)
+    max_batch: int = setting(8, "Sequences decoded together; more requests queue.",
+                             group="Server", ge=1)
+    max_tokens: int = setting(1024, "Most tokens a request may ask for (and the default for "
+                              "chat).", group="Server", ge=1)
+    api_key: str | None = setting(None, "Require this key as 'Authorization: Bearer KEY'.",
+                                  group="Server", metavar="KEY")
+    max_body: int = setting(1 << 20, "Largest request body in bytes.", group="Server",
+                            metavar="BYTES", ge=1024)

@@ -5,6 +5,7 @@ a device in its inference layout."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -84,3 +85,18 @@ def load_model(name: str | os.PathLike | None, *, device: str = "auto", dtype: s
         check_scheme("int8", dev)
     prepare(model, quantize)
     return model, tokenizer, path
+
+
+def display_name(path: Path) -> str:
+    """A checkpoint's name for titles: the run folder for a run's checkpoints, ``org/name`` for
+    a model in the local store, else the file's stem."""
+    path = Path(path)
+    if (path.parent / "config.json").is_file() and re.fullmatch(
+            r"(best|last|step-\d+)(-int8)?", path.stem):
+        return path.parent.name
+    try:
+        if path.resolve().parent == models_dir().resolve():
+            return path.stem.replace("--", "/")
+    except OSError:
+        pass
+    return path.stem

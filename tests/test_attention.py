@@ -222,7 +222,7 @@ def test_html_is_self_contained_and_holds_the_tokens(tmp_path):
 
 
 def test_titles_name_the_run_or_the_stored_model(tmp_path, isolated_home):
-    from gptcli.attention import display_name
+    from gptcli.models import display_name
 
     run = tmp_path / "runs" / "shakespeare"
     run.mkdir(parents=True)

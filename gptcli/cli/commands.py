@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import BenchConfig, EvalConfig, LoadConfig, SampleConfig, TrainConfig
+from ..config import (BenchConfig, EvalConfig, LoadConfig, SampleConfig, ServeConfig,
+                      TrainConfig)
 from ..runtime import UserError
 from .app import Json, command, settings
 
@@ -223,6 +224,19 @@ def bench_cmd(given: dict, as_json: Annotated[bool, Opt(
     render(result, err if as_json else Stdout())
     if as_json:
         print(json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- serve
+
+@command("serve", LoadConfig, ServeConfig, exclude=("compile",),
+         panels=("Model", "Server", "Device"),
+         oom_hint="try a smaller --max-batch or --max-tokens, or a smaller model")
+def serve_cmd(given: dict) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming),
+    decoding concurrent requests together. Needs the serve extra (starlette and uvicorn)."""
+    from ..serve import run_server
+
+    raise typer.Exit(run_server(settings(LoadConfig, given), settings(ServeConfig, given), note))
 
 
 # ----------------------------------------------------------------------------- models on disk

@@ -1,0 +1,254 @@
+"""Continuous batching for `gpt serve`: one thread owns the model and a ``decode.Engine``; jobs
+(requests) join the running batch at the next step and leave it when they finish or their
+client goes away.
+
+A job is one request: one or more prompts, ``n`` samples of each (a group of rows that sample
+together, seeded like `gpt generate --seed`), its sampling settings, and a ``deliver`` callback
+that receives events from the scheduler thread (the HTTP side hands them to its event loop):
+
+- ``{"type": "step", "pieces": [(choice, text, logprob)]}`` after each decode step;
+- ``{"type": "done", "choices": [...], "usage": {...}}`` when every choice has finished;
+- ``{"type": "error", "message": ...}`` if the job could not run.
+
+Admission is first in, first out: a job waits until the batch has rows for all its samples, so
+a large request is never starved by a stream of small ones.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import SampleConfig
+from .decode import Engine, Row
+from .model import GPT
+from .sampling import TextStream
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Choice:
+    """One sample of a job: its text stream and, when asked, its tokens' log-probs."""
+
+    index: int
+    prompt: list[int]
+    stream: TextStream
+    logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list[dict] = field(default_factory=list)
+
+    @property
+    def finish_reason(self) -> str:
+        return "stop" if self.stream.finish_reason in ("eos", "stop") else "length"
+
+
+@dataclass
+class Job:
+    prompts: list[list[int]]
+    n: int
+    config: SampleConfig  # max_new_tokens is the request's max_tokens
+    deliver: Callable[[dict], None]
+    logprobs: int | None = None  # top-N log-probs per generated token
+    echo_logprobs: bool = False  # also the prompt tokens' log-probs
+    cancelled: bool = False
+    choices: list[Choice] = field(default_factory=list)
+    rows: dict[int, Choice] = field(default_factory=dict)  # id(row) -> choice
+
+    @property
+    def size(self) -> int:
+        return len(self.prompts) * self.n
+
+    def cancel(self) -> None:
+        """The client went away: the job leaves the batch at the next step."""
+        self.cancelled = True
+
+
+class Scheduler:
+    """The serving loop (see the module docstring), on a thread of its own."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.engine = Engine(model, max_batch, vocab_size=tokenizer.vocab_size)
+        self.max_batch = max_batch
+        self.waiting: queue.Queue[Job] = queue.Queue()
+        self.head: Job | None = None  # the next job to admit, waiting for free rows
+        self.running: list[Job] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="gptcli-scheduler", daemon=True)
+        self.steps = 0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stopping.set()
+        self.waiting.put(None)  # wake the loop
+        self.thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        if job.size > self.max_batch:
+            raise ValueError(f"this request needs {job.size} rows (prompts x n) but the server "
+                             f"decodes at most {self.max_batch} at once (--max-batch)")
+        self.waiting.put(job)
+
+    def busy(self) -> int:
+        """Jobs admitted or waiting."""
+        return len(self.running) + self.waiting.qsize() + (self.head is not None)
+
+    # ------------------------------------------------------------------------- the loop
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            self._admit(block=not self.engine.rows)
+            if not self.engine.rows:
+                continue
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - one failure must not end the server
+                for job in list(self.running):
+                    self._fail(job, f"generation failed: {type(e).__name__}: {e}")
+
+    def _admit(self, block: bool) -> None:
+        """Move waiting jobs into the batch while it has rows for them (first in, first out)."""
+        while True:
+            if self.head is None:
+                try:
+                    self.head = self.waiting.get(timeout=0.5) if block else \
+                        self.waiting.get_nowait()
+                except queue.Empty:
+                    return
+                if self.head is None:  # stop() woke us
+                    return
+            job = self.head
+            if job.cancelled:
+                self.head = None
+                continue
+            if job.size > self.engine.free:
+                return
+            self.head, block = None, False
+            try:
+                self._start(job)
+            except Exception as e:  # noqa: BLE001
+                self._fail(job, f"could not start: {type(e).__name__}: {e}")
+
+    @torch.no_grad()
+    def _start(self, job: Job) -> None:
+        eot = None if job.config.ignore_eos else self.tokenizer.eot_id
+        for p, prompt in enumerate(job.prompts):
+            echo = prompt_logprobs(self.model, self.tokenizer, prompt, job.logprobs or 0) \
+                if job.echo_logprobs else []
+            for _ in range(job.n):
+                stream = TextStream(self.tokenizer, job.config.stop, eot)
+                job.choices.append(Choice(len(job.choices), prompt, stream,
+                                          prompt_logprobs=echo))
+        if job.config.max_new_tokens == 0:  # echo only
+            self._finish(job)
+            return
+        self.running.append(job)
+        for p, prompt in enumerate(job.prompts):
+            generator = None
+            if job.config.seed is not None:
+                generator = torch.Generator(device=self.model.device)
+                generator.manual_seed(job.config.seed)
+            rows = self.engine.add([prompt] * job.n, job.config, generator, group=(id(job), p))
+            for k, row in enumerate(rows):
+                job.rows[id(row)] = job.choices[p * job.n + k]
+
+    def _step(self) -> None:
+        rows = list(self.engine.rows)
+        owners = {id(row): self._owner(row) for row in rows}
+        tokens = self.engine.pick()
+        self.steps += 1
+        pieces: dict[int, list] = {}
+        for row, token in zip(rows, tokens):
+            job = owners[id(row)]
+            if job.cancelled:
+                self.engine.remove(row)
+                continue
+            choice = job.rows[id(row)]
+            logprob = token_logprob(row, token, self.tokenizer, job.logprobs) \
+                if job.logprobs is not None else None
+            text = choice.stream.push(token)
+            if logprob is not None and not choice.stream.done:
+                choice.logprobs.append(logprob)
+            if len(choice.stream.token_ids) >= job.config.max_new_tokens:
+                text += choice.stream.close("length")
+            pieces.setdefault(id(job), []).append((choice.index, text, logprob))
+            if choice.stream.done:
+                self.engine.remove(row)
+                del job.rows[id(row)]
+        for job in list(self.running):
+            if job.cancelled:
+                self._drop(job)
+                continue
+            if id(job) in pieces:
+                job.deliver({"type": "step", "pieces": pieces[id(job)]})
+            if not job.rows:
+                self._finish(job)
+        if self.engine.rows:
+            self.engine.advance()
+
+    def _owner(self, row: Row) -> Job:
+        return next(job for job in self.running if id(row) in job.rows)
+
+    def _drop(self, job: Job) -> None:
+        for row in [r for r in self.engine.rows if id(r) in job.rows]:
+            self.engine.remove(row)
+        job.rows.clear()
+        if job in self.running:
+            self.running.remove(job)
+
+    def _finish(self, job: Job) -> None:
+        if job in self.running:
+            self.running.remove(job)
+        prompt_tokens = sum(len(p) for p in job.prompts)
+        completion = sum(len(c.stream.token_ids) for c in job.choices)
+        job.deliver({"type": "done", "choices": job.choices,
+                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                               "total_tokens": prompt_tokens + completion}})
+
+    def _fail(self, job: Job, message: str) -> None:
+        self._drop(job)
+        job.deliver({"type": "error", "message": message})
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+def _entry(tokenizer: Tokenizer, token: int, logprob: float, top: list[tuple[int, float]]) -> dict:
+    text = tokenizer.decode_bytes([token])
+    return {"token": text.decode("utf-8", errors="replace"), "bytes": list(text),
+            "logprob": logprob,
+            "top": [(tokenizer.decode_bytes([t]).decode("utf-8", errors="replace"), lp)
+                    for t, lp in top]}
+
+
+def token_logprob(row: Row, token: int, tokenizer: Tokenizer, top: int) -> dict:
+    """The log-prob of the token ``row`` just picked, and the ``top`` most likely ones, from the
+    model's distribution at that step (before temperature and filtering)."""
+    logits = row.logits[:tokenizer.vocab_size].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    best = torch.topk(logp, top) if top else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return _entry(tokenizer, token, logp[token].item(), pairs)
+
+
+@torch.no_grad()
+def prompt_logprobs(model: GPT, tokenizer: Tokenizer, prompt: list[int], top: int) -> list[dict]:
+    """Log-probs of each prompt token given the ones before it (the first has none): what
+    `echo` with `logprobs` returns, for scoring text (lm-evaluation-harness)."""
+    if not prompt:
+        return []
+    idx = torch.tensor([prompt], device=model.device)
+    logp = torch.log_softmax(model(idx)[0, :, :tokenizer.vocab_size].float(), dim=-1)
+    entries = [_entry(tokenizer, prompt[0], math.nan, [])]
+    entries[0]["logprob"] = None
+    for i in range(1, len(prompt)):
+        best = torch.topk(logp[i - 1], top) if top else None
+        pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+        entries.append(_entry(tokenizer, prompt[i], logp[i - 1, prompt[i]].item(), pairs))
+    return entries
+
