@@ -75,18 +75,28 @@ class Engine:
             self._views[first, stop] = self.cache.rows(first, stop)
         return self._views[first, stop]
 
-    @torch.no_grad()
     def add(self, prompts: Sequence[Sequence[int]], config: SampleConfig,
             generator: torch.Generator | None = None, group: object = None) -> list[Row]:
-        """Prefill ``prompts`` (all of one length) into free rows, as one group; their first
-        logits are then ready for ``pick``."""
-        if len(prompts) > self.free:
-            raise ValueError(f"{len(prompts)} prompts, {self.free} free rows")
-        new = [Row(p, config, generator, group if group is not None else object())
-               for p in prompts]
+        """Prefill ``prompts`` into free rows, as one group; their first logits are then ready
+        for ``pick``."""
+        return self.add_groups([(prompts, config, generator, group)])[0]
+
+    @torch.no_grad()
+    def add_groups(self, groups: Sequence[tuple]) -> list[list[Row]]:
+        """``add`` for several groups (prompts, config, generator, group) at once: prompts of
+        one length are prefilled together, in one forward (requests that arrive together start
+        together)."""
+        new = [[Row(p, config, generator, group if group is not None else object())
+                for p in prompts] for prompts, config, generator, group in groups]
+        rows = sorted((r for g in new for r in g), key=lambda r: len(r.tokens))
+        if len(rows) > self.free:
+            raise ValueError(f"{len(rows)} prompts, {self.free} free rows")
         first = len(self.rows)
-        self.rows.extend(new)
-        self._prefill(first, new)
+        self.rows.extend(rows)
+        while rows:  # one prefill per prompt length, over a contiguous block of rows
+            same = [r for r in rows if len(r.tokens) == len(rows[0].tokens)]
+            self._prefill(first, same)
+            first, rows = first + len(same), rows[len(same):]
         return new
 
     def _prefill(self, first: int, rows: list[Row]) -> None:
