@@ -279,7 +279,8 @@ def run(s: BenchConfig, progress: Callable[[str, int], Callable[[], None]] | Non
         model = load_model(s.model, device=str(device), dtype=s.dtype)[0] if s.model else \
             GPT(config).to(device)
         if s.only != "generate":
-            t = bench_train(model, s, device, dtype, progress("training", s.warmup + s.steps))
+            t = bench_train(model, s, device, dtype,
+                            progress("bench: training", s.warmup + s.steps))
             t["mfu"] = mfu(t["flops_per_token"], t["tokens_per_s"], peak) if peak else None
             result["train"] = t
         if s.only != "train":
@@ -295,7 +296,7 @@ def run(s: BenchConfig, progress: Callable[[str, int], Callable[[], None]] | Non
             for batch in sorted({1, s.batch_size if batch_given else 1}):
                 n = min(s.warmup, 2) + s.steps
                 g = bench_generate(model, s, batch, device, step,
-                                   progress(f"generation, batch {batch}", n))
+                                   progress(f"bench: generation, batch {batch}", n))
                 if "decode_steps_per_s" in g:
                     g["bandwidth_utilisation"] = bandwidth_utilisation(
                         result["weight_bytes_per_step"], g["decode_steps_per_s"], bw) if bw else None

@@ -282,7 +282,18 @@ class EvalConfig(BaseModel):
         group="Scoring", ge=1)
     stride: int | None = setting(None, "Tokens scored per window; smaller gives each token more "
                                  "context (default: the window length).", group="Scoring", ge=1)
-    batch_size: int = setting(8, "Windows per forward pass.", group="Scoring", ge=1)
+    batch_size: int = setting(8, "Windows (or task items) per forward pass.", group="Scoring",
+                              ge=1)
+    task: list[Literal["lambada", "hellaswag", "wikitext-2", "wikitext-103"]] | None = setting(
+        None, "A benchmark to run instead of scoring --data: lambada, hellaswag, wikitext-2 or "
+        "wikitext-103 (repeatable).", group="Tasks", metavar="NAME")
+    task_file: list[str] | None = setting(
+        None, "Use this local file (JSON lines or parquet, the published format) for a task: "
+        "NAME=PATH (repeatable).", group="Tasks", metavar="NAME=PATH")
+    limit: int | None = setting(None, "Score only the first N items of each task.",
+                                group="Tasks", ge=1)
+    offline: bool = setting(False, "Use only task data already downloaded (the gptcli store).",
+                            group="Tasks")
 
 
 class BenchConfig(BaseModel):

@@ -172,12 +172,12 @@ class ProgressBars:
                                  MofNCompleteColumn(), TimeRemainingColumn(), console=console,
                                  transient=True, disable=not console.is_terminal)
 
-    def __enter__(self) -> Callable[[str, int], Callable[[], None]]:
+    def __enter__(self) -> Callable[[str, int], Callable[..., None]]:
         self.progress.__enter__()
 
-        def phase(label: str, total: int) -> Callable[[], None]:
-            task = self.progress.add_task(f"bench: {label}", total=total)
-            return lambda: self.progress.advance(task)
+        def phase(label: str, total: int) -> Callable[..., None]:
+            task = self.progress.add_task(label, total=total)
+            return lambda n=1: self.progress.advance(task, n)
 
         return phase
 
@@ -318,3 +318,22 @@ def render_comparison(differ: list[str], rows: list[dict]) -> None:
         best = f"{row['best_val']:.4f}" if row["best_val"] is not None else "-"
         table.add_row(row["run"], best, *(str(row[k]) for k in differ))
     Stdout().print(table)
+
+
+def render_tasks(model: str, results: list) -> None:
+    """`gpt eval --task`: one row per task, then the published figures to compare with."""
+    from rich.table import Table
+
+    table = Table("task", "items", "figures", "items/s", title=model, title_justify="left")
+    for r in results:
+        figures = ", ".join(f"{k} {v:.2%}" if k.startswith("acc") else f"{k} {v:,.4g}"
+                            for k, v in r.metrics.items() if k not in ("tokens", "words",
+                                                                       "bytes"))
+        table.add_row(r.task, f"{r.items:,}", figures, f"{r.items / max(r.seconds, 1e-9):,.1f}")
+    out = Stdout()
+    out.print(table)
+    for r in results:
+        where = r.source.get("repo", r.source.get("file"))
+        out.print(f"{r.task}: data {where}" + (f" @ {r.source['revision'][:12]}" if
+                                                r.source.get("revision") else "") +
+                  f"; published {r.published}", highlight=False, soft_wrap=True)

@@ -66,48 +66,69 @@ def hub_fetch(repo: str, filename: str, *, revision: str | None = None, offline:
     offline = _offline(offline)
     if offline:  # so huggingface_hub, if imported only now, makes no background calls either
         os.environ["HF_HUB_OFFLINE"] = "1"
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError,
-                                        LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo, filename, repo_type=repo_type, revision=revision,
+                                    local_files_only=offline, local_dir=local_dir))
+    except (LocalEntryNotFoundError, EntryNotFoundError) as e:
+        if optional and (offline or not isinstance(e, LocalEntryNotFoundError)):
+            return None
+        raise _translated(e, repo, filename, repo_type, revision, offline) from None
+    except Exception as e:  # noqa: BLE001 - every huggingface_hub / network failure: one line
+        raise _translated(e, repo, filename, repo_type, revision, offline) from None
+
+
+def list_files(repo: str, *, repo_type: str = "dataset", revision: str | None = None,
+               offline: bool = False) -> list[str]:
+    """The files of a Hub repo (needs the network)."""
+    if _offline(offline):
+        raise UserError(f"offline, and {repo} is not in the gptcli store yet; run the same "
+                        "command once with network access (without --offline / "
+                        "HF_HUB_OFFLINE=1)")
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().list_repo_files(repo, repo_type=repo_type, revision=revision)
+    except Exception as e:  # noqa: BLE001
+        raise _translated(e, repo, "the file list", repo_type, revision, offline) from None
+
+
+def _translated(e: BaseException, repo: str, what: str, repo_type: str, revision: str | None,
+                offline: bool) -> BaseException:
+    """A huggingface_hub (or network) failure as one user-facing error; anything else as is."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
+                                        HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
     kind = "dataset" if repo_type == "dataset" else "model"
     at = f" at revision {revision!r}" if revision else ""
     where = constants.ENDPOINT
-    try:
-        return Path(hf_hub_download(repo, filename, repo_type=repo_type, revision=revision,
-                                    local_files_only=offline, local_dir=local_dir))
-    except LocalEntryNotFoundError as e:
-        if optional and offline:
-            return None
+    if isinstance(e, LocalEntryNotFoundError):
         if offline:
-            raise UserError(f"offline, and {filename} of {kind} repo {repo}{at} is not in the "
-                            f"local cache ({constants.HF_HUB_CACHE}); run the same command "
-                            "once with network access (without --offline / HF_HUB_OFFLINE=1)")
-        raise RuntimeFailure(f"could not reach {where} to download {filename} of {repo} "
-                             f"({_cause(e)}); check the connection or HF_ENDPOINT, or use "
-                             "--offline for what is already cached") from None
-    except GatedRepoError:
-        raise UserError(f"{kind} repo {repo} is gated: accept its terms on the Hub and set "
-                        "HF_TOKEN to a token with access") from None
-    except RepositoryNotFoundError:
-        raise UserError(f"no {kind} repo {repo!r} on {where} (or it is private: set HF_TOKEN)"
-                        ) from None
-    except RevisionNotFoundError:
-        raise UserError(f"{kind} repo {repo} has no revision {revision!r}") from None
-    except EntryNotFoundError:
-        if optional:
-            return None
-        raise UserError(f"{kind} repo {repo}{at} has no file {filename}") from None
-    except HFValidationError as e:
-        raise UserError(f"{repo!r} is not a valid Hub repo id: {_cause(e)}") from None
-    except Exception as e:  # noqa: BLE001 - network and HTTP failures, whatever the client raised
-        from huggingface_hub.errors import HfHubHTTPError
-
-        if isinstance(e, HfHubHTTPError) or _is_network_error(e) or isinstance(e, OSError):
-            raise RuntimeFailure(f"downloading {filename} of {repo} from {where} failed "
-                                 f"({_cause(e)}); run the command again to resume") from None
-        raise
+            return UserError(f"offline, and {what} of {kind} repo {repo}{at} is not in the "
+                             f"local cache ({constants.HF_HUB_CACHE}); run the same command "
+                             "once with network access (without --offline / HF_HUB_OFFLINE=1)")
+        return RuntimeFailure(f"could not reach {where} to download {what} of {repo} "
+                              f"({_cause(e)}); check the connection or HF_ENDPOINT, or use "
+                              "--offline for what is already cached")
+    if isinstance(e, GatedRepoError):
+        return UserError(f"{kind} repo {repo} is gated: accept its terms on the Hub and set "
+                         "HF_TOKEN to a token with access")
+    if isinstance(e, RepositoryNotFoundError):
+        return UserError(f"no {kind} repo {repo!r} on {where} (or it is private: set HF_TOKEN)")
+    if isinstance(e, RevisionNotFoundError):
+        return UserError(f"{kind} repo {repo} has no revision {revision!r}")
+    if isinstance(e, EntryNotFoundError):
+        return UserError(f"{kind} repo {repo}{at} has no file {what}")
+    if isinstance(e, HFValidationError):
+        return UserError(f"{repo!r} is not a valid Hub repo id: {_cause(e)}")
+    if isinstance(e, (HfHubHTTPError, OSError)) or _is_network_error(e):
+        return RuntimeFailure(f"downloading {what} of {repo} from {where} failed "
+                              f"({_cause(e)}); run the command again to resume")
+    return e
 
 
 def _cause(e: BaseException) -> str:

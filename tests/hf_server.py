@@ -1,6 +1,7 @@
 """A Hugging Face Hub look-alike HTTP server for tests: only what `huggingface_hub` downloads need.
 
-It answers ``HEAD``/``GET /{repo}/resolve/{revision}/{file}`` (and ``/datasets/{repo}/...``) with
+It answers ``HEAD``/``GET /{repo}/resolve/{revision}/{file}`` (and ``/datasets/{repo}/...``) and
+``GET /api/{models,datasets}/{repo}/tree/{revision}`` (the file list) with
 the headers the real client checks (``X-Repo-Commit``, ``ETag``, ``Content-Length``, byte ranges)
 and the Hub's error codes (``X-Error-Code: RepoNotFound / RevisionNotFound / EntryNotFound``).
 A repo marked ``drop=True`` sends half of each ``.safetensors`` file, then drops the connection,
@@ -80,6 +81,8 @@ class HubServer:
 
     def _answer(self, h: BaseHTTPRequestHandler, body: bool) -> None:
         self.requests.append((h.command, h.path))
+        if h.path.startswith("/api/"):
+            return self._tree(h, body)
         key, repo, revision, filename = self._find(h.path)
         if repo is None:
             return self._error(h, 404, "RepoNotFound", "Repository not found")
@@ -111,6 +114,29 @@ class HubServer:
             h.wfile.flush()
             return self._hang_up(h)
         h.wfile.write(data[start:])
+
+    def _tree(self, h: BaseHTTPRequestHandler, body: bool) -> None:
+        """``GET /api/{models,datasets}/{repo}/tree/{revision}``: the repo's files (one page)."""
+        import json
+
+        path = unquote(h.path.split("?", 1)[0])[len("/api/"):]
+        kind, _, rest = path.partition("/")
+        repo_id, sep, revision = rest.partition("/tree/")
+        key = f"datasets/{repo_id}" if kind == "datasets" else repo_id
+        repo = self.repos.get(key)
+        if not sep or repo is None:
+            return self._error(h, 404, "RepoNotFound", "Repository not found")
+        if revision.split("/")[0] not in ("main", repo.commit):
+            return self._error(h, 404, "RevisionNotFound", "Invalid rev id", repo.commit)
+        listing = [{"type": "file", "path": name, "size": len(data),
+                    "oid": hashlib.sha1(data).hexdigest()} for name, data in sorted(repo.files.items())]
+        payload = json.dumps(listing).encode()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        if body:
+            h.wfile.write(payload)
 
     @staticmethod
     def _error(h: BaseHTTPRequestHandler, status: int, code: str, message: str,

@@ -149,19 +149,43 @@ def generate_once(loaded, text: str, cfg: SampleConfig, as_json: bool) -> None:
 # ----------------------------------------------------------------------------- eval
 
 @command("eval", LoadConfig, EvalConfig, exclude=("compile",),
-         panels=("Model", "Data", "Scoring", "Device", "Output"),
+         panels=("Model", "Data", "Tasks", "Scoring", "Device", "Output"),
          oom_hint="try a smaller --batch-size or --context-length")
 def eval_cmd(given: dict, as_json: Json = False) -> None:
     """Loss, perplexity and bits per byte of a model on text (sliding window); without --data,
-    on the validation split of the run the model comes from."""
+    on the validation split of the run the model comes from. With --task: the standard GPT-2
+    benchmarks (LAMBADA, HellaSwag, WikiText) next to their published figures."""
+    load, cfg = settings(LoadConfig, given), settings(EvalConfig, given)
+    if cfg.task:
+        return eval_tasks(load, cfg, as_json)
+    if cfg.task_file or cfg.limit or cfg.offline:
+        raise UserError("--task-file, --limit and --offline go with --task")
     from ..display import render_eval
     from ..evaluate import evaluate_file
 
-    result = evaluate_file(settings(LoadConfig, given), settings(EvalConfig, given))
+    result = evaluate_file(load, cfg)
     if as_json:
         print(json.dumps(result))
     else:
         render_eval(result)
+
+
+def eval_tasks(load, cfg, as_json: bool) -> None:
+    from rich.console import Console
+
+    from ..display import ProgressBars, render_tasks
+    from ..tasks import run_tasks
+
+    if cfg.data:
+        raise UserError("--data and --task are two kinds of evaluation; give one")
+    with ProgressBars(Console(stderr=True)) as progress:
+        model, results = run_tasks(load, cfg, progress, log=note)
+    if as_json:
+        print(json.dumps({"model": model, "tasks": {r.task: {
+            "metrics": r.metrics, "items": r.items, "source": r.source,
+            "published": r.published, "seconds": r.seconds} for r in results}}))
+    else:
+        render_tasks(model, results)
 
 
 # ----------------------------------------------------------------------------- inspect-attention
