@@ -99,7 +99,8 @@ def validation_message(err: Exception, *, flags: bool = False) -> str:
         return str(err)
     parts = []
     for e in errors():
-        loc = ".".join(str(p) for p in e.get("loc", ()))
+        loc = ".".join(str(p) for p in e.get("loc", ())  # a flag's list index says nothing
+                       if not (flags and isinstance(p, int)))
         name = ("--" + loc.replace("_", "-")) if flags and loc else loc
         msg = e.get("msg", "invalid value")
         for prefix, words in (("Value error, ", ""), ("Input should be greater than or equal to",
