@@ -295,6 +295,12 @@ class EvalConfig(BaseModel):
                                 group="Tasks", ge=1)
     offline: bool = setting(False, "Use only task data already downloaded (the gptcli store).",
                             group="Tasks")
+    harness: list[str] | None = setting(
+        None, "Run these lm-evaluation-harness tasks on the model instead (needs the eval "
+        "extra; repeatable, or comma-separated).", group="Tasks", metavar="TASKS")
+    harness_include: str | None = setting(
+        None, "A folder of extra lm-evaluation-harness task configs (its --include_path).",
+        group="Tasks", metavar="DIR")
 
 
 class BenchConfig(BaseModel):

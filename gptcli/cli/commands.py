@@ -156,6 +156,8 @@ def eval_cmd(given: dict, as_json: Json = False) -> None:
     on the validation split of the run the model comes from. With --task: the standard GPT-2
     benchmarks (LAMBADA, HellaSwag, WikiText) next to their published figures."""
     load, cfg = settings(LoadConfig, given), settings(EvalConfig, given)
+    if cfg.harness:
+        return eval_harness(load, cfg, as_json)
     if cfg.task:
         return eval_tasks(load, cfg, as_json)
     if cfg.task_file or cfg.limit or cfg.offline:
@@ -168,6 +170,24 @@ def eval_cmd(given: dict, as_json: Json = False) -> None:
         print(json.dumps(result))
     else:
         render_eval(result)
+
+
+def eval_harness(load, cfg, as_json: bool) -> None:
+    from ..runtime import require
+
+    if cfg.task or cfg.data:
+        raise UserError("--harness runs lm-evaluation-harness tasks; leave out --task and --data")
+    harness = require("gptcli.harness", "eval", needed_for="--harness")
+    tasks = [t for entry in cfg.harness for t in entry.split(",") if t]
+    results = harness.evaluate_harness(tasks, load, cfg.batch_size, cfg.limit,
+                                       cfg.harness_include)
+    if as_json:
+        print(json.dumps({"results": results["results"], "versions": results.get("versions")},
+                         default=str))
+    else:
+        from lm_eval.utils import make_table
+
+        print(make_table(results))
 
 
 def eval_tasks(load, cfg, as_json: bool) -> None:
