@@ -1,106 +1,74 @@
-"""Check downloaded GPT-2 weights against the GPT-2 paper: perplexity with `gpt eval`.
+"""Check downloaded GPT-2 weights against published figures: `gpt eval --task` on the benchmarks.
 
-Needs internet (the Hugging Face Hub). Downloads the model with `gpt download`, gets a
-WikiText-style text file, scores it with `gpt eval --json` and prints gptcli's token-level
-perplexity plus a word-level perplexity, the unit of the paper's table:
+Needs internet once (the model and the task data come from the Hugging Face Hub, then work
+offline). Downloads the model with `gpt download`, runs `gpt eval --task lambada --task hellaswag
+--task wikitext-2 --task wikitext-103 --json`, and prints each figure next to the published one:
 
-    117M (our `gpt2`, 124M): WikiText-2 29.41, WikiText-103 37.50, LAMBADA 35.13
+    python benchmarks/eval_pretrained.py                         # gpt2 (124M), every task
+    python benchmarks/eval_pretrained.py --task hellaswag --quantize int8
+    python benchmarks/eval_pretrained.py --model gpt2-medium --device cuda --limit 500
 
-Usage:
-    python benchmarks/eval_pretrained.py --wikitext 2              # needs pyarrow
-    python benchmarks/eval_pretrained.py --data wiki.test.raw      # any text file
-    python benchmarks/eval_pretrained.py --wikitext 103 --model gpt2-medium --stride 512
-
-The numbers will not match the paper exactly: the paper applies invertible de-tokenizers to
-WikiText and reports per-word perplexity over the original tokens, while `gpt eval` scores the raw
-text with GPT-2's BPE in sliding windows. A smaller --stride gives each token more context and
-a lower perplexity (slower). The word-level figure converts the total loss in nats to a
-per-word average: exp(loss * scored_tokens / whitespace_words).
+Published (GPT-2 124M): lm-evaluation-harness lambada_openai acc 32.56%, perplexity 40.06;
+hellaswag acc 28.92%, acc_norm 31.14%. GPT-2 paper (Table 3, its own preprocessing and
+detokenisation, so only roughly comparable): LAMBADA acc 45.99%, perplexity 35.13; WikiText-2
+29.41; WikiText-103 37.50 (word-level perplexity).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-PAPER = {  # GPT-2 paper, Table 3, smallest model (117M)
-    "wikitext-2": 29.41,
-    "wikitext-103": 37.50,
-    "lambada": 35.13,
-}
-WIKITEXT_FILES = {
-    "2": "wikitext-2-raw-v1/test-00000-of-00001.parquet",
-    "103": "wikitext-103-raw-v1/test-00000-of-00001.parquet",
+PUBLISHED = {  # gpt2 (124M); see the docstring for the sources
+    ("lambada", "acc"): "32.56% (harness), 45.99% (paper)",
+    ("lambada", "perplexity"): "40.06 (harness), 35.13 (paper)",
+    ("hellaswag", "acc"): "28.92% (harness)",
+    ("hellaswag", "acc_norm"): "31.14% (harness)",
+    ("wikitext-2", "word_perplexity"): "29.41 (paper)",
+    ("wikitext-103", "word_perplexity"): "37.50 (paper)",
 }
 
 
 def gpt(*args: str) -> str:
     """Run the `gpt` CLI (this checkout's) and return its stdout; stop on failure."""
-    cmd = [sys.executable, "-m", "gptcli", *args]
     print("$ gpt " + " ".join(args), file=sys.stderr, flush=True)
-    result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    result = subprocess.run([sys.executable, "-m", "gptcli", *args], stdout=subprocess.PIPE,
+                            text=True)
     if result.returncode != 0:
         sys.exit(result.returncode)
     return result.stdout
 
 
-def wikitext(version: str) -> Path:
-    """The raw WikiText-{2,103} test split as one text file in gptcli's dataset store."""
-    from huggingface_hub import hf_hub_download
-
-    home = Path(os.environ.get("GPTCLI_HOME") or Path.home() / ".cache" / "gptcli")
-    out = home / "datasets" / f"wikitext-{version}-raw-test" / "test.txt"
-    if out.is_file():
-        return out
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        sys.exit("--wikitext needs pyarrow (pip install pyarrow), or pass --data FILE")
-    parquet = hf_hub_download("Salesforce/wikitext", WIKITEXT_FILES[version],
-                              repo_type="dataset")
-    lines = pq.read_table(parquet).column("text").to_pylist()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(lines), encoding="utf-8")  # each row is one line with its newline
-    return out
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gpt2", help="model name for `gpt download`")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--wikitext", choices=sorted(WIKITEXT_FILES), help="WikiText test split")
-    source.add_argument("--data", type=Path, help="a text file to score")
-    parser.add_argument("--stride", type=int, default=None,
-                        help="tokens scored per window (default: the window length)")
-    parser.add_argument("--context-length", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="float32")
-    args = parser.parse_args()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="gpt2", help="a name for `gpt download`")
+    ap.add_argument("--task", action="append",
+                    choices=["lambada", "hellaswag", "wikitext-2", "wikitext-103"])
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--quantize")
+    args = ap.parse_args()
 
     gpt("download", args.model)
-    data = wikitext(args.wikitext) if args.wikitext else args.data
-    flags = ["--batch-size", str(args.batch_size), "--device", args.device, "--dtype", args.dtype]
-    if args.stride:
-        flags += ["--stride", str(args.stride)]
-    if args.context_length:
-        flags += ["--context-length", str(args.context_length)]
-    result = json.loads(gpt("eval", "--model", args.model, "--data", str(data), "--json", *flags))
-
-    words = len(data.read_text(encoding="utf-8").split())
-    word_ppl = math.exp(result["loss"] * result["tokens"] / max(1, words))
-    report = {"model": args.model, "data": str(data), "tokens": result["tokens"], "words": words,
-              "loss": result["loss"], "token_perplexity": result["perplexity"],
-              "word_perplexity": word_ppl, "bits_per_byte": result["bits_per_byte"],
-              "stride": result.get("stride"), "context_length": result.get("context_length")}
-    if args.wikitext:
-        report["paper_word_perplexity_117M"] = PAPER[f"wikitext-{args.wikitext}"]
-    print(json.dumps(report, indent=2))
+    flags = ["--batch-size", str(args.batch_size), "--device", args.device]
+    for task in args.task or ["lambada", "hellaswag", "wikitext-2", "wikitext-103"]:
+        flags += ["--task", task]
+    if args.limit:
+        flags += ["--limit", str(args.limit)]
+    if args.quantize:
+        flags += ["--quantize", args.quantize]
+    tasks = json.loads(gpt("eval", "--model", args.model, "--json", *flags))["tasks"]
+    for name, result in tasks.items():
+        print(f"{name} ({result['items']:,} items, {result['seconds']:.0f} s):")
+        for metric, value in result["metrics"].items():
+            if metric in ("tokens", "words", "bytes"):
+                continue
+            shown = f"{value:.2%}" if metric.startswith("acc") else f"{value:,.2f}"
+            print(f"  {metric:>16}: {shown:>10}   published: "
+                  f"{PUBLISHED.get((name, metric), '-')}")
 
 
 if __name__ == "__main__":

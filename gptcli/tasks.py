@@ -186,11 +186,13 @@ def score(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int,
         idx = torch.zeros(len(chunk), width, dtype=torch.long)
         for row, i in enumerate(chunk):
             idx[row, :len(inputs[i][0])] = torch.tensor(inputs[i][0])
-        logp = F.log_softmax(model(idx.to(model.device)).float(), dim=-1)
+        logits = model(idx.to(model.device))
         for row, i in enumerate(chunk):
             n_in, n_cont = len(inputs[i][0]), inputs[i][1]
-            target = torch.tensor(pairs[i][1], device=logp.device)
-            rows = logp[row, n_in - n_cont:n_in]  # predictions of the continuation's tokens
+            target = torch.tensor(pairs[i][1], device=logits.device)
+            # predictions of the continuation's tokens only (a softmax over the vocabulary at
+            # every position would cost as much as the model here)
+            rows = F.log_softmax(logits[row, n_in - n_cont:n_in].float(), dim=-1)
             ll = rows.gather(1, target[:, None]).sum().item()
             results[i] = (ll, bool((rows.argmax(-1) == target).all()))
         if tick:
