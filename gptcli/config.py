@@ -120,6 +120,13 @@ def validation_message(err: Exception, *, flags: bool = False) -> str:
     return "; ".join(parts)
 
 
+def default_workers() -> int:
+    import os
+
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else os.cpu_count() or 1)
+
+
 def setting(default: Any = None, help: str = "", *, group: str, metavar: str | None = None,
             **constraints: Any) -> Any:
     """A config field that is also a command-line flag: its help text, its group in ``--help``
@@ -161,14 +168,19 @@ class TrainConfig(BaseModel):
 
     # data
     data: list[str] | None = setting(
-        None, "Text file, folder of .txt files or downloaded dataset name; repeat for several "
-        "(default: the bundled Shakespeare).", group="Data", metavar="PATH")
+        None, "A .txt, .jsonl or .parquet file, a folder or glob of them, or a downloaded "
+        "dataset's name; repeat for several (default: the bundled Shakespeare).", group="Data",
+        metavar="PATH")
     tokenizer: Literal["auto", "gpt2", "char"] = setting(
         "auto", "gpt2, char, or auto (char for the tiny and small presets, else gpt2).",
         group="Data", metavar="NAME")
     val_fraction: float = setting(0.1, "Share of the tokens held out for validation, from the "
                                   "end.", group="Data", ge=0.0, lt=1.0)
     encoding: str = setting("utf-8", "Text encoding of the data.", group="Data", metavar="NAME")
+    text_column: str = setting("text", "The text field of .jsonl and .parquet data.",
+                               group="Data", metavar="NAME")
+    workers: int = setting(default_workers(), "Processes that tokenize the data (default: the "
+                           "number of CPU cores).", group="Data", ge=1)
     # model
     preset: str = setting("tiny", "Model shape: " + ", ".join(PRESETS) + ".", group="Model",
                           metavar="NAME")
@@ -278,6 +290,8 @@ class EvalConfig(BaseModel):
         None, "Text file(s) or folder to score (default: the run's own validation split when "
         "--model is a run).", group="Data", metavar="PATH")
     encoding: str = setting("utf-8", "Text encoding of the data.", group="Data", metavar="NAME")
+    text_column: str = setting("text", "The text field of .jsonl and .parquet data.",
+                               group="Data", metavar="NAME")
     context_length: int | None = setting(
         None, "Window length, at most the model's context (default: the model's).",
         group="Scoring", ge=1)

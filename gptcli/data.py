@@ -1,17 +1,34 @@
-"""Text -> token ids, cached as a memory-mapped file; train/val split; batch sampling.
+"""Training text -> token ids: input formats, a sharded token cache, batch sampling.
 
-Token ids are written once to ``<cache>/<key>.bin`` (uint16 when the vocabulary fits, else
-uint32) with a JSON sidecar, keyed by the content hash of the input files and the tokenizer type.
-Input is streamed in chunks, so a file larger than memory can be tokenized.
+Inputs are ``.txt`` files (one document each), ``.jsonl``/``.json`` lines and ``.parquet`` files
+(one document per row, from ``--text-column``), folders and globs of them. Documents are joined
+with a separator: GPT-2's end-of-text token, or a newline for character models (as nanoGPT and
+build-nanogpt do).
+
+Each input file becomes one cached shard, ``<cache>/shards/<key>.bin`` (uint16 when the vocabulary
+fits, else uint32) with a JSON sidecar, keyed by the file's content, its format and the tokenizer:
+adding a file tokenizes only that file, and an interrupted run keeps the shards it finished (a
+shard is written to a temporary file and renamed when complete). The content is hashed while it
+is tokenized (one read per byte); a small index keyed by path, size and modification time lets an
+unchanged file skip even that. With ``workers`` > 1, text is cut into pieces where GPT-2's
+tokenization cannot change and tokenized in a pool of processes (tiktoken holds the GIL).
+
+The dataset is the shards in input order with a separator between them, seen as one sequence
+(``Tokens``): training windows may cross shard boundaries as they cross document boundaries
+inside a shard (the separator tells the model where one document ends), and validation is the
+last ``val_fraction`` of that sequence.
 """
 
 from __future__ import annotations
 
 import codecs
+import glob
 import hashlib
 import json
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,11 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .runtime import UserError, datasets_dir, gptcli_home, store_name
+from .runtime import UserError, datasets_dir, gptcli_home, require, store_name
 from .tokenizer import Tokenizer, get_tokenizer
 
 CHUNK_BYTES = 4 << 20  # read 4 MiB at a time
-PIECE_CHARS = 256 << 10  # tiktoken encodes pieces of this size in parallel threads
+PIECE_CHARS = 256 << 10  # one tokenizer call
+DOC_CHUNK = 1 << 22  # characters of documents (jsonl/parquet rows) handed out at once
+SUFFIXES = {".txt": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
@@ -33,10 +52,9 @@ def bundled_corpus() -> Path:
 
 
 def resolve_data(data: list[str] | None) -> list[Path]:
-    """Files to train on: each entry a file, a folder of .txt files, or a downloaded dataset name.
-
-    No entry means the bundled Shakespeare corpus.
-    """
+    """Files to train on: each entry a file, a folder (searched recursively for .txt, .jsonl,
+    .json and .parquet files), a glob, or a downloaded dataset's name. None: the bundled
+    Shakespeare corpus."""
     if not data:
         return [bundled_corpus()]
     files: list[Path] = []
@@ -44,20 +62,32 @@ def resolve_data(data: list[str] | None) -> list[Path]:
         path = Path(entry)
         if not path.exists() and (datasets_dir() / store_name(entry)).is_dir():
             path = datasets_dir() / store_name(entry)
+        if not path.exists() and glob.has_magic(entry):
+            matched = sorted(Path(p) for p in glob.glob(entry, recursive=True)
+                             if Path(p).suffix in SUFFIXES and Path(p).is_file())
+            if not matched:
+                raise UserError(f"no .txt, .jsonl or .parquet file matches {entry}")
+            files.extend(matched)
+            continue
         if not path.exists():
             raise UserError(f"data path {entry} does not exist")
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*.txt") if p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file()
+                           and ".cache" not in p.parts)
             if not found:
-                raise UserError(f"folder {entry} has no .txt files")
+                raise UserError(f"folder {entry} has no .txt, .jsonl or .parquet files")
             files.extend(found)
         else:
+            if path.suffix not in SUFFIXES:
+                raise UserError(f"data file {path} is not .txt, .jsonl, .json or .parquet")
             files.append(path)
     for f in files:
         if f.stat().st_size == 0:
             raise UserError(f"data file {f} is empty")
     return files
 
+
+# ----------------------------------------------------------------------------- reading
 
 def _boundary(text: str, lo: int, hi: int) -> int:
     """The last cut in (lo, hi) just after a lone line break between two non-space characters:
@@ -70,9 +100,11 @@ def _boundary(text: str, lo: int, hi: int) -> int:
     return -1
 
 
-def read_text_chunks(path: Path, encoding: str = "utf-8") -> Iterator[str]:
+def read_text_chunks(path: Path, encoding: str = "utf-8",
+                     digest=None) -> Iterator[str]:
     """Decoded text of ``path`` in chunks cut where tokenization is unaffected (see
-    ``_boundary``), with a clear error naming the byte offset of undecodable input."""
+    ``_boundary``), feeding the raw bytes to ``digest`` as they are read; a clear error names
+    the byte offset of undecodable input."""
     try:
         decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
     except LookupError:
@@ -81,6 +113,8 @@ def read_text_chunks(path: Path, encoding: str = "utf-8") -> Iterator[str]:
     with open(path, "rb") as f:
         while True:
             raw = f.read(CHUNK_BYTES)
+            if digest is not None:
+                digest.update(raw)
             try:
                 text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as e:
@@ -114,103 +148,305 @@ def _split_pieces(text: str) -> list[str]:
     return pieces
 
 
-@dataclass
-class TokenData:
-    tokenizer: Tokenizer
-    tokens: np.ndarray  # every token id, memory-mapped
-    path: Path  # the cache file
-    files: list[Path]
+def _row_text(value, path: Path, row: int, column: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{path} row {row}: {column!r} is "
+                        f"{'missing' if value is None else type(value).__name__}, not text")
+    return value
 
-    def split(self, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-        """Train and validation tokens; validation is taken from the end."""
-        n_val = int(len(self.tokens) * val_fraction)
-        return self.tokens[: len(self.tokens) - n_val], self.tokens[len(self.tokens) - n_val:]
+
+def read_documents(path: Path, column: str, digest=None) -> Iterator[list[str]]:
+    """The documents (rows) of a .jsonl or .parquet file in groups of about ``DOC_CHUNK``
+    characters; parquet is read one record batch at a time (memory bounded)."""
+    batch: list[str] = []
+    size = 0
+    for row, text in enumerate(_rows(path, column, digest), 1):
+        batch.append(_row_text(text, path, row, column))
+        size += len(batch[-1])
+        if size >= DOC_CHUNK:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _rows(path: Path, column: str, digest) -> Iterator:
+    if SUFFIXES[path.suffix] == "parquet":
+        pq = require("pyarrow.parquet", "data", needed_for=f"reading {path.name}")
+        try:
+            reader = pq.ParquetFile(path)
+            if column not in reader.schema_arrow.names:
+                raise UserError(f"{path} has no column {column!r} (its columns: "
+                                f"{', '.join(reader.schema_arrow.names)}); pick one with "
+                                "--text-column")
+            for batch in reader.iter_batches(batch_size=4096, columns=[column]):
+                for value in batch.column(0).to_pylist():
+                    if digest is not None and isinstance(value, str):
+                        digest.update(value.encode("utf-8") + b"\0")
+                    yield value
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - pyarrow's own errors for a damaged file
+            raise UserError(f"{path} is not a readable parquet file: {e}") from None
+        return
+    with open(path, "rb") as f:
+        for row, line in enumerate(f, 1):
+            if digest is not None:
+                digest.update(line)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise UserError(f"{path} row {row} is not valid JSON: {e}") from None
+            if not isinstance(record, dict) or column not in record:
+                raise UserError(f"{path} row {row} has no {column!r} field; pick the text "
+                                "field with --text-column")
+            yield record[column]
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+_WORKER: dict = {}
+
+
+def _encode(job: tuple) -> bytes:
+    """Tokenize one piece of work (in a worker process, or in this one): ("text", text) or
+    ("docs", texts, lead) -> token ids as bytes in the cache's dtype."""
+    spec, dtype, kind, payload, lead = job
+    if _WORKER.get("spec") != spec:
+        _WORKER.update(spec=spec, tok=get_tokenizer(spec))
+    tok = _WORKER["tok"]
+    if kind == "text":
+        ids = [i for part in tok.encode_batch(_split_pieces(payload)) for i in part]
+    else:
+        sep = separator(tok)
+        ids = []
+        for n, part in enumerate(tok.encode_batch(payload)):
+            if (n or lead) and sep is not None:
+                ids.append(sep)
+            ids.extend(part)
+    return np.asarray(ids, dtype=dtype).tobytes()
+
+
+def separator(tok: Tokenizer) -> int | None:
+    """The token between documents: end-of-text, or a newline for character models."""
+    if tok.eot_id is not None:
+        return tok.eot_id
+    return tok.encode("\n")[0] if "\n" in getattr(tok, "chars", []) else None
+
+
+class Pool:
+    """Ordered, bounded tokenization: in this process (1 worker) or a process pool."""
+
+    def __init__(self, workers: int) -> None:
+        self.executor = ProcessPoolExecutor(workers) if workers > 1 else None
+        self.depth = 2 * workers
+
+    def run(self, jobs: Iterator[tuple], write: Callable[[bytes], None]) -> None:
+        if self.executor is None:
+            for job in jobs:
+                write(_encode(job))
+            return
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(self.executor.submit(_encode, job))
+            while len(pending) >= self.depth:
+                write(pending.popleft().result())
+        while pending:
+            write(pending.popleft().result())
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(cancel_futures=True)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("GPTCLI_DATA_CACHE") or gptcli_home() / "tokens")
 
 
-def load_tokens(files: list[Path], tokenizer: str | dict, *, encoding: str = "utf-8",
-                progress: Progress | None = None) -> TokenData:
-    """Token ids of ``files`` under ``tokenizer`` (a name or spec), from the cache when present.
-
-    A char tokenizer given by name is built from the files' characters.
-    """
-    kind = tokenizer if isinstance(tokenizer, str) else tokenizer["type"]
-    total = sum(f.stat().st_size for f in files)
-    # Files unchanged since the last run (same paths, sizes, modification times) skip even the
-    # hashing pass, so a second run on multi-GB data starts at once.
-    seen = cache_dir() / "seen" / (hashlib.sha256(json.dumps(
-        [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-        + [tokenizer, encoding], sort_keys=True).encode()).hexdigest()[:24] + ".json")
-    if seen.is_file():
-        known = json.loads(seen.read_text())
-        bin_path = cache_dir() / f"{known['key']}.bin"
-        if bin_path.is_file() and bin_path.with_suffix(".json").is_file():
-            return _open_tokens(get_tokenizer(known["spec"]), bin_path, files)
-    digest = hashlib.sha256()
-    chars: set[str] = set()
-    done = 0
-    for f in files:  # one streaming pass: content hash (and the character set for char)
-        digest.update(f"{f.stat().st_size}:".encode())
-        for chunk in read_text_chunks(f, encoding):
-            digest.update(chunk.encode("utf-8"))
-            if kind == "char":
-                chars.update(chunk)
-            done += len(chunk)
-            if progress:
-                progress(min(done, total), 2 * total)
-    spec = tokenizer if isinstance(tokenizer, dict) else None
-    if spec is None:
-        spec = {"type": "char", "chars": "".join(sorted(chars))} if kind == "char" else {"type": kind}
-    tok = get_tokenizer(spec)
-    key = hashlib.sha256(digest.hexdigest().encode() + json.dumps(spec, sort_keys=True).encode()
-                         ).hexdigest()[:24]
-    bin_path = cache_dir() / f"{key}.bin"
-    meta_path = bin_path.with_suffix(".json")
-    if not (bin_path.is_file() and meta_path.is_file()):
-        _write_tokens(files, tok, bin_path, meta_path, _token_dtype(tok), encoding, total, progress)
-    if progress:
-        progress(2 * total, 2 * total)
-    seen.parent.mkdir(parents=True, exist_ok=True)
-    seen.write_text(json.dumps({"key": key, "spec": spec}))
-    return _open_tokens(tok, bin_path, files)
-
-
-def _token_dtype(tok: Tokenizer):
+def _dtype(tok: Tokenizer):
     return np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
 
 
-def _open_tokens(tok: Tokenizer, bin_path: Path, files: list[Path]) -> TokenData:
-    return TokenData(tok, np.memmap(bin_path, dtype=_token_dtype(tok), mode="r"), bin_path, files)
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _write_tokens(files, tok: Tokenizer, bin_path: Path, meta_path: Path, dtype, encoding: str,
-                  total: int, progress: Progress | None) -> None:
-    bin_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = bin_path.with_suffix(f".{os.getpid()}.tmp")
-    count, done = 0, 0
+def tokenize_file(path: Path, spec: dict, column: str, encoding: str, pool: Pool,
+                  done: Callable[[int], None]) -> Path:
+    """The shard of one input file: from the cache, else tokenized (and hashed) now."""
+    kind = SUFFIXES[path.suffix]
+    stat = path.stat()
+    index = cache_dir() / "index" / (_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns,
+                                           spec, column, encoding) + ".json")
+    if index.is_file():
+        shard = cache_dir() / "shards" / json.loads(index.read_text())["shard"]
+        if shard.is_file() and shard.with_suffix(".json").is_file():
+            done(stat.st_size)
+            return shard
+    tok = get_tokenizer(spec)
+    dtype = np.dtype(_dtype(tok)).name
+    digest = hashlib.sha256(json.dumps([kind, column, encoding, spec]).encode())
+    shards = cache_dir() / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    tmp = shards / f".{path.name}.{os.getpid()}.tmp"
+    count = 0
     try:
         with open(tmp, "wb") as out:
-            for n, f in enumerate(files):
-                if n and tok.eot_id is not None:  # documents are separated by end-of-text
-                    out.write(np.array([tok.eot_id], dtype=dtype).tobytes())
-                    count += 1
-                for chunk in read_text_chunks(f, encoding):
-                    for ids in tok.encode_batch(_split_pieces(chunk)):
-                        out.write(np.asarray(ids, dtype=dtype).tobytes())
-                        count += len(ids)
-                    done += len(chunk)
-                    if progress:
-                        progress(total + min(done, total), 2 * total)
-        os.replace(tmp, bin_path)
+            def write(blob: bytes) -> None:
+                nonlocal count
+                out.write(blob)
+                count += len(blob) // np.dtype(dtype).itemsize
+
+            if kind == "text":
+                jobs = ((spec, dtype, "text", chunk, False)
+                        for chunk in _counted(read_text_chunks(path, encoding, digest), done))
+            else:
+                jobs = ((spec, dtype, "docs", docs, n > 0) for n, docs in
+                        enumerate(_counted(read_documents(path, column, digest), done)))
+            pool.run(jobs, write)
+        shard = shards / f"{digest.hexdigest()[:24]}.bin"
+        os.replace(tmp, shard)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    meta = {"tokenizer": tok.spec(), "tokens": count, "dtype": np.dtype(dtype).name,
-            "files": [str(f) for f in files]}
-    meta_path.write_text(json.dumps(meta))
+    shard.with_suffix(".json").write_text(json.dumps(
+        {"tokens": count, "dtype": dtype, "tokenizer": spec, "source": str(path),
+         "format": kind, "column": column if kind != "text" else None}))
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_text(json.dumps({"shard": shard.name}))
+    return shard
+
+
+def _counted(chunks: Iterator, done: Callable[[int], None]) -> Iterator:
+    for chunk in chunks:
+        done(sum(len(c) for c in chunk) if isinstance(chunk, list) else len(chunk))
+        yield chunk
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+class Tokens:
+    """Shards seen as one sequence, with the separator between consecutive shards. Supports
+    ``len``, slicing (``[a:b]`` gives a numpy array, across shard boundaries) and ``view``."""
+
+    def __init__(self, shards: list[np.ndarray], sep: int | None, start: int = 0,
+                 stop: int | None = None) -> None:
+        self.shards, self.sep = shards, sep
+        gap = 0 if sep is None else 1
+        self.offsets = np.cumsum([0] + [len(s) + gap for s in shards])
+        total = int(self.offsets[-1]) - (gap if shards else 0)
+        self.start, self.stop = start, total if stop is None else stop
+        self.dtype = shards[0].dtype if shards else np.dtype(np.uint16)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def view(self, start: int, stop: int) -> Tokens:
+        return Tokens(self.shards, self.sep, self.start + start, self.start + stop)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            a, b, _ = key.indices(len(self))
+            return self._range(self.start + a, self.start + b)
+        return self._range(self.start + key, self.start + key + 1)[0]
+
+    def _range(self, a: int, b: int) -> np.ndarray:
+        if len(self.shards) == 1:
+            return np.asarray(self.shards[0][a:b])
+        parts = []
+        i = int(np.searchsorted(self.offsets, a, side="right")) - 1
+        while a < b:
+            base = int(self.offsets[i])
+            shard = self.shards[i]
+            if a < base + len(shard):
+                end = min(b, base + len(shard))
+                parts.append(np.asarray(shard[a - base:end - base]))
+                a = end
+            else:  # the separator after this shard
+                parts.append(np.array([self.sep], dtype=self.dtype))
+                a += 1
+                i += 1
+        return np.concatenate(parts) if parts else np.empty(0, dtype=self.dtype)
+
+    def tolist(self) -> list[int]:
+        return self[:].tolist()
+
+
+@dataclass
+class TokenData:
+    tokenizer: Tokenizer
+    tokens: Tokens  # every token id, memory-mapped shards
+    shards: list[Path]
+    files: list[Path]
+
+    @property
+    def path(self) -> Path:
+        return self.shards[0]
+
+    def split(self, val_fraction: float) -> tuple[Tokens, Tokens]:
+        """Train and validation tokens; validation is the last ``val_fraction``."""
+        n = len(self.tokens)
+        n_val = int(n * val_fraction)
+        return self.tokens.view(0, n - n_val), self.tokens.view(n - n_val, n)
+
+
+def _char_spec(files: list[Path], column: str, encoding: str) -> dict:
+    """A character vocabulary from every file's text (a pass of its own: the vocabulary must be
+    known before any file is tokenized), cached by the files' paths, sizes and times."""
+    key = cache_dir() / "index" / ("chars-" + _hash(
+        [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        column, encoding) + ".json")
+    if key.is_file():
+        return json.loads(key.read_text())
+    chars: set[str] = set()
+    for f in files:
+        texts = read_text_chunks(f, encoding) if SUFFIXES[f.suffix] == "text" else \
+            (d for docs in read_documents(f, column) for d in docs)
+        for text in texts:
+            chars.update(text)
+    if len(files) > 1 or SUFFIXES[files[0].suffix] != "text":
+        chars.add("\n")  # the document separator
+    spec = {"type": "char", "chars": "".join(sorted(chars))}
+    key.parent.mkdir(parents=True, exist_ok=True)
+    key.write_text(json.dumps(spec))
+    return spec
+
+
+def load_tokens(files: list[Path], tokenizer: str | dict, *, encoding: str = "utf-8",
+                column: str = "text", workers: int = 1, progress: Progress | None = None,
+                log: Callable[[str], None] | None = None) -> TokenData:
+    """Token ids of ``files`` under ``tokenizer`` (a name or a spec), shard by shard from the
+    cache, tokenizing what is missing. A char tokenizer given by name is built from the files'
+    characters."""
+    spec = tokenizer if isinstance(tokenizer, dict) else None
+    if spec is None:
+        spec = _char_spec(files, column, encoding) if tokenizer == "char" else {"type": tokenizer}
+    tok = get_tokenizer(spec)
+    total = sum(f.stat().st_size for f in files)
+    if log is not None and total > 1 << 30:
+        log(f"tokenizing up to {total / 1e9:,.1f} GB of text; the token cache in {cache_dir()} "
+            f"will take about {total * 0.55 / 1e9:,.1f} GB more (about 2 bytes per token)")
+    seen = 0
+
+    def done(n: int) -> None:
+        nonlocal seen
+        seen += n
+        if progress:
+            progress(min(seen, total), total)
+
+    pool = Pool(max(1, workers))
+    try:
+        shards = [tokenize_file(f, spec, column, encoding, pool, done) for f in files]
+    finally:
+        pool.close()
+    if progress:
+        progress(total, total)
+    dtype = _dtype(tok)
+    arrays = [np.memmap(s, dtype=dtype, mode="r") if s.stat().st_size else
+              np.empty(0, dtype=dtype) for s in shards]
+    return TokenData(tok, Tokens(arrays, separator(tok)), shards, files)
 
 
 def check_enough(n_train: int, n_val: int, context_length: int, val_fraction: float) -> None:
@@ -235,7 +471,7 @@ class BatchSampler:
     the windows of 1 process with batch 2b.
     """
 
-    def __init__(self, tokens: np.ndarray, context_length: int, batch_size: int, seed: int,
+    def __init__(self, tokens, context_length: int, batch_size: int, seed: int,
                  rank: int = 0, world: int = 1):
         self.tokens = tokens
         self.context_length = context_length

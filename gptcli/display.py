@@ -32,6 +32,8 @@ class NullDisplay:
     def tokenize(self, work: Callable):
         return work(None)
 
+    def note(self, message: str) -> None: ...
+
     def start(self, **info) -> None: ...
 
     def step(self, step: int, **metrics) -> None: ...
@@ -56,6 +58,9 @@ class TrainDisplay(NullDisplay):
         self.metrics: dict = {}
         self.step_no = self.first_step = self.max_steps = 0
         self.t0 = self.t_first = time.perf_counter()
+
+    def note(self, message: str) -> None:
+        self.console.print(f"note: {message}", soft_wrap=True)
 
     def tokenize(self, work: Callable):
         if not self.is_live:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .models import load_model
 from .config import EvalConfig, LoadConfig
-from .data import load_tokens, resolve_data
+from .data import load_tokens, resolve_data, separator
 from .distributed import current_dist
 from .runs import RunFolder
 from .runtime import UserError
@@ -113,10 +113,12 @@ def scoring_data(cfg: EvalConfig, model_path: Path, tokenizer) -> tuple[np.ndarr
     per byte): ``--data``'s files, else the validation split of the run the model came from."""
     if cfg.data:
         files = resolve_data(cfg.data)
-        tokens = load_tokens(files, tokenizer.spec(), encoding=cfg.encoding).tokens
+        tokens = load_tokens(files, tokenizer.spec(), encoding=cfg.encoding,
+                             column=cfg.text_column).tokens
         utf8 = cfg.encoding.lower().replace("-", "").replace("_", "") == "utf8"
-        n_bytes = sum(f.stat().st_size for f in files) if utf8 else \
-            len(tokenizer.decode_bytes(tokens.tolist()))
+        plain = all(f.suffix == ".txt" for f in files)  # the bytes are the files' (no separators)
+        n_bytes = sum(f.stat().st_size for f in files) if utf8 and plain else \
+            len(tokenizer.decode_bytes([t for t in tokens.tolist() if t != separator(tokenizer)]))
         return tokens, ", ".join(str(f) for f in files), n_bytes
     saved = RunFolder(model_path.parent).read_config()
     fraction = (saved or {}).get("train", {}).get("val_fraction", 0)
@@ -129,7 +131,8 @@ def scoring_data(cfg: EvalConfig, model_path: Path, tokenizer) -> tuple[np.ndarr
     except UserError as e:
         raise UserError(f"the data of run {model_path.parent} is not there any more ({e}); "
                         "pass --data") from None
-    all_tokens = load_tokens(files, tokenizer.spec(), encoding=train.get("encoding", "utf-8"))
+    all_tokens = load_tokens(files, tokenizer.spec(), encoding=train.get("encoding", "utf-8"),
+                             column=train.get("text_column", "text"))
     _, tokens = all_tokens.split(fraction)
     names = ", ".join(f.name for f in files)
     what = f"the validation split of run {model_path.parent} (the last {fraction:.0%} of {names})"

@@ -202,7 +202,8 @@ def setup(cfg: TrainConfig, run: RunFolder, resume: bool, display) -> Session:
 
     def tokenize():
         return display.tokenize(lambda progress: load_tokens(
-            files, tokenizer_spec, encoding=cfg.encoding, progress=progress))
+            files, tokenizer_spec, encoding=cfg.encoding, column=cfg.text_column,
+            workers=cfg.workers, progress=progress, log=display.note))
 
     if dist.enabled:  # rank 0 fills the token cache once; the others then read it
         dist.main_first(lambda: tokenize() and None)
@@ -234,6 +235,7 @@ def setup(cfg: TrainConfig, run: RunFolder, resume: bool, display) -> Session:
                           "model": model.config.model_dump(), "tokenizer": data.tokenizer.spec(),
                           "world_size": dist.world, "tokens_per_step": tokens_per_step,
                           "max_steps": max_steps, "data": [str(f) for f in data.files],
+                          "shards": [s.name for s in data.shards],
                           "validation": {"fraction": cfg.val_fraction, "tokens": len(val_tokens),
                                          "from": "the end of the data"}})
         s.metrics = run.open_metrics(s.step if resume else None)

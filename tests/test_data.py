@@ -21,8 +21,8 @@ def test_folder_and_several_files(tmp_path):
     (tmp_path / "c.txt").write_text("ccc\n")
     files = resolve_data([str(tmp_path / "d"), str(tmp_path / "c.txt")])
     assert [f.name for f in files] == ["a.txt", "b.txt", "c.txt"]
-    tokens = load_tokens(files, "char").tokens
-    assert len(tokens) == 12
+    loaded = load_tokens(files, "char")
+    assert loaded.tokenizer.decode(loaded.tokens.tolist()) == "aaa\n\nbbb\n\nccc\n"  # newline between
 
 
 def test_downloaded_dataset_name_resolves(isolated_home):
@@ -35,7 +35,7 @@ def test_downloaded_dataset_name_resolves(isolated_home):
 @pytest.mark.parametrize("setup,message", [
     (lambda p: None, "data path {p}/missing.txt does not exist"),
     (lambda p: (p / "empty.txt").write_text(""), "data file {p}/empty.txt is empty"),
-    (lambda p: (p / "nodocs").mkdir(), "folder {p}/nodocs has no .txt files"),
+    (lambda p: (p / "nodocs").mkdir(), "folder {p}/nodocs has no .txt, .jsonl or .parquet files"),
 ])
 def test_bad_paths(tmp_path, setup, message):
     setup(tmp_path)
@@ -59,7 +59,7 @@ def test_not_utf8_names_file_and_offset(tmp_path):
 def test_cache_is_reused(corpus, monkeypatch):
     first = load_tokens([corpus], "gpt2")
     assert first.tokens.dtype == np.uint16
-    monkeypatch.setattr(data, "_write_tokens", lambda *a, **k: pytest.fail("tokenized twice"))
+    monkeypatch.setattr(data.Pool, "run", lambda *a, **k: pytest.fail("tokenized twice"))
     second = load_tokens([corpus], "gpt2")
     assert second.path == first.path and np.array_equal(second.tokens, first.tokens)
 

@@ -142,7 +142,7 @@ def test_cli_config_file_and_flags(corpus, tmp_path):
 @pytest.mark.parametrize("make,args,message", [
     (None, ["--data", "nope.txt"], "error: data path nope.txt does not exist"),
     (lambda p: (p / "e.txt").write_text(""), ["--data", "e.txt"], "error: data file e.txt is empty"),
-    (lambda p: (p / "d").mkdir(), ["--data", "d"], "error: folder d has no .txt files"),
+    (lambda p: (p / "d").mkdir(), ["--data", "d"], "error: folder d has no .txt, .jsonl or .parquet"),
     (lambda p: (p / "b.txt").write_bytes(b"ok\xff\xfe"), ["--data", "b.txt"],
      "error: b.txt is not valid utf-8 text (byte offset 2)"),
     (lambda p: (p / "s.txt").write_text("too short"), ["--data", "s.txt"],
