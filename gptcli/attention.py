@@ -10,13 +10,14 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from .runtime import UserError, require
+from .runtime import UserError, path_error, require
 
 INDUCTION_SEED = 0  # the random repeated sequence is the same on every run
 INDUCTION_BATCH = 4  # sequences averaged for the induction score
@@ -33,7 +34,7 @@ class Inspection:
 
     model: str  # the checkpoint's path
     name: str  # what to call it in titles: the run, the stored model, or the file
-    tokens: list[str]  # each token as shown: whitespace visible, broken UTF-8 as hex
+    tokens: list[str]  # each token as shown: whitespace visible, a partial character as \xNN
     texts: list[str]  # each token's own text (a partial character as U+FFFD)
     token_ids: list[int]
     weights: torch.Tensor
@@ -46,13 +47,11 @@ class Inspection:
 # ----------------------------------------------------------------------------- capture and stats
 
 def token_label(tokenizer, token_id: int) -> str:
-    """One token as readable text: decoded alone, whitespace made visible, broken UTF-8 as hex."""
-    raw = tokenizer.decode_bytes([token_id])
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:  # a BPE token holding part of a multi-byte character
-        return "".join(f"\\x{b:02x}" for b in raw)
-    return "".join(VISIBLE.get(c, c if c.isprintable() else f"\\x{ord(c):02x}") for c in text)
+    """One token as readable text: decoded alone, whitespace made visible, the bytes of a partial
+    character (a BPE token can hold part of one) as \\xNN, other invisible characters escaped
+    as Python writes them (\\x07, \\u200b)."""
+    text = tokenizer.decode_bytes([token_id]).decode("utf-8", errors="backslashreplace")
+    return "".join(VISIBLE.get(c, c if c.isprintable() else ascii(c)[1:-1]) for c in text)
 
 
 @torch.no_grad()
@@ -165,10 +164,11 @@ def read_text(text: str | None, text_file: str | Path | None) -> str:
     if text_file is not None:
         try:
             text = Path(text_file).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"text file {text_file} does not exist") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read {text_file} as UTF-8 text: {e}") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"text file {text_file} is not UTF-8 text (byte offset "
+                            f"{e.start})") from None
+        except OSError as e:
+            raise path_error(e, "read text file", text_file) from None
     if not text:
         raise UserError("the text is empty; give at least one character")
     return text
@@ -337,15 +337,16 @@ def png_figure(insp: Inspection):
             m = insp.weights[layer, head].masked_fill(future, float("nan"))  # future: blank
             image = ax.imshow(m.numpy(), cmap="viridis", vmin=0, vmax=1)
             ax.set_title(f"L{layer} H{head}", fontsize=8)
+            # parse_math=False: a token or name with "$" is text, not matplotlib maths
             ax.set_xticks(ticks, [insp.tokens[i] for i in ticks] if r == nrows - 1 else [],
-                          rotation=90, fontsize=small)
+                          rotation=90, fontsize=small, parse_math=False)
             ax.set_yticks(ticks, [insp.tokens[i] for i in ticks] if c == 0 else [],
-                          fontsize=small)
+                          fontsize=small, parse_math=False)
     # A bar of fixed width in inches: a fraction of the axes would be half of a 1-panel figure.
     bar = fig.colorbar(image, ax=axes, fraction=0.25 / (ncols * panel), aspect=25, pad=0.02)
     bar.set_label("attention weight", fontsize=7)
     bar.ax.tick_params(labelsize=6)
-    fig.suptitle(f"{insp.name}: row attends to column", fontsize=9)
+    fig.suptitle(f"{insp.name}: row attends to column", fontsize=9, parse_math=False)
     return fig
 
 
@@ -360,7 +361,7 @@ def write_png(insp: Inspection, path: str | Path) -> Path:
 def write_output(path: Path, write, flag: str) -> Path:
     """Run ``write`` for an output file the user named, creating its folder; an OS error on the
     path is one sentence."""
-    from .runtime import make_folder, path_error
+    from .runtime import make_folder
 
     make_folder(path.parent, f"write {flag}", shown=path)
     try:
@@ -389,8 +390,9 @@ def write_html(insp: Inspection, path: str | Path) -> Path:
     attends to; layer/head selectors; the head summary."""
     data = json.dumps(html_data(insp), separators=(",", ":"), ensure_ascii=False)
     data = data.replace("<", "\\u003c")  # no "</script>" can end the data block early
-    title = html.escape(f"{insp.name}: attention")
-    page = HTML_TEMPLATE.read_text(encoding="utf-8").replace("__TITLE__", title).replace(
-        "__DATA__", data)
+    fill = {"__TITLE__": html.escape(f"{insp.name}: attention"), "__DATA__": data}
+    # One pass, so a placeholder inside the name or the text is never filled in itself.
+    page = re.sub("__TITLE__|__DATA__", lambda m: fill[m[0]],
+                  HTML_TEMPLATE.read_text(encoding="utf-8"))
     path = Path(path)
     return write_output(path, lambda: path.write_text(page, encoding="utf-8"), "--html")

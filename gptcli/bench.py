@@ -185,7 +185,7 @@ def bench_train(model: GPT, s: BenchConfig, device: torch.device, dtype: torch.d
     for i in range(s.warmup + s.steps):
         synchronize(device)
         t0 = time.perf_counter()
-        loss = optim.train_step(runner, optimizer, next_batch, grad_accum=cfg.grad_accum,
+        loss, _ = optim.train_step(runner, optimizer, next_batch, grad_accum=cfg.grad_accum,
                                 grad_clip=cfg.grad_clip, amp=amp, scaler=scaler, device=device)
         synchronize(device)
         times.append(time.perf_counter() - t0)

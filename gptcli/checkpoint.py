@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import tempfile
@@ -35,6 +36,7 @@ from .tokenizer import Tokenizer, get_tokenizer
 FORMAT = "gptcli/1"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 TIED_OUTPUT = ("lm_head.weight", "lm_head.qweight", "lm_head.scale")  # stored once, as wte's
+MAX_PARAMS = 2**48  # 280 trillion: more than any checkpoint holds, and far from overflowing
 
 
 # ----------------------------------------------------------------------------- writing
@@ -81,15 +83,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *,
 
 
 def _os_error(e: BaseException) -> OSError | None:
-    """The OS error behind a failed write: an OSError, or safetensors' own error for one."""
+    """The OS error behind a failed write: an OSError, or safetensors' own error for one (its
+    text ends in Rust's "... (os error 28)", which gives the errno)."""
     if isinstance(e, OSError):
         return e
     if isinstance(e, SafetensorError):
-        text = str(e).lower()
-        for words, code in (("no space left", errno.ENOSPC), ("permission denied", errno.EACCES),
-                            ("quota", errno.EDQUOT), ("read-only", errno.EROFS)):
-            if words in text:
-                return OSError(code, os.strerror(code))
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        if found:
+            code = int(found.group(1))
+            return OSError(code, os.strerror(code))
         return OSError(errno.EIO, str(e))
     return None
 
@@ -260,59 +262,84 @@ def parse_metadata(path: str | os.PathLike, metadata: Mapping[str, str],
     return config, spec
 
 
-def check_tokenizer(path: str | os.PathLike, config: ModelConfig, tokenizer: Tokenizer) -> None:
-    """The tokenizer must fit the embedding: every id it makes has a row, and (for character
-    vocabularies, which have no padding) every row has a character to decode to."""
+def checkpoint_tokenizer(path: str | os.PathLike, config: ModelConfig, spec: dict) -> Tokenizer:
+    """The tokenizer a checkpoint's spec describes, checked to fit the embedding: every id it
+    makes has a row, and (for character vocabularies, which have no padding) every row has a
+    character to decode to. A GPT-2 vocabulary may be padded (nanoGPT's 50,304 rows)."""
+    try:
+        tokenizer = get_tokenizer(spec)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     fits = tokenizer.vocab_size <= config.vocab_size if tokenizer.name == "gpt2" else \
         tokenizer.vocab_size == config.vocab_size
     if not fits:
         raise UserError(f"{path} is damaged: its {tokenizer.name} tokenizer has "
                         f"{tokenizer.vocab_size} tokens but the model's embedding has "
                         f"{config.vocab_size} rows")
+    return tokenizer
 
 
 def expected_shapes(config: ModelConfig, quantization: str | None = None,
                     ) -> dict[str, tuple[int, ...]]:
-    """The names and shapes of the tensors a checkpoint of ``config`` stores, from a model
-    built on the meta device (which allocates nothing)."""
+    """The names and shapes of the tensors a checkpoint of ``config`` stores, in the model's
+    order. Taken from a one-block model built on the meta device (which allocates nothing),
+    its block repeated ``n_layer`` times: every block has the same tensors (a block's index
+    only picks its KV-cache slot), and building every block, even on the meta device, costs
+    time and memory per block."""
     from .quantize import prepare
 
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(config.model_copy(update={"n_layer": 1}))
         if quantization:
             prepare(model, quantization)
-    return {k: tuple(v.shape) for k, v in model_tensors(model).items()}
+    state = {k: tuple(v.shape) for k, v in model_tensors(model).items()}
+    block = {k.removeprefix("h.0."): v for k, v in state.items() if k.startswith("h.0.")}
+    first = next(k for k in state if k.startswith("h.0."))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in state.items():
+        if name == first:  # every block, where the one built has its tensors
+            shapes.update({f"h.{i}.{k}": v for i in range(config.n_layer)
+                           for k, v in block.items()})
+        elif not name.startswith("h.0."):
+            shapes[name] = shape
+    return shapes
 
 
 def check_tensors(shapes: Mapping[str, Sequence[int]], config: ModelConfig, where: str, *,
                   quantization: str | None = None) -> None:
     """The one check that a set of tensors (names -> shapes) is what ``config`` needs: used by
-    load_checkpoint on a file's header and by the Hugging Face conversion. Cheap bounds come
-    first, so a header asking for a huge model fails before any model is built, even on the
-    meta device."""
+    load_checkpoint and checkpoint_info on a file's header and by the Hugging Face conversion.
+    Names and shapes must match exactly, so a config can ask for no more than the tensors hold
+    (and a file's header for no more than the file holds: safetensors checks that). Two cheap
+    bounds come first, before even a one-block model is built on the meta device: no more
+    blocks than the tensors have (each costs time and memory to describe), and no more than
+    MAX_PARAMS parameters (sizes beyond any real checkpoint, which overflow tensor sizes)."""
     layers = {int(m.group(1)) for k in shapes if (m := re.match(r"h\.(\d+)\.", k))}
-    held = sum(_numel(s) for s in shapes.values())
-    if len(layers) != config.n_layer or config.num_params() > held:
+    if config.n_layer > len(layers) or config.num_params() > MAX_PARAMS:
+        held = sum(math.prod(s) for s in shapes.values())
         raise UserError(f"{where}: the weights do not match the config: it describes "
-                        f"{config.n_layer} layers and {config.num_params():,} parameters, the "
-                        f"tensors hold {len(layers)} layers and {held:,} values")
+                        f"{_count(config.n_layer, 'layer')} and {config.num_params():,} "
+                        f"parameters, the weights have {_count(len(layers), 'layer')} and "
+                        f"{held:,} values")
     expected = expected_shapes(config, quantization)
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = [f"{k} {tuple(shapes[k])} (config: {expected[k]})"
-             for k in sorted(set(shapes) & set(expected)) if tuple(shapes[k]) != expected[k]]
+    missing = [k for k in expected if k not in shapes]
+    unexpected = sorted((k for k in shapes if k not in expected), key=_natural)
+    wrong = [f"{k} {tuple(shapes[k])} (config: {shape})" for k, shape in expected.items()
+             if k in shapes and tuple(shapes[k]) != shape]
     if missing or unexpected or wrong:
-        problems = [f"{label}: {', '.join(names[:4])}" for label, names in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                    if names]
+        problems = [f"{label}: {', '.join(names[:4])}" + (", ..." if len(names) > 4 else "")
+                    for label, names in (("missing", missing), ("unexpected", unexpected),
+                                         ("wrong shape", wrong)) if names]
         raise UserError(f"{where}: the weights do not match the config ({'; '.join(problems)})")
 
 
-def _numel(shape: Sequence[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
+def _natural(name: str) -> list:
+    """Sort key that puts h.2 before h.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def check_finite(path: str | os.PathLike, model: torch.nn.Module) -> None:
@@ -334,8 +361,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: torch.device | str = "cp
 
     shapes, metadata = read_safetensors(path, tensors=False)
     config, spec = parse_metadata(path, metadata)
-    tokenizer = get_tokenizer(spec)
-    check_tokenizer(path, config, tokenizer)
+    tokenizer = checkpoint_tokenizer(path, config, spec)
     quantization = metadata.get("quantization")
     check_tensors(shapes, config, str(path), quantization=quantization)
     tensors, _ = read_safetensors(path)
@@ -353,9 +379,11 @@ def load_checkpoint(path: str | os.PathLike, *, device: torch.device | str = "cp
 
 
 def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
-    """What `gpt info` shows, read from the header only (no weights loaded)."""
+    """What `gpt info` shows, read from the header only (no weights loaded), after the
+    header checks ``load_checkpoint`` makes (config, tokenizer, tensor names and shapes)."""
     shapes, metadata = read_safetensors(path, tensors=False)
     config, spec = parse_metadata(path, metadata)
+    checkpoint_tokenizer(path, config, spec)
     check_tensors(shapes, config, str(path), quantization=metadata.get("quantization"))
     extra = {k: v for k, v in metadata.items() if k not in ("format", "config", "tokenizer")}
     return {

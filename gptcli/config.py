@@ -155,6 +155,10 @@ Quantize = Annotated[Optional[Literal["int8"]], Field(
     description="Quantize the weights for inference: int8 (per-channel weights, activations per "
                 "token; CPU only). Off by default.",
     json_schema_extra={"group": "Device", "metavar": "SCHEME"})]
+LogTo = Annotated[list[Literal["tensorboard", "wandb"]], Field(
+    description="Also log the run's metrics to tensorboard (event files in the run folder) or "
+                "wandb (WANDB_MODE=offline works without a network); repeatable. Needs the "
+                "extra of that name.", json_schema_extra={"group": "Run", "metavar": "TRACKER"})]
 ModelName = Annotated[Optional[str], Field(
     description="Checkpoint file, run folder or downloaded model name (default: the latest run "
                 "under ./runs).",
@@ -225,6 +229,7 @@ class TrainConfig(BaseModel):
     sample_tokens: int = setting(200, "Length of each sample in tokens.", group="Run", ge=1)
     out: str | None = setting(None, "Run folder (default: runs/<data name>).", group="Run",
                               metavar="DIR")
+    log_to: LogTo = []
     seed: Seed = 1337
     # device
     device: Device = "auto"
@@ -315,6 +320,10 @@ class EvalConfig(BaseModel):
     harness_include: str | None = setting(
         None, "A folder of extra lm-evaluation-harness task configs (its --include_path).",
         group="Tasks", metavar="DIR")
+    log_to: LogTo = Field([], description=(
+        "Add the task results to the run the model comes from: a record in its metrics.jsonl "
+        "and its tensorboard or wandb log (repeatable)."), json_schema_extra={
+        "group": "Tasks", "metavar": "TRACKER"})
 
 
 class BenchConfig(BaseModel):

@@ -11,7 +11,8 @@ adding a file tokenizes only that file, and an interrupted run keeps the shards 
 shard is written to a temporary file and renamed when complete). The content is hashed while it
 is tokenized (one read per byte); a small index keyed by path, size and modification time lets an
 unchanged file skip even that. With ``workers`` > 1, text is cut into pieces where GPT-2's
-tokenization cannot change and tokenized in a pool of processes (tiktoken holds the GIL).
+tokenization cannot change and tokenized in a pool of processes, one thread each (tiktoken's own
+threads hold the GIL most of the time: 1.2x on 2 cores, against ~2x for processes).
 
 The dataset is the shards in input order with a separator between them, seen as one sequence
 (``Tokens``): training windows may cross shard boundaries as they cross document boundaries
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .runtime import UserError, datasets_dir, gptcli_home, require, store_name
+from .runtime import UserError, datasets_dir, gptcli_home, process_alive, require, store_name
 from .tokenizer import Tokenizer, get_tokenizer
 
 CHUNK_BYTES = 4 << 20  # read 4 MiB at a time
@@ -216,16 +217,16 @@ def _encode(job: tuple) -> bytes:
     spec, dtype, kind, payload, lead = job
     if _WORKER.get("spec") != spec:
         _WORKER.update(spec=spec, tok=get_tokenizer(spec))
-    tok = _WORKER["tok"]
+    tok = _WORKER["tok"]  # one thread per process: parallelism comes from the processes
     if kind == "text":
-        ids = [i for part in tok.encode_batch(_split_pieces(payload)) for i in part]
+        ids = [i for piece in _split_pieces(payload) for i in tok.encode(piece)]
     else:
         sep = separator(tok)
         ids = []
-        for n, part in enumerate(tok.encode_batch(payload)):
+        for n, doc in enumerate(payload):
             if (n or lead) and sep is not None:
                 ids.append(sep)
-            ids.extend(part)
+            ids.extend(tok.encode(doc))
     return np.asarray(ids, dtype=dtype).tobytes()
 
 
@@ -290,6 +291,7 @@ def tokenize_file(path: Path, spec: dict, column: str, encoding: str, pool: Pool
     digest = hashlib.sha256(json.dumps([kind, column, encoding, spec]).encode())
     shards = cache_dir() / "shards"
     shards.mkdir(parents=True, exist_ok=True)
+    _remove_stale(shards)
     tmp = shards / f".{path.name}.{os.getpid()}.tmp"
     count = 0
     try:
@@ -317,6 +319,15 @@ def tokenize_file(path: Path, spec: dict, column: str, encoding: str, pool: Pool
     index.parent.mkdir(parents=True, exist_ok=True)
     index.write_text(json.dumps({"shard": shard.name}))
     return shard
+
+
+def _remove_stale(shards: Path) -> None:
+    """Delete the temporary shards of tokenizations that were killed (their process is gone);
+    a live process's temporary file is left alone."""
+    for tmp in shards.glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
 
 
 def _counted(chunks: Iterator, done: Callable[[int], None]) -> Iterator:

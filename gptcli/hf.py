@@ -14,7 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .config import ModelConfig
+from pydantic import ValidationError
+
+from .config import ModelConfig, validation_message
 from .runtime import UserError
 
 # HF config.json field -> ModelConfig field.
@@ -25,6 +27,11 @@ CONFIG_FIELDS = {"vocab_size": "vocab_size", "n_positions": "context_length",
 GPT2_OPTIONS = {"norm": "layernorm", "position": "learned", "bias": True, "tie_embeddings": True}
 # GPT-2's activation, as HF's config names it (both are the tanh approximation).
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+# HF GPT-2 options that change the model's maths or weights, with GPT-2's own values (what a
+# config.json without them means); a model with another value is refused, not converted wrong.
+# (n_inner, the MLP width, may also be given as 4 * n_embd.)
+HF_DEFAULTS = {"n_inner": None, "scale_attn_weights": True,
+               "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
 PREFIX = "transformer."  # HF's GPT2LMHeadModel keeps the body under this name
 DROPPED = (".attn.bias", ".attn.masked_bias")  # HF's causal-mask buffers: not weights
 OUTPUT = "lm_head.weight"  # tied to wte.weight unless the config says otherwise
@@ -34,7 +41,8 @@ GPT2_VOCAB = 50257
 def from_hf(hf_config: Mapping[str, Any], hf_tensors: Mapping[str, Any] | None = None,
             ) -> tuple[ModelConfig, dict[str, Any]]:
     """A Hugging Face GPT-2 ``config.json`` (a dict) and its weights -> gptcli's ModelConfig and
-    tensors under gptcli's names. Refuses models that are not GPT-2."""
+    tensors under gptcli's names. Refuses models that are not GPT-2 (or are GPT-2 with options
+    gptcli's model does not have) and configs with unusable values."""
     if hf_config.get("model_type") != "gpt2":
         raise UserError(f"this is not a GPT-2 model: config.json says model_type "
                         f"{hf_config.get('model_type')!r}; gptcli converts only model_type "
@@ -45,7 +53,17 @@ def from_hf(hf_config: Mapping[str, Any], hf_tensors: Mapping[str, Any] | None =
                         "tanh-approximated GELU (gelu_new)")
     fields = {ours: hf_config[theirs] for theirs, ours in CONFIG_FIELDS.items()
               if theirs in hf_config}
-    config = ModelConfig(**{"tie_embeddings": True, **fields})
+    try:
+        config = ModelConfig(**{"tie_embeddings": True, **fields})
+    except ValidationError as e:
+        raise UserError(f"config.json has values gptcli cannot use: {validation_message(e)}"
+                        ) from None
+    other = [f"{name}={hf_config[name]!r}" for name, value in HF_DEFAULTS.items()
+             if hf_config.get(name, value) != value
+             and not (name == "n_inner" and hf_config[name] == 4 * config.n_embd)]
+    if other:
+        raise UserError(f"this GPT-2 variant is not supported: config.json sets "
+                        f"{', '.join(other)}; gptcli converts plain GPT-2 only")
     tensors = {}
     for name, tensor in (hf_tensors or {}).items():
         name = name.removeprefix(PREFIX)

@@ -7,8 +7,11 @@ Pickle weights (``pytorch_model.bin``) are never downloaded or opened.
 
 Files are fetched one by one with ``hf_hub_download`` rather than ``snapshot_download``: the
 order matters (config.json first, so a repo that is not GPT-2 is refused before any weights are
-fetched; then the single file or the shards its index names), offline mode must say which file
-is missing, and a pickle-only repo must be named as such without downloading it.
+fetched; then the single file, else the shards its index names, never both), offline mode must
+say which file is missing, and a pickle-only repo must be named as such without downloading
+it. ``snapshot_download`` fetches every file matching its patterns at once (after a repo-info
+and a tree request), so it would still need config.json and the index read first; what it adds,
+parallel shards, does not help the GPT-2 repos, which are single files.
 """
 
 from __future__ import annotations
@@ -35,9 +38,13 @@ KNOWN_MODELS = {
     "distilgpt2": "distilbert/distilgpt2",
 }
 # Short names -> (dataset repo, its plain-text files).
+# Short names -> (dataset repo, its files: exact names or globs). OpenWebText has no parquet or
+# safetensors copy gptcli knows of (its repo is a loading script), so it has no shortcut.
 KNOWN_DATASETS = {
     "tinystories": ("roneneldan/TinyStories", ("TinyStories-train.txt", "TinyStories-valid.txt")),
+    "fineweb-edu": ("HuggingFaceFW/fineweb-edu", ("sample/10BT/*.parquet",)),  # 10B tokens
 }
+DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 HF_WEIGHTS = "model.safetensors"
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"
 HF_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -158,9 +165,9 @@ def download(name: str | None, *, dataset: str | None = None, files: list[str] |
         if out:
             raise UserError("--out is for models; datasets go to the local store")
         return {"kind": "dataset", **download_dataset(dataset or name, files, revision=revision,
-                                                      offline=offline)}
+                                                      offline=offline, log=log)}
     if files:
-        raise UserError("--file picks files of a dataset; use it with --dataset org/name")
+        raise UserError("--include picks files of a dataset; use it with --dataset org/name")
     if not name:
         raise UserError(f"say what to download: one of {', '.join(KNOWN_MODELS)}, a Hub repo id "
                         "(org/name), a local Hugging Face folder, or --list to see the choices")
@@ -275,9 +282,8 @@ def convert_hf(hf_config: dict[str, Any], files: list[Path], out: str | os.PathL
     """Hugging Face GPT-2 config + safetensors files -> one gptcli checkpoint at ``out``, then
     load it back once to verify. Returns name, path, parameters, size and source."""
     import torch
-    from safetensors import SafetensorError, safe_open
 
-    from .checkpoint import check_tensors, load_checkpoint, save_checkpoint
+    from .checkpoint import check_tensors, load_checkpoint, read_safetensors, save_checkpoint
     from .model import GPT
     from .tokenizer import GPT2Tokenizer
 
@@ -288,11 +294,7 @@ def convert_hf(hf_config: dict[str, Any], files: list[Path], out: str | os.PathL
                         "GPT-2 tokenizer")
     hf_state = {}
     for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                hf_state.update({k: f.get_tensor(k) for k in f.keys()})
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{path} is not a readable safetensors file: {e}") from None
+        hf_state.update(read_safetensors(path)[0])
     if log:
         log(f"converting {len(files)} file(s), {len(hf_state)} tensors")
     config, state = from_hf(hf_config, hf_state)
@@ -311,23 +313,47 @@ def convert_hf(hf_config: dict[str, Any], files: list[Path], out: str | os.PathL
 
 
 def download_dataset(name: str, files: list[str] | None = None, *, revision: str | None = None,
-                     offline: bool = False) -> dict[str, Any]:
-    """Plain-text files of a Hub dataset repo into ``datasets_dir()/<store name>/``, where
-    ``gpt train --data NAME`` finds them. ``name`` is a known name or ``org/name``."""
-    if name in KNOWN_DATASETS:
-        repo, default_files = KNOWN_DATASETS[name]
-    else:
-        repo, default_files = resolve_dataset_repo(name), ()
-    files = list(files or default_files)
-    if not files:
-        raise UserError(f"say which text file(s) of dataset {repo} to fetch with --file F.txt")
-    bad = [f for f in files if not f.endswith(".txt")]
+                     offline: bool = False, log=None) -> dict[str, Any]:
+    """Data files of a Hub dataset repo into ``datasets_dir()/<store name>/``, where ``gpt train
+    --data NAME`` finds them. ``name`` is a known name or ``org/name``; ``files`` are exact
+    names or globs (``--include``) of .txt, .jsonl or .parquet files. Downloads resume; offline,
+    what is already in the store is used."""
+    from fnmatch import fnmatch
+
+    repo, default = KNOWN_DATASETS[name] if name in KNOWN_DATASETS else \
+        (resolve_dataset_repo(name), ())
+    wanted = list(files or default)
+    if not wanted:
+        raise UserError(f"say which files of dataset {repo} to fetch with --include GLOB (e.g. "
+                        "--include '*.parquet')")
+    bad = [f for f in wanted if not f.endswith(DATA_SUFFIXES) and not f.endswith("*")]
     if bad:
-        raise UserError(f"gptcli downloads plain-text (.txt) dataset files only, not {bad[0]}")
+        raise UserError(f"gptcli trains on .txt, .jsonl and .parquet files, not {bad[0]}")
     folder = datasets_dir() / store_name(name)
+    if _offline(offline) and folder.is_dir():
+        have = [p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts
+                and any(fnmatch(str(p.relative_to(folder)), w) for w in wanted)]
+        if have:
+            return _dataset_result(name, folder, have, repo)
+    exact = [w for w in wanted if not any(c in w for c in "*?[")]
+    names = exact
+    if len(exact) < len(wanted):  # globs: match them against the repo's files
+        listing = list_files(repo, revision=revision, offline=offline)
+        names = sorted({f for f in listing for w in wanted if fnmatch(f, w)
+                        and f.endswith(DATA_SUFFIXES)} | set(exact))
+        if not names:
+            raise UserError(f"no file of dataset {repo} matches {', '.join(wanted)}")
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [hub_fetch(repo, f, revision=revision, offline=offline, repo_type="dataset",
-                       local_dir=folder) for f in files]
+    paths = []
+    for n, filename in enumerate(names, 1):
+        if log and len(names) > 1:
+            log(f"[{n}/{len(names)}] {filename}")
+        paths.append(hub_fetch(repo, filename, revision=revision, offline=offline,
+                               repo_type="dataset", local_dir=folder))
+    return _dataset_result(name, folder, paths, repo)
+
+
+def _dataset_result(name: str, folder: Path, paths: list[Path], repo: str) -> dict[str, Any]:
     return {"name": name, "path": str(folder.resolve()), "files": [str(p) for p in paths],
             "size": sum(p.stat().st_size for p in paths), "source": f"hf:datasets/{repo}"}
 
@@ -350,7 +376,8 @@ def list_available() -> dict[str, Any]:
 
     stored = local_models()
     datasets = sorted(p.name.replace("--", "/") for p in datasets_dir().glob("*")
-                      if p.is_dir() and any(p.glob("*.txt")))
+                      if p.is_dir() and p.name != "tasks" and any(
+                          f.suffix in DATA_SUFFIXES for f in p.rglob("*")))
     return {"models": {n: {"repo": r, "stored": n in stored} for n, r in KNOWN_MODELS.items()},
             "datasets": {n: {"repo": r, "stored": n in datasets}
                          for n, (r, _) in KNOWN_DATASETS.items()},

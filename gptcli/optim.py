@@ -63,9 +63,10 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *, grad_accum: int,
                grad_clip: float, amp, scaler: torch.amp.GradScaler | None,
-               device: torch.device) -> torch.Tensor:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (a tensor, so
-    reading it is the caller's choice of when to synchronise)."""
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss and the
+    gradient norm before clipping (tensors, so reading them is the caller's choice of when to
+    synchronise)."""
     total = torch.zeros((), device=device)
     for micro in range(grad_accum):
         x, y = next_batch()
@@ -79,14 +80,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 loss = loss_fn(model(x), y) / grad_accum
             (scaler.scale(loss) if scaler else loss).backward()
         total += loss.detach()
-    if grad_clip > 0:
-        if scaler:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler:
+        scaler.unscale_(optimizer)
+    # the norm before clipping (what trackers plot); clip_grad_norm_ computes it either way
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                               grad_clip if grad_clip > 0 else math.inf)
     if scaler:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total
+    return total, grad_norm

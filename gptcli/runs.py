@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .runtime import UserError, make_folder, path_error
+from .runtime import UserError, make_folder, path_error, process_alive
 
 LOCK = ".lock"
 RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "last.state.safetensors",
@@ -111,6 +112,7 @@ class RunFolder:
             (self.path / name).unlink(missing_ok=True)
         for snap in self.path.glob("step-*.safetensors"):
             snap.unlink()
+        shutil.rmtree(self.path / "tensorboard", ignore_errors=True)  # the old run's events
         self.mkdir()
         return False
 
@@ -255,13 +257,7 @@ def _is_stale(holder: dict, path: Path) -> bool:
             return True
     if holder.get("host") != socket.gethostname():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # it exists, owned by someone else
-        return False
-    return False
+    return not process_alive(pid)
 
 
 def _as_int(value) -> int | None:

@@ -256,5 +256,17 @@ def make_folder(path, doing: str, shown=None) -> None:
         raise path_error(e, doing, shown) from None
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (one owned by another user
+    counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def is_debug() -> bool:
     return os.environ.get("GPTCLI_DEBUG", "") not in ("", "0")

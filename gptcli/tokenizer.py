@@ -157,9 +157,12 @@ def get_tokenizer(spec: str | dict = "gpt2", text: str | Iterable[str] | None = 
     kind = spec.get("type")
     if kind == "gpt2":
         return GPT2Tokenizer()
-    if kind == "char" and isinstance(spec.get("chars"), str):
+    if kind == "char":
+        if not isinstance(spec.get("chars"), str):
+            raise UserError("damaged char tokenizer spec: its chars entry is not a string")
         try:
             return CharTokenizer(list(spec["chars"]))
         except ValueError as e:
             raise UserError(f"damaged char tokenizer spec: {e}") from None
-    raise UserError(f"unknown tokenizer spec {json.dumps(spec)[:80]}")
+    raise UserError(f"unknown tokenizer type {kind!r}; this gptcli knows "
+                    f"{' and '.join(TOKENIZER_CHOICES)}")

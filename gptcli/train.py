@@ -33,6 +33,7 @@ from .runs import MetricsLog, RunFolder, new_run_id
 from .runtime import (Interrupted, RuntimeFailure, UserError, autocast, path_error,
                       resolve_dtype, seed_everything, synchronize)
 from .tokenizer import Tokenizer
+from .trackers import Trackers
 
 
 # ----------------------------------------------------------------------------- settings
@@ -105,22 +106,38 @@ class Session:
     best_val: float | None = None
     elapsed_before: float = 0.0
     metrics: MetricsLog | None = None
+    trackers: Trackers | None = None
     t0: float = field(default_factory=time.perf_counter)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t0
 
     def log(self, **record) -> None:
+        """One record to metrics.jsonl and the trackers (rank 0)."""
         if self.metrics:
             self.metrics.write(**record)
+        if self.trackers:
+            self.trackers.log(record)
+
+    def close_logs(self) -> None:
+        if self.metrics:
+            self.metrics.close()
+        if self.trackers:
+            self.trackers.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None:  # an error or Ctrl-C mid-step: what was logged is kept
+            self.close_logs()
 
     def mean_over_ranks(self, value: float) -> float:
         return self.dist.sum([value], self.device)[0] / self.dist.world
 
     def check_finite(self, what: str, value: float | None) -> None:
         if value is not None and not math.isfinite(value):
-            if self.metrics:
-                self.metrics.close()
+            self.close_logs()
             raise RuntimeFailure(f"the {what} became {value} at step {self.step}; stopped without "
                                  f"saving (the last good checkpoint in {self.run.path} is kept); "
                                  "try a lower --lr")
@@ -239,6 +256,10 @@ def setup(cfg: TrainConfig, run: RunFolder, resume: bool, display) -> Session:
                           "validation": {"fraction": cfg.val_fraction, "tokens": len(val_tokens),
                                          "from": "the end of the data"}})
         s.metrics = run.open_metrics(s.step if resume else None)
+        s.trackers = Trackers(cfg.log_to, run.path, s.run_id, config=cfg.model_dump(),
+                              resume_step=s.step if resume else None)
+        for line in s.trackers.notes:
+            display.note(line)
     return s
 
 
@@ -314,13 +335,13 @@ def fit(cfg: TrainConfig, *, out: RunFolder | Path, resume: bool = False, displa
                          s.model.config.context_length))
     s.t0 = t_log = time.perf_counter()
     since_log, last_val, stopped_by = 0, None, None
-    with _Stop() as stop:
+    with _Stop() as stop, s:
         while s.step < s.max_steps:
             for group in s.parts.optimizer.param_groups:
                 group["lr"] = lr = lr_at(s.step, cfg, s.max_steps)
-            loss = train_step(s.runner, s.parts.optimizer, s.sampler.next_batch,
-                              grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
-                              amp=s.parts.amp, scaler=s.parts.scaler, device=s.device)
+            loss, grad_norm = train_step(
+                s.runner, s.parts.optimizer, s.sampler.next_batch, grad_accum=cfg.grad_accum,
+                grad_clip=cfg.grad_clip, amp=s.parts.amp, scaler=s.parts.scaler, device=s.device)
             s.step += 1
             since_log += 1
             final = s.step == s.max_steps
@@ -329,8 +350,9 @@ def fit(cfg: TrainConfig, *, out: RunFolder | Path, resume: bool = False, displa
                 s.check_finite("training loss", loss_value)
                 now = time.perf_counter()
                 tok_s, t_log, since_log = since_log * s.tokens_per_step / (now - t_log), now, 0
+                norm = grad_norm.item()
                 s.log(step=s.step, train_loss=loss_value, lr=lr, tokens_per_s=tok_s,
-                      elapsed=s.elapsed())
+                      grad_norm=norm if math.isfinite(norm) else None, elapsed=s.elapsed())
                 display.step(s.step, loss=loss_value, lr=lr, tokens_per_s=tok_s)
             if s.step % cfg.eval_interval == 0 or final:
                 last_val = s.validate()
@@ -354,8 +376,7 @@ def fit(cfg: TrainConfig, *, out: RunFolder | Path, resume: bool = False, displa
 
 def finish(s: Session, stopped_by: str | None) -> FitResult:
     synchronize(s.device)
-    if s.metrics:
-        s.metrics.close()
+    s.close_logs()
     s.display.finish()
     if not len(s.val_tokens) and not s.run.best.exists():
         s.save(s.run.best, None)

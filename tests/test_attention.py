@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import struct
 import subprocess
 import sys
@@ -35,6 +36,14 @@ def tiny_ckpt(tmp_path_factory):
     model = randomize_(GPT(tiny_config(vocab_size=len(CHARS))))
     return save_checkpoint(tmp_path_factory.mktemp("m") / "tiny.safetensors", model,
                            CharTokenizer(sorted(CHARS)))
+
+
+@pytest.fixture(scope="module")
+def bpe_ckpt(tmp_path_factory):
+    """2 layers x 3 heads, context 64, random weights, the GPT-2 tokenizer."""
+    gpt2 = get_tokenizer("gpt2")
+    model = randomize_(GPT(tiny_config(vocab_size=gpt2.vocab_size, context_length=64)))
+    return save_checkpoint(tmp_path_factory.mktemp("m") / "bpe.safetensors", model, gpt2)
 
 
 def previous_token_model(context_length=16, n_embd=48, scale=200.0) -> GPT:
@@ -139,6 +148,9 @@ def test_token_labels_show_whitespace_and_broken_bytes():
     assert [attention.token_label(gpt2, i) for i in gpt2.encode(" cat\tsat")][0] == "·cat"
     labels = [attention.token_label(gpt2, i) for i in gpt2.encode("🙂")]
     assert "\ufffd" not in "".join(labels) and "\\x" in "".join(labels)
+    # invisible characters are escaped the way Python writes them: \x07 but \u200b, not \x200b
+    assert [attention.token_label(gpt2, i) for i in gpt2.encode("\a \u200b")] == ["\\x07",
+                                                                                "·\\u200b"]
 
 
 # ----------------------------------------------------------------------------- the command
@@ -171,6 +183,28 @@ def test_json_parses_with_selected_weights(tiny_ckpt):
                                           "induction", "label"} <= set(data["summary"][0])
 
 
+def test_json_tokens_are_the_text_and_partial_characters_are_u_fffd(bpe_ckpt):
+    # the parrot is three GPT-2 tokens, none a whole character
+    result = invoke("--model", bpe_ckpt, "--text", "I ate 🦜 <b>", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["token_ids"] == [40, 15063, 12520, 99, 250, 1279, 65, 29]
+    assert data["tokens"] == ["I", " ate", " \ufffd", "\ufffd", "\ufffd", " <", "b", ">"]
+    assert data["display"] == ["I", "·ate", "·\\xf0\\x9f", "\\xa6", "\\x9c", "·<", "b", ">"]
+
+
+def test_dtype_loads_the_weights_in_it_and_maps_are_float32(tiny_ckpt):
+    maps = {}
+    for dtype in ("float32", "bfloat16"):
+        result = invoke("--model", tiny_ckpt, "--text", TEXT, "--dtype", dtype, "--json")
+        assert result.exit_code == 0, result.output
+        maps[dtype] = torch.tensor(json.loads(result.stdout)["weights"])
+    assert not torch.equal(maps["float32"], maps["bfloat16"])  # bf16 weights: other maths
+    torch.testing.assert_close(maps["bfloat16"], maps["float32"], atol=0.03, rtol=0)
+    insp = attention.inspect(str(tiny_ckpt), text=TEXT, device="cpu", dtype="bfloat16")
+    assert insp.weights.dtype == torch.float32
+
+
 def png_size(path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
@@ -200,13 +234,25 @@ def test_png_colour_bar_is_thin_even_beside_one_panel(tiny_ckpt, tmp_path):
         assert len(heatmaps) == panels
         panel = heatmaps[0].get_window_extent().width
         assert bar.get_window_extent().width < 0.15 * panel, (head, bar.get_window_extent())
+        # the bar's column (bar, ticks, label) leaves the panels most of the width
+        assert panels * panel > 0.6 * fig.bbox.width, (head, panel, fig.bbox.width)
         assert fig._suptitle.get_text() == "tiny: row attends to column"  # tiny.safetensors
 
 
-def test_html_is_self_contained_and_holds_the_tokens(tmp_path):
-    gpt2 = get_tokenizer("gpt2")
-    model = randomize_(GPT(tiny_config(vocab_size=gpt2.vocab_size, context_length=64)))
-    path = save_checkpoint(tmp_path / "bpe.safetensors", model, gpt2)
+def test_png_draws_dollar_signs_as_text(bpe_ckpt, tmp_path):
+    # " $$" is one GPT-2 token; matplotlib would read "$...$" in a label or title as maths
+    name = tmp_path / "a$b$.safetensors"
+    name.write_bytes(bpe_ckpt.read_bytes())
+    result = invoke("--model", name, "--text", "costs $$ or $x$", "--out", tmp_path / "d.png")
+    assert result.exit_code == 0, result.output
+    assert png_size(tmp_path / "d.png")[0] > 0
+    fig = attention.png_figure(attention.inspect(str(name), text="costs $$", device="cpu"))
+    assert "·$$" in [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert fig._suptitle.get_text() == "a$b$: row attends to column"
+
+
+def test_html_is_self_contained_and_holds_the_tokens(bpe_ckpt, tmp_path):
+    path = bpe_ckpt
     text = "Attention heads </script> look back"
     result = invoke("--model", path, "--text", text, "--html", tmp_path / "a.html")
     assert result.exit_code == 0, result.output
@@ -221,24 +267,75 @@ def test_html_is_self_contained_and_holds_the_tokens(tmp_path):
     assert "fillText(label(D.tokens[i])" in page  # the heatmap is labelled with the tokens
 
 
-def test_titles_name_the_run_or_the_stored_model(tmp_path, isolated_home):
-    from gptcli.models import display_name
+# Just enough DOM for the page's script: elements record their text, the canvas records its
+# fillText calls and counts its cells. Prints what the page shows.
+PAGE_DOM = r"""
+const fs = require('fs'), vm = require('vm'), page = fs.readFileSync(process.argv[1], 'utf8');
+const code = page.match(/<script>([\s\S]*)<\/script>/)[1];
+const texts = [], els = {};
+let cells = 0;
+const ctx = {fillText: t => texts.push(t), fillRect: () => cells++, save() {}, restore() {},
+             translate() {}, rotate() {}};
+const el = () => ({children: [], style: {}, classList: {toggle() {}}, textContent: '', value: '',
+  add(o) { if (this.value === '') this.value = o.value; }, appendChild(c) { this.children.push(c); },
+  insertRow() { const r = {innerHTML: ''}; this.children.push(r); return r; },
+  getContext: () => ctx});
+const document = {getElementById: id => els[id] || (els[id] = el()), createElement: el};
+document.getElementById('data').textContent =
+  page.match(/<script type="application\/json" id="data">([\s\S]*?)<\/script>/)[1];
+vm.runInNewContext(code, {document, Option: function (t, v) { this.value = String(v); }});
+console.log(JSON.stringify({name: els.name.textContent, labels: texts, cells,
+  spans: els.text.children.map(s => s.textContent), info: els.info.textContent,
+  rows: els.summary.children.length}));
+"""
 
-    run = tmp_path / "runs" / "shakespeare"
-    run.mkdir(parents=True)
-    (run / "config.json").write_text("{}")
-    assert display_name(run / "best.safetensors") == "shakespeare"
-    assert display_name(run / "step-200.safetensors") == "shakespeare"
-    assert display_name(isolated_home / "models" / "org--name.safetensors") == "org/name"
-    assert display_name(tmp_path / "mine.safetensors") == "mine"
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")
+def test_html_script_runs_and_labels_the_heatmap_with_the_tokens(tiny_ckpt, tmp_path):
+    result = invoke("--model", tiny_ckpt, "--text", TEXT, "--html", tmp_path / "a.html")
+    assert result.exit_code == 0, result.output
+    run = subprocess.run(["node", "-e", PAGE_DOM, str(tmp_path / "a.html")], capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    shown = json.loads(run.stdout)
+    tokens, T = [c.replace(" ", "·") for c in TEXT], len(TEXT)
+    assert shown["name"] == "tiny" and shown["spans"] == tokens
+    assert shown["labels"] == [t for t in tokens for _ in range(2)]  # row and column labels
+    assert shown["cells"] == 1 + T * (T + 1) // 2  # the background, then the lower triangle
+    assert shown["info"].startswith(f"#{T - 1} . attends to: ")
+    assert shown["rows"] == 1 + 6  # header, 2 layers x 3 heads
 
 
-def test_unwritable_outputs_are_one_sentence(tiny_ckpt, tmp_path):
+def test_html_placeholder_in_the_model_name_stays_text(tiny_ckpt, tmp_path):
+    path = tmp_path / "__DATA__.safetensors"  # the page's own placeholder as a file name
+    path.write_bytes(tiny_ckpt.read_bytes())
+    result = invoke("--model", path, "--text", TEXT, "--html", tmp_path / "a.html")
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "a.html").read_text(encoding="utf-8")
+    assert "<title>__DATA__: attention</title>" in page
+    assert page.count('"n_head":3') == 1  # the data once, in its script block
+
+
+@pytest.mark.parametrize("flag, target, reason", [
+    ("--html", "file/a.html", "a part of the path is a file, not a folder"),
+    ("--out", "file/sub/a.png", "a part of the path is a file, not a folder"),
+    ("--out", "folder.png", "it is a folder"),
+    ("--html", "folder.png", "it is a folder"),
+])
+def test_unwritable_outputs_are_one_sentence(tiny_ckpt, tmp_path, flag, target, reason):
     (tmp_path / "file").write_text("x")
-    result = invoke("--model", tiny_ckpt, "--text", TEXT, "--html", tmp_path / "file" / "a.html")
+    (tmp_path / "folder.png").mkdir()
+    result = invoke("--model", tiny_ckpt, "--text", TEXT, flag, tmp_path / target)
     assert result.exit_code == 2
-    assert result.stderr.strip() == (f"error: cannot write --html {tmp_path}/file/a.html: a part "
-                                     "of the path is a file, not a folder")
+    assert result.stderr.strip() == f"error: cannot write {flag} {tmp_path / target}: {reason}"
+
+
+def test_outputs_into_missing_folders_create_them(tiny_ckpt, tmp_path):
+    result = invoke("--model", tiny_ckpt, "--text", TEXT, "--out", tmp_path / "a" / "b" / "m.png",
+                    "--html", tmp_path / "c" / "m.html", "--json")
+    assert result.exit_code == 0, result.output
+    assert png_size(tmp_path / "a" / "b" / "m.png") == (850, 300)
+    assert (tmp_path / "c" / "m.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -265,7 +362,17 @@ def test_text_sources(tiny_ckpt, tmp_path):
     result = invoke("--model", tiny_ckpt)
     assert result.exit_code == 2 and "--text TEXT or --text-file FILE" in result.stderr
     result = invoke("--model", tiny_ckpt, "--text-file", tmp_path / "nope.txt")
-    assert result.exit_code == 2 and "nope.txt does not exist" in result.stderr
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: cannot read text file {tmp_path}/nope.txt: it does " \
+                                    "not exist"
+    result = invoke("--model", tiny_ckpt, "--text-file", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: cannot read text file {tmp_path}: it is a folder"
+    (tmp_path / "latin1.txt").write_bytes("abc é".encode("latin-1"))
+    result = invoke("--model", tiny_ckpt, "--text-file", tmp_path / "latin1.txt")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: text file {tmp_path}/latin1.txt is not UTF-8 text "
+                                     "(byte offset 4)")
     (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
     result = invoke("--model", tiny_ckpt, "--text-file", tmp_path / "t.txt", "--json")
     assert result.exit_code == 0 and len(json.loads(result.stdout)["tokens"]) == len(TEXT)

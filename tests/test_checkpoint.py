@@ -1,16 +1,26 @@
+import errno
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
 from gptcli import checkpoint
-from gptcli.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint
+from gptcli.checkpoint import checkpoint_info, expected_shapes, load_checkpoint, save_checkpoint
+from gptcli.cli import app
 from gptcli.model import GPT
 from gptcli.runtime import RuntimeFailure, UserError
 from gptcli.tokenizer import CharTokenizer, GPT2Tokenizer
 
 from conftest import char_tokenizer, randomize_, tiny_config
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("options", [dict(), dict(tie_embeddings=False, position="rope",
@@ -160,30 +170,111 @@ def rewrite_metadata(path, **changes):
     return path
 
 
+def with_config(path, **changes):
+    """The file's own config with some fields changed."""
+    config = json.loads(checkpoint.read_safetensors(path, tensors=False)[1]["config"])
+    return rewrite_metadata(path, config=json.dumps({**config, **changes}))
+
+
 def tiny_file(tmp_path, **config):
     return save_checkpoint(tmp_path / "m.safetensors", GPT(tiny_config(**config)),
                            char_tokenizer(101))
 
 
+def only_on_meta(monkeypatch):
+    """Let checkpoint build models only on the meta device (where nothing is allocated)."""
+    real = checkpoint.GPT
+
+    def gpt(config):
+        assert torch.empty(0).device.type == "meta", "built a model with real tensors"
+        return real(config)
+
+    monkeypatch.setattr(checkpoint, "GPT", gpt)
+
+
 def test_a_header_asking_for_a_huge_model_is_refused_before_building_anything(tmp_path,
                                                                               monkeypatch):
     path = tiny_file(tmp_path)
-    config = json.loads(checkpoint.read_safetensors(path, tensors=False)[1]["config"])
-    rewrite_metadata(path, config=json.dumps({**config, "n_layer": 100000}))
+    with_config(path, n_layer=100000)
+    monkeypatch.setattr(checkpoint, "GPT", lambda *a: pytest.fail("built a model"))
+    for read in (load_checkpoint, checkpoint_info):
+        with pytest.raises(UserError) as err:
+            read(path)
+        assert str(err.value) == (f"{path}: the weights do not match the config: it describes "
+                                  "100,000 layers and 2,827,206,480 parameters, the weights have "
+                                  "2 layers and 63,024 values")
+
+
+@pytest.mark.parametrize("change", [dict(n_embd=2**30, n_head=1), dict(vocab_size=2**49)])
+def test_a_header_asking_for_huge_tensors_is_refused_before_building_anything(tmp_path,
+                                                                             monkeypatch, change):
+    path = tiny_file(tmp_path)
+    with_config(path, **change)
+    if "vocab_size" in change:
+        rewrite_metadata(path, tokenizer=json.dumps({"type": "gpt2"}))
     monkeypatch.setattr(checkpoint, "GPT", lambda *a: pytest.fail("built a model"))
     with pytest.raises(UserError) as err:
         load_checkpoint(path)
-    assert str(err.value) == (f"{path}: the weights do not match the config: it describes "
-                              "100000 layers and 2,827,206,480 parameters, the tensors hold 2 "
-                              "layers and 63,024 values")
+    assert str(err.value).startswith(f"{path}: the weights do not match the config: it "
+                                     "describes 2 layers and ")
+    assert str(err.value).endswith(" parameters, the weights have 2 layers and 63,024 values")
 
 
-def test_a_tensor_of_the_wrong_shape_is_named(tmp_path):
+def test_larger_tensors_than_the_file_holds_are_named_without_allocating(tmp_path, monkeypatch):
     path = tiny_file(tmp_path)
-    config = json.loads(checkpoint.read_safetensors(path, tensors=False)[1]["config"])
-    rewrite_metadata(path, config=json.dumps({**config, "n_embd": 24, "n_head": 3}))
-    with pytest.raises(UserError, match=r"the weights do not match the config"):
+    with_config(path, n_embd=2**16, n_head=1)
+    only_on_meta(monkeypatch)
+    with pytest.raises(UserError) as err:
         load_checkpoint(path)
+    assert str(err.value).startswith(
+        f"{path}: the weights do not match the config (wrong shape: wte.weight (101, 48) "
+        "(config: (101, 65536)), wpe.weight (32, 48) (config: (32, 65536)),")
+
+
+@pytest.mark.parametrize("change,problem", [
+    (dict(n_embd=24), "wrong shape: wte.weight (101, 48) (config: (101, 24)), wpe.weight "
+                      "(32, 48) (config: (32, 24)), h.0.ln_1.weight (48,) (config: (24,)), "
+                      "h.0.ln_1.bias (48,) (config: (24,)), ..."),
+    (dict(context_length=64), "wrong shape: wpe.weight (32, 48) (config: (64, 48))"),
+    (dict(tie_embeddings=False), "missing: lm_head.weight"),
+    (dict(position="rope"), "unexpected: wpe.weight"),
+    (dict(n_layer=1), "unexpected: h.1.attn.c_attn.bias, h.1.attn.c_attn.weight, "
+                      "h.1.attn.c_proj.bias, h.1.attn.c_proj.weight, ..."),
+    (dict(bias=False), "unexpected: h.0.attn.c_attn.bias, h.0.attn.c_proj.bias, h.0.ln_1.bias, "
+                       "h.0.ln_2.bias, ..."),
+])
+def test_tensors_that_do_not_match_the_config_are_named(tmp_path, change, problem):
+    path = tiny_file(tmp_path)
+    with_config(path, **change)
+    for read in (load_checkpoint, checkpoint_info):
+        with pytest.raises(UserError) as err:
+            read(path)
+        assert str(err.value) == f"{path}: the weights do not match the config ({problem})"
+
+
+def test_extra_blocks_are_named_from_the_first(tmp_path):
+    path = tiny_file(tmp_path, n_layer=11)
+    with_config(path, n_layer=2)
+    with pytest.raises(UserError) as err:
+        load_checkpoint(path)
+    assert str(err.value) == (f"{path}: the weights do not match the config (unexpected: "
+                              "h.2.attn.c_attn.bias, h.2.attn.c_attn.weight, h.2.attn.c_proj.bias, "
+                              "h.2.attn.c_proj.weight, ...)")
+
+
+@pytest.mark.parametrize("options", [dict(), dict(tie_embeddings=False, position="rope",
+                                                  norm="rmsnorm", bias=False, n_layer=3)])
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_expected_shapes_are_the_models_own(options, quantization):
+    """expected_shapes builds one block and repeats it: the same table as the whole model's."""
+    from gptcli.quantize import prepare
+
+    with torch.device("meta"):
+        model = GPT(tiny_config(**options))
+        if quantization:
+            prepare(model, quantization)
+    whole = {k: tuple(v.shape) for k, v in checkpoint.model_tensors(model).items()}
+    assert list(expected_shapes(model.config, quantization).items()) == list(whole.items())
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -193,12 +284,24 @@ def test_a_tensor_of_the_wrong_shape_is_named(tmp_path):
                                          "model's embedding has 101 rows"),
     ('{"type": "gpt2"}', "is damaged: its gpt2 tokenizer has 50257 tokens but the model's "
                          "embedding has 101 rows"),
+    ('{"type": "char", "chars": "aab"}', ": damaged char tokenizer spec: a char vocabulary is a "
+                                         "list of distinct single characters"),
+    ('{"type": "spm"}', ": unknown tokenizer type 'spm'; this gptcli knows gpt2 and char"),
 ])
 def test_a_tokenizer_that_does_not_fit_is_refused(tmp_path, spec, message):
     path = rewrite_metadata(tiny_file(tmp_path), tokenizer=spec)
-    with pytest.raises(UserError) as err:
-        load_checkpoint(path)
-    assert message in str(err.value)
+    for read in (load_checkpoint, checkpoint_info):
+        with pytest.raises(UserError) as err:
+            read(path)
+        assert str(err.value).startswith(str(path)) and str(err.value).endswith(message)
+
+
+def test_a_padded_gpt2_vocabulary_loads(tmp_path):
+    """nanoGPT pads GPT-2's 50,257 tokens to 50,304 rows; the extra rows are never decoded."""
+    path = tiny_file(tmp_path, vocab_size=50304)
+    rewrite_metadata(path, tokenizer=json.dumps({"type": "gpt2"}))
+    model, tokenizer, _ = load_checkpoint(path)
+    assert model.config.vocab_size == 50304 and tokenizer.vocab_size == 50257
 
 
 def test_generate_refuses_nan_weights_naming_the_tensor(tmp_path):
@@ -234,30 +337,103 @@ def test_paths_that_cannot_be_read_say_why(tmp_path):
         with pytest.raises(UserError) as err:
             load_checkpoint(where)
         assert str(err.value) == message
+    # through the CLI, where a name without a suffix is first looked for as a run or a download
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for name, args in (("loop.safetensors", ["info", "loop.safetensors"]),
+                       ("a", ["generate", "--model", "a", "--prompt", "x"])):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2
+        assert result.stderr.strip() == (f"error: cannot read checkpoint {name}: it is a "
+                                         "symbolic link loop")
 
 
-def test_permission_denied_is_worded_as_such():
-    """Tests run as root, which no file mode stops, so the wording is checked on the error the
-    OS gives for an unreadable file."""
-    import errno
+def gpt_held_by_file_modes(*args: str) -> subprocess.CompletedProcess:
+    """Run the `gpt` CLI in a process that file modes stop. Tests may run as root, which no
+    mode stops: its child then gives up the capabilities that let it read and write past them
+    (CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, dropped from the bounding set, which is all a
+    root process keeps across exec)."""
+    def drop() -> None:
+        if os.geteuid() == 0:
+            import ctypes
 
-    from gptcli.runtime import path_error
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+            for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+                if prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                    raise OSError(ctypes.get_errno(), "cannot drop a capability")
 
-    e = PermissionError(errno.EACCES, "Permission denied", "m.safetensors")
-    err = path_error(e, "read checkpoint", "m.safetensors")
-    assert isinstance(err, UserError)
-    assert str(err) == "cannot read checkpoint m.safetensors: permission denied"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "gptcli", *args], capture_output=True,
+                          text=True, env=env, preexec_fn=drop, timeout=120)
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_permission_denied_is_worded_as_such(tmp_path):
+    path = tiny_file(tmp_path)
+    path.chmod(0)
+    read = gpt_held_by_file_modes("info", str(path))
+    assert (read.returncode, read.stderr.strip()) == (
+        2, f"error: cannot read checkpoint {path}: permission denied")
+    path.chmod(0o644)
+    (tmp_path / "locked").mkdir(mode=0o555)
+    out = tmp_path / "locked" / "q.safetensors"
+    write = gpt_held_by_file_modes("quantize", str(path), "--out", str(out))
+    assert (write.returncode, write.stderr.strip()) == (
+        2, f"error: cannot write checkpoint to {out}: permission denied")
+    assert list((tmp_path / "locked").iterdir()) == []
+
+
+def test_a_write_the_system_stops_keeps_the_previous_checkpoint(tmp_path):
+    """A real failed write: a file size limit (RLIMIT_FSIZE) stops safetensors' writer part-way,
+    as a full disk would."""
+    import resource
+    import signal
+
+    path = tiny_file(tmp_path)
+    before = path.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a killing signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))
+    try:
+        with pytest.raises(RuntimeFailure) as err:
+            save_checkpoint(path, GPT(tiny_config()), char_tokenizer(101))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert str(err.value) == (f"cannot write checkpoint to {path}: file too large; the previous "
+                              "checkpoint is intact")
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+def test_writing_where_a_file_or_folder_is_in_the_way(tmp_path):
+    path = tiny_file(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "q.safetensors"
+    result = runner.invoke(app, ["quantize", str(path), "--out", str(out)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: cannot write checkpoint to {out}: a part of the path "
+                                     "is a file, not a folder")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(UserError) as err:
+        save_checkpoint(tmp_path / "folder", GPT(tiny_config()), char_tokenizer(101))
+    assert str(err.value) == f"cannot write checkpoint to {tmp_path / 'folder'}: it is a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "m.safetensors", "notes.txt"]
+    assert list((tmp_path / "folder").iterdir()) == []
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    # safetensors' own error for it, with Rust's wording of the OS error
+    "Error while serializing: I/O error: No space left on device (os error 28)",
+])
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, error):
     from safetensors import SafetensorError
 
     path = save_checkpoint(tmp_path / "m.safetensors", GPT(tiny_config()), char_tokenizer(101))
     before = path.read_bytes()
 
     def full(tensors, filename, metadata=None):
-        raise SafetensorError("Error while serializing: I/O error: No space left on device "
-                              "(os error 28)")
+        Path(filename).write_bytes(b"the start of a checkpoint")
+        raise SafetensorError(error) if isinstance(error, str) else error
 
     monkeypatch.setattr(checkpoint, "save_file", full)
     with pytest.raises(RuntimeFailure) as err:

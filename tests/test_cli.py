@@ -43,7 +43,7 @@ def test_python_dash_m_and_version():
 
 
 def test_info_prints_config(tmp_path):
-    path = save_checkpoint(tmp_path / "m.safetensors", GPT(tiny_config()),
+    path = save_checkpoint(tmp_path / "m.safetensors", GPT(tiny_config(vocab_size=4)),
                            CharTokenizer.from_text("hello"))
     result = runner.invoke(app, ["info", str(path)])
     assert result.exit_code == 0, result.output

@@ -112,3 +112,138 @@ def test_an_edited_file_is_tokenized_again(tmp_path):
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     again = load_tokens([path], "char")
     assert again.tokenizer.decode(again.tokens.tolist()) == "abd\n"
+
+
+# ----------------------------------------------------------------------------- formats and shards
+
+DOCS = ["First document.\nIt has two lines.", "Second: naïve café, 🙂 emoji!",
+        "Third document ends here."]
+
+
+def same_documents(tmp_path):
+    """The same three documents as .txt files, one .jsonl and one .parquet."""
+    import json
+
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    for i, d in enumerate(DOCS):
+        (txt / f"{i}.txt").write_text(d)
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
+    out = {"txt": txt, "jsonl": jsonl}
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": DOCS}), tmp_path / "docs.parquet", row_group_size=1)
+        out["parquet"] = tmp_path / "docs.parquet"
+    except ImportError:
+        pass
+    return out
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "char"])
+def test_txt_jsonl_and_parquet_give_one_token_stream(tmp_path, tokenizer):
+    pytest.importorskip("pyarrow")
+    sources = same_documents(tmp_path)
+    streams = {}
+    for kind, path in sources.items():
+        loaded = load_tokens(resolve_data([str(path)]), tokenizer if tokenizer == "gpt2" else
+                             {"type": "char", "chars": "".join(sorted(set("".join(DOCS) + "\n")))})
+        streams[kind] = loaded.tokens.tolist()
+    assert streams["txt"] == streams["jsonl"] == streams["parquet"]
+    tok = loaded.tokenizer
+    sep = "<|endoftext|>" if tokenizer == "gpt2" else "\n"
+    assert tok.decode(streams["txt"]) == sep.join(DOCS)  # documents joined by the separator
+
+
+def test_workers_make_byte_identical_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CHUNK_BYTES", 2000)  # many pieces, so both workers get some
+    text = (tmp_path / "t.txt")
+    text.write_text(("All the world's a stage, and all the men and women merely players.\n"
+                     "They have their exits and their entrances.\n") * 400)
+    shards = []
+    for workers, cache in ((1, "c1"), (2, "c2")):
+        monkeypatch.setenv("GPTCLI_DATA_CACHE", str(tmp_path / cache))
+        shards.append(load_tokens([text], "gpt2", workers=workers).shards[0].read_bytes())
+    assert shards[0] == shards[1]
+    assert np.frombuffer(shards[0], np.uint16).tolist() == GPT2Tokenizer().encode(text.read_text())
+
+
+def test_adding_a_file_tokenizes_only_that_file(tmp_path, monkeypatch):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("first file\n" * 50)
+    first = load_tokens(resolve_data([str(tmp_path / "d")]), "gpt2")
+    (tmp_path / "d" / "b.txt").write_text("second file\n" * 50)
+    tokenized = []
+    real = data.tokenize_file
+
+    def spy(path, *args, **kwargs):
+        shard = real(path, *args, **kwargs)
+        tokenized.append(path.name) if shard.stat().st_mtime_ns > start else None
+        return shard
+
+    import time
+
+    start = time.time_ns()
+    monkeypatch.setattr(data, "tokenize_file", spy)
+    second = load_tokens(resolve_data([str(tmp_path / "d")]), "gpt2")
+    assert tokenized == ["b.txt"] and second.shards[0] == first.shards[0]
+    b_tokens = first.tokenizer.encode("second file\n" * 50)
+    assert second.tokens[len(first.tokens):].tolist() == [50256] + b_tokens  # separator, then b
+
+
+def test_windows_cross_shard_boundaries_through_the_separator(tmp_path):
+    (tmp_path / "a.txt").write_text("aaaa")
+    (tmp_path / "b.txt").write_text("bbbb")
+    loaded = load_tokens([tmp_path / "a.txt", tmp_path / "b.txt"],
+                         {"type": "char", "chars": "\nab"})
+    assert loaded.tokens[2:7].tolist() == [1, 1, 0, 2, 2]  # a a \n b b
+    train, val = loaded.split(0.4)
+    assert train.tolist() + val.tolist() == loaded.tokens.tolist() and len(val) == 3
+
+
+def test_bad_rows_name_the_file_and_row(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": 7}\n')
+    with pytest.raises(UserError, match=r"d.jsonl row 2: 'text' is int, not text"):
+        load_tokens([path], "gpt2")
+    path.write_text('{"body": "x"}\n')
+    with pytest.raises(UserError, match=r"d.jsonl row 1 has no 'text' field; pick the text field "
+                                        r"with --text-column"):
+        load_tokens([path], "gpt2")
+    assert load_tokens([path], "gpt2", column="body").tokens.tolist() == \
+        GPT2Tokenizer().encode("x")
+
+
+def test_an_interrupted_tokenization_resumes_and_ends_byte_identical(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for i in range(3):  # three shards of a few seconds' work each
+        (tmp_path / f"{i}.txt").write_text(f"file {i}: " + "the rain in spain stays mainly "
+                                           "in the plain\n" * 300_000)
+    code = ("import sys; from pathlib import Path; from gptcli.data import load_tokens\n"
+            "files = sorted(Path(sys.argv[1]).glob('*.txt'))\n"
+            "print(load_tokens(files, 'gpt2', workers=1).shards)")
+    env = {**os.environ, "GPTCLI_DATA_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env)
+    shards = tmp_path / "cache" / "shards"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(shards.glob("*.bin"))) < 1:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-way through the second file
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.bin")}
+    assert len(done) == 1
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, check=True)
+    after = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.bin")}
+    assert len(after) == 3 and all(after[n] == t for n, t in done.items())  # kept, not redone
+    assert not list(shards.glob("*.tmp"))
+    clean = {**env, "GPTCLI_DATA_CACHE": str(tmp_path / "clean")}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=clean, check=True)
+    for name in after:
+        assert (shards / name).read_bytes() == (tmp_path / "clean" / "shards" / name).read_bytes()

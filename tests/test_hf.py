@@ -37,3 +37,38 @@ def test_not_gpt2_is_refused(hf, message):
 def test_what_gpt2_cannot_express_is_refused():
     with pytest.raises(UserError, match=r"cannot express this model \(norm=rmsnorm, bias=False\)"):
         to_hf(ModelConfig(norm="rmsnorm", bias=False))
+
+
+@pytest.mark.parametrize("hf,message", [
+    ({"n_embd": 50, "n_head": 3}, "config.json has values gptcli cannot use: n_embd (50) must be "
+                                  "divisible by n_head (3)"),
+    ({"n_layer": "x"}, "config.json has values gptcli cannot use: n_layer must be a valid "
+                       "integer, unable to parse string as an integer, got 'x'"),
+    ({"scale_attn_by_inverse_layer_idx": True}, "this GPT-2 variant is not supported: "
+     "config.json sets scale_attn_by_inverse_layer_idx=True; gptcli converts plain GPT-2 only"),
+    ({"n_embd": 32, "n_head": 4, "n_inner": 64, "add_cross_attention": True},
+     "this GPT-2 variant is not supported: config.json sets n_inner=64, "
+     "add_cross_attention=True; gptcli converts plain GPT-2 only"),
+])
+def test_configs_gptcli_cannot_convert_are_one_sentence(hf, message):
+    with pytest.raises(UserError) as err:
+        from_hf({"model_type": "gpt2", **hf})
+    assert str(err.value) == message
+
+
+def test_gpt2_defaults_written_out_are_accepted():
+    """transformers writes every option into config.json, GPT-2's values included."""
+    config, _ = from_hf({"model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_inner": 128,
+                         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                         "add_cross_attention": False, "reorder_and_upcast_attn": False})
+    assert config.n_embd == 32
+
+
+def test_the_map_needs_neither_torch_nor_huggingface_hub():
+    import subprocess
+    import sys
+
+    code = ("import sys, gptcli.hf, gptcli.hub; "
+            "print(sorted(m for m in ('torch', 'huggingface_hub') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -226,8 +226,8 @@ def test_dataset_files_must_be_text(tmp_path):
     result = runner.invoke(app, ["download", "--dataset", "t/text", "--file", "x.bin"],
                            env={"GPTCLI_HOME": str(tmp_path)})
     assert result.exit_code == 2
-    assert result.stderr.strip() == ("error: gptcli downloads plain-text (.txt) dataset files "
-                                     "only, not x.bin")
+    assert result.stderr.strip() == ("error: gptcli trains on .txt, .jsonl and .parquet files, "
+                                     "not x.bin")
 
 
 def test_unreachable_hub_is_one_line_exit_1(tmp_path, monkeypatch):
@@ -286,6 +286,27 @@ def test_local_folder_with_pickle_only_is_refused(tmp_path):
                            env={"GPTCLI_HOME": str(tmp_path)})
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {tmp_path / 'hf'} has only pickle weights")
+
+
+def test_local_folder_whose_config_does_not_fit_its_weights(tmp_path, hub_data):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for name, data in folder_files(hub_data["root"] / "single").items():
+        (folder / name).write_bytes(data)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_positions": 128}))
+    result = runner.invoke(app, ["download", str(folder)], env={"GPTCLI_HOME": str(tmp_path)})
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: config.json: the weights do not match the config (wrong shape: wpe.weight "
+        "(64, 32) (config: (128, 32)))")
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"\x08" + bytes(15))
+    result = runner.invoke(app, ["download", str(folder)], env={"GPTCLI_HOME": str(tmp_path)})
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith(f"error: {folder / 'model.safetensors'} is not a "
+                                            "readable safetensors file (truncated or corrupt?): ")
+    assert not (tmp_path / "models").exists()
 
 
 # ----------------------------------------------------------------------------- export

@@ -50,3 +50,18 @@ def test_char_unknown_characters_are_named():
 def test_unknown_tokenizer_name():
     with pytest.raises(UserError, match="unknown tokenizer 'bpe'; choose one of: gpt2, char"):
         get_tokenizer("bpe")
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"type": "char", "chars": "aab"}, "damaged char tokenizer spec: a char vocabulary is a list "
+                                       "of distinct single characters"),
+    ({"type": "char", "chars": ["a", "b"]}, "damaged char tokenizer spec: its chars entry is not "
+                                            "a string"),
+    ({"type": "char"}, "damaged char tokenizer spec: its chars entry is not a string"),
+    ({"type": "sentencepiece"}, "unknown tokenizer type 'sentencepiece'; this gptcli knows gpt2 "
+                                "and char"),
+])
+def test_damaged_or_unknown_specs_are_one_sentence(spec, message):
+    with pytest.raises(UserError) as err:
+        get_tokenizer(spec)
+    assert str(err.value) == message

@@ -160,8 +160,8 @@ def eval_cmd(given: dict, as_json: Json = False) -> None:
         return eval_harness(load, cfg, as_json)
     if cfg.task:
         return eval_tasks(load, cfg, as_json)
-    if cfg.task_file or cfg.limit or cfg.offline:
-        raise UserError("--task-file, --limit and --offline go with --task")
+    if cfg.task_file or cfg.limit or cfg.offline or cfg.log_to:
+        raise UserError("--task-file, --limit, --offline and --log-to go with --task")
     from ..display import render_eval
     from ..evaluate import evaluate_file
 
@@ -200,6 +200,12 @@ def eval_tasks(load, cfg, as_json: bool) -> None:
         raise UserError("--data and --task are two kinds of evaluation; give one")
     with ProgressBars(Console(stderr=True)) as progress:
         model, results = run_tasks(load, cfg, progress, log=note)
+    if cfg.log_to:
+        from ..trackers import log_results, scalars
+
+        run = log_results(model, {f"{r.task}/{k}": v for r in results
+                                  for k, v in scalars(r.metrics).items()}, cfg.log_to)
+        note(f"results added to {run}/metrics.jsonl and {' and '.join(cfg.log_to)}")
     if as_json:
         print(json.dumps({"model": model, "tasks": {r.task: {
             "metrics": r.metrics, "items": r.items, "source": r.source,
@@ -307,11 +313,12 @@ def info_cmd(
 def download_cmd(
     name: Annotated[Optional[str], Arg(metavar="NAME", help=(
         "gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, a Hub repo id (org/name), a "
-        "local Hugging Face GPT-2 folder, or the dataset tinystories."))] = None,
+        "local Hugging Face GPT-2 folder, or the datasets tinystories and fineweb-edu."))] = None,
     dataset: Annotated[Optional[str], Opt(metavar="REPO", help=(
         "Fetch text files of this Hub dataset repo (org/name) instead of a model."))] = None,
-    file: Annotated[Optional[list[str]], Opt("--file", metavar="FILE", help=(
-        "A .txt file of the --dataset repo to fetch (repeatable)."))] = None,
+    file: Annotated[Optional[list[str]], Opt("--include", "--file", metavar="GLOB", help=(
+        "Files of the --dataset repo to fetch: a name or a glob such as 'data/*.parquet' "
+        "(repeatable)."))] = None,
     revision: Annotated[Optional[str], Opt(metavar="REV", help=(
         "Branch, tag or commit of the Hub repo (default: main)."))] = None,
     out: Annotated[Optional[Path], Opt(metavar="FILE", help=(
