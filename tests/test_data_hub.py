@@ -9,12 +9,11 @@ import os
 import subprocess
 import sys
 
+import pyarrow as pa  # the data extra; the test extras install it
+import pyarrow.parquet as pq
 import pytest
 
-pa = pytest.importorskip("pyarrow", reason="parquet needs the data extra")
-import pyarrow.parquet as pq  # noqa: E402
-
-from hf_server import HubServer, Repo  # noqa: E402
+from hf_server import HubServer, Repo
 
 DOCS = [f"Document number {i}: the quick brown fox jumps over the lazy dog. " * 3
         for i in range(40)]

@@ -192,7 +192,7 @@ def test_a_damaged_task_file_is_one_sentence(model_file, tmp_path, content, mess
     (["--task", "mmlu"], "--task must be 'lambada', 'hellaswag', 'wikitext-2' or"),
     (["--task", "lambada", "--task-file", "x.jsonl"], "--task-file 'x.jsonl': write it as"),
     (["--task", "lambada", "--task-file", "hellaswag=x"], "--task-file hellaswag: x is not a"),
-    (["--limit", "3"], "--task-file, --limit and --offline go with --task"),
+    (["--limit", "3"], "--task-file, --limit, --offline and --log-to go with --task"),
     (["--task", "lambada", "--data", "x.txt"], "--data and --task are two kinds"),
 ])
 def test_bad_task_options(model_file, args, message):
