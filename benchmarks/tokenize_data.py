@@ -59,24 +59,27 @@ def timed_load(path: Path, workers: int, cache: Path) -> tuple[float, Path]:
 
 
 def tiktoken_reference(docs: list[str]) -> float:
-    """A plain single-process loop: tiktoken's encode_ordinary per document."""
-    import tiktoken
+    """A plain single-process loop: tiktoken's encode_ordinary per document (the shipped GPT-2
+    vocabulary: tiktoken's own download needs the internet)."""
+    from gptcli.tokenizer import _gpt2_encoding
 
-    enc = tiktoken.get_encoding("gpt2")
+    enc = _gpt2_encoding()
     t0 = time.perf_counter()
     for doc in docs:
         enc.encode_ordinary(doc)
     return time.perf_counter() - t0
 
 
-def tree_rss(pid: int) -> int:
-    """Resident memory of a process and all its descendants, in bytes."""
+def tree_memory(pid: int) -> int:
+    """Memory of a process and all its descendants, in bytes: the sum of their proportional set
+    sizes (PSS), which counts a page that forked workers share with their parent once, where
+    summing RSS would count it in every process."""
     total, stack = 0, [pid]
     while stack:
         p = stack.pop()
         try:
-            with open(f"/proc/{p}/status") as f:
-                total += next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS"))
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("Pss:"))
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     stack += [int(c) for c in f.read().split()]
@@ -86,7 +89,7 @@ def tree_rss(pid: int) -> int:
 
 
 def peak_memory(path: Path, workers: int, cache: Path) -> tuple[float, int]:
-    """Tokenize ``path`` in a fresh process; the peak RSS of its process tree, sampled."""
+    """Tokenize ``path`` in a fresh process; the peak memory of its process tree, sampled."""
     code = ("import sys; from pathlib import Path; from gptcli.data import load_tokens; "
             "load_tokens([Path(sys.argv[1])], 'gpt2', workers=int(sys.argv[2]))")
     env = {**os.environ, "GPTCLI_DATA_CACHE": str(cache)}
@@ -94,7 +97,7 @@ def peak_memory(path: Path, workers: int, cache: Path) -> tuple[float, int]:
     proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(workers)], env=env)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, tree_rss(proc.pid))
+        peak = max(peak, tree_memory(proc.pid))
         time.sleep(0.05)
     assert proc.returncode == 0
     return time.perf_counter() - t0, peak
@@ -157,7 +160,8 @@ def main() -> None:
 
     if args.parquet_gb:
         big = work / "big.parquet"
-        write_parquet(big, docs * round(args.parquet_gb * 1e3 / mb))  # the corpus, repeated
+        # the corpus repeated until the parquet file (compressed) has the size asked for
+        write_parquet(big, docs * round(args.parquet_gb * 1e9 / pq_path.stat().st_size))
         size = big.stat().st_size
         seconds, peak = peak_memory(big, args.workers, work / "cache-big")
         print(f"peak memory tokenizing a {size / 1e9:.2f} GB parquet file with --workers "

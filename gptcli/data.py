@@ -71,7 +71,9 @@ def resolve_data(data: list[str] | None) -> list[Path]:
             files.extend(matched)
             continue
         if not path.exists():
-            raise UserError(f"data path {entry} does not exist")
+            hint = f"; if it is a dataset, fetch it first with: gpt download {entry}" \
+                if not path.suffix and entry.count("/") <= 1 else ""
+            raise UserError(f"data path {entry} does not exist{hint}")
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file()
                            and ".cache" not in p.parts)
@@ -175,7 +177,9 @@ def _rows(path: Path, column: str, digest) -> Iterator:
     if SUFFIXES[path.suffix] == "parquet":
         pq = require("pyarrow.parquet", "data", needed_for=f"reading {path.name}")
         try:
-            reader = pq.ParquetFile(path)
+            # pre_buffer=False: with it on, pyarrow keeps the column chunks it has read
+            # (memory grew in step with the part of the file read)
+            reader = pq.ParquetFile(path, pre_buffer=False)
             if column not in reader.schema_arrow.names:
                 raise UserError(f"{path} has no column {column!r} (its columns: "
                                 f"{', '.join(reader.schema_arrow.names)}); pick one with "
@@ -219,15 +223,16 @@ def _encode(job: tuple) -> bytes:
         _WORKER.update(spec=spec, tok=get_tokenizer(spec))
     tok = _WORKER["tok"]  # one thread per process: parallelism comes from the processes
     if kind == "text":
-        ids = [i for piece in _split_pieces(payload) for i in tok.encode(piece)]
+        parts = [tok.encode(piece) for piece in _split_pieces(payload)]
     else:
         sep = separator(tok)
-        ids = []
+        parts = []
         for n, doc in enumerate(payload):
             if (n or lead) and sep is not None:
-                ids.append(sep)
-            ids.extend(tok.encode(doc))
-    return np.asarray(ids, dtype=dtype).tobytes()
+                parts.append([sep])
+            parts.append(tok.encode(doc))
+    # each list to bytes in C: flattening millions of ids in Python costs as much as encoding
+    return b"".join(np.asarray(ids, dtype=dtype).tobytes() for ids in parts)
 
 
 def separator(tok: Tokenizer) -> int | None:

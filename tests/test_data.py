@@ -30,6 +30,11 @@ def test_downloaded_dataset_name_resolves(isolated_home):
     folder.mkdir(parents=True)
     (folder / "train.txt").write_text("Once upon a time\n")
     assert resolve_data(["tinystories"]) == [folder / "train.txt"]
+    for name in ("fineweb-edu", "org/name"):  # not downloaded yet
+        with pytest.raises(UserError) as err:
+            resolve_data([name])
+        assert str(err.value) == (f"data path {name} does not exist; if it is a dataset, fetch "
+                                  f"it first with: gpt download {name}")
 
 
 @pytest.mark.parametrize("setup,message", [
@@ -155,6 +160,23 @@ def test_txt_jsonl_and_parquet_give_one_token_stream(tmp_path, tokenizer):
     tok = loaded.tokenizer
     sep = "<|endoftext|>" if tokenizer == "gpt2" else "\n"
     assert tok.decode(streams["txt"]) == sep.join(DOCS)  # documents joined by the separator
+
+
+def test_parquet_is_read_with_bounded_memory(tmp_path):
+    """Arrow's allocations stay near one record batch however much of the file has been read
+    (with pyarrow's default pre-buffering they grew with every row group)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [f"row {i} " + "x" * 400 for i in range(40_000)]  # 16 MB in 80 row groups
+    pq.write_table(pa.table({"text": rows}), tmp_path / "big.parquet", row_group_size=500,
+                   compression="none")
+    base, peak, count = pa.total_allocated_bytes(), 0, 0
+    for docs in data.read_documents(tmp_path / "big.parquet", "text"):
+        count += len(docs)
+        peak = max(peak, pa.total_allocated_bytes() - base)
+    assert count == len(rows)
+    assert peak < 6 << 20, peak  # a third of the file: a few batches of 4,096 rows
 
 
 def test_workers_make_byte_identical_shards(tmp_path, monkeypatch):
