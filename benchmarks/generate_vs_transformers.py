@@ -30,7 +30,7 @@ from gptcli.config import SampleConfig
 from gptcli.hf import from_hf
 from gptcli.model import GPT
 from gptcli.quantize import prepare
-from gptcli.runtime import resolve_device, resolve_dtype, synchronize
+from gptcli.devices import resolve_device, resolve_dtype, synchronize
 from gptcli.decode import decode_loop
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--prompt-tokens", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
@@ -62,7 +62,7 @@ def main() -> None:
     if device.type == "cpu":
         variants["gptcli int8"] = copy.deepcopy(plain)
         prepare(variants["gptcli int8"], "int8")
-    n = args.new_tokens
+    n = args.max_new_tokens
     sample = SampleConfig(max_new_tokens=n, temperature=0)
     print(f"gpt2 (124M, random weights), {device} {str(dtype).removeprefix('torch.')}, "
           f"{args.prompt_tokens}-token prompt, {n} new tokens, greedy, threads "

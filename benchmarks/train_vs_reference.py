@@ -22,7 +22,7 @@ from gptcli.config import ModelConfig, TrainConfig
 from gptcli.data import BatchSampler, load_tokens, resolve_data
 from gptcli.model import GPT
 from gptcli.optim import make_optimizer, train_step
-from gptcli.runtime import autocast
+from gptcli.devices import autocast
 
 
 class RefBlock(nn.Module):

@@ -7,7 +7,7 @@
 import sys
 
 from gptcli.config import SampleConfig
-from gptcli.sampling import generate, load_generator, prompt_ids
+from gptcli.generate import generate, load_generator, prompt_ids
 
 model_name = sys.argv[1] if len(sys.argv) > 1 else None  # None: the latest run under ./runs
 prompt = sys.argv[2] if len(sys.argv) > 2 else "ROMEO:"

@@ -15,7 +15,7 @@ _API = {
     "load_checkpoint": "gptcli.checkpoint",
     "save_checkpoint": "gptcli.checkpoint",
     "get_tokenizer": "gptcli.tokenizer",
-    "resolve_device": "gptcli.runtime",
+    "resolve_device": "gptcli.devices",
 }
 
 __all__ = ["__version__", *_API]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .runtime import UserError, path_error, require
+from .errors import UserError, path_error, require
+from .files import make_folder, read_text_arg
 
 INDUCTION_SEED = 0  # the random repeated sequence is the same on every run
 INDUCTION_BATCH = 4  # sequences averaged for the induction score
@@ -162,13 +163,7 @@ def read_text(text: str | None, text_file: str | Path | None) -> str:
     if (text is None) == (text_file is None):
         raise UserError("give the text to inspect with either --text TEXT or --text-file FILE")
     if text_file is not None:
-        try:
-            text = Path(text_file).read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"text file {text_file} is not UTF-8 text (byte offset "
-                            f"{e.start})") from None
-        except OSError as e:
-            raise path_error(e, "read text file", text_file) from None
+        text = read_text_arg(text_file, "text file")
     if not text:
         raise UserError("the text is empty; give at least one character")
     return text
@@ -361,8 +356,6 @@ def write_png(insp: Inspection, path: str | Path) -> Path:
 def write_output(path: Path, write, flag: str) -> Path:
     """Run ``write`` for an output file the user named, creating its folder; an OS error on the
     path is one sentence."""
-    from .runtime import make_folder
-
     make_folder(path.parent, f"write {flag}", shown=path)
     try:
         write()

@@ -6,7 +6,7 @@ device; generation through ``decode.decode_loop`` (the Engine ``generate`` runs)
 token with ``.tolist()`` as ``generate`` does. Nothing here re-implements a forward, a step or a
 decode loop.
 
-Timing: the clock is read only after ``runtime.synchronize``; warm-up steps (the first of which
+Timing: the clock is read only after ``devices.synchronize``; warm-up steps (the first of which
 holds torch.compile's compilation) are reported apart and left out of the median/min/max.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from . import hardware
-from .config import PRESETS, BenchConfig, ModelConfig, SampleConfig, TrainConfig
+from .config import PRESETS, BenchConfig, LoadConfig, ModelConfig, SampleConfig, TrainConfig
 from .model import GPT
 from .checkpoint import checkpoint_info
 from .models import load_model, resolve_model
@@ -28,7 +28,8 @@ from .hardware import (check_memory, generate_memory_estimate, hardware_name,
                        measure_bandwidth, measure_tflops, peak_bandwidth, peak_tflops,
                        train_memory_estimate)
 from .quantize import check_scheme, prepare
-from .runtime import RuntimeFailure, UserError, is_oom, resolve_device, resolve_dtype, synchronize
+from .devices import resolve_device, resolve_dtype, synchronize
+from .errors import RuntimeFailure, UserError, is_oom
 from .decode import compile_step
 
 
@@ -91,34 +92,35 @@ def _reset_peak(device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------- settings
 
-def resolve_settings(s: BenchConfig) -> tuple[BenchConfig, torch.device, torch.dtype,
-                                               ModelConfig]:
-    """Fill in device-fitting defaults (BenchConfig has checked every value already) and refuse
-    what cannot fit, before allocating anything."""
-    device = resolve_device(s.device)
-    dtype = resolve_dtype(s.dtype, device)
-    check_scheme(s.quantize, device)
-    if s.model or s.quantize:  # weights for inference only: nothing to train
+def resolve_settings(load: LoadConfig, s: BenchConfig) -> tuple[BenchConfig, torch.device,
+                                                                torch.dtype, ModelConfig]:
+    """Fill in device-fitting defaults (the configs have checked every value already) and
+    refuse what cannot fit, before allocating anything. ``load.model`` None means a preset with
+    random weights."""
+    device = resolve_device(load.device)
+    dtype = resolve_dtype(load.dtype, device)
+    check_scheme(load.quantize, device)
+    if load.model or load.quantize:  # weights for inference only: nothing to train
         if s.only == "train":
             raise UserError("--model and --quantize time generation only; leave out --only train")
         s = s.model_copy(update={"only": "generate"})
     preset = s.preset or {"cuda": "gpt2", "mps": "small"}.get(device.type, "tiny")
-    if s.model:
-        config = ModelConfig.model_validate(checkpoint_info(resolve_model(s.model))["config"])
+    if load.model:
+        config = ModelConfig.model_validate(checkpoint_info(resolve_model(load.model))["config"])
         config = config.model_copy(update={"context_length": min(
             config.context_length, s.context_length or config.context_length)})
-        preset = s.model
+        preset = load.model
     elif preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     else:  # every preset with the GPT-2 vocabulary (50257), so figures compare across presets
         config = ModelConfig.from_preset(preset, context_length=s.context_length)
     T = config.context_length
     prompt = s.prompt_length or max(1, min(128, T // 2))
-    new = s.new_tokens or max(1, min(128, T - prompt))
+    new = s.max_new_tokens or max(1, min(128, T - prompt))
     if prompt + new > T:
-        raise UserError(f"--prompt-length ({prompt}) + --new-tokens ({new}) must fit in the "
+        raise UserError(f"--prompt-length ({prompt}) + --max-new-tokens ({new}) must fit in the "
                         f"context length ({T}), so the decode loop never slides its window")
-    warmup = max(s.warmup, 1) if s.compile else s.warmup  # the first step compiles
+    warmup = max(s.warmup, 1) if load.compile else s.warmup  # the first step compiles
     batch = s.batch_size or (1 if s.only == "generate" else None)
     if batch is None:  # the largest power of two up to 16 whose estimate fits comfortably
         available = hardware.available_memory(device)
@@ -135,7 +137,7 @@ def resolve_settings(s: BenchConfig) -> tuple[BenchConfig, torch.device, torch.d
         check_memory(generate_memory_estimate(config, batch, dtype), device,
                      f"the {preset} preset's generation {shape}", hint)
     resolved = s.model_copy(update={"preset": preset, "batch_size": batch, "context_length": T,
-                                    "prompt_length": prompt, "new_tokens": new,
+                                    "prompt_length": prompt, "max_new_tokens": new,
                                     "warmup": warmup})
     return resolved, device, dtype, config
 
@@ -159,13 +161,13 @@ def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def bench_train(model: GPT, s: BenchConfig, device: torch.device, dtype: torch.dtype,
-                tick: Callable[[], None]) -> dict:
+def bench_train(model: GPT, load: LoadConfig, s: BenchConfig, device: torch.device,
+                dtype: torch.dtype, tick: Callable[[], None]) -> dict:
     """Time ``optim.train_step``: the optimizer step ``fit()`` takes, on random tokens."""
     from . import optim
 
-    cfg = TrainConfig(preset=s.preset, batch_size=s.batch_size, device=s.device, dtype=s.dtype,
-                      compile=s.compile, seed=s.seed)
+    cfg = TrainConfig(preset=s.preset, batch_size=s.batch_size, device=load.device,
+                      dtype=load.dtype, compile=load.compile, seed=s.seed)
     model.train()
     parts = optim.step_parts(model, cfg, device, dtype)  # what fit() builds
     optimizer, scaler, amp, runner = parts.optimizer, parts.scaler, parts.amp, parts.runner
@@ -201,7 +203,7 @@ def bench_train(model: GPT, s: BenchConfig, device: torch.device, dtype: torch.d
            "step_time_s": step, "tokens_per_s": tokens / step["median"],
            "first_step_s": times[0], "flops_per_token": training_flops_per_token(model.config),
            "peak_memory_bytes": peak_memory(device, sampled)}
-    if s.compile:  # the first step minus an ordinary one: the time spent compiling
+    if load.compile:  # the first step minus an ordinary one: the time spent compiling
         out["compile_s"] = max(times[0] - step["median"], 1e-9)
     return out
 
@@ -214,7 +216,7 @@ def bench_generate(model: GPT, s: BenchConfig, batch: int, device: torch.device,
     V = model.config.vocab_size
     g = torch.Generator(device=device).manual_seed(s.seed)
     prompt = torch.randint(0, V, (batch, s.prompt_length), device=device, generator=g)
-    cfg = SampleConfig(max_new_tokens=s.new_tokens, temperature=0)
+    cfg = SampleConfig(max_new_tokens=s.max_new_tokens, temperature=0)
     runs, sampled = [], 0
     _reset_peak(device)
     for i in range(min(s.warmup, 2) + s.steps):  # one warm-up run already compiles every shape
@@ -234,12 +236,13 @@ def bench_generate(model: GPT, s: BenchConfig, batch: int, device: torch.device,
     runs = runs[len(runs) - s.steps:]
     ttft = _spread([r[0] for r in runs])
     compile_s = first_run - statistics.median(sum(r) for r in runs)
-    out = {"batch_size": batch, "prompt_tokens": s.prompt_length, "new_tokens": s.new_tokens,
+    out = {"batch_size": batch, "prompt_tokens": s.prompt_length,
+           "new_tokens": s.max_new_tokens,
            "time_to_first_token_s": ttft,
            "prefill_tokens_per_s": batch * s.prompt_length / ttft["median"],
            "first_run_s": first_run}
-    if s.new_tokens > 1:
-        per_token = _spread([r[1] / (s.new_tokens - 1) for r in runs])  # seconds per step
+    if s.max_new_tokens > 1:
+        per_token = _spread([r[1] / (s.max_new_tokens - 1) for r in runs])  # seconds per step
         out.update({"decode_ms_per_token": {k: v * 1e3 for k, v in per_token.items()},
                     "decode_tokens_per_s": batch / per_token["median"],
                     "decode_steps_per_s": 1 / per_token["median"]})
@@ -249,15 +252,15 @@ def bench_generate(model: GPT, s: BenchConfig, batch: int, device: torch.device,
     return out
 
 
-def run(s: BenchConfig, progress: Callable[[str, int], Callable[[], None]] | None = None
-        ) -> dict:
+def run(load: LoadConfig, s: BenchConfig,
+        progress: Callable[[str, int], Callable[[], None]] | None = None) -> dict:
     """Measure as ``s`` says; returns the figures as one JSON-ready dict.
 
     ``progress(label, total)`` is called at the start of each phase and returns a function that
     is called once per step/run.
     """
     batch_given = s.batch_size is not None
-    s, device, dtype, config = resolve_settings(s)
+    s, device, dtype, config = resolve_settings(load, s)
     progress = progress or (lambda label, total: (lambda: None))
     hw = hardware_name(device)
     peak, peak_src = ceiling(s.peak_tflops, "--peak-tflops", peak_tflops(device, dtype, hw),
@@ -267,8 +270,9 @@ def run(s: BenchConfig, progress: Callable[[str, int], Callable[[], None]] | Non
     result: dict = {
         "device": str(device), "device_name": hw, "torch": torch.__version__,
         "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-        "settings": s.model_dump() | {"vocab_size": config.vocab_size, "n_layer": config.n_layer,
-                                 "n_head": config.n_head, "n_embd": config.n_embd},
+        "settings": load.model_dump() | s.model_dump() | {
+            "vocab_size": config.vocab_size, "n_layer": config.n_layer, "n_head": config.n_head,
+            "n_embd": config.n_embd},
         "parameters": config.num_params(),
         "peak_tflops": peak, "peak_tflops_source": peak_src,
         "bandwidth_gbs": bw, "bandwidth_source": bw_src,
@@ -276,19 +280,19 @@ def run(s: BenchConfig, progress: Callable[[str, int], Callable[[], None]] | Non
     phase = "training" if s.only != "generate" else "generation"
     try:
         torch.manual_seed(s.seed)
-        model = load_model(s.model, device=str(device), dtype=s.dtype)[0] if s.model else \
-            GPT(config).to(device)
+        model = load_model(load.model, device=str(device), dtype=load.dtype)[0] \
+            if load.model else GPT(config).to(device)
         if s.only != "generate":
-            t = bench_train(model, s, device, dtype,
+            t = bench_train(model, load, s, device, dtype,
                             progress("bench: training", s.warmup + s.steps))
             t["mfu"] = mfu(t["flops_per_token"], t["tokens_per_s"], peak) if peak else None
             result["train"] = t
         if s.only != "train":
             phase = "generation"
             model.eval().to(dtype)  # generation runs with weights in the dtype, as generate does
-            prepare(model, s.quantize)  # the inference layout `gpt generate` loads models with
+            prepare(model, load.quantize)  # the inference layout `gpt generate` loads models with
             step = None
-            if s.compile:  # as sampling.load_generator
+            if load.compile:  # as generate.load_generator
                 torch._dynamo.reset()  # compile from scratch, as `gpt generate` would
                 step = compile_step(model)
             result["weight_bytes_per_step"] = decode_bytes(model)

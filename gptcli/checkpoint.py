@@ -12,14 +12,12 @@ more than it holds), then, for inference, that its weights are finite.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 import re
-import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,8 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig, validation_message
 from .model import GPT
-from .runtime import UserError, make_folder, path_error
+from .errors import UserError, path_error
+from .files import atomic_write
 from .tokenizer import Tokenizer, get_tokenizer
 
 FORMAT = "gptcli/1"
@@ -40,67 +39,6 @@ MAX_PARAMS = 2**48  # 280 trillion: more than any checkpoint holds, and far from
 
 
 # ----------------------------------------------------------------------------- writing
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *,
-                 what: str = "file") -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it
-    over ``path``. A failure at any point leaves whatever was at ``path`` untouched; an OS error
-    becomes one sentence ("cannot write checkpoint to X: no space left on device; the previous
-    checkpoint is intact")."""
-    path = Path(path)
-    existed = path.is_file()
-    make_folder(path.parent, f"write {what} to", shown=path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as e:
-        raise path_error(e, f"write {what} to", path) from None
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; use the usual mode
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        cause = _os_error(e)
-        if cause is None:
-            raise
-        note = f"the previous {what} is intact" if existed else ""
-        raise path_error(cause, f"write {what} to", path, note=note) from None
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
-
-
-def _os_error(e: BaseException) -> OSError | None:
-    """The OS error behind a failed write: an OSError, or safetensors' own error for one (its
-    text ends in Rust's "... (os error 28)", which gives the errno)."""
-    if isinstance(e, OSError):
-        return e
-    if isinstance(e, SafetensorError):
-        found = re.search(r"\(os error (\d+)\)", str(e))
-        if found:
-            code = int(found.group(1))
-            return OSError(code, os.strerror(code))
-        return OSError(errno.EIO, str(e))
-    return None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                       metadata: Mapping[str, Any], *, what: str = "checkpoint") -> Path:
@@ -357,7 +295,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: torch.device | str = "cp
     """Load a gptcli checkpoint: ``(model in eval mode, tokenizer, metadata)``. Everything is
     checked before the model is built; ``finite`` also checks the weights' values (for
     inference). An int8 checkpoint loads as an int8 model (see ``quantize``)."""
-    from .quantize import prepare
+    from .quantize import prepare, tie_int8
 
     shapes, metadata = read_safetensors(path, tensors=False)
     config, spec = parse_metadata(path, metadata)
@@ -370,7 +308,10 @@ def load_checkpoint(path: str | os.PathLike, *, device: torch.device | str = "cp
         if quantization:
             prepare(model, quantization)
     model.load_state_dict(tensors, strict=False, assign=True)
-    model.tie_weights()
+    if quantization:
+        tie_int8(model)
+    else:
+        model.tie_weights()
     if finite:
         check_finite(path, model)
     model.to(device=device, dtype=dtype)

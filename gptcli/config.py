@@ -1,5 +1,5 @@
 """Configuration models (pydantic): the one place where a setting's default, constraint and help
-text live. The CLI derives its flags from these fields (``cli/options.py``): a field's
+text live. The CLI derives its flags from these fields (``cli/app.py``): a field's
 ``description`` is the flag's help, ``json_schema_extra`` gives its help group and metavar.
 
 This module must not import torch: the CLI imports it to validate flags before any heavy work.
@@ -297,11 +297,11 @@ class EvalConfig(BaseModel):
     encoding: str = setting("utf-8", "Text encoding of the data.", group="Data", metavar="NAME")
     text_column: str = setting("text", "The text field of .jsonl and .parquet data.",
                                group="Data", metavar="NAME")
-    context_length: int | None = setting(
-        None, "Window length, at most the model's context (default: the model's).",
-        group="Scoring", ge=1)
+    window: int | None = setting(
+        None, "Tokens per scoring window, at most the model's context (default: the model's "
+        "context length).", group="Scoring", ge=1)
     stride: int | None = setting(None, "Tokens scored per window; smaller gives each token more "
-                                 "context (default: the window length).", group="Scoring", ge=1)
+                                 "context (default: --window).", group="Scoring", ge=1)
     batch_size: int = setting(8, "Windows (or task items) per forward pass.", group="Scoring",
                               ge=1)
     task: list[Literal["lambada", "hellaswag", "wikitext-2", "wikitext-103"]] | None = setting(
@@ -331,12 +331,6 @@ class BenchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    device: Device = "auto"
-    dtype: Dtype = "auto"
-    quantize: Quantize = None
-    model: str | None = setting(None, "Time this checkpoint, run folder or downloaded model "
-                                "(generation only) instead of a preset with random weights.",
-                                group="Model", metavar="MODEL")
     preset: str | None = setting(None, "Model shape (GPT-2 vocabulary): " + ", ".join(PRESETS)
                                  + " (default: gpt2 on CUDA, small on MPS, tiny on CPU).",
                                  group="Model", metavar="NAME")
@@ -347,13 +341,13 @@ class BenchConfig(BaseModel):
                                          group="Model", ge=1)
     prompt_length: int | None = setting(None, "Prompt tokens to prefill (default: min(128, "
                                         "context/2)).", group="Generation", ge=1)
-    new_tokens: int | None = setting(None, "Tokens to decode per run (default: min(128, what "
-                                     "fits in the context)).", group="Generation", ge=1)
+    max_new_tokens: int | None = setting(None, "Tokens to decode per run (default: min(128, "
+                                         "what fits in the context)).", group="Generation",
+                                         ge=1)
     steps: int = setting(10, "Timed training steps, and timed generation runs.", group="Run",
                          ge=1)
     warmup: int = setting(3, "Untimed warm-up steps (generation: up to 2 runs).", group="Run",
                           ge=0)
-    compile: Compile = False
     only: Literal["train", "generate"] | None = setting(None, "Measure only train or generate.",
                                                         group="Run", metavar="WHAT")
     peak_tflops: float | None = setting(None, "The device's dense peak TFLOPs for the dtype, "

@@ -20,6 +20,7 @@ import torch
 from .config import SampleConfig
 from .kv_cache import KVCache
 from .model import GPT
+from .sampling import next_token
 
 
 def window_start(length: int, context_length: int) -> int:
@@ -110,8 +111,6 @@ class Engine:
     @torch.no_grad()
     def pick(self) -> list[int]:
         """Choose and append every row's next token (one ``next_token`` call per group)."""
-        from .sampling import next_token
-
         groups: dict[int, list[int]] = {}
         for i, row in enumerate(self.rows):
             groups.setdefault(id(row.group), []).append(i)
@@ -158,6 +157,9 @@ class Engine:
             start_pos = torch.tensor(pos, device=idx.device) if self.static else pos
         else:
             start_pos = torch.tensor(positions, device=idx.device)
+            # The view is cached per row range (so a compiled step sees one cache object), so
+            # its length must be set for this step: the rows attend over this many positions,
+            # each under its own mask.
             view.length = max(positions) + 1
         logits = self.step(idx, kv_cache=view, start_pos=start_pos)
         for row, row_logits in zip(rows, logits[:, -1]):

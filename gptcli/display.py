@@ -13,7 +13,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeRemainingColumn)
 from rich.text import Text
 
-from .runtime import STDOUT_CLOSED, silence_stdout
+from .files import STDOUT_CLOSED, silence_stdout
 
 GiB = 1024 ** 3
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from .runtime import GptcliError, UserError, resolve_device
+from .devices import resolve_device
+from .errors import GptcliError, UserError
 
 if TYPE_CHECKING:
     import torch

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from .models import load_model
 from .config import EvalConfig, LoadConfig
-from .data import load_tokens, resolve_data, separator
+from .data import load_tokens, resolve_data
 from .distributed import current_dist
 from .runs import RunFolder
-from .runtime import UserError
+from .errors import UserError
 
 
 @dataclass
@@ -90,10 +90,10 @@ def evaluate_file(load: LoadConfig, cfg: EvalConfig) -> dict:
     model, tokenizer, path = load_model(load.model, device=load.device, dtype=load.dtype,
                                         quantize=load.quantize)
     limit = model.config.context_length
-    if cfg.context_length is not None and cfg.context_length > limit:
-        raise UserError(f"--context-length {cfg.context_length} is longer than the model's "
-                        f"context ({limit}); use at most {limit}")
-    T = cfg.context_length or limit
+    if cfg.window is not None and cfg.window > limit:
+        raise UserError(f"--window {cfg.window} is longer than the model's context ({limit}); "
+                        f"use at most {limit}")
+    T = cfg.window or limit
     if cfg.stride is not None and cfg.stride > T:
         raise UserError(f"--stride must be between 1 and the window length ({T}), got "
                         f"{cfg.stride}")
@@ -118,14 +118,14 @@ def scoring_data(cfg: EvalConfig, model_path: Path, tokenizer) -> tuple[np.ndarr
         utf8 = cfg.encoding.lower().replace("-", "").replace("_", "") == "utf8"
         plain = all(f.suffix == ".txt" for f in files)  # the bytes are the files' (no separators)
         n_bytes = sum(f.stat().st_size for f in files) if utf8 and plain else \
-            len(tokenizer.decode_bytes([t for t in tokens.tolist() if t != separator(tokenizer)]))
+            len(tokenizer.decode_bytes([t for t in tokens.tolist() if t != tokenizer.separator_id]))
         return tokens, ", ".join(str(f) for f in files), n_bytes
-    saved = RunFolder(model_path.parent).read_config()
-    fraction = (saved or {}).get("train", {}).get("val_fraction", 0)
-    if not saved or not fraction:
+    run = RunFolder.holding(model_path)
+    train = run.train_settings() if run is not None else {}
+    fraction = train.get("val_fraction", 0)
+    if not fraction:
         raise UserError(f"say what to score with --data FILE: {model_path} is not in a run "
                         "folder with a validation split")
-    train = saved["train"]
     try:
         files = resolve_data(train.get("data"))
     except UserError as e:

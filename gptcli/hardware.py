@@ -12,7 +12,8 @@ import time
 import torch
 
 from .config import ModelConfig
-from .runtime import UserError, device_name
+from .devices import device_name
+from .errors import UserError
 
 # Dense (no 2:4 sparsity) peak tensor throughput in TFLOPs, from the vendors' datasheets /
 # architecture whitepapers: NVIDIA H100 and H200 datasheets (SXM, PCIe, NVL), the A100, A10 and L4
@@ -90,7 +91,7 @@ def peak_bandwidth(device: torch.device, hw: str) -> tuple[float | None, str]:
 # ----------------------------------------------------------------------------- measured ceilings
 
 def _best_time(fn, device: torch.device, repeats: int) -> float:
-    from .runtime import synchronize
+    from .devices import synchronize
 
     fn()  # warm-up: first-touch page faults, kernel selection
     best = float("inf")

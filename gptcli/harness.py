@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .runtime import require
+from .errors import require
 
 lm_eval_api = require("lm_eval.api.model", "eval", needed_for="the harness adapter")
 registry = require("lm_eval.api.registry", "eval", needed_for="the harness adapter")
@@ -52,16 +52,15 @@ class GptcliLM(lm_eval_api.LM):
         return score(self.model, pairs, self.batch_size)
 
     def loglikelihood_rolling(self, requests) -> list[float]:
-        from .sampling import prompt_ids
         from .tasks import rolling
 
-        prefix = prompt_ids(self.tokenizer, "", 1 << 30)[0][0]
+        prefix = self.tokenizer.start_id
         return [rolling(self.model, self.tokenizer.encode(r.args[0]), prefix)
                 if r.args[0] else 0.0 for r in requests]
 
     def generate_until(self, requests) -> list[str]:
         from .config import SampleConfig
-        from .sampling import generate, prompt_ids
+        from .generate import generate, prompt_ids
 
         out = []
         for r in requests:
@@ -83,7 +82,7 @@ def evaluate_harness(tasks: list[str], load, batch_size: int, limit: int | None,
                      include: str | None = None) -> dict:
     """`gpt eval --harness`: run lm-eval tasks on a gptcli model; the harness's result dict.
     ``include`` is a folder of extra task configs."""
-    from .runtime import UserError
+    from .errors import UserError
 
     evaluator = require("lm_eval", "eval", needed_for="--harness")
     from lm_eval.tasks import TaskManager

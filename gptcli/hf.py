@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .config import ModelConfig, validation_message
-from .runtime import UserError
+from .errors import UserError
 
 # HF config.json field -> ModelConfig field.
 CONFIG_FIELDS = {"vocab_size": "vocab_size", "n_positions": "context_length",

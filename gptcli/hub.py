@@ -1,5 +1,5 @@
-"""Hugging Face downloads and exports: `gpt download` (Hub repos, local HF folders, text
-datasets) and `gpt export`. The GPT-2 <-> gptcli map itself is ``hf.py``.
+"""Hugging Face Hub transfers into the local store: `gpt download` (Hub repos, local HF folders,
+text datasets). The GPT-2 <-> gptcli map itself is ``hf.py``; the store is ``store.py``.
 
 Downloads go through ``huggingface_hub`` (its cache under ``HF_HOME``, resumable transfers,
 ``HF_TOKEN``, ``HF_ENDPOINT`` mirrors, ``HF_HUB_OFFLINE``); it is imported only when needed.
@@ -22,29 +22,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .hf import GPT2_VOCAB, from_hf, to_hf
-from .runtime import (GptcliError, RuntimeFailure, UserError, datasets_dir, models_dir,
-                      store_name)
+from .hf import GPT2_VOCAB, from_hf
+from .errors import GptcliError, RuntimeFailure, UserError
+from .store import (DATA_FORMATS, KNOWN_DATASETS, KNOWN_MODELS, dataset_folder, is_repo_id,
+                    model_file)
 
 
 # ----------------------------------------------------------------------------- download
 
-# Short names -> Hub repos. Anything else with a slash is taken as a repo id.
-KNOWN_MODELS = {
-    "gpt2": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-    "distilgpt2": "distilbert/distilgpt2",
-}
-# Short names -> (dataset repo, its plain-text files).
-# Short names -> (dataset repo, its files: exact names or globs). OpenWebText has no parquet or
-# safetensors copy gptcli knows of (its repo is a loading script), so it has no shortcut.
-KNOWN_DATASETS = {
-    "tinystories": ("roneneldan/TinyStories", ("TinyStories-train.txt", "TinyStories-valid.txt")),
-    "fineweb-edu": ("HuggingFaceFW/fineweb-edu", ("sample/10BT/*.parquet",)),  # 10B tokens
-}
-DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+DATA_SUFFIXES = tuple(DATA_FORMATS)
 HF_WEIGHTS = "model.safetensors"
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"
 HF_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -150,7 +136,7 @@ def resolve_repo(name: str) -> str:
     """``gpt2`` -> ``openai-community/gpt2``; ``org/name`` stays; anything else is refused."""
     if name in KNOWN_MODELS:
         return KNOWN_MODELS[name]
-    if _is_repo_id(name):
+    if is_repo_id(name):
         return name
     raise UserError(f"unknown model {name!r}: use one of {', '.join(KNOWN_MODELS)}, a Hub repo "
                     "id like org/name, or a local Hugging Face folder")
@@ -196,8 +182,8 @@ def download_model(name: str, *, revision: str | None = None, out: str | os.Path
         if index is None:
             raise _no_safetensors(repo, revision, offline)
         files = [fetch(shard) for shard in _shards(index, repo)]
-    return convert_hf(hf_config, files, out or _store_path(name), log=log,
-                      source=f"hf:{repo}", revision=_commit_of(config_path, revision))
+    return convert_hf(hf_config, files, out or model_file(name), log=log,
+                      source=f"hf:{repo}", revision=commit_of(config_path, revision))
 
 
 def _no_safetensors(repo: str, revision: str | None, offline: bool) -> GptcliError:
@@ -218,10 +204,25 @@ def _no_safetensors(repo: str, revision: str | None, offline: bool) -> GptcliErr
                      "safetensors weights only")
 
 
-def _commit_of(path: Path, revision: str | None) -> str | None:
-    """The commit a file in huggingface_hub's cache came from (``.../snapshots/<sha>/file``)."""
-    parent = path.parent.name
-    return parent if len(parent) == 40 else revision
+def commit_of(path: Path, revision: str | None = None, *,
+              local_dir: Path | None = None) -> str | None:
+    """The commit a downloaded file came from: the snapshot folder of huggingface_hub's cache
+    (``.../snapshots/<sha>/file``), or, for a file fetched into ``local_dir``, what
+    huggingface_hub recorded beside it (``.cache/huggingface/download/<file>.metadata``, the
+    commit on its first line); else ``revision``."""
+    parent = Path(path).parent.name
+    if len(parent) == 40:
+        return parent
+    if local_dir is not None:
+        try:
+            meta = Path(local_dir) / ".cache" / "huggingface" / "download" / \
+                f"{Path(path).relative_to(local_dir)}.metadata"
+            first = meta.read_text().splitlines()[:1]
+        except (OSError, ValueError):
+            first = []
+        if first and len(first[0]) == 40:
+            return first[0]
+    return revision
 
 
 def _read_hf_config(path: Path, where: str) -> dict[str, Any]:
@@ -247,10 +248,6 @@ def _shards(index_path: Path, where: str) -> list[str]:
     return shards
 
 
-def _store_path(name: str) -> Path:
-    return models_dir() / f"{store_name(name)}.safetensors"
-
-
 def convert_folder(folder: str | os.PathLike, *, out: str | os.PathLike | None = None,
                    log=None) -> dict[str, Any]:
     """Convert a local Hugging Face GPT-2 folder (config.json + safetensors), no network."""
@@ -273,7 +270,7 @@ def convert_folder(folder: str | os.PathLike, *, out: str | os.PathLike | None =
             raise UserError(f"{folder} has only pickle weights ({pickles[0]}); " + NO_PICKLE)
         raise UserError(f"{folder} has no {HF_WEIGHTS} (nor {HF_WEIGHTS_INDEX})")
     name = folder.resolve().name
-    return convert_hf(hf_config, files, out or _store_path(name), log=log,
+    return convert_hf(hf_config, files, out or model_file(name), log=log,
                       source=f"local:{folder.resolve()}")
 
 
@@ -329,7 +326,7 @@ def download_dataset(name: str, files: list[str] | None = None, *, revision: str
     bad = [f for f in wanted if not f.endswith(DATA_SUFFIXES) and not f.endswith("*")]
     if bad:
         raise UserError(f"gptcli trains on .txt, .jsonl and .parquet files, not {bad[0]}")
-    folder = datasets_dir() / store_name(name)
+    folder = dataset_folder(name)
     if _offline(offline) and folder.is_dir():
         have = [p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts
                 and any(fnmatch(str(p.relative_to(folder)), w) for w in wanted)]
@@ -358,69 +355,8 @@ def _dataset_result(name: str, folder: Path, paths: list[Path], repo: str) -> di
             "size": sum(p.stat().st_size for p in paths), "source": f"hf:datasets/{repo}"}
 
 
-def _is_repo_id(name: str) -> bool:
-    """``org/name``: one slash, neither side empty."""
-    return name.count("/") == 1 and all(name.split("/"))
-
-
 def resolve_dataset_repo(name: str) -> str:
-    if _is_repo_id(name):
+    if is_repo_id(name):
         return name
     raise UserError(f"unknown dataset {name!r}: use one of {', '.join(KNOWN_DATASETS)} or a "
                     "Hub dataset repo id like org/name")
-
-
-def list_available() -> dict[str, Any]:
-    """The known names and what is already in the local store (for ``gpt download --list``)."""
-    from .models import local_models
-
-    stored = local_models()
-    datasets = sorted(p.name.replace("--", "/") for p in datasets_dir().glob("*")
-                      if p.is_dir() and p.name != "tasks" and any(
-                          f.suffix in DATA_SUFFIXES for f in p.rglob("*")))
-    return {"models": {n: {"repo": r, "stored": n in stored} for n, r in KNOWN_MODELS.items()},
-            "datasets": {n: {"repo": r, "stored": n in datasets}
-                         for n, (r, _) in KNOWN_DATASETS.items()},
-            "stored_models": stored, "stored_datasets": datasets,
-            "models_dir": str(models_dir()), "datasets_dir": str(datasets_dir())}
-
-
-# ----------------------------------------------------------------------------- export
-
-def export_model(model: str | os.PathLike, to: str | os.PathLike, *,
-                 force: bool = False) -> dict[str, Any]:
-    """Write checkpoint ``model`` as a Hugging Face GPT-2 folder (config.json, model.safetensors,
-    generation_config.json) that ``GPT2LMHeadModel.from_pretrained`` loads. Options GPT-2 cannot
-    express are refused before any weights are read; a folder with files is not overwritten
-    without ``force``."""
-    from .checkpoint import (atomic_write, load_checkpoint, model_tensors, parse_metadata,
-                             read_safetensors, write_safetensors)
-    from .tokenizer import get_tokenizer
-
-    _, metadata = read_safetensors(model, tensors=False)
-    config, spec = parse_metadata(model, metadata)
-    if metadata.get("quantization"):
-        raise UserError(f"{model} is an int8 checkpoint; export the float checkpoint it was "
-                        "made from")
-    eot = get_tokenizer(spec).eot_id if config.vocab_size >= GPT2_VOCAB else None
-    to_hf(config)  # refuse what GPT-2 cannot express, before reading any weights
-    to = Path(to)
-    if to.exists() and not to.is_dir():
-        raise UserError(f"--to {to} is a file; give a folder to write the Hugging Face model into")
-    if to.is_dir() and any(to.iterdir()) and not force:
-        raise UserError(f"--to {to} already has files; pass --force to overwrite them, or give "
-                        "an empty or new folder")
-    net, _, _ = load_checkpoint(model)
-    hf, hf_tensors = to_hf(config, model_tensors(net), eot_id=eot)
-    hf["dtype"] = str(next(net.parameters()).dtype).removeprefix("torch.")
-    weights = write_safetensors(to / "model.safetensors", hf_tensors, {"format": "pt"},
-                                what="model.safetensors")
-    special = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}
-    for name, payload in (("config.json", hf), ("generation_config.json", special)):
-        text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
-        atomic_write(to / name, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"),
-                     what=name)
-    return {"path": str(to.resolve()), "files": sorted(p.name for p in to.iterdir()
-                                                        if not p.name.startswith(".")),
-            "size": weights.stat().st_size, "tokenizer": spec.get("type"),
-            "parameters": config.num_params()}

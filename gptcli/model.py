@@ -15,7 +15,6 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .quantize import chunked, chunked_matmul, int8_matmul, quantize_int8
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -55,57 +54,20 @@ class Projection(nn.Module):
     Face weights load untransposed; a batch-1 product also reads this layout 1.0-1.5x faster
     than nn.Linear's (out, in) on CPUs: ``benchmarks/int8_kernels.py``, first two columns).
 
-    For inference, ``quantize.prepare`` swaps the weight for a layout that decodes faster: int8
-    ``qweight`` (out, in) with per-output ``scale``, or float ``packed`` chunks (one per CPU
-    thread); ``forward`` uses whichever the module holds.
+    A plain layer: inference layouts (int8, chunked) and adapters (LoRA) replace or wrap it from
+    outside (``quantize.prepare``, ``lora.apply_lora``); the model does not know them.
     """
 
-    def __init__(self, n_in: int, n_out: int, bias: bool = True, *, empty: bool = False) -> None:
+    def __init__(self, n_in: int, n_out: int, bias: bool = True) -> None:
         super().__init__()
         self.n_in, self.n_out = n_in, n_out
-        self.weight = None if empty else nn.Parameter(torch.empty(n_in, n_out))
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out)) if bias else None
-        self.register_buffer("qweight", None)  # int8 (out, in)
-        self.register_buffer("scale", None)  # float32 (out,)
-        self.register_buffer("packed", None, persistent=False)  # (chunks, in, out/chunks)
-
-    def set_int8(self, q: torch.Tensor, scale: torch.Tensor) -> None:
-        self.weight, self.qweight, self.scale = None, q, scale
-
-    def set_chunked(self, packed: torch.Tensor) -> None:
-        self.weight, self.packed = None, packed
-
-    def prepare(self, quantize: str | None, chunks: int) -> None:
-        """This layer's inference layout (see ``quantize.prepare``)."""
-        if self.weight is None:
-            return
-        if quantize == "int8":
-            self.set_int8(*quantize_int8(self.weight.t()))
-        else:
-            self.set_chunked(chunked(self.weight, chunks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))  # (B*T, in)
-        if self.weight is not None:
-            y = flat @ self.weight if self.bias is None else torch.addmm(self.bias, flat,
-                                                                         self.weight)
-        else:
-            y = int8_matmul(flat, self.qweight, self.scale) if self.qweight is not None else \
-                chunked_matmul(flat, self.packed, self.n_out)
-            y = y if self.bias is None else y + self.bias
+        y = flat @ self.weight if self.bias is None else torch.addmm(self.bias, flat, self.weight)
         return y.view(*x.shape[:-1], self.n_out)
-
-
-class QuantizedEmbedding(nn.Module):
-    """Token embedding lookups from int8 rows (shared with the int8 output matrix when tied)."""
-
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scale", scale)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.qweight[idx].float() * self.scale[idx].unsqueeze(-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -204,11 +166,7 @@ class GPT(nn.Module):
     def tie_weights(self) -> None:
         """Share the output matrix with the token embedding (GPT-2's tying); again after
         loading a checkpoint replaced the embedding's tensors."""
-        if not self.config.tie_embeddings:
-            return
-        if isinstance(self.wte, QuantizedEmbedding):
-            self.lm_head.qweight, self.lm_head.scale = self.wte.qweight, self.wte.scale
-        else:
+        if self.config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
 
     def reset_parameters(self) -> None:
@@ -224,7 +182,9 @@ class GPT(nn.Module):
                 module.reset_parameters()
 
     def num_params(self) -> int:
-        """Parameters, tied weights counted once (also after ``quantize.prepare``)."""
+        """Parameters, tied weights counted once: the config's count, which also holds after
+        ``quantize.prepare`` has turned the weights into buffers (tests check it against the
+        tensors)."""
         return self.config.num_params()
 
     @property

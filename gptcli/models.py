@@ -1,22 +1,23 @@
 """Finding and loading models for the commands: a checkpoint file, a run folder (its best,
 else last checkpoint), a name in the local store, or the latest run; ``load_model`` puts it on
-a device in its inference layout."""
+a device in its inference layout; ``quantize_checkpoint`` writes an int8 copy."""
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-import torch
-
-from .checkpoint import PICKLE_SUFFIXES, check_readable, load_checkpoint
+from .checkpoint import PICKLE_SUFFIXES, check_readable, load_checkpoint, save_checkpoint
+from .devices import resolve_device, resolve_dtype
+from .errors import UserError
 from .model import GPT
-from .runtime import UserError, models_dir, resolve_device, resolve_dtype, store_name
+from .quantize import check_scheme, is_quantized, prepare
+from .runs import RUNS_DIR, RunFolder
+from .store import KNOWN_MODELS, is_repo_id, is_stored_name, local_models, stored_model
 from .tokenizer import Tokenizer
 
 
-def resolve_model(name: str | os.PathLike | None, runs_dir: str | os.PathLike = "runs") -> Path:
+def resolve_model(name: str | os.PathLike | None, runs_dir: str | os.PathLike = RUNS_DIR) -> Path:
     """Find the checkpoint a user means by ``name``.
 
     A checkpoint file; a run folder (its ``best.safetensors``, else ``last.safetensors``); the
@@ -24,41 +25,33 @@ def resolve_model(name: str | os.PathLike | None, runs_dir: str | os.PathLike = 
     or, for None, the most recently written run under ``runs_dir``.
     """
     if name is None:
-        runs = sorted(Path(runs_dir).glob("*/*.safetensors"), key=lambda p: p.stat().st_mtime)
-        runs = [p for p in runs if p.name in ("best.safetensors", "last.safetensors")]
+        runs = RunFolder.all(runs_dir)
         if not runs:
             raise UserError(f"no --model given, and there is no trained run under ./{runs_dir}. "
                             f"Train one with `gpt train`, {_elsewhere()}")
-        return resolve_model(runs[-1].parent)
+        return resolve_model(runs[-1].path)
     path = Path(name)
     if path.is_dir():
-        for candidate in ("best.safetensors", "last.safetensors"):
-            if (path / candidate).is_file():
-                return path / candidate
-        raise UserError(f"run folder {path} has no best.safetensors or last.safetensors")
+        checkpoint = RunFolder(path).checkpoint()
+        if checkpoint is None:
+            raise UserError(f"run folder {path} has no best.safetensors or last.safetensors")
+        return checkpoint
     if path.is_file() or path.is_symlink() or path.suffix.lower() in (".safetensors",
                                                                        *PICKLE_SUFFIXES):
         return check_readable(path)
-    stored = models_dir() / f"{store_name(str(name))}.safetensors"
-    if stored.is_file():
+    stored = stored_model(str(name))
+    if stored is not None:
         return stored
-    from .hub import KNOWN_MODELS
-
-    if str(name) in KNOWN_MODELS or str(name).count("/") == 1:
+    if str(name) in KNOWN_MODELS or is_repo_id(str(name)):
         raise UserError(f"{name} is not downloaded yet: get it with `gpt download {name}` "
                         f"(once, with network access); {_elsewhere(downloads=False)}")
     raise UserError(f"no model named {str(name)!r}: it is not a file, a run folder or a "
                     f"downloaded model; {_elsewhere(downloads=False)}")
 
 
-def local_models() -> list[str]:
-    """Names of the models in the local store."""
-    return sorted(p.stem.replace("--", "/") for p in models_dir().glob("*.safetensors"))
-
-
 def _elsewhere(downloads: bool = True) -> str:
     """The rest of a "which model?" message: what is available locally, or how to get one."""
-    runs = sorted(str(p.parent) for p in Path("runs").glob("*/last.safetensors"))
+    runs = sorted(str(run.path) for run in RunFolder.all() if run.last.is_file())
     available = local_models() + runs
     if available:
         return "or use one of the models available locally: " + ", ".join(available) \
@@ -73,8 +66,6 @@ def load_model(name: str | os.PathLike | None, *, device: str = "auto", dtype: s
     (``resolve_model``), check it (weights finite too), put it on the device (in ``dtype`` if
     given) and give it its inference layout (``quantize.prepare``, int8 when asked or when the
     checkpoint is int8). Returns (model, tokenizer, path)."""
-    from .quantize import check_scheme, is_quantized, prepare
-
     path = resolve_model(name)
     dev = resolve_device(device)
     check_scheme(quantize, dev)
@@ -91,12 +82,32 @@ def display_name(path: Path) -> str:
     """A checkpoint's name for titles: the run folder for a run's checkpoints, ``org/name`` for
     a model in the local store, else the file's stem."""
     path = Path(path)
-    if (path.parent / "config.json").is_file() and re.fullmatch(
-            r"(best|last|step-\d+)(-int8)?", path.stem):
-        return path.parent.name
-    try:
-        if path.resolve().parent == models_dir().resolve():
-            return path.stem.replace("--", "/")
-    except OSError:
-        pass
+    run = RunFolder.holding(path)
+    if run is not None and run.made(path):
+        return run.path.name
+    if is_stored_name(path):
+        return path.stem.replace("--", "/")
     return path.stem
+
+
+def quantize_checkpoint(model_name: str | None, out: str | None = None, *,
+                        force: bool = False) -> dict:
+    """`gpt quantize`: an int8 copy of a float checkpoint (int8 weights, float32 scales, the same
+    metadata plus ``quantization: int8``), by default beside it as ``<name>-int8.safetensors``
+    (so a stored ``gpt2`` gives ``gpt2-int8``, usable as ``--model gpt2-int8``)."""
+    src = resolve_model(model_name)
+    target = Path(out) if out else src.with_name(f"{src.stem}-int8.safetensors")
+    if target.exists() and target.resolve() == src.resolve():
+        raise UserError("--out is the checkpoint being quantized; give another file")
+    if target.exists() and not force:
+        raise UserError(f"{target} already exists; pass --force to overwrite it, or --out to "
+                        "write another file")
+    model, tokenizer, meta = load_checkpoint(src, finite=True)
+    if is_quantized(model):
+        raise UserError(f"{src} is already an int8 checkpoint")
+    prepare(model, "int8")
+    kept = {k: v for k, v in meta.items() if k in ("step", "val_loss", "source", "run_id",
+                                                    "revision")}
+    save_checkpoint(target, model, tokenizer, **kept, quantized_from=str(src))
+    return {"path": str(target), "source": str(src), "size": target.stat().st_size,
+            "source_size": src.stat().st_size, "parameters": model.num_params()}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .runtime import autocast
+from .devices import autocast
 
 
 def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:

@@ -5,41 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .runtime import UserError, require
-
-
-def read_metrics(run: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(step, train loss) and (step, val loss) pairs from a run's metrics.jsonl."""
-    path = Path(run) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{run} is not a run folder (it has no metrics.jsonl)")
-    train, val = [], []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # blank, or cut off by a run killed mid-write
-            continue
-        if record.get("train_loss") is not None:
-            train.append((record["step"], record["train_loss"]))
-        if record.get("val_loss") is not None:
-            val.append((record["step"], record["val_loss"]))
-    return train, val
-
-
-def run_settings(run: Path) -> dict:
-    config = json.loads((Path(run) / "config.json").read_text())
-    return {**config.get("train", {}), **{f"model.{k}": v for k, v in config.get("model", {}).items()}}
+from .errors import require
+from .runs import RunFolder
 
 
 def compare_runs(runs: list[Path]) -> tuple[list[str], list[dict]]:
     """The settings that differ between runs, and one row per run with them and its best val."""
-    settings = [run_settings(r) if (Path(r) / "config.json").is_file() else {} for r in runs]
+    folders = [RunFolder(r) for r in runs]
+    settings = [f.settings() for f in folders]
     keys = sorted({k for s in settings for k in s})
     differ = [k for k in keys if k not in ("out",) and len({json.dumps(s.get(k)) for s in settings}) > 1]
     rows = []
-    for run, s in zip(runs, settings):
-        _, val = read_metrics(run)
-        rows.append({"run": str(run), "best_val": min((v for _, v in val), default=None),
+    for folder, s in zip(folders, settings):
+        _, val = folder.losses()
+        rows.append({"run": str(folder.path), "best_val": min((v for _, v in val), default=None),
                      **{k: s.get(k) for k in differ}})
     return differ, rows
 
@@ -52,7 +31,7 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, run in enumerate(runs):
-        train, val = read_metrics(run)
+        train, val = RunFolder(run).losses()
         color = f"C{i % 10}"
         label = Path(run).name if len(runs) > 1 else ""
         if train:

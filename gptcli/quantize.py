@@ -24,6 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import UserError
+from .model import Projection
+
 SCHEMES = ("int8",)
 QMAX = 127
 
@@ -37,10 +40,6 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = w.abs().amax(dim=1).clamp_min(1e-12) / QMAX
     q = torch.round(w / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8).contiguous()
     return q, scale
-
-
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale[:, None]
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -88,11 +87,68 @@ def chunked_matmul(x: torch.Tensor, packed: torch.Tensor, n_out: int) -> torch.T
     return y.permute(1, 0, 2).reshape(M, c * width)[:, :n_out]
 
 
+# ----------------------------------------------------------------------------- the layers
+
+class InferenceLinear(nn.Module):
+    """A projection in an inference layout: ``matmul`` of the flattened input, then the bias."""
+
+    n_out: int
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # (M, in) -> (M, out)
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x.reshape(-1, x.size(-1)))
+        y = y if self.bias is None else y + self.bias
+        return y.view(*x.shape[:-1], self.n_out)
+
+
+class Int8Linear(InferenceLinear):
+    """int8 weights: ``qweight`` (out, in) int8 and ``scale`` (out,) float32 per output channel
+    (see ``int8_matmul``), and the float bias. Its state-dict names (``qweight``, ``scale``,
+    ``bias``) are what int8 checkpoints store."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.n_out = qweight.size(0)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_matmul(x, self.qweight, self.scale)
+
+
+class ChunkedLinear(InferenceLinear):
+    """Float weights in the ``chunked`` layout (one chunk per CPU thread). The layout is made at
+    load time and never saved: the checkpoint keeps the plain weight."""
+
+    def __init__(self, packed: torch.Tensor, n_out: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.n_out = n_out
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("bias", bias)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return chunked_matmul(x, self.packed, self.n_out)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embedding lookups from int8 rows (shared with the int8 output matrix when tied)."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.qweight[idx].float() * self.scale[idx].unsqueeze(-1)
+
+
 # ----------------------------------------------------------------------------- preparing a model
 
 def check_scheme(quantize: str | None, device: torch.device | None = None) -> None:
-    from .runtime import UserError
-
     if quantize is not None and quantize not in SCHEMES:
         raise UserError(f"unknown quantization {quantize!r}; choose one of: "
                         f"{', '.join(SCHEMES)}")
@@ -101,60 +157,50 @@ def check_scheme(quantize: str | None, device: torch.device | None = None) -> No
                         f"{device.type}; use --device cpu, or leave out --quantize")
 
 
+def _frozen(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _swap(model: nn.Module, make) -> None:
+    """Replace every ``Projection`` of ``model`` by ``make(projection)``, in place."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, Projection):
+                setattr(module, child_name, make(child))
+
+
 def prepare(model: nn.Module, quantize: str | None = None, chunks: int | None = None) -> None:
     """Give ``model`` (a GPT) its inference layout, in place (see the module docstring). The
     model is then for inference only: it has no trainable weights left."""
-    from .model import Projection, QuantizedEmbedding
-
     check_scheme(quantize)
+    if is_prepared(model):
+        return
     chunks = chunks or max(1, torch.get_num_threads())
     model.eval().requires_grad_(False)
-    for module in list(model.modules()):
-        if isinstance(module, Projection):
-            module.prepare(quantize, chunks)
-    output = model.lm_head
-    if isinstance(output, Projection):  # already prepared
-        return
-    head = Projection(model.config.n_embd, model.config.vocab_size, bias=False, empty=True)
+    output = model.lm_head.weight.detach()  # (V, C): rows are the output channels
     if quantize == "int8":
-        q, scale = quantize_int8(output.weight)  # (V, C) rows are the output channels
-        head.set_int8(q, scale)
+        _swap(model, lambda p: Int8Linear(*quantize_int8(p.weight.t()), _frozen(p.bias)))
+        model.lm_head = Int8Linear(*quantize_int8(output), None)
         if model.config.tie_embeddings:  # lookups read the same int8 rows
-            model.wte = QuantizedEmbedding(head.qweight, head.scale)
+            model.wte = QuantizedEmbedding(model.lm_head.qweight, model.lm_head.scale)
         else:
             model.wte = QuantizedEmbedding(*quantize_int8(model.wte.weight))
     else:
-        head.set_chunked(chunked(output.weight.detach().t(), chunks))
-    model.lm_head = head
+        _swap(model, lambda p: ChunkedLinear(chunked(p.weight, chunks), p.n_out,
+                                             _frozen(p.bias)))
+        model.lm_head = ChunkedLinear(chunked(output.t(), chunks), output.size(0), None)
+
+
+def tie_int8(model: nn.Module) -> None:
+    """After loading an int8 checkpoint (which stores the tied matrix once, as the embedding's),
+    point the output matrix at the embedding's int8 rows again."""
+    if model.config.tie_embeddings and isinstance(model.wte, QuantizedEmbedding):
+        model.lm_head.qweight, model.lm_head.scale = model.wte.qweight, model.wte.scale
+
+
+def is_prepared(model: nn.Module) -> bool:
+    return isinstance(model.lm_head, InferenceLinear)
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return getattr(model.lm_head, "qweight", None) is not None
-
-
-def quantize_checkpoint(model_name: str, out: str | None = None, *, force: bool = False) -> dict:
-    """`gpt quantize`: an int8 copy of a float checkpoint (int8 weights, float32 scales, the same
-    metadata plus ``quantization: int8``), by default beside it as ``<name>-int8.safetensors``
-    (so a stored ``gpt2`` gives ``gpt2-int8``, usable as ``--model gpt2-int8``)."""
-    from pathlib import Path
-
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .models import resolve_model
-    from .runtime import UserError
-
-    src = resolve_model(model_name)
-    target = Path(out) if out else src.with_name(f"{src.stem}-int8.safetensors")
-    if target.exists() and target.resolve() == src.resolve():
-        raise UserError("--out is the checkpoint being quantized; give another file")
-    if target.exists() and not force:
-        raise UserError(f"{target} already exists; pass --force to overwrite it, or --out to "
-                        "write another file")
-    model, tokenizer, meta = load_checkpoint(src, finite=True)
-    if is_quantized(model):
-        raise UserError(f"{src} is already an int8 checkpoint")
-    prepare(model, "int8")
-    kept = {k: v for k, v in meta.items() if k in ("step", "val_loss", "source", "run_id",
-                                                    "revision")}
-    save_checkpoint(target, model, tokenizer, **kept, quantized_from=str(src))
-    return {"path": str(target), "source": str(src), "size": target.stat().st_size,
-            "source_size": src.stat().st_size, "parameters": model.num_params()}
+    return isinstance(model.lm_head, Int8Linear)

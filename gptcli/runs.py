@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -21,11 +22,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .runtime import UserError, make_folder, path_error, process_alive
+from .errors import UserError, path_error
+from .files import make_folder, process_alive, write_text
 
+RUNS_DIR = Path("runs")  # where runs go by default, relative to the working folder
 LOCK = ".lock"
 RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "last.state.safetensors",
              "best.safetensors", "loss.png")
+TENSORBOARD_DIR = "tensorboard"
+# The checkpoint files of a run folder (and their int8 copies made by `gpt quantize`).
+CHECKPOINT_NAME = re.compile(r"(best|last|step-\d+)(-int8)?")
 
 
 def read_records(path: Path) -> Iterator[dict]:
@@ -51,6 +57,34 @@ class RunFolder:
         self.path = Path(path)
         self._locked = self._created = False
 
+    @classmethod
+    def default_for(cls, data: list[str] | None) -> RunFolder:
+        """The folder a run goes to without ``--out``: ``runs/<name of its first data>``."""
+        if not data:
+            return cls(RUNS_DIR / "shakespeare")
+        return cls(RUNS_DIR / (Path(data[0].rstrip("/")).stem.replace("--", "-") or "run"))
+
+    @classmethod
+    def holding(cls, checkpoint: str | os.PathLike) -> RunFolder | None:
+        """The run folder a checkpoint file is in, or None when it is not in one."""
+        run = cls(Path(checkpoint).parent)
+        return run if run.config_path.is_file() else None
+
+    def made(self, checkpoint: str | os.PathLike) -> bool:
+        """Whether ``checkpoint`` is one of the files the run wrote (best, last, step-N, or an
+        int8 copy of one), not another file someone put in the folder."""
+        path = Path(checkpoint)
+        return path.parent == self.path and bool(CHECKPOINT_NAME.fullmatch(path.stem))
+
+    @staticmethod
+    def all(runs_dir: str | os.PathLike = RUNS_DIR) -> list[RunFolder]:
+        """The runs under ``runs_dir`` that have a checkpoint, least recently written first."""
+        newest: dict[Path, float] = {}
+        for p in Path(runs_dir).glob("*/*.safetensors"):
+            if p.name in ("best.safetensors", "last.safetensors"):
+                newest[p.parent] = max(newest.get(p.parent, 0.0), p.stat().st_mtime)
+        return [RunFolder(p) for p in sorted(newest, key=newest.__getitem__)]
+
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
 
@@ -75,8 +109,19 @@ class RunFolder:
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
 
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / TENSORBOARD_DIR
+
     def snapshot(self, step: int) -> Path:
         return self.path / f"step-{step}.safetensors"
+
+    def checkpoint(self) -> Path | None:
+        """The checkpoint a command uses: best.safetensors, else last.safetensors."""
+        for path in (self.best, self.last):
+            if path.is_file():
+                return path
+        return None
 
     def has_state(self) -> bool:
         return self.last.is_file() and self.last_state.is_file()
@@ -112,7 +157,7 @@ class RunFolder:
             (self.path / name).unlink(missing_ok=True)
         for snap in self.path.glob("step-*.safetensors"):
             snap.unlink()
-        shutil.rmtree(self.path / "tensorboard", ignore_errors=True)  # the old run's events
+        shutil.rmtree(self.tensorboard_dir, ignore_errors=True)  # the old run's events
         self.mkdir()
         return False
 
@@ -201,16 +246,34 @@ class RunFolder:
             return None
 
     def write_config(self, config: dict[str, Any]) -> None:
-        from .checkpoint import atomic_write
+        write_text(self.config_path, json.dumps(config, indent=2), what="run config")
 
-        text = json.dumps(config, indent=2)
-        atomic_write(self.config_path, lambda tmp: Path(tmp).write_text(text))
+    def train_settings(self) -> dict[str, Any]:
+        """The TrainConfig fields the run was trained with ({} when unknown)."""
+        return dict((self.read_config() or {}).get("train") or {})
+
+    def tokenizer_spec(self) -> dict | None:
+        return (self.read_config() or {}).get("tokenizer")
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting of the run, flat: the TrainConfig fields and ``model.<field>``."""
+        config = self.read_config() or {}
+        return {**config.get("train", {}),
+                **{f"model.{k}": v for k, v in config.get("model", {}).items()}}
 
     # metrics.jsonl
     def records(self) -> list[dict]:
         if not self.metrics_path.is_file():
             raise UserError(f"{self.path} is not a run folder (it has no metrics.jsonl)")
         return list(read_records(self.metrics_path))
+
+    def losses(self) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        """(step, train loss) and (step, validation loss) pairs, from metrics.jsonl."""
+        records = self.records()
+        return ([(r["step"], r["train_loss"]) for r in records
+                 if r.get("train_loss") is not None and "step" in r],
+                [(r["step"], r["val_loss"]) for r in records
+                 if r.get("val_loss") is not None and "step" in r])
 
     def open_metrics(self, resume_step: int | None) -> MetricsLog:
         return MetricsLog(self.metrics_path, resume_step)

@@ -23,7 +23,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .runtime import UserError, datasets_dir, require
+from .errors import UserError, require
+from .store import tasks_dir
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ TASKS = {
 # ----------------------------------------------------------------------------- data
 
 def task_store(name: str) -> Path:
-    return datasets_dir() / "tasks" / name
+    return tasks_dir() / name
 
 
 def load_items(task: Task, path: Path) -> list[dict]:
@@ -98,7 +99,7 @@ def load_items(task: Task, path: Path) -> list[dict]:
         except ValueError as e:
             raise UserError(f"{path} line {n} is not valid JSON: {e}") from None
         except OSError as e:
-            from .runtime import path_error
+            from .errors import path_error
 
             raise path_error(e, f"read the {task.name} file", path) from None
     for n, row in enumerate(rows, 1):
@@ -119,7 +120,7 @@ def fetch(task: Task, offline: bool, log: Callable[[str], None]) -> tuple[Path, 
         source = json.loads(source_file.read_text())
         if (store / source["file"]).is_file():
             return store / source["file"], source
-    from .hub import hub_fetch, list_files
+    from .hub import commit_of, hub_fetch, list_files
 
     files = list_files(task.repo, offline=offline)
     chosen = next((f for pattern in task.patterns for f in sorted(files)
@@ -131,19 +132,9 @@ def fetch(task: Task, offline: bool, log: Callable[[str], None]) -> tuple[Path, 
     log(f"downloading {task.name} ({task.repo}: {chosen})")
     path = hub_fetch(task.repo, chosen, offline=offline, repo_type="dataset",
                      local_dir=store)
-    revision = path.parent.name if len(path.parent.name) == 40 else None
-    source = {"repo": task.repo, "file": chosen, "revision": _commit(store) or revision}
+    source = {"repo": task.repo, "file": chosen, "revision": commit_of(path, local_dir=store)}
     source_file.write_text(json.dumps(source))
     return store / chosen, source
-
-
-def _commit(folder: Path) -> str | None:
-    """The commit huggingface_hub recorded for files it put into a local folder."""
-    for meta in (folder / ".cache" / "huggingface" / "download").rglob("*.metadata"):
-        first = meta.read_text().splitlines()[:1]
-        if first and len(first[0]) == 40:
-            return first[0]
-    return None
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -158,9 +149,7 @@ def split_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], l
     whole = tokenizer.encode(context + continuation)
     ctx = tokenizer.encode(context) if context else []
     if not ctx:  # an empty context starts from end-of-text, as the harness does
-        from .sampling import prompt_ids
-
-        return prompt_ids(tokenizer, "", 1 << 30)[0], whole
+        return [tokenizer.start_id], whole
     return ctx, whole[len(ctx):]
 
 
@@ -274,9 +263,7 @@ def wikitext_detokenize(text: str) -> str:
 
 
 def wikitext(model, tokenizer, items: list[dict], batch_size: int, tick) -> dict:
-    from .sampling import prompt_ids
-
-    prefix = prompt_ids(tokenizer, "", 1 << 30)[0][0]
+    prefix = tokenizer.start_id
     total_ll, tokens, words, n_bytes = 0.0, 0, 0, 0
     for item in items:
         doc = wikitext_detokenize(item["page"])
@@ -306,7 +293,6 @@ class TaskResult:
     source: dict
     published: str
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def parse_task_files(entries: Sequence[str] | None) -> dict[str, Path]:

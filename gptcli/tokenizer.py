@@ -12,7 +12,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Protocol, runtime_checkable
 
-from .runtime import UserError
+from .errors import UserError
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOT = "<|endoftext|>"
@@ -31,9 +31,18 @@ class Tokenizer(Protocol):
         """Id of the end-of-text token, or None when the vocabulary has none."""
         ...
 
-    def encode(self, text: str) -> list[int]: ...
+    @property
+    def separator_id(self) -> int | None:
+        """The token between documents: end-of-text, or a newline for character vocabularies
+        that have one (as nanoGPT joins its character data); None when there is neither."""
+        ...
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+    @property
+    def start_id(self) -> int:
+        """The token an empty prompt starts from: the separator, else id 0."""
+        ...
+
+    def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Iterable[int]) -> str: ...
 
@@ -70,13 +79,18 @@ class GPT2Tokenizer:
     def eot_id(self) -> int:
         return self._enc.eot_token
 
+    @property
+    def separator_id(self) -> int:
+        return self.eot_id
+
+    @property
+    def start_id(self) -> int:
+        return self.eot_id
+
     def encode(self, text: str) -> list[int]:
         # The end-of-text marker in ordinary text is encoded as plain characters, never as the
         # special token, so user text cannot inject it.
         return self._enc.encode_ordinary(text)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._enc.encode_ordinary_batch(list(texts))
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode(list(ids))
@@ -101,6 +115,7 @@ class CharTokenizer:
 
     @classmethod
     def from_text(cls, text: str | Iterable[str]) -> CharTokenizer:
+        """The vocabulary of every character in ``text`` (a string or pieces of one), sorted."""
         chars: set[str] = set()
         for piece in [text] if isinstance(text, str) else text:
             chars.update(piece)
@@ -116,6 +131,14 @@ class CharTokenizer:
     def eot_id(self) -> None:
         return None
 
+    @property
+    def separator_id(self) -> int | None:
+        return self._index.get("\n")
+
+    @property
+    def start_id(self) -> int:
+        return self.separator_id if self.separator_id is not None else 0
+
     def encode(self, text: str) -> list[int]:
         try:
             return [self._index[c] for c in text]
@@ -127,9 +150,6 @@ class CharTokenizer:
                 f"the text has {len(unknown)} character(s) outside this model's "
                 f"{len(self.chars)}-character vocabulary: {shown}{more}"
             ) from None
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.chars[i] for i in ids)

@@ -19,10 +19,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .runtime import UserError, require
+from .errors import UserError, require
+from .runs import MetricsLog, RunFolder
 
 TRACKERS = ("tensorboard", "wandb")
-TENSORBOARD_DIR = "tensorboard"
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -33,14 +33,14 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoard:
-    def __init__(self, run_path: Path, resume_step: int | None) -> None:
+    def __init__(self, run: RunFolder, resume_step: int | None) -> None:
         require("tensorboard", "tensorboard", needed_for="--log-to tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops the events at and after it: those steps are trained again
-        self.writer = SummaryWriter(str(run_path / TENSORBOARD_DIR),
+        self.writer = SummaryWriter(str(run.tensorboard_dir),
                                     purge_step=None if resume_step is None else resume_step + 1)
-        self.note = f"logging to tensorboard; view with: tensorboard --logdir {run_path}"
+        self.note = f"logging to tensorboard; view with: tensorboard --logdir {run.path}"
 
     def log(self, step: int, values: dict[str, float]) -> None:
         for name, value in values.items():
@@ -54,12 +54,12 @@ class TensorBoard:
 
 
 class WandB:
-    def __init__(self, run_path: Path, run_id: str, config: dict[str, Any]) -> None:
+    def __init__(self, run: RunFolder, run_id: str, config: dict[str, Any]) -> None:
         wandb = require("wandb", "wandb", needed_for="--log-to wandb")
         try:
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gptcli"),
-                                  id=run_id, name=run_path.name, resume="allow",
-                                  dir=str(run_path), config=config,
+                                  id=run_id, name=run.path.name, resume="allow",
+                                  dir=str(run.path), config=config,
                                   settings=wandb.Settings(silent=True))
         except Exception as e:  # wandb raises its own types for login and network failures
             raise UserError(f"wandb could not start: {str(e).splitlines()[0] if str(e) else e!r}"
@@ -86,15 +86,15 @@ class WandB:
 class Trackers:
     """The trackers a run logs to (possibly none)."""
 
-    def __init__(self, names: list[str], run_path: Path, run_id: str,
+    def __init__(self, names: list[str], run: RunFolder, run_id: str,
                  config: dict[str, Any] | None = None, resume_step: int | None = None) -> None:
         self.trackers: list = []
         try:
             for name in dict.fromkeys(names):
                 if name == "tensorboard":
-                    self.trackers.append(TensorBoard(run_path, resume_step))
+                    self.trackers.append(TensorBoard(run, resume_step))
                 elif name == "wandb":
-                    self.trackers.append(WandB(run_path, run_id, config or {}))
+                    self.trackers.append(WandB(run, run_id, config or {}))
                 else:
                     raise UserError(f"unknown tracker {name!r}; choose from "
                                     f"{', '.join(TRACKERS)}")
@@ -128,10 +128,9 @@ def log_results(checkpoint: str | os.PathLike, values: dict[str, float], names: 
     folder to that run: a record in its metrics.jsonl at the checkpoint's step, and its
     trackers. Returns the run folder."""
     from .checkpoint import read_safetensors
-    from .runs import MetricsLog, RunFolder
 
-    run = RunFolder(Path(checkpoint).parent)
-    saved = run.read_config()
+    run = RunFolder.holding(checkpoint)
+    saved = run.read_config() if run is not None else None
     if saved is None or not run.metrics_path.is_file():
         raise UserError(f"--log-to adds the results to the run the model comes from, but "
                         f"{checkpoint} is not in a run folder; give --model a run folder or a "
@@ -142,7 +141,7 @@ def log_results(checkpoint: str | os.PathLike, values: dict[str, float], names: 
         metrics = MetricsLog(run.metrics_path, None)
         metrics.write(step=step, checkpoint=Path(checkpoint).name, **values)
         metrics.close()
-        trackers = Trackers(names, run.path, saved.get("run_id") or "", saved.get("train"))
+        trackers = Trackers(names, run, saved.get("run_id") or "", saved.get("train"))
         try:
             trackers.summary(step, values)
         finally:

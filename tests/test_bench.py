@@ -17,7 +17,7 @@ from gptcli.model import GPT
 runner = CliRunner()
 FAST = ["bench", "--device", "cpu", "--preset", "tiny", "--steps", "2", "--warmup", "1",
         "--batch-size", "2", "--context-length", "32", "--prompt-length", "8",
-        "--new-tokens", "4", "--json"]
+        "--max-new-tokens", "4", "--json"]
 
 
 def figures(obj, path=""):
@@ -204,5 +204,5 @@ def test_bad_values_exit_2():
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --only must be 'train' or 'generate', got 'eval'"
     result = runner.invoke(app, ["bench", "--device", "cpu", "--preset", "tiny",
-                                 "--prompt-length", "60", "--new-tokens", "10"])
+                                 "--prompt-length", "60", "--max-new-tokens", "10"])
     assert result.exit_code == 2 and "must fit in the context length (64)" in result.stderr

@@ -14,7 +14,7 @@ from gptcli import checkpoint
 from gptcli.checkpoint import checkpoint_info, expected_shapes, load_checkpoint, save_checkpoint
 from gptcli.cli import app
 from gptcli.model import GPT
-from gptcli.runtime import RuntimeFailure, UserError
+from gptcli.errors import RuntimeFailure, UserError
 from gptcli.tokenizer import CharTokenizer, GPT2Tokenizer
 
 from conftest import char_tokenizer, randomize_, tiny_config

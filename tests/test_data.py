@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from gptcli import data
+from gptcli.data import cache, sources
 from gptcli.data import BatchSampler, check_enough, load_tokens, resolve_data
-from gptcli.runtime import UserError
+from gptcli.errors import UserError
 from gptcli.tokenizer import GPT2Tokenizer
 
 
@@ -64,16 +64,16 @@ def test_not_utf8_names_file_and_offset(tmp_path):
 def test_cache_is_reused(corpus, monkeypatch):
     first = load_tokens([corpus], "gpt2")
     assert first.tokens.dtype == np.uint16
-    monkeypatch.setattr(data.Pool, "run", lambda *a, **k: pytest.fail("tokenized twice"))
+    monkeypatch.setattr(cache.Pool, "run", lambda *a, **k: pytest.fail("tokenized twice"))
     second = load_tokens([corpus], "gpt2")
-    assert second.path == first.path and np.array_equal(second.tokens, first.tokens)
+    assert second.shards == first.shards and np.array_equal(second.tokens, first.tokens)
 
 
 def test_streaming_in_small_chunks_equals_whole_text(corpus, monkeypatch):
     text = corpus.read_text()
     whole = GPT2Tokenizer().encode(text)
-    monkeypatch.setattr(data, "CHUNK_BYTES", 1000)
-    monkeypatch.setattr(data, "PIECE_CHARS", 300)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(cache, "PIECE_CHARS", 300)
     streamed = load_tokens([corpus], "gpt2").tokens
     assert streamed.tolist() == whole
     chars = load_tokens([corpus], "char")
@@ -102,9 +102,9 @@ def test_sampler_state_resumes_the_same_batches():
 
 def test_unchanged_files_skip_even_the_hashing_pass(corpus, monkeypatch):
     first = load_tokens([corpus], "char")
-    monkeypatch.setattr(data, "read_text_chunks", lambda *a, **k: pytest.fail("read again"))
+    monkeypatch.setattr(cache, "read_text_chunks", lambda *a, **k: pytest.fail("read again"))
     second = load_tokens([corpus], "char")
-    assert second.path == first.path and second.tokenizer.spec() == first.tokenizer.spec()
+    assert second.shards == first.shards and second.tokenizer.spec() == first.tokenizer.spec()
 
 
 def test_an_edited_file_is_tokenized_again(tmp_path):
@@ -172,7 +172,7 @@ def test_parquet_is_read_with_bounded_memory(tmp_path):
     pq.write_table(pa.table({"text": rows}), tmp_path / "big.parquet", row_group_size=500,
                    compression="none")
     base, peak, count = pa.total_allocated_bytes(), 0, 0
-    for docs in data.read_documents(tmp_path / "big.parquet", "text"):
+    for docs in sources.read_documents(tmp_path / "big.parquet", "text"):
         count += len(docs)
         peak = max(peak, pa.total_allocated_bytes() - base)
     assert count == len(rows)
@@ -180,7 +180,7 @@ def test_parquet_is_read_with_bounded_memory(tmp_path):
 
 
 def test_workers_make_byte_identical_shards(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 2000)  # many pieces, so both workers get some
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 2000)  # many pieces, so both workers get some
     text = (tmp_path / "t.txt")
     text.write_text(("All the world's a stage, and all the men and women merely players.\n"
                      "They have their exits and their entrances.\n") * 400)
@@ -198,7 +198,7 @@ def test_adding_a_file_tokenizes_only_that_file(tmp_path, monkeypatch):
     first = load_tokens(resolve_data([str(tmp_path / "d")]), "gpt2")
     (tmp_path / "d" / "b.txt").write_text("second file\n" * 50)
     tokenized = []
-    real = data.tokenize_file
+    real = cache.tokenize_file
 
     def spy(path, *args, **kwargs):
         shard = real(path, *args, **kwargs)
@@ -208,7 +208,7 @@ def test_adding_a_file_tokenizes_only_that_file(tmp_path, monkeypatch):
     import time
 
     start = time.time_ns()
-    monkeypatch.setattr(data, "tokenize_file", spy)
+    monkeypatch.setattr(cache, "tokenize_file", spy)
     second = load_tokens(resolve_data([str(tmp_path / "d")]), "gpt2")
     assert tokenized == ["b.txt"] and second.shards[0] == first.shards[0]
     b_tokens = first.tokenizer.encode("second file\n" * 50)

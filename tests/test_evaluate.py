@@ -62,7 +62,7 @@ def test_gpt_eval_cli_equals_direct_computation(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--context-length", "-5"], "error: --context-length must be at least 1, got -5"),
+    (["--window", "-5"], "error: --window must be at least 1, got -5"),
     (["--batch-size", "0"], "error: --batch-size must be at least 1, got 0"),
     (["--stride", "100"], "error: --stride must be between 1 and the window length (32), got 100"),
 ])
@@ -81,10 +81,10 @@ def test_gpt_eval_refuses_a_window_longer_than_the_model_context(tmp_path):
     path = save_checkpoint(tmp_path / "m.safetensors", GPT(tiny_config(vocab_size=4)), tok)
     (tmp_path / "t.txt").write_text("abc " * 30)
     result = runner.invoke(app, ["eval", "--model", str(path), "--data", str(tmp_path / "t.txt"),
-                                 "--context-length", "64"])
+                                 "--window", "64"])
     assert result.exit_code == 2
-    assert result.stderr.strip() == ("error: --context-length 64 is longer than the model's "
-                                     "context (32); use at most 32")
+    assert result.stderr.strip() == ("error: --window 64 is longer than the model's context "
+                                     "(32); use at most 32")
 
 
 def test_gpt_eval_of_a_run_scores_its_own_validation_split(corpus, tmp_path):

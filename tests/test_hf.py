@@ -4,7 +4,7 @@ import pytest
 
 from gptcli.config import ModelConfig
 from gptcli.hf import from_hf, to_hf
-from gptcli.runtime import UserError
+from gptcli.errors import UserError
 
 
 def test_round_trip_of_config_and_names():

@@ -213,7 +213,7 @@ def test_connection_dropped_mid_file(tmp_path, hub):
 
 
 def test_download_dataset_text_files(tmp_path, hub):
-    result = gpt(tmp_path, "download", "--dataset", "t/text", "--file", "a.txt", "--file",
+    result = gpt(tmp_path, "download", "--dataset", "t/text", "--include", "a.txt", "--include",
                  "b.txt", endpoint=hub.url)
     assert result.returncode == 0, result.stderr
     folder = tmp_path / "gptcli" / "datasets" / "t--text"
@@ -223,7 +223,7 @@ def test_download_dataset_text_files(tmp_path, hub):
 
 
 def test_dataset_files_must_be_text(tmp_path):
-    result = runner.invoke(app, ["download", "--dataset", "t/text", "--file", "x.bin"],
+    result = runner.invoke(app, ["download", "--dataset", "t/text", "--include", "x.bin"],
                            env={"GPTCLI_HOME": str(tmp_path)})
     assert result.exit_code == 2
     assert result.stderr.strip() == ("error: gptcli trains on .txt, .jsonl and .parquet files, "
@@ -238,7 +238,7 @@ def test_unreachable_hub_is_one_line_exit_1(tmp_path, monkeypatch):
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     from gptcli import hub
-    from gptcli.runtime import RuntimeFailure
+    from gptcli.errors import RuntimeFailure
 
     def unreachable(*args, **kwargs):
         try:
@@ -318,7 +318,7 @@ def test_export_round_trip_with_transformers(tmp_path, tokenizer):
     tok = GPT2Tokenizer() if tokenizer == "gpt2" else CharTokenizer([chr(33 + i)
                                                                      for i in range(101)])
     path = save_checkpoint(tmp_path / "m.safetensors", model, tok)
-    result = runner.invoke(app, ["export", "--model", str(path), "--to", str(tmp_path / "hf")])
+    result = runner.invoke(app, ["export", "--model", str(path), "--out", str(tmp_path / "hf")])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors"]
@@ -336,7 +336,7 @@ def test_export_round_trip_with_transformers(tmp_path, tokenizer):
 def test_export_refuses_what_gpt2_cannot_express(tmp_path, option, shown):
     path = save_checkpoint(tmp_path / "m.safetensors", GPT(tiny_config(n_embd=48, **option)),
                            CharTokenizer.from_text("abc"))
-    result = runner.invoke(app, ["export", "--model", str(path), "--to", str(tmp_path / "hf")])
+    result = runner.invoke(app, ["export", "--model", str(path), "--out", str(tmp_path / "hf")])
     assert result.exit_code == 2
     assert result.stderr.strip() == (f"error: Hugging Face GPT-2 cannot express this model "
                                      f"({shown})")
@@ -348,13 +348,13 @@ def test_export_into_a_folder_with_files_needs_force(tmp_path):
     path = save_checkpoint(tmp_path / "m.safetensors", model, GPT2Tokenizer())
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("mine")
-    result = runner.invoke(app, ["export", "--model", str(path), "--to", str(tmp_path / "hf")])
+    result = runner.invoke(app, ["export", "--model", str(path), "--out", str(tmp_path / "hf")])
     assert result.exit_code == 2
-    assert result.stderr.strip() == (f"error: --to {tmp_path / 'hf'} already has files; pass "
+    assert result.stderr.strip() == (f"error: --out {tmp_path / 'hf'} already has files; pass "
                                      "--force to overwrite them, or give an empty or new folder")
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["config.json"]
     assert (tmp_path / "hf" / "config.json").read_text() == "mine"
-    result = runner.invoke(app, ["export", "--model", str(path), "--to", str(tmp_path / "hf"),
+    result = runner.invoke(app, ["export", "--model", str(path), "--out", str(tmp_path / "hf"),
                                  "--force"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "gpt2"

@@ -61,7 +61,7 @@ def third_party_imports() -> list[Import]:
 
 
 def required_extras() -> dict[str, str]:
-    """Modules the package loads through ``runtime.require(module, extra)`` -> the extra."""
+    """Modules the package loads through ``errors.require(module, extra)`` -> the extra."""
     out = {}
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -91,14 +91,14 @@ def test_every_imported_module_is_declared():
 
 def test_modules_only_in_an_extra_are_loaded_lazily_through_require():
     """A module that a plain install lacks may only be imported inside a function, and the
-    package must load it through ``runtime.require`` somewhere, so a missing extra is named."""
+    package must load it through ``errors.require`` somewhere, so a missing extra is named."""
     optional = required_extras()
     for imp in third_party_imports():
         if distributions_of(imp.module) & CORE:
             continue
         assert imp.in_function, f"{imp} is only in an extra but imported at module level"
         assert imp.module in optional, \
-            f"{imp} is only in an extra; load it with runtime.require({imp.module!r}, EXTRA)"
+            f"{imp} is only in an extra; load it with errors.require({imp.module!r}, EXTRA)"
         extra = optional[imp.module]
         assert extra in EXTRAS and distributions_of(imp.module) & EXTRAS[extra], \
             f"require({imp.module!r}, {extra!r}) names an extra that does not install it"

@@ -3,7 +3,8 @@ import json
 from typer.testing import CliRunner
 
 from gptcli.cli import app
-from gptcli.plot import compare_runs, read_metrics
+from gptcli.plot import compare_runs
+from gptcli.runs import RunFolder
 
 runner = CliRunner()
 
@@ -26,7 +27,7 @@ def test_compare_runs_lists_only_differing_settings(tmp_path):
     differ, rows = compare_runs([a, b])
     assert differ == ["lr"]
     assert rows[0]["best_val"] == 2.5 and rows[1]["best_val"] == 2.8
-    train, val = read_metrics(a)
+    train, val = RunFolder(a).losses()
     assert train[0] == (10, 3.1) and val[-1] == (30, 2.6)
 
 
@@ -50,7 +51,7 @@ def test_a_cut_off_last_line_is_skipped(tmp_path):
     run = fake_run(tmp_path / "a", 1e-3, [3.0, 2.5])
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 30, "train_lo')  # the run was killed mid-write
-    train, val = read_metrics(run)
+    train, val = RunFolder(run).losses()
     assert len(train) == 2 and val[-1] == (20, 2.5)
 
 

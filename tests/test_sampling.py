@@ -11,8 +11,8 @@ from gptcli.cli import app
 from gptcli.config import SampleConfig
 from gptcli.model import GPT
 from gptcli.decode import decode_loop, window_start
-from gptcli.sampling import (apply_repetition_penalty, filter_top_k, filter_top_p, generate,
-                             next_token, prompt_ids)
+from gptcli.generate import generate, prompt_ids
+from gptcli.sampling import apply_repetition_penalty, filter_top_k, filter_top_p, next_token
 from gptcli.tokenizer import CharTokenizer, GPT2Tokenizer
 
 from conftest import randomize_, tiny_config
@@ -131,7 +131,7 @@ def test_end_of_text_and_stop_strings():
 
 
 def test_streamed_pieces_never_split_a_character():
-    from gptcli.sampling import TextStream
+    from gptcli.generate import TextStream
 
     tok = GPT2Tokenizer()
     text = "naïve café 🙂 日本語"
@@ -144,7 +144,7 @@ def test_streamed_pieces_never_split_a_character():
 
 
 def test_stop_strings_are_held_back_until_they_cannot_match():
-    from gptcli.sampling import TextStream
+    from gptcli.generate import TextStream
 
     tok = CharTokenizer(list("abcXY"))
     stream = TextStream(tok, stop=["XY"], eot_id=None)
@@ -296,12 +296,12 @@ def test_compiled_step_matches_eager_and_compiles_once():
 
 
 def test_cli_out_of_memory_suggests_what_generate_can_change(char_checkpoint, monkeypatch):
-    from gptcli import sampling
+    import gptcli.generate
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
 
-    monkeypatch.setattr(sampling, "Engine", oom)
+    monkeypatch.setattr(gptcli.generate, "Engine", oom)
     result = gen("--model", str(char_checkpoint), "--prompt", "abc")
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1] == (

@@ -25,8 +25,9 @@ from gptcli.checkpoint import save_checkpoint  # noqa: E402
 from gptcli.config import SampleConfig  # noqa: E402
 from gptcli.models import load_model  # noqa: E402
 from gptcli.model import GPT  # noqa: E402
-from gptcli.sampling import generate, prompt_ids  # noqa: E402
-from gptcli.serve import CHAT_STOP, Server, create_app  # noqa: E402
+from gptcli.generate import generate, prompt_ids  # noqa: E402
+from gptcli.serve.protocol import CHAT_STOP  # noqa: E402
+from gptcli.serve.server import Server, create_app  # noqa: E402
 from gptcli.tokenizer import CharTokenizer  # noqa: E402
 
 from conftest import randomize_, tiny_config  # noqa: E402
@@ -53,6 +54,7 @@ def served(tmp_path_factory):
     server = Server(model, tokenizer, model_id="tiny", max_batch=4, max_tokens=200,
                     api_key=KEY, max_body=4096)
     port = free_port()
+    server.scheduler.start()  # `gpt serve` runs it on the main thread; here, beside the tests
     uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port,
                                        log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -64,6 +66,7 @@ def served(tmp_path_factory):
            "tokenizer": tokenizer, "path": path}
     uv.should_exit = True
     thread.join(15)
+    server.scheduler.stop()
 
 
 @pytest.fixture

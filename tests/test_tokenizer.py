@@ -2,7 +2,7 @@ import socket
 
 import pytest
 
-from gptcli.runtime import UserError
+from gptcli.errors import UserError
 from gptcli.tokenizer import CharTokenizer, GPT2Tokenizer, _gpt2_encoding, get_tokenizer
 
 

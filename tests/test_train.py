@@ -14,7 +14,7 @@ from gptcli.checkpoint import load_checkpoint
 from gptcli.cli import app
 from gptcli.config import TrainConfig
 from gptcli.model import GPT
-from gptcli.runtime import RuntimeFailure
+from gptcli.errors import RuntimeFailure
 from gptcli.optim import lr_at
 from gptcli.runs import RunFolder
 from gptcli.train import fit

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from . import commands  # noqa: F401 - registers the commands on the app
-from ..runtime import STDOUT_CLOSED, silence_stdout
+from ..files import STDOUT_CLOSED, silence_stdout
 from .app import app
 
 __all__ = ["app", "main"]

@@ -23,7 +23,8 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from .. import __version__
-from ..runtime import STDOUT_CLOSED, GptcliError, UserError, is_debug, is_oom, silence_stdout
+from ..errors import GptcliError, UserError, is_debug, is_oom
+from ..files import STDOUT_CLOSED, silence_stdout
 
 
 class _HelpSwitch:
@@ -38,6 +39,9 @@ class _HelpSwitch:
                 continue
             name = param.metavar or param.name.upper()
             usage = name if param.required else f"[{name}]"
+            # Typer offers no public way to drop the type column or the braces: these are the
+            # attributes its rich help formatter and usage line read (private, as of Typer 0.29;
+            # if an update renames them, tests/test_cli.py sees the type in the help again).
             param.display_type_rich = lambda ctx: None
             param._usage_display_name = lambda usage=usage: usage
 
@@ -111,7 +115,7 @@ def handle_errors(fn, oom_hint: str):
 def describe(e: BaseException, oom_hint: str) -> tuple[str, int]:
     """The one-line message and exit status for an exception that reached a command."""
     from ..config import validation_message
-    from ..runtime import path_error
+    from ..errors import path_error
 
     if isinstance(e, GptcliError):
         return str(e), e.exit_code
@@ -163,14 +167,18 @@ def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def config_flags(*models, exclude: tuple[str, ...] = ()) -> dict[str, inspect.Parameter]:
-    """One Typer option per field of ``models`` (the first model wins for a shared name)."""
+def config_flags(*models, exclude: tuple[str, ...] = (),
+                 helps: dict[str, str] | None = None) -> dict[str, inspect.Parameter]:
+    """One Typer option per field of ``models`` (the first model wins for a shared name);
+    ``helps`` replaces a field's help where one command gives it another meaning (bench's
+    ``--model`` defaults to a preset, not to the latest run)."""
     params: dict[str, inspect.Parameter] = {}
     for model in models:
         for name, field in model.model_fields.items():
             if name in params or name in exclude:
                 continue
             help_text, extra = field_info(field)
+            help_text = (helps or {}).get(name, help_text)
             kind = _base_type(field.annotation)
             if field.default not in (None, [], False):
                 help_text = f"{help_text} (default: {field.default})"
@@ -192,17 +200,20 @@ def _panel(param: inspect.Parameter) -> str | None:
 
 
 def command(name: str, *configs, exclude: tuple[str, ...] = (), panels: tuple[str, ...] = (),
-            oom_hint: str = "try a smaller model", **kwargs):
+            oom_hint: str = "try a smaller model", helps: dict[str, str] | None = None,
+            **kwargs):
     """Register a command under the error policy. With ``configs``, the command also gets one
     flag per config field and receives the ones the user gave as ``given`` (a dict).
-    ``panels`` orders the groups of options in ``--help``."""
+    ``panels`` orders the groups of options in ``--help``; ``helps`` overrides a field's help
+    for this command."""
 
     def register(fn):
         handled = callback = handle_errors(fn, oom_hint)
         if configs:
             own = [p for p in inspect.signature(fn, eval_str=True).parameters.values()
                    if p.name != "given"]
-            derived = config_flags(*configs, exclude=(*exclude, *(p.name for p in own)))
+            derived = config_flags(*configs, exclude=(*exclude, *(p.name for p in own)),
+                                   helps=helps)
             order = {panel: i for i, panel in enumerate(panels)}
             listed = sorted([p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
                              for p in (*derived.values(), *own)],
@@ -233,8 +244,23 @@ def settings(model, given: dict[str, Any], **fixed: Any):
 
 # ----------------------------------------------------------------------------- shared CLI options
 
-Json = Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object on stdout.",
-                                    rich_help_panel="Output")]
+# The flags every command spells the same way, declared once (DESIGN.md, "One flag vocabulary").
+Json = Annotated[bool, typer.Option(
+    "--json", metavar="", rich_help_panel="Output",
+    help="Print the result as one JSON object, the last line of stdout.")]
+MODEL_HELP = "A checkpoint file, a run folder, or the name of a downloaded model."
+ModelArg = Annotated[Optional[str], typer.Argument(metavar="MODEL", show_default=False, help=(
+    MODEL_HELP + " The same as --model (default: the latest run under ./runs)."))]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", metavar="MODEL", rich_help_panel="Model", help=MODEL_HELP)]
+
+
+def one_model(positional: str | None, option: str | None) -> str | None:
+    """A command's model, given as its positional MODEL or as --model (not both)."""
+    if positional is not None and option is not None and positional != option:
+        raise UserError(f"give the model once: as MODEL ({positional}) or as --model "
+                        f"({option})")
+    return option if option is not None else positional
 
 
 def _version(value: bool) -> None:

@@ -12,8 +12,8 @@ import typer
 
 from ..config import (BenchConfig, EvalConfig, LoadConfig, SampleConfig, ServeConfig,
                       TrainConfig)
-from ..runtime import UserError
-from .app import Json, command, settings
+from ..errors import UserError
+from .app import Json, ModelArg, ModelOpt, command, one_model, settings
 
 Opt = typer.Option
 Arg = typer.Argument
@@ -53,10 +53,12 @@ def train_cmd(
 
 def suggested_prompt(run: Path) -> str | None:
     """A prompt for the "try it" hint that the run's tokenizer can encode."""
-    saved = json.loads((Path(run) / "config.json").read_text())
-    if saved["tokenizer"]["type"] == "gpt2":
+    from ..runs import RunFolder
+
+    folder = RunFolder(run)
+    if (folder.tokenizer_spec() or {}).get("type") == "gpt2":
         return "The"
-    return "ROMEO:" if not saved["train"].get("data") else None
+    return "ROMEO:" if not folder.train_settings().get("data") else None
 
 
 # ----------------------------------------------------------------------------- generate
@@ -77,7 +79,7 @@ def generate_cmd(
     as_json: Json = False,
 ) -> None:
     """Generate text from a model, streamed to stdout (statistics on stderr)."""
-    from ..sampling import load_generator
+    from ..generate import load_generator
 
     load, sample = settings(LoadConfig, given), settings(SampleConfig, given)
     loaded = load_generator(load.model, device=load.device, dtype=load.dtype,
@@ -93,16 +95,10 @@ def generate_cmd(
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
-    from ..runtime import path_error
+    from ..files import read_text_arg
 
     if prompt_file is not None:
-        try:
-            return prompt_file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"prompt file {prompt_file} is not UTF-8 text (byte offset "
-                            f"{e.start})") from None
-        except OSError as e:
-            raise path_error(e, "read prompt file", prompt_file) from None
+        return read_text_arg(prompt_file, "prompt file")
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         return sys.stdin.read()
     return prompt or ""
@@ -117,7 +113,7 @@ def read_prompt_line() -> str | None:
 
 
 def generate_once(loaded, text: str, cfg: SampleConfig, as_json: bool) -> None:
-    from ..sampling import generate, prompt_ids
+    from ..generate import generate, prompt_ids
 
     ids, warning = prompt_ids(loaded.tokenizer, text, loaded.model.config.context_length)
     if warning:
@@ -173,7 +169,7 @@ def eval_cmd(given: dict, as_json: Json = False) -> None:
 
 
 def eval_harness(load, cfg, as_json: bool) -> None:
-    from ..runtime import require
+    from ..errors import require
 
     if cfg.task or cfg.data:
         raise UserError("--harness runs lm-evaluation-harness tasks; leave out --task and --data")
@@ -232,8 +228,7 @@ def inspect_attention_cmd(
         "Write a PNG grid of heatmaps (needs matplotlib: the plot extra)."))] = None,
     html: Annotated[Optional[Path], Opt("--html", metavar="FILE", rich_help_panel="Output", help=(
         "Write a self-contained interactive HTML page."))] = None,
-    as_json: Annotated[bool, Opt("--json", metavar="", rich_help_panel="Output", help=(
-        "Print tokens, selected weights and head summary as JSON."))] = False,
+    as_json: Json = False,
 ) -> None:
     """Show what every attention head attends to: heatmap, top tokens, head summary. The maps
     are computed in the weights' dtype and shown as float32."""
@@ -257,11 +252,12 @@ def inspect_attention_cmd(
 
 # ----------------------------------------------------------------------------- bench
 
-@command("bench", BenchConfig,
-         panels=("Model", "Generation", "Run", "Hardware", "Device", "Output"), oom_hint="try a smaller --batch-size, --context-length or --preset")
-def bench_cmd(given: dict, as_json: Annotated[bool, Opt(
-        "--json", metavar="", rich_help_panel="Output", help="Print one JSON object as the last "
-        "line of stdout (the table goes to stderr).")] = False) -> None:
+@command("bench", LoadConfig, BenchConfig,
+         panels=("Model", "Generation", "Run", "Hardware", "Device", "Output"),
+         oom_hint="try a smaller --batch-size, --context-length or --preset",
+         helps={"model": "Time this checkpoint, run folder or downloaded model (generation "
+                         "only) instead of a preset with random weights."})
+def bench_cmd(given: dict, as_json: Json = False) -> None:
     """Measure training and generation speed on this machine: tokens/s, MFU, bandwidth use."""
     from rich.console import Console
 
@@ -270,8 +266,8 @@ def bench_cmd(given: dict, as_json: Annotated[bool, Opt(
 
     err = Console(stderr=True)
     with ProgressBars(err) as progress:
-        result = run(settings(BenchConfig, given), progress)
-    render(result, err if as_json else Stdout())
+        result = run(settings(LoadConfig, given), settings(BenchConfig, given), progress)
+    render(result, err if as_json else Stdout())  # with --json, the table goes to stderr
     if as_json:
         print(json.dumps(result), flush=True)
 
@@ -292,21 +288,19 @@ def serve_cmd(given: dict) -> None:
 # ----------------------------------------------------------------------------- models on disk
 
 @command("info")
-def info_cmd(
-    model: Annotated[str, Arg(metavar="MODEL", help=(
-        "A checkpoint file, a run folder, or the name of a downloaded model."))],
-    as_json: Json = False,
-) -> None:
+def info_cmd(model: ModelArg = None, model_opt: ModelOpt = None, as_json: Json = False) -> None:
     """Show a checkpoint's config, parameter count, tokenizer, provenance and size."""
     from ..checkpoint import checkpoint_info
-    from ..models import resolve_model
     from ..display import render_info
+    from ..models import resolve_model
 
-    info = checkpoint_info(resolve_model(model))
+    name = one_model(model, model_opt)
+    path = resolve_model(name)
+    info = checkpoint_info(path)
     if as_json:
         print(json.dumps(info))
     else:
-        render_info(info, title=model)
+        render_info(info, title=name or str(path))
 
 
 @command("download")
@@ -316,7 +310,7 @@ def download_cmd(
         "local Hugging Face GPT-2 folder, or the datasets tinystories and fineweb-edu."))] = None,
     dataset: Annotated[Optional[str], Opt(metavar="REPO", help=(
         "Fetch text files of this Hub dataset repo (org/name) instead of a model."))] = None,
-    file: Annotated[Optional[list[str]], Opt("--include", "--file", metavar="GLOB", help=(
+    file: Annotated[Optional[list[str]], Opt("--include", metavar="GLOB", help=(
         "Files of the --dataset repo to fetch: a name or a glob such as 'data/*.parquet' "
         "(repeatable)."))] = None,
     revision: Annotated[Optional[str], Opt(metavar="REV", help=(
@@ -331,10 +325,11 @@ def download_cmd(
 ) -> None:
     """Download GPT-2 weights (or a text dataset) from the Hugging Face Hub."""
     from ..display import render_download, render_listing
-    from ..hub import download, list_available
+    from ..hub import download
+    from ..store import listing
 
     if list_:
-        info = list_available()
+        info = listing()
         print(json.dumps(info)) if as_json else render_listing(info)
         return
     result = download(name, dataset=dataset, files=file, revision=revision, out=out,
@@ -344,8 +339,8 @@ def download_cmd(
 
 @command("quantize")
 def quantize_cmd(
-    model: Annotated[str, Arg(metavar="MODEL", help=(
-        "A checkpoint file, a run folder, or the name of a downloaded model."))],
+    model: ModelArg = None,
+    model_opt: ModelOpt = None,
     out: Annotated[Optional[Path], Opt(metavar="FILE", help=(
         "Where to write the int8 checkpoint (default: beside it, as NAME-int8.safetensors)."))
                    ] = None,
@@ -355,9 +350,9 @@ def quantize_cmd(
 ) -> None:
     """Write an int8 copy of a checkpoint: about a quarter of the size, and several times
     faster to generate from on a CPU (per-channel int8 weights)."""
-    from ..quantize import quantize_checkpoint
+    from ..models import quantize_checkpoint
 
-    result = quantize_checkpoint(model, out, force=force)
+    result = quantize_checkpoint(one_model(model, model_opt), out, force=force)
     if as_json:
         print(json.dumps(result))
         return
@@ -368,18 +363,18 @@ def quantize_cmd(
 
 @command("export")
 def export_cmd(
-    model: Annotated[str, Opt(metavar="MODEL", help=(
-        "A checkpoint file, a run folder, or the name of a downloaded model."))],
-    to: Annotated[Path, Opt(metavar="DIR", help=(
+    out: Annotated[Path, Opt(metavar="DIR", help=(
         "Folder to write config.json, model.safetensors, generation_config.json into."))],
+    model: ModelArg = None,
+    model_opt: ModelOpt = None,
     force: Annotated[bool, Opt("--force", metavar="", help=(
-        "Overwrite files already in --to."))] = False,
+        "Overwrite files already in --out."))] = False,
 ) -> None:
     """Write a model as a Hugging Face GPT-2 folder (loadable by transformers)."""
+    from ..export import export_model
     from ..models import resolve_model
-    from ..hub import export_model
 
-    result = export_model(resolve_model(model), to, force=force)
+    result = export_model(resolve_model(one_model(model, model_opt)), out, force=force)
     print(f"wrote {', '.join(result['files'])} ({result['parameters']:,} parameters) to "
           f"{result['path']}")
     if result["tokenizer"] != "gpt2":

@@ -6,7 +6,8 @@ A job is one request: one or more prompts, ``n`` samples of each (a group of row
 together, seeded like `gpt generate --seed`), its sampling settings, and a ``deliver`` callback
 that receives events from the scheduler thread (the HTTP side hands them to its event loop):
 
-- ``{"type": "step", "pieces": [(choice, text, logprob)]}`` after each decode step;
+- ``{"type": "step", "pieces": [(choice, text, logprob)]}`` after each decode step (``logprob``
+  a ``Logprob`` when the job asked for them, else None);
 - ``{"type": "done", "choices": [...], "usage": {...}}`` when every choice has finished;
 - ``{"type": "error", "message": ...}`` if the job could not run.
 
@@ -16,7 +17,6 @@ a large request is never starved by a stream of small ones.
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 import time
@@ -25,13 +25,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import SampleConfig
-from .decode import Engine, Row
-from .model import GPT
-from .sampling import TextStream
-from .tokenizer import Tokenizer
+from ..config import SampleConfig
+from ..decode import Engine, Row
+from ..generate import TextStream
+from ..model import GPT
+from ..tokenizer import Tokenizer
 
 GATHER_S = 0.005  # measured: 8 requests sent at once reach the server within a few ms
+
+
+@dataclass
+class Logprob:
+    """A token's log-probability under the model (before temperature and filtering) and the
+    ``top`` most likely tokens at that step, as (id, log-prob) pairs. The first prompt token
+    has no log-prob (nothing comes before it)."""
+
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -41,8 +52,8 @@ class Choice:
     index: int
     prompt: list[int]
     stream: TextStream
-    logprobs: list[dict] = field(default_factory=list)
-    prompt_logprobs: list[dict] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)
+    prompt_logprobs: list[Logprob] = field(default_factory=list)
 
     @property
     def finish_reason(self) -> str:
@@ -167,8 +178,8 @@ class Scheduler:
         for job in jobs:
             eot = None if job.config.ignore_eos else self.tokenizer.eot_id
             for prompt in job.prompts:
-                echo = prompt_logprobs(self.model, self.tokenizer, prompt, job.logprobs or 0) \
-                    if job.echo_logprobs else []
+                echo = prompt_logprobs(self.model, self.tokenizer.vocab_size, prompt,
+                                       job.logprobs or 0) if job.echo_logprobs else []
                 for _ in range(job.n):
                     stream = TextStream(self.tokenizer, job.config.stop, eot)
                     job.choices.append(Choice(len(job.choices), prompt, stream,
@@ -200,7 +211,7 @@ class Scheduler:
                 self.engine.remove(row)
                 continue
             choice = job.rows[id(row)]
-            logprob = token_logprob(row, token, self.tokenizer, job.logprobs) \
+            logprob = token_logprob(row, token, self.tokenizer.vocab_size, job.logprobs) \
                 if job.logprobs is not None else None
             text = choice.stream.push(token)
             if logprob is not None and not choice.stream.done:
@@ -248,37 +259,28 @@ class Scheduler:
 
 # ----------------------------------------------------------------------------- log-probs
 
-def _entry(tokenizer: Tokenizer, token: int, logprob: float, top: list[tuple[int, float]]) -> dict:
-    text = tokenizer.decode_bytes([token])
-    return {"token": text.decode("utf-8", errors="replace"), "bytes": list(text),
-            "logprob": logprob,
-            "top": [(tokenizer.decode_bytes([t]).decode("utf-8", errors="replace"), lp)
-                    for t, lp in top]}
+def _top(logp: torch.Tensor, top: int) -> list[tuple[int, float]]:
+    if not top:
+        return []
+    best = torch.topk(logp, top)
+    return list(zip(best.indices.tolist(), best.values.tolist()))
 
 
-def token_logprob(row: Row, token: int, tokenizer: Tokenizer, top: int) -> dict:
+def token_logprob(row: Row, token: int, vocab_size: int, top: int) -> Logprob:
     """The log-prob of the token ``row`` just picked, and the ``top`` most likely ones, from the
     model's distribution at that step (before temperature and filtering)."""
-    logits = row.logits[:tokenizer.vocab_size].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    best = torch.topk(logp, top) if top else None
-    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
-    return _entry(tokenizer, token, logp[token].item(), pairs)
+    logp = torch.log_softmax(row.logits[:vocab_size].float(), dim=-1)
+    return Logprob(token, logp[token].item(), _top(logp, top))
 
 
 @torch.no_grad()
-def prompt_logprobs(model: GPT, tokenizer: Tokenizer, prompt: list[int], top: int) -> list[dict]:
+def prompt_logprobs(model: GPT, vocab_size: int, prompt: list[int], top: int) -> list[Logprob]:
     """Log-probs of each prompt token given the ones before it (the first has none): what
     `echo` with `logprobs` returns, for scoring text (lm-evaluation-harness)."""
     if not prompt:
         return []
     idx = torch.tensor([prompt], device=model.device)
-    logp = torch.log_softmax(model(idx)[0, :, :tokenizer.vocab_size].float(), dim=-1)
-    entries = [_entry(tokenizer, prompt[0], math.nan, [])]
-    entries[0]["logprob"] = None
-    for i in range(1, len(prompt)):
-        best = torch.topk(logp[i - 1], top) if top else None
-        pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
-        entries.append(_entry(tokenizer, prompt[i], logp[i - 1, prompt[i]].item(), pairs))
-    return entries
-
+    logp = torch.log_softmax(model(idx)[0, :, :vocab_size].float(), dim=-1)
+    return [Logprob(prompt[0], None)] + [
+        Logprob(prompt[i], logp[i - 1, prompt[i]].item(), _top(logp[i - 1], top))
+        for i in range(1, len(prompt))]

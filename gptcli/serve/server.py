@@ -1,16 +1,12 @@
-"""`gpt serve`: an OpenAI-compatible HTTP API in front of the continuous-batching scheduler.
+"""`gpt serve`: the HTTP server in front of the continuous-batching scheduler: the app and its
+routes, the rules around each request (API key, body size, limits, which model), and the
+lifecycle (start, Ctrl-C / SIGTERM, drain). Request and response shapes are ``protocol.py``.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /health``. Request and response shapes follow the OpenAI API, errors too
-(``{"error": {"message", "type", "param", "code"}}``); ``top_k`` and ``repetition_penalty`` are
-accepted as extensions. Built on Starlette and served by uvicorn (the ``serve`` extra): Starlette
-rather than FastAPI because the request models and the error format are ours to keep exactly
-OpenAI's, and Starlette is all of FastAPI this needs (FastAPI's own validation errors would have
-to be rewritten anyway).
-
-Chat: base GPT-2 models have no chat format, so messages are laid out as plain text, one
-``System:``, ``User:`` or ``Assistant:`` line per message, ending with ``Assistant:``; generation
-stops before the model starts a new ``User:`` line.
+``GET /health``. Built on Starlette and served by uvicorn (the ``serve`` extra): Starlette rather
+than FastAPI because the request models and the error format are ours to keep exactly OpenAI's,
+and Starlette is all of FastAPI this needs (FastAPI's own validation errors would have to be
+rewritten anyway).
 """
 
 from __future__ import annotations
@@ -19,105 +15,17 @@ import asyncio
 import hmac
 import json
 import time
-import uuid
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 
-from .config import SEED_LIMIT, SampleConfig
+from ..config import SampleConfig
+from ..generate import prompt_ids
+from .protocol import (CHAT_STOP, ApiError, ChatRequest, CompletionRequest, Sampling, chat_choice,
+                       chat_chunks, chat_prompt, chunks, completion_choice, completion_chunks,
+                       request_id, sse)
 from .scheduler import Job, Scheduler
 
-ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-CHAT_STOP = "\nUser:"
-
-
-# ----------------------------------------------------------------------------- request shapes
-
-class Sampling(BaseModel):
-    """The sampling fields both endpoints take (OpenAI's, plus top_k and repetition_penalty)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=64)
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
-    stream: bool = False
-    stream_options: dict | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    logit_bias: dict | None = None
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stops(cls, stop):
-        stops = [stop] if isinstance(stop, str) else [] if stop is None else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise ValueError("stop must be a string or a list of strings")
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop must be up to 4 non-empty strings")
-        return stops
-
-    def unsupported(self) -> tuple[str, str] | None:
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                return name, (f"{name} is not supported; use repetition_penalty (an extension: "
-                              "above 1 discourages repeating earlier tokens)")
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported"
-        return None
-
-
-class CompletionRequest(Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = ""
-    max_tokens: int | None = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-    suffix: str | None = None
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = \
-            status, message, type, param, code
-
-    def response(self):
-        from starlette.responses import JSONResponse
-
-        return JSONResponse({"error": {"message": self.message, "type": self.type,
-                                       "param": self.param, "code": self.code}},
-                            status_code=self.status)
-
-
-def chat_prompt(messages: list[Message]) -> str:
-    """The documented plain-text chat layout (see the module docstring)."""
-    lines = [f"{ROLES[m.role]}: {m.content}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
-
-
-# ----------------------------------------------------------------------------- the app
 
 class Server:
     """The served model and the rules of the API around the scheduler."""
@@ -172,17 +80,14 @@ class Server:
     def encode(self, prompt: str | list[int], exact: bool) -> list[int]:
         """Token ids of a prompt: text or ids. Over the context, the last tokens are kept (the
         window slides as in `gpt generate`), unless ``exact`` (echo / prompt log-probs)."""
-        from .sampling import prompt_ids
-
         if isinstance(prompt, list):
             if any(not 0 <= t < self.tokenizer.vocab_size for t in prompt):
                 raise ApiError(400, "prompt token ids must be within the vocabulary",
                                param="prompt")
-            ids = prompt or prompt_ids(self.tokenizer, "", self.context)[0]
+            ids = prompt or [self.tokenizer.start_id]
         else:
             try:
-                ids = self.tokenizer.encode(prompt) if prompt else \
-                    prompt_ids(self.tokenizer, "", self.context)[0]
+                ids = prompt_ids(self.tokenizer, prompt, 1 << 62)[0]
             except Exception as e:  # noqa: BLE001 - a char model meets an unknown character
                 raise ApiError(400, str(e), param="prompt") from None
         if exact and len(ids) > self.context:
@@ -197,7 +102,9 @@ class Server:
                               top_k=request.top_k, top_p=request.top_p,
                               repetition_penalty=request.repetition_penalty,
                               seed=request.seed, stop=[*request.stop, *extra_stop])
-        if max_tokens == 0:
+        if max_tokens == 0:  # echo only: model_copy skips the validator (max_new_tokens >= 1),
+            # which is right for `gpt generate` but not here (the scheduler finishes such a job
+            # at once, after the prompt's log-probs)
             config = config.model_copy(update={"max_new_tokens": 0})
         job = Job(prompts, request.n, config, deliver, logprobs=logprobs,
                   echo_logprobs=echo and logprobs is not None)
@@ -212,6 +119,7 @@ class Server:
             raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's limit of "
                                 f"{self.max_tokens} (--max-tokens)", param="max_tokens")
         return self.max_tokens if max_tokens is None else max_tokens
+
 
 
 def events(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue, Any]:
@@ -236,41 +144,72 @@ async def collect(q: asyncio.Queue, job: Job, request) -> dict:
             return event
 
 
-async def sse(chunks: AsyncIterator[dict], job: Job) -> AsyncIterator[bytes]:
-    """Server-sent events ending with ``[DONE]``; when the client goes away, Starlette cancels
-    this generator and the job leaves the batch."""
+# ----------------------------------------------------------------------------- endpoints
+
+async def respond(request, q: asyncio.Queue, job: Job, req: Sampling, shape, whole):
+    """A job's answer: streamed as server-sent events in ``shape`` (``req.stream``), or once it
+    is done as ``whole(done_event)``; a client that left meanwhile gets nothing (499)."""
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+
+    if req.stream:
+        return StreamingResponse(sse(chunks(q, shape, req.include_usage), job.cancel),
+                                 media_type="text/event-stream")
     try:
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n".encode()
-        yield b"data: [DONE]\n\n"
-    finally:
-        job.cancel()
+        done = await collect(q, job, request)
+    except asyncio.CancelledError:
+        return Response(status_code=499)
+    return JSONResponse(whole(done))
 
 
-def create_app(server: Server, *, scheduler_thread: bool = True):
-    """The Starlette application. With ``scheduler_thread`` the scheduler runs on a thread of
-    its own while the app runs; otherwise the caller runs its loop (``run_server`` does, on
-    the main thread)."""
-    from contextlib import asynccontextmanager
+async def completions_endpoint(server: Server, request):
+    req: CompletionRequest = await server.body(request, CompletionRequest)
+    if req.suffix:
+        raise ApiError(400, "suffix is not supported", param="suffix")
+    if req.stream and req.echo and req.logprobs is not None:
+        raise ApiError(400, "echo with logprobs needs stream: false", param="stream")
+    max_tokens = server.cap(req.max_tokens)
+    ids = [server.encode(p, exact=req.echo) for p in req.prompts()]
+    q, deliver = events(asyncio.get_running_loop())
+    job = server.job(req, ids, max_tokens, deliver, logprobs=req.logprobs, echo=req.echo)
+    head = {"id": request_id("cmpl"), "object": "text_completion", "created": int(time.time()),
+            "model": server.model_id}
+    echoed = [server.tokenizer.decode(p) for p in ids for _ in range(req.n)] if req.echo else []
+    return await respond(request, q, job, req, completion_chunks(server.tokenizer, head, echoed),
+                         lambda done: {**head, "usage": done["usage"], "choices": [
+                             completion_choice(server.tokenizer, c, req.echo, req.logprobs)
+                             for c in done["choices"]]})
 
+
+async def chat_endpoint(server: Server, request):
+    req: ChatRequest = await server.body(request, ChatRequest)
+    max_tokens = server.cap(req.max_completion_tokens or req.max_tokens)
+    ids = [server.encode(chat_prompt(req.messages), exact=False)]
+    q, deliver = events(asyncio.get_running_loop())
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    job = server.job(req, ids, max_tokens, deliver, logprobs=logprobs, echo=False,
+                     extra_stop=[CHAT_STOP])
+    head = {"id": request_id("chatcmpl"), "object": "chat.completion",
+            "created": int(time.time()), "model": server.model_id}
+    shape = chat_chunks(server.tokenizer, {**head, "object": "chat.completion.chunk"}, req.n)
+    return await respond(request, q, job, req, shape,
+                         lambda done: {**head, "usage": done["usage"], "choices": [
+                             chat_choice(server.tokenizer, c, req.logprobs)
+                             for c in done["choices"]]})
+
+
+# ----------------------------------------------------------------------------- the app
+
+def create_app(server: Server):
+    """The Starlette application. The scheduler's loop runs apart from it: ``run_server`` runs
+    it on the main thread (tests start it on a thread with ``server.scheduler.start()``)."""
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import JSONResponse
     from starlette.routing import Route
-
-    from .serve_api import chat_endpoint, completions_endpoint
-
-    @asynccontextmanager
-    async def lifespan(app):
-        if scheduler_thread:
-            server.scheduler.start()
-        yield
-        if scheduler_thread:
-            server.scheduler.stop()
 
     def guarded(handler):
         async def endpoint(request):
             try:
-                return await handler(server, request, StreamingResponse)
+                return await handler(server, request)
             except ApiError as e:
                 return e.response()
             except Exception as e:  # noqa: BLE001 - a request never takes the server down
@@ -297,18 +236,14 @@ def create_app(server: Server, *, scheduler_thread: bool = True):
         Route("/v1/chat/completions", guarded(chat_endpoint), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
-    ], lifespan=lifespan, exception_handlers={404: not_found})
-
-
-def request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+    ], exception_handlers={404: not_found})
 
 
 def check_port(host: str, port: int) -> None:
     """Fail with one sentence now, not in uvicorn's log, when the address cannot be used."""
     import socket
 
-    from .runtime import UserError, os_error_reason
+    from ..errors import UserError, os_error_reason
 
     try:
         with socket.create_server((host, port)):
@@ -330,8 +265,8 @@ def run_server(load, cfg, log) -> int:
     import signal
     import threading
 
-    from .models import display_name, load_model
-    from .runtime import RuntimeFailure, require
+    from ..errors import RuntimeFailure, require
+    from ..models import display_name, load_model
 
     require("starlette", "serve", needed_for="gpt serve")
     uvicorn = require("uvicorn", "serve", needed_for="gpt serve")
@@ -340,7 +275,7 @@ def run_server(load, cfg, log) -> int:
                                         quantize=load.quantize)
     server = Server(model, tokenizer, model_id=display_name(path), max_batch=cfg.max_batch,
                     max_tokens=cfg.max_tokens, api_key=cfg.api_key, max_body=cfg.max_body)
-    http = uvicorn.Server(uvicorn.Config(create_app(server, scheduler_thread=False),
+    http = uvicorn.Server(uvicorn.Config(create_app(server),
                                          host=cfg.host, port=cfg.port, log_level="warning",
                                          timeout_graceful_shutdown=10))
     received: list[int] = []

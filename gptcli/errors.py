@@ -1,0 +1,91 @@
+"""Errors meant for the user, and how failures are put into words.
+
+Every user-facing failure is a ``GptcliError``: the CLI prints its message as one line and exits
+with its status, never with a traceback (``--debug`` shows one). OS errors on a user's path become
+one sentence (``path_error``); a missing optional extra names the extra (``require``).
+
+No torch here: the CLI imports this before any heavy work.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+
+
+class GptcliError(Exception):
+    """An error meant for the user: printed as one line, never as a traceback."""
+
+    exit_code = 1
+
+
+class UserError(GptcliError):
+    """Bad usage or bad input (exit status 2)."""
+
+    exit_code = 2
+
+
+class RuntimeFailure(GptcliError):
+    """Something failed while doing valid work (exit status 1)."""
+
+    exit_code = 1
+
+
+class Interrupted(GptcliError):
+    """The user pressed Ctrl-C (exit status 130, as a shell reports SIGINT)."""
+
+    exit_code = 130
+
+
+def is_debug() -> bool:
+    """``gpt --debug`` (or GPTCLI_DEBUG=1): show tracebacks."""
+    return os.environ.get("GPTCLI_DEBUG", "") not in ("", "0")
+
+
+def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` says a device (or the host) ran out of memory."""
+    text = str(e).lower()
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in text or \
+        "can't allocate memory" in text
+
+
+def require(module: str, extra: str, *, needed_for: str = "this"):
+    """Import an optional dependency, or fail with a message naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{needed_for} needs {module.split('.')[0]}, which is not installed; "
+                        f'install it with pip install "gptcli[{extra}]"') from None
+
+
+# errno values that mean the device or the disk failed, not the path the user gave
+_DISK_ERRNOS = {"ENOSPC", "EDQUOT", "EIO", "EFBIG", "ENOMEM"}
+
+
+def os_error_reason(e: OSError) -> str:
+    """What went wrong, in words: "no space left on device", "permission denied", ..."""
+    name = errno_mod.errorcode.get(e.errno or 0, "")
+    words = {"ENOENT": "it does not exist", "ELOOP": "it is a symbolic link loop",
+             "ENOTDIR": "a part of the path is a file, not a folder",
+             "EISDIR": "it is a folder", "EACCES": "permission denied",
+             "EPERM": "permission denied", "EROFS": "the file system is read-only",
+             "ENOSPC": "no space left on device", "EDQUOT": "disk quota exceeded",
+             "ENAMETOOLONG": "the name is too long", "EEXIST": "it already exists"}
+    if name in words:
+        return words[name]
+    return (e.strerror or str(e) or "input/output error").lower()
+
+
+def path_error(e: OSError, doing: str, path=None, *, note: str = "") -> GptcliError:
+    """An OSError on a user's path as one sentence: ``cannot <doing> <path>: <reason>[; note]``.
+    A failing disk or device (or an error without an errno) is a runtime failure (exit 1);
+    anything about the path is bad input (exit 2)."""
+    where = path if path is not None else (e.filename or "")
+    text = f"cannot {doing} {where}: {os_error_reason(e)}" if where else \
+        f"cannot {doing}: {os_error_reason(e)}"
+    if note:
+        text += f"; {note}"
+    name = errno_mod.errorcode.get(e.errno or 0, "")
+    return RuntimeFailure(text) if name in _DISK_ERRNOS or not name else UserError(text)

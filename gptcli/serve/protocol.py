@@ -1,0 +1,262 @@
+"""The OpenAI protocol of `gpt serve`: request shapes (validated with pydantic), response and
+chunk shapes, log-prob objects, errors in OpenAI's shape, and the one server-sent-events loop
+that turns scheduler events into chunks. No HTTP server and no model here: ``server.py`` has
+the app, the rules (auth, limits) and the lifecycle; ``scheduler.py`` the decoding.
+
+Requests follow the OpenAI API; ``top_k`` and ``repetition_penalty`` are accepted as extensions.
+
+Chat: base GPT-2 models have no chat format, so messages are laid out as plain text, one
+``System:``, ``User:`` or ``Assistant:`` line per message, ending with ``Assistant:``; generation
+stops before the model starts a new ``User:`` line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..config import SEED_LIMIT
+from ..tokenizer import Tokenizer
+from .scheduler import Choice, Logprob
+
+ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+CHAT_STOP = "\nUser:"
+
+
+# ----------------------------------------------------------------------------- requests
+
+class Sampling(BaseModel):
+    """The sampling fields both endpoints take (OpenAI's, plus top_k and repetition_penalty)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=64)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
+    stream: bool = False
+    stream_options: dict | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    logit_bias: dict | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else [] if stop is None else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("stop must be a string or a list of strings")
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop must be up to 4 non-empty strings")
+        return stops
+
+    def unsupported(self) -> tuple[str, str] | None:
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                return name, (f"{name} is not supported; use repetition_penalty (an extension: "
+                              "above 1 discourages repeating earlier tokens)")
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        return None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]] = ""
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+
+    def prompts(self) -> list:
+        """The prompt(s): text, a list of texts, token ids, or a list of token-id lists."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and all(isinstance(p, int) for p in self.prompt):
+            return [self.prompt]
+        return list(self.prompt) or [""]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+def chat_prompt(messages: list[Message]) -> str:
+    """The documented plain-text chat layout (see the module docstring)."""
+    lines = [f"{ROLES[m.role]}: {m.content}" for m in messages]
+    return "\n".join(lines) + "\nAssistant:"
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = \
+            status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    def response(self):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+def _text(tokenizer: Tokenizer, token: int) -> str:
+    return tokenizer.decode_bytes([token]).decode("utf-8", errors="replace")
+
+
+def legacy_logprobs(tokenizer: Tokenizer, entries: list[Logprob]) -> dict:
+    """/v1/completions' log-prob object for a run of tokens."""
+    tokens = [_text(tokenizer, e.token) for e in entries]
+    offsets, offset = [], 0
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{_text(tokenizer, t): lp for t, lp in e.top}
+                             if e.logprob is not None else None for e in entries],
+            "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer: Tokenizer, entries: list[Logprob]) -> dict:
+    """/v1/chat/completions' log-prob object for a run of tokens."""
+    def item(token: int, logprob: float | None) -> dict:
+        raw = tokenizer.decode_bytes([token])
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob,
+                "bytes": list(raw)}
+
+    return {"content": [{**item(e.token, e.logprob),
+                         "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]}
+
+
+# ----------------------------------------------------------------------------- responses
+
+def completion_choice(tokenizer: Tokenizer, choice: Choice, echo: bool,
+                      logprobs: int | None) -> dict:
+    prompt_text = tokenizer.decode(choice.prompt) if echo else ""
+    entries = (choice.prompt_logprobs if echo else []) + choice.logprobs
+    return {"index": choice.index, "text": prompt_text + choice.stream.text,
+            "logprobs": legacy_logprobs(tokenizer, entries) if logprobs is not None else None,
+            "finish_reason": choice.finish_reason}
+
+
+def chat_choice(tokenizer: Tokenizer, choice: Choice, logprobs: bool) -> dict:
+    return {"index": choice.index,
+            "message": {"role": "assistant", "content": choice.stream.text.lstrip()},
+            "logprobs": chat_logprobs(tokenizer, choice.logprobs) if logprobs else None,
+            "finish_reason": choice.finish_reason}
+
+
+class ChunkShape:
+    """How one endpoint's streamed chunks look: the chunks that open the stream, a piece of text
+    (with its log-prob), and the end of a choice."""
+
+    def __init__(self, head: dict, opening: list[dict], piece: Callable, finish: Callable):
+        self.head, self.opening, self.piece, self.finish = head, opening, piece, finish
+
+
+def completion_chunks(tokenizer: Tokenizer, head: dict, echoed: list[str]) -> ChunkShape:
+    def chunk(index: int, text: str, logprobs=None, finish=None) -> dict:
+        return {**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                     "finish_reason": finish}]}
+
+    def piece(index: int, text: str, logprob: Logprob | None) -> dict | None:
+        lp = legacy_logprobs(tokenizer, [logprob]) if logprob is not None else None
+        return chunk(index, text, lp) if text or lp else None
+
+    return ChunkShape(head, [chunk(i, text) for i, text in enumerate(echoed)], piece,
+                      lambda index, reason: chunk(index, "", None, reason))
+
+
+def chat_chunks(tokenizer: Tokenizer, head: dict, n: int) -> ChunkShape:
+    def chunk(index: int, delta: dict, logprobs=None, finish=None) -> dict:
+        return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                     "finish_reason": finish}]}
+
+    started: set[int] = set()  # the reply's leading space (after "Assistant:") is dropped
+
+    def piece(index: int, text: str, logprob: Logprob | None) -> dict | None:
+        if index not in started:
+            text = text.lstrip()
+            if text:
+                started.add(index)
+        if not text and logprob is None:
+            return None
+        return chunk(index, {"content": text},
+                     chat_logprobs(tokenizer, [logprob]) if logprob is not None else None)
+
+    return ChunkShape(head, [chunk(i, {"role": "assistant", "content": ""}) for i in range(n)],
+                      piece, lambda index, reason: chunk(index, {}, None, reason))
+
+
+# ----------------------------------------------------------------------------- streaming
+
+async def chunks(q: asyncio.Queue, shape: ChunkShape, include_usage: bool,
+                 ) -> AsyncIterator[dict]:
+    """The one loop from scheduler events to chunks: pieces as they come, then each choice's
+    end and (when asked) the usage. A failed job raises ``ApiError`` (500)."""
+    for chunk in shape.opening:
+        yield chunk
+    while True:
+        event = await q.get()
+        if event["type"] == "error":
+            raise ApiError(500, event["message"], type="server_error")
+        if event["type"] == "step":
+            for index, text, logprob in event["pieces"]:
+                if (chunk := shape.piece(index, text, logprob)) is not None:
+                    yield chunk
+        elif event["type"] == "done":
+            for choice in event["choices"]:
+                yield shape.finish(choice.index, choice.finish_reason)
+            if include_usage:
+                yield {**shape.head, "choices": [], "usage": event["usage"]}
+            return
+
+
+async def sse(stream: AsyncIterator[dict], on_close: Callable[[], None]) -> AsyncIterator[bytes]:
+    """Server-sent events ending with ``[DONE]``. A failure after the response has started is
+    sent as an error event (OpenAI's shape) before ``[DONE]``, so a client never sees a stream
+    cut off without a word; when the client goes away, the ASGI server cancels this generator
+    and ``on_close`` lets the job leave the batch."""
+    try:
+        async for chunk in stream:
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+    except ApiError as e:
+        yield f"data: {json.dumps(e.body())}\n\n".encode()
+    finally:
+        on_close()
+    yield b"data: [DONE]\n\n"
