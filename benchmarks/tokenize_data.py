@@ -1,12 +1,15 @@
 """Tokenization at scale: throughput of `gpt train`'s token cache (``data.load_tokens``, the code
 `gpt train` runs) at --workers 1 and N on a generated corpus, as .txt and as .parquet, next to a
 plain tiktoken loop over the same text in the same process; peak memory (the whole process
-tree) while tokenizing a large parquet file; and how long a second `gpt train` on the same data
-takes to start training (no re-hashing).
+tree) while tokenizing a large parquet file; peak memory and time for the same text with
+different line endings (LF, CRLF, CR, or none: one line); and how long a second `gpt train` on
+the same data takes to start training (no re-hashing).
 
     python benchmarks/tokenize_data.py                     # 100 MB corpus, workers 1 and 2
     python benchmarks/tokenize_data.py --mb 20 --parquet-gb 0 --no-restart   # quick look
     python benchmarks/tokenize_data.py --parquet-gb 1      # adds the 1 GB parquet memory figure
+    python benchmarks/tokenize_data.py --mb 0 --endings lf,crlf,none --endings-mb 200
+                                                           # line endings only (--mb 0: no corpus)
 
 Needs the data extra (pyarrow). Every measurement uses its own empty cache folder.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -103,6 +107,36 @@ def peak_memory(path: Path, workers: int, cache: Path) -> tuple[float, int]:
     return time.perf_counter() - t0, peak
 
 
+ENDINGS = {"lf": "\n", "crlf": "\r\n", "cr": "\r", "none": " "}  # none: lines joined by a space
+
+
+def endings(kinds: list[str], mb: float, workers: list[int], work: Path) -> None:
+    """Peak memory and time of tokenizing the same text with each kind of line ending (a file
+    with none is one line): the reader must find places to cut in all of them."""
+    docs = make_documents(int(mb * 1e6), seed=1)
+    for kind in kinds:
+        path = work / f"endings-{kind}.txt"
+        with open(path, "w", newline="") as f:  # newline="": write the endings as they are
+            for doc in docs:
+                f.write(doc.replace("\n", ENDINGS[kind]))
+        size = path.stat().st_size
+        for n in workers:
+            seconds, peak = peak_memory(path, n, work / "cache-endings")
+            shutil.rmtree(work / "cache-endings")
+            print(f"{kind:5s} {size / 1e6:6.1f} MB, --workers {n}: peak {peak / 1e6:6.0f} MB "
+                  f"(process tree), {seconds:5.1f} s, {size / 1e6 / seconds:5.1f} MB/s")
+        path.unlink()
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines()
+                    if ln.startswith("Model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
 def train_start(data: Path, cache: Path, out: Path) -> float:
     """Seconds from starting `gpt train` until it prints its first line about training."""
     env = {**os.environ, "GPTCLI_DATA_CACHE": str(cache), "COLUMNS": "120"}
@@ -128,15 +162,24 @@ def main() -> None:
     ap.add_argument("--parquet-gb", type=float, default=0,
                     help="also measure peak memory on a parquet file of this size (GB)")
     ap.add_argument("--no-restart", action="store_true", help="skip the second-start timing")
+    ap.add_argument("--endings", default="",
+                    help="also compare line endings, e.g. lf,crlf,none (one of lf, crlf, cr, none)")
+    ap.add_argument("--endings-mb", type=float, default=200,
+                    help="text size for --endings in MB (default 200)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gptcli-tok-"))
+    print(f"{cpu_model()}, {os.cpu_count()} cores")
+    if args.endings:
+        endings(args.endings.split(","), args.endings_mb, sorted({1, args.workers}), work)
+    if not args.mb:
+        return
     docs = make_documents(int(args.mb * 1e6))
     txt, pq_path = work / "corpus.txt", work / "corpus.parquet"
     txt.write_text("".join(docs))
     write_parquet(pq_path, docs)
     mb = txt.stat().st_size / 1e6
     print(f"corpus: {len(docs):,} documents, {mb:,.1f} MB of text "
-          f"({pq_path.stat().st_size / 1e6:,.1f} MB as parquet); {os.cpu_count()} cores")
+          f"({pq_path.stat().st_size / 1e6:,.1f} MB as parquet)")
 
     ref = tiktoken_reference(docs)
     print(f"reference: tiktoken encode_ordinary per document, one process: {mb / ref:5.1f} MB/s")

@@ -348,7 +348,9 @@ def png_figure(insp: Inspection):
 def write_png(insp: Inspection, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise UserError(f"--out {path}: use a .png (or .svg, .pdf) file name")
+        hint = f"; for an interactive page use --html {path}" if path.suffix.lower() in (
+            ".html", ".htm") else ""
+        raise UserError(f"--out {path}: use a .png (or .svg, .pdf) file name{hint}")
     fig = png_figure(insp)
     return write_output(path, lambda: fig.savefig(path, dpi=DPI), "--out")
 

@@ -296,6 +296,10 @@ def run(load: LoadConfig, s: BenchConfig,
                 torch._dynamo.reset()  # compile from scratch, as `gpt generate` would
                 step = compile_step(model)
             result["weight_bytes_per_step"] = decode_bytes(model)
+            cache = hardware.cpu_cache_bytes() if device.type == "cpu" else None
+            if cache and result["weight_bytes_per_step"] <= cache and not s.bandwidth_gbs:
+                result["weights_fit_in_cache_bytes"] = cache  # read from there, not from memory
+                bw = None
             result["generate"] = []
             for batch in sorted({1, s.batch_size if batch_given else 1}):
                 n = min(s.warmup, 2) + s.steps

@@ -16,8 +16,10 @@ if TYPE_CHECKING:
 class Dist:
     """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
 
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0) -> None:
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0,
+                 local_world: int | None = None) -> None:
         self.rank, self.world, self.local_rank = rank, world, local_rank
+        self.local_world = local_world or world  # processes per node
 
     @property
     def enabled(self) -> bool:
@@ -26,6 +28,15 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def command(self, args: str) -> str:
+        """``gpt ARGS`` as this job would run it again: under torchrun, the torchrun command of
+        this job's shape (processes per node, nodes)."""
+        if not self.enabled:
+            return f"gpt {args}"
+        nodes = max(1, self.world // self.local_world)
+        where = "--standalone" if nodes == 1 else f"--nnodes {nodes} (on every node, as before)"
+        return f"torchrun {where} --nproc_per_node {self.local_world} -m gptcli {args}"
 
     def device(self, name: str) -> torch.device:
         """The device for this rank: one GPU per local rank under torchrun."""
@@ -99,7 +110,7 @@ def setup_distributed(device_name: str = "auto") -> Dist:
     import torch.distributed as dist
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    _DIST = Dist(rank, world, local_rank)
+    _DIST = Dist(rank, world, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE") or world))
     device = _DIST.device(device_name)
     if device.type == "mps":  # gloo cannot reduce MPS tensors, and nccl is CUDA only
         _DIST = Dist()

@@ -102,10 +102,30 @@ def evaluate_file(load: LoadConfig, cfg: EvalConfig) -> dict:
         raise UserError(f"{scored} has {len(tokens)} token(s); scoring needs at least 2")
     result = evaluate(model, tokens, T, stride=cfg.stride, batch_size=cfg.batch_size,
                       device=model.device)
-    return {"model": str(path), "data": scored, "loss": result.loss,
-            "perplexity": result.perplexity, "tokens": result.tokens,
-            "bits_per_byte": result.loss * result.tokens / math.log(2) / n_bytes,
-            "context_length": T, "stride": cfg.stride or T}
+    out = {"model": str(path), "data": scored, "loss": result.loss,
+           "perplexity": result.perplexity, "tokens": result.tokens,
+           "bits_per_byte": result.loss * result.tokens / math.log(2) / n_bytes,
+           "context_length": T, "stride": cfg.stride or T}
+    if not cfg.data:
+        out["training_estimate"] = training_estimate(path, len(tokens), limit)
+    return out
+
+
+def training_estimate(path: Path, n_tokens: int, context: int) -> dict | None:
+    """What the checkpoint's own ``val_loss`` (the figure `gpt info` shows) was: the estimate
+    made during training on an evenly spaced subset of this split's windows, which is why it
+    differs a little from scoring every token."""
+    from .checkpoint import read_safetensors
+
+    run = RunFolder.holding(path)
+    metadata = read_safetensors(path, tensors=False)[1]
+    if run is None or metadata.get("val_loss") in (None, "None"):
+        return None
+    train = run.train_settings()
+    windows = len(eval_windows(n_tokens, context, context))
+    used = min(windows, train.get("eval_steps", 20) * train.get("batch_size", 12))
+    return {"val_loss": float(metadata["val_loss"]), "step": metadata.get("step"),
+            "windows": used, "of": windows}
 
 
 def scoring_data(cfg: EvalConfig, model_path: Path, tokenizer) -> tuple[np.ndarray, str, int]:

@@ -97,12 +97,14 @@ class GenerationStats:
 
 def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], config: SampleConfig, *,
              on_text: Callable[[int, str], None] | None = None,
+             on_done: Callable[[int], None] | None = None,
              step: Callable | None = None) -> tuple[list[Sample], GenerationStats]:
     """Generate ``config.num_samples`` continuations of ``prompt_ids`` as one batch.
 
     Stops a sample at end-of-text (unless ``ignore_eos``) or just before a stop string; a
     finished sample leaves the batch. ``on_text(sample_index, piece)`` receives text as soon as
-    it is final (see TextStream).
+    it is final (see TextStream); ``on_done(sample_index)`` is called once a sample has all its
+    text.
     """
     device = model.device
     generator = None
@@ -111,6 +113,7 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], config: Sa
     eot = None if config.ignore_eos else tokenizer.eot_id
     streams = [TextStream(tokenizer, config.stop, eot) for _ in range(config.num_samples)]
     emit = on_text or (lambda i, piece: None)
+    finished = on_done or (lambda i: None)
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     t0 = time.perf_counter()
     engine = Engine(model, config.num_samples, step=step, vocab_size=tokenizer.vocab_size)
@@ -130,12 +133,15 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], config: Sa
                 emit(live[id(row)], piece)
             if stream.done:
                 engine.remove(row)
+                finished(live[id(row)])
         if not engine.rows or n + 1 == config.max_new_tokens:
             break
         engine.advance()
     for i, stream in enumerate(streams):
-        if piece := stream.close():
-            emit(i, piece)
+        if not stream.done:  # ran to its length
+            if piece := stream.close():
+                emit(i, piece)
+            finished(i)
     synchronize(device)
     end = time.perf_counter()
     stats.decode_time_s, stats.total_time_s = end - t_first, end - t0

@@ -124,6 +124,23 @@ def measure_bandwidth(device: torch.device) -> float:
     return size / _best_time(lambda: x.sum(), device, repeats=5) / 1e9
 
 
+def cpu_cache_bytes() -> int | None:
+    """The size of the CPU's largest cache (the last level, shared), from sysfs on Linux."""
+    import glob
+
+    sizes = []
+    for folder in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            text = open(f"{folder}/size").read().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes) if sizes else None
+
+
 # ----------------------------------------------------------------------------- memory
 
 def available_memory(device: torch.device) -> int | None:

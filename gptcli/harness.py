@@ -14,9 +14,10 @@ then ``lm_eval.simple_evaluate(model="gptcli", model_args="model=runs/x", tasks=
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from .errors import require
+from .errors import RuntimeFailure, require
 
 lm_eval_api = require("lm_eval.api.model", "eval", needed_for="the harness adapter")
 registry = require("lm_eval.api.registry", "eval", needed_for="the harness adapter")
@@ -87,6 +88,9 @@ def evaluate_harness(tasks: list[str], load, batch_size: int, limit: int | None,
     evaluator = require("lm_eval", "eval", needed_for="--harness")
     from lm_eval.tasks import TaskManager
 
+    offline = hub_unreachable()
+    if offline:  # use what the datasets library has cached, without its retries
+        go_offline()
     model = GptcliLM(load.model, device=load.device, dtype=load.dtype, quantize=load.quantize,
                      batch_size=batch_size)
     manager = TaskManager(include_path=include) if include else TaskManager()
@@ -98,6 +102,39 @@ def evaluate_harness(tasks: list[str], load, batch_size: int, limit: int | None,
     import contextlib
     import sys
 
-    with contextlib.redirect_stdout(sys.stderr):  # the harness prints progress to stdout
-        return evaluator.simple_evaluate(model=model, tasks=tasks, limit=limit,
-                                         batch_size=batch_size, task_manager=manager)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # the harness prints progress to stdout
+            return evaluator.simple_evaluate(model=model, tasks=tasks, limit=limit,
+                                             batch_size=batch_size, task_manager=manager)
+    except (ConnectionError, OSError) as e:
+        if not offline and "Hub" not in str(e) and "connect" not in str(e).lower():
+            raise
+        why = f" ({offline})" if offline else ""
+        raise RuntimeFailure(f"the data of {', '.join(tasks)} is not in the datasets cache and "
+                             f"the Hugging Face Hub cannot be reached{why}; run the command once "
+                             "with network access (lm-evaluation-harness fetches task data with "
+                             "the datasets library)") from None
+
+
+def go_offline() -> None:
+    """Make huggingface_hub and the datasets library use their caches only, now: both read the
+    offline switches into constants when they are imported, which lm_eval has done already."""
+    import sys
+
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if (hub := sys.modules.get("huggingface_hub.constants")) is not None:
+        hub.HF_HUB_OFFLINE = True
+    if (datasets := sys.modules.get("datasets.config")) is not None:
+        datasets.HF_HUB_OFFLINE = datasets.HF_DATASETS_OFFLINE = True
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached now (None: it can, or the user asked for offline)."""
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
+        return None
+    from huggingface_hub import constants
+
+    from .hub import quiet_hub, unreachable
+
+    quiet_hub()
+    return unreachable(constants.ENDPOINT)

@@ -17,12 +17,13 @@ parallel shards, does not help the GPT-2 repos, which are single files.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from .hf import GPT2_VOCAB, from_hf
+from .convert import (HF_PICKLE_WEIGHTS, HF_WEIGHTS, HF_WEIGHTS_INDEX, NO_PICKLE, convert_folder,
+                      convert_hf, read_hf_config, shards)
+from .hf import from_hf
 from .errors import GptcliError, RuntimeFailure, UserError
 from .store import (DATA_FORMATS, KNOWN_DATASETS, KNOWN_MODELS, dataset_folder, is_repo_id,
                     model_file)
@@ -31,13 +32,6 @@ from .store import (DATA_FORMATS, KNOWN_DATASETS, KNOWN_MODELS, dataset_folder, 
 # ----------------------------------------------------------------------------- download
 
 DATA_SUFFIXES = tuple(DATA_FORMATS)
-HF_WEIGHTS = "model.safetensors"
-HF_WEIGHTS_INDEX = "model.safetensors.index.json"
-HF_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-NO_PICKLE = ("gptcli does not unpickle downloaded files, because unpickling can run arbitrary "
-             "code; ask for (or convert to) a safetensors version")
-
-
 def _offline(offline: bool) -> bool:
     """``--offline`` or ``HF_HUB_OFFLINE=1`` (read now, not when huggingface_hub was imported)."""
     flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
@@ -48,6 +42,44 @@ def _is_network_error(e: BaseException) -> bool:
     module = type(e).__module__.split(".")[0]
     return isinstance(e, (ConnectionError, TimeoutError)) or module in (
         "httpx", "httpx2", "httpcore", "requests", "urllib3")
+
+
+@functools.lru_cache(maxsize=None)
+def unreachable(endpoint: str) -> str | None:
+    """Why the Hub at ``endpoint`` cannot be reached (its name does not resolve, or nothing
+    answers within a few seconds), or None when it can. Checked once per process, before the
+    first transfer: huggingface_hub retries a failed connection five times with back-off (24 s
+    of warnings) before giving up, where a machine without a network should hear so at once."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=5):
+            return None
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def quiet_hub() -> None:
+    """Keep huggingface_hub's own retry and warning lines out of the terminal: its failures
+    reach the user as one sentence (``_translated``)."""
+    import logging
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+
+
+def check_reachable(what: str, repo: str) -> None:
+    """Fail at once, in one sentence, when the Hub cannot be reached (see ``unreachable``)."""
+    from huggingface_hub import constants
+
+    quiet_hub()
+    why = unreachable(constants.ENDPOINT)
+    if why is not None:
+        raise RuntimeFailure(f"could not reach {constants.ENDPOINT} to download {what} of {repo} "
+                             f"({why}); check the connection or HF_ENDPOINT, or use --offline "
+                             "for what is already cached")
 
 
 def hub_fetch(repo: str, filename: str, *, revision: str | None = None, offline: bool = False,
@@ -61,6 +93,10 @@ def hub_fetch(repo: str, filename: str, *, revision: str | None = None, offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    quiet_hub()
+    if not offline:
+        check_reachable(filename, repo)
 
     try:
         return Path(hf_hub_download(repo, filename, repo_type=repo_type, revision=revision,
@@ -82,6 +118,7 @@ def list_files(repo: str, *, repo_type: str = "dataset", revision: str | None = 
                         "HF_HUB_OFFLINE=1)")
     from huggingface_hub import HfApi
 
+    check_reachable("the file list", repo)
     try:
         return HfApi().list_repo_files(repo, repo_type=repo_type, revision=revision)
     except Exception as e:  # noqa: BLE001
@@ -171,7 +208,7 @@ def download_model(name: str, *, revision: str | None = None, out: str | os.Path
     and store it as a gptcli checkpoint. Returns what :func:`convert_hf` returns."""
     repo = resolve_repo(name)
     config_path = hub_fetch(repo, "config.json", revision=revision, offline=offline)
-    hf_config = _read_hf_config(config_path, repo)
+    hf_config = read_hf_config(config_path, repo)
     from_hf(hf_config)  # refuse non-GPT-2 repos before fetching any weights
     fetch = functools.partial(hub_fetch, repo, revision=revision, offline=offline)
     weights = fetch(HF_WEIGHTS, optional=True)
@@ -181,7 +218,7 @@ def download_model(name: str, *, revision: str | None = None, out: str | os.Path
         index = fetch(HF_WEIGHTS_INDEX, optional=True)
         if index is None:
             raise _no_safetensors(repo, revision, offline)
-        files = [fetch(shard) for shard in _shards(index, repo)]
+        files = [fetch(shard) for shard in shards(index, repo)]
     return convert_hf(hf_config, files, out or model_file(name), log=log,
                       source=f"hf:{repo}", revision=commit_of(config_path, revision))
 
@@ -225,90 +262,6 @@ def commit_of(path: Path, revision: str | None = None, *,
     return revision
 
 
-def _read_hf_config(path: Path, where: str) -> dict[str, Any]:
-    try:
-        hf = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"config.json of {where} is not readable JSON: {e}") from None
-    if not isinstance(hf, dict):
-        raise UserError(f"config.json of {where} is not a JSON object")
-    return hf
-
-
-def _shards(index_path: Path, where: str) -> list[str]:
-    try:
-        weight_map = json.loads(Path(index_path).read_text(encoding="utf-8"))["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{HF_WEIGHTS_INDEX} of {where} is damaged: {e}") from None
-    bad = [s for s in shards if not s.endswith(".safetensors") or "/" in s or ".." in s]
-    if bad:
-        raise UserError(f"{HF_WEIGHTS_INDEX} of {where} names files that are not safetensors "
-                        f"shards: {bad[:3]}")
-    return shards
-
-
-def convert_folder(folder: str | os.PathLike, *, out: str | os.PathLike | None = None,
-                   log=None) -> dict[str, Any]:
-    """Convert a local Hugging Face GPT-2 folder (config.json + safetensors), no network."""
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{folder} has no config.json; it is not a Hugging Face model folder")
-    hf_config = _read_hf_config(config_path, str(folder))
-    from_hf(hf_config)
-    if (folder / HF_WEIGHTS).is_file():
-        files = [folder / HF_WEIGHTS]
-    elif (folder / HF_WEIGHTS_INDEX).is_file():
-        files = [folder / s for s in _shards(folder / HF_WEIGHTS_INDEX, str(folder))]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise UserError(f"shards listed in {HF_WEIGHTS_INDEX} are missing: {missing[:3]}")
-    else:
-        pickles = [p for p in HF_PICKLE_WEIGHTS if (folder / p).exists()]
-        if pickles:
-            raise UserError(f"{folder} has only pickle weights ({pickles[0]}); " + NO_PICKLE)
-        raise UserError(f"{folder} has no {HF_WEIGHTS} (nor {HF_WEIGHTS_INDEX})")
-    name = folder.resolve().name
-    return convert_hf(hf_config, files, out or model_file(name), log=log,
-                      source=f"local:{folder.resolve()}")
-
-
-def convert_hf(hf_config: dict[str, Any], files: list[Path], out: str | os.PathLike, *,
-               log=None, **provenance: Any) -> dict[str, Any]:
-    """Hugging Face GPT-2 config + safetensors files -> one gptcli checkpoint at ``out``, then
-    load it back once to verify. Returns name, path, parameters, size and source."""
-    import torch
-
-    from .checkpoint import check_tensors, load_checkpoint, read_safetensors, save_checkpoint
-    from .model import GPT
-    from .tokenizer import GPT2Tokenizer
-
-    config, _ = from_hf(hf_config)
-    if config.vocab_size < GPT2_VOCAB:
-        raise UserError(f"this model has vocab_size {config.vocab_size}, fewer than the GPT-2 "
-                        f"tokenizer's {GPT2_VOCAB} tokens; gptcli pairs Hub models with the "
-                        "GPT-2 tokenizer")
-    hf_state = {}
-    for path in files:
-        hf_state.update(read_safetensors(path)[0])
-    if log:
-        log(f"converting {len(files)} file(s), {len(hf_state)} tensors")
-    config, state = from_hf(hf_config, hf_state)
-    check_tensors({k: tuple(v.shape) for k, v in state.items()}, config, "config.json")
-    with torch.device("meta"):  # shapes only: the file's tensors become the weights
-        model = GPT(config)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    out = Path(out)
-    save_checkpoint(out, model, GPT2Tokenizer(), **{k: v for k, v in provenance.items() if v})
-    del model, state, hf_state
-    verified, _, _ = load_checkpoint(out, finite=True)  # read back what was written
-    return {"name": out.stem.replace("--", "/"), "path": str(out.resolve()),
-            "parameters": verified.num_params(), "size": out.stat().st_size,
-            "source": provenance.get("source"), "revision": provenance.get("revision")}
-
-
 def download_dataset(name: str, files: list[str] | None = None, *, revision: str | None = None,
                      offline: bool = False, log=None) -> dict[str, Any]:
     """Data files of a Hub dataset repo into ``datasets_dir()/<store name>/``, where ``gpt train
@@ -328,7 +281,9 @@ def download_dataset(name: str, files: list[str] | None = None, *, revision: str
         raise UserError(f"gptcli trains on .txt, .jsonl and .parquet files, not {bad[0]}")
     folder = dataset_folder(name)
     if _offline(offline) and folder.is_dir():
-        have = [p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts
+        # (huggingface_hub's .cache inside the folder, not the store's own ~/.cache path)
+        have = [p for p in folder.rglob("*") if p.is_file()
+                and ".cache" not in p.relative_to(folder).parts
                 and any(fnmatch(str(p.relative_to(folder)), w) for w in wanted)]
         if have:
             return _dataset_result(name, folder, have, repo)

@@ -13,7 +13,8 @@ from .errors import UserError
 from .model import GPT
 from .quantize import check_scheme, is_quantized, prepare
 from .runs import RUNS_DIR, RunFolder
-from .store import KNOWN_MODELS, is_repo_id, is_stored_name, local_models, stored_model
+from .store import (KNOWN_MODELS, is_repo_id, is_stored_name, local_models, models_dir,
+                    stored_model)
 from .tokenizer import Tokenizer
 
 
@@ -42,11 +43,26 @@ def resolve_model(name: str | os.PathLike | None, runs_dir: str | os.PathLike = 
     stored = stored_model(str(name))
     if stored is not None:
         return stored
-    if str(name) in KNOWN_MODELS or is_repo_id(str(name)):
+    name = str(name)
+    where = f"looked for a file or run folder {path.absolute()} and a downloaded model " \
+            f"{name!r} in {models_dir()}"
+    if name in KNOWN_MODELS or (is_repo_id(name) and not _looks_like_path(name)):
         raise UserError(f"{name} is not downloaded yet: get it with `gpt download {name}` "
                         f"(once, with network access); {_elsewhere(downloads=False)}")
-    raise UserError(f"no model named {str(name)!r}: it is not a file, a run folder or a "
-                    f"downloaded model; {_elsewhere(downloads=False)}")
+    if _looks_like_path(name):
+        raise UserError(f"{name} does not exist ({where}); {_elsewhere(downloads=False)}")
+    raise UserError(f"no model named {name!r}: it is not a file, a run folder or a downloaded "
+                    f"model ({where}); {_elsewhere(downloads=False)}")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A model name the user meant as a path, not a Hub id: it starts like one (/, ./, ../, ~),
+    has more than one slash, ends like a checkpoint, its first part is a folder here, or it is
+    in the runs folder (``runs/x`` from the wrong working folder)."""
+    first = Path(name).parts[0] if Path(name).parts else ""
+    return (name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+            or name.lower().endswith(".safetensors") or Path(first).is_dir()
+            or first == RUNS_DIR.name)
 
 
 def _elsewhere(downloads: bool = True) -> str:

@@ -16,13 +16,12 @@ import re
 import shutil
 import socket
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, path_error
+from .errors import GptcliError, UserError, path_error
 from .files import make_folder, process_alive, write_text
 
 RUNS_DIR = Path("runs")  # where runs go by default, relative to the working folder
@@ -132,24 +131,36 @@ class RunFolder:
             return []
         return sorted(p for p in self.path.iterdir() if p.name != LOCK)
 
+    def never_saved(self) -> bool:
+        """A run that stopped before its first checkpoint (a missing extra, a crash, a double
+        Ctrl-C): the folder holds only what a run writes before it saves (its config, metrics,
+        tracker logs, leftovers of an interrupted write), so starting it again loses nothing."""
+        files = self.files()
+        return bool(files) and all(
+            p.name in (*RUN_FILES, TENSORBOARD_DIR, "wandb") or p.name.endswith(".tmp")
+            for p in files) and not any(p.suffix == ".safetensors" for p in files)
+
     # the overwrite / resume rules
     def prepare(self, *, resume: str | None, force: bool) -> bool:
         """Check the folder before a run; returns True when the run resumes from it.
 
         ``resume`` is None (a fresh run), "yes" (must resume) or "auto" (resume if there is a
-        state, else start fresh: a run killed before its first checkpoint left only its
-        config and metrics, nothing to lose). A folder with files is never overwritten without
-        ``force``.
+        state, else start fresh). A folder with files is never overwritten without ``force``,
+        except one whose run stopped before its first checkpoint (``never_saved``): it is
+        started again, with a note, whether or not ``resume`` was asked for.
         """
-        if resume == "yes" and not self.has_state():
-            raise UserError(f"nothing to resume in {self.path}: it has no last.safetensors with "
-                            "its training state; start a new run without --resume")
         if resume and self.has_state():
             self.check_state_pair()
             return True
+        never_saved = self.never_saved()
+        if resume == "yes" and not never_saved:
+            raise UserError(f"nothing to resume in {self.path}: it has no last.safetensors with "
+                            "its training state; start a new run without --resume")
+        if never_saved:
+            print(f"note: {self.path} holds a run that stopped before its first checkpoint; "
+                  "starting it again", file=sys.stderr)
         files = self.files()
-        nothing_to_lose = resume == "auto" and not any(p.suffix == ".safetensors" for p in files)
-        if files and not (force or nothing_to_lose):
+        if files and not (force or never_saved):
             raise UserError(f"run folder {self.path} already has files; pass --resume to "
                             "continue that run, --force to overwrite it, or --out to pick "
                             "another folder")
@@ -158,6 +169,7 @@ class RunFolder:
         for snap in self.path.glob("step-*.safetensors"):
             snap.unlink()
         shutil.rmtree(self.tensorboard_dir, ignore_errors=True)  # the old run's events
+        shutil.rmtree(self.path / "wandb", ignore_errors=True)
         self.mkdir()
         return False
 
@@ -193,32 +205,42 @@ class RunFolder:
 
     # one process at a time
     def lock(self) -> None:
-        """Take the folder's lock (a file holding our PID and host). A lock left by a process
-        that no longer runs on this host is taken over, with a note."""
+        """Take the folder's lock: a file holding our PID and host, which appears whole or not
+        at all (written beside it, then hard-linked into place, which fails if a lock exists).
+        A lock left by a process that no longer runs on this host, or one that cannot be read
+        (left empty by a writer of an older gptcli that died, e.g. on a full disk), is taken
+        over, with a note."""
         self._created = not self.path.exists()
         self.mkdir()
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
         path = self.path / LOCK
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _read_lock(path)
-                if not _is_stale(holder, path):
-                    raise RunLocked(
-                        f"run folder {self.path} is in use by process {holder.get('pid')} on "
-                        f"{holder.get('host')} (lock file {path}); wait for it to finish, or pick "
-                        "another --out") from None
-                print(f"note: taking over the lock of {self.path} left by process "
-                      f"{holder.get('pid')}, which is no longer running", file=sys.stderr)
-                path.unlink(missing_ok=True)
-                continue
-            except OSError as e:
-                raise path_error(e, "lock run folder", self.path) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self._locked = True
-            return
+        tmp = self.path / f".lock.{os.getpid()}.tmp"
+        try:
+            tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise path_error(e, "lock run folder", self.path) from None
+        try:
+            for _ in range(2):
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    holder = _read_lock(path)
+                    if not _is_stale(holder):
+                        raise RunLocked(
+                            f"run folder {self.path} is in use by process {holder['pid']} on "
+                            f"{holder.get('host')} (lock file {path}); wait for it to finish, or "
+                            "pick another --out") from None
+                    why = f"left by process {holder['pid']}, which is no longer running" \
+                        if holder else "which is empty or unreadable (its writer died)"
+                    print(f"note: taking over the lock of {self.path}, {why}", file=sys.stderr)
+                    path.unlink(missing_ok=True)
+                    continue
+                except OSError as e:
+                    raise path_error(e, "lock run folder", self.path) from None
+                self._locked = True
+                return
+        finally:
+            tmp.unlink(missing_ok=True)
         raise RunLocked(f"run folder {self.path} was locked by another process just now; pick "
                         "another --out")
 
@@ -281,19 +303,35 @@ class RunFolder:
 
 class MetricsLog:
     """Appends one JSON record per line; on resume, first forgets what came after the saved
-    state (those steps are trained again)."""
+    state (those steps are trained again), rewriting the file atomically. A write that fails
+    (a full disk) is one sentence naming the file; the checkpoints are untouched by it."""
 
     def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        self.note = f"the checkpoints in {path.parent} are intact"
         if resume_step is not None and path.is_file():
             kept = [r for r in read_records(path) if r.get("step", 0) <= resume_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.file = open(path, "a", buffering=1)
+            try:
+                write_text(path, "".join(json.dumps(r) + "\n" for r in kept),
+                           what="metrics file")
+            except GptcliError as e:
+                raise type(e)(f"{e}; {self.note}") from None
+        try:
+            self.file = open(path, "a", buffering=1)
+        except OSError as e:
+            raise path_error(e, "write metrics to", path, note=self.note) from None
 
     def write(self, **record) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        try:
+            self.file.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise path_error(e, "write metrics to", self.path, note=self.note) from None
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # the line that could not be written was reported when it failed
+            pass
 
 
 def new_run_id() -> str:
@@ -301,26 +339,22 @@ def new_run_id() -> str:
 
 
 def _read_lock(path: Path) -> dict:
+    """The lock's holder ({"pid", "host"}), or {} when the file is empty or unreadable."""
     try:
         holder = json.loads(path.read_text())
-        return holder if isinstance(holder, dict) else {}
     except (OSError, ValueError):
         return {}
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else {}
 
 
-def _is_stale(holder: dict, path: Path) -> bool:
-    """A lock whose process is gone. Only decidable on the same host. A lock without a readable
-    PID is being written right now, or was left by a process killed while writing it: stale
-    once it is a few seconds old."""
-    pid = holder.get("pid")
-    if not isinstance(pid, int):
-        try:
-            return time.time() - path.stat().st_mtime > 5
-        except OSError:
-            return True
+def _is_stale(holder: dict) -> bool:
+    """A lock whose process is gone (only decidable on the same host), or one without a
+    readable holder: locks appear whole (``RunFolder.lock``), so nobody is writing it now."""
+    if not holder:
+        return True
     if holder.get("host") != socket.gethostname():
         return False
-    return not process_alive(pid)
+    return not process_alive(holder["pid"])
 
 
 def _as_int(value) -> int | None:

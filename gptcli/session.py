@@ -36,6 +36,7 @@ class FitResult:
     stopped_by: str | None = None  # "SIGINT", "SIGTERM", "max-time", "stop-after" or None
     checkpoint: Path | None = None
     is_main: bool = True
+    resume_command: str = ""
 
     @property
     def exit_code(self) -> int:
@@ -191,11 +192,16 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def interrupted_message(run: RunFolder) -> str:
+def resume_command(run: RunFolder, dist: Dist) -> str:
+    """The command that continues ``run``: the same launcher and number of processes."""
+    return dist.command(f"train --out {run.path} --resume")
+
+
+def interrupted_message(run: RunFolder, dist: Dist) -> str:
     if not run.has_state():
         return "interrupted before the first checkpoint was saved"
     from .checkpoint import read_safetensors
 
     step = read_safetensors(run.last, tensors=False)[1].get("step", "?")
-    return (f"interrupted; the checkpoint of step {step} is saved. Resume with: gpt train --out "
-            f"{run.path} --resume")
+    return (f"interrupted; the checkpoint of step {step} is saved. Resume with: "
+            f"{resume_command(run, dist)}")

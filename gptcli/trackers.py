@@ -25,6 +25,14 @@ from .runs import MetricsLog, RunFolder
 TRACKERS = ("tensorboard", "wandb")
 
 
+def check_installed(names: list[str]) -> None:
+    """Fail now, before a run creates anything, when a tracker's extra is missing."""
+    if "tensorboard" in names:
+        require("tensorboard", "tensorboard", needed_for="--log-to tensorboard")
+    if "wandb" in names:
+        require("wandb", "wandb", needed_for="--log-to wandb")
+
+
 def scalars(record: dict[str, Any]) -> dict[str, float]:
     """The numbers of a metrics record, by name (the step itself and non-numbers left out)."""
     return {k: float(v) for k, v in record.items()
@@ -34,7 +42,7 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 class TensorBoard:
     def __init__(self, run: RunFolder, resume_step: int | None) -> None:
-        require("tensorboard", "tensorboard", needed_for="--log-to tensorboard")
+        check_installed(["tensorboard"])
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops the events at and after it: those steps are trained again

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -30,9 +31,10 @@ from .models import resolve_model
 from .optim import lr_at, step_parts, train_step
 from .quantize import is_quantized
 from .runs import RunFolder, new_run_id
-from .session import FitResult, Session, StopSignals, interrupted_message, restore_state
+from .session import (FitResult, Session, StopSignals, interrupted_message, restore_state,
+                      resume_command)
 from .tokenizer import Tokenizer
-from .trackers import Trackers
+from .trackers import Trackers, check_installed
 
 
 # ----------------------------------------------------------------------------- settings
@@ -244,7 +246,8 @@ def finish(s: Session, stopped_by: str | None) -> FitResult:
         _plot_losses(s.run.path)
     best = s.run.best
     return FitResult(out=s.run.path, step=s.step, best_val=s.best_val, stopped_by=stopped_by,
-                     is_main=s.dist.is_main, checkpoint=best if best.exists() else s.run.last)
+                     is_main=s.dist.is_main, checkpoint=best if best.exists() else s.run.last,
+                     resume_command=resume_command(s.run, s.dist))
 
 
 def launch(explicit: dict, *, config_file: Path | None = None, resume: str | None = None,
@@ -252,18 +255,21 @@ def launch(explicit: dict, *, config_file: Path | None = None, resume: str | Non
     """What `gpt train` does: join the torchrun job (if any), lock and check the run folder,
     merge the settings, fit, and leave the job. ``resume`` is None, "yes" or "auto"."""
     cfg = merge_config(explicit, config_file, None)
+    check_installed(cfg.log_to)  # a missing extra fails before the run folder is touched
     run = RunFolder(cfg.out) if cfg.out else RunFolder.default_for(cfg.data)
     dist = setup_distributed(cfg.device)
     try:
         dist.main_first(run.lock)  # one process trains in a folder at a time
         if dist.main_first(lambda: run.prepare(resume=resume, force=force)):
-            cfg = merge_config(explicit, config_file, run.read_config())
+            saved = run.read_config()
+            cfg = merge_config(explicit, config_file, saved)
+            check_resume_shape(cfg, saved, run, dist)
             result = fit(cfg, out=run, resume=True, display=display)
         else:
             result = fit(cfg, out=run, display=display)
     except KeyboardInterrupt:  # a second Ctrl-C: the first one's save may not have finished
         teardown_distributed(clean=False)
-        raise Interrupted(interrupted_message(run)) from None
+        raise Interrupted(interrupted_message(run, dist)) from None
     except BaseException:
         teardown_distributed(clean=False)
         raise
@@ -271,6 +277,29 @@ def launch(explicit: dict, *, config_file: Path | None = None, resume: str | Non
         run.unlock()
     teardown_distributed()
     return result
+
+
+def check_resume_shape(cfg: TrainConfig, saved: dict | None, run: RunFolder, dist: Dist) -> None:
+    """A resume takes as many tokens per step as the run did: another effective batch (batch x
+    grad-accum x processes) would silently change the training, so it is refused with the
+    commands that keep it; another number of processes with the same batch gets a note."""
+    saved = saved or {}
+    context = (saved.get("model") or {}).get("context_length")
+    before, world = saved.get("tokens_per_step"), saved.get("world_size", 1)
+    if not context or not before:
+        return
+    now = cfg.batch_size * cfg.grad_accum * dist.world * context
+    if now == before:
+        if world != dist.world and dist.is_main:
+            print(f"note: {run.path} trained with {world} process(es); it resumes with "
+                  f"{dist.world}, at the same {now:,} tokens per step", file=sys.stderr)
+        return
+    per = cfg.batch_size * dist.world * context
+    keep = f", or keep its batch with --grad-accum {before // per}" if before % per == 0 else ""
+    raise UserError(f"{run.path} trained with {before:,} tokens per step ({world} process(es)); "
+                    f"this resume would take {now:,} (batch {cfg.batch_size} x grad-accum "
+                    f"{cfg.grad_accum} x {dist.world} process(es) x {context} tokens): resume "
+                    f"it as it ran, with {resume_command(run, Dist(0, world, world))}{keep}")
 
 
 def _plot_losses(out: Path) -> None:

@@ -402,3 +402,14 @@ def test_without_model_uses_the_latest_run(tiny_ckpt, tmp_path, monkeypatch):
     result = invoke("--text", TEXT, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["model"].endswith("best.safetensors")
+
+
+@pytest.mark.parametrize("name,hint", [
+    ("attn.html", "; for an interactive page use --html {path}"), ("attn.jpg", "")])
+def test_out_with_a_page_name_points_to_html(tiny_ckpt, tmp_path, name, hint):
+    path = tmp_path / name
+    result = invoke("--model", tiny_ckpt, "--text", TEXT, "--out", path)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: --out {path}: use a .png (or .svg, .pdf) file "
+                                     f"name" + hint.format(path=path))
+    assert not path.exists()

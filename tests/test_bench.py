@@ -39,7 +39,8 @@ def run_json(*extra):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_cpu_bench_json_every_figure_positive():
+def test_cpu_bench_json_every_figure_positive(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_cache_bytes", lambda: 1 << 20)  # weights exceed it
     out = run_json()
     assert out["device"] == "cpu" and out["dtype"] == "float32"
     assert out["settings"]["vocab_size"] == 50257 and out["settings"]["batch_size"] == 2
@@ -68,7 +69,7 @@ def test_measured_ceilings_are_positive_and_flags_override_them():
 
 
 def test_int8_bench_times_generation_of_the_quantized_model():
-    out = run_json("--quantize", "int8")
+    out = run_json("--quantize", "int8", "--bandwidth-gbs", "20")
     assert "train" not in out and out["settings"]["quantize"] == "int8"
     g = out["generate"][0]
     assert g["decode_tokens_per_s"] > 0 and g["bandwidth_utilisation"] > 0
@@ -106,6 +107,19 @@ def test_given_bandwidth_makes_utilisation_positive():
     g = out["generate"][0]
     assert g["bandwidth_utilisation"] == pytest.approx(
         out["weight_bytes_per_step"] * g["decode_steps_per_s"] / 20e9)
+
+
+def test_weights_that_fit_in_the_cpu_cache_get_no_bandwidth_figure(monkeypatch):
+    """Decoding weights that fit in the CPU's cache reads them from there: a share of the
+    memory bandwidth would be meaningless (it once showed 122.6%), so the table says why."""
+    monkeypatch.setattr(hardware, "cpu_cache_bytes", lambda: 1 << 40)
+    out = run_json("--only", "generate")
+    assert out["weights_fit_in_cache_bytes"] == 1 << 40
+    assert out["generate"][0]["bandwidth_utilisation"] is None
+    table = runner.invoke(app, FAST[:-1] + ["--only", "generate"]).stdout
+    assert "not meaningful: the weights fit in the CPU's" in " ".join(table.split())
+    monkeypatch.setattr(hardware, "cpu_cache_bytes", lambda: 1 << 10)
+    assert run_json("--only", "generate")["generate"][0]["bandwidth_utilisation"] > 0
 
 
 def test_flops_per_token_equals_hand_count():

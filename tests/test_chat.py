@@ -121,14 +121,14 @@ def test_prompt_accepts_objects_with_role_and_content(tok):
         prompt_tokens([{"role": "user", "content": "Hi"}], tok, TEMPLATE)
 
 
-def test_plain_layout_is_servers_layout(tok):
-    from gptcli.serve.protocol import CHAT_STOP, Message, chat_prompt
-
+def test_plain_layout_for_base_models(tok):
+    """Base models (no template in their metadata) keep the plain-text layout `gpt serve` has
+    always used: a line per message, then "Assistant:", stopping at the next "User:" line."""
     messages = CONVERSATION[:2]
     assert tok.decode(prompt_tokens(messages, tok, PLAIN)) == \
         "System: Be brief.\nUser: Hi\nAssistant:"
-    assert chat.plain_prompt(messages) == chat_prompt([Message(**m) for m in messages])
-    assert stop_strings(PLAIN) == [CHAT_STOP]
+    assert chat.plain_prompt(messages) == "System: Be brief.\nUser: Hi\nAssistant:"
+    assert stop_strings(PLAIN) == ["\nUser:"]
     assert stop_strings(TEMPLATE) == []  # the end-of-text token ends the reply
     # the plain layout needs no end-of-text, so character models keep chatting as before
     letters = CharTokenizer(sorted(set("System: Be brief.\nUser: HiAssistant")))

@@ -60,9 +60,12 @@ def test_user_error_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in result.output
 
 
-def test_debug_shows_traceback(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "gptcli", "--debug", "info",
-                          str(tmp_path / "model.pt")], capture_output=True, text=True)
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_traceback(tmp_path, where):
+    """--debug belongs to `gpt` itself, but works after the command too."""
+    args = ["info", str(tmp_path / "model.pt")]
+    args = ["--debug", *args] if where == "before" else [*args, "--debug"]
+    out = subprocess.run([sys.executable, "-m", "gptcli", *args], capture_output=True, text=True)
     assert out.returncode == 2
     assert "Traceback" in out.stderr and "looks like a pickle file" in out.stderr
 

@@ -1,8 +1,10 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from gptcli.data import cache, sources
+from gptcli.data import cache, cuts, sources
 from gptcli.data import BatchSampler, check_enough, load_tokens, resolve_data
 from gptcli.errors import UserError
 from gptcli.tokenizer import GPT2Tokenizer
@@ -185,8 +187,8 @@ def test_workers_make_byte_identical_shards(tmp_path, monkeypatch):
     text.write_text(("All the world's a stage, and all the men and women merely players.\n"
                      "They have their exits and their entrances.\n") * 400)
     shards = []
-    for workers, cache in ((1, "c1"), (2, "c2")):
-        monkeypatch.setenv("GPTCLI_DATA_CACHE", str(tmp_path / cache))
+    for workers, folder in ((1, "c1"), (2, "c2")):
+        monkeypatch.setenv("GPTCLI_DATA_CACHE", str(tmp_path / folder))
         shards.append(load_tokens([text], "gpt2", workers=workers).shards[0].read_bytes())
     assert shards[0] == shards[1]
     assert np.frombuffer(shards[0], np.uint16).tolist() == GPT2Tokenizer().encode(text.read_text())
@@ -269,3 +271,265 @@ def test_an_interrupted_tokenization_resumes_and_ends_byte_identical(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=clean, check=True)
     for name in after:
         assert (shards / name).read_bytes() == (tmp_path / "clean" / "shards" / name).read_bytes()
+
+
+# ----------------------------------------------------------------------------- which files
+
+def tree(tmp_path):
+    """d/a.txt, d/sub/b.txt, d/sub/up -> .. (a link back up), other/c.txt linked as d/linked."""
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("a\n")
+    (d / "sub" / "b.txt").write_text("b\n")
+    (d / "sub" / "up").symlink_to("..")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "c.txt").write_text("c\n")
+    (d / "linked").symlink_to(tmp_path / "other")
+    return d
+
+
+def test_globs_and_folders_walk_links_once(tmp_path):
+    d = tree(tmp_path)
+    expected = [d / "a.txt", d / "linked" / "c.txt", d / "sub" / "b.txt"]
+    assert resolve_data([f"{d}/**/*.txt"]) == expected  # glob went round sub/up 40 times
+    assert sorted(sources._glob(f"{d}/**/*.txt")) == expected  # walked once, not deduplicated
+    assert resolve_data([str(d)]) == expected  # the folder form did not follow d/linked
+    assert resolve_data([f"{d}/*/*.txt"]) == [d / "linked" / "c.txt", d / "sub" / "b.txt"]
+
+
+def test_a_glob_through_links_to_themselves_ends(tmp_path):
+    """Two links to their own folder made glob's walk grow without end (a/b/a/b/...); in a
+    process of its own, so the old walk fails the test by its timeout instead of hanging it."""
+    import subprocess
+    import sys
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "t.txt").write_text("t\n")
+    for name in ("a", "b"):
+        (tmp_path / "x" / name).symlink_to(".")
+    code = "import sys; from gptcli.data import resolve_data; print(resolve_data(sys.argv[1:]))"
+    out = subprocess.run([sys.executable, "-c", code, f"{tmp_path}/x/**/*.txt", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"[PosixPath('{tmp_path}/x/t.txt')]"
+
+
+def test_a_file_reached_twice_counts_once(tmp_path):
+    import os
+
+    d = tree(tmp_path)
+    (tmp_path / "alias.txt").symlink_to(d / "a.txt")
+    os.link(d / "sub" / "b.txt", tmp_path / "hard.txt")
+    got = resolve_data([str(d / "a.txt"), str(d), f"{d}/*.txt", str(tmp_path / "alias.txt"),
+                        str(tmp_path / "hard.txt"), str(tmp_path / "other" / "c.txt")])
+    assert got == [d / "a.txt", d / "linked" / "c.txt", d / "sub" / "b.txt"]
+    loaded = load_tokens(got, "char")
+    assert loaded.tokenizer.decode(loaded.tokens.tolist()) == "a\n\nc\n\nb\n"
+
+
+@pytest.mark.parametrize("pattern", ["d/*.txt", "d/**/*.txt", "**/*.txt", "d/**", "d/*/*.t?t",
+                                     "d/[ab].txt", "d/.hid/*.txt", "d/.*/*.txt", "*/sub/**/*.jsonl",
+                                     "d/sub/**/x.txt"])
+def test_globs_match_what_glob_matches(tmp_path, pattern):
+    import glob
+
+    for name in ("d/a.txt", "d/b.txt", "d/c.jsonl", "d/.hidden.txt", "d/.hid/h.txt",
+                 "d/sub/s.txt", "d/sub/deeper/x.txt", "d/sub/deeper/y.jsonl", "e/sub/z.jsonl"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x\n")
+    expected = sorted(Path(p) for p in glob.glob(pattern, recursive=True)
+                      if Path(p).is_file() and Path(p).suffix in sources.SUFFIXES)
+    assert expected and resolve_data([pattern]) == expected
+
+
+def test_a_dataset_in_the_default_store_under_dot_cache(tmp_path, monkeypatch):
+    """The store's default home is ~/.cache/gptcli: every file of a downloaded dataset has
+    .cache in its path, which only huggingface_hub's own .cache folder inside it should hide."""
+    home = tmp_path / ".cache" / "gptcli"
+    monkeypatch.setenv("GPTCLI_HOME", str(home))
+    folder = home / "datasets" / "tinystories"
+    (folder / ".cache" / "huggingface").mkdir(parents=True)
+    (folder / ".cache" / "huggingface" / "x.txt").write_text("download metadata\n")
+    (folder / "train.txt").write_text("Once upon a time\n")
+    assert resolve_data(["tinystories"]) == [folder / "train.txt"]
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+def test_workers_are_capped_at_the_cores_and_the_work(tmp_path, monkeypatch):
+    """A process per worker was started at once (74 seen for --workers 1000 on 2 cores): the
+    pool is no larger than the cores and the jobs, and asking for more is said once."""
+    import multiprocessing
+
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 2000)
+    big = tmp_path / "big.txt"
+    big.write_text("the rain in spain stays mainly in the plain\n" * 2000)  # 44 jobs
+    cores = cache.usable_cores()
+    assert 1 <= cores <= len(__import__("os").sched_getaffinity(0))
+    alive, notes = [], []
+    # asked for 3 more than there are cores: the old pool started all of them
+    tokens = load_tokens([big], "gpt2", workers=cores + 3, log=notes.append,
+                         progress=lambda done, total: alive.append(
+                             len(multiprocessing.active_children()))).tokens
+    assert tokens.tolist() == GPT2Tokenizer().encode(big.read_text())
+    assert max(alive) == (cores if cores > 1 else 0)  # 1: tokenized here, no pool
+    plural = "es" if cores > 1 else ""
+    assert notes == [f"using {cores} tokenizer process{plural} (--workers {cores + 3}, but this "
+                     f"machine has {cores} core{'s' if cores > 1 else ''})"]
+    small, alive[:] = tmp_path / "small.txt", []
+    small.write_text("one job\n")
+    load_tokens([small], "gpt2", workers=cores, log=notes.append,
+                progress=lambda done, total: alive.append(len(multiprocessing.active_children())))
+    assert max(alive) == 0 and len(notes) == 1  # one job: no pool, nothing to say
+
+
+# ----------------------------------------------------------------------------- exact cuts
+
+def test_the_whitespace_of_the_cuts_is_tiktokens():
+    """GPT-2's pattern means Unicode White_Space by \\s (tiktoken's regex engine), not
+    str.isspace: seen through tiktoken, "\\n\\n" merges into one token only when the character
+    after it is whitespace too (the run is then one piece)."""
+    tok = GPT2Tokenizer()
+    double_newline = tok.encode("\n\n")[0]
+    seen = {chr(c) for c in range(0x10000) if not 0xD800 <= c < 0xE000
+            and tok.encode("\n\n" + chr(c) + "a")[0] == double_newline}
+    assert seen == set(cuts.WHITESPACE)
+
+
+MIXED = ["word", " ", "\r\n", "\r", "\n", "\t", "   ", "'s", "'ll", "'ve", " '", "'", "don't",
+         "42", "3.14", "!!", "?\"", "中文没有空格", "，", "。", "日本語のテキスト", "ภาษาไทย", "e\u0301",
+         "🙂", "٣", "Ⅷ", "½", "\u3000", "\xa0", "\x1c", "\u180e", "\u200b", "\u2028", "\x85", "ß",
+         "\U00031350", "\U000e0041", "Ωμέγα", "naïve"]
+
+
+def test_every_cut_found_is_exact():
+    """At every position the GPT-2 cut search accepts, the two sides tokenize to the tokens
+    of the whole: text of words, symbols, digits, apostrophes, every kind of line ending,
+    runs of spaces, scripts without spaces, combining marks, characters new since Unicode 3.2."""
+    import random
+
+    enc, rng, checked = GPT2Tokenizer().encode, random.Random(0), 0
+    for _ in range(250):
+        text = "".join(rng.choice(MIXED) for _ in range(rng.randint(1, 30)))
+        whole = enc(text)
+        for c in range(1, len(text)):
+            if cuts.gpt2_cut(text, c, c + 1) == c:
+                assert enc(text[:c]) + enc(text[c:]) == whole, (text[:c], text[c:])
+                checked += 1
+    assert checked > 2000
+
+
+def texts() -> dict[str, str]:
+    from gptcli.data import bundled_corpus
+
+    lines = bundled_corpus().read_text()[:20_000]
+    import random
+
+    rng = random.Random(1)
+    return {
+        "crlf": lines.replace("\n", "\r\n"),
+        "cr": lines.replace("\n", "\r"),
+        "one line": lines.replace("\n", " "),
+        "space runs": "".join(rng.choice(["word", " " * rng.randint(1, 300), "\t\t", "\r\n ",
+                                          "  \n", "x"]) for _ in range(400)),
+        "mixed": "".join(rng.choice(MIXED) for _ in range(3000)),
+        "no spaces": "中文的文本没有空格，这是一个测试。日本語のテキストです！" * 100 + "base64+/Zm9v==" * 50,
+        "single pieces": "a" * 3000 + " " * 3000 + "7" * 3000 + "!" * 3000,
+    }
+
+
+@pytest.mark.parametrize("name", list(texts()))
+def test_tokens_read_in_tiny_chunks_equal_the_whole_text(tmp_path, monkeypatch, name):
+    text = texts()[name]
+    path = tmp_path / "t.txt"
+    path.write_bytes(text.encode())
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 64)  # a cut every few dozen characters
+    monkeypatch.setattr(cache, "PIECE_CHARS", 50)
+    assert load_tokens([path], "gpt2").tokens.tolist() == GPT2Tokenizer().encode(text)
+    chars = load_tokens([path], "char")
+    assert chars.tokenizer.decode(chars.tokens.tolist()) == text
+    chunks = list(sources.read_text_chunks(path, cut=cuts.gpt2_cut))
+    assert "".join(chunks) == text  # cut, and often (a run of one kind is one piece: whole)
+    assert len(chunks) >= (3 if name == "single pieces" else len(text) // 1000)
+
+
+def test_searching_for_cuts_reads_the_text_once(tmp_path, monkeypatch):
+    """Without a cut in reach, the search goes on through the new text only: searching the
+    whole of a growing carry again with every read made the reader quadratic."""
+    searched = []
+
+    def counting(text, lo, hi):
+        searched.append(hi - lo)
+        return cuts.gpt2_cut(text, lo, hi)
+
+    text = "a" * 200_000  # one piece: no cut anywhere
+    (tmp_path / "t.txt").write_text(text)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 1000)
+    assert list(sources.read_text_chunks(tmp_path / "t.txt", cut=counting)) == [text]
+    assert sum(searched) <= len(text) + 2 * len(searched)
+    searched.clear()
+    monkeypatch.setattr(cache, "PIECE_CHARS", 1000)
+    assert list(cache._pieces(text, counting)) == [text]
+    assert sum(searched) <= len(text)
+
+
+def test_memory_stays_bounded_without_line_breaks(tmp_path):
+    """A file of one line (or with CRLF endings) has no lone newline to cut at: it piled up
+    whole in memory (750 MB for 40 MB of CRLF text against 387 MB with LF). Peak memory while
+    tokenizing 6 MB each way must stay well under the file's size."""
+    import subprocess
+    import sys
+
+    from gptcli.data import bundled_corpus
+
+    corpus = bundled_corpus().read_text()
+    (tmp_path / "warm.txt").write_text(corpus[:100_000])
+    for name, ending in (("one-line.txt", " "), ("crlf.txt", "\r\n")):
+        with open(tmp_path / name, "w", newline="") as f:
+            f.write((corpus.replace("\n", ending) * 6)[:6_000_000])
+    code = ("import resource, sys; from pathlib import Path\n"
+            "from gptcli.data import load_tokens, sources\n"
+            "sources.CHUNK_BYTES = 1 << 16\n"
+            "load_tokens([Path('warm.txt')], 'gpt2')  # imports, the vocabulary, one shard\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "for name in sys.argv[1:]: load_tokens([Path(name)], 'gpt2')\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)")
+    out = subprocess.run([sys.executable, "-c", code, "one-line.txt", "crlf.txt"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) < 1_500_000, int(out.stdout)  # a quarter of one file
+
+
+# ----------------------------------------------------------------------------- a char model's text
+
+def test_unknown_characters_name_the_file_and_line(tmp_path, char_checkpoint):
+    """gpt eval (or a fine-tune) of a character model on new text: the error says which file
+    and the first line holding a character outside the model's vocabulary, and lists every
+    such character in the file."""
+    import subprocess
+    import sys
+
+    (tmp_path / "notes.txt").write_text("abc def\nghi.\nab0c2 d\nxyz\n4 more\n")
+    out = subprocess.run([sys.executable, "-m", "gptcli", "eval", "--model", str(char_checkpoint),
+                          "--data", "notes.txt"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == ("error: notes.txt line 3: the text has 3 character(s) outside "
+                                  "this model's 29-character vocabulary: '0', '2', '4'")
+
+
+def test_unknown_characters_found_by_a_worker_name_the_line_and_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 100)  # the line is in the 30th job, in a worker
+    spec = {"type": "char", "chars": "\nabc "}
+    path = tmp_path / "t.txt"
+    path.write_text("abc abc\n" * 400 + "ab\nabcX\n" + "Y\n")
+    with pytest.raises(UserError) as err:
+        load_tokens([path], spec, workers=2)
+    assert str(err.value) == (f"{path} line 402: the text has 2 character(s) outside this "
+                              "model's 5-character vocabulary: 'X', 'Y'")
+    rows = tmp_path / "d.jsonl"
+    rows.write_text('{"text": "abc"}\n\n{"text": "a\\tb"}\n')  # a blank line counts as a row
+    with pytest.raises(UserError) as err:
+        load_tokens([rows], spec)
+    assert str(err.value) == (f"{rows} row 3: the text has 1 character(s) outside this model's "
+                              "5-character vocabulary: '\\t'")

@@ -4,7 +4,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from gptcli.display import TrainDisplay, render_info
+from gptcli.display import TrainDisplay
+from gptcli.tables import render_info
 
 
 def live_display(width: int) -> TrainDisplay:
@@ -57,3 +58,29 @@ def test_info_rounds_figures_and_hides_settings_the_model_does_not_use():
     info["config"]["position"] = "rope"
     render_info(info, title="m", console=console)
     assert "rope_theta" in console.file.getvalue()
+
+
+def log_display() -> tuple[TrainDisplay, io.StringIO]:
+    out = io.StringIO()
+    display = TrainDisplay(Console(file=out, width=100, force_terminal=False))
+    display.start(step=0, max_steps=200, device=torch.device("cpu"), dtype=torch.float32,
+                  params=800_000, tokens_per_step=768, out="runs/x", batch=(12, 1, 1, 64))
+    return display, out
+
+
+def test_a_log_file_gets_a_line_at_least_every_few_seconds(monkeypatch):
+    """Without a terminal (stderr to a file), progress is a plain line per evaluation and one
+    whenever LOG_EVERY_S has passed since the last line: no long silences between evals."""
+    import gptcli.display
+
+    clock = [100.0]
+    monkeypatch.setattr(gptcli.display.time, "perf_counter", lambda: clock[0])
+    display, out = log_display()
+    for step in range(10, 200, 10):  # a log step every 3 s, evaluations only at the end
+        clock[0] += 3.0
+        display.step(step, loss=2.0, lr=1e-3, tokens_per_s=500.0)
+    display.eval(200, 1.9)
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("step ")]
+    steps = [int(line.split()[1].split("/")[0]) for line in lines]
+    assert steps == [40, 80, 120, 160, 200]  # every 12 s (the first log step past 10 s)
+    assert lines[-1].startswith("step 200/200 | loss 2.0000 | val 1.9000")

@@ -77,3 +77,51 @@ def test_failure_on_one_rank_ends_the_job_with_its_message(corpus, tmp_path):
     result = torchrun("--no-python", str(launcher), timeout=120)
     assert result.returncode != 0
     assert "error: rank 1: data path data.txt does not exist" in result.stderr
+
+
+def test_a_resume_with_another_effective_batch_is_refused(corpus, tmp_path):
+    """A 2-process run resumed by one process would silently train on half the tokens per
+    step: refused, naming the torchrun command that resumes it and the --grad-accum that keeps
+    its batch; with that --grad-accum the single process resumes (with a note)."""
+    out = tmp_path / "run"
+    result = torchrun("-m", "gptcli", "train", "--data", str(corpus), "--out", str(out), *TINY,
+                      "--batch-size", "2", "--max-steps", "2", "--eval-interval", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = gpt("train", "--out", str(out), "--resume", "--max-steps", "4")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: {out} trained with 64 tokens per step (2 process(es)); this resume would take "
+        "32 (batch 2 x grad-accum 1 x 1 process(es) x 16 tokens): resume it as it ran, with "
+        f"torchrun --standalone --nproc_per_node 2 -m gptcli train --out {out} --resume, or "
+        "keep its batch with --grad-accum 2")
+    result = gpt("train", "--out", str(out), "--resume", "--max-steps", "4", "--grad-accum", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"note: {out} trained with 2 process(es); it resumes with 1, at the same 64 tokens "
+            "per step") in result.stderr
+
+
+def test_stopping_a_torchrun_run_says_how_to_resume_it_under_torchrun(corpus, tmp_path):
+    """Ctrl-C reaches torchrun and its workers; the ranks finish the step and save, and the
+    resume hint is the torchrun command (not the single-process one, which would train on half
+    the tokens per step)."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "gptcli", "train", "--data", str(corpus), "--out", str(out), *TINY,
+           "--batch-size", "2", "--max-steps", "100000", "--eval-interval", "5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(), start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "last.state.safetensors").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (f"Resume with: torchrun --standalone --nproc_per_node 2 -m gptcli train --out {out} "
+            "--resume") in stderr
+    assert "Resume with: gpt train" not in stderr

@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptcli.checkpoint import save_checkpoint
+from gptcli.checkpoint import read_safetensors, save_checkpoint
 from gptcli.cli import app
 from gptcli.evaluate import eval_windows, evaluate
 from gptcli.model import GPT
@@ -116,3 +116,21 @@ def test_gpt_eval_of_a_model_outside_a_run_needs_data(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.strip() == (f"error: say what to score with --data FILE: {path} is not "
                                      "in a run folder with a validation split")
+
+
+def test_gpt_eval_of_a_run_explains_its_checkpoint_val_loss(corpus, tmp_path):
+    """`gpt info` shows the val_loss training estimated on a subset of the split's windows;
+    `gpt eval` scores every token, and says how the two figures relate."""
+    out = tmp_path / "run"
+    trained = runner.invoke(app, ["train", "--data", str(corpus), "--out", str(out), "--n-layer",
+                                  "1", "--n-embd", "32", "--context-length", "16", "--batch-size",
+                                  "2", "--max-steps", "2", "--eval-interval", "2", "--eval-steps",
+                                  "3", "--device", "cpu", "--sample-interval", "0"])
+    assert trained.exit_code == 0, trained.output
+    result = runner.invoke(app, ["eval", "--model", str(out)])
+    assert result.exit_code == 0, result.output
+    meta_loss = float(read_safetensors(out / "best.safetensors", tensors=False)[1]["val_loss"])
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"(its val_loss in the checkpoint, {meta_loss:.4f} at step 2, is "
+                           "training's estimate on 6 of the split's ")
+    assert last.endswith(" windows; this scores every token)")

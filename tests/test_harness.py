@@ -131,3 +131,37 @@ def test_gpt_eval_harness_runs_a_local_task(model_file, harness_tasks):  # noqa:
     unknown = runner.invoke(app, ["eval", "--model", str(model_file), "--harness", "no_such"])
     assert unknown.exit_code == 2
     assert "lm-evaluation-harness has no task no_such" in unknown.stderr
+
+
+def test_task_data_the_hub_cannot_send_is_one_line_at_once(model_file, tmp_path):  # noqa: F811
+    """Offline, a task whose data is not cached ends in one sentence (not the datasets
+    library's ConnectionError after ~24 s of huggingface_hub's retries)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "hub_only.yaml").write_text(LAMBADA_YAML.replace("lambada_local", "hub_only").replace(
+        "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n",
+        "dataset_path: someone/not-cached\n"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there after this
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"))
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "gptcli", "eval", "--model", str(model_file),
+                             "--harness", "hub_only", "--harness-include", str(tasks),
+                             "--device", "cpu"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: the data of hub_only is not in the datasets cache and the Hugging Face Hub "
+        "cannot be reached (ConnectionRefusedError: [Errno 111] Connection refused); run the "
+        "command once with network access (lm-evaluation-harness fetches task data with the "
+        "datasets library)")
+    assert "Retrying" not in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - start < 120

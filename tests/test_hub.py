@@ -230,30 +230,30 @@ def test_dataset_files_must_be_text(tmp_path):
                                      "not x.bin")
 
 
-def test_unreachable_hub_is_one_line_exit_1(tmp_path, monkeypatch):
-    # The real client retries a dead endpoint with back-off for ~25 s, so this one error path
-    # is checked in process: huggingface_hub's own "cannot reach" error, caused by a refused
-    # connection, becomes one RuntimeFailure line.
-    import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError
+def closed_port() -> int:
+    """A loopback port nothing listens on (a connection is refused at once)."""
+    import socket
 
-    from gptcli import hub
-    from gptcli.errors import RuntimeFailure
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    def unreachable(*args, **kwargs):
-        try:
-            raise ConnectionRefusedError(111, "Connection refused")
-        except ConnectionRefusedError as e:
-            raise LocalEntryNotFoundError("An error happened while trying to locate the file "
-                                          "on the Hub") from e
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
-    with pytest.raises(RuntimeFailure) as err:
-        hub.hub_fetch("openai-community/gpt2", "config.json")
-    assert str(err.value).startswith(
-        f"could not reach {huggingface_hub.constants.ENDPOINT} to download config.json of "
-        "openai-community/gpt2 (ConnectionRefusedError: [Errno 111] Connection refused)")
+@pytest.mark.parametrize("args", [("download", "gpt2"),
+                                  ("download", "--dataset", "t/text", "--include", "*.txt")])
+def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path, args):
+    """huggingface_hub retries a dead endpoint with back-off for ~24 s, printing a warning per
+    try; gptcli checks the endpoint first and says so at once, in one line."""
+    import time
+
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    start = time.monotonic()
+    result = gpt(tmp_path, *args, endpoint=endpoint)
+    assert time.monotonic() - start < 15
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert error_line(result).startswith(f"error: could not reach {endpoint} to download ")
+    assert "ConnectionRefusedError" in result.stderr and "Retrying" not in result.stderr
 
 
 # ----------------------------------------------------------------------------- local, in process

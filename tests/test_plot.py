@@ -68,3 +68,17 @@ def test_gpt_plot_without_matplotlib_names_the_extra(tmp_path):
     assert out.stderr.strip() == ('error: plotting needs matplotlib, which is not installed; '
                                   'install it with pip install "gptcli[plot]"')
     assert not (tmp_path / "p.png").exists()
+
+
+def test_the_table_shows_settings_as_written_not_as_python(tmp_path):
+    a = fake_run(tmp_path / "a", 1e-3, [3.0])
+    b = fake_run(tmp_path / "b", 1e-3, [3.1])
+    for run, data in ((a, None), (b, ["x.txt", "y.txt"])):
+        config = json.loads((run / "config.json").read_text())
+        config["train"]["data"] = data
+        (run / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["plot", str(a), str(b), "--out", str(tmp_path / "c.png")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "bundled corpus" in text and "x.txt, y.txt" in text
+    assert "None" not in text and "['x.txt'" not in text

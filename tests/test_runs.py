@@ -23,20 +23,48 @@ def train(corpus, out, *args):
     return runner.invoke(app, ["train", "--data", str(corpus), "--out", str(out), *TINY, *args])
 
 
-def test_resume_auto_starts_fresh_after_a_run_killed_before_its_first_checkpoint(corpus, tmp_path):
+@pytest.mark.parametrize("how", [[], ["--resume"], ["--resume-auto"]])
+def test_a_run_stopped_before_its_first_checkpoint_is_started_again(corpus, tmp_path, how):
+    """A folder holding only what a run writes before it saves (a missing extra, a crash, a
+    double Ctrl-C) is no dead end: a plain run, --resume and --resume auto all start it again,
+    with a note."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text('{"train": {"lr": 0.5}}')  # what a killed run leaves
     (out / "metrics.jsonl").write_text('{"step": 1, "train_loss": 9.0}\n')
-    result = train(corpus, out, "--resume", "--max-steps", "2", "--eval-interval", "2")
-    assert result.exit_code == 2  # plain --resume: nothing to resume
-    assert "nothing to resume" in result.stderr
-    result = runner.invoke(app, ["train", "--data", str(corpus), "--out", str(out), *TINY,
-                                 "--resume-auto", "--max-steps", "2", "--eval-interval", "2"])
+    (out / "tensorboard").mkdir()
+    result = train(corpus, out, *how, "--max-steps", "2", "--eval-interval", "2")
     assert result.exit_code == 0, result.output
+    assert (f"note: {out} holds a run that stopped before its first checkpoint; starting it "
+            "again") in result.stderr
     records = list(read_records(out / "metrics.jsonl"))
     assert records[0]["train_loss"] != 9.0 and records[-1]["step"] == 2
-    assert json.loads((out / "config.json").read_text())["train"]["lr"] == 1e-3
+
+
+def test_other_files_are_not_a_run_to_start_again(corpus, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for how in ([], ["--resume"]):
+        result = train(corpus, out, *how, "--max-steps", "2")
+        assert result.exit_code == 2
+    assert (out / "notes.txt").read_text() == "mine" and sorted(os.listdir(out)) == ["notes.txt"]
+
+
+def test_a_missing_tracker_extra_fails_before_the_run_folder_exists(corpus, tmp_path):
+    out = tmp_path / "tb"
+    code = ("import sys; sys.modules['tensorboard'] = None\n"
+            "from gptcli.cli import main; main()")
+    result = subprocess.run([sys.executable, "-c", code, "train", "--data", str(corpus), "--out",
+                             str(out), *TINY, "--max-steps", "2", "--log-to", "tensorboard"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ('error: --log-to tensorboard needs tensorboard, which is '
+                                     'not installed; install it with pip install '
+                                     '"gptcli[tensorboard]"')
+    assert not out.exists()
+
+
 
 
 def test_resume_auto_via_main_rewrites_the_argument(corpus, tmp_path):
@@ -122,9 +150,34 @@ def test_a_stale_lock_is_taken_over_with_a_note(corpus, tmp_path):
     (out / LOCK).write_text(json.dumps({"pid": pid, "host": os.uname().nodename}))
     result = train(corpus, out, "--max-steps", "2", "--eval-interval", "2")
     assert result.exit_code == 0, result.output
-    assert (f"note: taking over the lock of {out} left by process {pid}, which is no longer "
+    assert (f"note: taking over the lock of {out}, left by process {pid}, which is no longer "
             "running") in result.stderr
     assert not (out / LOCK).exists()
+
+
+@pytest.mark.parametrize("content", ["", '{"pid": ', "\x00\x00"])
+def test_an_empty_or_unreadable_lock_is_taken_over_at_once(corpus, tmp_path, content):
+    """A lock left empty or half-written (an older gptcli died writing it, e.g. on a full
+    disk) no longer locks the folder forever: it is taken over at once, with a note."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK).write_text(content)  # fresh: written just now
+    result = train(corpus, out, "--max-steps", "2", "--eval-interval", "2")
+    assert result.exit_code == 0, result.output
+    assert (f"note: taking over the lock of {out}, which is empty or unreadable (its writer "
+            "died)") in result.stderr
+    assert not (out / LOCK).exists()
+
+
+def test_the_lock_appears_whole(tmp_path):
+    """The lock is written beside the folder's lock file and linked into place: whoever sees
+    the lock file sees a holder, and no temporary file is left behind."""
+    folder = RunFolder(tmp_path / "run")
+    with folder:
+        holder = json.loads((folder.path / LOCK).read_text())
+        assert holder["pid"] == os.getpid()
+        assert [p.name for p in folder.path.iterdir()] == [LOCK]
+    assert not folder.path.exists()  # created for the lock, left as it was found
 
 
 @pytest.mark.parametrize("make,message", [
@@ -150,3 +203,32 @@ def test_run_folder_refuses_to_overwrite_without_force(tmp_path):
         folder.prepare(resume=None, force=False)
     assert folder.prepare(resume=None, force=True) is False
     assert (folder.path / "notes.txt").read_text() == "mine"  # not a run file: kept
+
+
+def test_a_full_disk_while_resuming_names_the_file_and_keeps_the_checkpoint(corpus, tmp_path):
+    """A resumed run first rewrites metrics.jsonl without the steps it will train again; when
+    the disk is full (here: a real file-size limit, RLIMIT_FSIZE) that is one sentence naming
+    the file, and the checkpoint and the old metrics are untouched."""
+    import resource
+
+    out = tmp_path / "run"
+    assert train(corpus, out, "--max-steps", "40", "--log-interval", "1",
+                 "--eval-interval", "40").exit_code == 0
+    metrics = (out / "metrics.jsonl").read_bytes()
+    checkpoint = (out / "last.safetensors").read_bytes()
+    limit = len(metrics) - 100
+    assert len((out / "config.json").read_bytes()) < limit
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run([sys.executable, "-m", "gptcli", "train", "--out", str(out),
+                             "--resume", "--max-steps", "60"], capture_output=True, text=True,
+                            timeout=120, preexec_fn=small_files)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write metrics file to {out / 'metrics.jsonl'}: file too large; the "
+        f"previous metrics file is intact; the checkpoints in {out} are intact")
+    assert (out / "metrics.jsonl").read_bytes() == metrics
+    assert (out / "last.safetensors").read_bytes() == checkpoint
+    assert not (out / LOCK).exists()

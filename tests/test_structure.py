@@ -178,3 +178,6 @@ def test_help_uses_the_vocabulary(name):
         assert "Context length" in text or "context length" in text, name
     if "--json" in text:
         assert "Print the result as one JSON object, the last line of stdout." in text, name
+    assert "[default:" not in text, f"{name}: defaults are shown one way, as (default: X)"
+    for option in re.split(r" (?=--[a-z])", text):
+        assert option.count("(default:") <= 1, (name, option[:60])

@@ -7,6 +7,7 @@ commands, so `gpt --help` answers at once.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from . import commands  # noqa: F401 - registers the commands on the app
@@ -19,6 +20,12 @@ __all__ = ["app", "main"]
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     args = list(sys.argv[1:] if argv is None else argv)
+    # `--debug` is a flag of `gpt` itself, but users put it after the command too
+    # (`gpt generate --debug ...`): accept it anywhere before a `--`.
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" in args[:end]:
+        args = [a for a in args[:end] if a != "--debug"] + args[end:]
+        os.environ["GPTCLI_DEBUG"] = "1"
     # `--resume auto` is spelled as an option value; typer has no optional-value options.
     for i in range(len(args) - 1):
         if args[i] == "--resume" and args[i + 1] == "auto":

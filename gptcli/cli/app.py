@@ -163,6 +163,15 @@ def _base_type(annotation) -> type:
     return annotation
 
 
+def with_default(help_text: str, default) -> str:
+    """The one way help shows a default: ``(default: X)`` at the end, unless the text already
+    says it (or there is none to show)."""
+    if default is None or default is False or default == [] or "(default:" in help_text:
+        return help_text
+    shown = f"{default:g}" if isinstance(default, float) else str(default)
+    return f"{help_text} (default: {shown})"
+
+
 def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -180,8 +189,7 @@ def config_flags(*models, exclude: tuple[str, ...] = (),
             help_text, extra = field_info(field)
             help_text = (helps or {}).get(name, help_text)
             kind = _base_type(field.annotation)
-            if field.default not in (None, [], False):
-                help_text = f"{help_text} (default: {field.default})"
+            help_text = with_default(help_text, field.default)
             names = (flag_name(name), *([extra["short"]] if "short" in extra else []))
             option = typer.Option(*names, help=help_text, show_default=False,
                                   rich_help_panel=extra.get("group"),

@@ -13,7 +13,7 @@ import typer
 from ..config import (BenchConfig, EvalConfig, LoadConfig, SampleConfig, ServeConfig,
                       TrainConfig)
 from ..errors import UserError
-from .app import Json, ModelArg, ModelOpt, command, one_model, settings
+from .app import Json, ModelArg, ModelOpt, command, one_model, settings, with_default
 
 Opt = typer.Option
 Arg = typer.Argument
@@ -115,27 +115,19 @@ def read_prompt_line() -> str | None:
 def generate_once(loaded, text: str, cfg: SampleConfig, as_json: bool) -> None:
     from ..generate import generate, prompt_ids
 
+    from ..display import SampleWriter
+
     ids, warning = prompt_ids(loaded.tokenizer, text, loaded.model.config.context_length)
     if warning:
         note(f"warning: {warning}")
-    stream = not as_json and cfg.num_samples == 1
-    if stream:
-        sys.stdout.write(text)
-
-    def on_text(i: int, piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    samples, stats = generate(loaded.model, loaded.tokenizer, ids, cfg,
-                              on_text=on_text if stream else None, step=loaded.step)
+    writer = None if as_json else SampleWriter(cfg.num_samples, text)
+    samples, stats = generate(loaded.model, loaded.tokenizer, ids, cfg, step=loaded.step,
+                              on_text=writer and writer.text, on_done=writer and writer.done)
     if as_json:
         print(json.dumps({"prompt_token_ids": ids, "stats": stats.as_dict(), "samples": [
             {"text": s.text, "token_ids": s.token_ids, "finish_reason": s.finish_reason}
             for s in samples]}))
         return
-    for i, s in enumerate(samples if not stream else []):
-        print(f"{'' if i == 0 else chr(10)}----- sample {i + 1}/{len(samples)} -----")
-        sys.stdout.write(text + s.text)
     print(flush=True)
     note(f"[{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new tokens, first token "
          f"{stats.time_to_first_token_s * 1000:.0f} ms, {stats.decode_tokens_per_s:.1f} "
@@ -158,7 +150,7 @@ def eval_cmd(given: dict, as_json: Json = False) -> None:
         return eval_tasks(load, cfg, as_json)
     if cfg.task_file or cfg.limit or cfg.offline or cfg.log_to:
         raise UserError("--task-file, --limit, --offline and --log-to go with --task")
-    from ..display import render_eval
+    from ..tables import render_eval
     from ..evaluate import evaluate_file
 
     result = evaluate_file(load, cfg)
@@ -189,7 +181,8 @@ def eval_harness(load, cfg, as_json: bool) -> None:
 def eval_tasks(load, cfg, as_json: bool) -> None:
     from rich.console import Console
 
-    from ..display import ProgressBars, render_tasks
+    from ..display import ProgressBars
+    from ..tables import render_tasks
     from ..tasks import run_tasks
 
     if cfg.data:
@@ -220,10 +213,13 @@ def inspect_attention_cmd(
         "The text to look at."))] = None,
     text_file: Annotated[Optional[Path], Opt("--text-file", metavar="FILE", rich_help_panel="Text",
                                              help="Read the text from this UTF-8 file instead.")] = None,
-    layer: Annotated[str, Opt("--layer", metavar="N", rich_help_panel="Selection", help=(
-        "Layer(s) to show, 0-based: N, N,M or 'all'."))] = "0",
-    head: Annotated[str, Opt("--head", metavar="N", rich_help_panel="Selection", help=(
-        "Head(s) to show, 0-based: N, N,M or 'all' (terminal: their mean)."))] = "all",
+    layer: Annotated[str, Opt("--layer", metavar="N", rich_help_panel="Selection",
+                              show_default=False, help=with_default(
+                                  "Layer(s) to show, 0-based: N, N,M or 'all'.", "0"))] = "0",
+    head: Annotated[str, Opt("--head", metavar="N", rich_help_panel="Selection",
+                             show_default=False, help=with_default(
+                                 "Head(s) to show, 0-based: N, N,M or 'all' (terminal: their "
+                                 "mean).", "all"))] = "all",
     out: Annotated[Optional[Path], Opt("--out", metavar="FILE", rich_help_panel="Output", help=(
         "Write a PNG grid of heatmaps (needs matplotlib: the plot extra)."))] = None,
     html: Annotated[Optional[Path], Opt("--html", metavar="FILE", rich_help_panel="Output", help=(
@@ -262,12 +258,13 @@ def bench_cmd(given: dict, as_json: Json = False) -> None:
     from rich.console import Console
 
     from ..bench import run
-    from ..display import ProgressBars, Stdout, render
+    from ..display import ProgressBars, Stdout
+    from ..tables import render_bench
 
     err = Console(stderr=True)
     with ProgressBars(err) as progress:
         result = run(settings(LoadConfig, given), settings(BenchConfig, given), progress)
-    render(result, err if as_json else Stdout())  # with --json, the table goes to stderr
+    render_bench(result, err if as_json else Stdout())  # with --json, the table goes to stderr
     if as_json:
         print(json.dumps(result), flush=True)
 
@@ -291,7 +288,7 @@ def serve_cmd(given: dict) -> None:
 def info_cmd(model: ModelArg = None, model_opt: ModelOpt = None, as_json: Json = False) -> None:
     """Show a checkpoint's config, parameter count, tokenizer, provenance and size."""
     from ..checkpoint import checkpoint_info
-    from ..display import render_info
+    from ..tables import render_info
     from ..models import resolve_model
 
     name = one_model(model, model_opt)
@@ -324,7 +321,7 @@ def download_cmd(
     as_json: Json = False,
 ) -> None:
     """Download GPT-2 weights (or a text dataset) from the Hugging Face Hub."""
-    from ..display import render_download, render_listing
+    from ..tables import render_download, render_listing
     from ..hub import download
     from ..store import listing
 
@@ -386,11 +383,11 @@ def export_cmd(
 def plot_cmd(
     runs: Annotated[list[Path], Arg(metavar="RUN...", help="Run folders to compare.",
                                      show_default=False)],
-    out: Annotated[Path, Opt(metavar="FILE", help="Where to write the picture.")] = Path(
-        "loss.png"),
+    out: Annotated[Path, Opt(metavar="FILE", show_default=False, help=with_default(
+        "Where to write the picture.", "loss.png"))] = Path("loss.png"),
 ) -> None:
     """Overlay the loss curves of several runs and list the settings that differ."""
-    from ..display import render_comparison
+    from ..tables import render_comparison
     from ..plot import compare_runs, plot_runs
 
     render_comparison(*compare_runs(runs))

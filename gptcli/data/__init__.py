@@ -1,5 +1,6 @@
-"""Training text -> token ids: input sources and formats (``sources``), the sharded token cache
-and its workers (``cache``), and training batches (``batches``).
+"""Training text -> token ids: input sources and formats (``sources``), where text may be cut
+without changing its tokens (``cuts``), the sharded token cache and its workers (``cache``), and
+training batches (``batches``).
 
 Inputs are ``.txt`` files (one document each), ``.jsonl``/``.json`` lines and ``.parquet`` files
 (one document per row, from ``--text-column``), folders and globs of them. Documents are joined

@@ -6,10 +6,10 @@ Each shard is ``<cache>/shards/<key>.bin`` (uint16 when the vocabulary fits, els
 JSON sidecar. Adding a file tokenizes only that file, and an interrupted run keeps the shards it
 finished (a shard is written to a temporary file and renamed when complete). The content is
 hashed while it is tokenized (one read per byte); a small index keyed by path, size and
-modification time lets an unchanged file skip even that. With ``workers`` > 1, text is cut into
-pieces where GPT-2's tokenization cannot change and tokenized in a pool of processes, one thread
-each (tiktoken's own threads hold the GIL most of the time: 1.2x on 2 cores, against ~2x for
-processes).
+modification time lets an unchanged file skip even that. Text is cut into pieces where its
+tokens cannot change (``cuts``) and, with ``workers`` > 1, tokenized in a pool of processes, one
+thread each (tiktoken's own threads hold the GIL most of the time: 1.2x on 2 cores, against ~2x
+for processes), no more processes than cores and jobs.
 """
 
 from __future__ import annotations
@@ -25,26 +25,32 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from ..files import process_alive
 from ..store import tokens_dir
 from ..tokenizer import CharTokenizer, Tokenizer, get_tokenizer
-from .sources import SUFFIXES, _boundary, read_documents, read_text_chunks
+from . import sources
+from .cuts import Cut, for_tokenizer
+from .sources import SUFFIXES, document_rows, read_documents, read_text_chunks
 
-PIECE_CHARS = 256 << 10  # one tokenizer call
+PIECE_CHARS = 256 << 10  # one tokenizer call: its list of ids stays a few MB
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
-def _split_pieces(text: str) -> list[str]:
-    pieces, start = [], 0
-    while start < len(text):
-        end = min(len(text), start + PIECE_CHARS)
-        if end < len(text):
-            cut = _boundary(text, start, end + 1)
-            end = cut if cut > start else end
-        pieces.append(text[start:end])
+def _pieces(text: str, cut: Cut) -> Iterator[str]:
+    """``text`` in pieces of about ``PIECE_CHARS``, cut where ``cut`` allows; a piece with no
+    cut in reach runs on to the first one after it (searching on, never back over, the text)."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        lo, hi, end = start + 1, start + PIECE_CHARS, -1
+        while end < 0 and lo < len(text):
+            end = cut(text, lo, hi)
+            lo, hi = hi, min(len(text), hi + PIECE_CHARS)
+        if end < 0:
+            break
+        yield text[start:end]
         start = end
-    return pieces
-
+    yield text[start:]
 
 
 _WORKER: dict = {}
@@ -57,17 +63,19 @@ def _encode(job: tuple) -> bytes:
     if _WORKER.get("spec") != spec:
         _WORKER.update(spec=spec, tok=get_tokenizer(spec))
     tok = _WORKER["tok"]  # one thread per process: parallelism comes from the processes
+    # each list of ids to bytes in C as soon as it is made (flattening millions of ids in
+    # Python costs as much as encoding them, and holding every list of a chunk costs ~36
+    # bytes per token)
     if kind == "text":
-        parts = [tok.encode(piece) for piece in _split_pieces(payload)]
-    else:
-        sep = tok.separator_id
-        parts = []
-        for n, doc in enumerate(payload):
-            if (n or lead) and sep is not None:
-                parts.append([sep])
-            parts.append(tok.encode(doc))
-    # each list to bytes in C: flattening millions of ids in Python costs as much as encoding
-    return b"".join(np.asarray(ids, dtype=dtype).tobytes() for ids in parts)
+        return b"".join(np.asarray(tok.encode(piece), dtype=dtype).tobytes()
+                        for piece in _pieces(payload, for_tokenizer(spec)))
+    sep = tok.separator_id
+    parts = []
+    for n, doc in enumerate(payload):
+        if (n or lead) and sep is not None:
+            parts.append(np.asarray([sep], dtype=dtype).tobytes())
+        parts.append(np.asarray(tok.encode(doc), dtype=dtype).tobytes())
+    return b"".join(parts)
 
 
 class Pool:
@@ -95,6 +103,43 @@ class Pool:
             self.executor.shutdown(cancel_futures=True)
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may use: its CPU affinity, lowered by a container's CPU quota
+    (cgroup v2 ``cpu.max``)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def _work(path: Path) -> int:
+    """How many jobs a file makes (about: parquet holds about 3 bytes of text per byte)."""
+    size = path.stat().st_size
+    per_job = {"text": sources.CHUNK_BYTES, "jsonl": sources.DOC_CHUNK,
+               "parquet": sources.DOC_CHUNK // 3}[SUFFIXES[path.suffix]]
+    return -(-size // per_job)
+
+
+def pool_size(workers: int, todo: list[Path], log: Callable[[str], None] | None) -> int:
+    """Tokenizer processes for ``todo``: ``workers``, but no more than the machine has cores
+    (a process per worker was started at once: 74 on 2 cores for --workers 1000) nor than
+    there are jobs. Asking for more than the cores is said once, through ``log``."""
+    if not todo:
+        return 1
+    cores, work = usable_cores(), sum(_work(f) for f in todo)
+    n = max(1, min(workers, cores, work))
+    if workers > cores and log is not None:
+        why = f"this machine has {cores} core{'s' * (cores > 1)}" + \
+            (f" and there is work for {work}" if work < cores else "")
+        log(f"using {n} tokenizer process{'es' * (n > 1)} (--workers {workers}, but {why})")
+    return n
+
+
 def _dtype(tok: Tokenizer):
     return np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
 
@@ -103,18 +148,31 @@ def _hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def _index(path: Path, spec: dict, column: str, encoding: str) -> Path:
+    stat = path.stat()
+    return tokens_dir() / "index" / (_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns,
+                                           spec, column, encoding) + ".json")
+
+
+def cached_shard(path: Path, spec: dict, column: str, encoding: str) -> Path | None:
+    """The shard of an unchanged file tokenized before (same path, size and time), or None."""
+    index = _index(path, spec, column, encoding)
+    if index.is_file():
+        shard = tokens_dir() / "shards" / json.loads(index.read_text())["shard"]
+        if shard.is_file() and shard.with_suffix(".json").is_file():
+            return shard
+    return None
+
+
 def tokenize_file(path: Path, spec: dict, column: str, encoding: str, pool: Pool,
                   done: Callable[[int], None]) -> Path:
     """The shard of one input file: from the cache, else tokenized (and hashed) now."""
     kind = SUFFIXES[path.suffix]
-    stat = path.stat()
-    index = tokens_dir() / "index" / (_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns,
-                                           spec, column, encoding) + ".json")
-    if index.is_file():
-        shard = tokens_dir() / "shards" / json.loads(index.read_text())["shard"]
-        if shard.is_file() and shard.with_suffix(".json").is_file():
-            done(stat.st_size)
-            return shard
+    shard = cached_shard(path, spec, column, encoding)
+    if shard is not None:
+        done(path.stat().st_size)
+        return shard
+    index = _index(path, spec, column, encoding)
     tok = get_tokenizer(spec)
     dtype = np.dtype(_dtype(tok)).name
     digest = hashlib.sha256(json.dumps([kind, column, encoding, spec]).encode())
@@ -131,12 +189,15 @@ def tokenize_file(path: Path, spec: dict, column: str, encoding: str, pool: Pool
                 count += len(blob) // np.dtype(dtype).itemsize
 
             if kind == "text":
-                jobs = ((spec, dtype, "text", chunk, False)
-                        for chunk in _counted(read_text_chunks(path, encoding, digest), done))
+                chunks = read_text_chunks(path, encoding, digest, cut=for_tokenizer(spec))
+                jobs = ((spec, dtype, "text", chunk, False) for chunk in _counted(chunks, done))
             else:
                 jobs = ((spec, dtype, "docs", docs, n > 0) for n, docs in
                         enumerate(_counted(read_documents(path, column, digest), done)))
-            pool.run(jobs, write)
+            try:
+                pool.run(jobs, write)
+            except UserError as e:
+                raise _unknown_characters(path, tok, column, encoding) or e from None
         shard = shards / f"{digest.hexdigest()[:24]}.bin"
         os.replace(tmp, shard)
     except BaseException:
@@ -148,6 +209,41 @@ def tokenize_file(path: Path, spec: dict, column: str, encoding: str, pool: Pool
     index.parent.mkdir(parents=True, exist_ok=True)
     index.write_text(json.dumps({"shard": shard.name}))
     return shard
+
+
+def _unknown_characters(path: Path, tok: Tokenizer, column: str,
+                        encoding: str) -> UserError | None:
+    """For a character model, the error naming where ``path`` first holds a character outside
+    its vocabulary ("notes.txt line 3: ...", "docs.jsonl row 3: ...") and, in the tokenizer's
+    words, every such character in the file; None if there is none (another error). A second
+    read of the file, on the error path only: the workers that found the character know
+    neither the file nor the line."""
+    if not isinstance(tok, CharTokenizer):
+        return None
+    known, unknown, where = set(tok.chars), set(), None
+    if SUFFIXES[path.suffix] == "text":
+        line = 1
+        for chunk in read_text_chunks(path, encoding):
+            new = set(chunk) - known
+            if new and where is None:
+                first = min(chunk.find(c) for c in new)
+                at = line + chunk.count("\n", 0, first)
+                where = f"line {at}"
+            unknown |= new
+            line += chunk.count("\n")
+    else:
+        for row, doc in document_rows(path, column):
+            new = set(doc) - known
+            if new and where is None:
+                where = f"row {row}"
+            unknown |= new
+    if where is None:
+        return None
+    try:
+        tok.encode("".join(sorted(unknown)))
+    except UserError as e:
+        return UserError(f"{path} {where}: {e}")
+    return None
 
 
 def _remove_stale(shards: Path) -> None:
@@ -271,7 +367,8 @@ def load_tokens(files: list[Path], tokenizer: str | dict, *, encoding: str = "ut
         if progress:
             progress(min(seen, total), total)
 
-    pool = Pool(max(1, workers))
+    todo = [f for f in files if cached_shard(f, spec, column, encoding) is None]
+    pool = Pool(pool_size(workers, todo, log))
     try:
         shards = [tokenize_file(f, spec, column, encoding, pool, done) for f in files]
     finally:

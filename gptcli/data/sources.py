@@ -1,19 +1,22 @@
 """Training-data inputs: which files ``--data`` names (files, folders, globs, downloaded
 datasets, or the bundled corpus) and reading them: ``.txt`` as decoded text in chunks cut where
-GPT-2's tokenization cannot change, ``.jsonl``/``.json`` and ``.parquet`` as documents (rows)
+the tokens cannot change (``cuts``), ``.jsonl``/``.json`` and ``.parquet`` as documents (rows)
 from ``--text-column``."""
 
 from __future__ import annotations
 
 import codecs
+import fnmatch
 import glob
 import json
+import os
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
 from ..errors import UserError, require
 from ..store import DATA_FORMATS, stored_dataset
+from .cuts import Cut, anywhere
 
 CHUNK_BYTES = 4 << 20  # read 4 MiB at a time
 DOC_CHUNK = 1 << 22  # characters of documents (jsonl/parquet rows) handed out at once
@@ -28,7 +31,9 @@ def bundled_corpus() -> Path:
 def resolve_data(data: list[str] | None) -> list[Path]:
     """Files to train on: each entry a file, a folder (searched recursively for .txt, .jsonl,
     .json and .parquet files), a glob, or a downloaded dataset's name. None: the bundled
-    Shakespeare corpus."""
+    Shakespeare corpus. Folder links are followed but never back into a folder already walked
+    (``up -> ..`` ends instead of looping), and a file reached twice (two entries, a folder and
+    a glob, a link) is kept once, where it first came."""
     if not data:
         return [bundled_corpus()]
     files: list[Path] = []
@@ -37,22 +42,22 @@ def resolve_data(data: list[str] | None) -> list[Path]:
         if not path.exists() and stored_dataset(entry) is not None:
             path = stored_dataset(entry)
         if not path.exists() and glob.has_magic(entry):
-            matched = sorted(Path(p) for p in glob.glob(entry, recursive=True)
-                             if Path(p).suffix in SUFFIXES and Path(p).is_file())
+            matched = [p for p in _glob(entry) if p.suffix in SUFFIXES]
             if not matched:
                 raise UserError(f"no .txt, .jsonl or .parquet file matches {entry}")
-            files.extend(matched)
+            files.extend(sorted(matched))
             continue
         if not path.exists():
             hint = f"; if it is a dataset, fetch it first with: gpt download {entry}" \
                 if not path.suffix and entry.count("/") <= 1 else ""
             raise UserError(f"data path {entry} does not exist{hint}")
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file()
-                           and ".cache" not in p.parts)
+            # hidden files count (as in a plain listing), but not huggingface_hub's .cache
+            found = [p for p in _walk(path, ("**", "*"), hidden=True, skip=".cache")
+                     if p.suffix in SUFFIXES]
             if not found:
                 raise UserError(f"folder {entry} has no .txt, .jsonl or .parquet files")
-            files.extend(found)
+            files.extend(sorted(found))
         else:
             if path.suffix not in SUFFIXES:
                 raise UserError(f"data file {path} is not .txt, .jsonl, .json or .parquet")
@@ -60,32 +65,117 @@ def resolve_data(data: list[str] | None) -> list[Path]:
     for f in files:
         if f.stat().st_size == 0:
             raise UserError(f"data file {f} is empty")
-    return files
+    return _once(files)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def _once(files: list[Path]) -> list[Path]:
+    """Each file once (the same device and inode: a link, a hard link, the same path twice)."""
+    seen: set[tuple[int, int]] = set()
+    kept = []
+    for f in files:
+        if _identity(f) not in seen:
+            seen.add(_identity(f))
+            kept.append(f)
+    return kept
+
+
+def _glob(pattern: str) -> list[Path]:
+    """Files matching a glob as ``glob.glob(pattern, recursive=True)`` matches them (``**``
+    any number of folders, names starting with a dot only for a pattern that starts with one),
+    without glob's walk through links that lead back: with ``sub/up -> ..`` glob went round
+    the loop 40 times, and two links to ``.`` never ended."""
+    parts = Path(pattern).parts
+    literal = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    return _walk(Path(*parts[:literal]) if literal else Path(), parts[literal:])
+
+
+def _walk(root: Path, parts: tuple[str, ...], hidden: bool = False,
+          skip: str | None = None) -> list[Path]:
+    """Files under ``root`` matching the glob components ``parts``. Folder links are followed,
+    but a folder is entered at most once for each component (by device and inode), so a walk
+    ends whatever the links, and takes time in proportion to the folders it finds."""
+    found: list[Path] = []
+    entered: set[tuple[int, int, int]] = set()
+
+    def shown(name: str, pattern: str) -> bool:
+        return name != skip and (hidden or not name.startswith(".") or pattern.startswith("."))
+
+    def walk(folder: Path, k: int) -> None:
+        try:
+            key = (*_identity(folder), k)
+        except OSError:  # a broken link, a folder we may not read: glob skips them too
+            return
+        if key in entered:
+            return
+        entered.add(key)
+        part, last = parts[k], k == len(parts) - 1
+        if not glob.has_magic(part):
+            path = folder / part
+            if last and path.is_file():
+                found.append(path)
+            elif not last and path.is_dir():
+                walk(path, k + 1)
+            return
+        if part == "**" and not last:
+            walk(folder, k + 1)  # ** matches no folder at all, too
+        for entry in _entries(folder):
+            if not shown(entry.name, "" if part == "**" else part):
+                continue
+            path = folder / entry.name
+            if part == "**":
+                if last and _is(entry, "file"):
+                    found.append(path)
+                if _is(entry, "dir"):
+                    walk(path, k)
+            elif fnmatch.fnmatchcase(entry.name, part):
+                if last and _is(entry, "file"):
+                    found.append(path)
+                elif not last and _is(entry, "dir"):
+                    walk(path, k + 1)
+
+    if parts:
+        walk(root, 0)
+    elif root.is_file():
+        found.append(root)
+    return found
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError:
+        return []
+
+
+def _is(entry: os.DirEntry, kind: str) -> bool:
+    """Whether a listed entry is a file or a folder, through links (a broken one is neither)."""
+    try:
+        return entry.is_file() if kind == "file" else entry.is_dir()
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------- reading
 
-def _boundary(text: str, lo: int, hi: int) -> int:
-    """The last cut in (lo, hi) just after a lone line break between two non-space characters:
-    GPT-2's pre-tokenizer always ends a piece there, so cutting changes no token; -1 if none."""
-    i = text.rfind("\n", lo, hi - 1)
-    while i >= lo:
-        if not text[i + 1].isspace() and (i == 0 or not text[i - 1].isspace()):
-            return i + 1
-        i = text.rfind("\n", lo, i)
-    return -1
-
-
-def read_text_chunks(path: Path, encoding: str = "utf-8",
-                     digest=None) -> Iterator[str]:
-    """Decoded text of ``path`` in chunks cut where tokenization is unaffected (see
-    ``_boundary``), feeding the raw bytes to ``digest`` as they are read; a clear error names
-    the byte offset of undecodable input."""
+def read_text_chunks(path: Path, encoding: str = "utf-8", digest=None,
+                     cut: Cut = anywhere) -> Iterator[str]:
+    """Decoded text of ``path`` in chunks of about ``CHUNK_BYTES`` that end where ``cut``
+    (``cuts.for_tokenizer``) allows, so that tokenizing chunk by chunk gives the tokens of the
+    whole text; the raw bytes go to ``digest`` as they are read; a clear error names the byte
+    offset of undecodable input. Only the text read since the last cut is searched for the next
+    one (a stretch without a cut is searched once, not again with every read), and the text
+    after a cut is kept as a list of reads until it is handed out (joined once)."""
     try:
         decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
     except LookupError:
         raise UserError(f"unknown text encoding {encoding!r}") from None
-    offset, carry = 0, ""
+    offset, pending = 0, []  # pending: text read but not handed out, with no cut inside it
     with open(path, "rb") as f:
         while True:
             raw = f.read(CHUNK_BYTES)
@@ -99,17 +189,22 @@ def read_text_chunks(path: Path, encoding: str = "utf-8",
                     "pass --encoding (e.g. --encoding latin-1) if it uses another encoding"
                 ) from None
             offset += len(raw)
-            text = carry + text
             if not raw:
-                if text:
-                    yield text
+                rest = "".join(pending) + text
+                if rest:
+                    yield rest
                 return
-            cut = _boundary(text, 0, len(text))
-            if cut < 0:
-                carry = text
+            if not text:
                 continue
-            carry = text[cut:]
-            yield text[:cut]
+            # a cut looks at the character before it: search that one and the new text
+            before = pending[-1][-1] if pending else ""
+            at = cut(before + text, 1, len(before) + len(text)) - len(before)
+            if at < 0:
+                pending.append(text)
+                continue
+            pending.append(text[:at])
+            yield "".join(pending)
+            pending = [text[at:]]
 
 
 def _row_text(value, path: Path, row: int, column: str) -> str:
@@ -124,9 +219,9 @@ def read_documents(path: Path, column: str, digest=None) -> Iterator[list[str]]:
     characters; parquet is read one record batch at a time (memory bounded)."""
     batch: list[str] = []
     size = 0
-    for row, text in enumerate(_rows(path, column, digest), 1):
-        batch.append(_row_text(text, path, row, column))
-        size += len(batch[-1])
+    for _, text in document_rows(path, column, digest):
+        batch.append(text)
+        size += len(text)
         if size >= DOC_CHUNK:
             yield batch
             batch, size = [], 0
@@ -134,7 +229,14 @@ def read_documents(path: Path, column: str, digest=None) -> Iterator[list[str]]:
         yield batch
 
 
-def _rows(path: Path, column: str, digest) -> Iterator:
+def document_rows(path: Path, column: str, digest=None) -> Iterator[tuple[int, str]]:
+    """Each document with its row: the line of a .jsonl file (blank lines count, as in an
+    editor), the row of a .parquet file."""
+    for row, value in _rows(path, column, digest):
+        yield row, _row_text(value, path, row, column)
+
+
+def _rows(path: Path, column: str, digest) -> Iterator[tuple[int, object]]:
     if SUFFIXES[path.suffix] == "parquet":
         pq = require("pyarrow.parquet", "data", needed_for=f"reading {path.name}")
         try:
@@ -145,11 +247,13 @@ def _rows(path: Path, column: str, digest) -> Iterator:
                 raise UserError(f"{path} has no column {column!r} (its columns: "
                                 f"{', '.join(reader.schema_arrow.names)}); pick one with "
                                 "--text-column")
+            row = 0
             for batch in reader.iter_batches(batch_size=4096, columns=[column]):
                 for value in batch.column(0).to_pylist():
                     if digest is not None and isinstance(value, str):
                         digest.update(value.encode("utf-8") + b"\0")
-                    yield value
+                    row += 1
+                    yield row, value
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - pyarrow's own errors for a damaged file
@@ -168,4 +272,4 @@ def _rows(path: Path, column: str, digest) -> Iterator:
             if not isinstance(record, dict) or column not in record:
                 raise UserError(f"{path} row {row} has no {column!r} field; pick the text "
                                 "field with --text-column")
-            yield record[column]
+            yield row, record[column]

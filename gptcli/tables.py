@@ -1,0 +1,183 @@
+"""Results as tables and lines on stdout (or a given console): `gpt bench`'s figures, `gpt
+info`, `gpt eval`, `gpt eval --task`, `gpt download`, `gpt plot`'s comparison."""
+
+from __future__ import annotations
+
+from .display import Stdout
+
+GiB = 1024 ** 3
+
+
+def _fmt(x: float | None, unit: str = "", digits: int = 1) -> str:
+    return "unknown" if x is None else f"{x:,.{digits}f}{unit}"
+
+
+def _spread_ms(d: dict, scale: float = 1e3) -> str:
+    return f"{d['median'] * scale:,.2f} ms (min {d['min'] * scale:,.2f}, max {d['max'] * scale:,.2f})"
+
+
+def render_bench(result: dict, console) -> None:
+    """The figures as a rich table."""
+    from rich.table import Table
+
+    s = result["settings"]
+    table = Table(title=f"gpt bench: {result['device_name']} ({result['device']}), torch "
+                        f"{result['torch']}, {result['dtype']}", show_header=False,
+                  title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model", f"{s['preset']}: {result['parameters'] / 1e6:,.1f}M parameters, "
+                  f"{s['n_layer']} layers, {s['n_head']} heads, width {s['n_embd']}, vocabulary "
+                  f"{s['vocab_size']}, context {s['context_length']}")
+    table.add_row("settings", f"batch {s['batch_size']}, {s['steps']} timed steps after "
+                  f"{s['warmup']} warm-up, compile {'on' if s['compile'] else 'off'}, "
+                  f"{result['threads']} CPU threads")
+    table.add_row("peak compute", f"{_fmt(result['peak_tflops'])} TFLOPs "
+                  f"({result['peak_tflops_source']})")
+    table.add_row("memory bandwidth", f"{_fmt(result['bandwidth_gbs'])} GB/s "
+                  f"({result['bandwidth_source']})")
+    if t := result.get("train"):
+        table.add_section()
+        table.add_row("train step", _spread_ms(t["step_time_s"]))
+        table.add_row("train tokens/s", f"{t['tokens_per_s']:,.0f} ({t['tokens_per_step']:,} "
+                      f"tokens per step, {t['flops_per_token'] / 1e6:,.1f} MFLOPs per token)")
+        table.add_row("MFU", "unknown (peak unknown)" if t["mfu"] is None else
+                      f"{t['mfu'] * 100:.1f}%")
+        first = f"{t['first_step_s']:.2f} s" + (f" (compile about {t['compile_s']:.1f} s)"
+                                                 if "compile_s" in t else "")
+        table.add_row("first step", first)
+        table.add_row("train peak memory", f"{t['peak_memory_bytes'] / GiB:,.2f} GiB")
+    for g in result.get("generate", []):
+        table.add_section()
+        b = f"batch {g['batch_size']}"
+        table.add_row(f"time to first token, {b}", f"{_spread_ms(g['time_to_first_token_s'])} "
+                      f"for {g['prompt_tokens']} prompt tokens")
+        table.add_row(f"prefill, {b}", f"{g['prefill_tokens_per_s']:,.0f} tokens/s")
+        if "decode_tokens_per_s" in g:
+            table.add_row(f"decode, {b}", f"{g['decode_tokens_per_s']:,.1f} tokens/s, "
+                          f"{_spread_ms(g['decode_ms_per_token'], 1)} per token "
+                          f"({g['new_tokens']} new tokens)")
+            util, cached = g["bandwidth_utilisation"], result.get("weights_fit_in_cache_bytes")
+            shown = f"not meaningful: the weights fit in the CPU's {cached / 2**20:,.0f} MiB " \
+                "cache, so decoding reads them from there" if cached else \
+                "unknown" if util is None else f"{util:.1%}" + (
+                    " (above the measured ceiling: the probe ran while the machine was busy; "
+                    "pass --bandwidth-gbs)" if util > 1 else "")
+            table.add_row(f"bandwidth use, {b}", f"{shown} (weights "
+                          f"{result['weight_bytes_per_step'] / 1e6:,.0f} MB per step)")
+        if "compile_s" in g:
+            table.add_row(f"first run, {b}", f"{g['first_run_s']:.2f} s (compile about "
+                          f"{g['compile_s']:.1f} s)")
+        table.add_row(f"generate peak memory, {b}", f"{g['peak_memory_bytes'] / GiB:,.2f} GiB")
+    console.print(table)
+    notes = []
+    if result["device"] == "cpu":
+        notes.append("peak memory on the CPU is the process's max RSS since it started")
+    if result["peak_tflops"] is None and "train" in result:
+        notes.append("MFU needs the device's peak: pass --peak-tflops")
+    if result["bandwidth_gbs"] is None and "generate" in result and \
+            not result.get("weights_fit_in_cache_bytes"):
+        notes.append("bandwidth use needs the device's bandwidth: pass --bandwidth-gbs")
+    for note in notes:
+        console.print(f"note: {note}", style="dim")
+
+
+# ----------------------------------------------------------------------------- results on stdout
+
+def render_info(info: dict, title: str, console=None) -> None:
+    """`gpt info`: the config fields that mean something for this model, rounded figures."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("parameters", f"{info['parameters']:,}")
+    table.add_row("file size", f"{info['file_size'] / 1e6:,.1f} MB")
+    table.add_row("tokenizer", info["tokenizer"])
+    config = dict(info["config"])
+    if config.get("position") != "rope":
+        config.pop("rope_theta", None)
+    for key, value in {**config, **info["provenance"]}.items():
+        table.add_row(key, _rounded(value))
+    (console or Stdout()).print(table)
+
+
+def _rounded(value) -> str:
+    """Floats stored as text (e.g. a val loss in checkpoint metadata) shown to 4 decimals."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if isinstance(value, bool) or float(number).is_integer() or "e" in str(value).lower():
+        return str(value)
+    return f"{number:.4f}"
+
+
+def render_eval(result: dict) -> None:
+    print(f"{result['model']}: loss {result['loss']:.4f} nats/token, perplexity "
+          f"{result['perplexity']:.2f}, {result['bits_per_byte']:.4f} bits/byte")
+    print(f"scored {result['tokens']:,} tokens of {result['data']} (window "
+          f"{result['context_length']}, stride {result['stride']})")
+    if estimate := result.get("training_estimate"):
+        print(f"(its val_loss in the checkpoint, {estimate['val_loss']:.4f} at step "
+              f"{estimate['step']}, is training's estimate on {estimate['windows']:,} of the split's "
+              f"{estimate['of']:,} windows; this scores every token)")
+
+
+def render_listing(info: dict) -> None:
+    """`gpt download --list`."""
+    for kind in ("models", "datasets"):
+        for key, entry in info[kind].items():
+            print(f"{key:<12} {entry['repo']:<30} {'stored' if entry['stored'] else ''}".rstrip())
+    print(f"in {info['models_dir']}: {', '.join(info['stored_models']) or '(nothing)'}")
+    print(f"in {info['datasets_dir']}: {', '.join(info['stored_datasets']) or '(nothing)'}")
+
+
+def render_download(result: dict) -> None:
+    if result["kind"] == "dataset":
+        print(f"stored dataset {result['name']} ({result['size'] / 1e6:,.1f} MB) in "
+              f"{result['path']}; train on it with `gpt train --data {result['name']}`")
+    else:
+        print(f"stored {result['name']}: {result['parameters']:,} parameters, "
+              f"{result['size'] / 1e6:,.1f} MB, {result['path']}")
+
+
+def render_comparison(differ: list[str], rows: list[dict]) -> None:
+    """`gpt plot`: one row per run, with its best val loss and the settings that differ."""
+    from rich.table import Table
+
+    table = Table("run", "best val", *differ)
+    for row in rows:
+        best = f"{row['best_val']:.4f}" if row["best_val"] is not None else "-"
+        table.add_row(row["run"], best, *(setting_text(k, row[k]) for k in differ))
+    Stdout().print(table)
+
+
+def setting_text(name: str, value) -> str:
+    """A setting as a person writes it: no None, no Python lists."""
+    if value is None or value == []:
+        return "bundled corpus" if name == "data" else "default"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def render_tasks(model: str, results: list) -> None:
+    """`gpt eval --task`: one row per task, then the published figures to compare with."""
+    from rich.table import Table
+
+    table = Table("task", "items", "figures", "items/s", title=model, title_justify="left")
+    for r in results:
+        figures = ", ".join(f"{k} {v:.2%}" if k.startswith("acc") else f"{k} {v:,.4g}"
+                            for k, v in r.metrics.items() if k not in ("tokens", "words",
+                                                                       "bytes"))
+        table.add_row(r.task, f"{r.items:,}", figures, f"{r.items / max(r.seconds, 1e-9):,.1f}")
+    out = Stdout()
+    out.print(table)
+    for r in results:
+        where = r.source.get("repo", r.source.get("file"))
+        out.print(f"{r.task}: data {where}" + (f" @ {r.source['revision'][:12]}" if
+                                                r.source.get("revision") else "") +
+                  f"; published {r.published}", highlight=False, soft_wrap=True)
