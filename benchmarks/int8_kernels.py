@@ -1,90 +1,88 @@
-"""Batch-1 matrix products on the CPU: why gptcli's inference layouts are what they are.
+"""Every inference kernel on GPT-2 124M's weight shapes: what ``gptcli.tuning`` measures when
+it chooses, shown whole.
 
-For each of GPT-2 124M's projection shapes (and the 50257 x 768 output matrix), many distinct
-weight matrices are multiplied in turn, so the weights come from memory as in a real decode
-step, not from cache. Compared, in one process:
+For each projection shape (12 layers of it, random weights) and the 50257 x 768 output matrix,
+each mode's candidates are timed with ``tuning.measure`` (the same code the choice runs: a
+cache flush before every pass when the weights exceed the last-level cache, alternating
+candidates, the fastest of three rounds), at 1 and 4 rows. Also ``torch.ao``'s deprecated
+dynamic int8 linear (fbgemm), which gptcli does not use, for comparison.
 
-- float32 ``x @ W`` with W (in, out) (the training layout) and ``F.linear`` with W (out, in);
-- float32 ``bmm`` over one chunk of W's outputs per thread (gptcli's float inference layout);
-- int8 ``torch._int_mm`` with W stored (out, in) and (in, out), at 1 and 2 rows, and two 1-row
-  products back to back (gptcli's int8 layout: two activation parts at batch 1);
-- ``torch.ao``'s deprecated dynamic int8 linear (fbgemm), and ``torch._weight_int8pack_mm``.
-
-    python benchmarks/int8_kernels.py
+    python benchmarks/int8_kernels.py                  # every mode
+    python benchmarks/int8_kernels.py --modes int8 --rows 1
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 
-from gptcli.quantize import chunked, chunked_matmul
+from gptcli import hardware
+from gptcli.kernels import candidates
+from gptcli.quantize import BITS, _reference, _storage
+from gptcli.tuning import flush_buffer, measure
 
-SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)]
+SHAPES = [(768, 2304, 12), (768, 768, 12), (768, 3072, 12), (3072, 768, 12), (768, 50257, 1)]
 
 
-def per_call_us(fn, items, repeats: int = 5) -> float:
-    def once() -> float:
+def ao_dynamic_us(weights: list[torch.Tensor], rows: int) -> float:
+    """torch.ao's dynamic int8 linear over the same weights (µs per layer), or nan."""
+    try:
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    except ImportError:
+        return float("nan")
+    layers = []
+    for w in weights:
+        linear = torch.nn.Linear(*w.shape, bias=False)
+        linear.weight.data = w.t().contiguous()
+        linear.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+        layers.append(DynamicLinear.from_float(linear))
+    x = torch.randn(rows, weights[0].size(0))
+    best = float("inf")
+    for _ in range(4):
         t0 = time.perf_counter()
-        for item in items:
-            fn(item)
-        return time.perf_counter() - t0
-
-    once()
-    return min(once() for _ in range(repeats)) / len(items) * 1e6
+        for layer in layers:
+            layer(x)
+        best = min(best, (time.perf_counter() - t0) / len(layers) * 1e6)
+    return best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--megabytes", type=int, default=200, help="float32 weights per shape")
+    ap.add_argument("--modes", nargs="+", default=["float", "half", "int8", "int4"])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4])
     args = ap.parse_args()
     warnings.filterwarnings("ignore")  # torch.ao's deprecation notice
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads; microseconds per product, weights "
-          "read from memory")
-    for n_in, n_out in SHAPES:
-        copies = max(2, args.megabytes * 2 ** 20 // (n_in * n_out * 4))
-        weights = [torch.randn(n_in, n_out) * 0.02 for _ in range(copies)]  # (in, out)
-        rows = [w.t().contiguous() for w in weights]  # (out, in)
-        packed = [chunked(w, threads) for w in weights]
-        q_rows = [torch.randint(-127, 128, (n_out, n_in), dtype=torch.int8) for _ in weights]
-        q_cols = [q.t().contiguous() for q in q_rows]
-        x = torch.randn(1, n_in)
-        x1 = torch.randint(-127, 128, (1, n_in), dtype=torch.int8)
-        x2 = torch.randint(-127, 128, (2, n_in), dtype=torch.int8)
-        scales = torch.rand(n_out) + 0.5
-        figures = {
-            "f32 x@W(in,out)": per_call_us(lambda w: x @ w, weights),
-            "f32 linear(out,in)": per_call_us(lambda w: F.linear(x, w), rows),
-            "f32 bmm chunks": per_call_us(lambda p: chunked_matmul(x, p, n_out), packed),
-            "i8 (out,in) 1 row": per_call_us(lambda q: torch._int_mm(x1, q.t()), q_rows),
-            "i8 (in,out) 1 row": per_call_us(lambda q: torch._int_mm(x1, q), q_cols),
-            "i8 (out,in) 2 rows": per_call_us(lambda q: torch._int_mm(x2, q.t()), q_rows),
-            "i8 (in,out) 2 rows": per_call_us(lambda q: torch._int_mm(x2, q), q_cols),
-            "i8 (out,in) 2x1 row": per_call_us(
-                lambda q: (torch._int_mm(x1, q.t()), torch._int_mm(x1, q.t())), q_rows),
-            "i8 int8pack_mm": per_call_us(
-                lambda q: torch._weight_int8pack_mm(x, q, scales), q_rows[:2]),
-        }
-        try:
-            from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-            layers = []
-            for w in rows[:8]:
-                linear = torch.nn.Linear(n_in, n_out, bias=False)
-                linear.weight.data = w
-                linear.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-                layers.append(DynamicLinear.from_float(linear))
-            figures["i8 torch.ao dynamic"] = per_call_us(lambda layer: layer(x), layers)
-        except Exception as e:  # noqa: BLE001 - it is deprecated and may be gone
-            figures["i8 torch.ao dynamic"] = float("nan")
-            print(f"  (torch.ao dynamic linear unavailable: {e})")
-        print(f"{n_in} -> {n_out}: " + ", ".join(f"{k} {v:,.0f}" for k, v in figures.items()))
+    print(f"{hardware.cpu_model()} ({' '.join(hardware.isa_flags())}), torch {torch.__version__}, "
+          f"{threads} threads, load {os.getloadavg()[0]:.2f}; µs per layer, weights read from "
+          "memory")
+    g = torch.Generator().manual_seed(0)
+    for n_in, n_out, layers in SHAPES:
+        weights = [torch.randn(n_in, n_out, generator=g) * 0.02 for _ in range(layers)]
+        bias = None if n_out == 50257 else torch.zeros(n_out)
+        for mode in args.modes:
+            if mode == "int4" and n_out == 50257:
+                continue  # gptcli keeps the output matrix int8
+            storages = [_storage(mode, w, bias) for w in weights]
+            bits = BITS[mode] or 32
+            flush = flush_buffer(10 ** 9)  # the whole model never fits in the cache
+            for rows in args.rows:
+                us, skipped = measure(candidates(mode), storages,
+                                      _reference(mode, storages[0]), rows, torch.float32,
+                                      threads, flush)
+                if mode == "int8":
+                    us["torch.ao dynamic"] = round(ao_dynamic_us(weights[:4], rows), 2)
+                best = min(us, key=us.get)
+                gbs = n_in * n_out * bits / 8 / us[best] / 1e3
+                print(f"{n_in}x{n_out} {mode} {rows} row(s): " + ", ".join(
+                    f"{k} {v:,.0f}" for k, v in sorted(us.items(), key=lambda kv: kv[1]))
+                    + f"  -> {best}, {gbs:.1f} GB/s" + (f"; not run: {', '.join(skipped)}"
+                                                       if skipped else ""), flush=True)
 
 
 if __name__ == "__main__":

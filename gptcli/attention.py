@@ -174,7 +174,8 @@ def inspect(model_name: str | None, *, text: str | None = None, text_file=None,
             quantize: str | None = None) -> Inspection:
     """Load a model, run the text through it once, and measure every head. The maps are those
     of the model as loaded (in ``dtype``, int8 with ``quantize``), returned as float32."""
-    from .models import display_name, load_model
+    from .locate import load_model
+    from .models import display_name
 
     text = read_text(text, text_file)
     model, tokenizer, path = load_model(model_name, device=device, dtype=dtype,

@@ -13,7 +13,6 @@ holds torch.compile's compilation) are reported apart and left out of the median
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -22,12 +21,13 @@ import torch
 from . import hardware
 from .config import PRESETS, BenchConfig, LoadConfig, ModelConfig, SampleConfig, TrainConfig
 from .model import GPT
-from .checkpoint import checkpoint_info
-from .models import load_model, resolve_model
+from .locate import find_model
+from .models import load_weights, model_info
 from .hardware import (check_memory, generate_memory_estimate, hardware_name,
-                       measure_bandwidth, measure_tflops, peak_bandwidth, peak_tflops,
-                       train_memory_estimate)
-from .quantize import check_scheme, prepare
+                       measure_bandwidth, measure_tflops, peak_bandwidth, peak_memory,
+                       peak_tflops, train_memory_estimate)
+from .quantize import check_scheme, kernel_report, prepare
+from .tuning import cache_path
 from .devices import resolve_device, resolve_dtype, synchronize
 from .errors import RuntimeFailure, UserError, is_oom
 from .decode import compile_step
@@ -48,17 +48,22 @@ def training_flops_per_token(config: ModelConfig) -> int:
 
 def decode_bytes(model: GPT) -> int:
     """Bytes of weights one decode step of ``model`` in its inference layout reads: every tensor
-    once (shared ones once), except an embedding table that is only looked up (one row a token)
-    while the output matrix is a separate copy."""
-    lookups = {id(t) for t in model.wte.parameters()} | {id(t) for t in model.wte.buffers()}
-    head = {id(t) for t in model.lm_head.buffers()} | {id(t) for t in model.lm_head.parameters()}
+    once (shared ones once, even as different tensor objects), except an embedding table that
+    is only looked up (one row a token) while the output matrix is a separate copy; plus
+    layouts held outside tensors (fbgemm's packed fp16)."""
+    def key(t: torch.Tensor):
+        return id(t) if t.is_mkldnn or t.device.type == "meta" else (t.data_ptr(), t.numel())
+
+    lookups = {key(t) for t in [*model.wte.parameters(), *model.wte.buffers()]}
+    head = {key(t) for t in [*model.lm_head.parameters(), *model.lm_head.buffers()]}
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
-        if id(t) in seen or (id(t) in lookups and id(t) not in head):
+        k = key(t)
+        if k in seen or (k in lookups and k not in head):
             continue
-        seen.add(id(t))
+        seen.add(k)
         total += t.numel() * t.element_size()
-    return total
+    return total + sum(getattr(m, "packed_bytes", 0) for m in model.modules())
 
 
 def bandwidth_utilisation(bytes_per_step: int, steps_per_s: float, gbs: float) -> float:
@@ -71,19 +76,6 @@ def mfu(flops_per_token: int, tokens_per_s: float, peak_tflops: float) -> float:
 
 
 # ----------------------------------------------------------------------------- memory
-
-def peak_memory(device: torch.device, sampled: int = 0) -> int:
-    """CUDA: max allocated since the phase began. MPS: the largest allocation seen after each
-    step (torch.mps has no peak counter). CPU: the process's max RSS, since it started."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    if device.type == "mps":
-        return max(sampled, torch.mps.current_allocated_memory())
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
-
 
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
@@ -106,7 +98,7 @@ def resolve_settings(load: LoadConfig, s: BenchConfig) -> tuple[BenchConfig, tor
         s = s.model_copy(update={"only": "generate"})
     preset = s.preset or {"cuda": "gpt2", "mps": "small"}.get(device.type, "tiny")
     if load.model:
-        config = ModelConfig.model_validate(checkpoint_info(resolve_model(load.model))["config"])
+        config = ModelConfig.model_validate(model_info(find_model(load.model))[0]["config"])
         config = config.model_copy(update={"context_length": min(
             config.context_length, s.context_length or config.context_length)})
         preset = load.model
@@ -187,8 +179,9 @@ def bench_train(model: GPT, load: LoadConfig, s: BenchConfig, device: torch.devi
     for i in range(s.warmup + s.steps):
         synchronize(device)
         t0 = time.perf_counter()
-        loss, _ = optim.train_step(runner, optimizer, next_batch, grad_accum=cfg.grad_accum,
-                                grad_clip=cfg.grad_clip, amp=amp, scaler=scaler, device=device)
+        loss = optim.train_step(runner, optimizer, next_batch, grad_accum=cfg.grad_accum,
+                                grad_clip=cfg.grad_clip, amp=amp, scaler=scaler,
+                                device=device).loss
         synchronize(device)
         times.append(time.perf_counter() - t0)
         if device.type == "mps":
@@ -280,7 +273,7 @@ def run(load: LoadConfig, s: BenchConfig,
     phase = "training" if s.only != "generate" else "generation"
     try:
         torch.manual_seed(s.seed)
-        model = load_model(load.model, device=str(device), dtype=load.dtype)[0] \
+        model = load_weights(find_model(load.model), finite=True)[0].to(device) \
             if load.model else GPT(config).to(device)
         if s.only != "generate":
             t = bench_train(model, load, s, device, dtype,
@@ -290,7 +283,13 @@ def run(load: LoadConfig, s: BenchConfig,
         if s.only != "train":
             phase = "generation"
             model.eval().to(dtype)  # generation runs with weights in the dtype, as generate does
-            prepare(model, load.quantize)  # the inference layout `gpt generate` loads models with
+            # the inference layout `gpt generate` loads models with, its kernels chosen for
+            # the batch sizes timed here
+            prepare(model, load.quantize, kernel=load.kernel,
+                    rows=(1, s.batch_size) if batch_given else (1,))
+            if device.type == "cpu":
+                result.update(cpu=hardware.cpu_model(), isa_flags=hardware.isa_flags(),
+                              kernels=kernel_report(model), kernel_cache=str(cache_path()))
             step = None
             if load.compile:  # as generate.load_generator
                 torch._dynamo.reset()  # compile from scratch, as `gpt generate` would

@@ -58,8 +58,11 @@ TEMPLATES = (TEMPLATE, PLAIN)
 METADATA_KEY = "chat_template"  # checkpoint metadata: the template a model was fine-tuned with
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 FORMATS = ("text", "messages", "prompt_completion", "alpaca")
+CHAT_FORMATS = FORMATS[1:]
+RECORD_FIELDS = ("messages", "prompt", "completion", "instruction", "input", "output")
 PLAIN_STOP = "\nUser:"
-FIELDS_HELP = "'messages'; 'prompt' and 'completion'; 'instruction' and 'output'; or {column!r}"
+FIELDS_HELP = ("'messages'; 'prompt' and 'completion'; 'instruction' and 'output'; or {column!r} "
+               "(pick another text field with --text-column)")
 
 
 class RecordError(ValueError):
@@ -272,9 +275,10 @@ def render_record(record: Mapping[str, Any], fmt: str, tokenizer: Tokenizer, *,
 # ----------------------------------------------------------------------------- files
 
 def located(path: Any, row: int, error: str | Exception) -> UserError:
-    """A one-sentence user error about row ``row`` (1-based; for JSON lines the line number,
-    blank lines counted) of ``path``, worded like data.py's other row errors."""
-    return UserError(f"{path} row {row}: {error}")
+    """A one-sentence user error about row ``row`` of ``path``: the line of a JSON-lines file
+    (1-based, blank lines counted, as an editor numbers them), the row of another."""
+    noun = "line" if str(path).endswith((".jsonl", ".json")) else "row"
+    return UserError(f"{path} {noun} {row}: {error}")
 
 
 def render_row(record: Any, tokenizer: Tokenizer, *, path: Any, row: int,
@@ -294,8 +298,9 @@ def render_row(record: Any, tokenizer: Tokenizer, *, path: Any, row: int,
     except RecordError as e:
         raise located(path, row, e) from None
     if expected is not None and fmt != expected:
-        raise UserError(f"{path} row {row} is {_article(fmt)} record but the rows before it are "
-                        f"{expected} records; keep one format per file")
+        noun = "line" if str(path).endswith((".jsonl", ".json")) else "row"
+        raise UserError(f"{path} {noun} {row} is {_article(fmt)} record but the {noun}s before "
+                        f"it are {expected} records; keep one format per file")
     try:
         ids, targets = render_record(record, fmt, tokenizer, mask_prompt=mask_prompt,
                                      text_column=text_column)

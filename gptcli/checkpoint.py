@@ -26,9 +26,9 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig, validation_message
+from .config import ModelConfig
 from .model import GPT
-from .errors import UserError, path_error
+from .errors import UserError, path_error, validation_message
 from .files import atomic_write
 from .tokenizer import Tokenizer, get_tokenizer
 
@@ -178,6 +178,9 @@ def read_safetensors(path: str | os.PathLike, *, tensors: bool = True,
 def parse_metadata(path: str | os.PathLike, metadata: Mapping[str, str],
                    ) -> tuple[ModelConfig, dict]:
     """The ModelConfig and tokenizer spec of a gptcli checkpoint's metadata."""
+    if metadata.get("format") == "gptcli-lora/1":  # (adapters.py reads those)
+        raise UserError(f"{path} holds LoRA adapters, not a whole model; load it with "
+                        "gpt generate/eval/info --model, or make a whole model with gpt merge")
     if not str(metadata.get("format", "")).startswith("gptcli/"):
         raise UserError(
             f"{path} is a safetensors file but not a gptcli checkpoint (no gptcli metadata); "

@@ -90,36 +90,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def validation_message(err: Exception, *, flags: bool = False) -> str:
-    """One readable sentence from a pydantic ValidationError (or any exception): each problem as
-    "<setting> <rule>, got <value>". With ``flags``, settings are named as command-line flags
-    (``--batch-size``), for errors in what the user typed."""
-    errors = getattr(err, "errors", None)
-    if not callable(errors):
-        return str(err)
-    parts = []
-    for e in errors():
-        loc = ".".join(str(p) for p in e.get("loc", ())  # a flag's list index says nothing
-                       if not (flags and isinstance(p, int)))
-        name = ("--" + loc.replace("_", "-")) if flags and loc else loc
-        msg = e.get("msg", "invalid value")
-        for prefix, words in (("Value error, ", ""), ("Input should be greater than or equal to",
-                              "must be at least"), ("Input should be greater than",
-                              "must be greater than"), ("Input should be less than or equal to",
-                              "must be at most"), ("Input should be less than", "must be less than"),
-                              ("Input should be", "must be")):
-            if msg.startswith(prefix):
-                msg = (words + msg[len(prefix):]).strip()
-                break
-        if e.get("type") == "extra_forbidden":
-            msg = "is not a setting" if not flags else "is not an option"
-        value = e.get("input")
-        got = f", got {value!r}" if isinstance(value, (int, float, str)) and \
-            e.get("type") != "extra_forbidden" and not isinstance(value, bool) else ""
-        parts.append(f"{name} {msg}{got}" if name else msg)
-    return "; ".join(parts)
-
-
 def default_workers() -> int:
     import os
 
@@ -151,16 +121,20 @@ Compile = Annotated[bool, Field(description="torch.compile the model (generation
 Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT, description="Random seed (0 <= seed < 2**63): "
                             "the same seed gives the same result on the same device.",
                             json_schema_extra={"group": "Run", "metavar": "N"})]
-Quantize = Annotated[Optional[Literal["int8"]], Field(
-    description="Quantize the weights for inference: int8 (per-channel weights, activations per "
-                "token; CPU only). Off by default.",
+Quantize = Annotated[Optional[Literal["half", "int8", "int4"]], Field(
+    description="Smaller weights for inference, CPU only: half (bf16/fp16), int8 (per channel) or "
+                "int4 (groups of 32, output matrix int8). Off by default.",
     json_schema_extra={"group": "Device", "metavar": "SCHEME"})]
+Kernel = Annotated[Optional[str], Field(description="Force a matrix-product kernel (`gpt bench` "
+    "lists them; also $GPTCLI_KERNEL); default: the fastest, measured once per machine.",
+    json_schema_extra={"group": "Device", "metavar": "NAME"})]
 LogTo = Annotated[list[Literal["tensorboard", "wandb"]], Field(
     description="Also log the run's metrics to tensorboard (event files in the run folder) or "
                 "wandb (WANDB_MODE=offline works without a network); repeatable. Needs the "
                 "extra of that name.", json_schema_extra={"group": "Run", "metavar": "TRACKER"})]
 ModelName = Annotated[Optional[str], Field(
-    description="Checkpoint file, run folder or downloaded model name (default: the latest run "
+    description="Checkpoint file, run folder, Hugging Face GPT-2 folder, downloaded model name "
+                "or Hub id (org/name, downloaded once when online; default: the latest run "
                 "under ./runs).",
     json_schema_extra={"group": "Model", "metavar": "MODEL", "short": "-m"})]
 
@@ -180,6 +154,11 @@ class TrainConfig(BaseModel):
         group="Data", metavar="NAME")
     val_fraction: float = setting(0.1, "Share of the tokens held out for validation, from the "
                                   "end.", group="Data", ge=0.0, lt=1.0)
+    val_data: list[str] | None = setting(
+        None, "Validate on these files (or folders, globs, a dataset's name) instead of the "
+        "last --val-fraction of --data; repeatable.", group="Data", metavar="PATH")
+    mask_prompt: bool = setting(True, "Chat and instruction data: learn only what the "
+                                "assistant says (--no-mask-prompt: every token).", group="Data")
     encoding: str = setting("utf-8", "Text encoding of the data.", group="Data", metavar="NAME")
     text_column: str = setting("text", "The text field of .jsonl and .parquet data.",
                                group="Data", metavar="NAME")
@@ -197,8 +176,20 @@ class TrainConfig(BaseModel):
     context_length: int | None = setting(None, "Context length in tokens (default: the "
                                          "preset's).", group="Model", ge=1)
     dropout: float = setting(0.0, "Dropout rate.", group="Model", ge=0.0, lt=1.0)
+    position: Position | None = setting(None, "Position encoding: learned, sinusoidal or rope "
+                                        "(default: the preset's).", group="Model", metavar="NAME")
     init_from: str | None = setting(None, "Start from this checkpoint, run folder or downloaded "
                                     "model (fine-tuning).", group="Model", metavar="MODEL")
+    # fine-tuning with adapters
+    lora_rank: int = setting(0, "LoRA: train rank-R adapters beside frozen weights (0: train "
+                             "every weight).", group="LoRA", metavar="R", ge=0)
+    lora_alpha: float = setting(16.0, "LoRA: the adapters' scale is alpha / rank.",
+                                group="LoRA", gt=0.0)
+    lora_dropout: float = setting(0.0, "LoRA: dropout on the adapters' input.", group="LoRA",
+                                  ge=0.0, lt=1.0)
+    lora_targets: list[Literal["qkv", "attn-out", "mlp-in", "mlp-out"]] = setting(
+        ["qkv", "attn-out", "mlp-in", "mlp-out"], "LoRA: the projections that get adapters: "
+        "qkv, attn-out, mlp-in, mlp-out (repeatable).", group="LoRA", metavar="NAME")
     # optimisation
     batch_size: int = setting(12, "Sequences per micro-batch.", group="Optimisation", ge=1)
     grad_accum: int = setting(1, "Micro-batches per optimizer step.", group="Optimisation", ge=1)
@@ -217,6 +208,9 @@ class TrainConfig(BaseModel):
     beta2: float = setting(0.99, "AdamW beta2.", group="Optimisation", ge=0.0, lt=1.0)
     grad_clip: float = setting(1.0, "Clip the gradient norm to this; 0 disables clipping.",
                                group="Optimisation", ge=0.0)
+    grad_checkpoint: bool = setting(False, "Recompute each block's activations in the backward "
+                                    "pass: less memory, about a third more compute.",
+                                    group="Optimisation")
     # evaluation, saving, sampling
     eval_interval: int = setting(250, "Steps between evaluations (and saves).", group="Run",
                                  ge=1)
@@ -248,17 +242,20 @@ class TrainConfig(BaseModel):
 class SampleConfig(BaseModel):
     """How to pick each next token, and when to stop."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_new_tokens: int = setting(200, "Tokens to generate per sample.", group="Sampling", ge=1)
-    temperature: float = setting(0.8, "Sampling temperature; 0 is greedy.", group="Sampling",
-                                 ge=0.0)
+    temperature: float = setting(0.8, "Sampling temperature; 0 (or below 1e-5) is greedy.",
+                                 group="Sampling", ge=0.0)
     top_k: int = setting(0, "Sample among the k most likely tokens; 0 is off.",
                          group="Sampling", ge=0)
     top_p: float = setting(1.0, "Nucleus sampling: the smallest set of tokens with this "
-                           "probability.", group="Sampling", gt=0.0, le=1.0)
-    repetition_penalty: float = setting(1.0, "Above 1 discourages repeating earlier tokens.",
-                                        group="Sampling", gt=0.0)
+                           "probability (the top one always).", group="Sampling", gt=0.0, le=1.0)
+    min_p: float = setting(0.0, "Min-p: keep the tokens at least this fraction as likely as the "
+                           "top one, after temperature; 0 is off.", group="Sampling", ge=0.0,
+                           le=1.0)
+    repetition_penalty: float = setting(1.0, "Above 1 discourages repeating earlier tokens (0.01 "
+                                        "to 100).", group="Sampling", ge=0.01, le=100.0)
     num_samples: int = setting(1, "Samples generated together as one batch.", group="Sampling",
                                ge=1)
     seed: Seed | None = Field(None, json_schema_extra={"group": "Sampling"})  # help: Seed's
@@ -284,6 +281,14 @@ class LoadConfig(BaseModel):
     dtype: Dtype = "auto"
     compile: Compile = False
     quantize: Quantize = None
+    kernel: Kernel = None
+    draft_model: str | None = setting(
+        None, "A smaller model with the same tokenizer that proposes tokens for the model to "
+        "verify several at a time (speculative decoding): the same greedy output, the same "
+        "distribution of sampled output, faster when it guesses well.", group="Model",
+        metavar="MODEL")
+    draft_tokens: int = setting(4, "Tokens the draft model proposes per verification.",
+                                group="Model", ge=1, le=16)
 
 
 class EvalConfig(BaseModel):

@@ -64,8 +64,37 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise UserError(f"unsupported device {name!r}; use {DEVICE_CHOICES}")
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on GPUs that support it, else float32."""
+# Training in bf16 autocast on a CPU that computes bf16 natively (AVX512-BF16, AMX), against
+# float32, measured on an AMD EPYC (Zen 4, avx512_bf16, one thread): 1.3x the tokens/s at width
+# 192, 1.4x at 256, 1.6x for the small preset (384), at the same validation loss; but 0.9-1.0x at
+# the tiny preset's width 128, whose matmuls are too small to pay for the casts. So `auto` picks
+# bf16 there from this width on.
+CPU_BF16_MIN_WIDTH = 192
+
+
+def cpu_bf16_isa() -> str | None:
+    """The instruction set with which this CPU multiplies bf16 matrices natively (``amx_bf16``
+    or ``avx512_bf16``, as cpuinfo names them), or None."""
+    import torch
+
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # cpuinfo's flags
+    if capabilities is not None:
+        flags = capabilities()
+        return next((isa for isa in ("amx_bf16", "avx512_bf16") if flags.get(isa)), None)
+    try:  # older torch: the kernel's list, on Linux
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return next((isa for isa in ("amx_bf16", "avx512_bf16") if isa in flags), None)
+
+
+def resolve_dtype(name: str, device: torch.device, *, train_width: int | None = None
+                  ) -> torch.dtype:
+    """``auto`` is bfloat16 on GPUs that support it, and for training (``train_width``: the
+    model's n_embd) on CPUs that compute bf16 natively, from ``CPU_BF16_MIN_WIDTH`` on; else
+    float32 (inference on a CPU stays float32)."""
     import torch
 
     name = (name or "auto").strip().lower()
@@ -73,6 +102,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and train_width is not None and \
+                train_width >= CPU_BF16_MIN_WIDTH and cpu_bf16_isa() is not None:
             return torch.bfloat16
         return torch.float32
     if name not in table:

@@ -154,7 +154,7 @@ class TrainDisplay(NullDisplay):
             self.live.stop()
             self.live = None
 
-    def report(self, result, prompt: str | None) -> None:
+    def report(self, result) -> None:
         """The last lines of `gpt train`: where the model is, or how to resume."""
         if result.stopped_by:
             self.console.print(
@@ -163,10 +163,9 @@ class TrainDisplay(NullDisplay):
                 f"{result.resume_command}", soft_wrap=True)
             return
         best = f"best val loss {result.best_val:.4f}, " if result.best_val is not None else ""
-        hint = f"gpt generate --model {result.out}" + (f' --prompt "{prompt}"' if prompt else "")
         self.console.print(f"done: {result.step} steps, {best}checkpoint {result.checkpoint}",
                            soft_wrap=True)
-        self.console.print(f"try it: {hint}", soft_wrap=True)
+        self.console.print(f"try it: {result.try_command}", soft_wrap=True)
 
 
 class SampleWriter:

@@ -89,3 +89,33 @@ def path_error(e: OSError, doing: str, path=None, *, note: str = "") -> GptcliEr
         text += f"; {note}"
     name = errno_mod.errorcode.get(e.errno or 0, "")
     return RuntimeFailure(text) if name in _DISK_ERRNOS or not name else UserError(text)
+
+
+def validation_message(err: Exception, *, flags: bool = False) -> str:
+    """One readable sentence from a pydantic ValidationError (or any exception): each problem as
+    "<setting> <rule>, got <value>". With ``flags``, settings are named as command-line flags
+    (``--batch-size``), for errors in what the user typed."""
+    errors = getattr(err, "errors", None)
+    if not callable(errors):
+        return str(err)
+    parts = []
+    for e in errors():
+        loc = ".".join(str(p) for p in e.get("loc", ())  # a flag's list index says nothing
+                       if not (flags and isinstance(p, int)))
+        name = ("--" + loc.replace("_", "-")) if flags and loc else loc
+        msg = e.get("msg", "invalid value")
+        for prefix, words in (("Value error, ", ""), ("Input should be greater than or equal to",
+                              "must be at least"), ("Input should be greater than",
+                              "must be greater than"), ("Input should be less than or equal to",
+                              "must be at most"), ("Input should be less than", "must be less than"),
+                              ("Input should be", "must be")):
+            if msg.startswith(prefix):
+                msg = (words + msg[len(prefix):]).strip()
+                break
+        if e.get("type") == "extra_forbidden":
+            msg = "is not a setting" if not flags else "is not an option"
+        value = e.get("input")
+        got = f", got {value!r}" if isinstance(value, (int, float, str)) and \
+            e.get("type") != "extra_forbidden" and not isinstance(value, bool) else ""
+        parts.append(f"{name} {msg}{got}" if name else msg)
+    return "; ".join(parts)

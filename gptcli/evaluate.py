@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models import load_model
+from .locate import load_model
 from .config import EvalConfig, LoadConfig
 from .data import load_tokens, resolve_data
 from .distributed import current_dist
@@ -54,9 +54,10 @@ def eval_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, in
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokens: np.ndarray, context_length: int, *,
              stride: int | None = None, batch_size: int = 8, max_windows: int | None = None,
-             device: torch.device | str = "cpu", amp=None) -> EvalResult:
+             device: torch.device | str = "cpu", amp=None, masks=None) -> EvalResult:
     """Mean loss over ``tokens`` with a sliding window; with ``max_windows``, an evenly spaced
-    subset of the windows (used for quick validation during training)."""
+    subset of the windows (used for quick validation during training). With ``masks`` (chat
+    and instruction data), only the targets the model should learn are scored."""
     T = min(context_length, len(tokens) - 1)
     windows = eval_windows(len(tokens), T, stride or T)
     if max_windows and len(windows) > max_windows:
@@ -77,6 +78,9 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, context_length: int, *,
                                  reduction="none").view(len(chunk), T)
         scored = torch.arange(T, device=losses.device)[None, :] >= torch.tensor(
             [first for _, first in chunk], device=losses.device)[:, None]
+        if masks is not None:
+            learn = np.stack([masks[s + 1: s + T + 1] for s, _ in chunk]).astype(bool)
+            scored &= torch.from_numpy(learn).to(losses.device)
         total += losses[scored].sum().item()
         count += int(scored.sum().item())
     model.train(was_training)
@@ -97,11 +101,11 @@ def evaluate_file(load: LoadConfig, cfg: EvalConfig) -> dict:
     if cfg.stride is not None and cfg.stride > T:
         raise UserError(f"--stride must be between 1 and the window length ({T}), got "
                         f"{cfg.stride}")
-    tokens, scored, n_bytes = scoring_data(cfg, path, tokenizer)
+    tokens, scored, n_bytes, masks = scoring_data(cfg, path, tokenizer)
     if len(tokens) < 2:
         raise UserError(f"{scored} has {len(tokens)} token(s); scoring needs at least 2")
     result = evaluate(model, tokens, T, stride=cfg.stride, batch_size=cfg.batch_size,
-                      device=model.device)
+                      device=model.device, masks=masks)
     out = {"model": str(path), "data": scored, "loss": result.loss,
            "perplexity": result.perplexity, "tokens": result.tokens,
            "bits_per_byte": result.loss * result.tokens / math.log(2) / n_bytes,
@@ -128,32 +132,47 @@ def training_estimate(path: Path, n_tokens: int, context: int) -> dict | None:
             "windows": used, "of": windows}
 
 
-def scoring_data(cfg: EvalConfig, model_path: Path, tokenizer) -> tuple[np.ndarray, str, int]:
-    """The tokens to score, a phrase saying what they are, and their size in bytes (for bits
-    per byte): ``--data``'s files, else the validation split of the run the model came from."""
+def scoring_data(cfg: EvalConfig, model_path: Path, tokenizer) -> tuple:
+    """The tokens to score, a phrase saying what they are, their size in bytes (for bits per
+    byte) and, for chat and instruction data, which of them are targets: ``--data``'s files,
+    else the validation split of the run the model came from (its --val-data, if it had one)."""
     if cfg.data:
         files = resolve_data(cfg.data)
-        tokens = load_tokens(files, tokenizer.spec(), encoding=cfg.encoding,
-                             column=cfg.text_column).tokens
+        data = load_tokens(files, tokenizer.spec(), encoding=cfg.encoding,
+                           column=cfg.text_column)
         utf8 = cfg.encoding.lower().replace("-", "").replace("_", "") == "utf8"
         plain = all(f.suffix == ".txt" for f in files)  # the bytes are the files' (no separators)
         n_bytes = sum(f.stat().st_size for f in files) if utf8 and plain else \
-            len(tokenizer.decode_bytes([t for t in tokens.tolist() if t != tokenizer.separator_id]))
-        return tokens, ", ".join(str(f) for f in files), n_bytes
+            _target_bytes(tokenizer, data.tokens, data.masks, skip=tokenizer.separator_id)
+        return data.tokens, ", ".join(str(f) for f in files), n_bytes, data.masks
     run = RunFolder.holding(model_path)
     train = run.train_settings() if run is not None else {}
     fraction = train.get("val_fraction", 0)
-    if not fraction:
+    if not fraction and not train.get("val_data"):
         raise UserError(f"say what to score with --data FILE: {model_path} is not in a run "
                         "folder with a validation split")
     try:
-        files = resolve_data(train.get("data"))
+        files = resolve_data(train.get("val_data") or train.get("data"))
     except UserError as e:
         raise UserError(f"the data of run {model_path.parent} is not there any more ({e}); "
                         "pass --data") from None
-    all_tokens = load_tokens(files, tokenizer.spec(), encoding=train.get("encoding", "utf-8"),
-                             column=train.get("text_column", "text"))
-    _, tokens = all_tokens.split(fraction)
+    data = load_tokens(files, tokenizer.spec(), encoding=train.get("encoding", "utf-8"),
+                       column=train.get("text_column", "text"),
+                       mask_prompt=train.get("mask_prompt", True))
     names = ", ".join(f.name for f in files)
-    what = f"the validation split of run {model_path.parent} (the last {fraction:.0%} of {names})"
-    return tokens, what, len(tokenizer.decode_bytes(tokens.tolist()))
+    if train.get("val_data"):
+        tokens, masks = data.tokens, data.masks
+        what = f"the validation data of run {model_path.parent} ({names})"
+    else:
+        (_, tokens), (_, masks) = data.split(fraction), data.split_masks(fraction)
+        what = (f"the validation split of run {model_path.parent} (the last {fraction:.0%} of "
+                f"{names})")
+    return tokens, what, _target_bytes(tokenizer, tokens, masks), masks
+
+
+def _target_bytes(tokenizer, tokens, masks, skip: int | None = None) -> int:
+    """The UTF-8 bytes of the tokens scored: the targets of chat data, else every token but
+    ``skip`` (the separator between documents)."""
+    ids = tokens.tolist()
+    keep = masks[:].tolist() if masks is not None else [t != skip for t in ids]
+    return len(tokenizer.decode_bytes([t for t, k in zip(ids, keep) if k]))

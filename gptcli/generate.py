@@ -1,7 +1,7 @@
 """Text generation on top of the decode engine: per-sample text streams (incremental UTF-8,
 stop strings), ``generate`` (the CLI's and training samples'), prompt ids, and loading a model
-to generate with. The layers below: ``decode.Engine`` (the one decode loop), then
-``sampling.next_token``."""
+to generate with (and its draft model, for speculative decoding). The layers below:
+``decode.Engine`` (the one decode loop), then ``speculative`` and ``sampling.next_token``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import torch
 from .config import SampleConfig
 from .decode import Engine, compile_step
 from .devices import synchronize
+from .errors import UserError
 from .model import GPT
+from .speculative import Draft
 from .tokenizer import Tokenizer
 
 class TextStream:
@@ -81,6 +83,12 @@ class GenerationStats:
     time_to_first_token_s: float = 0.0
     decode_time_s: float = 0.0
     total_time_s: float = 0.0
+    draft_tokens: int | None = None  # with a draft model: tokens it proposed, and how many
+    accepted_tokens: int = 0  # of them were kept
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -92,19 +100,24 @@ class GenerationStats:
         return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
                 "time_to_first_token_s": self.time_to_first_token_s,
                 "decode_tokens_per_s": self.decode_tokens_per_s,
-                "total_time_s": self.total_time_s}
+                "total_time_s": self.total_time_s,
+                **({} if self.draft_tokens is None else {
+                    "draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
+                    "acceptance_rate": self.acceptance_rate})}
 
 
 def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], config: SampleConfig, *,
              on_text: Callable[[int, str], None] | None = None,
              on_done: Callable[[int], None] | None = None,
-             step: Callable | None = None) -> tuple[list[Sample], GenerationStats]:
+             step: Callable | None = None,
+             draft: Draft | None = None) -> tuple[list[Sample], GenerationStats]:
     """Generate ``config.num_samples`` continuations of ``prompt_ids`` as one batch.
 
     Stops a sample at end-of-text (unless ``ignore_eos``) or just before a stop string; a
     finished sample leaves the batch. ``on_text(sample_index, piece)`` receives text as soon as
     it is final (see TextStream); ``on_done(sample_index)`` is called once a sample has all its
-    text.
+    text. With a ``draft``, decodes speculatively (``speculative.py``): the same greedy tokens,
+    the same distribution of sampled ones, and the acceptance rate in the stats.
     """
     device = model.device
     generator = None
@@ -116,7 +129,8 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], config: Sa
     finished = on_done or (lambda i: None)
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     t0 = time.perf_counter()
-    engine = Engine(model, config.num_samples, step=step, vocab_size=tokenizer.vocab_size)
+    engine = Engine(model, config.num_samples, step=step, vocab_size=tokenizer.vocab_size,
+                    draft=draft)
     rows = engine.add([prompt_ids] * config.num_samples, config, generator)
     live = dict(zip(map(id, rows), range(len(rows))))  # row -> its sample
     t_first = t0
@@ -145,6 +159,8 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], config: Sa
     synchronize(device)
     end = time.perf_counter()
     stats.decode_time_s, stats.total_time_s = end - t_first, end - t0
+    if draft is not None:
+        stats.draft_tokens, stats.accepted_tokens = engine.proposed, engine.accepted
     return [Sample(s.token_ids, s.text, s.finish_reason) for s in streams], stats
 
 
@@ -153,23 +169,38 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], config: Sa
 @dataclass
 class Loaded:
     """A model ready to generate: the model, its tokenizer, where it came from, and the compiled
-    one-token step (None: the model itself)."""
+    one-token step (None: the model itself), and the draft model for speculative decoding."""
 
     model: GPT
     tokenizer: Tokenizer
     path: Path
     step: Callable | None = None
+    draft: Draft | None = None
 
 
 def load_generator(model_name: str | None, *, device: str = "auto", dtype: str = "auto",
-                   compile: bool = False, quantize: str | None = None) -> Loaded:
+                   compile: bool = False, quantize: str | None = None,
+                   draft_model: str | None = None, draft_tokens: int = 4) -> Loaded:
     """Load a model for generation (see ``models.load_model``), compiling its one-token
-    step when asked."""
-    from .models import load_model
+    step when asked; and ``draft_model`` the same way (it must share the tokenizer)."""
+    from .locate import load_model
+    from .models import display_name
 
     model, tokenizer, path = load_model(model_name, device=device, dtype=dtype,
                                         quantize=quantize)
-    return Loaded(model, tokenizer, path, compile_step(model) if compile else None)
+    loaded = Loaded(model, tokenizer, path, compile_step(model) if compile else None)
+    if draft_model is not None:
+        small, small_tokenizer, small_path = load_model(draft_model, device=device, dtype=dtype,
+                                                        quantize=quantize)
+        if small_tokenizer.spec() != tokenizer.spec():
+            names = (display_name(small_path), display_name(path))
+            differ = f"the {small_tokenizer.name} tokenizer and the model {names[1]} the " \
+                f"{tokenizer.name} one" if small_tokenizer.name != tokenizer.name else \
+                f"another {tokenizer.name} vocabulary than the model {names[1]}"
+            raise UserError(f"the draft model {names[0]} uses {differ}; a draft model must share "
+                            "the model's tokenizer")
+        loaded.draft = Draft(small, draft_tokens, compile_step(small) if compile else None)
+    return loaded
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str, context_length: int) -> tuple[list[int], str | None]:

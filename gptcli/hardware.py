@@ -55,7 +55,7 @@ BANDWIDTH_GBS: list[tuple[str, str, float]] = [
 
 def hardware_name(device: torch.device) -> str:
     """The device's name as the tables below match it (the chip, for Apple GPUs)."""
-    name = device_name(device)
+    name = device_name(device) if device.type != "cpu" else cpu_model()
     if device.type == "mps" and platform.system() == "Darwin":
         import subprocess
 
@@ -141,6 +141,50 @@ def cpu_cache_bytes() -> int | None:
     return max(sizes) if sizes else None
 
 
+# ----------------------------------------------------------------------------- the CPU
+
+# Instruction-set flags that decide which CPU kernels exist or pay (/proc/cpuinfo's names):
+# native bf16 (avx512_bf16, amx_bf16; Arm bf16), fp16 (avx512_fp16, amx_fp16, avx_ne_convert;
+# Arm fphp/asimdhp), int8 dot products (avx512_vnni, avx_vnni, amx_int8; Arm asimddp, i8mm).
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx_vnni", "avx512_bf16", "avx512_fp16", "avx_ne_convert", "amx_bf16",
+             "amx_fp16", "amx_int8", "asimd", "asimddp", "i8mm", "bf16", "fphp", "asimdhp",
+             "sve", "sve2")
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    if fields:
+                        break
+                    continue
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip().lower(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``'s "Model name"), e.g. "AMD EPYC"."""
+    info = _cpuinfo()
+    name = info.get("model name") or info.get("cpu model") or info.get("hardware")
+    if not name and "cpu part" in info:  # Arm: implementer and part numbers
+        name = f"Arm implementer {info.get('cpu implementer', '?')} part {info['cpu part']}"
+    return name or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def isa_flags() -> list[str]:
+    """The flags of ``ISA_FLAGS`` this CPU has (x86 "flags", Arm "features")."""
+    info = _cpuinfo()
+    have = set((info.get("flags") or info.get("features") or "").split())
+    return [f for f in ISA_FLAGS if f in have]
+
+
 # ----------------------------------------------------------------------------- memory
 
 def available_memory(device: torch.device) -> int | None:
@@ -164,15 +208,31 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
-def train_memory_estimate(config: ModelConfig, batch: int, dtype: torch.dtype) -> int:
-    """Rough bytes a training step needs: fp32 weights, grads and two AdamW moments (16 bytes per
-    parameter), ~34 activation values per layer, token and channel (Korthikanti et al. 2022, with
-    fused attention), and logits kept in the autocast dtype plus float32 for the loss."""
+def train_memory_breakdown(config: ModelConfig, batch: int, dtype: torch.dtype, *,
+                           trainable: int | None = None, extra_params: int = 0,
+                           grad_checkpoint: bool = False) -> dict[str, int]:
+    """Rough bytes a training step needs, by what holds them: ``weights`` (fp32, the model's
+    and ``extra_params`` such as LoRA adapters), ``gradients`` (fp32, of the ``trainable``
+    parameters: all of them by default), ``optimizer`` (AdamW's two fp32 moments of the
+    trainable ones) and ``activations``: ~34 bytes per layer, token and channel at 2-byte
+    precision (Korthikanti et al. 2022, with fused attention), only the blocks' inputs plus one
+    block's with gradient checkpointing, and the logits in the autocast dtype plus float32 for
+    the loss. Frozen layers keep their activations: gradients flow through them."""
     act = torch.empty((), dtype=dtype).element_size()
     tokens = batch * config.context_length
-    acts = config.n_layer * tokens * config.n_embd * 17 * act
-    logits = tokens * config.vocab_size * (act + 8)
-    return 16 * config.num_params() + acts + logits
+    trainable = config.num_params() + extra_params if trainable is None else trainable
+    per_block = tokens * config.n_embd * 17 * act
+    blocks = config.n_layer * per_block if not grad_checkpoint else \
+        config.n_layer * tokens * config.n_embd * act + per_block
+    return {"weights": 4 * (config.num_params() + extra_params), "gradients": 4 * trainable,
+            "optimizer": 8 * trainable,
+            "activations": blocks + tokens * config.vocab_size * (act + 8)}
+
+
+def train_memory_estimate(config: ModelConfig, batch: int, dtype: torch.dtype,
+                          **options) -> int:
+    """The total of ``train_memory_breakdown`` (same options)."""
+    return sum(train_memory_breakdown(config, batch, dtype, **options).values())
 
 
 def generate_memory_estimate(config: ModelConfig, batch: int, dtype: torch.dtype) -> int:
@@ -182,6 +242,20 @@ def generate_memory_estimate(config: ModelConfig, batch: int, dtype: torch.dtype
 
 
 GiB = 1024 ** 3
+
+
+def peak_memory(device: torch.device, sampled: int = 0) -> int:
+    """CUDA: max allocated since the phase began. MPS: the largest allocation seen after each
+    step (torch.mps has no peak counter). CPU: the process's max RSS, since it started."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if device.type == "mps":
+        return max(sampled, torch.mps.current_allocated_memory())
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
 
 
 def check_memory(need: int, device: torch.device, what: str, hint: str) -> None:

@@ -30,7 +30,7 @@ class GptcliLM(lm_eval_api.LM):
     def __init__(self, model: str | None = None, device: str = "auto", dtype: str = "auto",
                  quantize: str | None = None, batch_size: int | str = 8, **_: Any) -> None:
         super().__init__()
-        from .models import load_model
+        from .locate import load_model
 
         self.model, self.tokenizer, self.path = load_model(model, device=device, dtype=dtype,
                                                            quantize=quantize)

@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .config import ModelConfig, validation_message
-from .errors import UserError
+from .config import ModelConfig
+from .errors import UserError, validation_message
 
 # HF config.json field -> ModelConfig field.
 CONFIG_FIELDS = {"vocab_size": "vocab_size", "n_positions": "context_length",

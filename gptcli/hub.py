@@ -32,13 +32,15 @@ from .store import (DATA_FORMATS, KNOWN_DATASETS, KNOWN_MODELS, dataset_folder, 
 # ----------------------------------------------------------------------------- download
 
 DATA_SUFFIXES = tuple(DATA_FORMATS)
-def _offline(offline: bool) -> bool:
+
+
+def offline_mode(offline: bool = False) -> bool:
     """``--offline`` or ``HF_HUB_OFFLINE=1`` (read now, not when huggingface_hub was imported)."""
     flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return offline or flag.strip().lower() in ("1", "true", "yes", "on")
 
 
-def _is_network_error(e: BaseException) -> bool:
+def is_network_error(e: BaseException) -> bool:
     module = type(e).__module__.split(".")[0]
     return isinstance(e, (ConnectionError, TimeoutError)) or module in (
         "httpx", "httpx2", "httpcore", "requests", "urllib3")
@@ -70,16 +72,18 @@ def quiet_hub() -> None:
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
-def check_reachable(what: str, repo: str) -> None:
-    """Fail at once, in one sentence, when the Hub cannot be reached (see ``unreachable``)."""
+def check_reachable(what: str, repo: str, *, instead: str | None = None) -> None:
+    """Fail at once, in one sentence, when the Hub cannot be reached (see ``unreachable``);
+    ``instead`` replaces the usual advice."""
     from huggingface_hub import constants
 
     quiet_hub()
     why = unreachable(constants.ENDPOINT)
     if why is not None:
+        advice = instead or ("check the connection or HF_ENDPOINT, or use --offline for what "
+                             "is already cached")
         raise RuntimeFailure(f"could not reach {constants.ENDPOINT} to download {what} of {repo} "
-                             f"({why}); check the connection or HF_ENDPOINT, or use --offline "
-                             "for what is already cached")
+                             f"({why}); {advice}")
 
 
 def hub_fetch(repo: str, filename: str, *, revision: str | None = None, offline: bool = False,
@@ -88,7 +92,7 @@ def hub_fetch(repo: str, filename: str, *, revision: str | None = None, offline:
     """One file of a Hub repo, through huggingface_hub's cache (resumable, HF_TOKEN, HF_ENDPOINT,
     HF_HOME). Every huggingface_hub error becomes one UserError/RuntimeFailure line; with
     ``optional=True`` a file the repo does not have (or, offline, has not cached) is None."""
-    offline = _offline(offline)
+    offline = offline_mode(offline)
     if offline:  # so huggingface_hub, if imported only now, makes no background calls either
         os.environ["HF_HUB_OFFLINE"] = "1"
     from huggingface_hub import hf_hub_download
@@ -112,7 +116,7 @@ def hub_fetch(repo: str, filename: str, *, revision: str | None = None, offline:
 def list_files(repo: str, *, repo_type: str = "dataset", revision: str | None = None,
                offline: bool = False) -> list[str]:
     """The files of a Hub repo (needs the network)."""
-    if _offline(offline):
+    if offline_mode(offline):
         raise UserError(f"offline, and {repo} is not in the gptcli store yet; run the same "
                         "command once with network access (without --offline / "
                         "HF_HUB_OFFLINE=1)")
@@ -142,8 +146,8 @@ def _translated(e: BaseException, repo: str, what: str, repo_type: str, revision
                              f"local cache ({constants.HF_HUB_CACHE}); run the same command "
                              "once with network access (without --offline / HF_HUB_OFFLINE=1)")
         return RuntimeFailure(f"could not reach {where} to download {what} of {repo} "
-                              f"({_cause(e)}); check the connection or HF_ENDPOINT, or use "
-                              "--offline for what is already cached")
+                              f"({first_cause(e)}); check the connection or HF_ENDPOINT, or "
+                              "use --offline for what is already cached")
     if isinstance(e, GatedRepoError):
         return UserError(f"{kind} repo {repo} is gated: accept its terms on the Hub and set "
                          "HF_TOKEN to a token with access")
@@ -154,14 +158,14 @@ def _translated(e: BaseException, repo: str, what: str, repo_type: str, revision
     if isinstance(e, EntryNotFoundError):
         return UserError(f"{kind} repo {repo}{at} has no file {what}")
     if isinstance(e, HFValidationError):
-        return UserError(f"{repo!r} is not a valid Hub repo id: {_cause(e)}")
-    if isinstance(e, (HfHubHTTPError, OSError)) or _is_network_error(e):
+        return UserError(f"{repo!r} is not a valid Hub repo id: {first_cause(e)}")
+    if isinstance(e, (HfHubHTTPError, OSError)) or is_network_error(e):
         return RuntimeFailure(f"downloading {what} of {repo} from {where} failed "
-                              f"({_cause(e)}); run the command again to resume")
+                              f"({first_cause(e)}); run the command again to resume")
     return e
 
 
-def _cause(e: BaseException) -> str:
+def first_cause(e: BaseException) -> str:
     """The first line of the innermost explained cause of ``e``."""
     while e.__cause__ is not None and str(e.__cause__):
         e = e.__cause__
@@ -224,7 +228,7 @@ def download_model(name: str, *, revision: str | None = None, out: str | os.Path
 
 
 def _no_safetensors(repo: str, revision: str | None, offline: bool) -> GptcliError:
-    if _offline(offline):
+    if offline_mode(offline):
         return UserError(f"offline, and neither {HF_WEIGHTS} nor {HF_WEIGHTS_INDEX} of {repo} is "
                          "in the local cache; run the same command once with network access")
     from huggingface_hub import HfApi
@@ -280,7 +284,7 @@ def download_dataset(name: str, files: list[str] | None = None, *, revision: str
     if bad:
         raise UserError(f"gptcli trains on .txt, .jsonl and .parquet files, not {bad[0]}")
     folder = dataset_folder(name)
-    if _offline(offline) and folder.is_dir():
+    if offline_mode(offline) and folder.is_dir():
         # (huggingface_hub's .cache inside the folder, not the store's own ~/.cache path)
         have = [p for p in folder.rglob("*") if p.is_file()
                 and ".cache" not in p.relative_to(folder).parts

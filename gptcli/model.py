@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .kv_cache import KVCache
@@ -160,6 +161,9 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Training only: recompute each block's activations in the backward pass instead of
+        # keeping them (`--grad-checkpoint`): memory for one block's activations, not n_layer's.
+        self.grad_checkpoint = False
         self.tie_weights()
         self.reset_parameters()
 
@@ -232,9 +236,13 @@ class GPT(nn.Module):
         x = self.drop(x)
         mask = self.attention_mask(pos, start_pos, kv_cache)
         all_weights = []
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for block in self.h:
-            x, weights = block(x, rope=rope, kv_cache=kv_cache, start_pos=start_pos, mask=mask,
-                               need_weights=need_weights)
+            if recompute:  # (no KV cache or attention maps while training)
+                x, weights = checkpoint(block, x, rope=rope, mask=mask, use_reentrant=False)
+            else:
+                x, weights = block(x, rope=rope, kv_cache=kv_cache, start_pos=start_pos,
+                                   mask=mask, need_weights=need_weights)
             all_weights.append(weights)
         if last_only:  # decoding needs the last position's logits only
             logits = self.lm_head(self.ln_f(x[:, -1, :])).unsqueeze(1)  # (B, 1, V)

@@ -8,11 +8,13 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
+from .data.batches import IGNORE
 from .devices import autocast
 
 
@@ -56,18 +58,33 @@ def step_parts(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
                      runner=torch.compile(model) if cfg.compile else model)
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the targets that count (``IGNORE`` ones are left out: the prompt
+    of chat data), and how many counted. A batch with no target counts gives a loss of 0 with
+    zero gradients, never NaN (0 / 0). Without ignored targets this is exactly
+    ``F.cross_entropy``'s mean."""
+    flat = targets.reshape(-1)
+    count = (flat != IGNORE).sum()
+    total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), flat,
+                            ignore_index=IGNORE, reduction="sum")
+    return total / count.clamp(min=1), count
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # the mean of the micro-batches' losses
+    grad_norm: torch.Tensor  # before clipping
+    targets: torch.Tensor  # target tokens the loss counted
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *, grad_accum: int,
                grad_clip: float, amp, scaler: torch.amp.GradScaler | None,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss and the
-    gradient norm before clipping (tensors, so reading them is the caller's choice of when to
-    synchronise)."""
+               device: torch.device) -> StepResult:
+    """One optimizer step over ``grad_accum`` micro-batches; returns tensors (reading them is
+    the caller's choice of when to synchronise). Each micro-batch's loss is its mean over its
+    own targets, divided by ``grad_accum``."""
     total = torch.zeros((), device=device)
+    targets = torch.zeros((), device=device, dtype=torch.long)
     for micro in range(grad_accum):
         x, y = next_batch()
         x = x.to(device, non_blocking=True)
@@ -77,9 +94,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         ctx = sync() if sync is not None and micro < grad_accum - 1 else contextlib.nullcontext()
         with ctx:
             with amp:
-                loss = loss_fn(model(x), y) / grad_accum
+                loss, count = loss_fn(model(x), y)
+                loss = loss / grad_accum
             (scaler.scale(loss) if scaler else loss).backward()
         total += loss.detach()
+        targets += count
     if scaler:
         scaler.unscale_(optimizer)
     # the norm before clipping (what trackers plot); clip_grad_norm_ computes it either way
@@ -91,4 +110,4 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total, grad_norm
+    return StepResult(total, grad_norm, targets)

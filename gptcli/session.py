@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .adapters import save_adapter
 from .checkpoint import load_training_state, save_checkpoint, save_training_state
+from .chat import TEMPLATE
 from .config import SampleConfig, TrainConfig
 from .data import BatchSampler
 from .distributed import Dist
@@ -37,6 +39,7 @@ class FitResult:
     checkpoint: Path | None = None
     is_main: bool = True
     resume_command: str = ""
+    try_command: str = ""
 
     @property
     def exit_code(self) -> int:
@@ -63,6 +66,9 @@ class Session:
     max_steps: int
     tokens_per_step: int
     run_id: str
+    val_masks: object = None  # chat/instruction data: which validation targets count
+    base: dict | None = None  # a LoRA run: the base its adapters belong to
+    chat_template: str | None = None  # recorded in the checkpoints
     step: int = 0
     best_val: float | None = None
     elapsed_before: float = 0.0
@@ -104,9 +110,15 @@ class Session:
                                  "try a lower --lr")
 
     def save(self, path: Path, val: float | None) -> None:
-        if self.dist.is_main:
-            save_checkpoint(path, self.model, self.tokenizer, step=self.step, val_loss=val,
-                            run_id=self.run_id, source=f"gpt train ({self.run.path})")
+        """A checkpoint of the model (a LoRA run: its adapters and their base's reference)."""
+        if not self.dist.is_main:
+            return
+        provenance = dict(step=self.step, val_loss=val, run_id=self.run_id,
+                          source=f"gpt train ({self.run.path})", chat_template=self.chat_template)
+        if self.base is not None:
+            save_adapter(path, self.model, self.tokenizer, base=self.base, **provenance)
+        else:
+            save_checkpoint(path, self.model, self.tokenizer, **provenance)
 
     def save_last(self, val: float | None) -> None:
         """last.safetensors and the training state that resumes from it, marked with the same
@@ -130,7 +142,8 @@ class Session:
             return None
         loss = evaluate(self.model, self.val_tokens, self.model.config.context_length,
                         batch_size=self.cfg.batch_size, device=self.device, amp=self.parts.amp,
-                        max_windows=self.cfg.eval_steps * self.cfg.batch_size).loss
+                        max_windows=self.cfg.eval_steps * self.cfg.batch_size,
+                        masks=self.val_masks).loss
         self.check_finite("validation loss", loss)
         return loss
 
@@ -190,6 +203,15 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+def try_command(s: Session) -> str:
+    """How to try the trained model: `gpt chat` for one fine-tuned on conversations, else
+    `gpt generate` with a prompt its tokenizer can encode."""
+    if s.chat_template == TEMPLATE:
+        return f"gpt chat --model {s.run.path}"
+    prompt = "The" if s.tokenizer.name == "gpt2" else "ROMEO:" if not s.cfg.data else None
+    return f"gpt generate --model {s.run.path}" + (f' --prompt "{prompt}"' if prompt else "")
 
 
 def resume_command(run: RunFolder, dist: Dist) -> str:

@@ -16,6 +16,23 @@ def _spread_ms(d: dict, scale: float = 1e3) -> str:
     return f"{d['median'] * scale:,.2f} ms (min {d['min'] * scale:,.2f}, max {d['max'] * scale:,.2f})"
 
 
+def _kernel_row(k: dict) -> tuple[str, str]:
+    """One weight shape's kernel: what runs, how it was chosen, and the candidates' times."""
+    label = f"kernel {k['shape'][0]}x{k['shape'][1]}" + (f", {k['rows']} rows"
+                                                         if k["rows"] > 1 else "")
+    how = {"forced": "forced", "cached": "cached"}.get(k["source"], "measured")
+    if k.get("load") is not None:
+        how += f" at load {k['load']:.1f}"
+    times = ", ".join(f"{name} {us:,.0f}" for name, us in sorted(k["us"].items(),
+                                                                  key=lambda kv: kv[1]))
+    layers = f"{k['layers']} layer" + ("s" if k["layers"] > 1 else "")
+    text = f"{k['kernel']} ({how}; {k['mode']}, {layers})" + (
+        f"; µs per layer: {times}" if times else "")
+    if k.get("skipped"):
+        text += "; not run: " + ", ".join(k["skipped"])
+    return label, text
+
+
 def render_bench(result: dict, console) -> None:
     """The figures as a rich table."""
     from rich.table import Table
@@ -36,6 +53,12 @@ def render_bench(result: dict, console) -> None:
                   f"({result['peak_tflops_source']})")
     table.add_row("memory bandwidth", f"{_fmt(result['bandwidth_gbs'])} GB/s "
                   f"({result['bandwidth_source']})")
+    if "cpu" in result:
+        table.add_row("CPU", f"{result['cpu']}; {' '.join(result['isa_flags']) or 'no flags'}")
+    if result.get("kernels"):
+        table.add_section()
+        for k in result["kernels"]:
+            table.add_row(*_kernel_row(k))
     if t := result.get("train"):
         table.add_section()
         table.add_row("train step", _spread_ms(t["step_time_s"]))
@@ -91,15 +114,43 @@ def render_info(info: dict, title: str, console=None) -> None:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("parameters", f"{info['parameters']:,}")
-    table.add_row("file size", f"{info['file_size'] / 1e6:,.1f} MB")
+    if "lora" in info:  # a LoRA checkpoint: its adapters, and the base they adapt
+        lora, base = info["lora"], info["base"]
+        table.add_row("LoRA adapters", f"{info['parameters']:,} parameters "
+                      f"({info['parameters'] / info['base_parameters']:.2%} of the base), rank "
+                      f"{lora['rank']}, alpha {lora['alpha']:g}, on {', '.join(lora['targets'])}")
+        table.add_row("base model", f"{base['model']} ({base['path']}, "
+                      f"{info['base_parameters']:,} parameters)")
+    else:
+        table.add_row("parameters", f"{info['parameters']:,}")
+    size = info["file_size"]
+    table.add_row("file size", f"{size / 1e6:,.1f} MB" if size >= 1e5 else f"{size / 1e3:,.1f} kB")
     table.add_row("tokenizer", info["tokenizer"])
     config = dict(info["config"])
     if config.get("position") != "rope":
         config.pop("rope_theta", None)
     for key, value in {**config, **info["provenance"]}.items():
         table.add_row(key, _rounded(value))
+    if memory := info.get("memory"):  # a run's checkpoint: what a training step of it holds
+        table.add_row("training memory", memory_text(memory))
+        table.add_row("measured peak", "unknown" if memory["peak"] is None else
+                      f"{size_text(memory['peak'])} (CUDA: max allocated; CPU: the process's "
+                      "max RSS, Python and PyTorch included)")
     (console or Stdout()).print(table)
+
+
+def size_text(n: float) -> str:
+    return next(f"{n / scale:,.1f} {unit}" for scale, unit in ((1e9, "GB"), (1e6, "MB"),
+                                                               (1e3, "kB"), (1, "B"))
+                if n >= scale or scale == 1)
+
+
+def memory_text(memory: dict) -> str:
+    """A training step's memory estimate, by what holds it (``models.run_memory``)."""
+    parts = ", ".join(f"{name} {size_text(memory[name])}" for name in
+                      ("weights", "gradients", "optimizer", "activations"))
+    return (f"{size_text(memory['estimate'])} estimated = {parts} (batch "
+            f"{memory['batch_size']} x {memory['context_length']} tokens, {memory['dtype']})")
 
 
 def _rounded(value) -> str:

@@ -314,7 +314,7 @@ def run_tasks(load, cfg, progress: Callable[[str, int], Callable[..., None]] | N
     """`gpt eval --task ...`: fetch (or read) each task's data, score it, return the figures."""
     import time
 
-    from .models import load_model
+    from .locate import load_model
 
     files = parse_task_files(cfg.task_file)
     unused = sorted(set(files) - set(cfg.task))

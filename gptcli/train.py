@@ -19,20 +19,23 @@ from typing import NamedTuple
 
 import torch
 
-from .checkpoint import load_checkpoint
-from .config import ModelConfig, TrainConfig, validation_message
+from .config import PRESETS, ModelConfig, TrainConfig
+from . import finetune
 from .data import BatchSampler, TokenData, check_enough, load_tokens, resolve_data
-from .devices import resolve_dtype, seed_everything, synchronize
+from .data.sources import file_format
+from .devices import cpu_bf16_isa, resolve_dtype, seed_everything, synchronize
 from .distributed import Dist, current_dist, setup_distributed, teardown_distributed
-from .errors import Interrupted, UserError, path_error
-from .hardware import check_memory, train_memory_estimate
+from .errors import Interrupted, UserError, path_error, validation_message
 from .model import GPT
-from .models import resolve_model
+from .hardware import peak_memory
+from .lora import lora_modules
+from .locate import find_model
+from .models import load_weights
 from .optim import lr_at, step_parts, train_step
 from .quantize import is_quantized
 from .runs import RunFolder, new_run_id
 from .session import (FitResult, Session, StopSignals, interrupted_message, restore_state,
-                      resume_command)
+                      resume_command, try_command)
 from .tokenizer import Tokenizer
 from .trackers import Trackers, check_installed
 
@@ -58,7 +61,9 @@ def merge_config(explicit: dict, config_file: Path | None, saved: dict | None) -
         except ValidationError as e:
             raise UserError(f"config file {config_file}: {validation_message(e)}") from None
     fields.update(explicit)
-    return TrainConfig(**fields)
+    cfg = TrainConfig(**fields)
+    finetune.check_flags(explicit, cfg)
+    return cfg
 
 
 # ----------------------------------------------------------------------------- setup
@@ -69,6 +74,7 @@ class Start(NamedTuple):
     model: GPT
     tokenizer: Tokenizer
     metadata: dict
+    path: Path
 
 
 def setup(cfg: TrainConfig, run: RunFolder, resume: bool, display) -> Session:
@@ -79,14 +85,22 @@ def setup(cfg: TrainConfig, run: RunFolder, resume: bool, display) -> Session:
     dist = current_dist()
     display = display if display is not None and dist.is_main else NullDisplay()
     device = dist.device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
     seed_everything(cfg.seed + dist.rank)
     start = starting_point(cfg, run, resume)
+    dtype = resolve_dtype(cfg.dtype, device, train_width=start.model.config.n_embd if start
+                          else cfg.n_embd or PRESETS[cfg.preset]["n_embd"])
+    if cfg.dtype == "auto" and device.type == "cpu" and dtype == torch.bfloat16:
+        display.note(f"note: bfloat16 autocast (weights stay float32): this CPU computes bf16 "
+                     f"natively ({cpu_bf16_isa()}); --dtype float32 trains in float32")
     data = tokenize(cfg, start, dist, display)
     model = build_model(cfg, start, data.tokenizer.vocab_size, device, dtype)
-    train_tokens, val_tokens = data.split(cfg.val_fraction)
+    base = finetune.add_adapters(model, cfg, start.path if start else None) or (
+        json.loads(start.metadata["base"]) if start and "base" in start.metadata else None)
+    (train_tokens, val_tokens), (train_masks, val_masks) = validation_split(cfg, data, dist,
+                                                                          display)
     T = model.config.context_length
-    check_enough(len(train_tokens), len(val_tokens), T, cfg.val_fraction)
+    check_enough(len(train_tokens), len(val_tokens), T,
+                 cfg.val_fraction if not cfg.val_data else 1.0)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * dist.world * T
     max_steps = cfg.max_steps if cfg.epochs is None else \
         max(1, math.ceil(cfg.epochs * len(train_tokens) / tokens_per_step))
@@ -96,8 +110,13 @@ def setup(cfg: TrainConfig, run: RunFolder, resume: bool, display) -> Session:
                 tokenizer=data.tokenizer, val_tokens=val_tokens, device=device, dtype=dtype,
                 max_steps=max_steps, tokens_per_step=tokens_per_step,
                 sampler=BatchSampler(train_tokens, T, cfg.batch_size, cfg.seed, rank=dist.rank,
-                                     world=dist.world),
-                run_id=(run.read_config() or {}).get("run_id") if resume else new_run_id())
+                                     world=dist.world, masks=train_masks),
+                run_id=(run.read_config() or {}).get("run_id") if resume else new_run_id(),
+                val_masks=val_masks, base=base,
+                chat_template=finetune.chat_template(data.formats,
+                                                     start.metadata if start else None))
+    if (lora := finetune.describe(model)) is not None:
+        display.note(lora)
     if resume:
         restore_state(s)
     if dist.is_main:
@@ -109,7 +128,12 @@ def starting_point(cfg: TrainConfig, run: RunFolder, resume: bool) -> Start | No
     """The checkpoint to start from, if any; an int8 one is refused (inference only)."""
     if not resume and not cfg.init_from:
         return None
-    start = Start(*load_checkpoint(run.last if resume else resolve_model(cfg.init_from)))
+    path = run.last if resume else find_model(cfg.init_from)
+    start = Start(*load_weights(path, merge=not resume), path)  # a LoRA run resumes unmerged
+    if cfg.lora_rank and not resume and "base" in start.metadata:
+        raise UserError(f"{cfg.init_from} holds LoRA adapters; make it a whole model first "
+                        f"(gpt merge {cfg.init_from} --out FILE) and start the new adapters "
+                        "from that file")
     if is_quantized(start.model):
         raise UserError(f"{cfg.init_from} is an int8 checkpoint, for inference only; train from "
                         f"the float checkpoint it was made from "
@@ -121,17 +145,32 @@ def tokenize(cfg: TrainConfig, start: Start | None, dist: Dist, display) -> Toke
     """The training data as tokens (the token cache fills on first use), in the tokenizer of the
     checkpoint it starts from, else the one asked for (auto: char for the CPU presets)."""
     files = resolve_data(cfg.data)
+    chat = any(file_format(f, cfg.text_column) != "text" for f in files)
     spec = start.tokenizer.spec() if start else cfg.tokenizer if cfg.tokenizer != "auto" else \
-        "char" if cfg.preset in ("tiny", "small") else "gpt2"
+        "char" if cfg.preset in ("tiny", "small") and not chat else "gpt2"
+    return load_data(files, spec, cfg, dist, display)
 
+
+def load_data(files: list[Path], spec, cfg: TrainConfig, dist: Dist, display) -> TokenData:
+    """``files`` as tokens (and target masks), through the token cache."""
     def load():
         return display.tokenize(lambda progress: load_tokens(
             files, spec, encoding=cfg.encoding, column=cfg.text_column, workers=cfg.workers,
-            progress=progress, log=display.note))
+            progress=progress, log=display.note, mask_prompt=cfg.mask_prompt))
 
     if dist.enabled:  # rank 0 fills the token cache once; the others then read it
         dist.main_first(lambda: load() and None)
     return load()
+
+
+def validation_split(cfg: TrainConfig, data: TokenData, dist: Dist, display) -> tuple:
+    """(train, validation) tokens and their masks: the last --val-fraction of the data, or
+    all of it with --val-data's files for validation."""
+    if not cfg.val_data:
+        return data.split(cfg.val_fraction), data.split_masks(cfg.val_fraction)
+    val = load_data(resolve_data(cfg.val_data), data.tokenizer.spec(), cfg, dist, display)
+    data.formats += val.formats
+    return (data.tokens, val.tokens), (data.masks, val.masks)
 
 
 def wrap_distributed(runner: torch.nn.Module, dist: Dist, device: torch.device):
@@ -161,25 +200,28 @@ def open_logs(s: Session, data: TokenData, resume: bool) -> None:
         s.display.note(line)
 
 
+def model_shape(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The shape of a new model for ``cfg``: its preset, with the flags' changes."""
+    return ModelConfig.from_preset(
+        cfg.preset, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+        n_embd=cfg.n_embd, context_length=cfg.context_length, dropout=cfg.dropout,
+        position=cfg.position)
+
+
 def build_model(cfg: TrainConfig, start: Start | None, vocab_size: int, device: torch.device,
                 dtype: torch.dtype) -> GPT:
     """The model to train (a new one, or the checkpoint's), after checking that a training step
     of this shape fits in the device's memory."""
-    config = start.model.config if start else ModelConfig.from_preset(
-        cfg.preset, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-        n_embd=cfg.n_embd, context_length=cfg.context_length, dropout=cfg.dropout)
-    check_memory(train_memory_estimate(config, cfg.batch_size, dtype), device,
-                 f"a training step at --batch-size {cfg.batch_size} with context "
-                 f"{config.context_length} and {config.num_params():,} parameters",
-                 "Try a smaller --batch-size (raise --grad-accum to keep the effective batch), "
-                 "--context-length or model.")
+    config = start.model.config if start else model_shape(cfg, vocab_size)
+    finetune.check_fits(config, cfg, device, dtype)
     if start is None:
         model = GPT(config)
-    elif cfg.dropout != config.dropout:  # fine-tuning with another dropout rate
+    elif cfg.dropout != config.dropout and not lora_modules(start.model):  # another dropout
         model = GPT(config.model_copy(update={"dropout": cfg.dropout}))
         model.load_state_dict(start.model.state_dict())
     else:
         model = start.model
+    model.grad_checkpoint = cfg.grad_checkpoint
     return model.to(device).train()
 
 
@@ -196,25 +238,26 @@ def fit(cfg: TrainConfig, *, out: RunFolder | Path, resume: bool = False, displa
                   batch=(cfg.batch_size, cfg.grad_accum, s.dist.world,
                          s.model.config.context_length))
     s.t0 = t_log = time.perf_counter()
-    since_log, last_val, stopped_by = 0, None, None
+    counted, last_val, stopped_by = 0, None, None  # target tokens since the last log line
     with StopSignals() as stop, s:
         while s.step < s.max_steps:
             for group in s.parts.optimizer.param_groups:
                 group["lr"] = lr = lr_at(s.step, cfg, s.max_steps)
-            loss, grad_norm = train_step(
+            loss, grad_norm, targets = train_step(
                 s.runner, s.parts.optimizer, s.sampler.next_batch, grad_accum=cfg.grad_accum,
                 grad_clip=cfg.grad_clip, amp=s.parts.amp, scaler=s.parts.scaler, device=s.device)
             s.step += 1
-            since_log += 1
+            counted += targets
             final = s.step == s.max_steps
             if s.step % cfg.log_interval == 0 or final:
                 loss_value = s.mean_over_ranks(loss.item())
                 s.check_finite("training loss", loss_value)
                 now = time.perf_counter()
-                tok_s, t_log, since_log = since_log * s.tokens_per_step / (now - t_log), now, 0
-                norm = grad_norm.item()
+                tok_s = s.dist.sum([float(counted)], s.device)[0] / (now - t_log)
+                t_log, counted, norm = now, 0, grad_norm.item()
                 s.log(step=s.step, train_loss=loss_value, lr=lr, tokens_per_s=tok_s,
-                      grad_norm=norm if math.isfinite(norm) else None, elapsed=s.elapsed())
+                      grad_norm=norm if math.isfinite(norm) else None, elapsed=s.elapsed(),
+                      peak_memory=peak_memory(s.device))
                 display.step(s.step, loss=loss_value, lr=lr, tokens_per_s=tok_s)
             if s.step % cfg.eval_interval == 0 or final:
                 last_val = s.validate()
@@ -247,7 +290,7 @@ def finish(s: Session, stopped_by: str | None) -> FitResult:
     best = s.run.best
     return FitResult(out=s.run.path, step=s.step, best_val=s.best_val, stopped_by=stopped_by,
                      is_main=s.dist.is_main, checkpoint=best if best.exists() else s.run.last,
-                     resume_command=resume_command(s.run, s.dist))
+                     resume_command=resume_command(s.run, s.dist), try_command=try_command(s))
 
 
 def launch(explicit: dict, *, config_file: Path | None = None, resume: str | None = None,

@@ -183,3 +183,67 @@ def tokenizer_files(spec: dict, *, context_length: int) -> dict[str, str]:
     if tokenizer.name == "gpt2":
         return _gpt2_files(context_length)
     return _char_files(tokenizer.spec()["chars"], context_length)
+
+
+# ----------------------------------------------------------------------------- files -> spec
+
+def _bpe_pairs(merges) -> list[str]:
+    """Merges as ``"a b"`` strings: tokenizer.json spells them so, or (newer files) as pairs."""
+    return [" ".join(m) if isinstance(m, (list, tuple)) else m for m in merges]
+
+
+def _read_json(path, where: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path.name} of {where} is not readable JSON: {e}") from None
+
+
+def tokenizer_spec_from_files(folder, where: str | None = None) -> dict | None:
+    """The gptcli tokenizer spec that a Hugging Face folder's tokenizer files describe (the
+    inverse of :func:`tokenizer_files`): ``{"type": "gpt2"}`` for GPT-2's exact vocabulary and
+    merges, a char spec for a one-character WordLevel vocabulary as gptcli exports it, None
+    when the folder has no tokenizer files. Any other tokenizer is a UserError: gptcli has no
+    tokenizer to encode text as it does."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    where = where or str(folder)
+    if (folder / "tokenizer.json").is_file():
+        data = _read_json(folder / "tokenizer.json", where)
+        model = data.get("model") if isinstance(data, dict) else None
+        kind = model.get("type") if isinstance(model, dict) else None
+        if kind == "BPE":
+            vocab, merges = model.get("vocab"), _bpe_pairs(model.get("merges") or [])
+        elif kind == "WordLevel":
+            return _char_spec(model.get("vocab"), data.get("pre_tokenizer"), where)
+        else:
+            raise UserError(f"the tokenizer of {where} is a {kind or 'unknown'} tokenizer; gptcli "
+                            "runs GPT-2's byte-level BPE and its own character vocabularies only")
+    elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        vocab = _read_json(folder / "vocab.json", where)
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        merges = [line for line in lines if line and not line.startswith("#version")]
+    else:
+        return None
+    tokens, gpt2 = _gpt2_tables()
+    if vocab != {t: i for i, t in enumerate(tokens)} or merges != list(gpt2):
+        size = len(vocab) if isinstance(vocab, dict) else "?"
+        raise UserError(f"the tokenizer of {where} is not GPT-2's ({size} tokens, "
+                        f"{len(merges)} merges, not GPT-2's exact 50257 tokens and 50000 merges); "
+                        "gptcli pairs GPT-2 models with the GPT-2 tokenizer only")
+    return {"type": "gpt2"}
+
+
+def _char_spec(vocab, pre_tokenizer, where: str) -> dict:
+    """A WordLevel vocabulary of single characters, ids 0..n-1, split one character a piece."""
+    pieces = sorted(vocab.items(), key=lambda kv: kv[1]) if isinstance(vocab, dict) else []
+    one_each = (isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") == "Split"
+                and pre_tokenizer.get("pattern") == {"Regex": r"[\s\S]"})
+    if not pieces or not one_each or [i for _, i in pieces] != list(range(len(pieces))) \
+            or any(len(c) != 1 for c, _ in pieces):
+        raise UserError(f"the tokenizer of {where} is a WordLevel tokenizer but not a gptcli "
+                        "character vocabulary (one character a token, ids 0..n-1)")
+    spec = {"type": "char", "chars": "".join(c for c, _ in pieces)}
+    get_tokenizer(spec)  # the same checks as a checkpoint's spec
+    return spec

@@ -79,9 +79,9 @@ def test_int8_bench_times_generation_of_the_quantized_model():
     assert result.exit_code == 2
     assert result.stderr.strip() == ("error: --model and --quantize time generation only; leave "
                                      "out --only train")
-    result = runner.invoke(app, FAST + ["--quantize", "int4"])
+    result = runner.invoke(app, FAST + ["--quantize", "int5"])
     assert result.exit_code == 2
-    assert result.stderr.strip() == "error: --quantize must be 'int8', got 'int4'"
+    assert result.stderr.strip() == "error: --quantize must be 'half', 'int8' or 'int4', got 'int5'"
 
 
 def test_given_peak_makes_mfu_positive():
@@ -139,12 +139,12 @@ def test_bandwidth_formula_equals_hand_count():
 
     cfg = ModelConfig(vocab_size=10, context_length=8, n_layer=1, n_head=2, n_embd=4)
     model = GPT(cfg)
-    prepare(model, None, chunks=1)
-    # every weight once, the 32 position weights included and the output matrix as the copy
-    # decoding reads (the embedding table is only looked up): (292 + 32) * 4 bytes in float32
+    prepare(model, None, kernel="linear")
+    # every weight once, the 32 position weights included and the output matrix (nn.Linear's
+    # layout: the embedding table itself, read once): (292 + 32) * 4 bytes in float32
     assert bench.decode_bytes(model) == 1296
     model = GPT(cfg)
-    prepare(model, "int8")
+    prepare(model, "int8", kernel="int8-intmm2")  # a kernel that keeps no extra buffers
     # int8: output 10*4, c_attn 12*4, attn.c_proj 4*4, c_fc 16*4, mlp.c_proj 4*16 = 232 weights
     # of one byte; float32 scales for each output channel (10 + 12 + 4 + 16 + 4 = 46), and
     # float32 biases, norms and positions (12 + 4 + 16 + 4 + 8 + 8 + 8 + 32 = 92)

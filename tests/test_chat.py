@@ -167,7 +167,8 @@ def test_system_turns_anywhere_and_consecutive_roles(tok):
 @pytest.mark.parametrize("record, message", [
     ([1, 2], "the record is an array, not a JSON object"),
     ({"body": "x"}, "the record has none of the known fields ('messages'; 'prompt' and "
-                    "'completion'; 'instruction' and 'output'; or 'text'); its keys are 'body'"),
+                    "'completion'; 'instruction' and 'output'; or 'text' (pick another text "
+                    "field with --text-column)); its keys are 'body'"),
     ({"prompt": "x"}, "the record has none of the known fields"),
     ({"messages": []}, "'messages' must be a non-empty array"),
     ({"messages": "hi"}, "'messages' must be a non-empty array"),
@@ -191,17 +192,17 @@ def test_record_errors_name_file_and_row(tok, record, message):
     with pytest.raises(UserError) as info:
         render_row(record, tok, path="data/chat.jsonl", row=12)
     text = str(info.value)
-    assert text.startswith("data/chat.jsonl row 12: ")
+    assert text.startswith("data/chat.jsonl line 12: ")  # JSON lines: the line, as an editor
     assert message in text
     assert "\n" not in text and text.count(". ") == 0  # one sentence
 
 
 def test_tokenizer_errors_get_the_row_too():
     char = char_tokenizer(3)
-    with pytest.raises(UserError, match=r"^notes\.jsonl row 2: the text has 1 character\(s\) "
+    with pytest.raises(UserError, match=r"^notes\.jsonl line 2: the text has 1 character\(s\) "
                                         r"outside this model's 3-character vocabulary: 'z'$"):
         render_row({"text": "z"}, char, path="notes.jsonl", row=2)
-    with pytest.raises(UserError, match=r"^notes\.jsonl row 1: the gptcli-chat/1 chat template"):
+    with pytest.raises(UserError, match=r"^notes\.jsonl line 1: the gptcli-chat/1 chat template"):
         render_row({"prompt": "a", "completion": "b"}, char, path="notes.jsonl", row=1)
 
 
@@ -213,8 +214,10 @@ def test_a_file_holds_one_format(tok):
         for row, record in enumerate(rows, 1):
             fmt, ids, targets = render_row(record, tok, path="x.jsonl", row=row, expected=fmt)
     assert fmt == "prompt_completion"
-    assert str(info.value) == ("x.jsonl row 3 is a messages record but the rows before it are "
-                               "prompt_completion records; keep one format per file")
+    assert str(info.value) == ("x.jsonl line 3 is a messages record but the lines before it "
+                               "are prompt_completion records; keep one format per file")
+    with pytest.raises(UserError, match=r"^x\.parquet row 3 is a messages record but the rows "):
+        render_row(rows[2], tok, path="x.parquet", row=3, expected="prompt_completion")
 
 
 def test_record_errors_are_value_errors(tok):

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -127,8 +128,9 @@ def test_train_help_is_grouped_and_fits_80_columns():
     text = runner.invoke(app, ["train", "--help"], terminal_width=80).stdout
     panels = [line.split("─ ", 1)[1].split(" ─", 1)[0] for line in text.splitlines()
               if line.startswith("╭─ ")]
-    assert panels == ["Data", "Model", "Optimisation", "Run", "Device"]
-    assert "--batch-size          N" in text and "--data                PATH" in text
+    assert panels == ["Data", "Model", "LoRA", "Optimisation", "Run", "Device"]
+    assert re.search(r"--batch-size +N ", text) and re.search(r"--data +PATH ", text)
+    assert re.search(r"--mask-prompt +--no-mask-prompt ", text)  # on by default: both ways
     assert max(len(line) for line in text.splitlines()) <= 80
 
 
@@ -142,16 +144,17 @@ def test_every_config_field_is_a_flag_and_every_flag_a_field():
                                TrainConfig)
 
     group = typer.main.get_command(app)
+    DRAFT = ("draft_model", "draft_tokens")  # speculative decoding: generate and bench only
     cases = {
         "train": ((TrainConfig,), set(), {"--config", "--resume", "--resume-auto", "--force"}),
         "generate": ((LoadConfig, SampleConfig), set(),
                      {"--prompt", "--prompt-file", "--interactive", "--json"}),
-        "eval": ((LoadConfig, EvalConfig), {"compile"}, {"--json"}),
-        "inspect-attention": ((LoadConfig,), {"compile"},
+        "eval": ((LoadConfig, EvalConfig), {"compile", *DRAFT}, {"--json"}),
+        "inspect-attention": ((LoadConfig,), {"compile", *DRAFT},
                               {"--text", "--text-file", "--layer", "--head", "--out", "--html",
                                "--json"}),
         "bench": ((LoadConfig, BenchConfig), set(), {"--json"}),
-        "serve": ((LoadConfig, ServeConfig), {"compile"}, set()),
+        "serve": ((LoadConfig, ServeConfig), {"compile", *DRAFT}, set()),
     }
     own_help = {("bench", "--model")}  # the same flag, with a default of its own (a preset)
     for name, (models, excluded, own) in cases.items():

@@ -1,7 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
-from gptcli.config import PRESETS, ModelConfig, validation_message
+from gptcli.config import PRESETS, ModelConfig
+from gptcli.errors import validation_message
 from gptcli.model import GPT
 
 

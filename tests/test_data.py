@@ -233,8 +233,9 @@ def test_bad_rows_name_the_file_and_row(tmp_path):
     with pytest.raises(UserError, match=r"d.jsonl row 2: 'text' is int, not text"):
         load_tokens([path], "gpt2")
     path.write_text('{"body": "x"}\n')
-    with pytest.raises(UserError, match=r"d.jsonl row 1 has no 'text' field; pick the text field "
-                                        r"with --text-column"):
+    with pytest.raises(UserError, match=r"d.jsonl line 1: the record has none of the known "
+                                        r"fields \('messages'; .* or 'text' \(pick another text "
+                                        r"field with --text-column\)\); its keys are 'body'"):
         load_tokens([path], "gpt2")
     assert load_tokens([path], "gpt2", column="body").tokens.tolist() == \
         GPT2Tokenizer().encode("x")

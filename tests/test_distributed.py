@@ -125,3 +125,25 @@ def test_stopping_a_torchrun_run_says_how_to_resume_it_under_torchrun(corpus, tm
     assert (f"Resume with: torchrun --standalone --nproc_per_node 2 -m gptcli train --out {out} "
             "--resume") in stderr
     assert "Resume with: gpt train" not in stderr
+
+
+def test_lora_under_torchrun_equals_one_process_with_twice_the_batch(corpus, tmp_path):
+    from gptcli.models import load_weights
+
+    base = tmp_path / "base"
+    made = gpt("train", "--data", str(corpus), *TINY, "--max-steps", "2", "--eval-interval", "2",
+               "--out", str(base))
+    assert made.returncode == 0, made.stderr[-3000:]
+    common = ["--data", str(corpus), *TINY, "--init-from", str(base), "--lora-rank", "2",
+              "--lr", "1e-2", "--max-steps", "3", "--eval-interval", "3", "--seed", "5"]
+    ddp = torchrun("-m", "gptcli", "train", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = gpt("train", *common, "--batch-size", "4", "--out", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, _, meta = load_weights(tmp_path / "ddp" / "last.safetensors")
+    b, _, _ = load_weights(tmp_path / "single" / "last.safetensors")
+    plain, _, _ = load_checkpoint(base / "last.safetensors")
+    assert meta["step"] == "3"
+    assert not torch.equal(a.h[0].attn.c_attn.weight, plain.h[0].attn.c_attn.weight)  # it trained
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=name)

@@ -1,8 +1,13 @@
-"""GGUF export: a tiny GPT-2-tokenizer model written and read back with gguf's own reader."""
+"""GGUF export: a tiny GPT-2-tokenizer model written and read back with gguf's own reader, through
+the writer and through `gpt export --format gguf`, and run by llama.cpp where it is built."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ from gptcli.checkpoint import model_tensors
 from gptcli.model import GPT
 from gptcli.errors import GptcliError, UserError
 from gptcli.vocab import gpt2_merges, gpt2_tokens
+from test_export import PROMPT, export, gpt, gpt2_checkpoint
 
 gguf = pytest.importorskip("gguf", reason="the gguf extra (pip install \"gptcli[gguf]\") is not "
                            "installed")
@@ -234,3 +240,81 @@ def test_missing_gguf_package(tmp_path, tensors, monkeypatch):
         write_gguf(tmp_path / "m.gguf", CONFIG, tensors, GPT2)
     assert str(err.value) == ('writing GGUF needs gguf, which is not installed; install it with '
                               'pip install "gptcli[gguf]"')
+
+
+# ----------------------------------------------------------------------------- gpt export, llama.cpp
+
+def test_gguf_through_the_command_line(tmp_path):
+    path = gpt2_checkpoint(tmp_path / "m.safetensors", chat_template="gptcli-chat/1")
+    sizes = {}
+    for dtype in ("f32", "f16", "q8_0"):
+        out = tmp_path / f"m-{dtype}.gguf"
+        result = export("--model", path, "--out", out, "--format", "gguf", "--dtype", dtype)
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith(f"wrote m-{dtype}.gguf (")
+        # -n: half the model's 32 positions (llama.cpp's gpt2 stops past the last one)
+        assert f"llama-completion -m {out} -p \"The\" -n 16 --temp 0" in result.stderr
+        assert f"FROM ./m-{dtype}.gguf" in result.stderr
+        sizes[dtype] = out.stat().st_size
+    reader = gguf.GGUFReader(tmp_path / "m-q8_0.gguf")
+    fields = {name: f.contents() for name, f in reader.fields.items()
+              if not name.startswith("tokenizer.ggml.")}
+    assert fields["general.architecture"] == "gpt2" and fields["general.name"] == "m"
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert fields["tokenizer.chat_template"].startswith("{% for message in messages %}")
+    assert len(reader.tensors) == 4 + 12 * 2
+    assert sizes["f32"] > sizes["f16"] > sizes["q8_0"]
+    result = export("--model", path, "--out", tmp_path / "m-f32.gguf", "--format", "gguf",
+                    "--force", "--json")
+    info = json.loads(result.stdout.splitlines()[-1])
+    assert info["format"] == "gguf" and info["dtype"] == "f32" and info["tensors"] == 28
+
+
+def test_gguf_refuses_char_models_before_writing(tmp_path, char_checkpoint):
+    result = export("--model", char_checkpoint, "--out", tmp_path / "c.gguf", "--format", "gguf")
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("error: GGUF export needs the GPT-2 tokenizer, but "
+                                            "this model uses the char tokenizer")
+    assert not (tmp_path / "c.gguf").exists()
+
+
+def llama_completion() -> str | None:
+    """llama.cpp's llama-completion: $LLAMA_CPP_BIN, the PATH, or this project's build."""
+    for folder in (os.environ.get("LLAMA_CPP_BIN"), "/work/llamacpp/src/build/bin"):
+        if folder and os.access(Path(folder) / "llama-completion", os.X_OK):
+            return str(Path(folder) / "llama-completion")
+    return shutil.which("llama-completion")
+
+
+LLAMA_PROMPT = "Café  naïve\tdéjà vu — «ok» 123 日本"  # runs of spaces, a tab, Unicode
+
+
+def test_llama_cpp_continues_as_gpt_generate_greedy(tmp_path):
+    """The f32 GGUF in llama.cpp itself: the same prompt tokens (tokenizer, no start token) and
+    the same greedy text. (22 prompt tokens + 8 stay within the model's 32 positions: past
+    them llama.cpp's gpt2 stops with an assertion, where gptcli slides its window.)"""
+    import re
+
+    binary = llama_completion()
+    if binary is None:
+        pytest.skip("llama.cpp is not built here (set LLAMA_CPP_BIN to its bin folder)")
+    path = gpt2_checkpoint(tmp_path / "m.safetensors", seed=5)
+    out = tmp_path / "m.gguf"
+    assert export("--model", path, "--out", out, "--format", "gguf").exit_code == 0
+    ours = gpt(tmp_path, "generate", "--model", str(path), "--prompt", LLAMA_PROMPT,
+               "--max-new-tokens", "8", "--temperature", "0", "--ignore-eos", "--json")
+    assert ours.returncode == 0, ours.stderr
+    ours = json.loads(ours.stdout.splitlines()[-1])
+    theirs = subprocess.run([binary, "-m", str(out), "-p", LLAMA_PROMPT, "-n", "8", "--temp",
+                             "0", "-no-cnv", "--no-display-prompt", "--ignore-eos", "-t", "2",
+                             "--no-warmup", "-ctk", "f32", "-ctv", "f32", "-fa", "off", "-c",
+                             "32", "--verbose-prompt"], capture_output=True, timeout=300)
+    # (token pieces can be parts of a character: bytes, decoded as a whole)
+    stdout = theirs.stdout.decode("utf-8", "replace")
+    stderr = theirs.stderr.decode("utf-8", "replace")
+    assert theirs.returncode == 0, stderr[-2000:]
+    # --verbose-prompt logs each prompt token as "<id> -> '<text>'"
+    prompt = stderr.split("number of tokens in prompt", 1)[1].split("sampler", 1)[0]
+    assert [int(i) for i in re.findall(r"^\S+ I +(\d+) -> '", prompt, re.M)] == \
+        ours["prompt_token_ids"]
+    assert stdout == ours["samples"][0]["text"] + "\n\n"  # llama-completion ends so

@@ -1,4 +1,5 @@
-"""`gpt download` and `gpt export` against a Hugging Face Hub look-alike on 127.0.0.1.
+"""`gpt download`, `--model` (Hugging Face folders, Hub ids), `gpt export` and its
+`--push-to-hub` against a Hugging Face Hub look-alike on 127.0.0.1.
 
 The downloads run the real `gpt` CLI in a subprocess (huggingface_hub reads HF_ENDPOINT, HF_HOME
 and HF_HUB_OFFLINE when it is imported), with the real huggingface_hub client talking HTTP to
@@ -95,9 +96,12 @@ def dead_endpoint() -> str:
 
 
 def gpt(tmp_path: Path, *args: str, endpoint: str, offline: bool = False,
-        ) -> subprocess.CompletedProcess:
-    """Run the real `gpt` CLI with its own Hub endpoint, HF cache and gptcli store."""
+        token: str | None = None) -> subprocess.CompletedProcess:
+    """Run the real `gpt` CLI with its own Hub endpoint, HF cache and gptcli store (and no
+    Hugging Face token unless ``token`` is given)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "GPTCLI_"))}
+    if token is not None:
+        env["HF_TOKEN"] = token
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"),
                GPTCLI_HOME=str(tmp_path / "gptcli"), HF_HUB_OFFLINE="1" if offline else "0",
                HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(ROOT))
@@ -320,8 +324,12 @@ def test_export_round_trip_with_transformers(tmp_path, tokenizer):
     path = save_checkpoint(tmp_path / "m.safetensors", model, tok)
     result = runner.invoke(app, ["export", "--model", str(path), "--out", str(tmp_path / "hf")])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors"]
+    tokenizer_files = ["merges.txt", "special_tokens_map.json", "tokenizer.json",
+                       "tokenizer_config.json", "vocab.json"] if tokenizer == "gpt2" else \
+        ["tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == sorted([
+        "README.md", "config.json", "generation_config.json", "model.safetensors",
+        *tokenizer_files])
     reference = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     assert_same_logits(path, reference, vocab)
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
@@ -386,3 +394,157 @@ def test_eval_after_download_offline(downloaded):
     scores = json.loads(result.stdout)
     assert scores["tokens"] > 0
     assert scores["perplexity"] == pytest.approx(math.exp(scores["loss"]), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- --model: folders, Hub ids
+
+def greedy(result) -> list[int]:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["samples"][0]["token_ids"]
+
+
+def transformers_greedy(model, prompt: str, n: int) -> list[int]:
+    ids = torch.tensor([GPT2Tokenizer().encode(prompt)])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=50256)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_model_hf_folder_offline_is_converted_once(tmp_path, hub_data):
+    folder = hub_data["root"] / "sharded"
+    args = ("generate", "--model", str(folder), "--prompt", "Once upon a time",
+            "--max-new-tokens", "6", "--temperature", "0", "--ignore-eos", "--json")
+    first = greedy(gpt(tmp_path, *args, endpoint=dead_endpoint(), offline=True))
+    assert first == transformers_greedy(hub_data["models"]["t/sharded"], "Once upon a time", 6)
+    kept = tmp_path / "gptcli" / "models" / "hf-folders"
+    converted = list(kept.glob("*.safetensors"))
+    assert len(converted) == 1
+    stamp = converted[0].stat().st_mtime_ns
+    assert greedy(gpt(tmp_path, *args, endpoint=dead_endpoint(), offline=True)) == first
+    assert list(kept.glob("*.safetensors")) == converted
+    assert converted[0].stat().st_mtime_ns == stamp  # found again, not converted again
+
+
+def test_model_hub_id_is_downloaded_when_online_then_used_offline(tmp_path, hub, hub_data):
+    result = gpt(tmp_path, "export", "--model", "t/single", "--out", "hf-out", endpoint=hub.url)
+    assert result.returncode == 0, result.stderr
+    assert "t/single is not in " in result.stderr and "downloading it once" in result.stderr
+    assert stored(tmp_path, "t--single").is_file()
+    card = (tmp_path / "hf-out" / "README.md").read_text()
+    assert '\nbase_model: "t/single"\n' in card
+    reference = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf-out").eval()
+    assert_same_logits(stored(tmp_path, "t--single"), reference)
+    requests = len(hub.requests)
+    again = gpt(tmp_path, "generate", "--model", "t/single", "--prompt", "Hello",
+                "--max-new-tokens", "5", "--temperature", "0", "--ignore-eos", "--json",
+                endpoint=dead_endpoint(), offline=True)
+    assert greedy(again) == transformers_greedy(hub_data["models"]["t/single"], "Hello", 5)
+    assert len(hub.requests) == requests
+
+
+def test_model_hub_id_offline_or_unreachable_says_gpt_download(tmp_path, hub):
+    result = gpt(tmp_path, "export", "--model", "t/single", "--out", "x", endpoint=hub.url,
+                 offline=True)
+    assert result.returncode == 2
+    assert error_line(result).startswith("error: t/single is not downloaded yet: get it with "
+                                          "`gpt download t/single` (once, with network access)")
+    assert hub.requests == []
+    endpoint = dead_endpoint()
+    result = gpt(tmp_path, "export", "--model", "t/single", "--out", "x", endpoint=endpoint)
+    assert result.returncode == 1
+    line = error_line(result)
+    assert line.startswith(f"error: could not reach {endpoint} to download the weights of "
+                           "t/single (")
+    assert line.endswith("; t/single is not downloaded yet: run `gpt download t/single` once "
+                         "with network access")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "llama"}, "this is not a GPT-2 model: config.json says model_type 'llama'; "
+                              "gptcli converts only model_type 'gpt2'"),
+    ({"scale_attn_by_inverse_layer_idx": True},
+     "this GPT-2 variant is not supported: config.json sets scale_attn_by_inverse_layer_idx=True; "
+     "gptcli converts plain GPT-2 only"),
+    ({"tokenizer": "other"}, "the tokenizer of {folder} is not GPT-2's (3 tokens, 1 merges, not "
+                             "GPT-2's exact 50257 tokens and 50000 merges); gptcli pairs GPT-2 "
+                             "models with the GPT-2 tokenizer only"),
+])
+def test_a_folder_that_is_not_gpt2_is_refused(tmp_path, hub_data, change, message):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, data in folder_files(hub_data["root"] / "single").items():
+        (folder / name).write_bytes(data)
+    if "tokenizer" in change:
+        (folder / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "ab": 2}))
+        (folder / "merges.txt").write_text("#version: 0.2\na b\n")
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+    result = runner.invoke(app, ["generate", "--model", str(folder), "--prompt", "Hi"],
+                           env={"GPTCLI_HOME": str(tmp_path / "home")})
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: " + message.format(folder=folder)
+    assert not list((tmp_path / "home").rglob("*.safetensors"))
+
+
+# ----------------------------------------------------------------------------- --push-to-hub
+
+WRITER = "hf_look_alike_writer"
+
+
+@pytest.fixture
+def writable_hub(hub_data):
+    """The look-alike with upload endpoints: WRITER may write to the namespace "me"."""
+    with HubServer(dict(hub_data["repos"]), writers={WRITER: {"me"}}) as server:
+        yield server
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    model = randomize_(GPT(tiny_config(vocab_size=50257)), seed=3).eval()
+    return save_checkpoint(tmp_path / "m.safetensors", model, GPT2Tokenizer(), step=5)
+
+
+def test_push_to_hub_uploads_exactly_the_folder(tmp_path, writable_hub, checkpoint):
+    result = gpt(tmp_path, "export", "--model", str(checkpoint), "--out", "hf-out",
+                 "--push-to-hub", "me/tiny", "--private", endpoint=writable_hub.url, token=WRITER)
+    assert result.returncode == 0, result.stderr
+    assert WRITER not in result.stdout + result.stderr
+    assert f"pushed to {writable_hub.url}/me/tiny (main)" in result.stdout
+    repo = writable_hub.repos["me/tiny"]
+    assert repo.private and repo.files == folder_files(tmp_path / "hf-out")
+    # a branch, then back down through the Hub: the same model
+    result = gpt(tmp_path, "export", "--model", str(checkpoint), "--out", "m.gguf", "--format",
+                 "gguf", "--push-to-hub", "me/tiny", "--revision", "dev",
+                 endpoint=writable_hub.url, token=WRITER)
+    assert result.returncode == 0, result.stderr
+    assert repo.branches["dev"]["m.gguf"] == (tmp_path / "m.gguf").read_bytes()
+    assert repo.files == folder_files(tmp_path / "hf-out")  # main as it was
+    back = gpt(tmp_path, "download", "me/tiny", "--out", "back.safetensors",
+               endpoint=writable_hub.url)
+    assert back.returncode == 0, back.stderr
+    reference = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf-out").eval()
+    assert_same_logits(tmp_path / "back.safetensors", reference)
+
+
+@pytest.mark.parametrize("repo, token, message", [
+    ("me/tiny", None, "--push-to-hub needs a Hugging Face token with write access: set HF_TOKEN, "
+                      "or run `hf auth login` once"),
+    ("me/tiny", "hf_wrong", "{url} refused the token (401 Unauthorized) when uploading to "
+                            "me/tiny; set HF_TOKEN to a valid token with write access, or run "
+                            "`hf auth login` again"),
+    ("nobody/tiny", WRITER, "there is no user or organisation 'nobody' on {url} (404), or the "
+                            "token cannot see it; check the name in --push-to-hub nobody/tiny"),
+    ("t/tiny", WRITER, "the token may not write to 't' on {url} (403 Forbidden); use a token "
+                       "with write access to it, or push to your own namespace"),
+])
+def test_push_refusals_are_one_sentence_before_writing(tmp_path, writable_hub, checkpoint, repo,
+                                                       token, message):
+    result = gpt(tmp_path, "export", "--model", str(checkpoint), "--out", "hf-out",
+                 "--push-to-hub", repo, endpoint=writable_hub.url, token=token)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: " + message.format(url=writable_hub.url)
+    assert not (tmp_path / "hf-out").exists()
+    assert repo not in writable_hub.repos
+    assert token is None or token not in result.stdout + result.stderr

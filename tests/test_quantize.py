@@ -1,4 +1,5 @@
-"""Inference layouts: int8 weights and the float chunked layout, on the one model class."""
+"""Inference formats on the one model class: int8, half and int4 weights, and the float
+layouts (the kernels themselves: test_kernels.py)."""
 
 import copy
 import json
@@ -10,8 +11,9 @@ from typer.testing import CliRunner
 from gptcli.checkpoint import load_checkpoint, save_checkpoint
 from gptcli.cli import app
 from gptcli.model import GPT, Projection
-from gptcli.quantize import (chunked, chunked_matmul, int8_matmul, is_quantized,
-                             prepare, quantize_int8)
+from gptcli.kernels import KernelLinear, chunked, chunked_matmul, int8_matmul
+from gptcli.quantize import (dequantize_int4, is_quantized, prepare, quantization,
+                             quantize_int4, quantize_int8)
 from gptcli.decode import decode_loop
 
 from conftest import char_tokenizer, randomize_, tiny_config
@@ -52,10 +54,22 @@ def test_chunked_layout_is_the_same_product():
         torch.testing.assert_close(chunked_matmul(x, packed, 37), x @ w)
 
 
+def test_int4_error_is_at_most_half_a_step_per_group():
+    w = torch.randn(37, 96) * torch.logspace(-3, 1, 37)[:, None]
+    q4, sz = quantize_int4(w)
+    assert q4.shape == (48, 96) and sz.shape == (3, 48, 2)  # rows padded to a multiple of 16
+    assert q4.min() >= 0 and q4.max() <= 15 and torch.all(q4[37:] == q4[37:, :1])
+    err = (dequantize_int4(q4, sz, 37) - w).abs().view(37, 3, 32).amax(dim=-1)  # per group
+    step = sz[..., 0].t()[:37]
+    assert torch.all(err <= step / 2 + 1e-6 * step)
+
+
 def test_float_inference_layout_matches_the_training_layout():
     model = randomize_(GPT(tiny_config())).eval()
     prepared = copy.deepcopy(model)
     prepare(prepared, None)
+    assert all(isinstance(m, KernelLinear) and m.kernel for m in prepared.modules()
+               if isinstance(m, KernelLinear)) and prepared.lm_head.kernel
     idx = torch.randint(0, 101, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(prepared(idx), model(idx), rtol=1e-5, atol=1e-5)
@@ -65,20 +79,52 @@ def test_float_inference_layout_matches_the_training_layout():
                        torch.stack(list(decode_loop(model, prompt, cfg)), 1))
 
 
+def logit_errors(quantize, config=None, seed=1):
+    """(RMS error / logits' std, max error / std, top-1 agreement) of a ``quantize`` model's
+    logits against float32's, on 4 x 32 random tokens."""
+    model = randomize_(GPT(config or tiny_config()), seed=seed).eval()
+    quantized = copy.deepcopy(model)
+    prepare(quantized, quantize)
+    idx = torch.randint(0, 101, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model(idx), quantized(idx)
+    return ((a - b).pow(2).mean().sqrt() / a.std()).item(), ((a - b).abs().max() / a.std()
+                                                              ).item(), \
+        (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+
+
 def test_int8_logits_are_close_to_float32():
     """Tolerance: per-channel int8 weights carry ~0.4% relative error each (half a step of
     absmax/127, on values spread like a Gaussian), and it does not add up coherently over a
     dot product, so logits move by about that fraction of their spread: 3% of the logits'
-    standard deviation, and the same top-1 token at nearly every position."""
-    model = randomize_(GPT(tiny_config()), seed=1).eval()
-    quantized = copy.deepcopy(model)
-    prepare(quantized, "int8")
-    idx = torch.randint(0, 101, (4, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a, b = model(idx), quantized(idx)
-    assert (a - b).abs().max() < 0.3 * a.std()  # no position far off
-    assert (a - b).pow(2).mean().sqrt() < 0.03 * a.std()
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
+    standard deviation, and the same top-1 token at nearly every position (whichever int8
+    kernel was chosen: their activations keep 8 to 15 bits)."""
+    rms, worst, same = logit_errors("int8")
+    assert worst < 0.3 and rms < 0.03 and same > 0.95
+
+
+def test_half_logits_are_close_to_float32():
+    """Bound: bf16 keeps 8 significant bits (a relative rounding of at most 2^-9 = 0.2% per
+    weight and per activation), fp16 11; with random rounding errors that do not add up
+    coherently, logits move by well under 2% of their spread (measured: ~0.4% with bf16)."""
+    rms, worst, same = logit_errors("half")
+    assert worst < 0.15 and rms < 0.02 and same > 0.97
+
+
+def test_int4_logits_are_close_to_float32():
+    """Bound: 4-bit groups of 32 leave each weight within half a step of range/15 (about 7% of
+    a Gaussian group's spread, RMS 2/3 of that); errors add incoherently, so logits move by
+    about 8% of their spread (measured here: ~8%): bounded at 15%, and 85% of top-1 tokens."""
+    rms, worst, same = logit_errors("int4", tiny_config(n_embd=64, n_head=4))
+    assert rms < 0.15 and worst < 1.0 and same > 0.85
+
+
+def test_int4_keeps_the_output_matrix_and_odd_widths_in_int8():
+    model = randomize_(GPT(tiny_config(n_embd=48)), seed=3).eval()  # 48: no whole 32-groups
+    prepare(model, "int4")
+    modes = {name: m.mode for name, m in model.named_modules() if isinstance(m, KernelLinear)}
+    assert modes["lm_head"] == "int8" and modes["h.0.mlp.c_proj"] == "int4"  # 192 inputs
+    assert modes["h.0.attn.c_attn"] == "int8" and quantization(model) == "int4"
 
 
 @pytest.mark.parametrize("options", [dict(), dict(tie_embeddings=False, position="rope")])
@@ -86,24 +132,37 @@ def test_int8_greedy_decode_equals_full_recomputation(options):
     model = randomize_(GPT(tiny_config(**options)), seed=2).eval()
     prepare(model, "int8")
     assert is_quantized(model)
-    assert all(m.weight is None for m in model.modules() if isinstance(m, Projection))
+    assert not any(isinstance(m, Projection) for m in model.modules())
     prompt = torch.randint(0, 101, (2, 9))
     n = 60  # context 32: the window slides
     cached = torch.stack(list(decode_loop(model, prompt, greedy(n))), dim=1)
     assert torch.equal(cached, full_recompute(model, prompt, n))
 
 
+def test_a_prepared_model_is_not_prepared_again_in_another_format():
+    from gptcli.errors import UserError
+
+    model = randomize_(GPT(tiny_config())).eval()
+    prepare(model, None)
+    with pytest.raises(UserError) as err:
+        prepare(model, "int8")
+    assert str(err.value) == ("the model is already prepared as float; load it again to use "
+                              "--quantize int8")
+    prepare(model, None)  # the same format again: nothing to do
+
+
 def test_unknown_scheme_or_device_is_refused_with_exit_2(char_checkpoint):
     result = runner.invoke(app, ["generate", "--model", str(char_checkpoint), "--quantize",
-                                 "int4", "--prompt", "a"])
+                                 "int5", "--prompt", "a"])
     assert result.exit_code == 2
-    assert result.stderr.strip() == "error: --quantize must be 'int8', got 'int4'"
+    assert result.stderr.strip() == ("error: --quantize must be 'half', 'int8' or 'int4', got "
+                                     "'int5'")
     from gptcli.quantize import check_scheme
     from gptcli.errors import UserError
 
     with pytest.raises(UserError) as err:
-        check_scheme("int8", torch.device("cuda"))
-    assert str(err.value) == ("--quantize int8 runs on the CPU only for now, not on cuda; use "
+        check_scheme("half", torch.device("cuda"))
+    assert str(err.value) == ("--quantize half runs on the CPU only for now, not on cuda; use "
                               "--device cpu, or leave out --quantize")
 
 
@@ -118,8 +177,10 @@ def test_gpt_quantize_round_trip(tmp_path):
     loaded, _, meta = load_checkpoint(out)
     assert meta["quantization"] == "int8" and meta["step"] == "7"
     assert meta["quantized_from"] == str(src)
+    prepare(loaded, None)  # its kernels, chosen as `gpt quantize` chose them (cached)
     expected = copy.deepcopy(model)
     prepare(expected, "int8")
+    assert loaded.lm_head.kernel == expected.lm_head.kernel
     idx = torch.randint(0, 101, (2, 16))
     with torch.no_grad():
         assert torch.equal(loaded(idx), expected(idx))

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from gptcli.config import SampleConfig
 from gptcli.model import GPT
 from gptcli.decode import decode_loop, window_start
 from gptcli.generate import generate, prompt_ids
-from gptcli.sampling import apply_repetition_penalty, filter_top_k, filter_top_p, next_token
+from gptcli.sampling import (GREEDY_BELOW, apply_repetition_penalty, filter_min_p, filter_top_k,
+                             filter_top_p, next_token)
 from gptcli.tokenizer import CharTokenizer, GPT2Tokenizer
 
 from conftest import randomize_, tiny_config
@@ -79,6 +81,58 @@ def test_repetition_penalty_on_hand_made_logits():
     logits = torch.tensor([[2.0, -1.0, 3.0, 0.5]])
     out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 1]]), 2.0)
     assert out.tolist() == [[1.0, -2.0, 3.0, 0.5]]
+
+
+def draws(logits: torch.Tensor, n: int = 4000, **settings) -> torch.Tensor:
+    """``n`` seeded draws from one row of logits under ``settings`` (as token ids)."""
+    g = torch.Generator().manual_seed(0)
+    cfg = SampleConfig(**{"temperature": 1.0, **settings})
+    seen = torch.zeros(n, 0, dtype=torch.long)
+    return next_token(logits.expand(n, -1), cfg, seen, g)
+
+
+def test_min_p_never_draws_below_its_share_of_the_top_token():
+    probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    logits = torch.log(probs)[None]
+    kept = torch.isfinite(filter_min_p(logits, 0.3))[0].tolist()
+    assert kept == [True, True, True, False, False]  # at least 0.3 * 0.4 = 0.12
+    got = draws(logits, min_p=0.3)
+    assert set(got.tolist()) == {0, 1, 2}  # never 3 or 4, and not only the top token
+    # min-p comes after temperature: at 2 the ratios to the top are square-rooted, so 0.1 (a
+    # quarter of the top) is half of it after temperature and passes min-p 0.4; 0.05 does not
+    assert set(draws(logits, min_p=0.4, temperature=2.0).tolist()) == {0, 1, 2, 3}
+    assert set(draws(logits, min_p=0.4).tolist()) == {0, 1}
+    assert torch.equal(filter_min_p(logits, 0.0), logits)
+    assert torch.isfinite(filter_min_p(logits, 1.0))[0].tolist() == [True] + [False] * 4
+
+
+def test_extreme_settings_and_broken_logits_never_raise():
+    """Settings at the edge of what SampleConfig allows, and logits a broken model (or an
+    overflowing division) makes: always a token, by the rules in sampling's docstring."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0]] * 2)
+    seen = torch.tensor([[1, 3]] * 2)
+    top = logits.argmax(-1)
+    for tiny in (1e-300, 1e-39, GREEDY_BELOW / 2):  # below float32's range, then just greedy
+        assert torch.equal(next_token(logits, SampleConfig(temperature=tiny), seen[:, :0], g),
+                           top)
+        assert torch.equal(next_token(logits, SampleConfig(top_p=tiny), seen[:, :0], g), top)
+    assert torch.equal(next_token(logits * 1e30, SampleConfig(temperature=GREEDY_BELOW),
+                                  seen[:, :0], g), top)  # overflows to inf: still the top
+    for penalty in (0.01, 100.0):  # the extremes allowed, on repeated tokens
+        next_token(logits, SampleConfig(repetition_penalty=penalty, temperature=1e-5), seen, g)
+    nan, inf = float("nan"), float("inf")
+    broken = torch.tensor([[nan, 1.0, nan, 0.0], [1.0, inf, 2.0, inf], [nan] * 4,
+                           [-inf] * 4, [inf, -inf, nan, 5.0]])
+    empty = torch.zeros(5, 0, dtype=torch.long)
+    for cfg in (SampleConfig(temperature=0), SampleConfig(temperature=1.0),
+                SampleConfig(temperature=0.7, top_k=2, top_p=0.5, min_p=0.1)):
+        picks = torch.stack([next_token(broken, cfg, empty, g) for _ in range(200)])
+        assert set(picks[:, 0].tolist()) <= {1, 3}  # NaN is never picked
+        assert set(picks[:, 1].tolist()) <= {1, 3}  # +inf tokens take it all
+        assert set(picks[:, 4].tolist()) == {0}
+        assert picks[:, 2:4].min() >= 0 and picks[:, 2:4].max() < 4  # nothing usable: any id
+    assert "1e-5" in SampleConfig.model_fields["temperature"].description and GREEDY_BELOW == 1e-5
 
 
 def test_top_k_1_equals_greedy_and_seed_reproduces():
@@ -182,6 +236,25 @@ def test_cli_streams_text_and_prints_stats(char_checkpoint):
     assert "3 prompt tokens, 40 new tokens" in result.stderr and "tokens/s" in result.stderr
 
 
+def read_within(pipe, n: int, seconds: float) -> bytes:
+    """Up to ``n`` bytes from ``pipe``, or what arrived within ``seconds`` (so a command that
+    does not stream fails the test instead of hanging it)."""
+    import os
+    import select
+    import time
+
+    data, deadline = b"", time.time() + seconds
+    while len(data) < n and time.time() < deadline:
+        ready, _, _ = select.select([pipe], [], [], max(0.0, deadline - time.time()))
+        if not ready:
+            break
+        chunk = os.read(pipe.fileno(), n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def test_cli_streams_as_tokens_arrive(char_checkpoint):
     """Text reaches stdout while generation is still going, not all at the end."""
     proc = subprocess.Popen([sys.executable, "-m", "gptcli", "generate", "--model",
@@ -189,12 +262,55 @@ def test_cli_streams_as_tokens_arrive(char_checkpoint):
                              "1000000", "--seed", "1"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
-        first = proc.stdout.read(50)  # arrives long before a million tokens are done
+        first = read_within(proc.stdout, 50, seconds=60)  # long before a million tokens
         assert first.startswith(b"abc") and len(first) == 50
         assert proc.poll() is None
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_cli_streams_several_samples_one_after_another(char_checkpoint):
+    """--num-samples N decodes the samples as one batch and streams the first at once (the
+    others follow it), rather than printing everything at the end."""
+    proc = subprocess.Popen([sys.executable, "-m", "gptcli", "generate", "--model",
+                             str(char_checkpoint), "--prompt", "abc", "--max-new-tokens",
+                             "1000000", "--seed", "1", "--num-samples", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = read_within(proc.stdout, 60, seconds=60)
+        assert first.startswith(b"----- sample 1/3 -----\nabc") and len(first) == 60
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.mark.parametrize("stop", [[], ["--stop", "e"]])
+def test_cli_several_samples_each_whole_and_in_order(char_checkpoint, stop):
+    """Samples that finish at different steps (a stop string) still come out whole, in order,
+    each under its header, equal to the library's."""
+    result = gen("--model", str(char_checkpoint), "--prompt", "abc", "--max-new-tokens", "30",
+                 "--seed", "4", "--num-samples", "3", *stop)
+    assert result.exit_code == 0, result.output
+    from gptcli.checkpoint import load_checkpoint
+
+    model, tok, _ = load_checkpoint(char_checkpoint)
+    samples, _ = generate(model, tok, tok.encode("abc"),
+                          SampleConfig(max_new_tokens=30, seed=4, num_samples=3, stop=stop[1:]))
+    assert len({len(s.text) for s in samples}) > 1 or not stop  # they did end apart
+    expected = "".join(f"{'' if i == 0 else chr(10)}----- sample {i + 1}/3 -----\nabc{s.text}"
+                       for i, s in enumerate(samples))
+    assert result.stdout == expected + "\n"
+
+
+def test_min_p_0_leaves_seeded_output_unchanged(char_checkpoint):
+    common = ["--model", str(char_checkpoint), "--prompt", "abc", "--max-new-tokens", "200",
+              "--seed", "4", "--temperature", "1.3", "--top-p", "0.95"]
+    absent = gen(*common)
+    assert absent.exit_code == 0, absent.output
+    assert gen(*common, "--min-p", "0").stdout == absent.stdout  # byte for byte
+    assert gen(*common, "--min-p", "0.9").stdout != absent.stdout  # the flag reaches sampling
 
 
 def test_cli_json_and_piped_stdin(char_checkpoint):
@@ -224,6 +340,9 @@ def test_cli_real_subprocess_pipe(char_checkpoint):
     (["--top-p", "0"], "error: --top-p must be greater than 0, got 0.0"),
     (["--top-p", "1.5"], "error: --top-p must be at most 1, got 1.5"),
     (["--top-k", "-3"], "error: --top-k must be at least 0, got -3"),
+    (["--min-p", "1.5"], "error: --min-p must be at most 1, got 1.5"),
+    (["--temperature", "inf"], "error: --temperature must be a finite number, got inf"),
+    (["--repetition-penalty", "0"], "error: --repetition-penalty must be at least 0.01, got 0.0"),
     (["--max-new-tokens", "0"], "error: --max-new-tokens must be at least 1, got 0"),
     (["--stop", ""], "error: --stop must not be an empty string (it would stop at once)"),
     (["--seed", "99999999999999999999"],
@@ -247,8 +366,17 @@ def test_cli_unknown_model_lists_what_is_available(char_checkpoint, isolated_hom
     (isolated_home / "models" / "gpt2.safetensors").write_bytes(char_checkpoint.read_bytes())
     result = gen("--model", "gpt3", "--prompt", "a")
     assert result.exit_code == 2
-    assert result.stderr.strip() == ("error: no model named 'gpt3': it is not a file, a run "
-                                     "folder or a downloaded model; available locally: gpt2")
+    assert result.stderr.strip() == (
+        "error: no model named 'gpt3': it is not a file, a run folder or a downloaded model "
+        f"(looked for a file or run folder {Path.cwd() / 'gpt3'} and a downloaded model 'gpt3' "
+        f"in {isolated_home / 'models'}); available locally: gpt2")
+    # a run path from the wrong folder is a path that does not exist, not a Hub id to download
+    result = gen("--model", "runs/shakespeare", "--prompt", "a")
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith(
+        f"error: runs/shakespeare does not exist (looked for a file or run folder "
+        f"{Path.cwd() / 'runs' / 'shakespeare'} and ")
+    assert "gpt download" not in result.stderr
     result = gen("--model", "gpt2-medium", "--prompt", "a")
     assert result.exit_code == 2
     assert result.stderr.strip() == ("error: gpt2-medium is not downloaded yet: get it with `gpt "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import random
@@ -21,14 +22,14 @@ import torch
 openai = pytest.importorskip("openai", reason="the serve tests use the openai client")
 uvicorn = pytest.importorskip("uvicorn", reason="gpt serve needs the serve extra")
 
+from gptcli import chat  # noqa: E402
 from gptcli.checkpoint import save_checkpoint  # noqa: E402
 from gptcli.config import SampleConfig  # noqa: E402
 from gptcli.models import load_model  # noqa: E402
 from gptcli.model import GPT  # noqa: E402
 from gptcli.generate import generate, prompt_ids  # noqa: E402
-from gptcli.serve.protocol import CHAT_STOP  # noqa: E402
-from gptcli.serve.server import Server, create_app  # noqa: E402
-from gptcli.tokenizer import CharTokenizer  # noqa: E402
+from gptcli.serve.server import Server, http_server  # noqa: E402
+from gptcli.tokenizer import CharTokenizer, GPT2Tokenizer  # noqa: E402
 
 from conftest import randomize_, tiny_config  # noqa: E402
 
@@ -51,19 +52,19 @@ def served(tmp_path_factory):
     model = randomize_(GPT(tiny_config(vocab_size=len(CHARS))), seed=11)
     path = save_checkpoint(folder / "tiny.safetensors", model, CharTokenizer(CHARS))
     model, tokenizer, _ = load_model(str(path), device="cpu")
+    log: list[str] = []
     server = Server(model, tokenizer, model_id="tiny", max_batch=4, max_tokens=200,
-                    api_key=KEY, max_body=4096)
+                    api_key=KEY, max_body=4096, log=log.append)
     port = free_port()
     server.scheduler.start()  # `gpt serve` runs it on the main thread; here, beside the tests
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port,
-                                       log_level="warning"))
+    uv = http_server(server, "127.0.0.1", port)  # the app and uvicorn settings of gpt serve
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not uv.started and time.time() < deadline:
         time.sleep(0.05)
     yield {"url": f"http://127.0.0.1:{port}", "server": server, "model": model,
-           "tokenizer": tokenizer, "path": path}
+           "tokenizer": tokenizer, "path": path, "log": log}
     uv.should_exit = True
     thread.join(15)
     server.scheduler.stop()
@@ -83,18 +84,53 @@ def reference(served, prompt: str, **settings) -> list[str]:
     return [s.text for s in samples]
 
 
-def post(served, path: str, body, key: str | None = KEY, raw: bytes | None = None):
-    """(status, parsed JSON body) of a raw HTTP request."""
-    data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(served["url"] + path, data=data, method="POST",
+def call(served, method: str, path: str, body=None, key: str | None = KEY,
+         raw: bytes | None = None):
+    """(status, headers, parsed JSON body) of an HTTP request."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(served["url"] + path, data=data, method=method,
                                  headers={"Content-Type": "application/json"})
     if key:
         req.add_header("Authorization", f"Bearer {key}")
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
+            return r.status, r.headers, json.loads(r.read())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        return e.code, e.headers, json.loads(e.read())
+
+
+def post(served, path: str, body, key: str | None = KEY, raw: bytes | None = None):
+    """(status, parsed JSON body) of a POST."""
+    status, _, reply = call(served, "POST", path, body, key, raw)
+    return status, reply
+
+
+def is_openai_error(reply: dict) -> bool:
+    return set(reply) == {"error"} and set(reply["error"]) == {"message", "type", "param", "code"}
+
+
+def exchange(url: str, *parts: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes on a new connection (the parts a moment apart); everything the server
+    sends back until it closes."""
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        for i, part in enumerate(parts):
+            time.sleep(0.3 if i else 0)
+            s.sendall(part)
+        return read_all(s)
+
+
+def read_all(s: socket.socket) -> bytes:
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
+
+
+def sse_events(data: bytes) -> list:
+    """The payloads of a server-sent-events body, in order (``[DONE]`` as the string)."""
+    return [line[6:] if line == b"data: [DONE]" else json.loads(line[6:])
+            for line in data.split(b"\n") if line.startswith(b"data: ")]
 
 
 # ----------------------------------------------------------------------------- completions
@@ -167,7 +203,7 @@ def test_chat_uses_the_documented_template(client, served):
                                          seed=2, temperature=0.7)
     prompt = "System: be brief\nUser: hi\nAssistant:"
     expected = reference(served, prompt, max_new_tokens=30, seed=2, temperature=0.7,
-                         stop=[CHAT_STOP])[0].lstrip()
+                         stop=["\nUser:"])[0].lstrip()
     assert out.choices[0].message.content == expected
     assert out.choices[0].message.role == "assistant"
     chunks = list(client.chat.completions.create(model="tiny", messages=messages,
@@ -190,6 +226,11 @@ def test_models_and_health(client, served):
     (None, b"{nope", KEY, 400, None, "the body is not valid JSON"),
     ({"prompt": "a", "max_tokens": "many"}, None, KEY, 400, "max_tokens", "max_tokens: "),
     ({"prompt": "a", "temperature": -1}, None, KEY, 400, "temperature", "temperature: "),
+    ({"prompt": "a", "min_p": 1.5}, None, KEY, 400, "min_p", "min_p: "),
+    ({"prompt": "a", "repetition_penalty": 1e-300}, None, KEY, 400, "repetition_penalty",
+     "repetition_penalty: Input should be greater than or equal to 0.01"),
+    (None, b'{"prompt": "a", "repetition_penalty": Infinity}', KEY, 400, "repetition_penalty",
+     "repetition_penalty: Input should be a finite number"),
     ({"prompt": "a"}, None, None, 401, None, "missing or wrong API key"),
     ({"prompt": "a"}, None, "wrong", 401, None, "missing or wrong API key"),
     ({"prompt": "a", "model": "gpt-4"}, None, KEY, 404, "model", "the model 'gpt-4' does not"),
@@ -263,34 +304,433 @@ def test_a_new_request_does_not_wait_for_running_ones(client, served):
     long.result(timeout=60)
 
 
+# ----------------------------------------------------------------------------- hard edges
+
+def solo(served, prompt: str, **settings) -> str:
+    return reference(served, prompt, **settings)[0]
+
+
+def start_stream(served, body: dict):
+    """A streamed completion, started: (response, its first line); read the rest later."""
+    req = urllib.request.Request(
+        served["url"] + "/v1/completions", method="POST",
+        data=json.dumps({**body, "stream": True}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    response = urllib.request.urlopen(req, timeout=60)
+    return response, response.readline()
+
+
+def stream_text(first: bytes, response) -> str:
+    events = sse_events(first + response.read())
+    assert events[-1] == b"[DONE]" and not any("error" in e for e in events[:-1]), events
+    return "".join(c["text"] for e in events[:-1] for c in e["choices"])
+
+
+def test_extreme_sampling_values_are_safe_beside_other_work(client, served):
+    """A temperature or top-p below float32's range passes `> 0` and used to make NaN
+    probabilities, failing every request in the batch: now such values are greedy, a
+    repetition penalty outside 0.01..100 is a 400, and a request decoding beside them gets
+    exactly its solo answer."""
+    other = dict(prompt="unrelated work", max_tokens=200, seed=9, temperature=0.9)
+    response, first = start_stream(served, other)
+    greedy = solo(served, "hi", max_new_tokens=20, temperature=0)
+    for extreme in (dict(temperature=1e-300), dict(temperature=1e-39), dict(top_p=1e-300),
+                    dict(temperature=0.7, top_p=1e-39, extra_body={"min_p": 1.0})):
+        out = client.completions.create(model="tiny", prompt="hi", max_tokens=20, **extreme)
+        assert out.choices[0].text == greedy, extreme
+    chunks = list(client.completions.create(model="tiny", prompt="hi", max_tokens=20,
+                                            temperature=1e-300, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == greedy
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert served["server"].scheduler.busy() == 1  # the other request was decoding all along
+    assert stream_text(first, response) == solo(
+        served, "unrelated work", max_new_tokens=200, seed=9, temperature=0.9)
+
+
+def test_min_p_extension_equals_gpt_generate(client, served):
+    settings = dict(max_new_tokens=40, seed=5, temperature=1.2)
+    out = client.completions.create(model="tiny", prompt="min p", max_tokens=40, seed=5,
+                                    temperature=1.2, extra_body={"min_p": 0.8})
+    assert out.choices[0].text == solo(served, "min p", min_p=0.8, **settings)
+    assert out.choices[0].text != solo(served, "min p", **settings)  # min-p cut something
+
+
+def failing_for(predicate, real, message: str):
+    def wrapper(*args, **kwargs):
+        if predicate(*args, **kwargs):
+            raise RuntimeError(message)
+        return real(*args, **kwargs)
+    return wrapper
+
+
+def test_a_request_whose_sampling_fails_ends_alone(client, served, monkeypatch):
+    """A fault injected into sampling, for one request's rows only (seed 666; nothing real
+    fails any more): that request gets a 500, or when streamed an error event and [DONE]; the
+    requests decoding before and after it in the batch get their solo answers."""
+    import gptcli.decode
+
+    monkeypatch.setattr(gptcli.decode, "next_token", failing_for(
+        lambda logits, config, *a, **k: config.seed == 666, gptcli.decode.next_token,
+        "injected sampling failure"))
+    before = dict(prompt="first in the batch", max_tokens=150, seed=1, temperature=0.8)
+    response, first = start_stream(served, before)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        bad = pool.submit(post, served, "/v1/completions",
+                          {"prompt": "no", "seed": 666, "max_tokens": 50})
+        time.sleep(0.05)  # so that it is ahead of the next one in the batch
+        after = pool.submit(client.completions.create, model="tiny", prompt="after it",
+                            max_tokens=60, seed=2, temperature=0.8)
+        status, reply = bad.result()
+        assert after.result().choices[0].text == solo(served, "after it", max_new_tokens=60,
+                                                      seed=2, temperature=0.8)
+    assert status == 500 and is_openai_error(reply)
+    assert reply["error"] == {"message": "generation failed: RuntimeError: injected sampling "
+                              "failure", "type": "server_error", "param": None, "code": None}
+    bad_stream, bad_first = start_stream(served, {"prompt": "no", "seed": 666, "max_tokens": 9})
+    events = sse_events(bad_first + bad_stream.read())
+    assert bad_stream.status == 200 and events[-1] == b"[DONE]"
+    assert events[-2]["error"]["message"] == "generation failed: RuntimeError: injected " \
+                                             "sampling failure"
+    assert stream_text(first, response) == solo(served, "first in the batch",
+                                                max_new_tokens=150, seed=1, temperature=0.8)
+    assert served["server"].scheduler.busy() == 0 and not served["server"].scheduler.engine.rows
+
+
+def test_a_forward_that_fails_for_the_batch_ends_the_newest_request(client, served,
+                                                                   monkeypatch):
+    """A fault injected into the model: every batched decode step fails, as when memory runs
+    out once the batch grows. The request that made it grow ends with a 500; the one that was
+    running goes on to its solo answer."""
+    model = served["model"]
+    monkeypatch.setattr(model, "forward", failing_for(
+        lambda idx, *a, **k: idx.size(0) > 1 and idx.size(1) == 1, model.forward,
+        "out of memory (injected)"))
+    running = dict(prompt="running alone", max_tokens=120, seed=3, temperature=0.8)
+    response, first = start_stream(served, running)
+    status, reply = post(served, "/v1/completions", {"prompt": "joining", "max_tokens": 50})
+    assert status == 500
+    assert reply["error"]["message"] == "generation failed: RuntimeError: out of memory " \
+                                        "(injected)"
+    assert stream_text(first, response) == solo(served, "running alone", max_new_tokens=120,
+                                                seed=3, temperature=0.8)
+
+
+def test_a_request_whose_prefill_fails_ends_alone(served, monkeypatch):
+    """A fault injected into the prefill of the prompt "~~", admitted together with another
+    request that needs the other rows of the batch: it ends with an error, the other gets its
+    solo answers, and no half-added rows are left behind (they would take the rows the other
+    one needs, and break every later step)."""
+    from gptcli.serve.scheduler import Job, Scheduler
+
+    model, tok = served["model"], served["tokenizer"]
+    mark = tok.encode("~")[0]
+    monkeypatch.setattr(model, "forward", failing_for(
+        lambda idx, *a, **k: idx.size(1) == 2 and bool((idx == mark).all(dim=1).any()),
+        model.forward, "prefill failed (injected)"))
+    scheduler = Scheduler(model, tok, max_batch=4)
+    config = SampleConfig(max_new_tokens=40, seed=8, temperature=0.8)
+    bad, good = [], []
+    scheduler.submit(Job([tok.encode("~~")], 1, config, bad.append))
+    scheduler.submit(Job([tok.encode("fine")], 3, config, good.append))  # the 3 other rows
+    while not good or good[-1]["type"] not in ("done", "error"):
+        scheduler.run_once()  # the first call admits both at once
+    assert bad == [{"type": "error", "status": 500,
+                    "message": "could not start: RuntimeError: prefill failed (injected)"}]
+    assert [c.stream.text for c in good[-1]["choices"]] == reference(
+        served, "fine", max_new_tokens=40, seed=8, temperature=0.8, num_samples=3)
+    assert scheduler.busy() == 0 and not scheduler.engine.rows
+
+
+def test_log_probs_of_a_vocabulary_smaller_than_asked():
+    from gptcli.serve.scheduler import prompt_logprobs
+
+    model = randomize_(GPT(tiny_config(vocab_size=8))).eval()
+    scored = prompt_logprobs(model, 8, [1, 2, 3], top=20)
+    assert [len(s.top) for s in scored] == [0, 8, 8]
+
+
+@pytest.mark.parametrize("raw", [
+    b"[" * 4000, b'{"prompt": ' + b"[" * 4000, b'{"a":' * 800, b"{", b"\xff\xfe\x00\x00",
+    b"NaN", b'"text"', b"[]", b'{"prompt": "a", "temperature": NaN}',
+    b'{"prompt": "a", "top_p": -Infinity}', b'{"prompt": "a", "max_tokens": 1e400}',
+    b'{"prompt": [[[[[[1]]]]]]}', b'{"prompt": "a", "n": ' + b"9" * 3000 + b"}",
+    b'{"prompt": {"nested": {"deeper": [1, 2]}}}', b'{"prompt": "a", "stop": [["x"]]}',
+])
+def test_bad_json_of_any_shape_is_a_400(served, raw):
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        status, reply = post(served, path, None, raw=raw)
+        assert status == 400 and is_openai_error(reply), (path, reply)
+
+
+WRONG_METHODS = [(method, path, allowed)
+                 for path, allowed in [("/v1/completions", "POST"),
+                                       ("/v1/chat/completions", "POST"),
+                                       ("/v1/models", "GET, HEAD"), ("/health", "GET, HEAD")]
+                 for method in ("PUT", "DELETE", "PATCH", "GET", "POST", "OPTIONS", "TRACE")
+                 if method not in allowed]
+
+
+@pytest.mark.parametrize("method,path,allowed", WRONG_METHODS)
+def test_a_wrong_method_is_a_405_in_openai_shape(served, method, path, allowed):
+    status, headers, reply = call(served, method, path)
+    assert status == 405 and headers["Allow"] == allowed
+    assert headers["Content-Type"] == "application/json" and is_openai_error(reply)
+    assert reply["error"]["message"] == f"{method} is not allowed on {path}; use {allowed}"
+    status, headers, reply = call(served, "GET", "/v2/nothing")
+    assert status == 404 and headers["Content-Type"] == "application/json"
+    assert reply["error"]["message"] == "no route /v2/nothing"
+
+
+def test_every_v1_route_needs_the_key_and_health_does_not(served):
+    for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions"),
+                         ("POST", "/v1/chat/completions"), ("GET", "/v1/nothing"),
+                         ("PUT", "/v1/completions"), ("GET", "/v1")]:
+        for key in (None, "wrong"):
+            status, _, reply = call(served, method, path, key=key)
+            assert status == 401 and reply["error"]["code"] == "invalid_api_key", (path, key)
+    assert call(served, "GET", "/v1/models")[0] == 200
+    assert call(served, "GET", "/health", key=None)[0] == 200
+
+
+def test_a_bug_in_an_endpoint_is_a_500_in_openai_shape_and_one_log_line(served, monkeypatch,
+                                                                       caplog):
+    def bug(*args):
+        raise KeyError("injected bug")
+
+    monkeypatch.setattr(served["server"], "cap", bug)
+    lines = len(served["log"])
+    status, headers, reply = call(served, "POST", "/v1/completions", {"prompt": "a"})
+    assert status == 500 and headers["Content-Type"] == "application/json"
+    assert reply["error"]["message"] == "KeyError: 'injected bug'"
+    assert served["log"][lines:] == ["POST /v1/completions: 500 KeyError: 'injected bug'"]
+    assert not any(r.exc_info for r in caplog.records)  # no traceback from uvicorn either
+
+
+def test_malformed_http_is_a_400_in_openai_shape(served, caplog):
+    head = b"POST /nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for parts in ([b"GARBAGE\r\n\r\n"], [head + b"zz\r\n"]):  # the second: a bad body
+        reply = exchange(served["url"], *parts)
+        status, _, body = reply.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 400 Bad Request") and b"application/json" in status
+        assert json.loads(body)["error"]["message"] == "the request is not valid HTTP/1.1"
+        assert reply.count(b"HTTP/1.1 ") == 1  # the app's own answer (404) goes nowhere
+    # garbage after a request answered before its body was read: a response is already out,
+    # so the connection just closes (uvicorn's own 400 raised h11's LocalProtocolError)
+    reply = exchange(served["url"], head, b"zz\r\n")
+    assert reply.startswith(b"HTTP/1.1 404 ") and reply.count(b"HTTP/1.1 ") == 1
+    time.sleep(0.2)
+    assert [r.getMessage() for r in caplog.records] == ["Invalid HTTP request received."] * 3
+
+
+def test_bad_requests_of_every_kind_leave_running_work_alone(served):
+    """While one request decodes, the others of this section hit the server, and clients
+    leave mid-stream and mid-body: it gets its solo answer, and every failure is one log
+    line."""
+    lines = len(served["log"])
+    response, first = start_stream(served, dict(prompt="busy", max_tokens=200, seed=4,
+                                                temperature=1.0))
+    url = served["url"]
+    bad = [lambda: post(served, "/v1/completions", None, raw=b"[" * 4000),
+           lambda: call(served, "DELETE", "/v1/completions"),
+           lambda: call(served, "GET", "/v1/models", key=None),
+           lambda: post(served, "/v1/completions", {"prompt": "x", "temperature": 1e-300,
+                                                    "max_tokens": 5}),
+           lambda: exchange(url, b"GARBAGE\r\n\r\n"),
+           lambda: exchange(url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                 b"Content-Length: 50\r\n\r\n{\"pro", timeout=0.5),
+           lambda: start_stream(served, {"prompt": "gone", "max_tokens": 100})[0].close()]
+    for attempt in bad * 2:
+        try:
+            attempt()
+        except TimeoutError:
+            pass  # the client that stopped mid-body gives up
+    assert stream_text(first, response) == solo(served, "busy", max_new_tokens=200, seed=4,
+                                                temperature=1.0)
+    assert all("Traceback" not in line and "\n" not in line for line in served["log"][lines:])
+    assert any(": 400 the body is not valid JSON: it nests too deeply" in line
+               for line in served["log"][lines:])
+
+
+def test_events_for_a_client_whose_loop_closed_end_its_job_alone(served):
+    """At shutdown the HTTP side's event loop closes while the scheduler may still hold jobs:
+    delivering to it raises ("Event loop is closed", which used to end `gpt serve` with status
+    1); that job is dropped like a client that left, and the next one runs as it would alone."""
+    import asyncio
+
+    from gptcli.serve.scheduler import Job, Scheduler
+    from gptcli.serve.server import events
+
+    scheduler = Scheduler(served["model"], served["tokenizer"], max_batch=2)
+    loop = asyncio.new_event_loop()
+    _, deliver = events(loop)
+    loop.close()
+    tok = served["tokenizer"]
+    config = SampleConfig(max_new_tokens=30, seed=3, temperature=0.9)
+    orphan = Job([tok.encode("orphan")], 1, config, deliver)
+    got: list[dict] = []
+    other = Job([tok.encode("other")], 1, config, got.append)
+    scheduler.submit(orphan)
+    scheduler.submit(other)
+    while not got or got[-1]["type"] != "done":
+        scheduler.run_once()
+    assert orphan.cancelled and scheduler.busy() == 0 and not scheduler.engine.rows
+    assert got[-1]["choices"][0].stream.text == solo(served, "other", max_new_tokens=30, seed=3,
+                                                     temperature=0.9)
+
+
+def test_a_request_cancelled_at_shutdown_gets_a_503_not_a_traceback(served, caplog):
+    """When uvicorn's graceful wait runs out while a request still waits (here: a scheduler
+    that never runs, as one stuck in a long forward pass would), it cancels the request: the
+    client gets a 503 in OpenAI's shape and the log no traceback."""
+    server = Server(served["model"], served["tokenizer"], model_id="tiny")  # never started
+    port = free_port()
+    uv = http_server(server, "127.0.0.1", port)
+    uv.config.timeout_graceful_shutdown = 1
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.05)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(post, {"url": f"http://127.0.0.1:{port}"}, "/v1/completions",
+                              {"prompt": "never decoded"}, None)
+        time.sleep(0.5)
+        uv.should_exit = True
+        assert waiting.result() == (503, {"error": {
+            "message": "the server is shutting down", "type": "server_error", "param": None,
+            "code": None}})
+    thread.join(10)
+    assert not any(r.exc_info for r in caplog.records)
+
+
 # ----------------------------------------------------------------------------- the command
 
-def test_gpt_serve_subprocess_streams_and_stops_cleanly_on_sigterm(served):
+@contextlib.contextmanager
+def gpt_serve(path, *args: str):
+    """A real `gpt serve` subprocess on a free port, answering: (process, base URL)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gptcli", "serve", "--model",
-                             str(served["path"]), "--port", str(port), "--device", "cpu"],
+    proc = subprocess.Popen([sys.executable, "-m", "gptcli", "serve", "--model", str(path),
+                             "--port", str(port), "--device", "cpu", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline, up = time.time() + 60, False
-        while time.time() < deadline and not up:
+        while time.time() < deadline and not up and proc.poll() is None:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
                 up = True
             except OSError:
                 time.sleep(0.2)
-        assert up, proc.stderr.read() if proc.poll() is not None else "no answer"
-        chunks = list(openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        assert up, proc.communicate()[1] if proc.poll() is not None else "no answer"
+        try:
+            yield proc, f"http://127.0.0.1:{port}"
+        except AssertionError as e:  # with what the server said
+            if proc.poll() is None:
+                proc.kill()
+                e.args = (f"{e}\n--- gpt serve's log:\n{proc.communicate()[1]}",)
+            raise
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_gpt_serve_subprocess_streams_and_stops_cleanly_on_sigterm(served):
+    with gpt_serve(served["path"]) as (proc, url):
+        chunks = list(openai.OpenAI(base_url=url + "/v1", api_key="x")
                       .completions.create(model="tiny", prompt="hi", max_tokens=10, stream=True))
         assert chunks and chunks[-1].choices[0].finish_reason == "length"
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 143, stderr  # as `gpt train` ends on SIGTERM
-    assert f"at http://127.0.0.1:{port}/v1" in stderr and "curl" in stderr
+    assert f"at {url}/v1" in stderr and "curl" in stderr
     assert stderr.strip().endswith("stopped: in-flight requests finished or timed out")
     assert "Traceback" not in stderr and "error" not in stderr
+
+
+def test_gpt_serve_stops_cleanly_whatever_is_in_flight(served):
+    """SIGTERM with a long stream, a long request, a half-sent request, a stream whose client
+    stopped reading and an idle keep-alive connection in flight, after requests that used to
+    leave tracebacks in the log: the stream ends with an error event (503) and [DONE], the long
+    request gets a 503, the half-sent one a 503 at once, the idle connection closes, and the
+    server exits 143 with one log line per failed request and no traceback."""
+    with gpt_serve(served["path"], "--max-tokens", "100000") as (proc, url):
+        head = b"POST /nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        assert exchange(url, head, b"zz\r\n").startswith(b"HTTP/1.1 404 ")
+        assert exchange(url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close"
+                        b"\r\nContent-Length: 100000\r\n\r\n" + b"[" * 100_000,
+                        ).startswith(b"HTTP/1.1 400 ")
+        server = {"url": url}
+        assert post(server, "/v1/completions", {"temperature": 7})[0] == 400
+        long = {"prompt": "a", "max_tokens": 100_000}
+        stream, first = start_stream(server, long)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            whole = pool.submit(post, server, "/v1/completions", long)
+            half = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+            half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                         b"\r\n{\"prompt\": ")
+            stuck = socket.socket()  # a client that stops reading: the server's writes block
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stuck.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+            body = json.dumps({**long, "stream": True, "logprobs": 5}).encode()
+            stuck.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                          b"%d\r\n\r\n%s" % (len(body), body))
+            idle = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+            idle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while not reply.endswith(b"}"):  # the whole answer, the connection kept open
+                reply += idle.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 200 OK")
+            time.sleep(3)  # for the stuck client's buffers to fill
+            t0 = time.time()
+            proc.send_signal(signal.SIGTERM)
+            half.settimeout(5)
+            status, _, body = read_all(half).partition(b"\r\n\r\n")
+            assert status.startswith(b"HTTP/1.1 503 ") and time.time() - t0 < 5
+            assert json.loads(body)["error"]["message"] == "the server is shutting down"
+            idle.settimeout(5)
+            assert read_all(idle) == b""
+            events = sse_events(first + stream.read())
+            assert events[-1] == b"[DONE]"
+            assert events[-2]["error"]["message"] == "the server is shutting down"
+            assert whole.result() == (503, {"error": {
+                "message": "the server is shutting down", "type": "server_error", "param": None,
+                "code": None}})
+        _, stderr = proc.communicate(timeout=30)
+        assert time.time() - t0 < 15
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "ERROR" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert "POST /v1/completions: 400 the body is not valid JSON: it nests too deeply" in lines
+    assert "POST /v1/completions: 400 temperature: Input should be less than or equal to 2" \
+        in lines
+    assert "POST /v1/completions: 503 the server is shutting down (in the stream)" in lines
+    assert lines[-1] == "stopped: in-flight requests finished or timed out"
+
+
+def test_gpt_serve_chats_in_the_template_the_model_was_fine_tuned_with(tmp_path):
+    """A model whose checkpoint says `chat_template: gptcli-chat/1` is prompted with
+    chat.prompt_tokens: its reply equals generate() on those ids (which differs from what the
+    plain layout would have given: greedy, as this random model's sampled tokens hardly depend
+    on the context)."""
+    tok = GPT2Tokenizer()
+    model = randomize_(GPT(tiny_config(vocab_size=tok.vocab_size, context_length=64)), seed=2)
+    path = save_checkpoint(tmp_path / "chatty.safetensors", model, tok,
+                           **chat.template_metadata())
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    settings = dict(max_new_tokens=30, temperature=0)
+
+    def reply(template: str) -> str:
+        ids = chat.prompt_tokens(messages, tok, template)
+        samples, _ = generate(model.eval(), tok, ids,
+                              SampleConfig(**settings, stop=chat.stop_strings(template)))
+        return chat.reply_content(samples[0].text, template)
+
+    with gpt_serve(path) as (proc, url):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        ask = dict(model="chatty", messages=messages, max_tokens=30, temperature=0)
+        whole = client.chat.completions.create(**ask).choices[0].message.content
+        streamed = "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(**ask, stream=True))
+    assert whole == streamed == reply(chat.TEMPLATE) != reply(chat.PLAIN)
 
 
 def test_gpt_serve_without_the_extra_names_it(tmp_path):

@@ -42,7 +42,7 @@ def from_metrics(out) -> dict[str, dict[int, float]]:
     series: dict[str, dict[int, float]] = {}
     for record in read_records(out / "metrics.jsonl"):
         for name, value in record.items():
-            if name != "step" and isinstance(value, float):
+            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 series.setdefault(name, {})[record["step"]] = value
     return series
 

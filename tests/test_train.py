@@ -79,8 +79,8 @@ def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(corpus, tmp_path, monk
 
     def poisoned(logits, targets):
         calls["n"] += 1
-        loss = real_loss(logits, targets)
-        return loss * float("nan") if calls["n"] > 4 else loss
+        loss, count = real_loss(logits, targets)
+        return (loss * float("nan") if calls["n"] > 4 else loss), count
 
     monkeypatch.setattr(optim, "loss_fn", poisoned)
     with pytest.raises(RuntimeFailure, match=r"the training loss became nan at step 5; stopped "

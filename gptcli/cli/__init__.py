@@ -11,6 +11,8 @@ import os
 import sys
 
 from . import commands  # noqa: F401 - registers the commands on the app
+from . import model_files  # noqa: F401 - registers info, download, merge, quantize, export
+from . import sweep  # noqa: F401 - registers `gpt sweep` and `gpt sweep show`
 from ..files import STDOUT_CLOSED, silence_stdout
 from .app import app
 

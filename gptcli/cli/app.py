@@ -114,7 +114,7 @@ def handle_errors(fn, oom_hint: str):
 
 def describe(e: BaseException, oom_hint: str) -> tuple[str, int]:
     """The one-line message and exit status for an exception that reached a command."""
-    from ..config import validation_message
+    from ..errors import validation_message
     from ..errors import path_error
 
     if isinstance(e, GptcliError):
@@ -166,8 +166,8 @@ def _base_type(annotation) -> type:
 def with_default(help_text: str, default) -> str:
     """The one way help shows a default: ``(default: X)`` at the end, unless the text already
     says it (or there is none to show)."""
-    if default is None or default is False or default == [] or "(default:" in help_text:
-        return help_text
+    if default is None or isinstance(default, bool) or default == [] or "(default:" in help_text:
+        return help_text  # (a switch that is on by default says so with its --no- form)
     shown = f"{default:g}" if isinstance(default, float) else str(default)
     return f"{help_text} (default: {shown})"
 
@@ -190,7 +190,10 @@ def config_flags(*models, exclude: tuple[str, ...] = (),
             help_text = (helps or {}).get(name, help_text)
             kind = _base_type(field.annotation)
             help_text = with_default(help_text, field.default)
-            names = (flag_name(name), *([extra["short"]] if "short" in extra else []))
+            flag = flag_name(name)
+            if kind is bool and field.default is True:  # on by default: --x / --no-x
+                flag = f"{flag}/--no-{flag[2:]}"
+            names = (flag, *([extra["short"]] if "short" in extra else []))
             option = typer.Option(*names, help=help_text, show_default=False,
                                   rich_help_panel=extra.get("group"),
                                   metavar="" if kind is bool else extra.get(
@@ -216,31 +219,50 @@ def command(name: str, *configs, exclude: tuple[str, ...] = (), panels: tuple[st
     for this command."""
 
     def register(fn):
-        handled = callback = handle_errors(fn, oom_hint)
+        callback = handle_errors(fn, oom_hint)
         if configs:
-            own = [p for p in inspect.signature(fn, eval_str=True).parameters.values()
-                   if p.name != "given"]
-            derived = config_flags(*configs, exclude=(*exclude, *(p.name for p in own)),
-                                   helps=helps)
-            order = {panel: i for i, panel in enumerate(panels)}
-            listed = sorted([p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-                             for p in (*derived.values(), *own)],
-                            key=lambda p: order.get(_panel(p), len(order)))
-
-            @functools.wraps(fn)
-            def with_given(**kw):
-                given = {k: kw.pop(k) for k in derived if kw.get(k) is not None}
-                for k in derived:
-                    kw.pop(k, None)
-                return handled(given=given, **kw)
-
-            with_given.__signature__ = inspect.Signature(listed)
-            with_given.__annotations__ = {p.name: p.annotation for p in listed}
-            del with_given.__wrapped__  # Typer must read the signature above, not fn's
-            callback = with_given
+            callback = with_config_flags(fn, callback, *configs, exclude=exclude, panels=panels,
+                                         helps=helps)
+        kwargs.setdefault("short_help", first_sentence(fn.__doc__))
         return app.command(name, cls=Command, **kwargs)(callback)
 
     return register
+
+
+def with_config_flags(fn, handled, *configs, exclude: tuple[str, ...] = (),
+                      panels: tuple[str, ...] = (), helps: dict[str, str] | None = None):
+    """A Typer callback for ``fn`` taking its own parameters plus one flag per field of
+    ``configs`` (less ``exclude`` and ``fn``'s own), options grouped in the order of ``panels``;
+    it calls ``handled`` (``fn`` under the error policy) with the flags the user gave as
+    ``given`` (a dict)."""
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values()
+           if p.name != "given"]
+    derived = config_flags(*configs, exclude=(*exclude, *(p.name for p in own)), helps=helps)
+    order = {panel: i for i, panel in enumerate(panels)}
+    listed = sorted([p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+                     for p in (*derived.values(), *own)],
+                    key=lambda p: order.get(_panel(p), len(order)))
+
+    @functools.wraps(fn)
+    def with_given(**kw):
+        given = {k: kw.pop(k) for k in derived if kw.get(k) is not None}
+        for k in derived:
+            kw.pop(k, None)
+        return handled(given=given, **kw)
+
+    with_given.__signature__ = inspect.Signature(listed)
+    with_given.__annotations__ = {p.name: p.annotation for p in listed}
+    del with_given.__wrapped__  # Typer must read the signature above, not fn's
+    return with_given
+
+
+def first_sentence(doc: str | None) -> str | None:
+    """A command's line in `gpt --help`: the first sentence of its docstring, on one line."""
+    if not doc:
+        return None
+    text = " ".join(doc.split())
+    end = text.find(". ")
+    return text if end < 0 else text[:end + 1]
 
 
 def settings(model, given: dict[str, Any], **fixed: Any):
@@ -256,7 +278,8 @@ def settings(model, given: dict[str, Any], **fixed: Any):
 Json = Annotated[bool, typer.Option(
     "--json", metavar="", rich_help_panel="Output",
     help="Print the result as one JSON object, the last line of stdout.")]
-MODEL_HELP = "A checkpoint file, a run folder, or the name of a downloaded model."
+MODEL_HELP = ("A checkpoint file, a run folder, a Hugging Face GPT-2 folder, a downloaded "
+              "model's name, or a Hub id (org/name: downloaded once when online).")
 ModelArg = Annotated[Optional[str], typer.Argument(metavar="MODEL", show_default=False, help=(
     MODEL_HELP + " The same as --model (default: the latest run under ./runs)."))]
 ModelOpt = Annotated[Optional[str], typer.Option(

@@ -13,7 +13,7 @@ import typer
 from ..config import (BenchConfig, EvalConfig, LoadConfig, SampleConfig, ServeConfig,
                       TrainConfig)
 from ..errors import UserError
-from .app import Json, ModelArg, ModelOpt, command, one_model, settings, with_default
+from .app import Json, command, settings, with_default
 
 Opt = typer.Option
 Arg = typer.Argument
@@ -23,9 +23,13 @@ def note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+# LoadConfig's speculative decoding settings: only generate and bench decode with a draft
+DRAFT = ("draft_model", "draft_tokens")
+
+
 # ----------------------------------------------------------------------------- train
 
-@command("train", TrainConfig, panels=("Data", "Model", "Optimisation", "Run", "Device"),
+@command("train", TrainConfig, panels=("Data", "Model", "LoRA", "Optimisation", "Run", "Device"),
          oom_hint="try a smaller --batch-size (raise --grad-accum to keep "
          "the effective batch), --context-length or model")
 def train_cmd(
@@ -47,18 +51,8 @@ def train_cmd(
     result = launch(given, config_file=config, force=force,
                     resume="auto" if resume_auto else "yes" if resume else None, display=display)
     if result.is_main:
-        display.report(result, prompt=suggested_prompt(result.out))
+        display.report(result)
     raise typer.Exit(result.exit_code)
-
-
-def suggested_prompt(run: Path) -> str | None:
-    """A prompt for the "try it" hint that the run's tokenizer can encode."""
-    from ..runs import RunFolder
-
-    folder = RunFolder(run)
-    if (folder.tokenizer_spec() or {}).get("type") == "gpt2":
-        return "The"
-    return "ROMEO:" if not folder.train_settings().get("data") else None
 
 
 # ----------------------------------------------------------------------------- generate
@@ -82,8 +76,11 @@ def generate_cmd(
     from ..generate import load_generator
 
     load, sample = settings(LoadConfig, given), settings(SampleConfig, given)
+    if "draft_tokens" in given and load.draft_model is None:
+        raise UserError("--draft-tokens goes with --draft-model")
     loaded = load_generator(load.model, device=load.device, dtype=load.dtype,
-                            compile=load.compile, quantize=load.quantize)
+                            compile=load.compile, quantize=load.quantize,
+                            draft_model=load.draft_model, draft_tokens=load.draft_tokens)
     if load.model is None:
         note(f"using {loaded.path} (the latest run)")
     if load.compile and loaded.model.device.type == "cpu":
@@ -122,7 +119,8 @@ def generate_once(loaded, text: str, cfg: SampleConfig, as_json: bool) -> None:
         note(f"warning: {warning}")
     writer = None if as_json else SampleWriter(cfg.num_samples, text)
     samples, stats = generate(loaded.model, loaded.tokenizer, ids, cfg, step=loaded.step,
-                              on_text=writer and writer.text, on_done=writer and writer.done)
+                              draft=loaded.draft, on_text=writer and writer.text,
+                              on_done=writer and writer.done)
     if as_json:
         print(json.dumps({"prompt_token_ids": ids, "stats": stats.as_dict(), "samples": [
             {"text": s.text, "token_ids": s.token_ids, "finish_reason": s.finish_reason}
@@ -131,12 +129,48 @@ def generate_once(loaded, text: str, cfg: SampleConfig, as_json: bool) -> None:
     print(flush=True)
     note(f"[{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new tokens, first token "
          f"{stats.time_to_first_token_s * 1000:.0f} ms, {stats.decode_tokens_per_s:.1f} "
-         "tokens/s]")
+         f"tokens/s{_acceptance(stats)}]")
+
+
+def _acceptance(stats) -> str:
+    if stats.draft_tokens is None:
+        return ""
+    rate = "-" if stats.acceptance_rate is None else f"{stats.acceptance_rate:.0%}"
+    return f", draft tokens accepted {rate} ({stats.accepted_tokens}/{stats.draft_tokens})"
+
+
+# ----------------------------------------------------------------------------- chat
+
+@command("chat", LoadConfig, SampleConfig, exclude=("num_samples", *DRAFT),
+         panels=("Model", "Conversation", "Sampling", "Device", "Output"),
+         oom_hint="try a smaller --max-new-tokens, or a smaller model",
+         helps={"max_new_tokens": "The longest reply in tokens, kept free in the model's "
+                "context (default: 200, or half the context when that is less)."})
+def chat_cmd(
+    given: dict,
+    system: Annotated[Optional[str], Opt("--system", metavar="TEXT",
+                                         rich_help_panel="Conversation", help=(
+        "The system message the conversation starts with (/system TEXT changes it)."))] = None,
+    as_json: Json = False,
+) -> None:
+    """Chat with a model: a conversation that keeps its history, each reply streamed as it is
+    made (--max-new-tokens is the longest reply). Commands: /reset, /system TEXT, /save FILE,
+    /quit; Ctrl-C stops a reply. From a pipe, each line is a message and each reply a line."""
+    from ..conversation import run_chat
+    from ..generate import load_generator
+
+    load, sample = settings(LoadConfig, given), settings(SampleConfig, given)
+    loaded = load_generator(load.model, device=load.device, dtype=load.dtype,
+                            compile=load.compile, quantize=load.quantize)
+    if load.model is None:
+        note(f"using {loaded.path} (the latest run)")
+    raise typer.Exit(run_chat(loaded, sample, system=system, as_json=as_json, log=note,
+                              reply_given="max_new_tokens" in given))
 
 
 # ----------------------------------------------------------------------------- eval
 
-@command("eval", LoadConfig, EvalConfig, exclude=("compile",),
+@command("eval", LoadConfig, EvalConfig, exclude=("compile", *DRAFT),
          panels=("Model", "Data", "Tasks", "Scoring", "Device", "Output"),
          oom_hint="try a smaller --batch-size or --context-length")
 def eval_cmd(given: dict, as_json: Json = False) -> None:
@@ -205,7 +239,7 @@ def eval_tasks(load, cfg, as_json: bool) -> None:
 
 # ----------------------------------------------------------------------------- inspect-attention
 
-@command("inspect-attention", LoadConfig, exclude=("compile",),
+@command("inspect-attention", LoadConfig, exclude=("compile", *DRAFT),
          panels=("Model", "Text", "Selection", "Device", "Output"))
 def inspect_attention_cmd(
     given: dict,
@@ -271,7 +305,7 @@ def bench_cmd(given: dict, as_json: Json = False) -> None:
 
 # ----------------------------------------------------------------------------- serve
 
-@command("serve", LoadConfig, ServeConfig, exclude=("compile",),
+@command("serve", LoadConfig, ServeConfig, exclude=("compile", *DRAFT),
          panels=("Model", "Server", "Device"),
          oom_hint="try a smaller --max-batch or --max-tokens, or a smaller model")
 def serve_cmd(given: dict) -> None:
@@ -284,111 +318,20 @@ def serve_cmd(given: dict) -> None:
 
 # ----------------------------------------------------------------------------- models on disk
 
-@command("info")
-def info_cmd(model: ModelArg = None, model_opt: ModelOpt = None, as_json: Json = False) -> None:
-    """Show a checkpoint's config, parameter count, tokenizer, provenance and size."""
-    from ..checkpoint import checkpoint_info
-    from ..tables import render_info
-    from ..models import resolve_model
-
-    name = one_model(model, model_opt)
-    path = resolve_model(name)
-    info = checkpoint_info(path)
-    if as_json:
-        print(json.dumps(info))
-    else:
-        render_info(info, title=name or str(path))
-
-
-@command("download")
-def download_cmd(
-    name: Annotated[Optional[str], Arg(metavar="NAME", help=(
-        "gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, a Hub repo id (org/name), a "
-        "local Hugging Face GPT-2 folder, or the datasets tinystories and fineweb-edu."))] = None,
-    dataset: Annotated[Optional[str], Opt(metavar="REPO", help=(
-        "Fetch text files of this Hub dataset repo (org/name) instead of a model."))] = None,
-    file: Annotated[Optional[list[str]], Opt("--include", metavar="GLOB", help=(
-        "Files of the --dataset repo to fetch: a name or a glob such as 'data/*.parquet' "
-        "(repeatable)."))] = None,
-    revision: Annotated[Optional[str], Opt(metavar="REV", help=(
-        "Branch, tag or commit of the Hub repo (default: main)."))] = None,
-    out: Annotated[Optional[Path], Opt(metavar="FILE", help=(
-        "Write the checkpoint here instead of the local model store."))] = None,
-    offline: Annotated[bool, Opt("--offline", metavar="", help=(
-        "Use only the Hugging Face cache (like HF_HUB_OFFLINE=1)."))] = False,
-    list_: Annotated[bool, Opt("--list", metavar="", help=(
-        "Show the known names and what is in the local store."))] = False,
-    as_json: Json = False,
-) -> None:
-    """Download GPT-2 weights (or a text dataset) from the Hugging Face Hub."""
-    from ..tables import render_download, render_listing
-    from ..hub import download
-    from ..store import listing
-
-    if list_:
-        info = listing()
-        print(json.dumps(info)) if as_json else render_listing(info)
-        return
-    result = download(name, dataset=dataset, files=file, revision=revision, out=out,
-                      offline=offline, log=note)
-    print(json.dumps(result)) if as_json else render_download(result)
-
-
-@command("quantize")
-def quantize_cmd(
-    model: ModelArg = None,
-    model_opt: ModelOpt = None,
-    out: Annotated[Optional[Path], Opt(metavar="FILE", help=(
-        "Where to write the int8 checkpoint (default: beside it, as NAME-int8.safetensors)."))
-                   ] = None,
-    force: Annotated[bool, Opt("--force", metavar="", help="Overwrite --out if it exists.")
-                     ] = False,
-    as_json: Json = False,
-) -> None:
-    """Write an int8 copy of a checkpoint: about a quarter of the size, and several times
-    faster to generate from on a CPU (per-channel int8 weights)."""
-    from ..models import quantize_checkpoint
-
-    result = quantize_checkpoint(one_model(model, model_opt), out, force=force)
-    if as_json:
-        print(json.dumps(result))
-        return
-    print(f"wrote {result['path']} (int8, {result['size'] / 1e6:,.1f} MB, "
-          f"{result['size'] / result['source_size']:.0%} of {result['source']})")
-    note(f"use it with: gpt generate --model {result['path']}")
-
-
-@command("export")
-def export_cmd(
-    out: Annotated[Path, Opt(metavar="DIR", help=(
-        "Folder to write config.json, model.safetensors, generation_config.json into."))],
-    model: ModelArg = None,
-    model_opt: ModelOpt = None,
-    force: Annotated[bool, Opt("--force", metavar="", help=(
-        "Overwrite files already in --out."))] = False,
-) -> None:
-    """Write a model as a Hugging Face GPT-2 folder (loadable by transformers)."""
-    from ..export import export_model
-    from ..models import resolve_model
-
-    result = export_model(resolve_model(one_model(model, model_opt)), out, force=force)
-    print(f"wrote {', '.join(result['files'])} ({result['parameters']:,} parameters) to "
-          f"{result['path']}")
-    if result["tokenizer"] != "gpt2":
-        note(f"note: this model uses the {result['tokenizer']} tokenizer, which transformers "
-             "does not know; encode text with gptcli's tokenizer")
-
-
 @command("plot")
 def plot_cmd(
-    runs: Annotated[list[Path], Arg(metavar="RUN...", help="Run folders to compare.",
-                                     show_default=False)],
+    runs: Annotated[list[Path], Arg(metavar="RUN...", help="Run folders to compare (a sweep "
+                                     "folder: all its points).", show_default=False)],
     out: Annotated[Path, Opt(metavar="FILE", show_default=False, help=with_default(
         "Where to write the picture.", "loss.png"))] = Path("loss.png"),
+    x: Annotated[str, Opt("--x", metavar="step|tokens|flops", show_default=False,
+                          help=with_default("The x axis: optimizer steps, tokens trained or "
+                                            "training FLOPs.", "step"))] = "step",
 ) -> None:
-    """Overlay the loss curves of several runs and list the settings that differ."""
+    """Overlay the loss curves of several runs and list the settings that differ; a sweep
+    folder alone also gets its final loss against the setting it varies."""
     from ..tables import render_comparison
     from ..plot import compare_runs, plot_runs
 
     render_comparison(*compare_runs(runs))
-    note(f"wrote {plot_runs(runs, out)}")
+    note(f"wrote {plot_runs(runs, out, x=x)}")

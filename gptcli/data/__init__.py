@@ -12,7 +12,8 @@ last ``val_fraction`` of that sequence.
 """
 
 from .batches import BatchSampler, check_enough
-from .cache import TokenData, Tokens, load_tokens
+from .cache import load_tokens
+from .dataset import TokenData, Tokens
 from .sources import bundled_corpus, resolve_data
 
 __all__ = ["BatchSampler", "TokenData", "Tokens", "bundled_corpus", "check_enough", "load_tokens",

@@ -8,6 +8,8 @@ import torch
 
 from ..errors import UserError
 
+IGNORE = -100  # a target the loss leaves out (PyTorch's cross_entropy ignore_index default)
+
 
 def check_enough(n_train: int, n_val: int, context_length: int, val_fraction: float) -> None:
     """At least one training window (and one validation window when asked for)."""
@@ -28,12 +30,13 @@ class BatchSampler:
     Every rank of a distributed job draws the same ``batch_size * world`` window starts from the
     same generator and keeps its own slice, so ranks see different windows, the generator state
     (part of the training state) is the same everywhere, and 2 ranks with batch b see exactly
-    the windows of 1 process with batch 2b.
+    the windows of 1 process with batch 2b. With ``masks`` (chat and instruction data), a target
+    that is not one the model should learn is ``IGNORE`` (the loss leaves it out).
     """
 
     def __init__(self, tokens, context_length: int, batch_size: int, seed: int,
-                 rank: int = 0, world: int = 1):
-        self.tokens = tokens
+                 rank: int = 0, world: int = 1, masks=None):
+        self.tokens, self.masks = tokens, masks
         self.context_length = context_length
         self.batch_size = batch_size
         self.rank, self.world = rank, world
@@ -46,7 +49,11 @@ class BatchSampler:
         mine = starts[self.rank * B:(self.rank + 1) * B].tolist()
         windows = np.stack([self.tokens[s: s + T + 1] for s in mine]).astype(np.int64)
         batch = torch.from_numpy(windows)
-        return batch[:, :-1], batch[:, 1:]
+        x, y = batch[:, :-1], batch[:, 1:]
+        if self.masks is not None:
+            learn = np.stack([self.masks[s + 1: s + T + 1] for s in mine]).astype(bool)
+            y = y.masked_fill(~torch.from_numpy(learn), IGNORE)
+        return x, y
 
     def state(self) -> torch.Tensor:
         return self.generator.get_state()

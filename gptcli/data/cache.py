@@ -20,17 +20,18 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..chat import CHAT_FORMATS, TEMPLATE, render_row
 from ..errors import UserError
 from ..files import process_alive
 from ..store import tokens_dir
 from ..tokenizer import CharTokenizer, Tokenizer, get_tokenizer
 from . import sources
 from .cuts import Cut, for_tokenizer
+from .dataset import TokenData, token_dtype
 from .sources import SUFFIXES, document_rows, read_documents, read_text_chunks
 
 PIECE_CHARS = 256 << 10  # one tokenizer call: its list of ids stays a few MB
@@ -56,13 +57,16 @@ def _pieces(text: str, cut: Cut) -> Iterator[str]:
 _WORKER: dict = {}
 
 
-def _encode(job: tuple) -> bytes:
-    """Tokenize one piece of work (in a worker process, or in this one): ("text", text) or
-    ("docs", texts, lead) -> token ids as bytes in the cache's dtype."""
+def _encode(job: tuple) -> bytes | tuple[bytes, bytes]:
+    """Tokenize one piece of work (in a worker process, or in this one): ("text", text),
+    ("docs", texts, lead) -> token ids as bytes in the cache's dtype; ("records", rows, how) ->
+    the ids and their target mask (one byte per token) of chat/instruction records."""
     spec, dtype, kind, payload, lead = job
     if _WORKER.get("spec") != spec:
         _WORKER.update(spec=spec, tok=get_tokenizer(spec))
     tok = _WORKER["tok"]  # one thread per process: parallelism comes from the processes
+    if kind == "records":
+        return _encode_records(tok, dtype, payload, *lead)
     # each list of ids to bytes in C as soon as it is made (flattening millions of ids in
     # Python costs as much as encoding them, and holding every list of a chunk costs ~36
     # bytes per token)
@@ -76,6 +80,20 @@ def _encode(job: tuple) -> bytes:
             parts.append(np.asarray([sep], dtype=dtype).tobytes())
         parts.append(np.asarray(tok.encode(doc), dtype=dtype).tobytes())
     return b"".join(parts)
+
+
+def _encode_records(tok: Tokenizer, dtype: str, rows: list[tuple[int, dict]], path: str,
+                    fmt: str, mask_prompt: bool, column: str) -> tuple[bytes, bytes]:
+    """Chat/instruction records rendered by the one chat template (``chat.render_row``): each
+    ends with end-of-text, so records follow each other with no separator."""
+    ids, targets = [], []
+    for row, record in rows:
+        _, row_ids, row_targets = render_row(record, tok, path=path, row=row, expected=fmt,
+                                             mask_prompt=mask_prompt, text_column=column)
+        ids.extend(row_ids)
+        targets.extend(row_targets)
+    return (np.asarray(ids, dtype=dtype).tobytes(),
+            np.asarray(targets, dtype=np.uint8).tobytes())
 
 
 class Pool:
@@ -140,23 +158,20 @@ def pool_size(workers: int, todo: list[Path], log: Callable[[str], None] | None)
     return n
 
 
-def _dtype(tok: Tokenizer):
-    return np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-
-
 def _hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _index(path: Path, spec: dict, column: str, encoding: str) -> Path:
+def _index(path: Path, spec: dict, column: str, encoding: str, *how) -> Path:
     stat = path.stat()
     return tokens_dir() / "index" / (_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns,
-                                           spec, column, encoding) + ".json")
+                                           spec, column, encoding, *how) + ".json")
 
 
-def cached_shard(path: Path, spec: dict, column: str, encoding: str) -> Path | None:
-    """The shard of an unchanged file tokenized before (same path, size and time), or None."""
-    index = _index(path, spec, column, encoding)
+def cached_shard(path: Path, spec: dict, column: str, encoding: str, *how) -> Path | None:
+    """The shard of an unchanged file tokenized before (same path, size and time, and for chat
+    records the same masking), or None."""
+    index = _index(path, spec, column, encoding, *how)
     if index.is_file():
         shard = tokens_dir() / "shards" / json.loads(index.read_text())["shard"]
         if shard.is_file() and shard.with_suffix(".json").is_file():
@@ -164,51 +179,80 @@ def cached_shard(path: Path, spec: dict, column: str, encoding: str) -> Path | N
     return None
 
 
+def _how(fmt: str, mask_prompt: bool) -> list:
+    """What else a shard depends on: for chat records, the masking and the template."""
+    return [mask_prompt, TEMPLATE] if fmt in CHAT_FORMATS else []
+
+
 def tokenize_file(path: Path, spec: dict, column: str, encoding: str, pool: Pool,
-                  done: Callable[[int], None]) -> Path:
-    """The shard of one input file: from the cache, else tokenized (and hashed) now."""
+                  done: Callable[[int], None], fmt: str = "text",
+                  mask_prompt: bool = True) -> Path:
+    """The shard of one input file (``fmt``: ``sources.file_format``): from the cache, else
+    tokenized (and hashed) now. A file of chat/instruction records also gets a mask shard
+    (``<key>.mask``: 1 where a token is a target) beside it."""
     kind = SUFFIXES[path.suffix]
-    shard = cached_shard(path, spec, column, encoding)
+    how = _how(fmt, mask_prompt)
+    shard = cached_shard(path, spec, column, encoding, *how)
     if shard is not None:
         done(path.stat().st_size)
         return shard
-    index = _index(path, spec, column, encoding)
+    index = _index(path, spec, column, encoding, *how)
     tok = get_tokenizer(spec)
-    dtype = np.dtype(_dtype(tok)).name
-    digest = hashlib.sha256(json.dumps([kind, column, encoding, spec]).encode())
+    dtype = np.dtype(token_dtype(tok)).name
+    digest = hashlib.sha256(json.dumps([kind, column, encoding, spec, *how]).encode())
     shards = tokens_dir() / "shards"
     shards.mkdir(parents=True, exist_ok=True)
     _remove_stale(shards)
     tmp = shards / f".{path.name}.{os.getpid()}.tmp"
+    tmp_mask = shards / f".{path.name}.mask.{os.getpid()}.tmp"  # (pid second to last: stale)
     count = 0
     try:
-        with open(tmp, "wb") as out:
-            def write(blob: bytes) -> None:
+        with open(tmp, "wb") as out, open(tmp_mask, "wb") as masks:
+            def write(blob: bytes | tuple[bytes, bytes]) -> None:
                 nonlocal count
+                if isinstance(blob, tuple):
+                    blob, mask = blob
+                    masks.write(mask)
                 out.write(blob)
                 count += len(blob) // np.dtype(dtype).itemsize
 
-            if kind == "text":
-                chunks = read_text_chunks(path, encoding, digest, cut=for_tokenizer(spec))
-                jobs = ((spec, dtype, "text", chunk, False) for chunk in _counted(chunks, done))
-            else:
-                jobs = ((spec, dtype, "docs", docs, n > 0) for n, docs in
-                        enumerate(_counted(read_documents(path, column, digest), done)))
             try:
-                pool.run(jobs, write)
+                pool.run(_jobs(path, kind, fmt, spec, dtype, column, encoding, mask_prompt,
+                               digest, done), write)
             except UserError as e:
                 raise _unknown_characters(path, tok, column, encoding) or e from None
         shard = shards / f"{digest.hexdigest()[:24]}.bin"
+        if how:
+            os.replace(tmp_mask, shard.with_suffix(".mask"))
         os.replace(tmp, shard)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        tmp_mask.unlink(missing_ok=True)
     shard.with_suffix(".json").write_text(json.dumps(
         {"tokens": count, "dtype": dtype, "tokenizer": spec, "source": str(path),
-         "format": kind, "column": column if kind != "text" else None}))
+         "format": kind if fmt == "text" else fmt, "column": column if kind != "text" else None,
+         "mask_prompt": mask_prompt if how else None}))
     index.parent.mkdir(parents=True, exist_ok=True)
     index.write_text(json.dumps({"shard": shard.name}))
     return shard
+
+
+def _jobs(path: Path, kind: str, fmt: str, spec: dict, dtype: str, column: str, encoding: str,
+          mask_prompt: bool, digest, done: Callable[[int], None]) -> Iterator[tuple]:
+    """The pieces of work a file is tokenized in (see ``_encode``)."""
+    if fmt in CHAT_FORMATS:
+        how = (str(path), fmt, mask_prompt, column)
+        for rows in _counted(sources.read_records(path, column, digest), done):
+            yield spec, dtype, "records", rows, how
+    elif kind == "text":
+        chunks = read_text_chunks(path, encoding, digest, cut=for_tokenizer(spec))
+        for chunk in _counted(chunks, done):
+            yield spec, dtype, "text", chunk, False
+    else:
+        for n, docs in enumerate(_counted(read_documents(path, column, digest), done)):
+            yield spec, dtype, "docs", docs, n > 0
 
 
 def _unknown_characters(path: Path, tok: Tokenizer, column: str,
@@ -256,72 +300,14 @@ def _remove_stale(shards: Path) -> None:
 
 
 def _counted(chunks: Iterator, done: Callable[[int], None]) -> Iterator:
+    """``chunks`` (text, lists of documents, lists of (row, record)), reporting their size in
+    characters to ``done`` (for the progress bar: about the bytes of the file read)."""
     for chunk in chunks:
-        done(sum(len(c) for c in chunk) if isinstance(chunk, list) else len(chunk))
+        if isinstance(chunk, str):
+            done(len(chunk))
+        else:
+            done(sum(len(c) if isinstance(c, str) else len(json.dumps(c[1])) for c in chunk))
         yield chunk
-
-
-# ----------------------------------------------------------------------------- the dataset
-
-class Tokens:
-    """Shards seen as one sequence, with the separator between consecutive shards. Supports
-    ``len``, slicing (``[a:b]`` gives a numpy array, across shard boundaries) and ``view``."""
-
-    def __init__(self, shards: list[np.ndarray], sep: int | None, start: int = 0,
-                 stop: int | None = None) -> None:
-        self.shards, self.sep = shards, sep
-        gap = 0 if sep is None else 1
-        self.offsets = np.cumsum([0] + [len(s) + gap for s in shards])
-        total = int(self.offsets[-1]) - (gap if shards else 0)
-        self.start, self.stop = start, total if stop is None else stop
-        self.dtype = shards[0].dtype if shards else np.dtype(np.uint16)
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def view(self, start: int, stop: int) -> Tokens:
-        return Tokens(self.shards, self.sep, self.start + start, self.start + stop)
-
-    def __getitem__(self, key):
-        if isinstance(key, slice):
-            a, b, _ = key.indices(len(self))
-            return self._range(self.start + a, self.start + b)
-        return self._range(self.start + key, self.start + key + 1)[0]
-
-    def _range(self, a: int, b: int) -> np.ndarray:
-        if len(self.shards) == 1:
-            return np.asarray(self.shards[0][a:b])
-        parts = []
-        i = int(np.searchsorted(self.offsets, a, side="right")) - 1
-        while a < b:
-            base = int(self.offsets[i])
-            shard = self.shards[i]
-            if a < base + len(shard):
-                end = min(b, base + len(shard))
-                parts.append(np.asarray(shard[a - base:end - base]))
-                a = end
-            else:  # the separator after this shard
-                parts.append(np.array([self.sep], dtype=self.dtype))
-                a += 1
-                i += 1
-        return np.concatenate(parts) if parts else np.empty(0, dtype=self.dtype)
-
-    def tolist(self) -> list[int]:
-        return self[:].tolist()
-
-
-@dataclass
-class TokenData:
-    tokenizer: Tokenizer
-    tokens: Tokens  # every token id, memory-mapped shards
-    shards: list[Path]
-    files: list[Path]
-
-    def split(self, val_fraction: float) -> tuple[Tokens, Tokens]:
-        """Train and validation tokens; validation is the last ``val_fraction``."""
-        n = len(self.tokens)
-        n_val = int(n * val_fraction)
-        return self.tokens.view(0, n - n_val), self.tokens.view(n - n_val, n)
 
 
 def _char_spec(files: list[Path], column: str, encoding: str) -> dict:
@@ -347,10 +333,19 @@ def _char_spec(files: list[Path], column: str, encoding: str) -> dict:
 
 def load_tokens(files: list[Path], tokenizer: str | dict, *, encoding: str = "utf-8",
                 column: str = "text", workers: int = 1, progress: Progress | None = None,
-                log: Callable[[str], None] | None = None) -> TokenData:
+                log: Callable[[str], None] | None = None,
+                mask_prompt: bool = True) -> TokenData:
     """Token ids of ``files`` under ``tokenizer`` (a name or a spec), shard by shard from the
-    cache, tokenizing what is missing. A char tokenizer given by name is built from the files'
-    characters."""
+    cache, tokenizing what is missing; chat and instruction records also give their target
+    masks (``mask_prompt``: only what the assistant says is a target). A char tokenizer given
+    by name is built from the files' characters."""
+    formats = [sources.file_format(f, column) for f in files]
+    chat = [(f, fmt) for f, fmt in zip(files, formats) if fmt in CHAT_FORMATS]
+    if chat and (tokenizer == "char" or (isinstance(tokenizer, dict)
+                                         and tokenizer.get("type") == "char")):
+        raise UserError(f"{chat[0][0]} holds {chat[0][1]} records, which the chat template ends "
+                        "with an end-of-text token the char tokenizer does not have; train "
+                        "them with a GPT-2 tokenizer (--tokenizer gpt2)")
     spec = tokenizer if isinstance(tokenizer, dict) else None
     if spec is None:
         spec = _char_spec(files, column, encoding) if tokenizer == "char" else {"type": tokenizer}
@@ -367,15 +362,14 @@ def load_tokens(files: list[Path], tokenizer: str | dict, *, encoding: str = "ut
         if progress:
             progress(min(seen, total), total)
 
-    todo = [f for f in files if cached_shard(f, spec, column, encoding) is None]
+    todo = [f for f, fmt in zip(files, formats)
+            if cached_shard(f, spec, column, encoding, *_how(fmt, mask_prompt)) is None]
     pool = Pool(pool_size(workers, todo, log))
     try:
-        shards = [tokenize_file(f, spec, column, encoding, pool, done) for f in files]
+        shards = [tokenize_file(f, spec, column, encoding, pool, done, fmt, mask_prompt)
+                  for f, fmt in zip(files, formats)]
     finally:
         pool.close()
     if progress:
         progress(total, total)
-    dtype = _dtype(tok)
-    arrays = [np.memmap(s, dtype=dtype, mode="r") if s.stat().st_size else
-              np.empty(0, dtype=dtype) for s in shards]
-    return TokenData(tok, Tokens(arrays, tok.separator_id), shards, files)
+    return TokenData.from_shards(tok, shards, files, formats)

@@ -1,7 +1,7 @@
 """Training-data inputs: which files ``--data`` names (files, folders, globs, downloaded
 datasets, or the bundled corpus) and reading them: ``.txt`` as decoded text in chunks cut where
 the tokens cannot change (``cuts``), ``.jsonl``/``.json`` and ``.parquet`` as documents (rows)
-from ``--text-column``."""
+from ``--text-column``, or as chat and instruction records (``file_format``, ``chat.py``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
+from ..chat import RECORD_FIELDS, RecordError, detect_format, located
 from ..errors import UserError, require
 from ..store import DATA_FORMATS, stored_dataset
 from .cuts import Cut, anywhere
@@ -237,28 +238,24 @@ def document_rows(path: Path, column: str, digest=None) -> Iterator[tuple[int, s
 
 
 def _rows(path: Path, column: str, digest) -> Iterator[tuple[int, object]]:
+    """Each row's ``column`` value, with its row number (see ``document_rows``)."""
     if SUFFIXES[path.suffix] == "parquet":
-        pq = require("pyarrow.parquet", "data", needed_for=f"reading {path.name}")
-        try:
-            # pre_buffer=False: with it on, pyarrow keeps the column chunks it has read
-            # (memory grew in step with the part of the file read)
-            reader = pq.ParquetFile(path, pre_buffer=False)
-            if column not in reader.schema_arrow.names:
-                raise UserError(f"{path} has no column {column!r} (its columns: "
-                                f"{', '.join(reader.schema_arrow.names)}); pick one with "
-                                "--text-column")
-            row = 0
-            for batch in reader.iter_batches(batch_size=4096, columns=[column]):
-                for value in batch.column(0).to_pylist():
-                    if digest is not None and isinstance(value, str):
-                        digest.update(value.encode("utf-8") + b"\0")
-                    row += 1
-                    yield row, value
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - pyarrow's own errors for a damaged file
-            raise UserError(f"{path} is not a readable parquet file: {e}") from None
+        for row, record in _parquet_rows(path, [column], required=column):
+            value = record[column]
+            if digest is not None and isinstance(value, str):
+                digest.update(value.encode("utf-8") + b"\0")
+            yield row, value
         return
+    for row, record in _json_rows(path, digest):
+        if column not in record:
+            raise UserError(f"{path} row {row} has no {column!r} field; pick the text "
+                            "field with --text-column")
+        yield row, record[column]
+
+
+def _json_rows(path: Path, digest) -> Iterator[tuple[int, dict]]:
+    """The JSON objects of a JSON-lines file, each with its line number (blank lines count,
+    and are skipped); the raw bytes go to ``digest``."""
     with open(path, "rb") as f:
         for row, line in enumerate(f, 1):
             if digest is not None:
@@ -269,7 +266,78 @@ def _rows(path: Path, column: str, digest) -> Iterator[tuple[int, object]]:
                 record = json.loads(line)
             except ValueError as e:
                 raise UserError(f"{path} row {row} is not valid JSON: {e}") from None
-            if not isinstance(record, dict) or column not in record:
-                raise UserError(f"{path} row {row} has no {column!r} field; pick the text "
-                                "field with --text-column")
-            yield row, record[column]
+            if not isinstance(record, dict):
+                raise UserError(f"{path} row {row} is not a JSON object")
+            yield row, record
+
+
+def _parquet_rows(path: Path, columns: list[str], required: str | None = None,
+                  batch_size: int = 4096, *, one_of: tuple[str, ...] = (),
+                  ) -> Iterator[tuple[int, dict]]:
+    """The rows of a .parquet file as ``{column: value}`` for the ``columns`` it has, read one
+    record batch at a time (memory bounded). The ``required`` column must be there, or, when
+    ``one_of`` is given, one of those (the message names ``required``)."""
+    pq = require("pyarrow.parquet", "data", needed_for=f"reading {path.name}")
+    try:
+        # pre_buffer=False: with it on, pyarrow keeps the column chunks it has read
+        # (memory grew in step with the part of the file read)
+        reader = pq.ParquetFile(path, pre_buffer=False)
+        names = reader.schema_arrow.names
+        if required is not None and not ({required, *one_of} & set(names) if one_of
+                                         else required in names):
+            raise UserError(f"{path} has no column {required!r} (its columns: "
+                            f"{', '.join(names)}); pick one with --text-column")
+        wanted = [c for c in names if c in columns]
+        row = 0
+        for batch in reader.iter_batches(batch_size=batch_size, columns=wanted):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow's own errors for a damaged file
+        raise UserError(f"{path} is not a readable parquet file: {e}") from None
+
+
+# ----------------------------------------------------------------------------- chat records
+
+def records(path: Path, column: str, digest=None, batch_size: int = 4096,
+            ) -> Iterator[tuple[int, dict]]:
+    """Every row of a .jsonl or .parquet file as a record (the fields a chat or instruction
+    record may have, and ``column``), with its row number."""
+    if SUFFIXES[path.suffix] == "parquet":
+        for row, record in _parquet_rows(path, [*RECORD_FIELDS, column], column, batch_size,
+                                         one_of=RECORD_FIELDS):
+            if digest is not None:
+                digest.update(json.dumps(record, sort_keys=True).encode("utf-8") + b"\0")
+            yield row, record
+    else:
+        yield from _json_rows(path, digest)
+
+
+def read_records(path: Path, column: str, digest=None) -> Iterator[list[tuple[int, dict]]]:
+    """``records`` in groups of about ``DOC_CHUNK`` characters of JSON."""
+    batch: list[tuple[int, dict]] = []
+    size = 0
+    for row, record in records(path, column, digest):
+        batch.append((row, record))
+        size += len(json.dumps(record))
+        if size >= DOC_CHUNK:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def file_format(path: Path, column: str) -> str:
+    """What a data file holds: ``text`` (a .txt file, or rows with the text column) or a chat
+    format (``messages``, ``prompt_completion``, ``alpaca``), from its first row; a row of
+    another format later in the file is refused when it is read (``chat.render_row``)."""
+    if SUFFIXES[path.suffix] == "text":
+        return "text"
+    for row, record in records(path, column, batch_size=1):  # the first row is enough
+        try:
+            return detect_format(record, column)
+        except RecordError as e:
+            raise located(path, row, e) from None
+    return "text"

@@ -1,13 +1,13 @@
 """The OpenAI protocol of `gpt serve`: request shapes (validated with pydantic), response and
 chunk shapes, log-prob objects, errors in OpenAI's shape, and the one server-sent-events loop
 that turns scheduler events into chunks. No HTTP server and no model here: ``server.py`` has
-the app, the rules (auth, limits) and the lifecycle; ``scheduler.py`` the decoding.
+the app, the rules (limits) and the lifecycle; ``guard.py`` the API key and HTTP's own errors;
+``scheduler.py`` the decoding.
 
-Requests follow the OpenAI API; ``top_k`` and ``repetition_penalty`` are accepted as extensions.
-
-Chat: base GPT-2 models have no chat format, so messages are laid out as plain text, one
-``System:``, ``User:`` or ``Assistant:`` line per message, ending with ``Assistant:``; generation
-stops before the model starts a new ``User:`` line.
+Requests follow the OpenAI API; ``top_k``, ``min_p`` and ``repetition_penalty`` are accepted as
+extensions, within the ranges ``SampleConfig`` allows (see ``sampling`` for why every value in
+them is safe). Chat layouts (the template a model was fine-tuned with, or the plain-text one of
+base models) are ``chat.py``'s.
 """
 
 from __future__ import annotations
@@ -20,24 +20,24 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .. import chat
 from ..config import SEED_LIMIT
 from ..tokenizer import Tokenizer
 from .scheduler import Choice, Logprob
-
-ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-CHAT_STOP = "\nUser:"
 
 
 # ----------------------------------------------------------------------------- requests
 
 class Sampling(BaseModel):
-    """The sampling fields both endpoints take (OpenAI's, plus top_k and repetition_penalty)."""
+    """The sampling fields both endpoints take (OpenAI's, plus top_k, min_p and
+    repetition_penalty). Numbers must be finite: Python's JSON reader accepts NaN and Infinity."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
     n: int = Field(1, ge=1, le=64)
     stop: list[str] = Field(default_factory=list)
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
@@ -46,7 +46,7 @@ class Sampling(BaseModel):
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0)
     logit_bias: dict | None = None
 
     @field_validator("stop", mode="before")
@@ -104,20 +104,17 @@ class ChatRequest(Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-def chat_prompt(messages: list[Message]) -> str:
-    """The documented plain-text chat layout (see the module docstring)."""
-    lines = [f"{ROLES[m.role]}: {m.content}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
-
-
 class ApiError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, type: str | None = None,
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
+        type = type or ("server_error" if status >= 500 else "invalid_request_error")
         self.status, self.message, self.type, self.param, self.code = \
             status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -126,7 +123,7 @@ class ApiError(Exception):
     def response(self):
         from starlette.responses import JSONResponse
 
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def request_id(prefix: str) -> str:
@@ -174,9 +171,10 @@ def completion_choice(tokenizer: Tokenizer, choice: Choice, echo: bool,
             "finish_reason": choice.finish_reason}
 
 
-def chat_choice(tokenizer: Tokenizer, choice: Choice, logprobs: bool) -> dict:
+def chat_choice(tokenizer: Tokenizer, choice: Choice, logprobs: bool, template: str) -> dict:
     return {"index": choice.index,
-            "message": {"role": "assistant", "content": choice.stream.text.lstrip()},
+            "message": {"role": "assistant",
+                        "content": chat.reply_content(choice.stream.text, template)},
             "logprobs": chat_logprobs(tokenizer, choice.logprobs) if logprobs else None,
             "finish_reason": choice.finish_reason}
 
@@ -202,18 +200,24 @@ def completion_chunks(tokenizer: Tokenizer, head: dict, echoed: list[str]) -> Ch
                       lambda index, reason: chunk(index, "", None, reason))
 
 
-def chat_chunks(tokenizer: Tokenizer, head: dict, n: int) -> ChunkShape:
+def chat_chunks(tokenizer: Tokenizer, head: dict, n: int, template: str) -> ChunkShape:
     def chunk(index: int, delta: dict, logprobs=None, finish=None) -> dict:
         return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                      "finish_reason": finish}]}
 
-    started: set[int] = set()  # the reply's leading space (after "Assistant:") is dropped
+    # A reply's start is trimmed as chat.reply_content trims the whole text: the text before
+    # the first content is held (by choice) and trimmed as one, so the deltas join to exactly
+    # what a non-streamed request returns.
+    leading: dict[int, str] = {}
+    started: set[int] = set()
 
     def piece(index: int, text: str, logprob: Logprob | None) -> dict | None:
         if index not in started:
-            text = text.lstrip()
+            leading[index] = leading.get(index, "") + text
+            text = chat.reply_content(leading[index], template)
             if text:
                 started.add(index)
+                del leading[index]
         if not text and logprob is None:
             return None
         return chunk(index, {"content": text},
@@ -228,13 +232,14 @@ def chat_chunks(tokenizer: Tokenizer, head: dict, n: int) -> ChunkShape:
 async def chunks(q: asyncio.Queue, shape: ChunkShape, include_usage: bool,
                  ) -> AsyncIterator[dict]:
     """The one loop from scheduler events to chunks: pieces as they come, then each choice's
-    end and (when asked) the usage. A failed job raises ``ApiError`` (500)."""
+    end and (when asked) the usage. A failed job raises ``ApiError`` (500, or 503 when the
+    server is shutting down)."""
     for chunk in shape.opening:
         yield chunk
     while True:
         event = await q.get()
         if event["type"] == "error":
-            raise ApiError(500, event["message"], type="server_error")
+            raise ApiError(event.get("status", 500), event["message"])
         if event["type"] == "step":
             for index, text, logprob in event["pieces"]:
                 if (chunk := shape.piece(index, text, logprob)) is not None:
@@ -247,16 +252,19 @@ async def chunks(q: asyncio.Queue, shape: ChunkShape, include_usage: bool,
             return
 
 
-async def sse(stream: AsyncIterator[dict], on_close: Callable[[], None]) -> AsyncIterator[bytes]:
+async def sse(stream: AsyncIterator[dict], on_close: Callable[[], None],
+              on_error: Callable[[ApiError], None] = lambda e: None) -> AsyncIterator[bytes]:
     """Server-sent events ending with ``[DONE]``. A failure after the response has started is
-    sent as an error event (OpenAI's shape) before ``[DONE]``, so a client never sees a stream
-    cut off without a word; when the client goes away, the ASGI server cancels this generator
-    and ``on_close`` lets the job leave the batch."""
+    sent as an error event (OpenAI's shape) before ``[DONE]`` and reported to ``on_error`` (the
+    log), so a client never sees a stream cut off without a word; when the client goes away,
+    the ASGI server cancels this generator and ``on_close`` lets the job leave the batch."""
     try:
         async for chunk in stream:
             yield f"data: {json.dumps(chunk)}\n\n".encode()
-    except ApiError as e:
-        yield f"data: {json.dumps(e.body())}\n\n".encode()
+    except Exception as e:  # noqa: BLE001 - whatever it was, the stream ends in OpenAI's shape
+        error = e if isinstance(e, ApiError) else ApiError(500, f"{type(e).__name__}: {e}")
+        on_error(error)
+        yield f"data: {json.dumps(error.body())}\n\n".encode()
     finally:
         on_close()
     yield b"data: [DONE]\n\n"

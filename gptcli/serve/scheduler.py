@@ -9,7 +9,8 @@ that receives events from the scheduler thread (the HTTP side hands them to its 
 - ``{"type": "step", "pieces": [(choice, text, logprob)]}`` after each decode step (``logprob``
   a ``Logprob`` when the job asked for them, else None);
 - ``{"type": "done", "choices": [...], "usage": {...}}`` when every choice has finished;
-- ``{"type": "error", "message": ...}`` if the job could not run.
+- ``{"type": "error", "message": ..., "status": ...}`` if the job could not run or finish
+  (500: it failed; 503: the server is shutting down).
 
 Admission is first in, first out: a job waits until the batch has rows for all its samples, so
 a large request is never starved by a stream of small ones.
@@ -82,16 +83,24 @@ class Job:
 
 
 class Scheduler:
-    """The serving loop (see the module docstring), on a thread of its own."""
+    """The serving loop (see the module docstring), on a thread of its own.
+
+    A failure is its job's alone: a job whose sampling, text or delivery fails ends with an
+    error while the others keep decoding (and finish as they would have alone); the engine keeps
+    exactly the rows of the running jobs, whatever failed. Only the batched forward pass belongs
+    to no one job: when it fails, the newest job leaves and the step is tried again.
+    """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, max_batch, vocab_size=tokenizer.vocab_size)
         self.max_batch = max_batch
-        self.waiting: queue.Queue[Job] = queue.Queue()
+        self.waiting: queue.Queue[Job | None] = queue.Queue()
         self.head: Job | None = None  # the next job to admit, waiting for free rows
-        self.running: list[Job] = []
+        self.running: list[Job] = []  # in order of admission
         self.stopping = threading.Event()
+        self.closing = False  # shutting down: no new jobs (see ``drain``)
+        self.deadline: float | None = None
         self.thread = threading.Thread(target=self._run, name="gptcli-scheduler", daemon=True)
         self.steps = 0
 
@@ -100,13 +109,19 @@ class Scheduler:
         torch decodes ~20% slower from a second thread here, measured)."""
         self.thread.start()
 
+    def drain(self, seconds: float) -> None:
+        """Shutting down: refuse new jobs; the admitted and queued ones go on for up to
+        ``seconds``, then end with a 503 (so every response is complete before the HTTP server
+        stops waiting for them)."""
+        self.closing = True
+        self.deadline = time.monotonic() + seconds
+
     def stop(self, timeout: float = 10.0) -> None:
         self.stopping.set()
         self.waiting.put(None)  # wake the loop
         if self.thread.is_alive():
             self.thread.join(timeout)
-        for job in [*self.running, *([self.head] if self.head else [])]:
-            self._fail(job, "the server is shutting down")
+        self._end_all()
 
     def submit(self, job: Job) -> None:
         if job.size > self.max_batch:
@@ -126,14 +141,29 @@ class Scheduler:
 
     def run_once(self) -> None:
         """Admit what fits (waiting a little when idle), then one decode step."""
-        self._admit(block=not self.engine.rows)
-        if not self.engine.rows:
-            return
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self._end_all()
         try:
-            self._step()
-        except Exception as e:  # noqa: BLE001 - one failure must not end the server
-            for job in list(self.running):
+            self._admit(block=not self.engine.rows)
+            if self.engine.rows:
+                self._step()
+        except Exception as e:  # noqa: BLE001 - a bug outside any one job's part must not end
+            for job in list(self.running):  # the server: the batch ends, the loop goes on
                 self._fail(job, f"generation failed: {type(e).__name__}: {e}")
+            self._reconcile()
+
+    def _end_all(self) -> None:
+        """End every job, running or queued, with a 503: the server is going away."""
+        jobs = [*self.running, *([self.head] if self.head else [])]
+        self.head = None
+        while True:
+            try:
+                jobs.append(self.waiting.get_nowait())
+            except queue.Empty:
+                break
+        for job in jobs:
+            if job is not None:
+                self._fail(job, "the server is shutting down", status=503)
 
     def _admit(self, block: bool) -> None:
         """Move waiting jobs into the batch while it has rows for them (first in, first out);
@@ -166,28 +196,50 @@ class Scheduler:
             if idle and gather_until is None:
                 gather_until = time.perf_counter() + GATHER_S
         if admitted:
-            try:
-                self._start(admitted)
-            except Exception as e:  # noqa: BLE001
-                for job in admitted:
-                    self._fail(job, f"could not start: {type(e).__name__}: {e}")
+            self._start(admitted)
 
     @torch.no_grad()
     def _start(self, jobs: list[Job]) -> None:
-        groups, owners = [], []
+        """Prefill the admitted jobs together; if that fails, each alone, so that one request
+        that cannot start (its prompt's log-probs, its prefill) fails by itself."""
+        ready = []
         for job in jobs:
-            eot = None if job.config.ignore_eos else self.tokenizer.eot_id
-            for prompt in job.prompts:
-                echo = prompt_logprobs(self.model, self.tokenizer.vocab_size, prompt,
-                                       job.logprobs or 0) if job.echo_logprobs else []
-                for _ in range(job.n):
-                    stream = TextStream(self.tokenizer, job.config.stop, eot)
-                    job.choices.append(Choice(len(job.choices), prompt, stream,
-                                              prompt_logprobs=echo))
+            try:
+                self._choices(job)
+            except Exception as e:  # noqa: BLE001 - the job's own failure
+                self._fail(job, f"could not start: {type(e).__name__}: {e}")
+                continue
             if job.config.max_new_tokens == 0:  # echo only
                 self._finish(job)
-                continue
-            self.running.append(job)
+            else:
+                ready.append(job)
+        try:
+            self._add(ready)
+        except Exception:  # noqa: BLE001 - find whose it was
+            self._reconcile()
+            for job in ready:
+                try:
+                    self._add([job])
+                except Exception as e:  # noqa: BLE001
+                    self._reconcile()
+                    self._fail(job, f"could not start: {type(e).__name__}: {e}")
+
+    def _choices(self, job: Job) -> None:
+        eot = None if job.config.ignore_eos else self.tokenizer.eot_id
+        job.choices.clear()
+        for prompt in job.prompts:
+            echo = prompt_logprobs(self.model, self.tokenizer.vocab_size, prompt,
+                                   job.logprobs or 0) if job.echo_logprobs else []
+            for _ in range(job.n):
+                stream = TextStream(self.tokenizer, job.config.stop, eot)
+                job.choices.append(Choice(len(job.choices), prompt, stream,
+                                          prompt_logprobs=echo))
+
+    def _add(self, jobs: list[Job]) -> None:
+        """Prefill ``jobs`` into the engine (one group per prompt, seeded like `gpt generate`)
+        and start decoding them."""
+        groups, owners = [], []
+        for job in jobs:
             for p, prompt in enumerate(job.prompts):
                 generator = None
                 if job.config.seed is not None:
@@ -198,40 +250,78 @@ class Scheduler:
         for (job, p), rows in zip(owners, self.engine.add_groups(groups)):
             for k, row in enumerate(rows):
                 job.rows[id(row)] = job.choices[p * job.n + k]
+        self.running.extend(jobs)
+
+    def _reconcile(self) -> None:
+        """Free the engine rows no running job owns (those of a prefill that failed half-way),
+        so a failure never leaves rows behind to break the next steps."""
+        owned = {key for job in self.running for key in job.rows}
+        for row in [r for r in self.engine.rows if id(r) not in owned]:
+            self.engine.remove(row)
 
     def _step(self) -> None:
+        for job in [j for j in self.running if j.cancelled]:
+            self._drop(job)
         rows = list(self.engine.rows)
         owners = {id(row): self._owner(row) for row in rows}
-        tokens = self.engine.pick()
+        before = [len(row.tokens) for row in rows]
+        try:
+            self.engine.pick()
+        except Exception as e:  # noqa: BLE001
+            # Engine.pick samples group by group in row order, appending each group's tokens
+            # before it samples the next: the first row without a new token is the failed
+            # group's. Its job ends; the rows after it pick at the next step (nothing of theirs
+            # was used, and advance recomputes the position they are at).
+            failed = next((owners[id(r)] for r, n in zip(rows, before) if len(r.tokens) == n),
+                          None)
+            if failed is not None:
+                self._fail(failed, f"generation failed: {type(e).__name__}: {e}")
         self.steps += 1
         pieces: dict[int, list] = {}
-        for row, token in zip(rows, tokens):
+        for row, n in zip(rows, before):
             job = owners[id(row)]
-            if job.cancelled:
-                self.engine.remove(row)
+            if id(row) not in job.rows or len(row.tokens) == n:  # its job failed, or no token
                 continue
-            choice = job.rows[id(row)]
-            logprob = token_logprob(row, token, self.tokenizer.vocab_size, job.logprobs) \
-                if job.logprobs is not None else None
-            text = choice.stream.push(token)
-            if logprob is not None and not choice.stream.done:
-                choice.logprobs.append(logprob)
-            if len(choice.stream.token_ids) >= job.config.max_new_tokens:
-                text += choice.stream.close("length")
-            pieces.setdefault(id(job), []).append((choice.index, text, logprob))
-            if choice.stream.done:
-                self.engine.remove(row)
-                del job.rows[id(row)]
+            try:
+                pieces.setdefault(id(job), []).append(self._take(job, row, row.tokens[-1]))
+            except Exception as e:  # noqa: BLE001 - the job's own failure
+                self._fail(job, f"generation failed: {type(e).__name__}: {e}")
         for job in list(self.running):
-            if job.cancelled:
-                self._drop(job)
-                continue
             if id(job) in pieces:
-                job.deliver({"type": "step", "pieces": pieces[id(job)]})
-            if not job.rows:
+                self._send(job, {"type": "step", "pieces": pieces[id(job)]})
+            if not job.rows and job in self.running:
                 self._finish(job)
-        if self.engine.rows:
-            self.engine.advance()
+        self._advance()
+
+    def _take(self, job: Job, row: Row, token: int) -> tuple:
+        """One row's new token into its choice: (choice index, final text, log-prob)."""
+        choice = job.rows[id(row)]
+        logprob = token_logprob(row, token, self.tokenizer.vocab_size, job.logprobs) \
+            if job.logprobs is not None else None
+        text = choice.stream.push(token)
+        if logprob is not None and not choice.stream.done:
+            choice.logprobs.append(logprob)
+        if len(choice.stream.token_ids) >= job.config.max_new_tokens:
+            text += choice.stream.close("length")
+        if choice.stream.done:
+            self.engine.remove(row)
+            del job.rows[id(row)]
+        return choice.index, text, logprob
+
+    def _advance(self) -> None:
+        """One forward for every row. It is shared, so its error names no job; running it again
+        is harmless (each row recomputes the position it is at), so the newest job leaves and
+        the rest try again: a step that fails because of one request (its memory, its window's
+        prefill) ends that request, one that fails for everyone ends them one by one."""
+        while self.engine.rows:
+            try:
+                self.engine.advance()
+                return
+            except Exception as e:  # noqa: BLE001
+                if not self.running:
+                    self._reconcile()
+                    return
+                self._fail(self.running[-1], f"generation failed: {type(e).__name__}: {e}")
 
     def _owner(self, row: Row) -> Job:
         return next(job for job in self.running if id(row) in job.rows)
@@ -243,18 +333,27 @@ class Scheduler:
         if job in self.running:
             self.running.remove(job)
 
+    def _send(self, job: Job, event: dict) -> None:
+        """Hand an event to the job's client; one that cannot take it any more (its event loop
+        closed at shutdown) is gone, like a client that disconnected."""
+        try:
+            job.deliver(event)
+        except Exception:  # noqa: BLE001
+            job.cancel()
+
     def _finish(self, job: Job) -> None:
         if job in self.running:
             self.running.remove(job)
         prompt_tokens = sum(len(p) for p in job.prompts)
         completion = sum(len(c.stream.token_ids) for c in job.choices)
-        job.deliver({"type": "done", "choices": job.choices,
-                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                               "total_tokens": prompt_tokens + completion}})
+        self._send(job, {"type": "done", "choices": job.choices,
+                         "usage": {"prompt_tokens": prompt_tokens,
+                                   "completion_tokens": completion,
+                                   "total_tokens": prompt_tokens + completion}})
 
-    def _fail(self, job: Job, message: str) -> None:
+    def _fail(self, job: Job, message: str, status: int = 500) -> None:
         self._drop(job)
-        job.deliver({"type": "error", "message": message})
+        self._send(job, {"type": "error", "message": message, "status": status})
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -262,7 +361,7 @@ class Scheduler:
 def _top(logp: torch.Tensor, top: int) -> list[tuple[int, float]]:
     if not top:
         return []
-    best = torch.topk(logp, top)
+    best = torch.topk(logp, min(top, logp.size(-1)))  # a vocabulary smaller than top
     return list(zip(best.indices.tolist(), best.values.tolist()))
 
 

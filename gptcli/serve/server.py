@@ -1,6 +1,7 @@
 """`gpt serve`: the HTTP server in front of the continuous-batching scheduler: the app and its
-routes, the rules around each request (API key, body size, limits, which model), and the
-lifecycle (start, Ctrl-C / SIGTERM, drain). Request and response shapes are ``protocol.py``.
+routes, the rules around each request (body size, limits, which model, the chat template), and
+the lifecycle (start, Ctrl-C / SIGTERM, drain). Request and response shapes are
+``protocol.py``; the API key and the errors that are not an endpoint's are ``guard.py``.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
 ``GET /health``. Built on Starlette and served by uvicorn (the ``serve`` extra): Starlette rather
@@ -12,59 +13,62 @@ rewritten anyway).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from .. import chat
 from ..config import SampleConfig
+from ..errors import UserError, validation_message
 from ..generate import prompt_ids
-from .protocol import (CHAT_STOP, ApiError, ChatRequest, CompletionRequest, Sampling, chat_choice,
-                       chat_chunks, chat_prompt, chunks, completion_choice, completion_chunks,
-                       request_id, sse)
+from .guard import guard, h11_protocol, http_error, require_key
+from .protocol import (ApiError, ChatRequest, CompletionRequest, Sampling, chat_choice,
+                       chat_chunks, chunks, completion_choice, completion_chunks, request_id,
+                       sse)
 from .scheduler import Job, Scheduler
+
+DRAIN_S = 10.0  # at Ctrl-C / SIGTERM, the requests in flight get this long to finish
 
 
 class Server:
-    """The served model and the rules of the API around the scheduler."""
+    """The served model and the rules of the API around the scheduler. ``chat_template`` is the
+    model's chat layout (``chat.template_for`` its checkpoint metadata); ``log`` gets one line
+    per failed request."""
 
     def __init__(self, model, tokenizer, *, model_id: str, max_batch: int = 8,
                  max_tokens: int = 1024, api_key: str | None = None,
-                 max_body: int = 1 << 20) -> None:
+                 max_body: int = 1 << 20, chat_template: str = chat.PLAIN,
+                 log: Callable[[str], None] = lambda line: None) -> None:
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.scheduler = Scheduler(model, tokenizer, max_batch)
         self.max_tokens, self.api_key, self.max_body = max_tokens, api_key, max_body
+        self.chat_template, self.log = chat_template, log
         self.context = model.config.context_length
         self.created = int(time.time())
 
     # -- request handling
 
     async def body(self, request, shape: type[BaseModel]) -> BaseModel:
-        if self.api_key is not None:
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-                raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)",
-                               code="invalid_api_key")
         size = int(request.headers.get("content-length") or 0)
         if size > self.max_body:
             raise ApiError(413, f"request body of {size} bytes exceeds the limit of "
                                 f"{self.max_body}")
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > self.max_body:
-                raise ApiError(413, f"request body exceeds the limit of {self.max_body} bytes")
+        raw = await self.read(request)
         try:
             data = json.loads(raw or b"{}")
         except ValueError as e:
             raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        except RecursionError:  # `[[[[...` a hundred thousand deep
+            raise ApiError(400, "the body is not valid JSON: it nests too deeply") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object")
         try:
             parsed = shape.model_validate(data)
+        except RecursionError:
+            raise ApiError(400, "the body nests too deeply") from None
         except ValidationError as e:
             first = e.errors()[0]
             param = ".".join(str(p) for p in first.get("loc", ())) or None
@@ -77,6 +81,26 @@ class Server:
             raise ApiError(400, bad[1], param=bad[0])
         return parsed
 
+    async def read(self, request) -> bytes:
+        """The body, up to ``max_body`` bytes. It is read a message at a time, looking up every
+        half second: once the server is shutting down, a body still arriving is refused (503)
+        rather than waited for, as any request not yet decoding is."""
+        raw = bytearray()
+        while True:
+            try:
+                message = await asyncio.wait_for(request.receive(), 0.5)
+            except asyncio.TimeoutError:
+                if self.scheduler.closing:
+                    raise ApiError(503, "the server is shutting down") from None
+                continue
+            if message["type"] == "http.disconnect":
+                raise ApiError(499, "the client went away before sending the whole body")
+            raw += message.get("body", b"")
+            if len(raw) > self.max_body:
+                raise ApiError(413, f"request body exceeds the limit of {self.max_body} bytes")
+            if not message.get("more_body", False):
+                return bytes(raw)
+
     def encode(self, prompt: str | list[int], exact: bool) -> list[int]:
         """Token ids of a prompt: text or ids. Over the context, the last tokens are kept (the
         window slides as in `gpt generate`), unless ``exact`` (echo / prompt log-probs)."""
@@ -88,7 +112,7 @@ class Server:
         else:
             try:
                 ids = prompt_ids(self.tokenizer, prompt, 1 << 62)[0]
-            except Exception as e:  # noqa: BLE001 - a char model meets an unknown character
+            except (ValueError, UserError) as e:  # a char model meets an unknown character
                 raise ApiError(400, str(e), param="prompt") from None
         if exact and len(ids) > self.context:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; echo and logprobs over the "
@@ -98,10 +122,16 @@ class Server:
 
     def job(self, request: Sampling, prompts: list[list[int]], max_tokens: int, deliver, *,
             logprobs: int | None, echo: bool, extra_stop: list[str] = ()) -> Job:
-        config = SampleConfig(max_new_tokens=max(1, max_tokens), temperature=request.temperature,
-                              top_k=request.top_k, top_p=request.top_p,
-                              repetition_penalty=request.repetition_penalty,
-                              seed=request.seed, stop=[*request.stop, *extra_stop])
+        if self.scheduler.closing:
+            raise ApiError(503, "the server is shutting down")
+        try:
+            config = SampleConfig(max_new_tokens=max(1, max_tokens),
+                                  temperature=request.temperature, top_k=request.top_k,
+                                  top_p=request.top_p, min_p=request.min_p,
+                                  repetition_penalty=request.repetition_penalty,
+                                  seed=request.seed, stop=[*request.stop, *extra_stop])
+        except ValidationError as e:  # the request's own checks should have caught it
+            raise ApiError(400, validation_message(e)) from None
         if max_tokens == 0:  # echo only: model_copy skips the validator (max_new_tokens >= 1),
             # which is right for `gpt generate` but not here (the scheduler finishes such a job
             # at once, after the prompt's log-probs)
@@ -120,43 +150,60 @@ class Server:
                                 f"{self.max_tokens} (--max-tokens)", param="max_tokens")
         return self.max_tokens if max_tokens is None else max_tokens
 
+    def chat_ids(self, request: ChatRequest) -> list[int]:
+        """The conversation in the model's chat layout, as token ids."""
+        try:
+            ids = chat.prompt_tokens(request.messages, self.tokenizer, self.chat_template)
+        except (ValueError, UserError) as e:
+            raise ApiError(400, str(e), param="messages") from None
+        return self.encode(ids, exact=False)
 
 
 def events(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue, Any]:
-    """A queue on this event loop, and a callback the scheduler thread can call into it."""
+    """A queue on this event loop, and a callback the scheduler thread can call into it (an
+    error once the loop has closed: the scheduler then counts the client as gone)."""
     q: asyncio.Queue = asyncio.Queue()
     return q, lambda event: loop.call_soon_threadsafe(q.put_nowait, event)
 
 
-async def collect(q: asyncio.Queue, job: Job, request) -> dict:
-    """Wait for a job's final event; a client that disconnects meanwhile cancels it."""
-    while True:
-        try:
-            event = await asyncio.wait_for(q.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancel()
-                raise asyncio.CancelledError from None
-            continue
-        if event["type"] == "error":
-            raise ApiError(500, event["message"], type="server_error")
-        if event["type"] == "done":
-            return event
+async def collect(q: asyncio.Queue, job: Job, request) -> dict | None:
+    """Wait for a job's final event; None when the client disconnected meanwhile. The job is
+    cancelled then, and when this wait is (at shutdown)."""
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(q.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    return None
+                continue
+            if event["type"] == "error":
+                raise ApiError(event.get("status", 500), event["message"])
+            if event["type"] == "done":
+                return event
+    except asyncio.CancelledError:
+        job.cancel()
+        raise
 
 
 # ----------------------------------------------------------------------------- endpoints
 
-async def respond(request, q: asyncio.Queue, job: Job, req: Sampling, shape, whole):
+async def respond(server: Server, request, q: asyncio.Queue, job: Job, req: Sampling, shape,
+                  whole):
     """A job's answer: streamed as server-sent events in ``shape`` (``req.stream``), or once it
     is done as ``whole(done_event)``; a client that left meanwhile gets nothing (499)."""
     from starlette.responses import JSONResponse, Response, StreamingResponse
 
     if req.stream:
-        return StreamingResponse(sse(chunks(q, shape, req.include_usage), job.cancel),
+        def on_error(e: ApiError) -> None:
+            server.log(f"{request.method} {request.url.path}: {e.status} {e.message} "
+                       "(in the stream)")
+
+        return StreamingResponse(sse(chunks(q, shape, req.include_usage), job.cancel, on_error),
                                  media_type="text/event-stream")
-    try:
-        done = await collect(q, job, request)
-    except asyncio.CancelledError:
+    done = await collect(q, job, request)
+    if done is None:
         return Response(status_code=499)
     return JSONResponse(whole(done))
 
@@ -174,7 +221,8 @@ async def completions_endpoint(server: Server, request):
     head = {"id": request_id("cmpl"), "object": "text_completion", "created": int(time.time()),
             "model": server.model_id}
     echoed = [server.tokenizer.decode(p) for p in ids for _ in range(req.n)] if req.echo else []
-    return await respond(request, q, job, req, completion_chunks(server.tokenizer, head, echoed),
+    return await respond(server, request, q, job, req,
+                         completion_chunks(server.tokenizer, head, echoed),
                          lambda done: {**head, "usage": done["usage"], "choices": [
                              completion_choice(server.tokenizer, c, req.echo, req.logprobs)
                              for c in done["choices"]]})
@@ -183,26 +231,30 @@ async def completions_endpoint(server: Server, request):
 async def chat_endpoint(server: Server, request):
     req: ChatRequest = await server.body(request, ChatRequest)
     max_tokens = server.cap(req.max_completion_tokens or req.max_tokens)
-    ids = [server.encode(chat_prompt(req.messages), exact=False)]
+    ids = [server.chat_ids(req)]
     q, deliver = events(asyncio.get_running_loop())
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    template = server.chat_template
     job = server.job(req, ids, max_tokens, deliver, logprobs=logprobs, echo=False,
-                     extra_stop=[CHAT_STOP])
+                     extra_stop=chat.stop_strings(template))
     head = {"id": request_id("chatcmpl"), "object": "chat.completion",
             "created": int(time.time()), "model": server.model_id}
-    shape = chat_chunks(server.tokenizer, {**head, "object": "chat.completion.chunk"}, req.n)
-    return await respond(request, q, job, req, shape,
+    shape = chat_chunks(server.tokenizer, {**head, "object": "chat.completion.chunk"}, req.n,
+                        template)
+    return await respond(server, request, q, job, req, shape,
                          lambda done: {**head, "usage": done["usage"], "choices": [
-                             chat_choice(server.tokenizer, c, req.logprobs)
+                             chat_choice(server.tokenizer, c, req.logprobs, template)
                              for c in done["choices"]]})
 
 
 # ----------------------------------------------------------------------------- the app
 
 def create_app(server: Server):
-    """The Starlette application. The scheduler's loop runs apart from it: ``run_server`` runs
-    it on the main thread (tests start it on a thread with ``server.scheduler.start()``)."""
+    """The ASGI application: Starlette's routes behind ``guard.py``'s layers. The scheduler's
+    loop runs apart from it: ``run_server`` runs it on the main thread (tests start it on a
+    thread with ``server.scheduler.start()``)."""
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
@@ -211,12 +263,11 @@ def create_app(server: Server):
             try:
                 return await handler(server, request)
             except ApiError as e:
+                server.log(f"{request.method} {request.url.path}: {e.status} {e.message}")
                 return e.response()
-            except Exception as e:  # noqa: BLE001 - a request never takes the server down
-                return ApiError(500, f"{type(e).__name__}: {e}", type="server_error").response()
         return endpoint
 
-    async def models(request):
+    async def models(server, request):
         return JSONResponse({"object": "list", "data": [{
             "id": server.model_id, "object": "model", "created": server.created,
             "owned_by": "gptcli", "context_length": server.context,
@@ -224,19 +275,30 @@ def create_app(server: Server):
                      "context_length": server.context,
                      "vocab_size": server.model.config.vocab_size}}]})
 
-    async def health(request):
+    async def health(server, request):
         return JSONResponse({"status": "ok", "model": server.model_id,
                              "requests": server.scheduler.busy()})
 
-    async def not_found(request, exc):
-        return ApiError(404, f"no route {request.url.path}", code="not_found").response()
+    async def internal(request, exc):  # Starlette's last resort, in OpenAI's shape
+        return ApiError(500, f"{type(exc).__name__}: {exc}").response()
 
-    return Starlette(routes=[
+    app = Starlette(routes=[
         Route("/v1/completions", guarded(completions_endpoint), methods=["POST"]),
         Route("/v1/chat/completions", guarded(chat_endpoint), methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-    ], exception_handlers={404: not_found})
+        Route("/v1/models", guarded(models), methods=["GET"]),
+        Route("/health", guarded(health), methods=["GET"]),
+    ], exception_handlers={HTTPException: http_error, Exception: internal})
+    return guard(require_key(app, server.api_key), server.log)
+
+
+def http_server(server: Server, host: str, port: int):
+    """The uvicorn server for ``server``'s app (not yet running): h11 with ``guard``'s 400s, and a
+    graceful shutdown that waits a second longer than the scheduler's drain."""
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(create_app(server), host=host, port=port,
+                                         log_level="warning", http=h11_protocol(DRAIN_S),
+                                         timeout_graceful_shutdown=int(DRAIN_S) + 1))
 
 
 def check_port(host: str, port: int) -> None:
@@ -258,32 +320,38 @@ def run_server(load, cfg, log) -> int:
 
     The scheduler (all the torch work) runs on the main thread and uvicorn on a second one:
     decoding from a second thread measured ~20% slower here. A signal asks uvicorn to shut down
-    gracefully: it stops accepting connections while the scheduler finishes the requests in
-    flight (up to 10 s); a second signal stops at once. Returns the exit status: 130 after
-    Ctrl-C, 143 after SIGTERM, as `gpt train` does.
+    gracefully (it stops accepting connections and closes idle ones) and the scheduler to
+    drain: requests not decoding yet get a 503 (one whose body is still arriving too), those
+    decoding go on for up to ``DRAIN_S`` and then end with a 503, so every response is complete
+    before uvicorn stops waiting for them; a connection whose client stopped reading is closed
+    then (``guard.h11_protocol``). A second signal stops at once. Returns the exit status: 130
+    after Ctrl-C, 143 after SIGTERM, as `gpt train` does.
     """
     import signal
     import threading
 
+    from ..checkpoint import read_safetensors
     from ..errors import RuntimeFailure, require
-    from ..models import display_name, load_model
+    from ..locate import load_model
+    from ..models import display_name
 
     require("starlette", "serve", needed_for="gpt serve")
-    uvicorn = require("uvicorn", "serve", needed_for="gpt serve")
+    require("uvicorn", "serve", needed_for="gpt serve")
     check_port(cfg.host, cfg.port)
     model, tokenizer, path = load_model(load.model, device=load.device, dtype=load.dtype,
                                         quantize=load.quantize)
+    template = chat.template_for(read_safetensors(path, tensors=False)[1])
     server = Server(model, tokenizer, model_id=display_name(path), max_batch=cfg.max_batch,
-                    max_tokens=cfg.max_tokens, api_key=cfg.api_key, max_body=cfg.max_body)
-    http = uvicorn.Server(uvicorn.Config(create_app(server),
-                                         host=cfg.host, port=cfg.port, log_level="warning",
-                                         timeout_graceful_shutdown=10))
+                    max_tokens=cfg.max_tokens, api_key=cfg.api_key, max_body=cfg.max_body,
+                    chat_template=template, log=log)
+    http = http_server(server, cfg.host, cfg.port)
     received: list[int] = []
 
     def on_signal(signum, frame):
         if received:  # a second Ctrl-C: do not wait
             raise KeyboardInterrupt
         received.append(signum)
+        server.scheduler.drain(DRAIN_S)
         http.should_exit = True
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}

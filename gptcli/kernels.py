@@ -1,0 +1,306 @@
+"""The matrix-product kernels inference can use, each with the weight layout it reads, and the
+layer that runs the chosen one.
+
+A ``Kernel`` turns a layer's stored weights into its layout once (``pack``) and multiplies a
+batch of rows by them (``run``). Kernels of one mode compute the same product: ``float`` (the
+model's dtype), ``half`` (16-bit weights, float activations), ``int8`` (per-channel int8 weights,
+the format int8 checkpoints store) and ``int4`` (group-wise 4-bit weights). Which one is fastest
+depends on the CPU, the thread count, the shape and the number of rows, so none is assumed:
+``tuning.py`` times them and ``KernelLinear`` runs the winner. Kernels that share a layout share
+its buffers, so a layer can run one kernel at batch 1 and another at batch 4 without a second
+copy of its weights.
+
+Storage (what ``pack`` receives, made by ``quantize.py``): ``weight`` (in, out) float for float,
+half and int4 (which also gets ``q4``/``sz``); ``qweight`` (out, in) int8 and ``scale`` (out,)
+float32 for int8. Every kernel is a PyTorch operator; none is written here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QMAX = 127
+MODES = ("float", "half", "int8", "int4")
+INT4_GROUP = 32  # weights per scale, as llama.cpp's q4_0 blocks
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One way to compute ``x (M, in) @ W + b``: ``pack(storage, threads) -> buffers`` (the
+    layout, made once) and ``run(x, layer) -> (M, out)`` reading the layer's buffers.
+    ``tolerance`` bounds its relative error (Frobenius norm) against the float64 product with
+    the mode's stored weights; tuning drops a kernel that misses it (a broken kernel on some
+    CPU), and the tests hold every kernel to it."""
+
+    name: str
+    mode: str
+    layout: str
+    pack: Callable[[dict, int], dict]
+    run: Callable[[torch.Tensor, nn.Module], torch.Tensor]
+    tolerance: float
+    doc: str
+
+
+# ----------------------------------------------------------------------------- float
+
+def chunked(weight: torch.Tensor, chunks: int) -> torch.Tensor:
+    """``weight`` (in, out) as (chunks, in, ceil(out/chunks)) contiguous; the last chunk is padded
+    with zero columns."""
+    n_in, n_out = weight.shape
+    width = -(-n_out // chunks)
+    padded = torch.zeros(n_in, chunks * width, dtype=weight.dtype, device=weight.device)
+    padded[:, :n_out] = weight.detach()
+    return padded.view(n_in, chunks, width).permute(1, 0, 2).contiguous()
+
+
+def chunked_matmul(x: torch.Tensor, packed: torch.Tensor, n_out: int) -> torch.Tensor:
+    """``x (M, in) @ W`` for W in the ``chunked`` layout: one batched matmul, a chunk per
+    thread. Returns (M, n_out)."""
+    c, n_in, width = packed.shape
+    M = x.size(0)
+    y = torch.bmm(x.unsqueeze(0).expand(c, M, n_in), packed)  # (c, M, width)
+    return y.permute(1, 0, 2).reshape(M, c * width)[:, :n_out]
+
+
+def _plus_bias(y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    return y if layer.bias is None else y.add_(layer.bias)
+
+
+def _mkldnn_pack(weight_out_in: torch.Tensor) -> torch.Tensor:
+    # oneDNN's blocked layout for its inner-product primitive (what inductor's CPU freezing
+    # packs weights into); the hint is the batch it is packed for: decoding's one row.
+    return torch.ops.mkldnn._reorder_linear_weight(weight_out_in.contiguous(), 1)
+
+
+def _mkldnn(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _in_dtype(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if bias is None else bias.detach().to(dtype)
+
+
+FLOAT = [
+    Kernel("addmm", "float", "in_out", lambda s, t: {"w": s["weight"].detach()},
+           lambda x, m: torch.addmm(m.bias, x, m.w) if m.bias is not None else x @ m.w,
+           1e-5, "x @ W with W (in, out), the training layout: the plain model"),
+    Kernel("linear", "float", "out_in", lambda s, t: {"w": s["weight"].detach().t().contiguous()},
+           lambda x, m: F.linear(x, m.w, m.bias), 1e-5,
+           "F.linear with W (out, in), nn.Linear's layout"),
+    Kernel("chunked", "float", "chunked",
+           lambda s, t: {"w": chunked(s["weight"], t)},
+           lambda x, m: _plus_bias(chunked_matmul(x, m.w, m.n_out), m), 1e-5,
+           "one batched matmul over a slice of W's outputs per thread"),
+    Kernel("mkldnn", "float", "mkldnn", lambda s, t: {"w": _mkldnn_pack(s["weight"].t())},
+           lambda x, m: _mkldnn(x, m.w, m.bias), 1e-5,
+           "oneDNN inner product on W packed in its blocked layout"),
+]
+
+
+# ----------------------------------------------------------------------------- half
+
+def _half_pack(dtype: torch.dtype, mkldnn: bool) -> Callable[[dict, int], dict]:
+    def pack(s: dict, threads: int) -> dict:
+        w = s["weight"].detach().t().to(dtype).contiguous()  # (out, in)
+        return {"w": _mkldnn_pack(w) if mkldnn else w, "b16": _in_dtype(s.get("bias"), dtype)}
+    return pack
+
+
+def _half_run(dtype: torch.dtype, mkldnn: bool) -> Callable:
+    def run(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
+        h = x.to(dtype)
+        y = _mkldnn(h, m.w, m.b16) if mkldnn else F.linear(h, m.w, m.b16)
+        return y.to(x.dtype)
+    return run
+
+
+def _fbgemm_pack(s: dict, threads: int) -> dict:
+    w = s["weight"].detach().t().float().contiguous()
+    bias = s.get("bias")
+    # A packed-parameters object, not a tensor: kept as an attribute (see KernelLinear)
+    return {"fbgemm": torch.ops.quantized.linear_prepack_fp16(
+        w, None if bias is None else bias.detach().float())}
+
+
+HALF = [
+    Kernel("bf16-linear", "half", "bf16-out_in", _half_pack(torch.bfloat16, False),
+           _half_run(torch.bfloat16, False), 1.5e-2,
+           "bf16 weights (out, in), activations rounded to bf16 (oneDNN)"),
+    Kernel("bf16-mkldnn", "half", "bf16-mkldnn", _half_pack(torch.bfloat16, True),
+           _half_run(torch.bfloat16, True), 1.5e-2,
+           "bf16 weights in oneDNN's blocked layout, activations rounded to bf16"),
+    Kernel("fp16-linear", "half", "fp16-out_in", _half_pack(torch.float16, False),
+           _half_run(torch.float16, False), 3e-3,
+           "fp16 weights (out, in), activations rounded to fp16"),
+    Kernel("fp16-mkldnn", "half", "fp16-mkldnn", _half_pack(torch.float16, True),
+           _half_run(torch.float16, True), 3e-3,
+           "fp16 weights in oneDNN's blocked layout (needs avx512_fp16 or avx_ne_convert)"),
+    Kernel("fp16-fbgemm", "half", "fp16-fbgemm", _fbgemm_pack,
+           lambda x, m: torch.ops.quantized.linear_dynamic_fp16(x.float(), m.fbgemm).to(x.dtype),
+           1e-3, "fp16 weights packed by fbgemm, float32 activations (F16C conversion)"),
+]
+
+
+# ----------------------------------------------------------------------------- int8
+
+def _split_rows(x: torch.Tensor, parts: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``x`` (M, in) quantized per row into ``parts`` int8 tensors: the first rounds
+    ``x * 127 / amax``, each further one quantizes (254x) what the previous left (at most half
+    a step), so two parts keep ~15 bits. Returns the parts and ``amax / 127`` (M, 1)."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30)  # (M, 1)
+    t = xf * (QMAX / amax)  # in [-127, 127]
+    hi = t.round()
+    if parts == 1:
+        return [hi.to(torch.int8)], amax / QMAX
+    lo = (t - hi).mul_(2 * QMAX).round_()  # also in [-127, 127]
+    return [hi.to(torch.int8), lo.to(torch.int8)], amax / QMAX
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                parts: int = 2) -> torch.Tensor:
+    """``x (M, in) @ dequantize(q, scale).T`` with ``x`` quantized per row on the fly in
+    ``parts`` int8 parts (see ``_split_rows``), multiplied by ``torch._int_mm`` (int8 x int8 ->
+    int32, exact). At batch 1 each part is its own product (the second reads the weights from
+    cache; a product of two rows takes a slower kernel), for more rows one product of the parts
+    stacked. Returns (M, out) in ``x``'s dtype."""
+    M = x.size(0)
+    xs, step = _split_rows(x, parts)
+    w = q.t()  # (in, out), a view of the (out, in) rows
+    if parts == 1:
+        acc = torch._int_mm(xs[0], w).float()
+    elif M == 1:
+        acc = torch._int_mm(xs[0], w).float()
+        acc.add_(torch._int_mm(xs[1], w).float(), alpha=1 / (2 * QMAX))
+    else:
+        both = torch._int_mm(torch.cat(xs), w).float()  # (2M, out)
+        acc = both[:M].add_(both[M:], alpha=1 / (2 * QMAX))
+    return acc.mul_(step).mul_(scale).to(x.dtype)
+
+
+def _int8pack(dtype: torch.dtype | None) -> Callable:
+    def run(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
+        h = x if dtype is None else x.to(dtype)
+        scale = m.scale if dtype is None else getattr(m, f"scale_{str(dtype)[6:]}")
+        return _plus_bias(torch._weight_int8pack_mm(h, m.qweight, scale).to(x.dtype), m)
+    return run
+
+
+def _scale_as(dtype: torch.dtype) -> Callable[[dict, int], dict]:
+    return lambda s, t: {f"scale_{str(dtype)[6:]}": s["scale"].to(dtype)}
+
+
+INT8 = [
+    Kernel("int8-intmm2", "int8", "int8", lambda s, t: {},
+           lambda x, m: _plus_bias(int8_matmul(x, m.qweight, m.scale, 2), m), 3e-4,
+           "torch._int_mm, activations in two int8 parts per row (~15 bits)"),
+    Kernel("int8-intmm", "int8", "int8", lambda s, t: {},
+           lambda x, m: _plus_bias(int8_matmul(x, m.qweight, m.scale, 1), m), 2.5e-2,
+           "torch._int_mm, activations in one int8 part per row (8 bits)"),
+    Kernel("int8-bf16", "int8", "int8", _scale_as(torch.bfloat16), _int8pack(torch.bfloat16),
+           1.5e-2, "torch._weight_int8pack_mm, activations rounded to bf16"),
+    Kernel("int8-fp16", "int8", "int8", _scale_as(torch.float16), _int8pack(torch.float16),
+           3e-3, "torch._weight_int8pack_mm, activations rounded to fp16"),
+    Kernel("int8-f32", "int8", "int8", lambda s, t: {}, _int8pack(None), 1e-4,
+           "torch._weight_int8pack_mm, float32 activations"),
+]
+
+
+# ----------------------------------------------------------------------------- int4
+
+def _int4_pack(dtype: torch.dtype) -> Callable[[dict, int], dict]:
+    def pack(s: dict, threads: int) -> dict:
+        # q4: (out, in) int32 in [0, 15], out padded to a multiple of 16 (the kernel's tile);
+        # sz: (in / group, out, 2) scales and zeros, w = (q4 - 8) * scale + zero
+        return {"w": torch._convert_weight_to_int4pack_for_cpu(s["q4"], 1),
+                f"sz_{str(dtype)[6:]}": s["sz"].to(dtype)}
+    return pack
+
+
+def _int4_run(dtype: torch.dtype) -> Callable:
+    def run(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
+        y = torch._weight_int4pack_mm_for_cpu(x.to(dtype), m.w, INT4_GROUP,
+                                              getattr(m, f"sz_{str(dtype)[6:]}"))
+        return _plus_bias(y[:, :m.n_out].to(x.dtype), m)
+    return run
+
+
+INT4 = [
+    Kernel("int4-bf16", "int4", "int4", _int4_pack(torch.bfloat16), _int4_run(torch.bfloat16),
+           1.5e-2, "torch._weight_int4pack_mm_for_cpu, activations rounded to bf16"),
+    Kernel("int4-f32", "int4", "int4", _int4_pack(torch.float32), _int4_run(torch.float32),
+           1e-4, "torch._weight_int4pack_mm_for_cpu, float32 activations"),
+]
+
+KERNELS: dict[str, Kernel] = {k.name: k for k in FLOAT + HALF + INT8 + INT4}
+
+
+def candidates(mode: str) -> list[Kernel]:
+    return [k for k in KERNELS.values() if k.mode == mode]
+
+
+# ----------------------------------------------------------------------------- the layer
+
+STORED = {"int8": ("qweight", "scale")}  # what a mode's checkpoints hold besides the bias
+
+
+class KernelLinear(nn.Module):
+    """A projection for inference: its stored weights (int8: ``qweight``, ``scale``; saved in
+    checkpoints, with ``bias``), the buffers of its kernels' layout (made at load, never saved)
+    and the kernels chosen per number of rows (``kernels``; ``kernel`` for any other)."""
+
+    def __init__(self, mode: str, n_in: int, n_out: int, bias: torch.Tensor | None,
+                 **stored: torch.Tensor) -> None:
+        super().__init__()
+        self.mode, self.n_in, self.n_out = mode, n_in, n_out
+        self.register_buffer("bias", bias)
+        for name, tensor in stored.items():
+            self.register_buffer(name, tensor)
+        self.kernel: Kernel | None = None
+        self.kernels: dict[int, Kernel] = {}
+        self.packed_bytes = 0  # layout bytes held outside tensors (fbgemm's packed objects)
+
+    @classmethod
+    def from_storage(cls, mode: str, storage: dict) -> KernelLinear:
+        """The layer for ``storage`` (see the module docstring; int4 adds ``n_out``, the rows
+        of ``q4`` before padding), with no kernel yet."""
+        if "weight" in storage:
+            n_in, n_out = storage["weight"].shape
+        elif "qweight" in storage:
+            n_out, n_in = storage["qweight"].shape
+        else:
+            n_in, n_out = storage["q4"].size(1), storage["n_out"]
+        return cls(mode, n_in, n_out, storage.get("bias"),
+                   **{k: storage[k] for k in STORED.get(mode, ())})
+
+    def use(self, chosen: dict[int, Kernel], threads: int, storage: dict) -> None:
+        """Run ``chosen[rows]`` (the first for other row counts), packing their layout."""
+        self.kernels = dict(chosen)
+        self.kernel = next(iter(chosen.values()))
+        done: set[str] = set()
+        for kernel in chosen.values():
+            if kernel.name in done:
+                continue
+            done.add(kernel.name)
+            for name, value in kernel.pack(storage, threads).items():
+                if isinstance(value, torch.Tensor) or value is None:
+                    self.register_buffer(name, value, persistent=False)
+                else:
+                    setattr(self, name, value)
+                    self.packed_bytes = 2 * self.n_in * self.n_out  # fp16 weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.size(-1))  # (M, in)
+        # an int8 model as loaded, before prepare chose its kernels, runs the stored layout
+        kernel = self.kernels.get(flat.size(0), self.kernel) or KERNELS["int8-intmm2"]
+        y = kernel.run(flat, self)
+        return y.view(*x.shape[:-1], self.n_out)
+
+    def extra_repr(self) -> str:
+        chosen = ", ".join(f"{m} rows: {k.name}" for m, k in self.kernels.items())
+        return f"{self.mode}, in={self.n_in}, out={self.n_out}, {chosen or 'no kernel yet'}"

@@ -1,0 +1,237 @@
+"""Choosing kernels by measurement, once per machine: which of ``kernels.py``'s candidates is
+fastest is never assumed.
+
+For one weight shape and one number of rows, every kernel of the mode is packed with the
+model's own weights (every layer of that shape) and timed over them: a warm-up call (which also
+checks its result against a float64 product, dropping a kernel that misses its error bound),
+then three rounds that alternate the candidates, each preceded by reading a buffer twice the
+size of the CPU's last-level cache when the model does not fit in it (decoding reads weights
+from memory, so they are timed that way); the fastest round of each counts. The fastest kernel
+wins (or a more precise one within 3% of it: ``pick``), and the choice is cached in
+``$GPTCLI_HOME/kernels.json``, keyed by the CPU model, its instruction-set flags, the thread
+count, the torch version, the mode, the activation dtype, the shape and the rows. An entry that
+cannot be read, or names a kernel this gptcli does not have for that mode, is ignored and
+measured again, as is one measured on a saturated machine once it is quieter (``lookup``).
+``GPTCLI_KERNEL`` (or ``--kernel``) forces one kernel, for debugging.
+
+The first number of rows (decoding's batch, 1 by default) decides the layout; other row counts
+choose among the kernels that read the same layout, so a layer holds one copy of its weights.
+The plain layouts (the model's own (in, out), nn.Linear's (out, in)) are always candidates, so
+the choice is never slower than the plain model, as measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import hardware
+from .kernels import KERNELS, Kernel, KernelLinear, candidates
+from .store import gptcli_home
+
+CACHE_FORMAT = "gptcli-kernels/1"
+ENV = "GPTCLI_KERNEL"
+ROUNDS = 3
+SLACK = 0.03  # see pick
+
+
+@dataclass
+class Choice:
+    """The kernel chosen for a shape and a number of rows, and how: ``source`` is measured,
+    cached or forced; ``us`` the candidates' microseconds per layer; ``skipped`` why some did
+    not run."""
+
+    kernel: Kernel
+    source: str
+    us: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    measured: dict = field(default_factory=dict)  # when and under what load
+
+    def as_dict(self) -> dict:
+        return {"kernel": self.kernel.name, "source": self.source, "us": self.us,
+                "skipped": self.skipped, **self.measured}
+
+
+# ----------------------------------------------------------------------------- the cache
+
+def machine() -> dict:
+    """What a measurement holds for: the CPU, its instruction set, threads, torch."""
+    return {"cpu": hardware.cpu_model(), "flags": hardware.isa_flags(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def cache_path() -> Path:
+    return gptcli_home() / "kernels.json"
+
+
+def read_cache() -> list[dict]:
+    """The cached entries; an unreadable or foreign file reads as none."""
+    try:
+        data = json.loads(cache_path().read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return []
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
+        return []
+    entries = data.get("entries")
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def current_load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def lookup(entries: list[dict], key: dict, allowed: list[Kernel],
+           load: float | None = None) -> Choice | None:
+    """The cached choice for ``key``, if an entry holds one of the ``allowed`` kernels with
+    figures that make sense; anything else counts as absent. So does an entry measured while
+    the machine was saturated (load at least its CPU count) when it is now quieter by more than
+    one: timings on a saturated machine say more about the other programs than the kernels."""
+    names = {k.name for k in allowed}
+    for e in entries:
+        us = e.get("us")
+        if e.get("key") != key or e.get("kernel") not in names or not isinstance(us, dict):
+            continue
+        if not all(isinstance(v, (int, float)) and v > 0 for v in us.values()):
+            continue
+        then = e.get("load")
+        if isinstance(then, (int, float)) and load is not None and \
+                then >= (os.cpu_count() or 1) and load < then - 1:
+            continue
+        skipped = e.get("skipped") if isinstance(e.get("skipped"), dict) else {}
+        when = {k: e[k] for k in ("measured_at", "load") if k in e}
+        return Choice(KERNELS[e["kernel"]], "cached", dict(us), dict(skipped), when)
+    return None
+
+
+def remember(key: dict, choice: Choice) -> None:
+    """Add (or replace) the entry for ``key``; written atomically. A store that cannot be
+    written only costs measuring again next time."""
+    entries = [e for e in read_cache() if e.get("key") != key]
+    entries.append({"key": key, **choice.as_dict()})
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernels-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"format": CACHE_FORMAT, "entries": entries}, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((got.double() - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+
+
+def bound_for(kernel: Kernel, dtype: torch.dtype) -> float:
+    """A kernel's error bound with activations in ``dtype`` (bf16 models round every product)."""
+    return max(kernel.tolerance, 4 * torch.finfo(dtype).eps)
+
+
+def _layer(kernel: Kernel, storage: dict, rows: int, threads: int) -> KernelLinear:
+    layer = KernelLinear.from_storage(kernel.mode, storage)
+    layer.use({rows: kernel}, threads, storage)
+    return layer
+
+
+def measure(kernels: list[Kernel], storages: list[dict], reference: torch.Tensor, rows: int,
+            dtype: torch.dtype, threads: int, flush: torch.Tensor | None,
+            ) -> tuple[dict[str, float], dict[str, str]]:
+    """Microseconds per layer of each kernel over ``storages`` (the layers of one shape) at
+    ``rows`` rows, and why the others were skipped. ``reference`` is the first layer's weight
+    (in, out) as the mode stores it, in float, for the error check."""
+    n_in = reference.size(0)
+    x = torch.randn(rows, n_in, generator=torch.Generator().manual_seed(0)).to(dtype)
+    bias = storages[0].get("bias")
+    exact = x.double() @ reference.double() + (0 if bias is None else bias.double())
+    layers, skipped = {}, {}
+    for kernel in kernels:
+        try:
+            packed = [_layer(kernel, s, rows, threads) for s in storages]
+            with torch.no_grad():
+                err = relative_error(kernel.run(x, packed[0]), exact)
+        except (RuntimeError, NotImplementedError, AttributeError, TypeError) as e:
+            skipped[kernel.name] = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            continue
+        bound = bound_for(kernel, dtype)
+        if not err <= bound:
+            skipped[kernel.name] = f"relative error {err:.1e} over its bound {bound:.1e}"
+            continue
+        layers[kernel.name] = (kernel, packed)
+    us = {name: math.inf for name in layers}
+    with torch.no_grad():
+        for _ in range(ROUNDS):
+            for name, (kernel, packed) in layers.items():
+                if flush is not None:
+                    flush.sum()  # evict the weights: decoding reads them from memory
+                t0 = time.perf_counter()
+                for layer in packed:
+                    kernel.run(x, layer)
+                us[name] = min(us[name], (time.perf_counter() - t0) / len(packed) * 1e6)
+    return {k: round(v, 2) for k, v in us.items()}, skipped
+
+
+def pick(us: dict[str, float]) -> str:
+    """The fastest kernel, or the most precise one within ``SLACK`` of it: a few percent is
+    within what timings vary by from one run to the next, while activations kept to 11 bits
+    instead of 8 are worth having (in half mode: fp16 against bf16)."""
+    fastest = min(us.values())
+    near = [name for name, t in us.items() if t <= fastest * (1 + SLACK)]
+    return min(near, key=lambda name: (KERNELS[name].tolerance, us[name]))
+
+
+def flush_buffer(model_bytes: int) -> torch.Tensor | None:
+    """A buffer twice the last-level cache, to read between timings, when the model's weights
+    do not fit in that cache (otherwise decoding reads them from the cache, and so may we)."""
+    cache = hardware.cpu_cache_bytes()
+    if cache is None or model_bytes <= cache:
+        return None
+    return torch.ones(2 * cache // 4)
+
+
+def choose(mode: str, storages: list[dict], reference: Callable[[], torch.Tensor],
+           shape: tuple[int, int], rows: tuple[int, ...], dtype: torch.dtype, *,
+           forced: str | None = None, model_bytes: int = 0) -> dict[int, Choice]:
+    """The kernel for each row count in ``rows`` for layers of one ``shape`` (in, out)
+    (``storages``; see ``kernels.py`` for what they hold; ``reference()`` gives the first one's
+    weight (in, out) in float, for measuring). The first row count picks among every kernel of
+    ``mode`` (its layout then holds), the others among that layout's kernels. ``forced`` names
+    one kernel to use everywhere."""
+    if forced is not None:
+        return {m: Choice(KERNELS[forced], "forced") for m in rows}
+    threads = torch.get_num_threads()
+    base = {**machine(), "mode": mode, "dtype": str(dtype).removeprefix("torch."),
+            "shape": list(shape)}
+    entries, load = read_cache(), current_load()
+    flush = None
+    out: dict[int, Choice] = {}
+    layout = None
+    for m in dict.fromkeys(rows):
+        allowed = [k for k in candidates(mode) if layout is None or k.layout == layout]
+        key = {**base, "rows": m, "layout": layout}
+        choice = lookup(entries, key, allowed, load)
+        if choice is None:
+            if flush is None:
+                flush = flush_buffer(model_bytes)
+            load = current_load()
+            us, skipped = measure(allowed, storages, reference(), m, dtype, threads, flush)
+            if not us:
+                raise RuntimeError(f"no {mode} kernel runs here: " + "; ".join(
+                    f"{k}: {why}" for k, why in skipped.items()))
+            best = pick(us)
+            choice = Choice(KERNELS[best], "measured", us, skipped, {
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load": load})
+            remember(key, choice)
+        out[m] = choice
+        layout = layout or choice.kernel.layout
+    return out

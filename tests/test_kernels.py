@@ -1,0 +1,282 @@
+"""Kernels chosen by measurement: every candidate computes the product its mode stands for, a
+forced one gives the same logits, the cache of choices survives only what it should."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gptcli import tuning
+from gptcli.cli import app
+from gptcli.errors import UserError
+from gptcli.kernels import KERNELS, KernelLinear, candidates
+from gptcli.model import GPT, Projection
+from gptcli.quantize import _reference, _storage, kernel_report, prepare, quantization
+from gptcli.decode import decode_loop
+
+from conftest import randomize_, tiny_config
+from test_sampling import full_recompute, greedy
+
+runner = CliRunner()
+
+
+def packed(kernel, storage, rows=1):
+    """``kernel``'s layer for ``storage``, or a skip when it does not run on this CPU."""
+    layer = KernelLinear.from_storage(kernel.mode, storage)
+    try:
+        layer.use({rows: kernel}, 2, storage)
+        with torch.no_grad():
+            kernel.run(torch.zeros(rows, layer.n_in), layer)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"{kernel.name} does not run on this CPU: {str(e).splitlines()[0]}")
+    return layer
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_every_kernel_computes_its_modes_product_within_its_bound(name):
+    """Against the float64 product with the weights the mode stores (int8: dequantized; half:
+    the float weights, since rounding them is the kernel's), at 1 row and 5, with a bias."""
+    kernel = KERNELS[name]
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 40, generator=g) * 0.05  # (in, out); 40 outputs: int4 pads them
+    storage = _storage(kernel.mode, weight, torch.randn(40, generator=g))
+    exact_w = _reference(kernel.mode, storage).double()
+    for rows in (1, 5):
+        layer = packed(kernel, storage, rows)
+        x = torch.randn(rows, 64, generator=g) * 3
+        with torch.no_grad():
+            y = layer(x)
+        exact = x.double() @ exact_w + storage["bias"].double()
+        assert y.shape == (rows, 40) and y.dtype == torch.float32
+        assert tuning.relative_error(y, exact) <= kernel.tolerance, (name, rows)
+
+
+def model_in(mode, seed=1):
+    config = tiny_config(n_embd=64, n_head=4) if mode == "int4" else tiny_config()
+    return randomize_(GPT(config), seed=seed).eval()
+
+
+def stored_weights_model(model, mode):
+    """A plain float model whose projections hold exactly what ``mode`` stores (int8, int4:
+    dequantized; the output matrix int8 in int4 mode): the logits every kernel of the mode
+    must reproduce, up to its activation rounding."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, Projection):
+                m.weight.copy_(_reference(mode, _storage(mode, m.weight, m.bias)))
+        head_mode = "int8" if mode == "int4" else mode
+        ref.lm_head.weight.copy_(_reference(head_mode, _storage(
+            head_mode, ref.lm_head.weight.t(), None)).t())
+    return ref
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_a_forced_kernel_gives_the_same_logits(name):
+    """Forcing any candidate gives the logits of the weights its mode stores, within the
+    kernel's own precision (its bound, a few times over for 2 layers and the output matrix),
+    and the same top-1 tokens nearly everywhere."""
+    kernel = KERNELS[name]
+    model = model_in(kernel.mode)
+    quantize = None if kernel.mode == "float" else kernel.mode
+    forced = copy.deepcopy(model)
+    try:
+        prepare(forced, quantize, kernel=name)
+    except UserError as e:
+        assert "does not run on this machine" in str(e)
+        pytest.skip(str(e))
+    chosen = {m.kernel.name for m in forced.modules() if isinstance(m, KernelLinear)
+              and m.mode == kernel.mode}
+    assert chosen == {name}
+    idx = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = stored_weights_model(model, kernel.mode)(idx), forced(idx)
+    rms = ((got - want).pow(2).mean().sqrt() / want.std()).item()
+    assert rms <= 4 * kernel.tolerance, rms
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= (
+        1.0 if kernel.tolerance <= 1e-4 else 0.9)
+
+
+@pytest.mark.parametrize("quantize", [None, "half", "int8", "int4"])
+def test_kv_cache_decode_equals_full_recomputation_in_each_mode(quantize):
+    model = model_in(quantize or "float", seed=2)
+    prepare(model, quantize)
+    assert quantization(model) == quantize
+    # one row: decoding multiplies single rows (the kernels' batch-1 paths), the full
+    # recomputation whole windows
+    prompt = torch.randint(0, 101, (1, 9), generator=torch.Generator().manual_seed(1))
+    n = 60  # context 32: the window slides
+    cached = torch.stack(list(decode_loop(model, prompt, greedy(n))), dim=1)
+    assert torch.equal(cached, full_recompute(model, prompt, n))
+
+
+# ----------------------------------------------------------------------------- choosing
+
+def fake_timings(times):
+    """A stand-in for tuning.measure that reports ``times`` (kernel -> µs) and counts calls."""
+    calls = []
+
+    def measure(kernels, storages, reference, rows, dtype, threads, flush):
+        calls.append((rows, [k.name for k in kernels]))
+        return {k.name: times[k.name] for k in kernels if k.name in times}, {}
+    return measure, calls
+
+
+def test_the_fastest_measured_kernel_is_chosen_and_cached(monkeypatch):
+    measure, calls = fake_timings({"int8-intmm2": 9.0, "int8-intmm": 3.0, "int8-bf16": 5.0,
+                                   "int8-fp16": 1.0, "int8-f32": 7.0})
+    monkeypatch.setattr(tuning, "measure", measure)
+    model = model_in("int8")
+    prepare(model, "int8", rows=(1, 4))
+    head = model.lm_head
+    assert head.kernels[1].name == "int8-fp16" and head.kernels[4].name == "int8-fp16"
+    assert [rows for rows, _ in calls] == [1, 4] * 5  # five shapes, two row counts each
+    report = kernel_report(model)
+    assert {r["source"] for r in report} == {"measured"}
+    # the next load reads the choices from the cache: nothing is measured again
+    calls.clear()
+    again = model_in("int8")
+    prepare(again, "int8", rows=(1, 4))
+    assert calls == [] and {r["source"] for r in kernel_report(again)} == {"cached"}
+    assert again.lm_head.kernels[1].name == "int8-fp16"
+
+
+def test_a_more_precise_kernel_within_a_few_percent_of_the_fastest_is_preferred():
+    assert tuning.pick({"int8-bf16": 100.0, "int8-intmm2": 102.0, "int8-f32": 500.0}) \
+        == "int8-intmm2"  # 15-bit activations for 2% more time
+    assert tuning.pick({"int8-bf16": 100.0, "int8-intmm2": 110.0}) == "int8-bf16"
+    assert tuning.pick({"addmm": 100.0, "linear": 101.0}) == "addmm"  # equally precise
+
+
+def test_other_row_counts_choose_among_the_kernels_of_the_same_layout(monkeypatch):
+    measure, calls = fake_timings({"addmm": 5.0, "linear": 1.0, "chunked": 2.0, "mkldnn": 3.0})
+    monkeypatch.setattr(tuning, "measure", measure)
+    prepare(model_in("float"), None, rows=(1, 4))
+    assert calls[0] == (1, ["addmm", "linear", "chunked", "mkldnn"])
+    assert calls[1] == (4, ["linear"])  # the layout (out, in) is fixed by the 1-row choice
+
+
+def cache_entries():
+    return json.loads(tuning.cache_path().read_text())["entries"]
+
+
+def test_a_corrupt_or_foreign_cache_entry_is_ignored_and_remeasured(monkeypatch):
+    prepare(model_in("float"), None)
+    entries = cache_entries()
+    assert len(entries) == 5 and all(e["key"]["threads"] == torch.get_num_threads()
+                                     for e in entries)
+    # our entries rewritten to name another mode's kernel, plus another machine's entry
+    foreign = dict(entries[0], key=dict(entries[0]["key"], cpu="Some Other CPU"),
+                   kernel="chunked")
+    broken = [dict(e, kernel="int8-intmm") for e in entries]
+    tuning.cache_path().write_text(json.dumps({"format": tuning.CACHE_FORMAT,
+                                               "entries": broken + [foreign]}))
+    measure, calls = fake_timings({"addmm": 2.0, "linear": 1.0, "chunked": 3.0, "mkldnn": 4.0})
+    monkeypatch.setattr(tuning, "measure", measure)
+    model = model_in("float")
+    prepare(model, None)
+    assert len(calls) == 5 and {r["source"] for r in kernel_report(model)} == {"measured"}
+    kept = cache_entries()
+    assert foreign in kept and {e["kernel"] for e in kept if e != foreign} == {"linear"}
+    # a file that is not JSON at all, or not ours: measured again, then rewritten whole
+    for text in ("{not json", json.dumps({"format": "something-else/9", "entries": []})):
+        tuning.cache_path().write_text(text)
+        calls.clear()
+        prepare(model_in("float"), None)
+        assert len(calls) == 5 and len(cache_entries()) == 5
+    # a valid entry is used as it is (the cache is really read)
+    entries = cache_entries()
+    for e in entries:
+        e.update(kernel="addmm", us={"addmm": 1.0})
+    tuning.cache_path().write_text(json.dumps({"format": tuning.CACHE_FORMAT,
+                                               "entries": entries}))
+    calls.clear()
+    model = model_in("float")
+    prepare(model, None)
+    assert calls == [] and model.lm_head.kernel.name == "addmm"
+
+
+def test_a_choice_measured_on_a_saturated_machine_is_measured_again_when_quieter(monkeypatch):
+    import os
+
+    cores = os.cpu_count()
+    monkeypatch.setattr(tuning, "current_load", lambda: cores + 3.0)
+    prepare(model_in("float"), None)
+    assert {e["load"] for e in cache_entries()} == {cores + 3.0}
+    measure, calls = fake_timings({"addmm": 2.0, "linear": 1.0, "chunked": 3.0, "mkldnn": 4.0})
+    monkeypatch.setattr(tuning, "measure", measure)
+    monkeypatch.setattr(tuning, "current_load", lambda: cores + 2.5)  # hardly quieter: kept
+    prepare(model_in("float"), None)
+    assert calls == []
+    monkeypatch.setattr(tuning, "current_load", lambda: 0.5)
+    prepare(model_in("float"), None)
+    assert len(calls) == 5 and {e["load"] for e in cache_entries()} == {0.5}
+    calls.clear()
+    prepare(model_in("float"), None)  # measured on a quiet machine: kept from then on
+    assert calls == []
+
+
+def test_the_cache_key_holds_the_machine_threads_torch_and_shape():
+    prepare(model_in("float"), None)
+    key = cache_entries()[0]["key"]
+    assert set(key) == {"cpu", "flags", "threads", "torch", "mode", "dtype", "shape", "rows",
+                        "layout"}
+    assert key["torch"] == torch.__version__ and key["mode"] == "float"
+
+
+def test_a_kernel_that_misses_its_bound_is_not_chosen(monkeypatch):
+    """A kernel that computes something else (as a broken kernel on some CPU would) is
+    measured, found wrong, and skipped with the reason."""
+    wrong = KERNELS["linear"].__class__(**{**KERNELS["linear"].__dict__,
+                                           "run": lambda x, m: 1.01 * (x @ m.w.t())})
+    monkeypatch.setitem(KERNELS, "linear", wrong)
+    model = model_in("float")
+    prepare(model, None)
+    for r in kernel_report(model):
+        assert r["kernel"] != "linear" and "linear" in r["skipped"]
+        assert "over its bound" in r["skipped"]["linear"]
+
+
+# ----------------------------------------------------------------------------- forcing
+
+def test_forcing_by_environment_variable_and_refusals(monkeypatch):
+    monkeypatch.setenv(tuning.ENV, "chunked")
+    model = model_in("float")
+    prepare(model, None)
+    assert {r["kernel"] for r in kernel_report(model)} == {"chunked"}
+    assert {r["source"] for r in kernel_report(model)} == {"forced"}
+    monkeypatch.delenv(tuning.ENV)
+    with pytest.raises(UserError) as err:
+        prepare(model_in("float"), None, kernel="fastest")
+    assert str(err.value).startswith("unknown kernel 'fastest'; for this model choose one of: "
+                                     "addmm, linear, chunked, mkldnn")
+    with pytest.raises(UserError) as err:
+        prepare(model_in("float"), None, kernel="int8-intmm")
+    assert str(err.value).startswith("kernel int8-intmm is for --quantize int8; for this model "
+                                     "choose one of: addmm")
+    assert [k.name for k in candidates("int4")] == ["int4-bf16", "int4-f32"]
+
+
+def test_bench_shows_the_choice_and_refuses_an_unknown_kernel():
+    args = ["bench", "--device", "cpu", "--preset", "tiny", "--steps", "1", "--warmup", "0",
+            "--context-length", "32", "--prompt-length", "8", "--max-new-tokens", "4",
+            "--only", "generate", "--quantize", "int8"]
+    result = runner.invoke(app, args + ["--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["cpu"] and isinstance(out["isa_flags"], list)
+    shapes = {tuple(k["shape"]) for k in out["kernels"]}
+    assert (128, 50257) in shapes and all(k["kernel"] in k["us"] for k in out["kernels"])
+    assert all(k["us"][k["kernel"]] <= (1 + tuning.SLACK) * min(k["us"].values())
+               for k in out["kernels"])
+    table = runner.invoke(app, args + ["--kernel", "int8-intmm2"])
+    assert table.exit_code == 0, table.output
+    assert "int8-intmm2 (forced; int8, 4 layers)" in " ".join(table.stdout.split())
+    bad = runner.invoke(app, args + ["--kernel", "linear"])
+    assert bad.exit_code == 2
+    assert bad.stderr.strip().startswith("error: kernel linear is for no --quantize; for this "
+                                         "model choose one of: int8-intmm2")
