@@ -240,8 +240,15 @@ INT4 = [
 KERNELS: dict[str, Kernel] = {k.name: k for k in FLOAT + HALF + INT8 + INT4}
 
 
-def candidates(mode: str) -> list[Kernel]:
-    return [k for k in KERNELS.values() if k.mode == mode]
+# oneDNN's packed inner product runs eagerly only: inductor lowers mkldnn._linear_pointwise itself
+# and asserts on a weight it did not pack (torch 2.13), so a compiled step chooses among the rest
+EAGER_ONLY = frozenset({"mkldnn", "bf16-mkldnn", "fp16-mkldnn"})
+
+
+def candidates(mode: str, compiled: bool = False) -> list[Kernel]:
+    """The kernels of ``mode``; for a ``torch.compile``'d step, those inductor can compile."""
+    return [k for k in KERNELS.values()
+            if k.mode == mode and not (compiled and k.name in EAGER_ONLY)]
 
 
 # ----------------------------------------------------------------------------- the layer

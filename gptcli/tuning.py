@@ -201,23 +201,25 @@ def flush_buffer(model_bytes: int) -> torch.Tensor | None:
 
 def choose(mode: str, storages: list[dict], reference: Callable[[], torch.Tensor],
            shape: tuple[int, int], rows: tuple[int, ...], dtype: torch.dtype, *,
-           forced: str | None = None, model_bytes: int = 0) -> dict[int, Choice]:
+           forced: str | None = None, model_bytes: int = 0,
+           compiled: bool = False) -> dict[int, Choice]:
     """The kernel for each row count in ``rows`` for layers of one ``shape`` (in, out)
     (``storages``; see ``kernels.py`` for what they hold; ``reference()`` gives the first one's
     weight (in, out) in float, for measuring). The first row count picks among every kernel of
     ``mode`` (its layout then holds), the others among that layout's kernels. ``forced`` names
-    one kernel to use everywhere."""
+    one kernel to use everywhere. ``compiled``: for a ``torch.compile``'d step (the kernels
+    inductor can compile; cached under their own key)."""
     if forced is not None:
         return {m: Choice(KERNELS[forced], "forced") for m in rows}
     threads = torch.get_num_threads()
     base = {**machine(), "mode": mode, "dtype": str(dtype).removeprefix("torch."),
-            "shape": list(shape)}
+            "shape": list(shape), **({"compiled": True} if compiled else {})}
     entries, load = read_cache(), current_load()
     flush = None
     out: dict[int, Choice] = {}
     layout = None
     for m in dict.fromkeys(rows):
-        allowed = [k for k in candidates(mode) if layout is None or k.layout == layout]
+        allowed = [k for k in candidates(mode, compiled) if layout is None or k.layout == layout]
         key = {**base, "rows": m, "layout": layout}
         choice = lookup(entries, key, allowed, load)
         if choice is None:

@@ -280,3 +280,44 @@ def test_bench_shows_the_choice_and_refuses_an_unknown_kernel():
     assert bad.exit_code == 2
     assert bad.stderr.strip().startswith("error: kernel linear is for no --quantize; for this "
                                          "model choose one of: int8-intmm2")
+
+
+def test_a_compiled_step_never_gets_a_kernel_inductor_cannot_compile(monkeypatch):
+    """On a machine where oneDNN's packed product measures fastest, `--compile` (whose inductor
+    lowering of it fails) chooses among the other kernels, under its own cache key, and the
+    compiled step decodes as the eager one does; forcing an eager-only kernel is refused."""
+    from gptcli.decode import compile_step
+    from gptcli.kernels import EAGER_ONLY
+
+    measure, calls = fake_timings({"addmm": 5.0, "linear": 4.0, "chunked": 6.0, "mkldnn": 1.0})
+    monkeypatch.setattr(tuning, "measure", measure)
+    eager = model_in("float")
+    prepare(eager, None)
+    assert {r["kernel"] for r in kernel_report(eager)} == {"mkldnn"}
+    compiled = model_in("float")
+    prepare(compiled, None, compiled=True)
+    assert {r["kernel"] for r in kernel_report(compiled)} == {"linear"}
+    assert all("mkldnn" not in names for _, names in calls[-5:])
+    torch._dynamo.reset()
+    step = compile_step(compiled)
+    prompt = torch.tensor([[1, 2, 3]])
+    got = torch.stack(list(decode_loop(compiled, prompt, greedy(8), step=step)))
+    assert torch.equal(got, torch.stack(list(decode_loop(eager, prompt, greedy(8)))))
+    assert "mkldnn" in EAGER_ONLY
+    with pytest.raises(UserError, match="runs without --compile only"):
+        prepare(model_in("float"), None, kernel="mkldnn", compiled=True)
+
+
+def test_generate_and_eval_take_the_kernel_flag(char_checkpoint, tmp_path):
+    """--kernel is a flag of every command that loads a model: it reaches the model."""
+    from gptcli.generate import load_generator
+
+    path = char_checkpoint
+    loaded = load_generator(str(path), device="cpu", kernel="linear")
+    assert {r["kernel"] for r in kernel_report(loaded.model)} == {"linear"}
+    for command in (["generate", "--prompt", "ab", "--max-new-tokens", "2"],
+                    ["eval", "--data", str(tmp_path / "t.txt")]):
+        (tmp_path / "t.txt").write_text("abcdefgh " * 40)
+        bad = runner.invoke(app, [*command, "--model", str(path), "--kernel", "int8-intmm"])
+        assert bad.exit_code == 2, bad.output
+        assert "kernel int8-intmm is for --quantize int8" in bad.stderr

@@ -79,7 +79,7 @@ def generate_cmd(
     if "draft_tokens" in given and load.draft_model is None:
         raise UserError("--draft-tokens goes with --draft-model")
     loaded = load_generator(load.model, device=load.device, dtype=load.dtype,
-                            compile=load.compile, quantize=load.quantize,
+                            compile=load.compile, quantize=load.quantize, kernel=load.kernel,
                             draft_model=load.draft_model, draft_tokens=load.draft_tokens)
     if load.model is None:
         note(f"using {loaded.path} (the latest run)")
@@ -161,7 +161,7 @@ def chat_cmd(
 
     load, sample = settings(LoadConfig, given), settings(SampleConfig, given)
     loaded = load_generator(load.model, device=load.device, dtype=load.dtype,
-                            compile=load.compile, quantize=load.quantize)
+                            compile=load.compile, quantize=load.quantize, kernel=load.kernel)
     if load.model is None:
         note(f"using {loaded.path} (the latest run)")
     raise typer.Exit(run_chat(loaded, sample, system=system, as_json=as_json, log=note,
