@@ -138,7 +138,22 @@ def starting_point(cfg: TrainConfig, run: RunFolder, resume: bool) -> Start | No
         raise UserError(f"{cfg.init_from} is an int8 checkpoint, for inference only; train from "
                         f"the float checkpoint it was made from "
                         f"({start.metadata.get('quantized_from', 'see gpt info')})")
+    if not resume:
+        check_same_shape(cfg, start.model.config)
     return start
+
+
+def check_same_shape(cfg: TrainConfig, config: ModelConfig) -> None:
+    """A model started from a checkpoint keeps the checkpoint's shape: a shape flag that asks
+    for another one is refused rather than silently ignored."""
+    asked = {name: getattr(cfg, name) for name in ("n_layer", "n_head", "n_embd",
+                                                   "context_length", "position")
+             if getattr(cfg, name) is not None and getattr(cfg, name) != getattr(config, name)}
+    if asked:
+        flags = ", ".join(f"--{k.replace('_', '-')} {v} (it has {getattr(config, k)})"
+                          for k, v in asked.items())
+        raise UserError(f"{cfg.init_from} has another shape than {flags}; a run started from a "
+                        "checkpoint keeps its shape: leave these flags out")
 
 
 def tokenize(cfg: TrainConfig, start: Start | None, dist: Dist, display) -> TokenData:

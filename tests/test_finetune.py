@@ -364,3 +364,13 @@ def test_masks_shift_with_the_targets(tmp_path):
         expected = [t if m else IGNORE for t, m in zip(data.tokens[start + 1:start + len(ids)],
                                                        data.masks[start + 1:start + len(ids)])]
         assert y[0].tolist() == expected
+
+
+def test_shape_flags_that_differ_from_the_starting_checkpoint_are_refused(base, chat, tmp_path):
+    result = train("--init-from", base, "--data", chat, "--out", tmp_path / "r", "--n-layer", "4",
+                   "--context-length", "16")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: {base} has another shape than --n-layer 4 (it has 2), --context-length 16 (it "
+        "has 32); a run started from a checkpoint keeps its shape: leave these flags out")
+    assert not (tmp_path / "r").exists()
