@@ -245,8 +245,8 @@ def main() -> None:
           f"unseen sums, {counts['held_out_words']} unseen words x 3 tasks)")
     print(f"{'run':<14} {'steps':>5} {'train s':>8} " + " ".join(f"{t:>7}" for t in TASKS)
           + f" {'all':>7}")
-    rows = [("base (no FT)", "-", "-", results["base"]["exact_match"])] * (
-        "exact_match" in results["base"]) + [
+    rows = ([("base (no FT)", "-", "-", results["base"]["exact_match"])]
+            if "exact_match" in results["base"] else []) + [
         (name, r["steps"], r["train_seconds"], r["exact_match"])
         for name, r in results["runs"].items()]
     for name, steps, seconds, em in rows:

@@ -83,12 +83,27 @@ def plan(req: Request) -> tuple[Path, dict]:
             seed = _seed(req) + s
             name = point_name(len(points), total, values, seed if req.seeds > 1 else None)
             points.append(_point(req, values, seed, folder / name, budget, solve, shapes))
-    return folder, {"format": FORMAT, "varied": names + ([solve] if solve else []),
+    notes = _one_dtype(points)
+    return folder, {"notes": notes, "format": FORMAT, "varied": names + ([solve] if solve else []),
                     "derived": [solve] if solve else [],
                     "seeds": req.seeds, "random": req.random,
                     "budget": {"kind": budget.kind, "amount": budget.amount} if budget else None,
                     "match_params": req.match_params, "nproc": req.nproc, "points": points,
                     "failed": {}}
+
+
+def _one_dtype(points: list[dict]) -> list[str]:
+    """Points compared in different precisions are not a fair comparison: where ``--dtype
+    auto`` would train some points in bfloat16 (wide models on a CPU with native bf16) and
+    others in float32, every point trains in float32, with a note."""
+    dtypes = sorted({p["dtype"] for p in points})
+    if len(dtypes) < 2 or not all(p["dtype_auto"] for p in points):
+        return []
+    for p in points:
+        p["argv"] += ["--dtype", "float32"]
+        p["dtype"] = "float32"
+    return [f"note: --dtype auto would train these points in {' and '.join(dtypes)} (by "
+            "width); all train in float32 so they compare alike (give --dtype to choose)"]
 
 
 def _seed(req: Request) -> int:
@@ -163,7 +178,7 @@ def _point(req: Request, values: dict[str, str], seed: int, run: Path, budget: B
     explicit["out"] = str(run)
     cfg = _validated(explicit, req.config_file, where)
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, train_width=shape.n_embd)  # as `gpt train` will
     try:
         check_fits(shape, cfg, device, dtype)  # as `gpt train` will, before anything runs
     except UserError as e:
@@ -174,6 +189,7 @@ def _point(req: Request, values: dict[str, str], seed: int, run: Path, budget: B
             "tokens_per_step": tokens_per_step, "flops_per_token": flops_per_token,
             "params": shape.num_params(),
             "memory": sum(memory_breakdown(shape, cfg, dtype).values()), "device": device.type,
+            "dtype": str(dtype).removeprefix("torch."), "dtype_auto": cfg.dtype == "auto",
             "argv": (["--config", str(Path(req.config_file).resolve())] if req.config_file
                      else []) + train_flags(explicit)}
 

@@ -404,3 +404,27 @@ def test_printed_commands_run_elsewhere_and_show_reads_them_back(corpus, tmp_pat
     table = json.loads(show.stdout)
     assert [r["status"] for r in table["points"]] == ["finished"] * 2
     assert {r["settings"]["n_layer"] for r in table["points"]} == {1, 2}
+
+
+@pytest.mark.parametrize("isa", ["avx512_bf16", None])
+def test_points_that_auto_would_train_in_two_precisions_all_train_in_float32(
+        corpus, tmp_path, monkeypatch, isa):
+    """On a CPU with native bf16, `--dtype auto` trains wide models in bf16 and narrow ones in
+    float32: a depth-against-width sweep would compare precisions too. It trains every point
+    in float32, and says so; --dtype given, or one precision for all, changes nothing."""
+    from gptcli import devices
+
+    monkeypatch.setattr(devices, "cpu_bf16_isa", lambda: isa)
+    args = ["--data", corpus, *tiny("--n-embd"), "--set", "n-embd=64,256"]
+    result = sweep(*args, "--out", tmp_path / "a", "--print-commands")
+    flags = printed(result)
+    if isa:
+        assert [c.get("--dtype") for c in flags] == ["float32", "float32"]
+        assert ("note: --dtype auto would train these points in bfloat16 and float32 (by "
+                "width); all train in float32 so they compare alike (give --dtype to choose)"
+                ) in result.stderr
+    else:
+        assert [c.get("--dtype") for c in flags] == [None, None] and "note:" not in result.stderr
+    given = printed(sweep(*args, "--dtype", "bfloat16", "--out", tmp_path / "b",
+                          "--print-commands"))
+    assert [c.get("--dtype") for c in given] == ["bfloat16", "bfloat16"]

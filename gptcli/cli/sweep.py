@@ -93,6 +93,8 @@ def sweep_cmd(
                   print_only=print_commands)
     folder, manifest, resumed = plan_or_resume(req, jobs=jobs)
     manifest = manifest if resumed else prepare(folder, manifest, force=force)
+    for line in manifest.get("notes", []):
+        note(line)
     if print_commands:
         print("\n".join(commands(manifest)))
         note(f"wrote {folder / 'sweep.json'}; see the results with gpt sweep show {folder}")
