@@ -2,10 +2,10 @@
 a small base model pretrained on the bundled Shakespeare (GPT-2 tokenizer), `gpt train` on the
 instructions, and held-out exact-match accuracy of greedy replies.
 
-    python examples/instruct.py                          # full fine-tuning, prompt masked (~10 min on 2 idle cores)
+    python examples/instruct.py                          # full fine-tuning, prompt masked (~3 min on 2 idle cores)
     python examples/instruct.py --lora-rank 8            # LoRA adapters instead
     python examples/instruct.py --no-mask-prompt         # learn every token, prompts too
-    python examples/instruct.py --compare                # all three above, one table
+    python examples/instruct.py --compare                # all three above, one table (~6 min)
     python examples/instruct.py --base runs/my-model     # skip pretraining: fine-tune this model
     gpt chat --model runs/instruct/full-mask             # then talk to the result
 
