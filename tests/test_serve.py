@@ -502,6 +502,9 @@ def test_a_bug_in_an_endpoint_is_a_500_in_openai_shape_and_one_log_line(served, 
     status, headers, reply = call(served, "POST", "/v1/completions", {"prompt": "a"})
     assert status == 500 and headers["Content-Type"] == "application/json"
     assert reply["error"]["message"] == "KeyError: 'injected bug'"
+    deadline = time.monotonic() + 5  # the server logs after the answer has gone out
+    while len(served["log"]) == lines and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert served["log"][lines:] == ["POST /v1/completions: 500 KeyError: 'injected bug'"]
     assert not any(r.exc_info for r in caplog.records)  # no traceback from uvicorn either
 
