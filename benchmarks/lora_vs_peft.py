@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,13 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak RSS (VmHWM: ru_maxrss would include the parent's peak before the
+    exec, the same figure for every contender)."""
+    import torch
+
+    from gptcli.hardware import peak_memory
+
+    return peak_memory(torch.device("cpu")) / 2**20
 
 
 def make_base(args, folder: Path) -> Path:

@@ -246,7 +246,9 @@ GiB = 1024 ** 3
 
 def peak_memory(device: torch.device, sampled: int = 0) -> int:
     """CUDA: max allocated since the phase began. MPS: the largest allocation seen after each
-    step (torch.mps has no peak counter). CPU: the process's max RSS, since it started."""
+    step (torch.mps has no peak counter). CPU: the process's max RSS, since it started: on
+    Linux its VmHWM, since ru_maxrss also counts the parent's peak from before the exec (a
+    sweep's points would all show the sweep's own peak)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     if device.type == "mps":
@@ -254,6 +256,13 @@ def peak_memory(device: torch.device, sampled: int = 0) -> int:
     import resource
     import sys
 
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
 

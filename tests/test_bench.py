@@ -220,3 +220,20 @@ def test_bad_values_exit_2():
     result = runner.invoke(app, ["bench", "--device", "cpu", "--preset", "tiny",
                                  "--prompt-length", "60", "--max-new-tokens", "10"])
     assert result.exit_code == 2 and "must fit in the context length (64)" in result.stderr
+
+
+def test_cpu_peak_memory_is_the_process_own_not_its_parents():
+    """A child's peak (a sweep's point, a benchmark's contender) must not inherit the peak its
+    parent had before the exec, as Linux's ru_maxrss does."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(1536 * 2**20)  # 1.5 GiB, touched: the parent's peak is at least that
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    code = ("import torch; from gptcli.hardware import peak_memory; "
+            "print(peak_memory(torch.device('cpu')))")
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True).stdout)
+    del ballast
+    assert 50 * 2**20 < child < 1024 * 2**20
