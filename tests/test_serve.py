@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import logging
 import os
 import random
 import signal
@@ -35,6 +36,20 @@ from conftest import randomize_, tiny_config  # noqa: E402
 
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
 KEY = "secret-key"
+
+
+@pytest.fixture
+def uvicorn_log():
+    """The records uvicorn logs during a test. uvicorn's own logging config makes its "uvicorn"
+    logger non-propagating, so they never reach the root logger (where pytest before 9 puts
+    ``caplog``'s handler): listen to that logger itself."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("uvicorn")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
 
 
 def free_port() -> int:
@@ -493,7 +508,7 @@ def test_every_v1_route_needs_the_key_and_health_does_not(served):
 
 
 def test_a_bug_in_an_endpoint_is_a_500_in_openai_shape_and_one_log_line(served, monkeypatch,
-                                                                       caplog):
+                                                                       uvicorn_log):
     def bug(*args):
         raise KeyError("injected bug")
 
@@ -506,10 +521,10 @@ def test_a_bug_in_an_endpoint_is_a_500_in_openai_shape_and_one_log_line(served, 
     while len(served["log"]) == lines and time.monotonic() < deadline:
         time.sleep(0.01)
     assert served["log"][lines:] == ["POST /v1/completions: 500 KeyError: 'injected bug'"]
-    assert not any(r.exc_info for r in caplog.records)  # no traceback from uvicorn either
+    assert not any(r.exc_info for r in uvicorn_log)  # no traceback from uvicorn either
 
 
-def test_malformed_http_is_a_400_in_openai_shape(served, caplog):
+def test_malformed_http_is_a_400_in_openai_shape(served, uvicorn_log):
     head = b"POST /nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
     for parts in ([b"GARBAGE\r\n\r\n"], [head + b"zz\r\n"]):  # the second: a bad body
         reply = exchange(served["url"], *parts)
@@ -522,7 +537,7 @@ def test_malformed_http_is_a_400_in_openai_shape(served, caplog):
     reply = exchange(served["url"], head, b"zz\r\n")
     assert reply.startswith(b"HTTP/1.1 404 ") and reply.count(b"HTTP/1.1 ") == 1
     time.sleep(0.2)
-    assert [r.getMessage() for r in caplog.records] == ["Invalid HTTP request received."] * 3
+    assert [r.getMessage() for r in uvicorn_log] == ["Invalid HTTP request received."] * 3
 
 
 def test_bad_requests_of_every_kind_leave_running_work_alone(served):
@@ -581,7 +596,7 @@ def test_events_for_a_client_whose_loop_closed_end_its_job_alone(served):
                                                      temperature=0.9)
 
 
-def test_a_request_cancelled_at_shutdown_gets_a_503_not_a_traceback(served, caplog):
+def test_a_request_cancelled_at_shutdown_gets_a_503_not_a_traceback(served, uvicorn_log):
     """When uvicorn's graceful wait runs out while a request still waits (here: a scheduler
     that never runs, as one stuck in a long forward pass would), it cancels the request: the
     client gets a 503 in OpenAI's shape and the log no traceback."""
@@ -602,7 +617,7 @@ def test_a_request_cancelled_at_shutdown_gets_a_503_not_a_traceback(served, capl
             "message": "the server is shutting down", "type": "server_error", "param": None,
             "code": None}})
     thread.join(10)
-    assert not any(r.exc_info for r in caplog.records)
+    assert not any(r.exc_info for r in uvicorn_log)
 
 
 # ----------------------------------------------------------------------------- the command
