@@ -109,7 +109,7 @@ class Engine:
 
     @property
     def free(self) -> int:
-        return self.cache.k.size(1) - len(self.rows)
+        return self.cache.batch_size - len(self.rows)
 
     def view(self, first: int, stop: int, draft: bool = False) -> KVCache:
         """The cache rows [first, stop) (the draft's cache: ``draft``), as one object per range
