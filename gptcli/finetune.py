@@ -12,7 +12,9 @@ from .chat import METADATA_KEY, TEMPLATE
 from .config import ModelConfig, TrainConfig
 from .errors import UserError
 from .hardware import available_memory, check_memory, train_memory_breakdown
-from .lora import TARGETS, apply_lora, base_fingerprint, lora_modules, trainable_parameters
+from .kernels import packable_dtypes
+from .lora import (TARGETS, apply_lora, base_fingerprint, lora_modules, packed_bytes,
+                   trainable_parameters, use_packs)
 from .checkpoint import model_tensors
 
 LORA_FLAGS = ("lora_alpha", "lora_dropout", "lora_targets")
@@ -92,6 +94,24 @@ def add_adapters(model: torch.nn.Module, cfg: TrainConfig, start_path: Path | No
     apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                [t for t in TARGETS if t in cfg.lora_targets], generator=generator)
     return base
+
+
+def pack_frozen(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                dtype: torch.dtype) -> str | None:
+    """On a CPU, a LoRA run's frozen weights get packed copies for faster products
+    (``kernels.FrozenPacks``) when the copies fit beside the step's estimate; returns a note
+    saying which (None for other runs)."""
+    if device.type != "cpu" or not lora_modules(model) or dtype not in packable_dtypes():
+        return None
+    extra = packed_bytes(model, dtype)
+    need = sum(memory_breakdown(model.config, cfg, dtype).values()) + extra
+    available = available_memory(device)
+    if available is not None and need > available:
+        return (f"note: the frozen weights' products run unpacked: packed copies (about "
+                f"{extra / 2**30:,.1f} GiB more) would not fit in memory")
+    use_packs(model, True)
+    return (f"frozen weights: products on oneDNN-packed copies (about {extra / 2**30:,.1f} GiB; "
+            "faster on CPUs)")
 
 
 def describe(model: torch.nn.Module) -> str | None:

@@ -43,6 +43,7 @@ from torch import nn
 
 from .model import Projection
 from .errors import UserError
+from .kernels import FrozenPacks
 
 # option value -> the projection's path inside each block h.N
 TARGETS = {"qkv": "attn.c_attn", "attn-out": "attn.c_proj", "mlp-in": "mlp.c_fc",
@@ -72,6 +73,7 @@ class LoRAProjection(nn.Module):
                                                dtype=weight.dtype))
         # Identity when off: no dropout kernel (and no RNG use) in the compiled graph
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.packs = FrozenPacks()  # the frozen base's products, when ``use_packs`` turns them on
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -87,7 +89,8 @@ class LoRAProjection(nn.Module):
         return (self.lora_A.to(dtype) @ self.lora_B.to(dtype)) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # (..., out)
+        packed = self.packs.product(x.reshape(-1, x.size(-1)), self.base.weight, self.base.bias)
+        y = self.base(x) if packed is None else packed.view(*x.shape[:-1], self.base.n_out)
         flat = self.dropout(x).reshape(-1, x.size(-1))  # (B*T, in)
         # (B*T, rank) first: two thin products, never the (in, out) update
         update = (flat @ self.lora_A) @ self.lora_B * self.scale  # (B*T, out)
@@ -95,6 +98,48 @@ class LoRAProjection(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}"
+
+
+class FrozenHead(nn.Linear):
+    """The output matrix of a model with adapters: the same ``nn.Linear`` (its weight is the
+    same, tied parameter, under the same name) whose products go through ``FrozenPacks`` when
+    ``use_packs`` turns them on. ``merge_lora`` puts the plain ``nn.Linear`` back."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                         device="meta")
+        self.weight, self.bias = linear.weight, linear.bias
+        self.train(linear.training)
+        self.packs = FrozenPacks()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.packs.product(x.reshape(-1, x.size(-1)), self.weight.t(), self.bias)
+        return super().forward(x) if packed is None else packed.view(*x.shape[:-1], -1)
+
+    def plain(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear.train(self.training)
+
+
+def use_packs(model: nn.Module, enabled: bool) -> None:
+    """Turn the packed products of a LoRA model's frozen weights on or off (off frees them)."""
+    for m in model.modules():
+        if isinstance(m, (LoRAProjection, FrozenHead)):
+            if enabled:
+                m.packs.enabled = True
+            else:
+                m.packs.release()
+
+
+def packed_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """What ``use_packs`` holds once every frozen product has run: two copies of each packed
+    weight in the compute ``dtype``."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return 2 * size * sum(m.base.weight.numel() if isinstance(m, LoRAProjection)
+                          else m.weight.numel() for m in model.modules()
+                          if isinstance(m, (LoRAProjection, FrozenHead)))
 
 
 def check_settings(base: Projection, rank: int, alpha: float, dropout: float) -> None:
@@ -158,6 +203,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
         adapter = LoRAProjection(base, rank, alpha, dropout, generator=generator)
         adapter.train(base.training)  # a new module is in training mode: keep the model's
         setattr(parent, leaf, adapter)
+    if type(getattr(model, "lm_head", None)) is nn.Linear:
+        model.lm_head = FrozenHead(model.lm_head)
     return sites
 
 
@@ -192,6 +239,8 @@ def merge_lora(model: nn.Module) -> list[str]:
         parent, leaf = _parent(model, name)
         setattr(parent, leaf, base)
         merged.append(name)
+    if isinstance(getattr(model, "lm_head", None), FrozenHead):
+        model.lm_head = model.lm_head.plain()
     return merged
 
 

@@ -117,6 +117,8 @@ def setup(cfg: TrainConfig, run: RunFolder, resume: bool, display) -> Session:
                                                      start.metadata if start else None))
     if (lora := finetune.describe(model)) is not None:
         display.note(lora)
+    if (packing := finetune.pack_frozen(model, cfg, device, dtype)) is not None:
+        display.note(packing)
     if resume:
         restore_state(s)
     if dist.is_main:

@@ -20,6 +20,7 @@ from gptcli.cli import app
 from gptcli.config import ModelConfig
 from gptcli.data import load_tokens
 from gptcli.data.batches import IGNORE, BatchSampler
+from gptcli.kernels import packable_dtypes
 from gptcli.model import GPT
 from gptcli.models import load_weights
 from gptcli.tokenizer import GPT2Tokenizer
@@ -203,6 +204,8 @@ def test_a_lora_run_saves_adapters_and_generates_as_its_merged_model(base, chat,
                    "--lora-targets", "mlp-out", "--lr", "1e-2")
     assert result.exit_code == 0, result.output
     assert "LoRA: 1,152 adapter parameters train" in result.stderr  # 2 x (2*128 + 2*160)
+    if packable_dtypes():  # oneDNN is there: the frozen products run on packed copies
+        assert "frozen weights: products on oneDNN-packed copies" in result.stderr
     names = adapter_names(out / "last.safetensors")
     assert sorted(names) == sorted(f"h.{i}.{p}.lora_{m}" for i in range(2)
                                    for p in ("attn.c_attn", "mlp.c_proj") for m in "AB")
@@ -374,3 +377,26 @@ def test_shape_flags_that_differ_from_the_starting_checkpoint_are_refused(base, 
         f"error: {base} has another shape than --n-layer 4 (it has 2), --context-length 16 (it "
         "has 32); a run started from a checkpoint keeps its shape: leave these flags out")
     assert not (tmp_path / "r").exists()
+
+
+def test_frozen_weights_stay_unpacked_when_their_copies_would_not_fit(monkeypatch):
+    from gptcli import finetune
+    from gptcli.config import TrainConfig
+    from gptcli.lora import apply_lora, lora_modules
+
+    if not packable_dtypes():
+        pytest.skip("oneDNN is not available in this torch build")
+    model = GPT(ModelConfig(vocab_size=101, context_length=32, n_layer=2, n_head=2, n_embd=32))
+    apply_lora(model, rank=2, alpha=4)
+    cfg = TrainConfig(batch_size=2, init_from="x", lora_rank=2)
+    need = sum(finetune.memory_breakdown(model.config, cfg, torch.float32).values())
+    monkeypatch.setattr(finetune, "available_memory", lambda device: need + 1000)
+    note = finetune.pack_frozen(model, cfg, torch.device("cpu"), torch.float32)
+    assert note.startswith("note: the frozen weights' products run unpacked: packed copies "
+                           "(about 0.0 GiB more) would not fit in memory")
+    assert not any(m.packs.enabled for m in lora_modules(model).values())
+    monkeypatch.setattr(finetune, "available_memory", lambda device: 2 * need)
+    assert finetune.pack_frozen(model, cfg, torch.device("cpu"), torch.float32).startswith(
+        "frozen weights: products on oneDNN-packed copies (about 0.0 GiB")
+    assert all(m.packs.enabled for m in lora_modules(model).values())
+    assert model.lm_head.packs.enabled

@@ -261,3 +261,39 @@ def test_ddp_with_a_frozen_base(tmp_path):
         # group's destructor can wait forever for its worker threads (seen once in a full run)
         ddp = logits = None
         dist.destroy_process_group()
+
+
+def test_packed_frozen_products_train_as_the_plain_ones():
+    """With ``use_packs`` the frozen projections and output matrix run on packed copies: the
+    same loss and adapter gradients (float32, 1e-5 relative), no gradient for the base; merging
+    gives back the plain output layer and the base's tensor names."""
+    from gptcli.lora import FrozenHead, packed_bytes, use_packs
+
+    names = set(tiny().state_dict())
+    models = []
+    for packed in (False, True):
+        model = tiny(dropout=0.1)
+        apply_lora(model, rank=4, alpha=8, generator=torch.Generator().manual_seed(0))
+        perturb_adapters_(model)
+        use_packs(model, packed)
+        model.train()
+        torch.manual_seed(3)  # the same dropout masks
+        logits = model(IDX)
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, 101), IDX.view(-1))
+        loss.backward()
+        models.append((model, loss.detach()))
+    (plain, loss_plain), (fast, loss_fast) = models
+    assert isinstance(fast.lm_head, FrozenHead) and fast.lm_head.packs.packs is not None
+    assert all(m.packs.packs is not None for m in lora_modules(fast).values())
+    assert plain.lm_head.packs.packs is None
+    assert torch.allclose(loss_fast, loss_plain, rtol=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
+        assert (a.grad is None) == (b.grad is None) == ("lora_" not in name), name
+        if a.grad is not None:
+            assert torch.allclose(b.grad, a.grad, rtol=1e-4, atol=1e-7), name
+    c = fast.config
+    projections = c.n_layer * (c.n_embd * 3 * c.n_embd + c.n_embd ** 2 + 8 * c.n_embd ** 2)
+    assert packed_bytes(fast, torch.float32) == 2 * 4 * (projections + c.vocab_size * c.n_embd)
+    merge_lora(fast)
+    assert type(fast.lm_head) is torch.nn.Linear and fast.lm_head.weight is fast.wte.weight
+    assert set(fast.state_dict()) == names
