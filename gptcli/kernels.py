@@ -67,6 +67,22 @@ def chunked_matmul(x: torch.Tensor, packed: torch.Tensor, n_out: int) -> torch.T
     return y.permute(1, 0, 2).reshape(M, c * width)[:, :n_out]
 
 
+def chunked_rows(weight: torch.Tensor, chunks: int) -> torch.Tensor:
+    """``weight`` (in, out) as (chunks, ceil(out/chunks), in): each chunk's output columns as
+    rows (nn.Linear's layout), padded like ``chunked``."""
+    return chunked(weight, chunks).transpose(1, 2).contiguous()
+
+
+def chunked_rows_matmul(x: torch.Tensor, packed: torch.Tensor, n_out: int) -> torch.Tensor:
+    """``x (M, in) @ W`` for W in the ``chunked_rows`` layout: one batched matmul with the
+    weights as its first operand (W_chunk @ x^T). Beyond one row this keeps the speed that the
+    ``chunked`` product loses (output matrix, 4 rows: 5.9 ms against 11.4 ms here)."""
+    c, width, n_in = packed.shape
+    M = x.size(0)
+    y = torch.bmm(packed, x.t().unsqueeze(0).expand(c, n_in, M))  # (c, width, M)
+    return y.permute(2, 0, 1).reshape(M, c * width)[:, :n_out]
+
+
 def _plus_bias(y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return y if layer.bias is None else y.add_(layer.bias)
 
@@ -96,6 +112,10 @@ FLOAT = [
            lambda s, t: {"w": chunked(s["weight"], t)},
            lambda x, m: _plus_bias(chunked_matmul(x, m.w, m.n_out), m), 1e-5,
            "one batched matmul over a slice of W's outputs per thread"),
+    Kernel("chunked-rows", "float", "chunked_rows",
+           lambda s, t: {"w": chunked_rows(s["weight"], t)},
+           lambda x, m: _plus_bias(chunked_rows_matmul(x, m.w, m.n_out), m), 1e-5,
+           "one batched matmul over a slice of W's rows (out, in) per thread, W first"),
     Kernel("mkldnn", "float", "mkldnn", lambda s, t: {"w": _mkldnn_pack(s["weight"].t())},
            lambda x, m: _mkldnn(x, m.w, m.bias), 1e-5,
            "oneDNN inner product on W packed in its blocked layout"),

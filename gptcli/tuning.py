@@ -220,7 +220,8 @@ def choose(mode: str, storages: list[dict], reference: Callable[[], torch.Tensor
     layout = None
     for m in dict.fromkeys(rows):
         allowed = [k for k in candidates(mode, compiled) if layout is None or k.layout == layout]
-        key = {**base, "rows": m, "layout": layout}
+        # the candidates are part of the key: a gptcli with other kernels measures again
+        key = {**base, "rows": m, "layout": layout, "candidates": [k.name for k in allowed]}
         choice = lookup(entries, key, allowed, load)
         if choice is None:
             if flush is None:

@@ -153,10 +153,11 @@ def test_a_more_precise_kernel_within_a_few_percent_of_the_fastest_is_preferred(
 
 
 def test_other_row_counts_choose_among_the_kernels_of_the_same_layout(monkeypatch):
-    measure, calls = fake_timings({"addmm": 5.0, "linear": 1.0, "chunked": 2.0, "mkldnn": 3.0})
+    measure, calls = fake_timings({"addmm": 5.0, "linear": 1.0, "chunked": 2.0,
+                                   "chunked-rows": 4.0, "mkldnn": 3.0})
     monkeypatch.setattr(tuning, "measure", measure)
     prepare(model_in("float"), None, rows=(1, 4))
-    assert calls[0] == (1, ["addmm", "linear", "chunked", "mkldnn"])
+    assert calls[0] == (1, ["addmm", "linear", "chunked", "chunked-rows", "mkldnn"])
     assert calls[1] == (4, ["linear"])  # the layout (out, in) is fixed by the 1-row choice
 
 
@@ -224,8 +225,9 @@ def test_the_cache_key_holds_the_machine_threads_torch_and_shape():
     prepare(model_in("float"), None)
     key = cache_entries()[0]["key"]
     assert set(key) == {"cpu", "flags", "threads", "torch", "mode", "dtype", "shape", "rows",
-                        "layout"}
+                        "layout", "candidates"}
     assert key["torch"] == torch.__version__ and key["mode"] == "float"
+    assert key["candidates"] == [k.name for k in candidates("float")]  # new kernels: measured again
 
 
 def test_a_kernel_that_misses_its_bound_is_not_chosen(monkeypatch):
@@ -253,7 +255,7 @@ def test_forcing_by_environment_variable_and_refusals(monkeypatch):
     with pytest.raises(UserError) as err:
         prepare(model_in("float"), None, kernel="fastest")
     assert str(err.value).startswith("unknown kernel 'fastest'; for this model choose one of: "
-                                     "addmm, linear, chunked, mkldnn")
+                                     "addmm, linear, chunked, chunked-rows, mkldnn")
     with pytest.raises(UserError) as err:
         prepare(model_in("float"), None, kernel="int8-intmm")
     assert str(err.value).startswith("kernel int8-intmm is for --quantize int8; for this model "
