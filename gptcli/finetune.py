@@ -101,7 +101,8 @@ def pack_frozen(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
     """On a CPU, a LoRA run's frozen weights get packed copies for faster products
     (``kernels.FrozenPacks``) when the copies and the step's estimate fit in three quarters of
     the available memory; returns a note saying which (None for other runs)."""
-    if device.type != "cpu" or not lora_modules(model) or dtype not in packable_dtypes():
+    if (device.type != "cpu" or not lora_modules(model) or dtype not in packable_dtypes()
+            or cfg.compile):  # a compiled step takes the plain products (inductor's own)
         return None
     extra = packed_bytes(model, dtype)
     need = sum(memory_breakdown(model.config, cfg, dtype).values()) + extra
@@ -111,7 +112,7 @@ def pack_frozen(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
     if available is not None and need > 0.75 * available:
         return (f"note: the frozen weights' products run unpacked: packed copies (about "
                 f"{extra / 2**30:,.1f} GiB more) would not fit in memory")
-    use_packs(model, True)
+    use_packs(model, dtype)
     return (f"frozen weights: products on oneDNN-packed copies (about {extra / 2**30:,.1f} GiB; "
             "faster on CPUs)")
 

@@ -292,25 +292,28 @@ class FrozenPacks:
     output matrix): ``x @ W + b`` forward on one copy, the input's gradient ``g @ W^T`` on the
     other, both by oneDNN, which runs these products 15-48% faster than the MKL products
     autograd calls (AMD EPYC, 2 threads, 1024 rows: 187 against 126 GFLOP/s for the output
-    matrix). Made on first use for the compute dtype (float32, or bfloat16 under autocast) and
-    made again when the weight changed in place (a load). Off until ``enabled`` (they hold two
-    copies of the weight in the compute dtype)."""
+    matrix). Off until ``dtype`` names the compute dtype to pack for (float32, or bfloat16 for
+    autocast): products in another one (sampling without autocast during a bf16 run) take the
+    plain path rather than packing twice. Made on first use, and made again when the weight
+    changed in place (a load; a write through ``.data`` goes unseen, as it does for autograd).
+    They hold two copies of the weight in that dtype."""
 
     def __init__(self) -> None:
-        self.enabled = False
+        self.dtype: torch.dtype | None = None
         self.key: tuple | None = None
         self.packs: tuple | None = None
 
     def product(self, x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor | None:
         """``x`` (M, in) @ ``weight`` (in, out) + ``bias`` on the packed copies, or None where
-        they do not apply (the caller's plain product then runs): off, not a CPU, a weight
-        that trains or is not float32, another compute dtype, or inside torch.compile."""
-        if (not self.enabled or x.device.type != "cpu" or weight.requires_grad
-                or weight.dtype != torch.float32 or torch.compiler.is_compiling()):
+        they do not apply (the caller's plain product then runs): off, not a CPU, a weight or
+        bias that trains, weights not float32, another compute dtype, or inside torch.compile."""
+        if (self.dtype is None or x.device.type != "cpu" or weight.requires_grad
+                or (bias is not None and bias.requires_grad) or weight.dtype != torch.float32
+                or torch.compiler.is_compiling()):
             return None
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if dtype not in packable_dtypes():
+        if dtype != self.dtype:
             return None
         key = (dtype, weight.data_ptr(), weight._version,
                None if bias is None else (bias.data_ptr(), bias._version))
@@ -326,7 +329,7 @@ class FrozenPacks:
         return _FrozenProduct.apply(x.to(dtype), *self.packs)
 
     def release(self) -> None:
-        self.enabled, self.key, self.packs = False, None, None
+        self.dtype, self.key, self.packs = None, None, None
 
 
 def packable_dtypes() -> tuple[torch.dtype, ...]:

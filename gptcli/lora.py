@@ -123,14 +123,13 @@ class FrozenHead(nn.Linear):
         return linear.train(self.training)
 
 
-def use_packs(model: nn.Module, enabled: bool) -> None:
-    """Turn the packed products of a LoRA model's frozen weights on or off (off frees them)."""
+def use_packs(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Turn the packed products of a LoRA model's frozen weights on for products computed in
+    ``dtype`` (see ``kernels.FrozenPacks``), or off with None (which frees them)."""
     for m in model.modules():
         if isinstance(m, (LoRAProjection, FrozenHead)):
-            if enabled:
-                m.packs.enabled = True
-            else:
-                m.packs.release()
+            m.packs.release()
+            m.packs.dtype = dtype
 
 
 def packed_bytes(model: nn.Module, dtype: torch.dtype) -> int:

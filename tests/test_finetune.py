@@ -394,9 +394,13 @@ def test_frozen_weights_stay_unpacked_when_their_copies_would_not_fit(monkeypatc
     note = finetune.pack_frozen(model, cfg, torch.device("cpu"), torch.float32)
     assert note.startswith("note: the frozen weights' products run unpacked: packed copies "
                            "(about 0.0 GiB more) would not fit in memory")
-    assert not any(m.packs.enabled for m in lora_modules(model).values())
+    assert not any(m.packs.dtype for m in lora_modules(model).values())
     monkeypatch.setattr(finetune, "available_memory", lambda device: 2 * need)
     assert finetune.pack_frozen(model, cfg, torch.device("cpu"), torch.float32).startswith(
         "frozen weights: products on oneDNN-packed copies (about 0.0 GiB")
-    assert all(m.packs.enabled for m in lora_modules(model).values())
-    assert model.lm_head.packs.enabled
+    assert all(m.packs.dtype == torch.float32 for m in lora_modules(model).values())
+    assert model.lm_head.packs.dtype == torch.float32
+    compiled = cfg.model_copy(update={"compile": True})  # its step takes inductor's products
+    finetune.use_packs(model, None)
+    assert finetune.pack_frozen(model, compiled, torch.device("cpu"), torch.float32) is None
+    assert model.lm_head.packs.dtype is None

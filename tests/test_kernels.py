@@ -344,8 +344,9 @@ def test_frozen_packs_compute_the_product_and_the_inputs_gradient():
 
     packs = FrozenPacks()
     assert packs.product(x, w, b) is None  # not enabled
-    packs.enabled = True
+    packs.dtype = torch.float32
     assert packs.product(x, w.clone().requires_grad_(), b) is None  # a weight that trains
+    assert packs.product(x, w, b.clone().requires_grad_()) is None  # a bias that trains
     y, gx = run(lambda xi: packs.product(xi, w, b))
     y_ref, gx_ref = run(lambda xi: torch.addmm(b, xi, w))
     assert packs.packs is not None
@@ -365,8 +366,11 @@ def test_frozen_packs_under_bf16_autocast_match_autocasts_own_product():
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(64, 96, generator=g) * 0.1, torch.randn(40, 64, generator=g)
     packs = FrozenPacks()
-    packs.enabled = True
+    packs.dtype = torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, y_ref = packs.product(x, w, None), x @ w
     assert y.dtype == y_ref.dtype == torch.bfloat16
     assert (y.float() - y_ref.float()).norm() / y_ref.float().norm() < 1e-2
+    made = packs.packs
+    # without autocast (sampling during a bf16 run): the plain path, the bf16 copies kept
+    assert packs.product(x, w, None) is None and packs.packs is made

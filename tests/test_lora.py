@@ -275,7 +275,7 @@ def test_packed_frozen_products_train_as_the_plain_ones():
         model = tiny(dropout=0.1)
         apply_lora(model, rank=4, alpha=8, generator=torch.Generator().manual_seed(0))
         perturb_adapters_(model)
-        use_packs(model, packed)
+        use_packs(model, torch.float32 if packed else None)
         model.train()
         torch.manual_seed(3)  # the same dropout masks
         logits = model(IDX)
