@@ -12,7 +12,7 @@ from .chat import METADATA_KEY, TEMPLATE
 from .config import ModelConfig, TrainConfig
 from .errors import UserError
 from .hardware import available_memory, check_memory, train_memory_breakdown
-from .kernels import packable_dtypes
+from .frozen import packable_dtypes
 from .lora import (TARGETS, apply_lora, base_fingerprint, lora_modules, packed_bytes,
                    trainable_parameters, use_packs)
 from .checkpoint import model_tensors

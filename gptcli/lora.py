@@ -43,7 +43,7 @@ from torch import nn
 
 from .model import Projection
 from .errors import UserError
-from .kernels import FrozenPacks
+from .frozen import FrozenPacks
 
 # option value -> the projection's path inside each block h.N
 TARGETS = {"qkv": "attn.c_attn", "attn-out": "attn.c_proj", "mlp-in": "mlp.c_fc",

@@ -20,7 +20,7 @@ from gptcli.cli import app
 from gptcli.config import ModelConfig
 from gptcli.data import load_tokens
 from gptcli.data.batches import IGNORE, BatchSampler
-from gptcli.kernels import packable_dtypes
+from gptcli.frozen import packable_dtypes
 from gptcli.model import GPT
 from gptcli.models import load_weights
 from gptcli.tokenizer import GPT2Tokenizer
