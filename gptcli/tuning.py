@@ -208,12 +208,12 @@ def choose(mode: str, storages: list[dict], reference: Callable[[], torch.Tensor
     weight (in, out) in float, for measuring). The first row count picks among every kernel of
     ``mode`` (its layout then holds), the others among that layout's kernels. ``forced`` names
     one kernel to use everywhere. ``compiled``: for a ``torch.compile``'d step (the kernels
-    inductor can compile; cached under their own key)."""
+    inductor can compile; the cache key holds the candidates, so their choice is kept apart)."""
     if forced is not None:
         return {m: Choice(KERNELS[forced], "forced") for m in rows}
     threads = torch.get_num_threads()
     base = {**machine(), "mode": mode, "dtype": str(dtype).removeprefix("torch."),
-            "shape": list(shape), **({"compiled": True} if compiled else {})}
+            "shape": list(shape)}
     entries, load = read_cache(), current_load()
     flush = None
     out: dict[int, Choice] = {}
