@@ -4,8 +4,7 @@ it chooses, shown whole.
 For each projection shape (12 layers of it, random weights) and the 50257 x 768 output matrix,
 each mode's candidates are timed with ``tuning.measure`` (the same code the choice runs: a
 cache flush before every pass when the weights exceed the last-level cache, alternating
-candidates, the fastest of three rounds), at 1 and 4 rows. Also ``torch.ao``'s deprecated
-dynamic int8 linear (fbgemm), which gptcli does not use, for comparison.
+candidates, the fastest of three rounds), at 1 and 4 rows.
 
     python benchmarks/int8_kernels.py                  # every mode
     python benchmarks/int8_kernels.py --modes int8 --rows 1
@@ -15,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
-import warnings
 
 import torch
 
@@ -28,35 +25,12 @@ from gptcli.tuning import flush_buffer, measure
 SHAPES = [(768, 2304, 12), (768, 768, 12), (768, 3072, 12), (3072, 768, 12), (768, 50257, 1)]
 
 
-def ao_dynamic_us(weights: list[torch.Tensor], rows: int) -> float:
-    """torch.ao's dynamic int8 linear over the same weights (µs per layer), or nan."""
-    try:
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-    except ImportError:
-        return float("nan")
-    layers = []
-    for w in weights:
-        linear = torch.nn.Linear(*w.shape, bias=False)
-        linear.weight.data = w.t().contiguous()
-        linear.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        layers.append(DynamicLinear.from_float(linear))
-    x = torch.randn(rows, weights[0].size(0))
-    best = float("inf")
-    for _ in range(4):
-        t0 = time.perf_counter()
-        for layer in layers:
-            layer(x)
-        best = min(best, (time.perf_counter() - t0) / len(layers) * 1e6)
-    return best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", nargs="+", default=["float", "half", "int8", "int4"])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4])
     args = ap.parse_args()
-    warnings.filterwarnings("ignore")  # torch.ao's deprecation notice
     threads = torch.get_num_threads()
     print(f"{hardware.cpu_model()} ({' '.join(hardware.isa_flags())}), torch {torch.__version__}, "
           f"{threads} threads, load {os.getloadavg()[0]:.2f}; µs per layer, weights read from "
@@ -75,8 +49,6 @@ def main() -> None:
                 us, skipped = measure(candidates(mode), storages,
                                       _reference(mode, storages[0]), rows, torch.float32,
                                       threads, flush)
-                if mode == "int8":
-                    us["torch.ao dynamic"] = round(ao_dynamic_us(weights[:4], rows), 2)
                 best = min(us, key=us.get)
                 gbs = n_in * n_out * bits / 8 / us[best] / 1e3
                 print(f"{n_in}x{n_out} {mode} {rows} row(s): " + ", ".join(

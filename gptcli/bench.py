@@ -50,7 +50,7 @@ def decode_bytes(model: GPT) -> int:
     """Bytes of weights one decode step of ``model`` in its inference layout reads: every tensor
     once (shared ones once, even as different tensor objects), except an embedding table that
     is only looked up (one row a token) while the output matrix is a separate copy; plus
-    layouts held outside tensors (fbgemm's packed fp16)."""
+    layouts held outside tensors (``KernelLinear.packed_bytes``)."""
     def key(t: torch.Tensor):
         return id(t) if t.is_mkldnn or t.device.type == "meta" else (t.data_ptr(), t.numel())
 

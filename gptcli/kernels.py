@@ -17,6 +17,7 @@ float32 for int8. Every kernel is a PyTorch operator; none is written here.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -144,7 +145,7 @@ def _fbgemm_pack(s: dict, threads: int) -> dict:
     bias = s.get("bias")
     # A packed-parameters object, not a tensor: kept as an attribute (see KernelLinear)
     return {"fbgemm": torch.ops.quantized.linear_prepack_fp16(
-        w, None if bias is None else bias.detach().float())}
+        w, None if bias is None else bias.detach().float()), "packed_bytes": 2 * w.numel()}
 
 
 HALF = [
@@ -215,6 +216,37 @@ def _scale_as(dtype: torch.dtype) -> Callable[[dict, int], dict]:
     return lambda s, t: {f"scale_{str(dtype)[6:]}": s["scale"].to(dtype)}
 
 
+def _fbgemm_int8_pack(s: dict, threads: int) -> dict:
+    q, scale, bias = s["qweight"], s["scale"], s.get("bias")
+    with warnings.catch_warnings():
+        # torch deprecates its quantized tensors (torch 2.13 still has them); once they are
+        # gone this raises, and tuning skips the kernel with the reason
+        warnings.simplefilter("ignore")
+        w = torch._make_per_channel_quantized_tensor(
+            q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+        packed = torch.ops.quantized.linear_prepack(w, _in_dtype(bias, torch.float32))
+    guard = torch.zeros(1, q.size(1))
+    guard[0, :2] = torch.tensor([1.0, -1.0])
+    # its packed copy is read instead of qweight, as many bytes: no packed_bytes to add
+    return {"fbgemm": packed, "guard": guard}
+
+
+def _fbgemm_int8_run(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    # The operator quantizes its whole input with one range (asymmetric, 7 bits: reduce_range
+    # keeps AVX2's 16-bit pair sums, u8 x s8 in vpmaddubsw, from saturating). One row is its
+    # own range. More rows are each scaled to [-1, 1] first and a guard row [1, -1, 0...] pins
+    # the range, so every row is quantized alike whatever the others hold; the packed bias is
+    # taken off before scaling back and put on again.
+    xf = x.float()
+    if xf.size(0) == 1:
+        return torch.ops.quantized.linear_dynamic(xf, m.fbgemm, True).to(x.dtype)
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30)  # (M, 1)
+    y = torch.ops.quantized.linear_dynamic(torch.cat([xf / amax, m.guard]), m.fbgemm, True)[:-1]
+    if m.bias is not None:
+        return y.sub_(m.bias).mul_(amax).add_(m.bias).to(x.dtype)
+    return y.mul_(amax).to(x.dtype)
+
+
 INT8 = [
     Kernel("int8-intmm2", "int8", "int8", lambda s, t: {},
            lambda x, m: _plus_bias(int8_matmul(x, m.qweight, m.scale, 2), m), 3e-4,
@@ -228,6 +260,9 @@ INT8 = [
            3e-3, "torch._weight_int8pack_mm, activations rounded to fp16"),
     Kernel("int8-f32", "int8", "int8", lambda s, t: {}, _int8pack(None), 1e-4,
            "torch._weight_int8pack_mm, float32 activations"),
+    Kernel("int8-fbgemm", "int8", "int8", _fbgemm_int8_pack, _fbgemm_int8_run, 2.5e-2,
+           "fbgemm's dynamic int8 product on its own packed copy of the int8 weights, "
+           "activations in 7 bits per row (u8, AVX2's vpmaddubsw)"),
 ]
 
 
@@ -290,7 +325,7 @@ class KernelLinear(nn.Module):
             self.register_buffer(name, tensor)
         self.kernel: Kernel | None = None
         self.kernels: dict[int, Kernel] = {}
-        self.packed_bytes = 0  # layout bytes held outside tensors (fbgemm's packed objects)
+        self.packed_bytes = 0  # bytes a product reads outside tensors (fbgemm's fp16 copy)
 
     @classmethod
     def from_storage(cls, mode: str, storage: dict) -> KernelLinear:
@@ -309,17 +344,19 @@ class KernelLinear(nn.Module):
         """Run ``chosen[rows]`` (the first for other row counts), packing their layout."""
         self.kernels = dict(chosen)
         self.kernel = next(iter(chosen.values()))
+        self.packed_bytes = 0
         done: set[str] = set()
         for kernel in chosen.values():
             if kernel.name in done:
                 continue
             done.add(kernel.name)
             for name, value in kernel.pack(storage, threads).items():
-                if isinstance(value, torch.Tensor) or value is None:
+                if name == "packed_bytes":  # the size of what a packed object holds
+                    self.packed_bytes += value
+                elif isinstance(value, torch.Tensor) or value is None:
                     self.register_buffer(name, value, persistent=False)
                 else:
                     setattr(self, name, value)
-                    self.packed_bytes = 2 * self.n_in * self.n_out  # fp16 weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))  # (M, in)

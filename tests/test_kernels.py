@@ -55,6 +55,26 @@ def test_every_kernel_computes_its_modes_product_within_its_bound(name):
         assert tuning.relative_error(y, exact) <= kernel.tolerance, (name, rows)
 
 
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_every_row_keeps_its_bound_whatever_the_other_rows_hold(name):
+    """Rows of one batch a million times apart in scale: each row's result is within the
+    kernel's bound of its own exact product (a kernel that quantized the batch with one range,
+    as fbgemm's operator does by itself, would leave the small rows as noise)."""
+    kernel = KERNELS[name]
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(64, 40, generator=g) * 0.05
+    storage = _storage(kernel.mode, weight, torch.randn(40, generator=g) * 1e-3)
+    exact_w = _reference(kernel.mode, storage).double()
+    layer = packed(kernel, storage, 4)
+    x = torch.randn(4, 64, generator=g) * torch.tensor([[1e3], [1.0], [1e-3], [1.0]])
+    x[3] = x[3].abs()  # a row of one sign: its own range is not symmetric
+    with torch.no_grad():
+        y = layer(x)
+    exact = x.double() @ exact_w + storage["bias"].double()
+    for row in range(4):
+        assert tuning.relative_error(y[row], exact[row]) <= kernel.tolerance, (name, row)
+
+
 def model_in(mode, seed=1):
     config = tiny_config(n_embd=64, n_head=4) if mode == "int4" else tiny_config()
     return randomize_(GPT(config), seed=seed).eval()
