@@ -14,8 +14,9 @@ cannot be read, or names a kernel this gptcli does not have for that mode, is ig
 measured again, as is one measured on a saturated machine once it is quieter (``lookup``).
 ``GPTCLI_KERNEL`` (or ``--kernel``) forces one kernel, for debugging.
 
-The first number of rows (decoding's batch, 1 by default) decides the layout; other row counts
-choose among the kernels that read the same layout, so a layer holds one copy of its weights.
+A layer holds its weights in one layout, so when it is prepared for several numbers of rows
+(``gpt bench --batch-size 4``: 1 and 4) the layout is the one fastest over them together, and each
+row count runs its fastest kernel of that layout (``layout_for``).
 The plain layouts (the model's own (in, out), nn.Linear's (out, in)) are always candidates, so
 the choice is never slower than the plain model, as measured.
 """
@@ -205,23 +206,23 @@ def choose(mode: str, storages: list[dict], reference: Callable[[], torch.Tensor
            compiled: bool = False) -> dict[int, Choice]:
     """The kernel for each row count in ``rows`` for layers of one ``shape`` (in, out)
     (``storages``; see ``kernels.py`` for what they hold; ``reference()`` gives the first one's
-    weight (in, out) in float, for measuring). The first row count picks among every kernel of
-    ``mode`` (its layout then holds), the others among that layout's kernels. ``forced`` names
-    one kernel to use everywhere. ``compiled``: for a ``torch.compile``'d step (the kernels
-    inductor can compile; the cache key holds the candidates, so their choice is kept apart)."""
+    weight (in, out) in float, for measuring). Every kernel of ``mode`` is measured (or read
+    from the cache) at each row count; one layout is kept for them all (``layout_for``), and
+    each row count runs its fastest kernel of that layout. ``forced`` names one kernel to use
+    everywhere. ``compiled``: for a ``torch.compile``'d step (the kernels inductor can compile;
+    the cache key holds the candidates, so their choice is kept apart)."""
     if forced is not None:
         return {m: Choice(KERNELS[forced], "forced") for m in rows}
     threads = torch.get_num_threads()
+    allowed = candidates(mode, compiled)
+    # the candidates are part of the key: a gptcli with other kernels measures again
     base = {**machine(), "mode": mode, "dtype": str(dtype).removeprefix("torch."),
-            "shape": list(shape)}
+            "shape": list(shape), "candidates": [k.name for k in allowed]}
     entries, load = read_cache(), current_load()
     flush = None
-    out: dict[int, Choice] = {}
-    layout = None
+    measured: dict[int, Choice] = {}
     for m in dict.fromkeys(rows):
-        allowed = [k for k in candidates(mode, compiled) if layout is None or k.layout == layout]
-        # the candidates are part of the key: a gptcli with other kernels measures again
-        key = {**base, "rows": m, "layout": layout, "candidates": [k.name for k in allowed]}
+        key = {**base, "rows": m}
         choice = lookup(entries, key, allowed, load)
         if choice is None:
             if flush is None:
@@ -231,10 +232,28 @@ def choose(mode: str, storages: list[dict], reference: Callable[[], torch.Tensor
             if not us:
                 raise RuntimeError(f"no {mode} kernel runs here: " + "; ".join(
                     f"{k}: {why}" for k, why in skipped.items()))
-            best = pick(us)
-            choice = Choice(KERNELS[best], "measured", us, skipped, {
+            choice = Choice(KERNELS[pick(us)], "measured", us, skipped, {
                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load": load})
             remember(key, choice)
-        out[m] = choice
-        layout = layout or choice.kernel.layout
+        measured[m] = choice
+    layout = layout_for([c.us for c in measured.values()])
+    out = {}
+    for m, c in measured.items():
+        own = {k: t for k, t in c.us.items() if KERNELS[k].layout == layout}
+        out[m] = Choice(KERNELS[pick(own)], c.source, c.us, c.skipped, c.measured)
     return out
+
+
+def layout_for(timings: list[dict[str, float]]) -> str:
+    """The weight layout for layers that run at several row counts (``timings``: microseconds
+    per kernel at each, the decoding batch first): the one whose fastest kernels take the least
+    time summed over the row counts (a step at each), among layouts that run at all of them.
+    The first row count's own choice keeps its layout unless another is more than ``SLACK``
+    faster so summed: one row count alone decides as before."""
+    def cost(layout: str) -> float:
+        return sum(min((t for k, t in us.items() if KERNELS[k].layout == layout),
+                       default=math.inf) for us in timings)
+
+    first = KERNELS[pick(timings[0])].layout
+    best = min({KERNELS[k].layout for k in timings[0]}, key=cost)
+    return first if cost(first) <= cost(best) * (1 + SLACK) else best

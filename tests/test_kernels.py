@@ -142,7 +142,8 @@ def fake_timings(times):
 
     def measure(kernels, storages, reference, rows, dtype, threads, flush):
         calls.append((rows, [k.name for k in kernels]))
-        return {k.name: times[k.name] for k in kernels if k.name in times}, {}
+        at = times.get(rows, times)  # times may be given per row count
+        return {k.name: at[k.name] for k in kernels if k.name in at}, {}
     return measure, calls
 
 
@@ -172,13 +173,30 @@ def test_a_more_precise_kernel_within_a_few_percent_of_the_fastest_is_preferred(
     assert tuning.pick({"addmm": 100.0, "linear": 101.0}) == "addmm"  # equally precise
 
 
-def test_other_row_counts_choose_among_the_kernels_of_the_same_layout(monkeypatch):
-    measure, calls = fake_timings({"addmm": 5.0, "linear": 1.0, "chunked": 2.0,
-                                   "chunked-rows": 4.0, "mkldnn": 3.0})
+def test_one_layout_serves_every_row_count_and_is_the_fastest_over_them(monkeypatch):
+    """Every kernel is measured at each row count; the layout is the one fastest summed over
+    them, each row count then runs its fastest kernel of that layout."""
+    float_names = [k.name for k in candidates("float")]
+    one = {"addmm": 5.0, "linear": 1.0, "chunked": 2.0, "chunked-rows": 4.0, "mkldnn": 3.0}
+    measure, calls = fake_timings({1: one, 4: {**one, "linear": 9.0, "chunked": 9.0}})
     monkeypatch.setattr(tuning, "measure", measure)
-    prepare(model_in("float"), None, rows=(1, 4))
-    assert calls[0] == (1, ["addmm", "linear", "chunked", "chunked-rows", "mkldnn"])
-    assert calls[1] == (4, ["linear"])  # the layout (out, in) is fixed by the 1-row choice
+    model = model_in("float")
+    prepare(model, None, rows=(1, 4))
+    assert calls[:2] == [(1, float_names), (4, float_names)]
+    # (out, in) costs 1 + 9; chunked 2 + 9; mkldnn's own layout 3 + 3: the fastest together
+    assert {m: k.name for m, k in model.lm_head.kernels.items()} == {1: "mkldnn", 4: "mkldnn"}
+    # within a few percent, the 1-row choice keeps its layout; alone, it always does
+    assert tuning.layout_for([one, {**one, "linear": 3.1}]) == "out_in"
+    assert tuning.layout_for([one]) == "out_in"
+    # two kernels of one layout: each row count takes its own fastest
+    int8 = {"int8-intmm2": 9.0, "int8-intmm": 3.0, "int8-bf16": 5.0, "int8-fp16": 8.0,
+            "int8-f32": 7.0, "int8-fbgemm": 1.0}
+    measure, calls = fake_timings({1: int8, 4: {**int8, "int8-fbgemm": 6.0}})
+    monkeypatch.setattr(tuning, "measure", measure)
+    model = model_in("int8")
+    prepare(model, "int8", rows=(1, 4))
+    assert {m: k.name for m, k in model.lm_head.kernels.items()} == {1: "int8-fbgemm",
+                                                                   4: "int8-intmm"}
 
 
 def cache_entries():
@@ -245,7 +263,7 @@ def test_the_cache_key_holds_the_machine_threads_torch_and_shape():
     prepare(model_in("float"), None)
     key = cache_entries()[0]["key"]
     assert set(key) == {"cpu", "flags", "threads", "torch", "mode", "dtype", "shape", "rows",
-                        "layout", "candidates"}
+                        "candidates"}
     assert key["torch"] == torch.__version__ and key["mode"] == "float"
     assert key["candidates"] == [k.name for k in candidates("float")]  # new kernels: measured again
 
