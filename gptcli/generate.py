@@ -181,19 +181,22 @@ class Loaded:
 def load_generator(model_name: str | None, *, device: str = "auto", dtype: str = "auto",
                    compile: bool = False, quantize: str | None = None,
                    kernel: str | None = None, draft_model: str | None = None,
-                   draft_tokens: int = 4) -> Loaded:
-    """Load a model for generation (see ``models.load_model``), compiling its one-token
-    step when asked; and ``draft_model`` the same way (it must share the tokenizer)."""
+                   draft_tokens: int = 4, batch: int = 1) -> Loaded:
+    """Load a model for generation (see ``models.load_model``; kernels chosen for 1 row and
+    ``batch`` rows), compiling its one-token step when asked; and ``draft_model`` the same way
+    (it must share the tokenizer)."""
     from .locate import load_model
     from .models import display_name
 
+    rows = (1, batch)
     model, tokenizer, path = load_model(model_name, device=device, dtype=dtype,
-                                        quantize=quantize, kernel=kernel, compiled=compile)
+                                        quantize=quantize, kernel=kernel, compiled=compile,
+                                        rows=rows)
     loaded = Loaded(model, tokenizer, path, compile_step(model) if compile else None)
     if draft_model is not None:
         small, small_tokenizer, small_path = load_model(draft_model, device=device, dtype=dtype,
                                                         quantize=quantize, kernel=kernel,
-                                                        compiled=compile)
+                                                        compiled=compile, rows=rows)
         if small_tokenizer.spec() != tokenizer.spec():
             names = (display_name(small_path), display_name(path))
             differ = f"the {small_tokenizer.name} tokenizer and the model {names[1]} the " \

@@ -314,7 +314,7 @@ STORED = {"int8": ("qweight", "scale")}  # what a mode's checkpoints hold beside
 class KernelLinear(nn.Module):
     """A projection for inference: its stored weights (int8: ``qweight``, ``scale``; saved in
     checkpoints, with ``bias``), the buffers of its kernels' layout (made at load, never saved)
-    and the kernels chosen per number of rows (``kernels``; ``kernel`` for any other)."""
+    and the kernels chosen per number of rows (``kernels``; other counts: ``for_rows``)."""
 
     def __init__(self, mode: str, n_in: int, n_out: int, bias: torch.Tensor | None,
                  **stored: torch.Tensor) -> None:
@@ -341,7 +341,7 @@ class KernelLinear(nn.Module):
                    **{k: storage[k] for k in STORED.get(mode, ())})
 
     def use(self, chosen: dict[int, Kernel], threads: int, storage: dict) -> None:
-        """Run ``chosen[rows]`` (the first for other row counts), packing their layout."""
+        """Run ``chosen[rows]`` (other row counts: ``for_rows``), packing their layout."""
         self.kernels = dict(chosen)
         self.kernel = next(iter(chosen.values()))
         self.packed_bytes = 0
@@ -358,11 +358,19 @@ class KernelLinear(nn.Module):
                 else:
                     setattr(self, name, value)
 
+    def for_rows(self, rows: int) -> Kernel:
+        """The kernel chosen for ``rows`` rows, else for the most rows chosen for below it
+        (a prompt's many rows: the batch's), else the first."""
+        kernel = self.kernels.get(rows)
+        if kernel is None:
+            below = [m for m in self.kernels if m < rows]
+            kernel = self.kernels[max(below)] if below else self.kernel
+        # an int8 model as loaded, before prepare chose its kernels, runs the stored layout
+        return kernel or KERNELS["int8-intmm2"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))  # (M, in)
-        # an int8 model as loaded, before prepare chose its kernels, runs the stored layout
-        kernel = self.kernels.get(flat.size(0), self.kernel) or KERNELS["int8-intmm2"]
-        y = kernel.run(flat, self)
+        y = self.for_rows(flat.size(0)).run(flat, self)
         return y.view(*x.shape[:-1], self.n_out)
 
     def extra_repr(self) -> str:

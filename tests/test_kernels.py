@@ -199,6 +199,38 @@ def test_one_layout_serves_every_row_count_and_is_the_fastest_over_them(monkeypa
                                                                    4: "int8-intmm"}
 
 
+def test_a_row_count_not_chosen_for_runs_the_kernel_of_the_most_rows_below_it(monkeypatch):
+    """A prompt's many rows run the batch's kernel; a batch smaller than any chosen for, the
+    first."""
+    one = {"int8-intmm2": 9.0, "int8-intmm": 3.0, "int8-bf16": 5.0, "int8-fp16": 8.0,
+           "int8-f32": 7.0, "int8-fbgemm": 1.0}
+    measure, _ = fake_timings({1: one, 4: {**one, "int8-fbgemm": 6.0}})
+    monkeypatch.setattr(tuning, "measure", measure)
+    model = model_in("int8")
+    prepare(model, "int8", rows=(1, 4))
+    head = model.lm_head
+    assert head.kernels == {1: KERNELS["int8-fbgemm"], 4: KERNELS["int8-intmm"]}
+    assert [head.for_rows(m).name for m in (1, 2, 3, 4, 5, 64)] == \
+        ["int8-fbgemm"] * 3 + ["int8-intmm"] * 3
+
+
+def test_generate_chooses_kernels_for_its_batch(char_checkpoint, monkeypatch):
+    """`gpt generate --num-samples N` decodes N rows at once: its kernels are chosen for N rows
+    too (as `gpt serve`'s for --max-batch)."""
+    from gptcli.generate import load_generator
+
+    measure, calls = fake_timings({"addmm": 5.0, "linear": 3.0, "chunked": 2.0,
+                                   "chunked-rows": 4.0, "mkldnn": 9.0})
+    monkeypatch.setattr(tuning, "measure", measure)
+    loaded = load_generator(str(char_checkpoint), device="cpu", batch=3)
+    assert set(loaded.model.lm_head.kernels) == {1, 3}
+    assert {rows for rows, _ in calls} == {1, 3}
+    result = runner.invoke(app, ["generate", "--model", str(char_checkpoint), "--prompt", "ab",
+                                 "--max-new-tokens", "2", "--num-samples", "5"])
+    assert result.exit_code == 0, result.output
+    assert {rows for rows, _ in calls} == {1, 3, 5}
+
+
 def cache_entries():
     return json.loads(tuning.cache_path().read_text())["entries"]
 

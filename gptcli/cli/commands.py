@@ -80,7 +80,8 @@ def generate_cmd(
         raise UserError("--draft-tokens goes with --draft-model")
     loaded = load_generator(load.model, device=load.device, dtype=load.dtype,
                             compile=load.compile, quantize=load.quantize, kernel=load.kernel,
-                            draft_model=load.draft_model, draft_tokens=load.draft_tokens)
+                            draft_model=load.draft_model, draft_tokens=load.draft_tokens,
+                            batch=sample.num_samples)
     if load.model is None:
         note(f"using {loaded.path} (the latest run)")
     if load.compile and loaded.model.device.type == "cpu":

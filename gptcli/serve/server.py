@@ -342,7 +342,8 @@ def run_server(load, cfg, log) -> int:
     require("uvicorn", "serve", needed_for="gpt serve")
     check_port(cfg.host, cfg.port)
     model, tokenizer, path = load_model(load.model, device=load.device, dtype=load.dtype,
-                                        quantize=load.quantize, kernel=load.kernel)
+                                        quantize=load.quantize, kernel=load.kernel,
+                                        rows=(1, cfg.max_batch))
     template = chat.template_for(read_safetensors(path, tensors=False)[1])
     server = Server(model, tokenizer, model_id=display_name(path), max_batch=cfg.max_batch,
                     max_tokens=cfg.max_tokens, api_key=cfg.api_key, max_body=cfg.max_body,
