@@ -97,7 +97,8 @@ def _elsewhere(downloads: bool = True) -> str:
 
 def load_model(name: str | os.PathLike | None, *, device: str = "auto", dtype: str | None = None,
                quantize: str | None = None, kernel: str | None = None,
-               compiled: bool = False, rows: tuple[int, ...] = (1,)) -> tuple[GPT, Tokenizer, Path]:
+               compiled: bool = False,
+               rows: tuple[int, ...] = (1,)) -> tuple[GPT, Tokenizer, Path]:
     """What every command that uses a model for inference does first: find it
     (``resolve_model``), check it (weights finite too), put it on the device (in ``dtype`` if
     given) and give it its inference layout (``quantize.prepare``, int8 when asked or when the

@@ -172,8 +172,8 @@ def prepare(model: nn.Module, quantize: str | None = None, *, kernel: str | None
             rows: tuple[int, ...] = (1,), compiled: bool = False) -> None:
     """Give ``model`` (a GPT) its inference format and kernels, in place (see the module
     docstring). Kernels are chosen per weight shape for decoding with ``rows`` rows (other
-    counts: ``KernelLinear.for_rows``), or forced by ``kernel`` / ``$GPTCLI_KERNEL``. The model is then
-    for inference only: it has no trainable weights left. A model loaded from an int8
+    counts: ``KernelLinear.for_rows``), or forced by ``kernel`` / ``$GPTCLI_KERNEL``. The
+    model is then for inference only: it has no trainable weights left. A model loaded from an int8
     checkpoint stays int8; on the meta device only the formats are made (checkpoint shapes).
     ``compiled``: the decode step will be ``torch.compile``'d, so only kernels inductor can
     compile are chosen (``kernels.EAGER_ONLY``)."""
