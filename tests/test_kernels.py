@@ -199,6 +199,20 @@ def test_one_layout_serves_every_row_count_and_is_the_fastest_over_them(monkeypa
                                                                    4: "int8-intmm"}
 
 
+def test_a_row_count_where_the_kept_layout_did_not_run_takes_its_own_fastest(monkeypatch):
+    """If no kernel of the 1-row layout ran at 4 rows, the 4-row choice is its own fastest,
+    packed as a second layout: the model still runs, with the same logits."""
+    measure, _ = fake_timings({1: {"linear": 1.0}, 4: {"chunked": 2.0}})
+    monkeypatch.setattr(tuning, "measure", measure)
+    model = model_in("float")
+    want = copy.deepcopy(model)
+    prepare(model, None, rows=(1, 4))
+    assert model.lm_head.kernels == {1: KERNELS["linear"], 4: KERNELS["chunked"]}
+    idx = torch.randint(0, 101, (4, 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), want(idx), rtol=1e-4, atol=1e-4)
+
+
 def test_a_row_count_not_chosen_for_runs_the_kernel_of_the_most_rows_below_it(monkeypatch):
     """A prompt's many rows run the batch's kernel; a batch smaller than any chosen for, the
     first."""
