@@ -256,5 +256,5 @@ def layout_for(timings: list[dict[str, float]]) -> str:
                        default=math.inf) for us in timings)
 
     first = KERNELS[pick(timings[0])].layout
-    best = min({KERNELS[k].layout for k in timings[0]}, key=cost)
+    best = min(sorted({KERNELS[k].layout for k in timings[0]}), key=cost)  # ties: by name
     return first if cost(first) <= cost(best) * (1 + SLACK) else best
