@@ -86,10 +86,10 @@ class Engine:
     def __init__(self, model: GPT, rows: int, *, step: Callable | None = None,
                  vocab_size: int | None = None, draft: Draft | None = None) -> None:
         self.model = model
-        # A compiled step gets a static cache and a tensor position: the same shapes and inputs
-        # at every token, so it compiles once (and CUDA graphs can replay it).
+        # A compiled step on CUDA gets a static cache and a tensor position: the same shapes and
+        # inputs at every token, so CUDA graphs can replay it (``compile_step``).
         self.step = model if step is None else step
-        self.static = step is not None
+        self.static = step is not None and model.device.type == "cuda"
         self.cache = KVCache.for_model(model.config, rows, device=model.device,
                                        dtype=model.dtype, static=self.static)
         self.vocab_size = vocab_size
@@ -104,7 +104,7 @@ class Engine:
                                  f"ids, fewer than the {self.vocab} the model may pick")
             self.draft_cache = KVCache.for_model(
                 draft.model.config, rows, device=model.device, dtype=draft.model.dtype,
-                static=draft.step is not None)
+                static=draft.step is not None and model.device.type == "cuda")
             self._draft_views: dict[tuple[int, int], KVCache] = {}
 
     @property
@@ -390,7 +390,11 @@ def decode_loop(model: GPT, prompt: torch.Tensor, config: SampleConfig, *,
 
 
 def compile_step(model: GPT):
-    """The compiled one-token step for the Engine: compiled once, since the Engine gives it a
-    static cache and a tensor position; on CUDA with CUDA graphs ("reduce-overhead")."""
-    return torch.compile(model, dynamic=False,
-                         mode="reduce-overhead" if model.device.type == "cuda" else None)
+    """The compiled one-token step for the Engine. On CUDA with CUDA graphs ("reduce-overhead"):
+    the Engine gives it a static cache and a tensor position, the same shapes and inputs at
+    every token. On a CPU, with nothing to replay, the cache stays dynamic (attention reads the
+    positions written so far, not the whole context: with the static cache the compiled step
+    was slower than eager) and the shapes symbolic: one compilation for every position."""
+    if model.device.type == "cuda":
+        return torch.compile(model, dynamic=False, mode="reduce-overhead")
+    return torch.compile(model, dynamic=True)

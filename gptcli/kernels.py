@@ -18,6 +18,7 @@ float32 for int8. Every kernel is a PyTorch operator; none is written here.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -88,10 +89,10 @@ def _plus_bias(y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return y if layer.bias is None else y.add_(layer.bias)
 
 
-def _mkldnn_pack(weight_out_in: torch.Tensor) -> torch.Tensor:
-    # oneDNN's blocked layout for its inner-product primitive (what inductor's CPU freezing
-    # packs weights into); the hint is the batch it is packed for: decoding's one row.
-    return torch.ops.mkldnn._reorder_linear_weight(weight_out_in.contiguous(), 1)
+def _mkldnn_pack(weight_out_in: torch.Tensor, rows: int = 1) -> torch.Tensor:
+    # oneDNN's layout for its inner product (as inductor's CPU freezing packs) for ``rows``: for 1
+    # a matrix-vector one; for 16 a blocked one, 1.2-1.7x faster at 4 rows on Zen 3
+    return torch.ops.mkldnn._reorder_linear_weight(weight_out_in.contiguous(), rows)
 
 
 def _mkldnn(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -120,6 +121,10 @@ FLOAT = [
     Kernel("mkldnn", "float", "mkldnn", lambda s, t: {"w": _mkldnn_pack(s["weight"].t())},
            lambda x, m: _mkldnn(x, m.w, m.bias), 1e-5,
            "oneDNN inner product on W packed in its blocked layout"),
+    Kernel("mkldnn-batch", "float", "mkldnn_batch",
+           lambda s, t: {"wb": _mkldnn_pack(s["weight"].t(), 16)},
+           lambda x, m: _mkldnn(x, m.wb, m.bias), 1e-5,
+           "as mkldnn, in the layout oneDNN picks for 16 rows"),
 ]
 
 
@@ -297,7 +302,7 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in FLOAT + HALF + INT8 + INT4}
 
 # oneDNN's packed inner product runs eagerly only: inductor lowers mkldnn._linear_pointwise itself
 # and asserts on a weight it did not pack (torch 2.13), so a compiled step chooses among the rest
-EAGER_ONLY = frozenset({"mkldnn", "bf16-mkldnn", "fp16-mkldnn"})
+EAGER_ONLY = frozenset({"mkldnn", "mkldnn-batch", "bf16-mkldnn", "fp16-mkldnn"})
 
 
 def candidates(mode: str, compiled: bool = False) -> list[Kernel]:
@@ -309,6 +314,18 @@ def candidates(mode: str, compiled: bool = False) -> list[Kernel]:
 # ----------------------------------------------------------------------------- the layer
 
 STORED = {"int8": ("qweight", "scale")}  # what a mode's checkpoints hold besides the bias
+_LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> KernelLinear
+
+
+@torch.library.custom_op("gptcli::product", mutates_args=())
+def product(x: torch.Tensor, layer: int, n_out: int) -> torch.Tensor:
+    """Layer ``layer``'s (an id) kernel on ``x`` (M, in): one operator to a compiled CPU step,
+    which does not look inside (dynamo cannot trace fbgemm's packed weights)."""
+    m = _LAYERS[layer]
+    return m.for_rows(x.size(0)).run(x, m)
+
+
+product.register_fake(lambda x, layer, n_out: x.new_empty(x.size(0), n_out))
 
 
 class KernelLinear(nn.Module):
@@ -326,6 +343,7 @@ class KernelLinear(nn.Module):
         self.kernel: Kernel | None = None
         self.kernels: dict[int, Kernel] = {}
         self.packed_bytes = 0  # bytes a product reads outside tensors (fbgemm's fp16 copy)
+        _LAYERS[id(self)] = self
 
     @classmethod
     def from_storage(cls, mode: str, storage: dict) -> KernelLinear:
@@ -370,7 +388,10 @@ class KernelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))  # (M, in)
-        y = self.for_rows(flat.size(0)).run(flat, self)
+        if x.device.type == "cpu" and torch.compiler.is_compiling():
+            y = product(flat, id(self), self.n_out)
+        else:
+            y = self.for_rows(flat.size(0)).run(flat, self)
         return y.view(*x.shape[:-1], self.n_out)
 
     def extra_repr(self) -> str:

@@ -87,6 +87,6 @@ class KVCache:
             values.index_copy_(2, pos, v)
             return keys, values
         end = start_pos + k.size(2)
-        keys[:, :, start_pos:end] = k
-        values[:, :, start_pos:end] = v
-        return keys[:, :, :end], values[:, :, :end]
+        keys.narrow(2, start_pos, k.size(2)).copy_(k)  # (narrow: one op, where [:, :, a:b] is
+        values.narrow(2, start_pos, k.size(2)).copy_(v)  # several)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)

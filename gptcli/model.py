@@ -93,10 +93,10 @@ class CausalSelfAttention(nn.Module):
                 mask: torch.Tensor | None = None, need_weights: bool = False,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        # q, k, v: (B, nh, T, hs) each, views of one product (few ops: a decoded token's step is
+        # mostly per-op overhead outside the products)
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_size).permute(
+            2, 0, 3, 1, 4).unbind(0)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
@@ -116,8 +116,8 @@ class CausalSelfAttention(nn.Module):
             # the same position, which the caller guarantees by passing a mask otherwise.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                is_causal=mask is None and T > 1)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y)), weights
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+        return (self.resid_dropout(y) if self.training else y), weights
 
 
 class MLP(nn.Module):
@@ -128,7 +128,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        y = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.dropout(y) if self.training else y
 
 
 class Block(nn.Module):
@@ -233,7 +234,8 @@ class GPT(nn.Module):
             cos, sin = rope_angles(pos, self.config.head_size, self.config.rope_theta)
             # (T, hs/2) broadcasts over batch and heads; per-row (B, T, hs/2) over heads
             rope = (cos, sin) if pos.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
-        x = self.drop(x)
+        if self.training:
+            x = self.drop(x)
         mask = self.attention_mask(pos, start_pos, kv_cache)
         all_weights = []
         recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()

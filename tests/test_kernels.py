@@ -398,3 +398,29 @@ def test_generate_and_eval_take_the_kernel_flag(char_checkpoint, tmp_path):
         bad = runner.invoke(app, [*command, "--model", str(path), "--kernel", "int8-intmm"])
         assert bad.exit_code == 2, bad.output
         assert "kernel int8-intmm is for --quantize int8" in bad.stderr
+
+
+@pytest.mark.parametrize("mode, kernel", [("int8", "int8-fbgemm"), ("half", "fp16-fbgemm"),
+                                          (None, "chunked-rows")])
+def test_a_compiled_cpu_step_is_one_graph_with_any_kernel_and_decodes_as_eager(mode, kernel):
+    """fbgemm's packed weights are objects dynamo cannot trace: a compiled CPU step calls each
+    layer's kernel as one operator (kernels.product), so it stays one graph (before: a break at
+    every product) over the dynamic cache, and decodes the eager step's tokens."""
+    from gptcli.decode import compile_step
+    from gptcli.kv_cache import KVCache
+
+    model = model_in("float")
+    prepare(model, mode, kernel=kernel, compiled=True)
+    assert {r["kernel"] for r in kernel_report(model)} == {kernel}
+    prompt = torch.tensor([[1, 2, 3]])
+    cache = KVCache.for_model(model.config, 1)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        model(prompt, kv_cache=cache)
+        explained = torch._dynamo.explain(model)(torch.tensor([[4]]), kv_cache=cache,
+                                                 start_pos=3, last_only=True)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), \
+        explained.break_reasons
+    torch._dynamo.reset()
+    got = torch.stack(list(decode_loop(model, prompt, greedy(8), step=compile_step(model))))
+    assert torch.equal(got, torch.stack(list(decode_loop(model, prompt, greedy(8)))))

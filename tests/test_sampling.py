@@ -420,7 +420,10 @@ def test_compiled_step_matches_eager_and_compiles_once():
     counters.clear()
     compiled = [t.item() for t in decode_loop(model, prompt, cfg, step=compile_step(model))]
     assert compiled == eager
-    assert counters["stats"]["unique_graphs"] == 1  # not one graph per position
+    # Not one graph per position (17 of them here): on a CPU the cache is dynamic and the shapes
+    # symbolic, so one graph serves the positions short of a full window and one the full window
+    # (where the keys read are the whole buffer); on CUDA the static cache makes it one.
+    assert counters["stats"]["unique_graphs"] == (1 if model.device.type == "cuda" else 2)
 
 
 def test_cli_out_of_memory_suggests_what_generate_can_change(char_checkpoint, monkeypatch):
