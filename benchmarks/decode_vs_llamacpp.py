@@ -8,7 +8,8 @@ model name and instruction-set flags (lscpu's) head the output.
 - gptcli: ``gpt bench --model FILE --only generate [--quantize half|int8|int4] --batch-size 4
   --json``: the real decode loop (`gpt generate`'s), batch 1 and 4, kernels as chosen (and
   cached) on this machine. FILE is made once from the Hugging Face folder with ``gpt download
-  DIR --out FILE``.
+  DIR --out FILE``. Modes named in ``--compiled`` are also timed with ``--compile`` (a
+  compiled step; ``gpt bench`` leaves its compile time out of the figure).
 - llama.cpp: ``llama-bench -m gpt2-<type>.gguf -p 0 -n 128 -r 1`` (tg128, one sequence) for
   f32, f16, q8_0 and q4_0, and ``llama-batched-bench -npp 16 -ntg 128 -npl 4`` for 4 sequences
   where that tool is built. Without a llama-bench (``--llama-bench`` / ``$LLAMA_BENCH``), the
@@ -76,13 +77,14 @@ def run_json(cmd: list[str], env: dict | None = None) -> dict | list:
     return json.loads(text if text.startswith("[") else text.splitlines()[-1])
 
 
-def gptcli_variant(checkpoint: Path, quantize: str | None, threads: int):
+def gptcli_variant(checkpoint: Path, quantize: str | None, threads: int, compile: bool = False):
     def measure() -> dict[int, float]:
         cmd = [sys.executable, "-m", "gptcli", "bench", "--model", str(checkpoint), "--device",
                "cpu", "--only", "generate", "--batch-size", "4", "--prompt-length", "16",
                "--max-new-tokens", "128", "--steps", "3", "--warmup", "1", "--json"]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        result = run_json(cmd + (["--quantize", quantize] if quantize else []), env)
+        result = run_json(cmd + (["--quantize", quantize] if quantize else [])
+                          + (["--compile"] if compile else []), env)
         measure.kernels = result.get("kernels")
         return {g["batch_size"]: g["decode_tokens_per_s"] for g in result["generate"]}
     return measure
@@ -144,6 +146,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--modes", nargs="+", default=list(GGUF))
+    ap.add_argument("--compiled", nargs="*", default=[], choices=list(GGUF),
+                    help="modes also timed with --compile (its compile time left out)")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--out", type=Path, help="write every figure here as JSON")
     args = ap.parse_args()
@@ -156,6 +160,9 @@ def main() -> None:
     for mode in args.modes:
         variants[f"gptcli {mode}"] = gptcli_variant(
             checkpoint, None if mode == "float32" else mode, args.threads)
+        if mode in args.compiled:
+            variants[f"gptcli {mode} compiled"] = gptcli_variant(
+                checkpoint, None if mode == "float32" else mode, args.threads, compile=True)
         gguf = args.gguf_dir / f"gpt2-{GGUF[mode]}.gguf"
         if args.llama_bench and Path(args.llama_bench).exists() and gguf.exists():
             variants[f"llama.cpp {GGUF[mode]}"] = llamacpp_variant(Path(args.llama_bench), gguf,
@@ -219,15 +226,15 @@ def print_table(summary: dict, agreement: dict, header: dict) -> None:
     print("| mode | batch | gptcli | llama.cpp | ratio | transformers | ratio | top-1 vs f32 |")
     print("|---|---|---|---|---|---|---|---|")
     for mode, gguf in GGUF.items():
-        for batch in (1, 4):
-            ours = summary.get(f"gptcli {mode}|{batch}")
+        for variant, batch in ((v, b) for v in ("", " compiled") for b in (1, 4)):
+            ours = summary.get(f"gptcli {mode}{variant}|{batch}")
             if ours is None:
                 continue
             theirs = summary.get(f"llama.cpp {gguf}|{batch}")
             hf = summary.get(f"transformers float32|{batch}")
             cell = lambda s: f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})" if s else "-"
             ratio = lambda s: f"{ours['median'] / s['median']:.2f}x" if s else "-"
-            print(f"| {mode} | {batch} | {cell(ours)} | {gguf}: {cell(theirs)} | "
+            print(f"| {mode}{variant} | {batch} | {cell(ours)} | {gguf}: {cell(theirs)} | "
                   f"{ratio(theirs)} | {cell(hf)} | {ratio(hf)} | "
                   f"{agreement.get(mode, '(reference)')} |")
 

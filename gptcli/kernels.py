@@ -300,15 +300,10 @@ INT4 = [
 KERNELS: dict[str, Kernel] = {k.name: k for k in FLOAT + HALF + INT8 + INT4}
 
 
-# oneDNN's packed inner product runs eagerly only: inductor lowers mkldnn._linear_pointwise itself
-# and asserts on a weight it did not pack (torch 2.13), so a compiled step chooses among the rest
-EAGER_ONLY = frozenset({"mkldnn", "mkldnn-batch", "bf16-mkldnn", "fp16-mkldnn"})
 
-
-def candidates(mode: str, compiled: bool = False) -> list[Kernel]:
-    """The kernels of ``mode``; for a ``torch.compile``'d step, those inductor can compile."""
-    return [k for k in KERNELS.values()
-            if k.mode == mode and not (compiled and k.name in EAGER_ONLY)]
+def candidates(mode: str) -> list[Kernel]:
+    """The kernels of ``mode`` (a compiled step runs each of them as eager does: ``product``)."""
+    return [k for k in KERNELS.values() if k.mode == mode]
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -322,7 +317,7 @@ def product(x: torch.Tensor, layer: int, n_out: int) -> torch.Tensor:
     """Layer ``layer``'s (an id) kernel on ``x`` (M, in): one operator to a compiled CPU step,
     which does not look inside (dynamo cannot trace fbgemm's packed weights)."""
     m = _LAYERS[layer]
-    return m.for_rows(x.size(0)).run(x, m)
+    return m.for_rows(x.size(0)).run(x, m).contiguous()  # as the fake's (some return views)
 
 
 product.register_fake(lambda x, layer, n_out: x.new_empty(x.size(0), n_out))

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .kernels import EAGER_ONLY, INT4_GROUP, KERNELS, QMAX, KernelLinear, candidates
+from .kernels import INT4_GROUP, KERNELS, QMAX, KernelLinear, candidates
 from .model import Projection
 from .tuning import ENV, Choice, choose
 
@@ -169,14 +169,12 @@ def _shape(s: dict) -> tuple[int, int]:
 
 
 def prepare(model: nn.Module, quantize: str | None = None, *, kernel: str | None = None,
-            rows: tuple[int, ...] = (1,), compiled: bool = False) -> None:
+            rows: tuple[int, ...] = (1,)) -> None:
     """Give ``model`` (a GPT) its inference format and kernels, in place (see the module
     docstring). Kernels are chosen per weight shape for decoding with ``rows`` rows (other
     counts: ``KernelLinear.for_rows``), or forced by ``kernel`` / ``$GPTCLI_KERNEL``. The
     model is then for inference only: it has no trainable weights left. A model loaded from an int8
-    checkpoint stays int8; on the meta device only the formats are made (checkpoint shapes).
-    ``compiled``: the decode step will be ``torch.compile``'d, so only kernels inductor can
-    compile are chosen (``kernels.EAGER_ONLY``)."""
+    checkpoint stays int8; on the meta device only the formats are made (checkpoint shapes)."""
     check_scheme(quantize)
     current = quantization(model)
     if quantize is not None and (current not in (None, quantize)
@@ -189,8 +187,6 @@ def prepare(model: nn.Module, quantize: str | None = None, *, kernel: str | None
         return  # other devices keep the training layout
     layers = _layers(model, quantize)
     forced = forced_kernel(kernel, {mode for mode, _ in layers.values()})
-    if compiled and forced in EAGER_ONLY:
-        raise UserError(f"kernel {forced} runs without --compile only; leave out one of them")
     built = {}
     for name, (mode, storage) in layers.items():
         module = model.get_submodule(name)
@@ -206,7 +202,7 @@ def prepare(model: nn.Module, quantize: str | None = None, *, kernel: str | None
         for (mode, _), names in groups.items():
             own = forced if forced and KERNELS[forced].mode == mode else None
             _choose_for([built[n] for n in names], [layers[n][1] for n in names], mode, rows,
-                        model.ln_f.weight.dtype, own, total, compiled)
+                        model.ln_f.weight.dtype, own, total)
     for name, layer in built.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
@@ -215,12 +211,11 @@ def prepare(model: nn.Module, quantize: str | None = None, *, kernel: str | None
 
 def _choose_for(layers: list[KernelLinear], storages: list[dict], mode: str,
                 rows: tuple[int, ...], dtype: torch.dtype, forced: str | None,
-                total: int, compiled: bool = False) -> None:
+                total: int) -> None:
     """Choose (or take the forced) kernels for layers of one shape, and pack them."""
     try:
         chosen = choose(mode, storages, lambda: _reference(mode, storages[0]),
-                        _shape(storages[0]), rows, dtype, forced=forced, model_bytes=total,
-                        compiled=compiled)
+                        _shape(storages[0]), rows, dtype, forced=forced, model_bytes=total)
         for layer, storage in zip(layers, storages):
             layer.use({m: c.kernel for m, c in chosen.items()}, torch.get_num_threads(),
                       storage)

@@ -202,19 +202,17 @@ def flush_buffer(model_bytes: int) -> torch.Tensor | None:
 
 def choose(mode: str, storages: list[dict], reference: Callable[[], torch.Tensor],
            shape: tuple[int, int], rows: tuple[int, ...], dtype: torch.dtype, *,
-           forced: str | None = None, model_bytes: int = 0,
-           compiled: bool = False) -> dict[int, Choice]:
+           forced: str | None = None, model_bytes: int = 0) -> dict[int, Choice]:
     """The kernel for each row count in ``rows`` for layers of one ``shape`` (in, out)
     (``storages``; see ``kernels.py`` for what they hold; ``reference()`` gives the first one's
     weight (in, out) in float, for measuring). Every kernel of ``mode`` is measured (or read
     from the cache) at each row count; one layout is kept for them all (``layout_for``), and
     each row count runs its fastest kernel of that layout. ``forced`` names one kernel to use
-    everywhere. ``compiled``: for a ``torch.compile``'d step (the kernels inductor can compile;
-    the cache key holds the candidates, so their choice is kept apart)."""
+    everywhere."""
     if forced is not None:
         return {m: Choice(KERNELS[forced], "forced") for m in rows}
     threads = torch.get_num_threads()
-    allowed = candidates(mode, compiled)
+    allowed = candidates(mode)
     # the candidates are part of the key: a gptcli with other kernels measures again
     base = {**machine(), "mode": mode, "dtype": str(dtype).removeprefix("torch."),
             "shape": list(shape), "candidates": [k.name for k in allowed]}

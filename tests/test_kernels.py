@@ -359,32 +359,6 @@ def test_bench_shows_the_choice_and_refuses_an_unknown_kernel():
                                          "model choose one of: int8-intmm2")
 
 
-def test_a_compiled_step_never_gets_a_kernel_inductor_cannot_compile(monkeypatch):
-    """On a machine where oneDNN's packed product measures fastest, `--compile` (whose inductor
-    lowering of it fails) chooses among the other kernels, under its own cache key, and the
-    compiled step decodes as the eager one does; forcing an eager-only kernel is refused."""
-    from gptcli.decode import compile_step
-    from gptcli.kernels import EAGER_ONLY
-
-    measure, calls = fake_timings({"addmm": 5.0, "linear": 4.0, "chunked": 6.0, "mkldnn": 1.0})
-    monkeypatch.setattr(tuning, "measure", measure)
-    eager = model_in("float")
-    prepare(eager, None)
-    assert {r["kernel"] for r in kernel_report(eager)} == {"mkldnn"}
-    compiled = model_in("float")
-    prepare(compiled, None, compiled=True)
-    assert {r["kernel"] for r in kernel_report(compiled)} == {"linear"}
-    assert all("mkldnn" not in names for _, names in calls[-5:])
-    torch._dynamo.reset()
-    step = compile_step(compiled)
-    prompt = torch.tensor([[1, 2, 3]])
-    got = torch.stack(list(decode_loop(compiled, prompt, greedy(8), step=step)))
-    assert torch.equal(got, torch.stack(list(decode_loop(eager, prompt, greedy(8)))))
-    assert "mkldnn" in EAGER_ONLY
-    with pytest.raises(UserError, match="runs without --compile only"):
-        prepare(model_in("float"), None, kernel="mkldnn", compiled=True)
-
-
 def test_generate_and_eval_take_the_kernel_flag(char_checkpoint, tmp_path):
     """--kernel is a flag of every command that loads a model: it reaches the model."""
     from gptcli.generate import load_generator
@@ -401,23 +375,25 @@ def test_generate_and_eval_take_the_kernel_flag(char_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("mode, kernel", [("int8", "int8-fbgemm"), ("half", "fp16-fbgemm"),
-                                          (None, "chunked-rows")])
+                                          (None, "chunked-rows"), (None, "mkldnn-batch")])
 def test_a_compiled_cpu_step_is_one_graph_with_any_kernel_and_decodes_as_eager(mode, kernel):
-    """fbgemm's packed weights are objects dynamo cannot trace: a compiled CPU step calls each
-    layer's kernel as one operator (kernels.product), so it stays one graph (before: a break at
-    every product) over the dynamic cache, and decodes the eager step's tokens."""
+    """fbgemm's packed weights are objects dynamo cannot trace, and inductor's own lowering of
+    oneDNN's product asserts on a weight it did not pack: a compiled CPU step calls each
+    layer's kernel as one operator (kernels.product), so any kernel compiles, the step stays
+    one graph (before: a break at every fbgemm product) over the dynamic cache, and it decodes
+    the eager step's tokens."""
     from gptcli.decode import compile_step
     from gptcli.kv_cache import KVCache
 
     model = model_in("float")
-    prepare(model, mode, kernel=kernel, compiled=True)
+    prepare(model, mode, kernel=kernel)
     assert {r["kernel"] for r in kernel_report(model)} == {kernel}
-    prompt = torch.tensor([[1, 2, 3]])
-    cache = KVCache.for_model(model.config, 1)
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])  # 2 rows: some kernels return views there
+    cache = KVCache.for_model(model.config, 2)
     torch._dynamo.reset()
     with torch.no_grad():
         model(prompt, kv_cache=cache)
-        explained = torch._dynamo.explain(model)(torch.tensor([[4]]), kv_cache=cache,
+        explained = torch._dynamo.explain(model)(torch.tensor([[4], [7]]), kv_cache=cache,
                                                  start_pos=3, last_only=True)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), \
         explained.break_reasons
