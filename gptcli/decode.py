@@ -131,8 +131,9 @@ class Engine:
         """``add`` for several groups (prompts, config, generator, group) at once: prompts of
         one length are prefilled together, in one forward (requests that arrive together start
         together)."""
-        new = [[Row(p, config, generator, group if group is not None else object())
-                for p in prompts] for prompts, config, generator, group in groups]
+        new = [[Row(p, config, generator, shared) for p in prompts]
+               for prompts, config, generator, group in groups
+               for shared in [group if group is not None else object()]]  # one per group
         rows = sorted((r for g in new for r in g), key=lambda r: len(r.tokens))
         if len(rows) > self.free:
             raise ValueError(f"{len(rows)} prompts, {self.free} free rows")

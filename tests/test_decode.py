@@ -116,3 +116,26 @@ def test_the_compiled_decode_step_has_no_graph_breaks(options, layout):
             explained = torch._dynamo.explain(model)(idx, kv_cache=cache, start_pos=start)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), \
             explained.break_reasons
+
+
+def test_rows_added_together_pick_their_tokens_in_one_call(monkeypatch):
+    """`gpt generate --num-samples 3` samples its rows as one group: one next_token call per
+    step for the three (it was one per row), while a request added later is its own group."""
+    import gptcli.decode as decode
+
+    real, calls = decode.next_token, []
+
+    def counted(logits, *args, **kwargs):
+        calls.append(logits.size(0))
+        return real(logits, *args, **kwargs)
+
+    monkeypatch.setattr(decode, "next_token", counted)
+    model = randomize_(GPT(tiny_config()), seed=7).eval()
+    engine = Engine(model, rows=4)
+    engine.add([[1, 2], [3, 4], [5, 6]], GREEDY)
+    engine.pick()
+    assert calls == [3]
+    engine.advance()
+    engine.add([[7]], GREEDY)
+    engine.pick()
+    assert calls == [3, 3, 1]
