@@ -116,7 +116,7 @@ Device = Annotated[str, Field(description=DEVICE_HELP,
 Dtype = Annotated[str, Field(description=DTYPE_HELP,
                              json_schema_extra={"group": "Device", "metavar": "NAME"})]
 Compile = Annotated[bool, Field(description="torch.compile the model (generation: the one-token "
-                                "step; pays off on CUDA, slower on CPUs).",
+                                "step; pays off on CUDA, about eager's speed on CPUs).",
                                 json_schema_extra={"group": "Device"})]
 Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT, description="Random seed (0 <= seed < 2**63): "
                             "the same seed gives the same result on the same device.",

@@ -86,10 +86,10 @@ class Engine:
     def __init__(self, model: GPT, rows: int, *, step: Callable | None = None,
                  vocab_size: int | None = None, draft: Draft | None = None) -> None:
         self.model = model
-        # A compiled step on CUDA gets a static cache and a tensor position: the same shapes and
-        # inputs at every token, so CUDA graphs can replay it (``compile_step``).
+        # A compiled step off the CPU gets a static cache and a tensor position: the same shapes
+        # and inputs at every token, so CUDA graphs can replay it (``compile_step``).
         self.step = model if step is None else step
-        self.static = step is not None and model.device.type == "cuda"
+        self.static = step is not None and model.device.type != "cpu"
         self.cache = KVCache.for_model(model.config, rows, device=model.device,
                                        dtype=model.dtype, static=self.static)
         self.vocab_size = vocab_size
@@ -104,7 +104,7 @@ class Engine:
                                  f"ids, fewer than the {self.vocab} the model may pick")
             self.draft_cache = KVCache.for_model(
                 draft.model.config, rows, device=model.device, dtype=draft.model.dtype,
-                static=draft.step is not None and model.device.type == "cuda")
+                static=draft.step is not None and model.device.type != "cpu")
             self._draft_views: dict[tuple[int, int], KVCache] = {}
 
     @property
@@ -270,7 +270,7 @@ class Engine:
         idx = torch.tensor([[seq[-1]] + d for seq, d in zip(sequences, drafts)],
                            device=self.model.device)  # (B, k + 1)
         # the compiled step for its two usual shapes; other lengths (near a window's end) would
-        # each compile again
+        # each compile again with a static cache
         step = self.step if idx.size(1) in (1, self.draft.tokens + 1) else self.model
         logits = self._forward(step, self.view(first, stop), idx,
                                [len(seq) - 1 - row.start for seq, row in zip(sequences, rows)])
@@ -391,11 +391,13 @@ def decode_loop(model: GPT, prompt: torch.Tensor, config: SampleConfig, *,
 
 
 def compile_step(model: GPT):
-    """The compiled one-token step for the Engine. On CUDA with CUDA graphs ("reduce-overhead"):
-    the Engine gives it a static cache and a tensor position, the same shapes and inputs at
-    every token. On a CPU, with nothing to replay, the cache stays dynamic (attention reads the
-    positions written so far, not the whole context: with the static cache the compiled step
-    was slower than eager) and the shapes symbolic: one compilation for every position."""
-    if model.device.type == "cuda":
-        return torch.compile(model, dynamic=False, mode="reduce-overhead")
+    """The compiled one-token step for the Engine. Off the CPU the Engine gives it a static
+    cache and a tensor position, the same shapes and inputs at every token (on CUDA replayed
+    as CUDA graphs: "reduce-overhead"). On a CPU, with nothing to replay, the cache stays
+    dynamic (attention reads the positions written so far, not the whole context: with the
+    static cache the compiled step was slower than eager) and the shapes symbolic: one
+    compilation serves all positions (and one more the full window)."""
+    if model.device.type != "cpu":
+        return torch.compile(model, dynamic=False,
+                             mode="reduce-overhead" if model.device.type == "cuda" else None)
     return torch.compile(model, dynamic=True)

@@ -371,6 +371,10 @@ class KernelLinear(nn.Module):
                 else:
                     setattr(self, name, value)
 
+    def __setstate__(self, state: dict) -> None:  # a copy (deepcopy) is a layer of its own
+        super().__setstate__(state)
+        _LAYERS[id(self)] = self
+
     def for_rows(self, rows: int) -> Kernel:
         """The kernel chosen for ``rows`` rows, else for the most rows chosen for below it
         (a prompt's many rows: the batch's), else the first."""

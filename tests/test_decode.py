@@ -97,9 +97,9 @@ def test_the_first_prefill_does_not_wait_for_running_rows():
 @pytest.mark.parametrize("layout", ["plain", "inference"])
 @pytest.mark.parametrize("options", [dict(), dict(position="rope")])
 def test_the_compiled_decode_step_has_no_graph_breaks(options, layout):
-    """What `--compile` compiles, in the shapes the Engine calls it with (one token at one
-    position, rows at different positions, a speculative verification of several tokens), on
-    the static cache: one graph, no breaks (a break on a GPU would cost CUDA graphs). Checked
+    """What `--compile` compiles off the CPU, in the shapes the Engine calls it with (one token
+    at one position, rows at different positions, a speculative verification of several
+    tokens), on the static cache: one graph, no breaks (a break on a GPU would cost CUDA graphs). Checked
     here because no GPU has run this code yet; tests/test_gpu.py checks it there."""
     from gptcli.kv_cache import KVCache
     from gptcli.quantize import prepare
