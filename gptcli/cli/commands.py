@@ -85,7 +85,7 @@ def generate_cmd(
     if load.model is None:
         note(f"using {loaded.path} (the latest run)")
     if load.compile and loaded.model.device.type == "cpu":
-        note("note: on CPUs the compiled step decodes about as fast as eager (gpt2: 0.97-1.0x) "
+        note("note: on CPUs the compiled step decodes about as fast as eager (gpt2: 0.97-1.07x) "
              "after ~30 s of compiling; --compile pays off on CUDA")
     prompts = iter(read_prompt_line, None) if interactive else [read_prompt(prompt, prompt_file)]
     for text in prompts:
