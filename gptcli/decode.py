@@ -391,13 +391,10 @@ def decode_loop(model: GPT, prompt: torch.Tensor, config: SampleConfig, *,
 
 
 def compile_step(model: GPT):
-    """The compiled one-token step for the Engine. Off the CPU the Engine gives it a static
-    cache and a tensor position, the same shapes and inputs at every token (on CUDA replayed
-    as CUDA graphs: "reduce-overhead"). On a CPU, with nothing to replay, the cache stays
-    dynamic (attention reads the positions written so far, not the whole context: with the
-    static cache the compiled step was slower than eager) and the shapes symbolic: one
-    compilation serves all positions (and one more the full window)."""
-    if model.device.type != "cpu":
-        return torch.compile(model, dynamic=False,
-                             mode="reduce-overhead" if model.device.type == "cuda" else None)
-    return torch.compile(model, dynamic=True)
+    """The compiled one-token step for the Engine: off the CPU over a static cache with a tensor
+    position (on CUDA replayed as CUDA graphs); on a CPU over the dynamic cache (attention over
+    the whole static buffer was slower than eager), with symbolic shapes for every position."""
+    if model.device.type == "cpu":
+        return torch.compile(model, dynamic=True)
+    return torch.compile(model, dynamic=False,
+                         mode="reduce-overhead" if model.device.type == "cuda" else None)

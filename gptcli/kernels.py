@@ -6,9 +6,9 @@ batch of rows by them (``run``). Kernels of one mode compute the same product: `
 model's dtype), ``half`` (16-bit weights, float activations), ``int8`` (per-channel int8 weights,
 the format int8 checkpoints store) and ``int4`` (group-wise 4-bit weights). Which one is fastest
 depends on the CPU, the thread count, the shape and the number of rows, so none is assumed:
-``tuning.py`` times them and ``KernelLinear`` runs the winner. Kernels that share a layout share
-its buffers, so a layer can run one kernel at batch 1 and another at batch 4 without a second
-copy of its weights.
+``tuning.py`` times them and ``KernelLinear`` (``kernel_layer.py``) runs the winner. Kernels
+of a layout share its buffers (named for the layout), so a layer runs two kernels (batch 1,
+4) on one copy of them, and two layouts side by side when it must.
 
 Storage (what ``pack`` receives, made by ``quantize.py``): ``weight`` (in, out) float for float,
 half and int4 (which also gets ``q4``/``sz``); ``qweight`` (out, in) int8 and ``scale`` (out,)
@@ -18,7 +18,6 @@ float32 for int8. Every kernel is a PyTorch operator; none is written here.
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,44 +103,51 @@ def _in_dtype(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
 
 
 FLOAT = [
-    Kernel("addmm", "float", "in_out", lambda s, t: {"w": s["weight"].detach()},
-           lambda x, m: torch.addmm(m.bias, x, m.w) if m.bias is not None else x @ m.w,
+    Kernel("addmm", "float", "in_out", lambda s, t: {"w_io": s["weight"].detach()},
+           lambda x, m: torch.addmm(m.bias, x, m.w_io) if m.bias is not None else x @ m.w_io,
            1e-5, "x @ W with W (in, out), the training layout: the plain model"),
-    Kernel("linear", "float", "out_in", lambda s, t: {"w": s["weight"].detach().t().contiguous()},
-           lambda x, m: F.linear(x, m.w, m.bias), 1e-5,
+    Kernel("linear", "float", "out_in",
+           lambda s, t: {"w_oi": s["weight"].detach().t().contiguous()},
+           lambda x, m: F.linear(x, m.w_oi, m.bias), 1e-5,
            "F.linear with W (out, in), nn.Linear's layout"),
     Kernel("chunked", "float", "chunked",
-           lambda s, t: {"w": chunked(s["weight"], t)},
-           lambda x, m: _plus_bias(chunked_matmul(x, m.w, m.n_out), m), 1e-5,
+           lambda s, t: {"w_ch": chunked(s["weight"], t)},
+           lambda x, m: _plus_bias(chunked_matmul(x, m.w_ch, m.n_out), m), 1e-5,
            "one batched matmul over a slice of W's outputs per thread"),
     Kernel("chunked-rows", "float", "chunked_rows",
-           lambda s, t: {"w": chunked_rows(s["weight"], t)},
-           lambda x, m: _plus_bias(chunked_rows_matmul(x, m.w, m.n_out), m), 1e-5,
+           lambda s, t: {"w_cr": chunked_rows(s["weight"], t)},
+           lambda x, m: _plus_bias(chunked_rows_matmul(x, m.w_cr, m.n_out), m), 1e-5,
            "one batched matmul over a slice of W's rows (out, in) per thread, W first"),
-    Kernel("mkldnn", "float", "mkldnn", lambda s, t: {"w": _mkldnn_pack(s["weight"].t())},
-           lambda x, m: _mkldnn(x, m.w, m.bias), 1e-5,
+    Kernel("mkldnn", "float", "mkldnn", lambda s, t: {"w_dnn": _mkldnn_pack(s["weight"].t())},
+           lambda x, m: _mkldnn(x, m.w_dnn, m.bias), 1e-5,
            "oneDNN inner product on W packed in its blocked layout"),
     Kernel("mkldnn-batch", "float", "mkldnn_batch",
-           lambda s, t: {"wb": _mkldnn_pack(s["weight"].t(), 16)},
-           lambda x, m: _mkldnn(x, m.wb, m.bias), 1e-5,
+           lambda s, t: {"w_dnn16": _mkldnn_pack(s["weight"].t(), 16)},
+           lambda x, m: _mkldnn(x, m.w_dnn16, m.bias), 1e-5,
            "as mkldnn, in the layout oneDNN picks for 16 rows"),
 ]
 
 
 # ----------------------------------------------------------------------------- half
 
+def half_names(dtype: torch.dtype, mkldnn: bool = False) -> tuple[str, str]:
+    # a layout's own buffers (weights, bias): a layer holding two layouts keeps both
+    return f"w_{str(dtype)[6:]}{'_dnn' if mkldnn else ''}", f"b_{str(dtype)[6:]}"
+
+
 def _half_pack(dtype: torch.dtype, mkldnn: bool) -> Callable[[dict, int], dict]:
     def pack(s: dict, threads: int) -> dict:
-        w = s["weight"].detach().t().to(dtype).contiguous()  # (out, in)
-        return {"w": _mkldnn_pack(w) if mkldnn else w, "b16": _in_dtype(s.get("bias"), dtype)}
+        w, (wn, bn) = s["weight"].detach().t().to(dtype).contiguous(), half_names(dtype, mkldnn)
+        return {wn: _mkldnn_pack(w) if mkldnn else w, bn: _in_dtype(s.get("bias"), dtype)}
     return pack
 
 
 def _half_run(dtype: torch.dtype, mkldnn: bool) -> Callable:
+    wn, bn = half_names(dtype, mkldnn)
+
     def run(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
-        h = x.to(dtype)
-        y = _mkldnn(h, m.w, m.b16) if mkldnn else F.linear(h, m.w, m.b16)
-        return y.to(x.dtype)
+        w, b, h = getattr(m, wn), getattr(m, bn), x.to(dtype)
+        return (_mkldnn(h, w, b) if mkldnn else F.linear(h, w, b)).to(x.dtype)
     return run
 
 
@@ -224,24 +230,21 @@ def _scale_as(dtype: torch.dtype) -> Callable[[dict, int], dict]:
 def _fbgemm_int8_pack(s: dict, threads: int) -> dict:
     q, scale, bias = s["qweight"], s["scale"], s.get("bias")
     with warnings.catch_warnings():
-        # torch deprecates its quantized tensors (torch 2.13 still has them); once they are
-        # gone this raises, and tuning skips the kernel with the reason
+        # quantized tensors are deprecated (2.13 has them): once gone this raises, tuning skips
         warnings.simplefilter("ignore")
         w = torch._make_per_channel_quantized_tensor(
             q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
         packed = torch.ops.quantized.linear_prepack(w, _in_dtype(bias, torch.float32))
-    guard = torch.zeros(1, q.size(1))
-    guard[0, :2] = torch.tensor([1.0, -1.0])
+    guard = F.pad(torch.tensor([[1.0, -1.0]]), (0, q.size(1) - 2))  # [1, -1, 0...]
     # its packed copy is read instead of qweight, as many bytes: no packed_bytes to add
     return {"fbgemm": packed, "guard": guard}
 
 
 def _fbgemm_int8_run(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
     # The operator quantizes its whole input with one range (asymmetric, 7 bits: reduce_range
-    # keeps AVX2's 16-bit pair sums, u8 x s8 in vpmaddubsw, from saturating). One row is its
-    # own range. More rows are each scaled to [-1, 1] first and a guard row [1, -1, 0...] pins
-    # the range, so every row is quantized alike whatever the others hold; the packed bias is
-    # taken off before scaling back and put on again.
+    # keeps AVX2's u8 x s8 16-bit pair sums from saturating). More rows than one are each scaled
+    # to [-1, 1] and a guard row [1, -1, 0...] pins the range, so a row is quantized alike
+    # whatever the others hold; the packed bias is taken off to scale back, then put on again.
     xf = x.float()
     if xf.size(0) == 1:
         return torch.ops.quantized.linear_dynamic(xf, m.fbgemm, True).to(x.dtype)
@@ -277,14 +280,14 @@ def _int4_pack(dtype: torch.dtype) -> Callable[[dict, int], dict]:
     def pack(s: dict, threads: int) -> dict:
         # q4: (out, in) int32 in [0, 15], out padded to a multiple of 16 (the kernel's tile);
         # sz: (in / group, out, 2) scales and zeros, w = (q4 - 8) * scale + zero
-        return {"w": torch._convert_weight_to_int4pack_for_cpu(s["q4"], 1),
+        return {"w4": torch._convert_weight_to_int4pack_for_cpu(s["q4"], 1),
                 f"sz_{str(dtype)[6:]}": s["sz"].to(dtype)}
     return pack
 
 
 def _int4_run(dtype: torch.dtype) -> Callable:
     def run(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
-        y = torch._weight_int4pack_mm_for_cpu(x.to(dtype), m.w, INT4_GROUP,
+        y = torch._weight_int4pack_mm_for_cpu(x.to(dtype), m.w4, INT4_GROUP,
                                               getattr(m, f"sz_{str(dtype)[6:]}"))
         return _plus_bias(y[:, :m.n_out].to(x.dtype), m)
     return run
@@ -304,95 +307,3 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in FLOAT + HALF + INT8 + INT4}
 def candidates(mode: str) -> list[Kernel]:
     """The kernels of ``mode`` (a compiled step runs each of them as eager does: ``product``)."""
     return [k for k in KERNELS.values() if k.mode == mode]
-
-
-# ----------------------------------------------------------------------------- the layer
-
-STORED = {"int8": ("qweight", "scale")}  # what a mode's checkpoints hold besides the bias
-_LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> KernelLinear
-
-
-@torch.library.custom_op("gptcli::product", mutates_args=())
-def product(x: torch.Tensor, layer: int, n_out: int) -> torch.Tensor:
-    """Layer ``layer``'s (an id) kernel on ``x`` (M, in): one operator to a compiled CPU step,
-    which does not look inside (dynamo cannot trace fbgemm's packed weights)."""
-    m = _LAYERS[layer]
-    return m.for_rows(x.size(0)).run(x, m).contiguous()  # as the fake's (some return views)
-
-
-product.register_fake(lambda x, layer, n_out: x.new_empty(x.size(0), n_out))
-
-
-class KernelLinear(nn.Module):
-    """A projection for inference: its stored weights (int8: ``qweight``, ``scale``; saved in
-    checkpoints, with ``bias``), the buffers of its kernels' layout (made at load, never saved)
-    and the kernels chosen per number of rows (``kernels``; other counts: ``for_rows``)."""
-
-    def __init__(self, mode: str, n_in: int, n_out: int, bias: torch.Tensor | None,
-                 **stored: torch.Tensor) -> None:
-        super().__init__()
-        self.mode, self.n_in, self.n_out = mode, n_in, n_out
-        self.register_buffer("bias", bias)
-        for name, tensor in stored.items():
-            self.register_buffer(name, tensor)
-        self.kernel: Kernel | None = None
-        self.kernels: dict[int, Kernel] = {}
-        self.packed_bytes = 0  # bytes a product reads outside tensors (fbgemm's fp16 copy)
-        _LAYERS[id(self)] = self
-
-    @classmethod
-    def from_storage(cls, mode: str, storage: dict) -> KernelLinear:
-        """The layer for ``storage`` (see the module docstring; int4 adds ``n_out``, the rows
-        of ``q4`` before padding), with no kernel yet."""
-        if "weight" in storage:
-            n_in, n_out = storage["weight"].shape
-        elif "qweight" in storage:
-            n_out, n_in = storage["qweight"].shape
-        else:
-            n_in, n_out = storage["q4"].size(1), storage["n_out"]
-        return cls(mode, n_in, n_out, storage.get("bias"),
-                   **{k: storage[k] for k in STORED.get(mode, ())})
-
-    def use(self, chosen: dict[int, Kernel], threads: int, storage: dict) -> None:
-        """Run ``chosen[rows]`` (other row counts: ``for_rows``), packing their layout."""
-        self.kernels = dict(chosen)
-        self.kernel = next(iter(chosen.values()))
-        self.packed_bytes = 0
-        done: set[str] = set()
-        for kernel in chosen.values():
-            if kernel.name in done:
-                continue
-            done.add(kernel.name)
-            for name, value in kernel.pack(storage, threads).items():
-                if name == "packed_bytes":  # the size of what a packed object holds
-                    self.packed_bytes += value
-                elif isinstance(value, torch.Tensor) or value is None:
-                    self.register_buffer(name, value, persistent=False)
-                else:
-                    setattr(self, name, value)
-
-    def __setstate__(self, state: dict) -> None:  # a copy (deepcopy) is a layer of its own
-        super().__setstate__(state)
-        _LAYERS[id(self)] = self
-
-    def for_rows(self, rows: int) -> Kernel:
-        """The kernel chosen for ``rows`` rows, else for the most rows chosen for below it
-        (a prompt's many rows: the batch's), else the first."""
-        kernel = self.kernels.get(rows)
-        if kernel is None:
-            below = [m for m in self.kernels if m < rows]
-            kernel = self.kernels[max(below)] if below else self.kernel
-        # an int8 model as loaded, before prepare chose its kernels, runs the stored layout
-        return kernel or KERNELS["int8-intmm2"]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.size(-1))  # (M, in)
-        if x.device.type == "cpu" and torch.compiler.is_compiling():
-            y = product(flat, id(self), self.n_out)
-        else:
-            y = self.for_rows(flat.size(0)).run(flat, self)
-        return y.view(*x.shape[:-1], self.n_out)
-
-    def extra_repr(self) -> str:
-        chosen = ", ".join(f"{m} rows: {k.name}" for m, k in self.kernels.items())
-        return f"{self.mode}, in={self.n_in}, out={self.n_out}, {chosen or 'no kernel yet'}"

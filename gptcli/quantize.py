@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .kernels import INT4_GROUP, KERNELS, QMAX, KernelLinear, candidates
+from .kernel_layer import KernelLinear
+from .kernels import INT4_GROUP, KERNELS, QMAX, candidates, half_names
 from .model import Projection
 from .tuning import ENV, Choice, choose
 
@@ -240,7 +241,7 @@ def _lookups(model: nn.Module) -> None:
             quantize_int8(model.wte.weight)
     else:  # half: the 16-bit format the output matrix's kernel chose
         dtype = torch.bfloat16 if head.kernel.name.startswith("bf16") else torch.float16
-        w = getattr(head, "w", None)
+        w = getattr(head, half_names(dtype)[0], None)  # (the (out, in) layout, if chosen)
         same = model.config.tie_embeddings and isinstance(w, torch.Tensor) and \
             not w.is_mkldnn and w.dtype == dtype and w.shape == (head.n_out, head.n_in)
         table = (w if same else model.wte.weight.detach().to(dtype), None)

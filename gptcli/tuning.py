@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from . import hardware
-from .kernels import KERNELS, Kernel, KernelLinear, candidates
+from .kernel_layer import KernelLinear
+from .kernels import KERNELS, Kernel, candidates
 from .store import gptcli_home
 
 CACHE_FORMAT = "gptcli-kernels/1"

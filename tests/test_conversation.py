@@ -29,10 +29,10 @@ CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:. \n"
 runner = CliRunner()
 
 
-def make_model(path, tokenizer, context: int, **metadata):
+def make_model(path, tokenizer, context: int, *, size: dict | None = None, **metadata):
     torch.manual_seed(0)
-    model = randomize_(GPT(tiny_config(vocab_size=tokenizer.vocab_size,
-                                       context_length=context)), 1).eval()
+    model = randomize_(GPT(tiny_config(vocab_size=tokenizer.vocab_size, context_length=context,
+                                       **(size or {}))), 1).eval()
     return save_checkpoint(path, model, tokenizer, **metadata)
 
 
@@ -305,13 +305,16 @@ def test_ctrl_c_in_a_terminal_stops_the_reply_and_the_session_goes_on(tmp_path):
     SIGINT mid-reply; the partial reply stays in the conversation and the next message works."""
     import pty
 
-    model = make_model(tmp_path / "long.safetensors", CharTokenizer.from_text(CHARS), 4096)
+    # A model slow enough (a few ms a token) and one thread for the command, so that the reply
+    # is still streaming when this process, sharing the CPU with it, gets to send Ctrl-C
+    model = make_model(tmp_path / "long.safetensors", CharTokenizer.from_text(CHARS), 4096,
+                       size=dict(n_layer=4, n_head=4, n_embd=256))
     argv = [sys.executable, "-m", "gptcli", "chat", "--model", str(model), "--device", "cpu",
             "--max-new-tokens", "4000", "--seed", "1"]
     pid, fd = pty.fork()
     if pid == 0:  # the child: the command, with the terminal as its stdin, stdout and stderr
         try:
-            os.execv(sys.executable, argv)
+            os.execve(sys.executable, argv, {**os.environ, "OMP_NUM_THREADS": "1"})
         finally:
             os._exit(127)
     term = Terminal(fd)

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from gptcli import tuning
 from gptcli.cli import app
 from gptcli.errors import UserError
-from gptcli.kernels import KERNELS, KernelLinear, candidates
+from gptcli.kernel_layer import KernelLinear
+from gptcli.kernels import KERNELS, candidates
 from gptcli.model import GPT, Projection
 from gptcli.quantize import _reference, _storage, kernel_report, prepare, quantization
 from gptcli.decode import decode_loop
@@ -309,7 +310,7 @@ def test_a_kernel_that_misses_its_bound_is_not_chosen(monkeypatch):
     """A kernel that computes something else (as a broken kernel on some CPU would) is
     measured, found wrong, and skipped with the reason."""
     wrong = KERNELS["linear"].__class__(**{**KERNELS["linear"].__dict__,
-                                           "run": lambda x, m: 1.01 * (x @ m.w.t())})
+                                           "run": lambda x, m: 1.01 * (x @ m.w_oi.t())})
     monkeypatch.setitem(KERNELS, "linear", wrong)
     model = model_in("float")
     prepare(model, None)
@@ -414,7 +415,7 @@ def test_a_compiled_cpu_step_is_one_graph_with_any_kernel_and_decodes_as_eager(m
 def test_a_copied_layer_is_found_by_the_compiled_steps_operator():
     """kernels.product finds a layer by id: a deepcopy (made without __init__) registers too,
     and runs its own weights."""
-    from gptcli.kernels import product
+    from gptcli.kernel_layer import product
 
     model = model_in("float")
     prepare(model, "int8", kernel="int8-f32")  # (a kernel that reads qweight itself)
@@ -425,3 +426,24 @@ def test_a_copied_layer_is_found_by_the_compiled_steps_operator():
         for layer in (model.lm_head, copied.lm_head):
             assert torch.equal(product(x, id(layer), layer.n_out), layer(x))
         assert not product(x, id(copied.lm_head), copied.lm_head.n_out).any()
+
+
+@pytest.mark.parametrize("mode, names", [("float", ("linear", "chunked")),
+                                         ("half", ("fp16-linear", "bf16-linear"))])
+def test_a_layer_holding_two_layouts_runs_each_on_its_own_buffers(mode, names):
+    """The tuner's fallback may give a layer a second layout for one row count (where no kernel
+    of the kept layout ran): each layout keeps its buffers under names of its own, so both row
+    counts multiply by the right weights (a shared name let the second layout overwrite the
+    first's)."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 40, generator=g) * 0.05
+    storage = _storage(mode, weight, torch.randn(40, generator=g))
+    layer = KernelLinear.from_storage(mode, storage)
+    layer.use({1: KERNELS[names[0]], 4: KERNELS[names[1]]}, 2, storage)
+    exact_w = _reference(mode, storage).double()
+    for rows, name in ((1, names[0]), (4, names[1])):
+        x = torch.randn(rows, 64, generator=g)
+        with torch.no_grad():
+            y = layer(x)
+        exact = x.double() @ exact_w + storage["bias"].double()
+        assert tuning.relative_error(y, exact) <= KERNELS[name].tolerance, name

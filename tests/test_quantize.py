@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from gptcli.checkpoint import load_checkpoint, save_checkpoint
 from gptcli.cli import app
 from gptcli.model import GPT, Projection
-from gptcli.kernels import KernelLinear, chunked, chunked_matmul, int8_matmul
+from gptcli.kernel_layer import KernelLinear
+from gptcli.kernels import chunked, chunked_matmul, int8_matmul
 from gptcli.quantize import (dequantize_int4, is_quantized, prepare, quantization,
                              quantize_int4, quantize_int8)
 from gptcli.decode import decode_loop

@@ -1,0 +1,102 @@
+"""The layer inference runs its products through: ``KernelLinear`` holds a projection's stored
+weights, the buffers of its kernels' layouts and the kernels chosen per number of rows
+(``kernels.py`` defines the kernels, ``tuning.py`` chooses them); and ``product``, the one
+operator through which a compiled CPU step calls a layer's kernel."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from .kernels import KERNELS, Kernel
+
+STORED = {"int8": ("qweight", "scale")}  # what a mode's checkpoints hold besides the bias
+_LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> KernelLinear
+
+
+@torch.library.custom_op("gptcli::product", mutates_args=())
+def product(x: torch.Tensor, layer: int, n_out: int) -> torch.Tensor:
+    """Layer ``layer``'s (an id) kernel on ``x`` (M, in): one operator to a compiled CPU step,
+    which does not look inside (dynamo cannot trace fbgemm's packed weights)."""
+    m = _LAYERS[layer]
+    return m.for_rows(x.size(0)).run(x, m).contiguous()  # as the fake's (some return views)
+
+
+product.register_fake(lambda x, layer, n_out: x.new_empty(x.size(0), n_out))
+
+
+class KernelLinear(nn.Module):
+    """A projection for inference: its stored weights (int8: ``qweight``, ``scale``; saved in
+    checkpoints, with ``bias``), the buffers of its kernels' layout (made at load, never saved)
+    and the kernels chosen per number of rows (``kernels``; other counts: ``for_rows``)."""
+
+    def __init__(self, mode: str, n_in: int, n_out: int, bias: torch.Tensor | None,
+                 **stored: torch.Tensor) -> None:
+        super().__init__()
+        self.mode, self.n_in, self.n_out = mode, n_in, n_out
+        self.register_buffer("bias", bias)
+        for name, tensor in stored.items():
+            self.register_buffer(name, tensor)
+        self.kernel: Kernel | None = None
+        self.kernels: dict[int, Kernel] = {}
+        self.packed_bytes = 0  # bytes a product reads outside tensors (fbgemm's fp16 copy)
+        _LAYERS[id(self)] = self
+
+    @classmethod
+    def from_storage(cls, mode: str, storage: dict) -> KernelLinear:
+        """The layer for ``storage`` (see the module docstring; int4 adds ``n_out``, the rows
+        of ``q4`` before padding), with no kernel yet."""
+        if "weight" in storage:
+            n_in, n_out = storage["weight"].shape
+        elif "qweight" in storage:
+            n_out, n_in = storage["qweight"].shape
+        else:
+            n_in, n_out = storage["q4"].size(1), storage["n_out"]
+        return cls(mode, n_in, n_out, storage.get("bias"),
+                   **{k: storage[k] for k in STORED.get(mode, ())})
+
+    def use(self, chosen: dict[int, Kernel], threads: int, storage: dict) -> None:
+        """Run ``chosen[rows]`` (other row counts: ``for_rows``), packing their layout."""
+        self.kernels = dict(chosen)
+        self.kernel = next(iter(chosen.values()))
+        self.packed_bytes = 0
+        done: set[str] = set()
+        for kernel in chosen.values():
+            if kernel.name in done:
+                continue
+            done.add(kernel.name)
+            for name, value in kernel.pack(storage, threads).items():
+                if name == "packed_bytes":  # the size of what a packed object holds
+                    self.packed_bytes += value
+                elif isinstance(value, torch.Tensor) or value is None:
+                    self.register_buffer(name, value, persistent=False)
+                else:
+                    setattr(self, name, value)
+
+    def __setstate__(self, state: dict) -> None:  # a copy (deepcopy) is a layer of its own
+        super().__setstate__(state)
+        _LAYERS[id(self)] = self
+
+    def for_rows(self, rows: int) -> Kernel:
+        """The kernel chosen for ``rows`` rows, else for the most rows chosen for below it
+        (a prompt's many rows: the batch's), else the first."""
+        kernel = self.kernels.get(rows)
+        if kernel is None:
+            below = [m for m in self.kernels if m < rows]
+            kernel = self.kernels[max(below)] if below else self.kernel
+        # an int8 model as loaded, before prepare chose its kernels, runs the stored layout
+        return kernel or KERNELS["int8-intmm2"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.size(-1))  # (M, in)
+        if x.device.type == "cpu" and torch.compiler.is_compiling():
+            y = product(flat, id(self), self.n_out)
+        else:
+            y = self.for_rows(flat.size(0)).run(flat, self)
+        return y.view(*x.shape[:-1], self.n_out)
+
+    def extra_repr(self) -> str:
+        chosen = ", ".join(f"{m} rows: {k.name}" for m, k in self.kernels.items())
+        return f"{self.mode}, in={self.n_in}, out={self.n_out}, {chosen or 'no kernel yet'}"
