@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -314,6 +315,9 @@ def test_ctrl_c_in_a_terminal_stops_the_reply_and_the_session_goes_on(tmp_path):
     pid, fd = pty.fork()
     if pid == 0:  # the child: the command, with the terminal as its stdin, stdout and stderr
         try:
+            # as a shell in a terminal starts a command: SIGINT at its default, even where this
+            # test runs under a parent that ignores it (a background job of a script does)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execve(sys.executable, argv, {**os.environ, "OMP_NUM_THREADS": "1"})
         finally:
             os._exit(127)

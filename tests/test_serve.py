@@ -666,7 +666,8 @@ def test_gpt_serve_subprocess_streams_and_stops_cleanly_on_sigterm(served):
 
 def test_gpt_serve_stops_cleanly_whatever_is_in_flight(served):
     """SIGTERM with a long stream, a long request, a half-sent request, a stream whose client
-    stopped reading and an idle keep-alive connection in flight, after requests that used to
+    stopped reading, a whole answer its client stopped reading and an idle keep-alive
+    connection in flight, after requests that used to
     leave tracebacks in the log: the stream ends with an error event (503) and [DONE], the long
     request gets a 503, the half-sent one a 503 at once, the idle connection closes, and the
     server exits 143 with one log line per failed request and no traceback."""
@@ -678,6 +679,21 @@ def test_gpt_serve_stops_cleanly_whatever_is_in_flight(served):
                         ).startswith(b"HTTP/1.1 400 ")
         server = {"url": url}
         assert post(server, "/v1/completions", {"temperature": 7})[0] == 400
+        # A client that stops reading a whole answer larger than the sockets' buffers: the
+        # answer is complete, but held in the server's buffer, which a plain close waits on
+        unread = socket.socket()
+        unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        unread.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        body = json.dumps({"prompt": "a", "max_tokens": 3000, "n": 8, "logprobs": 5}).encode()
+        unread.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d"
+                       b"\r\n\r\n%s" % (len(body), body))
+        deadline = time.time() + 10
+        while time.time() < deadline and call(server, "GET", "/health")[2]["requests"] == 0:
+            time.sleep(0.05)  # until it is decoding,
+        deadline = time.time() + 120
+        while time.time() < deadline and call(server, "GET", "/health")[2]["requests"]:
+            time.sleep(0.2)  # then done
+        time.sleep(1)  # and its answer written
         long = {"prompt": "a", "max_tokens": 100_000}
         stream, first = start_stream(server, long)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:

@@ -13,8 +13,9 @@ answer. Every error is OpenAI's JSON shape, and reaches the log as one line, nev
   OpenAI's shape. When a response is already under way on that connection (a client that
   sends garbage after a request it did not finish), uvicorn's own 400 raises h11's
   LocalProtocolError, logged as a traceback; here the connection is simply closed. At shutdown,
-  a response still unfinished once the drain is over (its client stopped reading, so the
-  writes wait forever) has its connection closed, so uvicorn's graceful wait ends on time.
+  a connection still open once the drain is over (its client stopped reading: a response
+  unfinished, its writes waiting for ever, or finished but still in the server's buffer) is
+  closed, so uvicorn's graceful wait ends on time.
 """
 
 from __future__ import annotations
@@ -135,8 +136,12 @@ def h11_protocol(drain_s: float):
             self.loop.call_later(drain_s + 0.5, self.give_up)
 
         def give_up(self) -> None:
-            if self.cycle is not None and not self.cycle.response_complete:
-                self.close(abort=True)  # what waits to be written never will be
+            # Still open after the drain: a response not complete, or one complete but held in
+            # the buffer of a client that stopped reading (closing waits for it to be read, and
+            # uvicorn's shutdown for that close). What waits to be written never will be.
+            t = self.transport
+            if not t.is_closing() or t.get_write_buffer_size():
+                self.close(abort=True)
 
         def close(self, abort: bool = False) -> None:
             """Close the connection now; the app's answer, if it comes, goes nowhere (as it
