@@ -154,8 +154,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="decode-vs-llamacpp-"))
     checkpoint = work / "gpt2-random.safetensors"
-    subprocess.run(["gpt", "download", str(args.hf_dir), "--out", str(checkpoint)], check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "gptcli", "download", str(args.hf_dir), "--out",
+                    str(checkpoint)], check=True, capture_output=True)
     variants = {}
     for mode in args.modes:
         variants[f"gptcli {mode}"] = gptcli_variant(
