@@ -9,7 +9,9 @@ model name and instruction-set flags (lscpu's) head the output.
   --json``: the real decode loop (`gpt generate`'s), batch 1 and 4, kernels as chosen (and
   cached) on this machine. FILE is made once from the Hugging Face folder with ``gpt download
   DIR --out FILE``. Modes named in ``--compiled`` are also timed with ``--compile`` (a
-  compiled step; ``gpt bench`` leaves its compile time out of the figure).
+  compiled step; ``gpt bench`` leaves its compile time out of the figure), those named in
+  ``--inductor`` with ``--compile --kernel inductor`` (the weights frozen into the compiled
+  step, inductor's own products).
 - llama.cpp: ``llama-bench -m gpt2-<type>.gguf -p 0 -n 128 -r 1`` (tg128, one sequence) for
   f32, f16, q8_0 and q4_0, and ``llama-batched-bench -npp 16 -ntg 128 -npl 4`` for 4 sequences
   where that tool is built. Without a llama-bench (``--llama-bench`` / ``$LLAMA_BENCH``), the
@@ -77,14 +79,16 @@ def run_json(cmd: list[str], env: dict | None = None) -> dict | list:
     return json.loads(text if text.startswith("[") else text.splitlines()[-1])
 
 
-def gptcli_variant(checkpoint: Path, quantize: str | None, threads: int, compile: bool = False):
+def gptcli_variant(checkpoint: Path, quantize: str | None, threads: int, compile: bool = False,
+                   kernel: str | None = None):
     def measure() -> dict[int, float]:
         cmd = [sys.executable, "-m", "gptcli", "bench", "--model", str(checkpoint), "--device",
                "cpu", "--only", "generate", "--batch-size", "4", "--prompt-length", "16",
                "--max-new-tokens", "128", "--steps", "3", "--warmup", "1", "--json"]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         result = run_json(cmd + (["--quantize", quantize] if quantize else [])
-                          + (["--compile"] if compile else []), env)
+                          + (["--compile"] if compile else [])
+                          + (["--kernel", kernel] if kernel else []), env)
         measure.kernels = result.get("kernels")
         return {g["batch_size"]: g["decode_tokens_per_s"] for g in result["generate"]}
     return measure
@@ -148,6 +152,8 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=list(GGUF))
     ap.add_argument("--compiled", nargs="*", default=[], choices=list(GGUF),
                     help="modes also timed with --compile (its compile time left out)")
+    ap.add_argument("--inductor", nargs="*", default=[], choices=list(GGUF),
+                    help="modes also timed with --compile --kernel inductor")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--out", type=Path, help="write every figure here as JSON")
     args = ap.parse_args()
@@ -163,6 +169,10 @@ def main() -> None:
         if mode in args.compiled:
             variants[f"gptcli {mode} compiled"] = gptcli_variant(
                 checkpoint, None if mode == "float32" else mode, args.threads, compile=True)
+        if mode in args.inductor:
+            variants[f"gptcli {mode} inductor"] = gptcli_variant(
+                checkpoint, None if mode == "float32" else mode, args.threads, compile=True,
+                kernel="inductor")
         gguf = args.gguf_dir / f"gpt2-{GGUF[mode]}.gguf"
         if args.llama_bench and Path(args.llama_bench).exists() and gguf.exists():
             variants[f"llama.cpp {GGUF[mode]}"] = llamacpp_variant(Path(args.llama_bench), gguf,
@@ -226,7 +236,8 @@ def print_table(summary: dict, agreement: dict, header: dict) -> None:
     print("| mode | batch | gptcli | llama.cpp | ratio | transformers | ratio | top-1 vs f32 |")
     print("|---|---|---|---|---|---|---|---|")
     for mode, gguf in GGUF.items():
-        for variant, batch in ((v, b) for v in ("", " compiled") for b in (1, 4)):
+        for variant, batch in ((v, b) for v in ("", " compiled", " inductor")
+                              for b in (1, 4)):
             ours = summary.get(f"gptcli {mode}{variant}|{batch}")
             if ours is None:
                 continue

@@ -126,7 +126,9 @@ Quantize = Annotated[Optional[Literal["half", "int8", "int4"]], Field(
                 "int4 (groups of 32, output matrix int8). Off by default.",
     json_schema_extra={"group": "Device", "metavar": "SCHEME"})]
 Kernel = Annotated[Optional[str], Field(description="Force a matrix-product kernel (`gpt bench` "
-    "lists them; also $GPTCLI_KERNEL); default: the fastest, measured once per machine.",
+    "lists them; also $GPTCLI_KERNEL); default: the fastest, measured once per machine. "
+    "inductor (with --compile, on a CPU): inductor's own products, the weights frozen into the "
+    "compiled step (faster on some CPUs: see README Performance).",
     json_schema_extra={"group": "Device", "metavar": "NAME"})]
 LogTo = Annotated[list[Literal["tensorboard", "wandb"]], Field(
     description="Also log the run's metrics to tensorboard (event files in the run folder) or "
@@ -289,6 +291,13 @@ class LoadConfig(BaseModel):
         metavar="MODEL")
     draft_tokens: int = setting(4, "Tokens the draft model proposes per verification.",
                                 group="Model", ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _inductor_compiles(self) -> LoadConfig:
+        if self.kernel == "inductor" and not self.compile:
+            raise ValueError("--kernel inductor needs --compile (gpt generate, chat and bench): "
+                             "inductor puts its own products in when it compiles the step")
+        return self
 
 
 class EvalConfig(BaseModel):

@@ -6,7 +6,8 @@ runs one batched forward to get the next logits; ``remove`` frees a row (the las
 moves into the gap, so the rows in use are always the first ones and the batch is a view).
 Rows may sit at different positions (requests that joined at different times): the model then
 gets per-row positions and a per-row mask. A row whose sequence outgrows the context slides its
-window (see ``window_start``) and is prefilled again on its own.
+window (see ``window_start``) and is prefilled again on its own. `gpt generate`, samples during
+training, `gpt bench` and `gpt serve` all decode through this.
 
 With a draft model (speculative decoding, ``speculative.py``), ``advance`` runs a round instead
 of a step for the rows that need tokens: the draft proposes a few, the model verifies them in one
@@ -16,8 +17,6 @@ one token per row and step, as without a draft. A row's sequence is its tokens a
 the last one has not been through the model yet, so a round feeds it first and the proposals
 after it (K + 1 positions). Greedy output is the same token for token; sampled output is
 distributed the same.
-
-`gpt generate`, samples during training, `gpt bench` and `gpt serve` all decode through this.
 """
 
 from __future__ import annotations
@@ -378,8 +377,7 @@ def decode_loop(model: GPT, prompt: torch.Tensor, config: SampleConfig, *,
     the Engine driven for one batch that stays together (bench, tests). ``step`` replaces
     ``model`` for the one-token calls (e.g. a torch.compile'd version); ``vocab_size`` limits
     the ids picked to the tokenizer's (see ``sampling.next_token``); ``draft`` decodes
-    speculatively, and ``counts`` then receives the draft tokens ``proposed`` and
-    ``accepted``."""
+    speculatively, and ``counts`` then receives the draft tokens proposed and accepted."""
     engine = Engine(model, prompt.size(0), step=step, vocab_size=vocab_size, draft=draft)
     engine.add(prompt.tolist(), config, generator)
     for i in range(config.max_new_tokens):
@@ -392,9 +390,11 @@ def decode_loop(model: GPT, prompt: torch.Tensor, config: SampleConfig, *,
 
 def compile_step(model: GPT):
     """The compiled one-token step for the Engine: off the CPU over a static cache with a tensor
-    position (on CUDA replayed as CUDA graphs); on a CPU over the dynamic cache (attention over
-    the whole static buffer was slower than eager), with symbolic shapes for every position."""
+    position (CUDA graphs replay it); on a CPU over the dynamic cache with symbolic shapes, and
+    with traced layers (--kernel inductor) the weights frozen and inductor's own products."""
     if model.device.type == "cpu":
-        return torch.compile(model, dynamic=True)
+        frozen = any(getattr(m, "traced", False) for m in model.modules())
+        return torch.compile(model, dynamic=True, options={"freezing": True, "max_autotune": True,
+                             "max_autotune_gemm_backends": "CPP,ATEN"} if frozen else None)
     return torch.compile(model, dynamic=False,
                          mode="reduce-overhead" if model.device.type == "cuda" else None)

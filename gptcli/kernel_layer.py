@@ -1,7 +1,9 @@
 """The layer inference runs its products through: ``KernelLinear`` holds a projection's stored
 weights, the buffers of its kernels' layouts and the kernels chosen per number of rows
 (``kernels.py`` defines the kernels, ``tuning.py`` chooses them); and ``product``, the one
-operator through which a compiled CPU step calls a layer's kernel."""
+operator through which a compiled CPU step calls a layer's kernel. A ``traced`` layer
+(``--kernel inductor``) runs a kernel made of plain operators instead, which a compiled step
+traces, so that inductor, freezing the weights, puts its own products in their place."""
 
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class KernelLinear(nn.Module):
         self.kernel: Kernel | None = None
         self.kernels: dict[int, Kernel] = {}
         self.packed_bytes = 0  # bytes a product reads outside tensors (fbgemm's fp16 copy)
+        self.traced = False  # a compiled step traces its kernel (--kernel inductor)
         _LAYERS[id(self)] = self
 
     @classmethod
@@ -91,7 +94,7 @@ class KernelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))  # (M, in)
-        if x.device.type == "cpu" and torch.compiler.is_compiling():
+        if x.device.type == "cpu" and torch.compiler.is_compiling() and not self.traced:
             y = product(flat, id(self), self.n_out)
         else:
             y = self.for_rows(flat.size(0)).run(flat, self)

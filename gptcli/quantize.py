@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -104,16 +105,21 @@ def check_scheme(quantize: str | None, device: torch.device | None = None) -> No
                         f"{device.type}; use --device cpu, or leave out --quantize")
 
 
+# --kernel inductor: each mode's kernel of plain operators, traced by a compiled step in which
+# inductor freezes the weights and chooses its own products (its C++ templates, autotuned)
+TRACED = {"float": "linear", "half": "bf16-linear", "int8": "int8-bf16", "int4": "int4-bf16"}
+
+
 def forced_kernel(kernel: str | None, modes: set[str]) -> str | None:
     """The kernel ``--kernel`` (else ``$GPTCLI_KERNEL``) forces, checked against the modes the
-    model's layers are in; None or "auto": choose by measurement."""
+    model's layers are in; None or "auto": choose by measurement; "inductor": see TRACED."""
     name = kernel or os.environ.get(ENV) or None
-    if name in (None, "auto"):
-        return None
+    if name in (None, "auto", "inductor"):
+        return None if name == "auto" else name
     allowed = [k.name for mode in sorted(modes) for k in candidates(mode)]
     if name not in KERNELS:
         raise UserError(f"unknown kernel {name!r}; for this model choose one of: "
-                        f"{', '.join(allowed)} (or auto)")
+                        f"{', '.join(allowed)} (or auto, or inductor with --compile)")
     if name not in allowed:
         mode = KERNELS[name].mode
         flag = "no --quantize" if mode == "float" else f"--quantize {mode}"
@@ -201,9 +207,15 @@ def prepare(model: nn.Module, quantize: str | None = None, *, kernel: str | None
         for name, (mode, storage) in layers.items():
             groups[mode, _shape(storage)].append(name)
         for (mode, _), names in groups.items():
-            own = forced if forced and KERNELS[forced].mode == mode else None
+            own = TRACED[mode] if forced == "inductor" else \
+                forced if forced and KERNELS[forced].mode == mode else None
             _choose_for([built[n] for n in names], [layers[n][1] for n in names], mode, rows,
                         model.ln_f.weight.dtype, own, total)
+            for n in names:
+                built[n].traced = forced == "inductor"
+                if built[n].traced:
+                    built[n].choices = {m: replace(c, source="inductor")
+                                        for m, c in built[n].choices.items()}
     for name, layer in built.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)

@@ -20,7 +20,9 @@ def _kernel_row(k: dict) -> tuple[str, str]:
     """One weight shape's kernel: what runs, how it was chosen, and the candidates' times."""
     label = f"kernel {k['shape'][0]}x{k['shape'][1]}" + (f", {k['rows']} rows"
                                                          if k["rows"] > 1 else "")
-    how = {"forced": "forced", "cached": "cached"}.get(k["source"], "measured")
+    how = {"forced": "forced", "cached": "cached",
+           "inductor": "traced: a compiled step runs inductor's products"}.get(k["source"],
+                                                                              "measured")
     if k.get("load") is not None:
         how += f" at load {k['load']:.1f}"
     times = ", ".join(f"{name} {us:,.0f}" for name, us in sorted(k["us"].items(),

@@ -412,6 +412,37 @@ def test_a_compiled_cpu_step_is_one_graph_with_any_kernel_and_decodes_as_eager(m
     assert torch.equal(got, torch.stack(list(decode_loop(model, prompt, greedy(8)))))
 
 
+@pytest.mark.parametrize("mode", ["int8", None])
+def test_kernel_inductor_traces_its_products_into_a_frozen_compiled_step(mode):
+    """--kernel inductor: every layer runs its mode's kernel of plain operators
+    (quantize.TRACED), which the compiled step traces instead of calling gptcli::product, so
+    inductor (freezing the weights) puts its own products in; one step's logits are the eager
+    step's within that kernel's tolerance. Without --compile the flag is refused."""
+    from gptcli.decode import compile_step
+    from gptcli.kv_cache import KVCache
+    from gptcli.quantize import TRACED
+
+    model = model_in("float")
+    prepare(model, mode, kernel="inductor")
+    kernel = TRACED[mode or "float"]
+    assert {r["kernel"] for r in kernel_report(model)} == {kernel}
+    prompt, idx = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[4], [7]])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        caches = [KVCache.for_model(model.config, 2) for _ in range(3)]
+        for cache in caches:
+            model(prompt, kv_cache=cache)
+        explained = torch._dynamo.explain(model)(idx, kv_cache=caches[0], start_pos=3)
+        code = "\n".join(g.code for g in explained.graphs)
+        assert "gptcli.product" not in code and explained.graph_break_count == 0
+        torch._dynamo.reset()
+        got = compile_step(model)(idx, kv_cache=caches[1], start_pos=3)
+        exact = model(idx, kv_cache=caches[2], start_pos=3)
+    assert float((got - exact).norm() / exact.norm()) < KERNELS[kernel].tolerance
+    bad = runner.invoke(app, ["generate", "--model", "x", "--kernel", "inductor"])
+    assert bad.exit_code == 2 and "--kernel inductor needs --compile" in bad.stderr, bad.output
+
+
 def test_a_copied_layer_is_found_by_the_compiled_steps_operator():
     """kernels.product finds a layer by id: a deepcopy (made without __init__) registers too,
     and runs its own weights."""
