@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .config import SampleConfig
+from .kernel_layer import frozen_compile
 from .kv_cache import KVCache
 from .model import GPT
 from .sampling import next_token
@@ -390,11 +391,10 @@ def decode_loop(model: GPT, prompt: torch.Tensor, config: SampleConfig, *,
 
 def compile_step(model: GPT):
     """The compiled one-token step for the Engine: off the CPU over a static cache with a tensor
-    position (CUDA graphs replay it); on a CPU over the dynamic cache with symbolic shapes, and
-    with traced layers (--kernel inductor) the weights frozen and inductor's own products."""
+    position (CUDA graphs replay it); on a CPU over the dynamic cache with symbolic shapes (with
+    traced layers, --kernel inductor, frozen: ``kernel_layer.frozen_compile``)."""
     if model.device.type == "cpu":
-        frozen = any(getattr(m, "traced", False) for m in model.modules())
-        return torch.compile(model, dynamic=True, options={"freezing": True, "max_autotune": True,
-                             "max_autotune_gemm_backends": "CPP,ATEN"} if frozen else None)
+        traced = any(getattr(m, "traced", False) for m in model.modules())
+        return frozen_compile(model) if traced else torch.compile(model, dynamic=True)
     return torch.compile(model, dynamic=False,
                          mode="reduce-overhead" if model.device.type == "cuda" else None)

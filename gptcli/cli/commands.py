@@ -84,9 +84,10 @@ def generate_cmd(
                             batch=sample.num_samples)
     if load.model is None:
         note(f"using {loaded.path} (the latest run)")
-    if load.compile and loaded.model.device.type == "cpu":
+    if load.compile and loaded.model.device.type == "cpu" and load.kernel != "inductor":
         note("note: on CPUs the compiled step decodes about as fast as eager (gpt2: 0.97-1.07x) "
-             "after ~30 s of compiling; --compile pays off on CUDA")
+             "after ~30 s of compiling; --kernel inductor lets inductor choose the products "
+             "(faster on some CPUs: gpt bench --compile --kernel inductor)")
     prompts = iter(read_prompt_line, None) if interactive else [read_prompt(prompt, prompt_file)]
     for text in prompts:
         generate_once(loaded, text, sample, as_json)
