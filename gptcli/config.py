@@ -7,6 +7,7 @@ This module must not import torch: the CLI imports it to validate flags before a
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -111,6 +112,7 @@ DTYPE_HELP = ("auto (bfloat16 on GPUs that support it, else float32), float32, b
               "float16. Inference loads the weights in it; training keeps float32 weights and "
               "computes in it (autocast).")
 SEED_LIMIT = 2 ** 63  # torch seeds are 64-bit
+KERNEL_ENV = "GPTCLI_KERNEL"  # what --kernel defaults to
 Device = Annotated[str, Field(description=DEVICE_HELP,
                               json_schema_extra={"group": "Device", "metavar": "NAME"})]
 Dtype = Annotated[str, Field(description=DTYPE_HELP,
@@ -294,7 +296,7 @@ class LoadConfig(BaseModel):
 
     @model_validator(mode="after")
     def _inductor_compiles(self) -> LoadConfig:
-        if self.kernel == "inductor" and not self.compile:
+        if (self.kernel or os.environ.get(KERNEL_ENV)) == "inductor" and not self.compile:
             raise ValueError("--kernel inductor needs --compile (gpt generate, chat and bench): "
                              "inductor puts its own products in when it compiles the step")
         return self

@@ -37,7 +37,8 @@ from .errors import UserError
 from .kernel_layer import KernelLinear
 from .kernels import INT4_GROUP, KERNELS, QMAX, candidates, half_names
 from .model import Projection
-from .tuning import ENV, Choice, choose
+from .config import KERNEL_ENV
+from .tuning import Choice, choose
 
 SCHEMES = ("half", "int8", "int4")
 BITS = {"float": None, "half": 16, "int8": 8, "int4": 4}
@@ -113,7 +114,7 @@ TRACED = {"float": "linear", "half": "bf16-linear", "int8": "int8-bf16", "int4":
 def forced_kernel(kernel: str | None, modes: set[str]) -> str | None:
     """The kernel ``--kernel`` (else ``$GPTCLI_KERNEL``) forces, checked against the modes the
     model's layers are in; None or "auto": choose by measurement; "inductor": see TRACED."""
-    name = kernel or os.environ.get(ENV) or None
+    name = kernel or os.environ.get(KERNEL_ENV) or None
     if name in (None, "auto", "inductor"):
         return None if name == "auto" else name
     allowed = [k.name for mode in sorted(modes) for k in candidates(mode)]

@@ -40,7 +40,6 @@ from .kernels import KERNELS, Kernel, candidates
 from .store import gptcli_home
 
 CACHE_FORMAT = "gptcli-kernels/1"
-ENV = "GPTCLI_KERNEL"
 ROUNDS = 3
 SLACK = 0.03  # see pick
 

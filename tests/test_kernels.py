@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from gptcli import tuning
 from gptcli.cli import app
+from gptcli.config import KERNEL_ENV
 from gptcli.errors import UserError
 from gptcli.kernel_layer import KernelLinear
 from gptcli.kernels import KERNELS, candidates
@@ -322,12 +323,12 @@ def test_a_kernel_that_misses_its_bound_is_not_chosen(monkeypatch):
 # ----------------------------------------------------------------------------- forcing
 
 def test_forcing_by_environment_variable_and_refusals(monkeypatch):
-    monkeypatch.setenv(tuning.ENV, "chunked")
+    monkeypatch.setenv(KERNEL_ENV, "chunked")
     model = model_in("float")
     prepare(model, None)
     assert {r["kernel"] for r in kernel_report(model)} == {"chunked"}
     assert {r["source"] for r in kernel_report(model)} == {"forced"}
-    monkeypatch.delenv(tuning.ENV)
+    monkeypatch.delenv(KERNEL_ENV)
     with pytest.raises(UserError) as err:
         prepare(model_in("float"), None, kernel="fastest")
     assert str(err.value).startswith("unknown kernel 'fastest'; for this model choose one of: "
@@ -436,11 +437,22 @@ def test_kernel_inductor_traces_its_products_into_a_frozen_compiled_step(mode):
         code = "\n".join(g.code for g in explained.graphs)
         assert "gptcli.product" not in code and explained.graph_break_count == 0
         torch._dynamo.reset()
-        got = compile_step(model)(idx, kv_cache=caches[1], start_pos=3)
+        step = compile_step(model)
+        got = step(idx, kv_cache=caches[1], start_pos=3)
         exact = model(idx, kv_cache=caches[2], start_pos=3)
-    assert float((got - exact).norm() / exact.norm()) < KERNELS[kernel].tolerance
-    bad = runner.invoke(app, ["generate", "--model", "x", "--kernel", "inductor"])
-    assert bad.exit_code == 2 and "--kernel inductor needs --compile" in bad.stderr, bad.output
+        assert float((got - exact).norm() / exact.norm()) < KERNELS[kernel].tolerance
+        # float32 frozen: the compiled step holds its own (packed) copy of the weights;
+        # unfrozen it would read the layer's, as eager does (and as inductor's int8 product does)
+        changed = not torch.equal(step(idx, kv_cache=caches[1], start_pos=3), got)
+        model.h[0].mlp.c_fc.get_buffer("qweight" if mode else "w_oi").zero_()
+        assert not torch.allclose(model(idx, kv_cache=caches[2], start_pos=3), exact)
+        changed |= not torch.equal(step(idx, kv_cache=caches[1], start_pos=3), got)
+        if mode is None:
+            assert not changed
+    for args, env in ((["--kernel", "inductor"], {}), ([], {"GPTCLI_KERNEL": "inductor"})):
+        bad = runner.invoke(app, ["generate", "--model", "x", *args], env=env)
+        assert bad.exit_code == 2 and "--kernel inductor needs --compile" in bad.stderr, \
+            bad.output
 
 
 def test_a_copied_layer_is_found_by_the_compiled_steps_operator():

@@ -684,7 +684,7 @@ def test_gpt_serve_stops_cleanly_whatever_is_in_flight(served):
         unread = socket.socket()
         unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         unread.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-        body = json.dumps({"prompt": "a", "max_tokens": 3000, "n": 8, "logprobs": 5}).encode()
+        body = json.dumps({"prompt": "a", "max_tokens": 3000, "n": 16, "logprobs": 5}).encode()
         unread.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d"
                        b"\r\n\r\n%s" % (len(body), body))
         deadline = time.time() + 10
@@ -729,6 +729,7 @@ def test_gpt_serve_stops_cleanly_whatever_is_in_flight(served):
                 "message": "the server is shutting down", "type": "server_error", "param": None,
                 "code": None}})
         _, stderr = proc.communicate(timeout=30)
+        unread.close()
         assert time.time() - t0 < 15
     assert proc.returncode == 143, stderr
     assert "Traceback" not in stderr and "ERROR" not in stderr, stderr
