@@ -30,8 +30,10 @@ product.register_fake(lambda x, layer, n_out: x.new_empty(x.size(0), n_out))
 
 
 # inductor's settings for a step with traced layers: the weights frozen in as constants (so it
-# packs them once) and its C++ GEMM templates autotuned against ATen's products
-FROZEN = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# packs them once) and its C++ GEMM templates autotuned against ATen's products, quietly (its
+# autotuning tables are not for the user's terminal)
+FROZEN = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+          "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
 def frozen_compile(model: nn.Module):
