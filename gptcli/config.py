@@ -129,8 +129,8 @@ Quantize = Annotated[Optional[Literal["half", "int8", "int4"]], Field(
     json_schema_extra={"group": "Device", "metavar": "SCHEME"})]
 Kernel = Annotated[Optional[str], Field(description="Force a matrix-product kernel (`gpt bench` "
     "lists them; also $GPTCLI_KERNEL); default: the fastest, measured once per machine. "
-    "inductor (with --compile, on a CPU): inductor's own products, the weights frozen into the "
-    "compiled step (faster on some CPUs: see README Performance).",
+    "inductor (with --compile, on a CPU): inductor's own products in the compiled step, "
+    "compiled with freezing (faster on some CPUs: see README Performance).",
     json_schema_extra={"group": "Device", "metavar": "NAME"})]
 LogTo = Annotated[list[Literal["tensorboard", "wandb"]], Field(
     description="Also log the run's metrics to tensorboard (event files in the run folder) or "

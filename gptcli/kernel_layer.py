@@ -42,10 +42,10 @@ def frozen_compile(model: nn.Module):
     did not freeze here (gpt2 float32 decoding at 29 tokens/s, against 61 with this)."""
     import torch._inductor.config as inductor_config
 
-    compiled = torch.compile(model, dynamic=True)
+    compiled, frozen = torch.compile(model, dynamic=True), inductor_config.patch(FROZEN)
 
-    def step(*args, **kwargs):
-        with inductor_config.patch(FROZEN):
+    def step(*args, **kwargs):  # one patch object, entered per call: ~16 µs (a new one: 33)
+        with frozen:
             return compiled(*args, **kwargs)
     return step
 

@@ -33,11 +33,11 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from .config import KERNEL_ENV
 from .errors import UserError
 from .kernel_layer import KernelLinear
 from .kernels import INT4_GROUP, KERNELS, QMAX, candidates, half_names
 from .model import Projection
-from .config import KERNEL_ENV
 from .tuning import Choice, choose
 
 SCHEMES = ("half", "int8", "int4")
