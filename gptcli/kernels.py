@@ -12,7 +12,9 @@ of a layout share its buffers (named for the layout), so a layer runs two kernel
 
 Storage (what ``pack`` receives, made by ``quantize.py``): ``weight`` (in, out) float for float,
 half and int4 (which also gets ``q4``/``sz``); ``qweight`` (out, in) int8 and ``scale`` (out,)
-float32 for int8. Every kernel is a PyTorch operator; none is written here.
+float32 for int8. Every kernel is a PyTorch operator, but for the ``*-native`` ones: gptcli's own
+C products (``native.py``), built on the user's machine at first use, and skipped where they
+cannot be.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import native
 
 QMAX = 127
 MODES = ("float", "half", "int8", "int4")
@@ -300,7 +304,43 @@ INT4 = [
            1e-4, "torch._weight_int4pack_mm_for_cpu, float32 activations"),
 ]
 
-KERNELS: dict[str, Kernel] = {k.name: k for k in FLOAT + HALF + INT8 + INT4}
+# ----------------------------------------------------------------------------- native
+
+def _native(pack: Callable[[dict, int], dict]) -> Callable[[dict, int], dict]:
+    def ready(s: dict, threads: int) -> dict:
+        native.library()  # built here once, or RuntimeError with the reason: the tuner skips it
+        return pack(s, threads)
+    return ready
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float().contiguous()
+
+
+def _native_float(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    w = m.w_oi if m.mode == "float" else m.w_bfloat16
+    if x.size(0) > native.ROWS_MAX:  # a prompt: torch's product, as precise (float32 sums)
+        return F.linear(x.float(), w.float(), _f32(m.bias)).to(x.dtype)
+    return native.float_product(x.float(), w, _f32(m.bias)).to(x.dtype)
+
+
+def _native_int8(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    if x.size(0) > native.ROWS_MAX:  # a prompt: torch's product, as precise (int8-intmm2's)
+        return _plus_bias(int8_matmul(x, m.qweight, m.scale, 2), m)
+    return native.int8_product(x.float(), m.qweight, m.scale.float(), _f32(m.bias)
+                               ).to(x.dtype)
+
+
+NATIVE = [
+    Kernel("native", "float", "out_in", _native(FLOAT[1].pack), _native_float, 1e-5,
+           "gptcli's own C product (native.py) on W (out, in), nn.Linear's layout"),
+    Kernel("bf16-native", "half", "bf16-out_in", _native(HALF[0].pack), _native_float, 4e-3,
+           "bf16 weights (out, in) through gptcli's own C product, float32 activations"),
+    Kernel("int8-native", "int8", "int8", _native(lambda s, t: {}), _native_int8, 3e-4,
+           "gptcli's own C product (native.py), activations rounded to 16 bits per row"),
+]
+
+KERNELS: dict[str, Kernel] = {k.name: k for k in FLOAT + HALF + INT8 + INT4 + NATIVE}
 
 
 

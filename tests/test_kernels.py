@@ -377,7 +377,8 @@ def test_generate_and_eval_take_the_kernel_flag(char_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("mode, kernel", [("int8", "int8-fbgemm"), ("half", "fp16-fbgemm"),
-                                          (None, "chunked-rows"), (None, "mkldnn-batch")])
+                                          (None, "chunked-rows"), (None, "mkldnn-batch"),
+                                          ("int8", "int8-native")])
 def test_a_compiled_cpu_step_is_one_graph_with_any_kernel_and_decodes_as_eager(mode, kernel):
     """fbgemm's packed weights are objects dynamo cannot trace, and inductor's own lowering of
     oneDNN's product asserts on a weight it did not pack: a compiled CPU step calls each

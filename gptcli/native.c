@@ -1,0 +1,239 @@
+/* gptcli's own products for decoding (a few rows), compiled on the user's machine at first use
+   by gptcli/native.py (-O3 -march=native, OpenMP when the compiler has it).
+
+   y (M, N) = x (M, K) . W^T + bias, W stored (N, K) row by row: each thread takes a run of
+   output rows and reads their weights once, in memory order, for all M rows of x together.
+
+   A row's dot product runs on four independent vector sums: one sum would wait on its own
+   previous addition at every step (4-5 cycles), which made a 768-wide row cost more than
+   reading its weights. AVX-512 and AVX2 get vector code here; other CPUs (NEON, ...) run the
+   plain loops, which the compiler vectorizes as it can. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define BLOCK 1024 /* an int32 sum of 1024 products of |127| x |16383| cannot overflow */
+#define XMAX 16383.f
+
+#ifdef _OPENMP
+#define PARALLEL_ROWS _Pragma("omp parallel for schedule(static) num_threads(threads)")
+#else
+#define PARALLEL_ROWS
+#endif
+
+/* ---------------------------------------------------------------- vectors, where we have them */
+
+#if defined(__AVX512BW__)
+typedef __m512i ivec; /* 32 int16 lanes in, 16 int32 sums */
+#define ILANES 32
+#define IZERO() _mm512_setzero_si512()
+#define IWIDE(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p)))
+#define ILOAD(p) _mm512_loadu_si512((const void *)(p))
+#define IADD(a, b) _mm512_add_epi32(a, b)
+#define ISUM(s) _mm512_reduce_add_epi32(s)
+#if defined(__AVX512VNNI__)
+#define IMADD(s, w, a) _mm512_dpwssd_epi32(s, w, a)
+#else
+#define IMADD(s, w, a) _mm512_add_epi32(s, _mm512_madd_epi16(w, a))
+#endif
+#elif defined(__AVX2__)
+typedef __m256i ivec;
+#define ILANES 16
+#define IZERO() _mm256_setzero_si256()
+#define IWIDE(p) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p)))
+#define ILOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define IADD(a, b) _mm256_add_epi32(a, b)
+#define IMADD(s, w, a) _mm256_add_epi32(s, _mm256_madd_epi16(w, a))
+static inline int32_t isum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+}
+#define ISUM(s) isum(s)
+#endif
+
+#if defined(__AVX512F__)
+typedef __m512 fvec;
+#define FLANES 16
+#define FZERO() _mm512_setzero_ps()
+#define FLOAD_f32(p) _mm512_loadu_ps(p)
+#define FLOAD_bf16(p) _mm512_castsi512_ps(_mm512_slli_epi32(                                   \
+    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define FFMA(s, w, a) _mm512_fmadd_ps(w, a, s)
+#define FADD(a, b) _mm512_add_ps(a, b)
+#define FSUM(s) _mm512_reduce_add_ps(s)
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 fvec;
+#define FLANES 8
+#define FZERO() _mm256_setzero_ps()
+#define FLOAD_f32(p) _mm256_loadu_ps(p)
+#define FLOAD_bf16(p) _mm256_castsi256_ps(_mm256_slli_epi32(                                   \
+    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define FFMA(s, w, a) _mm256_fmadd_ps(w, a, s)
+#define FADD(a, b) _mm256_add_ps(a, b)
+static inline float fsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#define FSUM(s) fsum(s)
+#endif
+
+/* ---------------------------------------------------------------- int8 weights */
+
+/* x's rows rounded to 15-bit integers, each with its own step (max |x| / 16383) */
+static void round_rows(const float *x, int64_t M, int64_t K, int16_t *xq, float *step) {
+  for (int64_t m = 0; m < M; m++) {
+    const float *r = x + m * K;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(r[k]));
+    step[m] = amax > 0.f ? amax / XMAX : 1.f;
+    float inv = 1.f / step[m];
+    for (int64_t k = 0; k < K; k++) xq[m * K + k] = (int16_t)lrintf(r[k] * inv);
+  }
+}
+
+/* w . a over [k0, k1), at most BLOCK long: exact in int32 */
+static inline int32_t dot1_int8(const int8_t *w, const int16_t *a, int64_t k0, int64_t k1) {
+  int64_t k = k0;
+  int32_t sum = 0;
+#ifdef ILANES
+  ivec s0 = IZERO(), s1 = IZERO(), s2 = IZERO(), s3 = IZERO();
+  for (; k + 4 * ILANES <= k1; k += 4 * ILANES) {
+    s0 = IMADD(s0, IWIDE(w + k), ILOAD(a + k));
+    s1 = IMADD(s1, IWIDE(w + k + ILANES), ILOAD(a + k + ILANES));
+    s2 = IMADD(s2, IWIDE(w + k + 2 * ILANES), ILOAD(a + k + 2 * ILANES));
+    s3 = IMADD(s3, IWIDE(w + k + 3 * ILANES), ILOAD(a + k + 3 * ILANES));
+  }
+  for (; k + ILANES <= k1; k += ILANES) s0 = IMADD(s0, IWIDE(w + k), ILOAD(a + k));
+  sum = ISUM(IADD(IADD(s0, s1), IADD(s2, s3)));
+#endif
+  for (; k < k1; k++) sum += (int32_t)w[k] * a[k];
+  return sum;
+}
+
+/* sums[i] += w . a_i over [k0, k1) for four rows a_i (K apart) */
+static inline void dot4_int8(const int8_t *w, const int16_t *a, int64_t K, int64_t k0,
+                             int64_t k1, int64_t sums[4]) {
+  const int16_t *a0 = a, *a1 = a + K, *a2 = a + 2 * K, *a3 = a + 3 * K;
+  int64_t k = k0;
+  int32_t t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+#ifdef ILANES
+  ivec s0 = IZERO(), s1 = IZERO(), s2 = IZERO(), s3 = IZERO();
+  for (; k + ILANES <= k1; k += ILANES) {
+    ivec v = IWIDE(w + k);
+    s0 = IMADD(s0, v, ILOAD(a0 + k)); s1 = IMADD(s1, v, ILOAD(a1 + k));
+    s2 = IMADD(s2, v, ILOAD(a2 + k)); s3 = IMADD(s3, v, ILOAD(a3 + k));
+  }
+  t0 = ISUM(s0); t1 = ISUM(s1); t2 = ISUM(s2); t3 = ISUM(s3);
+#endif
+  for (; k < k1; k++) {
+    int32_t v = w[k];
+    t0 += v * a0[k]; t1 += v * a1[k]; t2 += v * a2[k]; t3 += v * a3[k];
+  }
+  sums[0] += t0; sums[1] += t1; sums[2] += t2; sums[3] += t3;
+}
+
+/* int8 weights q (N, K) with one scale per output row; activations rounded to 15 bits per row
+   (relative error ~1e-4, well under the weights'). Returns 0, or -1 if out of memory. */
+int gptcli_int8(const float *x, int64_t M, int64_t K, const int8_t *q, const float *scale,
+                const float *bias, float *y, int64_t N, int threads) {
+  int16_t *xq = malloc(sizeof(int16_t) * M * K);
+  float *step = malloc(sizeof(float) * M);
+  if (!xq || !step) { free(xq); free(step); return -1; }
+  round_rows(x, M, K, xq, step);
+  PARALLEL_ROWS
+  for (int64_t n = 0; n < N; n++) {
+    const int8_t *w = q + n * K;
+    float b = bias ? bias[n] : 0.f;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      int64_t sums[4] = {0, 0, 0, 0};
+      for (int64_t k0 = 0; k0 < K; k0 += BLOCK)
+        dot4_int8(w, xq + m * K, K, k0, k0 + BLOCK < K ? k0 + BLOCK : K, sums);
+      for (int i = 0; i < 4; i++) y[(m + i) * N + n] = (float)sums[i] * step[m + i] * scale[n] + b;
+    }
+    for (; m < M; m++) {
+      int64_t sum = 0;
+      for (int64_t k0 = 0; k0 < K; k0 += BLOCK)
+        sum += dot1_int8(w, xq + m * K, k0, k0 + BLOCK < K ? k0 + BLOCK : K);
+      y[m * N + n] = (float)sum * step[m] * scale[n] + b;
+    }
+  }
+  free(xq); free(step);
+  return 0;
+}
+
+/* ---------------------------------------------------------------- float weights (f32, bf16) */
+
+static inline float from_bf16(uint16_t h) {
+  union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+  return v.f;
+}
+
+static inline float from_f32(float v) { return v; }
+
+#ifdef FLANES
+#define VECTOR_DOT1(T)                                                                      \
+  fvec s0 = FZERO(), s1 = FZERO(), s2 = FZERO(), s3 = FZERO();                              \
+  for (; k + 4 * FLANES <= K; k += 4 * FLANES) {                                            \
+    s0 = FFMA(s0, FLOAD_##T(w + k), FLOAD_f32(a + k));                                      \
+    s1 = FFMA(s1, FLOAD_##T(w + k + FLANES), FLOAD_f32(a + k + FLANES));                    \
+    s2 = FFMA(s2, FLOAD_##T(w + k + 2 * FLANES), FLOAD_f32(a + k + 2 * FLANES));            \
+    s3 = FFMA(s3, FLOAD_##T(w + k + 3 * FLANES), FLOAD_f32(a + k + 3 * FLANES));            \
+  }                                                                                         \
+  for (; k + FLANES <= K; k += FLANES) s0 = FFMA(s0, FLOAD_##T(w + k), FLOAD_f32(a + k));   \
+  sum = FSUM(FADD(FADD(s0, s1), FADD(s2, s3)));
+#define VECTOR_DOT4(T)                                                                      \
+  fvec s0 = FZERO(), s1 = FZERO(), s2 = FZERO(), s3 = FZERO();                              \
+  for (; k + FLANES <= K; k += FLANES) {                                                    \
+    fvec v = FLOAD_##T(w + k);                                                              \
+    s0 = FFMA(s0, v, FLOAD_f32(a0 + k)); s1 = FFMA(s1, v, FLOAD_f32(a1 + k));               \
+    s2 = FFMA(s2, v, FLOAD_f32(a2 + k)); s3 = FFMA(s3, v, FLOAD_f32(a3 + k));               \
+  }                                                                                         \
+  t0 = FSUM(s0); t1 = FSUM(s1); t2 = FSUM(s2); t3 = FSUM(s3);
+#else
+#define VECTOR_DOT1(T)
+#define VECTOR_DOT4(T)
+#endif
+
+/* float weights w (N, K) of type T (LOAD reads one as float), float32 activations and sums */
+#define FLOAT_PRODUCT(NAME, T, TYPE, LOAD)                                                  \
+  static inline float dot1_##T(const TYPE *w, const float *a, int64_t K) {                  \
+    int64_t k = 0;                                                                          \
+    float sum = 0.f;                                                                        \
+    VECTOR_DOT1(T)                                                                          \
+    for (; k < K; k++) sum += LOAD(w[k]) * a[k];                                            \
+    return sum;                                                                             \
+  }                                                                                         \
+  static inline void dot4_##T(const TYPE *w, const float *a, int64_t K, float *y,           \
+                              int64_t N, float b) {                                         \
+    const float *a0 = a, *a1 = a + K, *a2 = a + 2 * K, *a3 = a + 3 * K;                     \
+    int64_t k = 0;                                                                          \
+    float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;                                           \
+    VECTOR_DOT4(T)                                                                          \
+    for (; k < K; k++) {                                                                    \
+      float v = LOAD(w[k]);                                                                 \
+      t0 += v * a0[k]; t1 += v * a1[k]; t2 += v * a2[k]; t3 += v * a3[k];                   \
+    }                                                                                       \
+    y[0] = t0 + b; y[N] = t1 + b; y[2 * N] = t2 + b; y[3 * N] = t3 + b;                     \
+  }                                                                                         \
+  int NAME(const float *x, int64_t M, int64_t K, const TYPE *w, const float *bias,         \
+           float *y, int64_t N, int threads) {                                              \
+    PARALLEL_ROWS                                                                           \
+    for (int64_t n = 0; n < N; n++) {                                                       \
+      const TYPE *r = w + n * K;                                                            \
+      float b = bias ? bias[n] : 0.f;                                                       \
+      int64_t m = 0;                                                                        \
+      for (; m + 4 <= M; m += 4) dot4_##T(r, x + m * K, K, y + m * N + n, N, b);            \
+      for (; m < M; m++) y[m * N + n] = dot1_##T(r, x + m * K, K) + b;                      \
+    }                                                                                       \
+    return 0;                                                                               \
+  }
+
+FLOAT_PRODUCT(gptcli_bf16, bf16, uint16_t, from_bf16)
+FLOAT_PRODUCT(gptcli_f32, f32, float, from_f32)

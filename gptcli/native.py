@@ -1,0 +1,147 @@
+"""gptcli's own C products (``native.c``), compiled on the user's machine at first use.
+
+Decoding multiplies one to a few rows by each weight matrix, so a product is a matter of reading
+the weights once, as fast as memory gives them: ``native.c`` reads each output row's weights in
+memory order for all rows of ``x`` together, in plain loops the compiler vectorizes for the CPU
+it runs on (``-march=native``: AVX2, AVX-512 VNNI, NEON alike), split over threads by OpenMP.
+Its kernels (``kernels.py``: int8-native, bf16-native) are candidates like the others: the tuner
+times them against torch's and keeps whichever is fastest on this machine.
+
+The library is built with the C compiler (``$CC``, else ``cc`` or ``gcc``) into
+``$GPTCLI_HOME/native/``, named by a hash of the source, the compiler and its flags and the CPU,
+so it is built once per machine. Where no compiler works (or it has no OpenMP, then its kernels
+run on one thread), the kernels are skipped with the reason, and torch's kernels serve: nothing
+else needs a compiler. Calls go through ``ctypes`` (which lets go of the GIL while they run).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import hardware
+from .store import gptcli_home
+
+SOURCE = Path(__file__).with_name("native.c")
+# tried in order: vectorized for this CPU with OpenMP threads, then without OpenMP (a compiler
+# without it, e.g. Apple's clang: one thread), then without -march=native
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
+ROWS_MAX = 8  # more rows than this (a prompt) run torch's product: see kernels.py
+
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+SIGNATURES = {"gptcli_int8": [_P, _I64, _I64, _P, _P, _P, _P, _I64, _INT],
+              "gptcli_bf16": [_P, _I64, _I64, _P, _P, _P, _I64, _INT],
+              "gptcli_f32": [_P, _I64, _I64, _P, _P, _P, _I64, _INT]}
+
+_loaded: ctypes.CDLL | None = None
+_failed: str | None = None
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _target(cc: str, flags: list[str], source: bytes) -> Path:
+    """Where the library for this source, compiler, flags and CPU lives."""
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    what = repr((source, cc, version, flags, hardware.cpu_model(), hardware.isa_flags()))
+    return gptcli_home() / "native" / f"gptcli-{hashlib.sha256(what.encode()).hexdigest()[:16]}.so"
+
+
+def _build(cc: str, flags: list[str], target: Path) -> None:
+    """Compile ``native.c`` into ``target``, atomically (a half-written library is never left
+    where the next run would load it)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            lines = [ln for ln in done.stderr.splitlines() if ln.strip()] or ["failed"]
+            raise RuntimeError(f"{Path(cc).name} {' '.join(flags)}: {lines[0][:120]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, args in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL:
+    """The compiled library, built at the first call of a process that finds none for this
+    machine; RuntimeError with the reason where it cannot be built (then at every call)."""
+    global _loaded, _failed
+    if _loaded is not None:
+        return _loaded
+    if _failed is not None:
+        raise RuntimeError(_failed)
+    cc = compiler()
+    reasons = []
+    if cc is None:
+        reasons.append("no C compiler found (set $CC)")
+    else:
+        source = SOURCE.read_bytes()
+        for flags in FLAG_SETS:
+            target = _target(cc, flags, source)
+            try:
+                if target.exists():
+                    try:
+                        _loaded = _load(target)
+                        return _loaded
+                    except (OSError, AttributeError):  # damaged: build it again
+                        target.unlink(missing_ok=True)
+                _build(cc, flags, target)
+                _loaded = _load(target)
+                return _loaded
+            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+                reasons.append(str(e).strip().splitlines()[0] if str(e).strip() else
+                               type(e).__name__)
+    _failed = "gptcli's C kernels could not be built: " + "; ".join(reasons)
+    raise RuntimeError(_failed)
+
+
+def _call(fn, *args) -> None:
+    if fn(*args) != 0:
+        raise MemoryError("gptcli's C kernel ran out of memory")
+
+
+def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (M, K) float32 times int8 ``q`` (N, K) with ``scale`` (N,) per row, plus ``bias``:
+    (M, N) float32, activations rounded to 16 bits per row."""
+    x = x.contiguous()
+    y = torch.empty(x.size(0), q.size(0))
+    _call(library().gptcli_int8, x.data_ptr(), x.size(0), x.size(1), q.data_ptr(),
+          scale.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+          q.size(0), torch.get_num_threads())
+    return y
+
+
+def float_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (M, K) float32 times ``w`` (N, K) in bf16 or float32, plus ``bias``: (M, N)
+    float32, summed in float32."""
+    fn = library().gptcli_bf16 if w.dtype == torch.bfloat16 else library().gptcli_f32
+    x = x.contiguous()
+    y = torch.empty(x.size(0), w.size(0))
+    _call(fn, x.data_ptr(), x.size(0), x.size(1), w.data_ptr(),
+          None if bias is None else bias.data_ptr(), y.data_ptr(), w.size(0),
+          torch.get_num_threads())
+    return y

@@ -1,0 +1,161 @@
+"""gptcli's own C products (native.py, native.c): built once per machine into the store, exact
+where they claim to be, rebuilt when damaged, and skipped with the reason where no compiler
+works, so that torch's kernels serve."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gptcli import native, tuning
+from gptcli.cli import app
+from gptcli.kernels import KERNELS
+from gptcli.quantize import _reference, _storage, kernel_report, prepare
+from gptcli.store import gptcli_home
+
+from test_kernels import model_in, packed
+
+runner = CliRunner()
+NATIVE = ["native", "bf16-native", "int8-native"]
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """A process that has not loaded or failed to build the library yet."""
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "_failed", None)
+
+
+def built() -> list:
+    return sorted((gptcli_home() / "native").glob("gptcli-*.so"))
+
+
+@pytest.mark.parametrize("name", NATIVE)
+@pytest.mark.parametrize("n_in", [40, 2100])
+def test_every_row_count_and_width_is_within_the_kernels_bound(name, n_in):
+    """1 to 9 rows (groups of 4 and the rest), a prompt's 20 (torch's product), widths that
+    leave a remainder after the vector loops and (2100) span three int8 blocks, with and
+    without a bias."""
+    kernel = KERNELS[name]
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(n_in, 37, generator=g) * 0.05
+    for bias in (torch.randn(37, generator=g), None):
+        storage = _storage(kernel.mode, weight, bias)
+        exact_w = _reference(kernel.mode, storage).double()
+        for rows in (*range(1, 10), 20):
+            layer = packed(kernel, storage, rows)
+            x = torch.randn(rows, n_in, generator=g) * 3
+            with torch.no_grad():
+                y = layer(x)
+            exact = x.double() @ exact_w + (0 if bias is None else bias.double())
+            assert y.shape == (rows, 37)
+            assert tuning.relative_error(y, exact) <= kernel.tolerance, (name, rows, bias)
+
+
+def test_int8_sums_at_their_largest_do_not_overflow():
+    """Weights at +-127 and activations at their row's maximum, over 3000 inputs: each block's
+    int32 sum is at its largest, and the result is still exact up to the activation rounding."""
+    q = torch.full((3, 3000), 127, dtype=torch.int8)
+    q[1] = -127
+    scale = torch.full((3,), 1e-3)
+    x = torch.full((2, 3000), 5.0)
+    y = native.int8_product(x, q, scale, None)
+    exact = x.double() @ (q.double() * 1e-3).t()
+    assert tuning.relative_error(y, exact) < 1e-6
+
+
+def test_one_thread_and_two_give_the_same_products():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randint(-127, 128, (300, 768), dtype=torch.int8, generator=g)
+    x, scale = torch.randn(4, 768, generator=g), torch.rand(300, generator=g)
+    w = torch.randn(300, 768, generator=g).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.int8_product(x, q, scale, None), native.float_product(x, w, None)
+        torch.set_num_threads(2)
+        two = native.int8_product(x, q, scale, None), native.float_product(x, w, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_the_library_is_built_once_into_the_store_and_reused(fresh, monkeypatch):
+    native.library()
+    first = built()
+    assert len(first) == 1
+    stamp = first[0].stat().st_mtime_ns
+    monkeypatch.setattr(native, "_loaded", None)  # a new process: finds it, builds nothing
+
+    def no_build(*args):
+        raise AssertionError("built again")
+    monkeypatch.setattr(native, "_build", no_build)
+    native.library()
+    assert built() == first and first[0].stat().st_mtime_ns == stamp
+
+
+def test_a_damaged_library_is_built_again(fresh):
+    """In a new process (this one has the library loaded: its file is replaced, as a damaged
+    one would be, never written over)."""
+    native.library()
+    (path,) = built()
+    path.unlink()
+    path.write_bytes(b"not a library")
+    run = subprocess.run([sys.executable, "-c", "from gptcli import native; "
+                          "print(native.library().gptcli_int8 is not None)"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr
+    assert built() == [path] and path.stat().st_size > 1000
+    assert not list(path.parent.glob(".build-*"))  # nothing half-written left behind
+
+
+def test_without_a_compiler_torchs_kernels_serve_and_a_forced_native_one_is_refused(
+        fresh, monkeypatch, char_checkpoint):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(RuntimeError, match="gptcli's C kernels could not be built"):
+        native.library()
+    assert built() == []
+    model = model_in("float")
+    prepare(model, "int8")
+    for row in kernel_report(model):
+        assert row["kernel"] != "int8-native"
+        assert "could not be built" in row["skipped"]["int8-native"]
+    with pytest.raises(Exception, match="kernel int8-native does not run on this machine"):
+        prepare(model_in("float"), "int8", kernel="int8-native")
+    result = runner.invoke(app, ["generate", "--model", str(char_checkpoint), "--prompt", "a",
+                                 "--max-new-tokens", "3", "--quantize", "int8",
+                                 "--kernel", "int8-native"])
+    assert result.exit_code == 2, result.output
+    assert "kernel int8-native does not run on this machine" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("mode", [None, "half", "int8"])
+def test_the_native_kernels_are_candidates_and_decode_as_the_stored_weights(mode):
+    """Measured like any kernel (here: forced), the greedy tokens of a model running them equal
+    those of the float model holding the weights the mode stores (half: rounded to bf16)."""
+    from test_kernels import stored_weights_model
+    from test_sampling import greedy
+    from gptcli.decode import decode_loop
+    from gptcli.model import Projection
+
+    model = model_in("float")
+    forced = copy.deepcopy(model)
+    name = {None: "native", "half": "bf16-native", "int8": "int8-native"}[mode]
+    prepare(forced, mode, kernel=name)
+    assert {r["kernel"] for r in kernel_report(forced)} == {name}
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    want = stored_weights_model(model, "int8" if mode == "int8" else "float")
+    if mode == "half":
+        with torch.no_grad():
+            for m in want.modules():
+                if isinstance(m, Projection):
+                    m.weight.copy_(m.weight.bfloat16().float())
+            want.lm_head.weight.copy_(want.lm_head.weight.bfloat16().float())
+    got = torch.stack(list(decode_loop(forced, prompt, greedy(12))))
+    assert torch.equal(got, torch.stack(list(decode_loop(want, prompt, greedy(12)))))
