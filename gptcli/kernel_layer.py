@@ -115,7 +115,7 @@ class KernelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))  # (M, in)
-        if x.device.type == "cpu" and torch.compiler.is_compiling() and not self.traced:
+        if not self.traced and torch.compiler.is_compiling() and x.device.type == "cpu":
             y = product(flat, id(self), self.n_out)
         else:
             y = self.for_rows(flat.size(0)).run(flat, self)

@@ -313,22 +313,19 @@ def _native(pack: Callable[[dict, int], dict]) -> Callable[[dict, int], dict]:
     return ready
 
 
-def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.float().contiguous()
-
-
 def _native_float(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
     w = m.w_oi if m.mode == "float" else m.w_bfloat16
     if x.size(0) > native.ROWS_MAX:  # a prompt: torch's product, as precise (float32 sums)
-        return F.linear(x.float(), w.float(), _f32(m.bias)).to(x.dtype)
-    return native.float_product(x.float(), w, _f32(m.bias)).to(x.dtype)
+        return F.linear(x.float(), w.float(), native._f32(m.bias)).to(x.dtype)
+    y = native.float_product(x, w, m.bias)
+    return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
 def _native_int8(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
     if x.size(0) > native.ROWS_MAX:  # a prompt: torch's product, as precise (int8-intmm2's)
         return _plus_bias(int8_matmul(x, m.qweight, m.scale, 2), m)
-    return native.int8_product(x.float(), m.qweight, m.scale.float(), _f32(m.bias)
-                               ).to(x.dtype)
+    y = native.int8_product(x, m.qweight, m.scale, m.bias)
+    return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
 NATIVE = [
@@ -337,7 +334,7 @@ NATIVE = [
     Kernel("bf16-native", "half", "bf16-out_in", _native(HALF[0].pack), _native_float, 4e-3,
            "bf16 weights (out, in) through gptcli's own C product, float32 activations"),
     Kernel("int8-native", "int8", "int8", _native(lambda s, t: {}), _native_int8, 3e-4,
-           "gptcli's own C product (native.py), activations rounded to 16 bits per row"),
+           "gptcli's own C product (native.py), activations rounded to 15 bits per row"),
 ]
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in FLOAT + HALF + INT8 + INT4 + NATIVE}

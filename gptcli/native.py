@@ -9,9 +9,10 @@ times them against torch's and keeps whichever is fastest on this machine.
 
 The library is built with the C compiler (``$CC``, else ``cc`` or ``gcc``) into
 ``$GPTCLI_HOME/native/``, named by a hash of the source, the compiler and its flags and the CPU,
-so it is built once per machine. Where no compiler works (or it has no OpenMP, then its kernels
-run on one thread), the kernels are skipped with the reason, and torch's kernels serve: nothing
-else needs a compiler. Calls go through ``ctypes`` (which lets go of the GIL while they run).
+so it is built once per machine. A compiler that refuses a set of flags (``FLAG_SETS``: no
+OpenMP, then the kernels run on one thread) is not asked again with them (a ``.failed`` note
+beside it). Where no compiler works, the kernels are skipped with the reason, and torch's
+kernels serve: nothing else needs a compiler. Calls go through ``ctypes`` (which lets go of the GIL while they run).
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ def library() -> ctypes.CDLL:
         source = SOURCE.read_bytes()
         for flags in FLAG_SETS:
             target = _target(cc, flags, source)
+            refused = target.with_suffix(".failed")  # this compiler refused these flags
+            if refused.exists():
+                reasons.append(refused.read_text(errors="replace")[:200])
+                continue
             try:
                 if target.exists():
                     try:
@@ -111,37 +116,53 @@ def library() -> ctypes.CDLL:
                 _build(cc, flags, target)
                 _loaded = _load(target)
                 return _loaded
-            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+            except RuntimeError as e:  # the compiler's own error: not tried again
+                reasons.append(str(e))
+                try:
+                    refused.write_text(str(e))
+                except OSError:
+                    pass
+            except (OSError, AttributeError, subprocess.SubprocessError) as e:
                 reasons.append(str(e).strip().splitlines()[0] if str(e).strip() else
                                type(e).__name__)
     _failed = "gptcli's C kernels could not be built: " + "; ".join(reasons)
     raise RuntimeError(_failed)
 
 
-def _call(fn, *args) -> None:
-    if fn(*args) != 0:
-        raise MemoryError("gptcli's C kernel ran out of memory")
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as float32 and contiguous, converted only where it is not (decoding calls these
+    products ~50 times a token: every microsecond around the C call counts)."""
+    if t is None or (t.dtype is torch.float32 and t.is_contiguous()):
+        return t
+    return t.float().contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
-    """``x`` (M, K) float32 times int8 ``q`` (N, K) with ``scale`` (N,) per row, plus ``bias``:
-    (M, N) float32, activations rounded to 16 bits per row."""
-    x = x.contiguous()
-    y = torch.empty(x.size(0), q.size(0))
-    _call(library().gptcli_int8, x.data_ptr(), x.size(0), x.size(1), q.data_ptr(),
-          scale.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-          q.size(0), torch.get_num_threads())
+    """``x`` (M, K) times int8 ``q`` (N, K) with ``scale`` (N,) per row, plus ``bias``:
+    (M, N) float32, activations rounded to 15 bits per row."""
+    x, scale, bias = _f32(x), _f32(scale), _f32(bias)
+    (M, K), N = x.shape, q.size(0)
+    y = torch.empty(M, N)
+    if (_loaded or library()).gptcli_int8(x.data_ptr(), M, K, q.data_ptr(), scale.data_ptr(),
+                                          _ptr(bias), y.data_ptr(), N, torch.get_num_threads()):
+        raise MemoryError("gptcli's C kernel ran out of memory")
     return y
 
 
 def float_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x`` (M, K) float32 times ``w`` (N, K) in bf16 or float32, plus ``bias``: (M, N)
-    float32, summed in float32."""
-    fn = library().gptcli_bf16 if w.dtype == torch.bfloat16 else library().gptcli_f32
-    x = x.contiguous()
-    y = torch.empty(x.size(0), w.size(0))
-    _call(fn, x.data_ptr(), x.size(0), x.size(1), w.data_ptr(),
-          None if bias is None else bias.data_ptr(), y.data_ptr(), w.size(0),
-          torch.get_num_threads())
+    """``x`` (M, K) times ``w`` (N, K) in bf16 or float32, plus ``bias``: (M, N) float32, summed
+    in float32."""
+    lib = _loaded or library()
+    fn = lib.gptcli_bf16 if w.dtype is torch.bfloat16 else lib.gptcli_f32
+    x, bias = _f32(x), _f32(bias)
+    (M, K), N = x.shape, w.size(0)
+    y = torch.empty(M, N)
+    if fn(x.data_ptr(), M, K, w.data_ptr(), _ptr(bias), y.data_ptr(), N,
+          torch.get_num_threads()):
+        raise MemoryError("gptcli's C kernel ran out of memory")
     return y

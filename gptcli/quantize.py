@@ -11,7 +11,8 @@ kernel decoding reads fastest, in place (the model itself knows none of this):
   reads. Embedding lookups read the same 16-bit rows.
 - ``"int8"``: per-output-channel symmetric int8 weights (``qweight`` (out, in) int8, ``scale``
   (out,) float32: what int8 checkpoints store); the kernel multiplies them with activations
-  quantized per row (``torch._int_mm``) or rounded to 16 bits (``torch._weight_int8pack_mm``).
+  quantized per row (``torch._int_mm``), rounded to 16 bits (``torch._weight_int8pack_mm``)
+  or to 15-bit integers (gptcli's own C product, ``native.py``).
   Embedding lookups read the same int8 rows.
 - ``"int4"``: group-wise 4-bit weights (32 per scale and zero, like llama.cpp's q4_0) in the
   blocks, through ``torch._weight_int4pack_mm_for_cpu``; the output matrix and the embedding

@@ -159,3 +159,30 @@ def test_the_native_kernels_are_candidates_and_decode_as_the_stored_weights(mode
             want.lm_head.weight.copy_(want.lm_head.weight.bfloat16().float())
     got = torch.stack(list(decode_loop(forced, prompt, greedy(12))))
     assert torch.equal(got, torch.stack(list(decode_loop(want, prompt, greedy(12)))))
+
+
+def test_a_compiler_without_openmp_builds_the_one_thread_library_and_is_asked_once(
+        fresh, monkeypatch, tmp_path):
+    """A compiler that refuses -fopenmp (as Apple's clang does): the next flags build a library
+    that runs on one thread, and a new process does not ask for -fopenmp again."""
+    calls = tmp_path / "calls"
+    cc = tmp_path / "cc"
+    cc.write_text('#!/bin/sh\necho "$@" >> %s\ncase "$*" in *-fopenmp*) '
+                  'echo "error: unsupported option -fopenmp" >&2; exit 1;; esac\n'
+                  'exec gcc "$@"\n' % calls)
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    lib = native.library()
+    assert hasattr(lib, "gptcli_int8")
+    asked = [line for line in calls.read_text().splitlines() if "-shared" in line]
+    assert len(asked) == 2 and "-fopenmp" in asked[0] and "-fopenmp" not in asked[1]
+    (note,) = (gptcli_home() / "native").glob("*.failed")
+    assert "unsupported option -fopenmp" in note.read_text()
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-127, 128, (50, 64), dtype=torch.int8, generator=g)
+    x, scale = torch.randn(3, 64, generator=g), torch.rand(50, generator=g)
+    exact = x.double() @ (q.double() * scale.double()[:, None]).t()
+    assert tuning.relative_error(native.int8_product(x, q, scale, None), exact) < 3e-4
+    monkeypatch.setattr(native, "_loaded", None)  # a new process
+    native.library()
+    assert [line for line in calls.read_text().splitlines() if "-shared" in line] == asked
