@@ -328,6 +328,25 @@ def _native_int8(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
     return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
+def _native_int4_pack(s: dict, threads: int) -> dict:
+    """The int4 storage as native.c reads it: the real rows only, two weights a byte (a group's
+    element j and j + 16), and per group ``scale`` and ``low`` (w = q * scale + low)."""
+    n, sz = s["n_out"], s["sz"][:, :s["n_out"]]  # sz: (groups, out', 2): scale, zero
+    q = s["q4"][:n].to(torch.uint8).view(n, -1, 2, INT4_GROUP // 2)
+    return {"n4": (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, -1).contiguous(),
+            "s4": sz[..., 0].t().contiguous(), "m4": (sz[..., 1] - 8 * sz[..., 0]).t().contiguous()}
+
+
+def _native_int4(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    if x.size(0) > native.ROWS_MAX:  # a prompt: the weights unpacked, torch's float product
+        q = torch.stack([m.n4 & 15, m.n4 >> 4], dim=1).view(m.n_out, 2, -1, INT4_GROUP // 2)
+        q = q.transpose(1, 2).reshape(m.n_out, -1, INT4_GROUP).float()  # (out, groups, 32)
+        w = (q * m.s4[..., None] + m.m4[..., None]).view(m.n_out, m.n_in)
+        return F.linear(x.float(), w, native._f32(m.bias)).to(x.dtype)
+    y = native.int4_product(x, m.n4, m.s4, m.m4, m.bias)
+    return y if x.dtype is torch.float32 else y.to(x.dtype)
+
+
 NATIVE = [
     Kernel("native", "float", "out_in", _native(FLOAT[1].pack), _native_float, 1e-5,
            "gptcli's own C product (native.py) on W (out, in), nn.Linear's layout"),
@@ -335,6 +354,8 @@ NATIVE = [
            "bf16 weights (out, in) through gptcli's own C product, float32 activations"),
     Kernel("int8-native", "int8", "int8", _native(lambda s, t: {}), _native_int8, 3e-4,
            "gptcli's own C product (native.py), activations rounded to 15 bits per row"),
+    Kernel("int4-native", "int4", "int4-native", _native(_native_int4_pack), _native_int4, 3e-4,
+           "gptcli's own C product on two 4-bit weights a byte, activations in 15 bits per row"),
 ]
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in FLOAT + HALF + INT8 + INT4 + NATIVE}

@@ -168,6 +168,132 @@ int gptcli_int8(const float *x, int64_t M, int64_t K, const int8_t *q, const flo
   return 0;
 }
 
+/* ---------------------------------------------------------------- int4 weights */
+
+/* w[n, k] = q * scale[n, g] + low[n, g] for k in group g (32 inputs), q in [0, 15]: two per
+   byte, byte j of a group holding its element j (low nibble) and element j + 16 (high). With
+   activations a rounded as for int8: w . a = sum_g scale_g (q_g . a_g) + sum_g low_g sum(a_g),
+   the first summed in vectors of one group's partial sums scaled, the second from the groups'
+   sums of a (the same for every output row). */
+#define GROUP 32
+
+#if defined(__AVX512BW__)
+static inline ivec nibbles(const uint8_t *p) { /* a group's 32 weights as int16 */
+  __m128i b = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(0x0F);
+  __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+  return _mm512_cvtepu8_epi16(_mm256_set_m128i(hi, lo));
+}
+#define GDOT(q, a) IMADD(IZERO(), q, ILOAD(a))
+#define GCVT(d) _mm512_cvtepi32_ps(d)
+#define GFMA(acc, v, s) _mm512_fmadd_ps(v, _mm512_set1_ps(s), acc)
+#define GZERO() _mm512_setzero_ps()
+#define GSUM(v) _mm512_reduce_add_ps(v)
+typedef __m512 gvec;
+#define GVEC 1
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef struct { __m256i lo, hi; } i4pair;
+static inline i4pair nibbles(const uint8_t *p) {
+  __m128i b = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(0x0F);
+  i4pair q = {_mm256_cvtepu8_epi16(_mm_and_si128(b, m)),
+              _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), m))};
+  return q;
+}
+#define GDOT(q, a) _mm256_add_epi32(_mm256_madd_epi16((q).lo, ILOAD(a)),                         \
+                                    _mm256_madd_epi16((q).hi, ILOAD((a) + 16)))
+#define GCVT(d) _mm256_cvtepi32_ps(d)
+#define GFMA(acc, v, s) _mm256_fmadd_ps(v, _mm256_set1_ps(s), acc)
+#define GZERO() _mm256_setzero_ps()
+#define GSUM(v) fsum(v)
+typedef __m256 gvec;
+#define GVEC 1
+#endif
+
+static inline float group_dot(const uint8_t *p, const int16_t *a) {
+  int32_t s = 0;
+  for (int j = 0; j < GROUP / 2; j++) s += (p[j] & 15) * a[j] + (p[j] >> 4) * a[j + GROUP / 2];
+  return (float)s;
+}
+
+/* sum_g low_g * sums_g, in four sums (one would wait on itself at every step) */
+static inline float low_term(const float *low, const float *sums, int64_t G) {
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  int64_t g = 0;
+  for (; g + 4 <= G; g += 4) {
+    s0 += low[g] * sums[g]; s1 += low[g + 1] * sums[g + 1];
+    s2 += low[g + 2] * sums[g + 2]; s3 += low[g + 3] * sums[g + 3];
+  }
+  for (; g < G; g++) s0 += low[g] * sums[g];
+  return (s0 + s1) + (s2 + s3);
+}
+
+/* out[i] = sum_g scale_g (q_g . a_i,g) for R (1 or 4) rows a_i of xq (K apart) */
+static inline void int4_dots(const uint8_t *p, const float *scale, const int16_t *a, int64_t K,
+                             int R, float *out) {
+  int64_t G = K / GROUP;
+#ifdef GVEC
+  if (R == 4) {
+    gvec s0 = GZERO(), s1 = GZERO(), s2 = GZERO(), s3 = GZERO();
+    for (int64_t g = 0; g < G; g++) {
+      const int16_t *ag = a + g * GROUP;
+      float sc = scale[g];
+      __typeof__(nibbles(p)) q = nibbles(p + g * GROUP / 2);
+      s0 = GFMA(s0, GCVT(GDOT(q, ag)), sc);
+      s1 = GFMA(s1, GCVT(GDOT(q, ag + K)), sc);
+      s2 = GFMA(s2, GCVT(GDOT(q, ag + 2 * K)), sc);
+      s3 = GFMA(s3, GCVT(GDOT(q, ag + 3 * K)), sc);
+    }
+    out[0] = GSUM(s0); out[1] = GSUM(s1); out[2] = GSUM(s2); out[3] = GSUM(s3);
+    return;
+  }
+  gvec s0 = GZERO(), s1 = GZERO();
+  int64_t g = 0;
+  for (; g + 2 <= G; g += 2) {
+    s0 = GFMA(s0, GCVT(GDOT(nibbles(p + g * GROUP / 2), a + g * GROUP)), scale[g]);
+    s1 = GFMA(s1, GCVT(GDOT(nibbles(p + (g + 1) * GROUP / 2), a + (g + 1) * GROUP)),
+              scale[g + 1]);
+  }
+  if (g < G) s0 = GFMA(s0, GCVT(GDOT(nibbles(p + g * GROUP / 2), a + g * GROUP)), scale[g]);
+  out[0] = GSUM(s0) + GSUM(s1);
+#else
+  for (int i = 0; i < R; i++) {
+    float s = 0.f;
+    for (int64_t g = 0; g < G; g++) s += scale[g] * group_dot(p + g * GROUP / 2, a + i * K + g * GROUP);
+    out[i] = s;
+  }
+#endif
+}
+
+/* int4 weights p (N, K / 2) with scale, low (N, K / 32); K a multiple of 32; activations
+   rounded to 15 bits per row. Returns 0, or -1 if out of memory. */
+int gptcli_int4(const float *x, int64_t M, int64_t K, const uint8_t *p, const float *scale,
+                const float *low, const float *bias, float *y, int64_t N, int threads) {
+  int64_t G = K / GROUP;
+  int16_t *xq = malloc(sizeof(int16_t) * M * K);
+  float *step = malloc(sizeof(float) * M), *sums = malloc(sizeof(float) * M * G);
+  if (!xq || !step || !sums) { free(xq); free(step); free(sums); return -1; }
+  round_rows(x, M, K, xq, step);
+  for (int64_t i = 0; i < M * G; i++) {
+    int32_t s = 0;
+    for (int j = 0; j < GROUP; j++) s += xq[i * GROUP + j];
+    sums[i] = (float)s;
+  }
+  PARALLEL_ROWS
+  for (int64_t n = 0; n < N; n++) {
+    const uint8_t *r = p + n * (K / 2);
+    const float *sc = scale + n * G, *lo = low + n * G;
+    float b = bias ? bias[n] : 0.f, out[4];
+    int64_t m = 0;
+    for (; m < M; m += (M - m >= 4 ? 4 : 1)) {
+      int R = M - m >= 4 ? 4 : 1;
+      int4_dots(r, sc, xq + m * K, K, R, out);
+      for (int i = 0; i < R; i++)
+        y[(m + i) * N + n] = (out[i] + low_term(lo, sums + (m + i) * G, G)) * step[m + i] + b;
+    }
+  }
+  free(xq); free(step); free(sums);
+  return 0;
+}
+
 /* ---------------------------------------------------------------- float weights (f32, bf16) */
 
 static inline float from_bf16(uint16_t h) {

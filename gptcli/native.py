@@ -39,7 +39,8 @@ ROWS_MAX = 8  # more rows than this (a prompt) run torch's product: see kernels.
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {"gptcli_int8": [_P, _I64, _I64, _P, _P, _P, _P, _I64, _INT],
               "gptcli_bf16": [_P, _I64, _I64, _P, _P, _P, _I64, _INT],
-              "gptcli_f32": [_P, _I64, _I64, _P, _P, _P, _I64, _INT]}
+              "gptcli_f32": [_P, _I64, _I64, _P, _P, _P, _I64, _INT],
+              "gptcli_int4": [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _INT]}
 
 _loaded: ctypes.CDLL | None = None
 _failed: str | None = None
@@ -150,6 +151,21 @@ def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     y = torch.empty(M, N)
     if (_loaded or library()).gptcli_int8(x.data_ptr(), M, K, q.data_ptr(), scale.data_ptr(),
                                           _ptr(bias), y.data_ptr(), N, torch.get_num_threads()):
+        raise MemoryError("gptcli's C kernel ran out of memory")
+    return y
+
+
+def int4_product(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (M, K) times 4-bit weights: ``packed`` (N, K / 2) uint8, two per byte (see
+    ``native.c``), ``w = q * scale + low`` with ``scale``, ``low`` (N, K / 32) per group of 32
+    inputs; plus ``bias``: (M, N) float32, activations rounded to 15 bits per row."""
+    x, bias = _f32(x), _f32(bias)
+    (M, K), N = x.shape, packed.size(0)
+    y = torch.empty(M, N)
+    if (_loaded or library()).gptcli_int4(x.data_ptr(), M, K, packed.data_ptr(),
+                                          scale.data_ptr(), low.data_ptr(), _ptr(bias),
+                                          y.data_ptr(), N, torch.get_num_threads()):
         raise MemoryError("gptcli's C kernel ran out of memory")
     return y
 

@@ -21,7 +21,7 @@ from gptcli.store import gptcli_home
 from test_kernels import model_in, packed
 
 runner = CliRunner()
-NATIVE = ["native", "bf16-native", "int8-native"]
+NATIVE = ["native", "bf16-native", "int8-native", "int4-native"]
 
 
 @pytest.fixture
@@ -39,9 +39,11 @@ def built() -> list:
 @pytest.mark.parametrize("n_in", [40, 2100])
 def test_every_row_count_and_width_is_within_the_kernels_bound(name, n_in):
     """1 to 9 rows (groups of 4 and the rest), a prompt's 20 (torch's product), widths that
-    leave a remainder after the vector loops and (2100) span three int8 blocks, with and
-    without a bias."""
+    leave a remainder after the vector loops and (2100) span three int8 blocks (int4: 3 and 67
+    groups of 32), with and without a bias."""
     kernel = KERNELS[name]
+    if kernel.mode == "int4":  # whole groups of 32 inputs only: an odd number of them
+        n_in = {40: 96, 2100: 2144}[n_in]
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(n_in, 37, generator=g) * 0.05
     for bias in (torch.randn(37, generator=g), None):
