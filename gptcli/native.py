@@ -97,8 +97,9 @@ def library() -> ctypes.CDLL:
         raise RuntimeError(_failed)
     cc = compiler()
     reasons = []
-    if cc is None:
-        reasons.append("no C compiler found (set $CC)")
+    if cc is None or shutil.which(cc) is None:
+        reasons.append(f"no C compiler {cc!r} found (set $CC)" if cc else
+                       "no C compiler found (set $CC)")
     else:
         source = SOURCE.read_bytes()
         for flags in FLAG_SETS:
@@ -173,6 +174,8 @@ def int4_product(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low
 def float_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x`` (M, K) times ``w`` (N, K) in bf16 or float32, plus ``bias``: (M, N) float32, summed
     in float32."""
+    if w.dtype not in (torch.float32, torch.bfloat16):  # (the tuner skips it for this model)
+        raise TypeError(f"gptcli's C product takes float32 or bf16 weights, not {w.dtype}")
     lib = _loaded or library()
     fn = lib.gptcli_bf16 if w.dtype is torch.bfloat16 else lib.gptcli_f32
     x, bias = _f32(x), _f32(bias)
