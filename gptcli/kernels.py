@@ -49,6 +49,7 @@ class Kernel:
     run: Callable[[torch.Tensor, nn.Module], torch.Tensor]
     tolerance: float
     doc: str
+    native: bool = False  # gptcli's own C (native.py): runs only where it could be built
 
 
 # ----------------------------------------------------------------------------- float
@@ -349,13 +350,17 @@ def _native_int4(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
 
 NATIVE = [
     Kernel("native", "float", "out_in", _native(FLOAT[1].pack), _native_float, 1e-5,
-           "gptcli's own C product (native.py) on W (out, in), nn.Linear's layout"),
+           "gptcli's own C product (native.py) on W (out, in), nn.Linear's layout",
+           True),
     Kernel("bf16-native", "half", "bf16-out_in", _native(HALF[0].pack), _native_float, 4e-3,
-           "bf16 weights (out, in) through gptcli's own C product, float32 activations"),
+           "bf16 weights (out, in) through gptcli's own C product, float32 activations",
+           True),
     Kernel("int8-native", "int8", "int8", _native(lambda s, t: {}), _native_int8, 3e-4,
-           "gptcli's own C product (native.py), activations rounded to 15 bits per row"),
+           "gptcli's own C product (native.py), activations rounded to 15 bits per row",
+           True),
     Kernel("int4-native", "int4", "int4-native", _native(_native_int4_pack), _native_int4, 3e-4,
-           "gptcli's own C product on two 4-bit weights a byte, activations in 15 bits per row"),
+           "gptcli's own C product on two 4-bit weights a byte, activations in 15 bits per row",
+           True),
 ]
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in FLOAT + HALF + INT8 + INT4 + NATIVE}

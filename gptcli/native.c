@@ -56,6 +56,14 @@ static inline int32_t isum(__m256i v) {
 #define ISUM(s) isum(s)
 #endif
 
+#if defined(__AVX2__) /* (also used by int4's AVX2 code on AVX-512 CPUs without AVX512BW) */
+static inline float fsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 #if defined(__AVX512F__)
 typedef __m512 fvec;
 #define FLANES 16
@@ -75,23 +83,20 @@ typedef __m256 fvec;
     _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 #define FFMA(s, w, a) _mm256_fmadd_ps(w, a, s)
 #define FADD(a, b) _mm256_add_ps(a, b)
-static inline float fsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 #define FSUM(s) fsum(s)
 #endif
 
 /* ---------------------------------------------------------------- int8 weights */
 
-/* x's rows rounded to 15-bit integers, each with its own step (max |x| / 16383) */
+/* x's rows rounded to 15-bit integers, each with its own step (max |x| / 16383); a row holding
+   a NaN gets a NaN step, so its results are NaN as torch's would be (an infinity: inf * 0) */
 static void round_rows(const float *x, int64_t M, int64_t K, int16_t *xq, float *step) {
   for (int64_t m = 0; m < M; m++) {
     const float *r = x + m * K;
     float amax = 0.f;
-    for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(r[k]));
-    step[m] = amax > 0.f ? amax / XMAX : 1.f;
+    int nan = 0;
+    for (int64_t k = 0; k < K; k++) { amax = fmaxf(amax, fabsf(r[k])); nan |= r[k] != r[k]; }
+    step[m] = nan ? NAN : amax > 0.f ? amax / XMAX : 1.f;
     float inv = 1.f / step[m];
     for (int64_t k = 0; k < K; k++) xq[m * K + k] = (int16_t)lrintf(r[k] * inv);
   }

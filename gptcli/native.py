@@ -3,8 +3,9 @@
 Decoding multiplies one to a few rows by each weight matrix, so a product is a matter of reading
 the weights once, as fast as memory gives them: ``native.c`` reads each output row's weights in
 memory order for all rows of ``x`` together, in plain loops the compiler vectorizes for the CPU
-it runs on (``-march=native``: AVX2, AVX-512 VNNI, NEON alike), split over threads by OpenMP.
-Its kernels (``kernels.py``: int8-native, bf16-native) are candidates like the others: the tuner
+it runs on (``-march=native``; vector code for AVX-512 with VNNI and AVX2, plain loops elsewhere,
+which the compiler vectorizes as it can), split over threads by OpenMP.
+Its kernels (``kernels.py``: native, bf16-native, int8-native, int4-native) are candidates like the others: the tuner
 times them against torch's and keeps whichever is fastest on this machine.
 
 The library is built with the C compiler (``$CC``, else ``cc`` or ``gcc``) into
@@ -20,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -50,10 +52,19 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+class BuildError(RuntimeError):
+    """The compiler failed; ``refused``: its message names one of the flags (it does not take
+    them: not worth asking again), rather than something passing (a full disk, say)."""
+
+    def __init__(self, message: str, refused: bool) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
 def _target(cc: str, flags: list[str], source: bytes) -> Path:
     """Where the library for this source, compiler, flags and CPU lives."""
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+        version = subprocess.run([*shlex.split(cc), "--version"], capture_output=True, text=True,
                                  timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
@@ -68,11 +79,14 @@ def _build(cc: str, flags: list[str], target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run([*shlex.split(cc), *flags, "-shared", "-fPIC", "-o", tmp,
+                               str(SOURCE)], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             lines = [ln for ln in done.stderr.splitlines() if ln.strip()] or ["failed"]
-            raise RuntimeError(f"{Path(cc).name} {' '.join(flags)}: {lines[0][:120]}")
+            line = next((ln for ln in lines if "error" in ln.lower()), lines[0])
+            raise BuildError(f"{cc} {' '.join(flags)}: {line.strip()[:120]}",
+                             refused=any(f.lstrip("-").split("=")[0] in done.stderr
+                                         for f in flags[1:]))
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -97,7 +111,7 @@ def library() -> ctypes.CDLL:
         raise RuntimeError(_failed)
     cc = compiler()
     reasons = []
-    if cc is None or shutil.which(cc) is None:
+    if cc is None or not shlex.split(cc) or shutil.which(shlex.split(cc)[0]) is None:
         reasons.append(f"no C compiler {cc!r} found (set $CC)" if cc else
                        "no C compiler found (set $CC)")
     else:
@@ -118,17 +132,27 @@ def library() -> ctypes.CDLL:
                 _build(cc, flags, target)
                 _loaded = _load(target)
                 return _loaded
-            except RuntimeError as e:  # the compiler's own error: not tried again
+            except BuildError as e:
                 reasons.append(str(e))
-                try:
-                    refused.write_text(str(e))
-                except OSError:
-                    pass
-            except (OSError, AttributeError, subprocess.SubprocessError) as e:
+                if e.refused:  # the compiler does not take these flags: not asked again
+                    try:
+                        refused.write_text(str(e))
+                    except OSError:
+                        pass
+            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
                 reasons.append(str(e).strip().splitlines()[0] if str(e).strip() else
                                type(e).__name__)
     _failed = "gptcli's C kernels could not be built: " + "; ".join(reasons)
     raise RuntimeError(_failed)
+
+
+def unavailable() -> str | None:
+    """None where the library loads (building it if need be), else why it cannot."""
+    try:
+        library()
+    except RuntimeError as e:
+        return str(e)
+    return None
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -137,6 +161,13 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or (t.dtype is torch.float32 and t.is_contiguous()):
         return t
     return t.float().contiguous()
+
+
+def _check(t: torch.Tensor, dtype: torch.dtype, shape: tuple) -> None:
+    """What the C reads through a bare pointer must be what it expects, or it reads past it."""
+    if t.dtype is not dtype or t.shape != shape or not t.is_contiguous():
+        raise ValueError(f"gptcli's C product needs a contiguous {dtype} {tuple(shape)} tensor, "
+                         f"not {t.dtype} {tuple(t.shape)}")
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -149,7 +180,9 @@ def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     (M, N) float32, activations rounded to 15 bits per row."""
     x, scale, bias = _f32(x), _f32(scale), _f32(bias)
     (M, K), N = x.shape, q.size(0)
-    y = torch.empty(M, N)
+    _check(scale, torch.float32, (N,))
+    _check(q, torch.int8, (N, K))
+    y = torch.empty(M, N, dtype=torch.float32)
     if (_loaded or library()).gptcli_int8(x.data_ptr(), M, K, q.data_ptr(), scale.data_ptr(),
                                           _ptr(bias), y.data_ptr(), N, torch.get_num_threads()):
         raise MemoryError("gptcli's C kernel ran out of memory")
@@ -163,7 +196,12 @@ def int4_product(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low
     inputs; plus ``bias``: (M, N) float32, activations rounded to 15 bits per row."""
     x, bias = _f32(x), _f32(bias)
     (M, K), N = x.shape, packed.size(0)
-    y = torch.empty(M, N)
+    _check(packed, torch.uint8, (N, K // 2))
+    _check(scale, torch.float32, (N, K // 32))
+    _check(low, torch.float32, (N, K // 32))
+    if K % 32:
+        raise ValueError(f"4-bit weights come in whole groups of 32 inputs, not {K}")
+    y = torch.empty(M, N, dtype=torch.float32)
     if (_loaded or library()).gptcli_int4(x.data_ptr(), M, K, packed.data_ptr(),
                                           scale.data_ptr(), low.data_ptr(), _ptr(bias),
                                           y.data_ptr(), N, torch.get_num_threads()):
@@ -180,7 +218,8 @@ def float_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -
     fn = lib.gptcli_bf16 if w.dtype is torch.bfloat16 else lib.gptcli_f32
     x, bias = _f32(x), _f32(bias)
     (M, K), N = x.shape, w.size(0)
-    y = torch.empty(M, N)
+    _check(w, w.dtype, (N, K))
+    y = torch.empty(M, N, dtype=torch.float32)
     if fn(x.data_ptr(), M, K, w.data_ptr(), _ptr(bias), y.data_ptr(), N,
           torch.get_num_threads()):
         raise MemoryError("gptcli's C kernel ran out of memory")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from . import hardware
+from . import hardware, native
 from .kernel_layer import KernelLinear
 from .kernels import KERNELS, Kernel, candidates
 from .store import gptcli_home
@@ -212,7 +212,11 @@ def choose(mode: str, storages: list[dict], reference: Callable[[], torch.Tensor
     if forced is not None:
         return {m: Choice(KERNELS[forced], "forced") for m in rows}
     threads = torch.get_num_threads()
-    allowed = candidates(mode)
+    # gptcli's own kernels only where their library builds: a choice cached when it did is not
+    # taken where it no longer does (the candidates are part of the key), and gpt bench says why
+    why = native.unavailable()
+    allowed = [k for k in candidates(mode) if not (k.native and why)]
+    unbuilt = {k.name: why for k in candidates(mode) if k.native and why}
     # the candidates are part of the key: a gptcli with other kernels measures again
     base = {**machine(), "mode": mode, "dtype": str(dtype).removeprefix("torch."),
             "shape": list(shape), "candidates": [k.name for k in allowed]}
@@ -230,7 +234,7 @@ def choose(mode: str, storages: list[dict], reference: Callable[[], torch.Tensor
             if not us:
                 raise RuntimeError(f"no {mode} kernel runs here: " + "; ".join(
                     f"{k}: {why}" for k, why in skipped.items()))
-            choice = Choice(KERNELS[pick(us)], "measured", us, skipped, {
+            choice = Choice(KERNELS[pick(us)], "measured", us, {**unbuilt, **skipped}, {
                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load": load})
             remember(key, choice)
         measured[m] = choice

@@ -337,7 +337,7 @@ def test_forcing_by_environment_variable_and_refusals(monkeypatch):
         prepare(model_in("float"), None, kernel="int8-intmm")
     assert str(err.value).startswith("kernel int8-intmm is for --quantize int8; for this model "
                                      "choose one of: addmm")
-    assert [k.name for k in candidates("int4")] == ["int4-bf16", "int4-f32"]
+    assert [k.name for k in candidates("int4")] == ["int4-bf16", "int4-f32", "int4-native"]
 
 
 def test_bench_shows_the_choice_and_refuses_an_unknown_kernel():

@@ -5,6 +5,7 @@ works, so that torch's kernels serve."""
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 
@@ -60,12 +61,14 @@ def test_every_row_count_and_width_is_within_the_kernels_bound(name, n_in):
 
 
 def test_int8_sums_at_their_largest_do_not_overflow():
-    """Weights at +-127 and activations at their row's maximum, over 3000 inputs: each block's
-    int32 sum is at its largest, and the result is still exact up to the activation rounding."""
+    """Weights at 127 and -128 and activations at their row's maximum, over 3000 inputs, in the
+    four-row and one-row code: each block's int32 sum is at its largest, and the result is still
+    exact up to the activation rounding."""
     q = torch.full((3, 3000), 127, dtype=torch.int8)
-    q[1] = -127
+    q[1] = -128
     scale = torch.full((3,), 1e-3)
-    x = torch.full((2, 3000), 5.0)
+    x = torch.full((5, 3000), 5.0)  # four rows together and one alone
+    x[1] = -5.0
     y = native.int8_product(x, q, scale, None)
     exact = x.double() @ (q.double() * 1e-3).t()
     assert tuning.relative_error(y, exact) < 1e-6
@@ -137,7 +140,7 @@ def test_without_a_compiler_torchs_kernels_serve_and_a_forced_native_one_is_refu
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("mode", [None, "half", "int8"])
+@pytest.mark.parametrize("mode", [None, "half", "int8", "int4"])
 def test_the_native_kernels_are_candidates_and_decode_as_the_stored_weights(mode):
     """Measured like any kernel (here: forced), the greedy tokens of a model running them equal
     those of the float model holding the weights the mode stores (half: rounded to bf16)."""
@@ -146,13 +149,15 @@ def test_the_native_kernels_are_candidates_and_decode_as_the_stored_weights(mode
     from gptcli.decode import decode_loop
     from gptcli.model import Projection
 
-    model = model_in("float")
+    model = model_in(mode or "float")
     forced = copy.deepcopy(model)
-    name = {None: "native", "half": "bf16-native", "int8": "int8-native"}[mode]
+    name = {None: "native", "half": "bf16-native", "int8": "int8-native",
+            "int4": "int4-native"}[mode]
     prepare(forced, mode, kernel=name)
-    assert {r["kernel"] for r in kernel_report(forced)} == {name}
+    assert {r["kernel"] for r in kernel_report(forced)
+            if r["mode"] == (mode or "float")} == {name}  # (int4's output matrix: int8)
     prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    want = stored_weights_model(model, "int8" if mode == "int8" else "float")
+    want = stored_weights_model(model, mode if mode in ("int8", "int4") else "float")
     if mode == "half":
         with torch.no_grad():
             for m in want.modules():
@@ -188,3 +193,80 @@ def test_a_compiler_without_openmp_builds_the_one_thread_library_and_is_asked_on
     monkeypatch.setattr(native, "_loaded", None)  # a new process
     native.library()
     assert [line for line in calls.read_text().splitlines() if "-shared" in line] == asked
+
+
+@pytest.mark.parametrize("flags", [["-O3", "-mavx2", "-mfma", "-fopenmp"], ["-O3", "-fopenmp"]],
+                         ids=["avx2", "plain"])
+def test_the_avx2_and_plain_builds_compute_the_same_products(fresh, monkeypatch, flags):
+    """This CPU builds with -march=native (AVX-512 here), so the AVX2 code and the plain loops
+    other CPUs get are built here on purpose and held to the same bounds."""
+    from gptcli import hardware
+    if "-mavx2" in flags and not {"avx2", "fma"} <= set(hardware.isa_flags()):
+        pytest.skip("this CPU has no AVX2/FMA to run the AVX2 build on")
+    monkeypatch.setattr(native, "FLAG_SETS", (flags,))
+    native.library()
+    g = torch.Generator().manual_seed(4)
+    for K in (7, 96, 1100):  # tails; more than one int8 block
+        for M in (1, 3, 4, 6):
+            x = torch.randn(M, K, generator=g) * 2
+            q = torch.randint(-128, 128, (19, K), dtype=torch.int8, generator=g)
+            scale, bias = torch.rand(19, generator=g), torch.randn(19, generator=g)
+            exact = x.double() @ (q.double() * scale.double()[:, None]).t() + bias.double()
+            got = native.int8_product(x, q, scale, bias)
+            assert tuning.relative_error(got, exact) < 3e-4, (K, M)
+            w = torch.randn(19, K, generator=g)
+            for weights in (w, w.bfloat16()):
+                exact = x.double() @ weights.double().t() + bias.double()
+                got = native.float_product(x, weights, bias)
+                assert tuning.relative_error(got, exact) < 1e-5, (K, M, weights.dtype)
+            if K % 32 == 0:
+                layer = packed(KERNELS["int4-native"], _storage("int4", w.t(), bias), M)
+                exact = x.double() @ _reference("int4", _storage("int4", w.t(), bias)).double() \
+                    + bias.double()
+                with torch.no_grad():
+                    assert tuning.relative_error(layer(x), exact) < 3e-4, (K, M)
+
+
+def test_a_row_holding_a_nan_gives_nan_and_torchs_default_dtype_does_not_matter():
+    """As torch's product would: a NaN in a row of x makes that row's results NaN, not a
+    quiet number; and the result is float32 even where torch's default dtype is another."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-127, 128, (8, 64), dtype=torch.int8, generator=g)
+    x, scale = torch.randn(4, 64, generator=g), torch.rand(8, generator=g)
+    x[2, 5] = float("nan")
+    y = native.int8_product(x, q, scale, None)
+    assert y[2].isnan().all() and not y[[0, 1, 3]].isnan().any()
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        y = native.int8_product(x[:2], q, scale, None)
+    finally:
+        torch.set_default_dtype(default)
+    exact = x[:2].double() @ (q.double() * scale.double()[:, None]).t()
+    assert y.dtype == torch.float32 and tuning.relative_error(y, exact) < 3e-4
+
+
+def test_wrong_buffers_are_refused_before_the_c_code_reads_them():
+    x, q, scale = torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8)
+    for bad in (q.t().contiguous().t(), q[:, :32].contiguous(), q.float()):
+        with pytest.raises(ValueError, match="gptcli's C product needs a contiguous"):
+            native.int8_product(x, bad, scale, None)
+    assert native.int8_product(x, q, scale.double(), None).shape == (1, 8)  # converted
+
+
+def test_a_cached_native_choice_where_the_library_no_longer_builds_is_measured_again(
+        fresh, monkeypatch):
+    """A kernel cache written where the C library built (a shared $GPTCLI_HOME, a compiler
+    since removed): the next load measures torch's kernels instead of failing."""
+    prepare(model_in("float"), "int8")
+    cache = json.loads(tuning.cache_path().read_text())
+    for entry in cache["entries"]:  # as if int8-native had won everywhere
+        entry["kernel"] = "int8-native"
+    tuning.cache_path().write_text(json.dumps(cache))
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    model = model_in("float")
+    prepare(model, "int8")
+    for row in kernel_report(model):
+        assert row["kernel"] != "int8-native" and row["source"] == "measured"
+        assert "no C compiler '/nonexistent/cc' found" in row["skipped"]["int8-native"]
