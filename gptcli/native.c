@@ -262,7 +262,8 @@ static inline void int4_dots(const uint8_t *p, const float *scale, const int16_t
 #else
   for (int i = 0; i < R; i++) {
     float s = 0.f;
-    for (int64_t g = 0; g < G; g++) s += scale[g] * group_dot(p + g * GROUP / 2, a + i * K + g * GROUP);
+    for (int64_t g = 0; g < G; g++)
+      s += scale[g] * group_dot(p + g * GROUP / 2, a + i * K + g * GROUP);
     out[i] = s;
   }
 #endif

@@ -2,18 +2,19 @@
 
 Decoding multiplies one to a few rows by each weight matrix, so a product is a matter of reading
 the weights once, as fast as memory gives them: ``native.c`` reads each output row's weights in
-memory order for all rows of ``x`` together, in plain loops the compiler vectorizes for the CPU
-it runs on (``-march=native``; vector code for AVX-512 with VNNI and AVX2, plain loops elsewhere,
-which the compiler vectorizes as it can), split over threads by OpenMP.
-Its kernels (``kernels.py``: native, bf16-native, int8-native, int4-native) are candidates like the others: the tuner
-times them against torch's and keeps whichever is fastest on this machine.
+memory order for all rows of ``x`` together, split over threads by OpenMP, with vector code for
+AVX-512 (VNNI) and AVX2 and plain loops elsewhere (built with ``-march=native``, so the compiler
+vectorizes those as it can for the CPU it runs on). Its kernels
+(``kernels.py``: native, bf16-native, int8-native, int4-native) are candidates like the others:
+the tuner times them against torch's and keeps whichever is fastest on this machine.
 
 The library is built with the C compiler (``$CC``, else ``cc`` or ``gcc``) into
 ``$GPTCLI_HOME/native/``, named by a hash of the source, the compiler and its flags and the CPU,
 so it is built once per machine. A compiler that refuses a set of flags (``FLAG_SETS``: no
 OpenMP, then the kernels run on one thread) is not asked again with them (a ``.failed`` note
 beside it). Where no compiler works, the kernels are skipped with the reason, and torch's
-kernels serve: nothing else needs a compiler. Calls go through ``ctypes`` (which lets go of the GIL while they run).
+kernels serve: nothing else needs a compiler. Calls go through ``ctypes`` (which lets go of
+the GIL while they run).
 """
 
 from __future__ import annotations
