@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("native.c")
 # tried in order: vectorized for this CPU with OpenMP threads, then without OpenMP (a compiler
 # without it, e.g. Apple's clang: one thread), then without -march=native
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
-ROWS_MAX = 8  # more rows than this (a prompt) run torch's product: see kernels.py
+ROWS_MAX = 8  # more rows than this (a prompt): torch's product where it is faster (kernels.py)
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {"gptcli_int8": [_P, _I64, _I64, _P, _P, _P, _P, _I64, _INT],
@@ -175,19 +175,28 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _run(fn, x: torch.Tensor, weights: tuple[torch.Tensor, ...], bias: torch.Tensor | None,
+         N: int) -> torch.Tensor:
+    """Call the C product ``fn`` on ``x`` (M, K), the ``weights`` buffers (checked by the caller)
+    and ``bias`` (N,): a new (M, N) float32 tensor."""
+    if bias is not None:
+        _check(bias, torch.float32, (N,))
+    (M, K), y = x.shape, torch.empty(x.size(0), N, dtype=torch.float32)
+    if fn(x.data_ptr(), M, K, *(w.data_ptr() for w in weights), _ptr(bias), y.data_ptr(), N,
+          torch.get_num_threads()):
+        raise MemoryError("gptcli's C kernel ran out of memory")
+    return y
+
+
 def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """``x`` (M, K) times int8 ``q`` (N, K) with ``scale`` (N,) per row, plus ``bias``:
     (M, N) float32, activations rounded to 15 bits per row."""
-    x, scale, bias = _f32(x), _f32(scale), _f32(bias)
-    (M, K), N = x.shape, q.size(0)
+    x, scale = _f32(x), _f32(scale)
+    N = q.size(0)
+    _check(q, torch.int8, (N, x.size(1)))
     _check(scale, torch.float32, (N,))
-    _check(q, torch.int8, (N, K))
-    y = torch.empty(M, N, dtype=torch.float32)
-    if (_loaded or library()).gptcli_int8(x.data_ptr(), M, K, q.data_ptr(), scale.data_ptr(),
-                                          _ptr(bias), y.data_ptr(), N, torch.get_num_threads()):
-        raise MemoryError("gptcli's C kernel ran out of memory")
-    return y
+    return _run((_loaded or library()).gptcli_int8, x, (q, scale), _f32(bias), N)
 
 
 def int4_product(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
@@ -195,19 +204,14 @@ def int4_product(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low
     """``x`` (M, K) times 4-bit weights: ``packed`` (N, K / 2) uint8, two per byte (see
     ``native.c``), ``w = q * scale + low`` with ``scale``, ``low`` (N, K / 32) per group of 32
     inputs; plus ``bias``: (M, N) float32, activations rounded to 15 bits per row."""
-    x, bias = _f32(x), _f32(bias)
-    (M, K), N = x.shape, packed.size(0)
+    x = _f32(x)
+    K, N = x.size(1), packed.size(0)
+    if K % 32:
+        raise ValueError(f"4-bit weights come in whole groups of 32 inputs, not {K}")
     _check(packed, torch.uint8, (N, K // 2))
     _check(scale, torch.float32, (N, K // 32))
     _check(low, torch.float32, (N, K // 32))
-    if K % 32:
-        raise ValueError(f"4-bit weights come in whole groups of 32 inputs, not {K}")
-    y = torch.empty(M, N, dtype=torch.float32)
-    if (_loaded or library()).gptcli_int4(x.data_ptr(), M, K, packed.data_ptr(),
-                                          scale.data_ptr(), low.data_ptr(), _ptr(bias),
-                                          y.data_ptr(), N, torch.get_num_threads()):
-        raise MemoryError("gptcli's C kernel ran out of memory")
-    return y
+    return _run((_loaded or library()).gptcli_int4, x, (packed, scale, low), _f32(bias), N)
 
 
 def float_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -216,12 +220,7 @@ def float_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -
     if w.dtype not in (torch.float32, torch.bfloat16):  # (the tuner skips it for this model)
         raise TypeError(f"gptcli's C product takes float32 or bf16 weights, not {w.dtype}")
     lib = _loaded or library()
-    fn = lib.gptcli_bf16 if w.dtype is torch.bfloat16 else lib.gptcli_f32
-    x, bias = _f32(x), _f32(bias)
-    (M, K), N = x.shape, w.size(0)
-    _check(w, w.dtype, (N, K))
-    y = torch.empty(M, N, dtype=torch.float32)
-    if fn(x.data_ptr(), M, K, w.data_ptr(), _ptr(bias), y.data_ptr(), N,
-          torch.get_num_threads()):
-        raise MemoryError("gptcli's C kernel ran out of memory")
-    return y
+    x = _f32(x)
+    _check(w, w.dtype, (w.size(0), x.size(1)))
+    return _run(lib.gptcli_bf16 if w.dtype is torch.bfloat16 else lib.gptcli_f32, x, (w,),
+                _f32(bias), w.size(0))
