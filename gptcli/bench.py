@@ -289,7 +289,8 @@ def run(load: LoadConfig, s: BenchConfig,
                     rows=(1, s.batch_size) if batch_given else (1,))
             if device.type == "cpu":
                 result.update(cpu=hardware.cpu_model(), isa_flags=hardware.isa_flags(),
-                              kernels=kernel_report(model), kernel_cache=str(cache_path()))
+                              kernels=kernel_report(model), kernel_cache=str(cache_path()),
+                              blocks=getattr(model, "fused_choice", None))
             step = None
             if load.compile:  # as generate.load_generator
                 torch._dynamo.reset()  # compile from scratch, as `gpt generate` would

@@ -129,6 +129,7 @@ Quantize = Annotated[Optional[Literal["half", "int8", "int4"]], Field(
     json_schema_extra={"group": "Device", "metavar": "SCHEME"})]
 Kernel = Annotated[Optional[str], Field(description="Force a matrix-product kernel (`gpt bench` "
     "lists them; also $GPTCLI_KERNEL); default: the fastest, measured once per machine. "
+    "fused: each block's decode step as one C call (chosen by measurement otherwise). "
     "inductor (with --compile, on a CPU): inductor's own products in the compiled step, "
     "compiled with freezing (faster on some CPUs: see README Performance).",
     json_schema_extra={"group": "Device", "metavar": "NAME"})]

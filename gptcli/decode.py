@@ -66,9 +66,8 @@ class Row:
     def __init__(self, tokens: Sequence[int], config: SampleConfig,
                  generator: torch.Generator | None, group: object) -> None:
         self.tokens = list(tokens)
-        self.config, self.generator, self.group = config, generator, group
-        self.start = 0  # the cache holds tokens[start:]
-        self.logits: torch.Tensor | None = None  # (V,): the next token's
+        self.config, self.generator, self.group, self.start = config, generator, group, 0
+        self.logits: torch.Tensor | None = None  # (V,): the next token's (cache: tokens[start:])
         # With a draft: tokens decided but not handed out yet, each with the model's logits it
         # was chosen from; the draft cache's window start and how far it has been fed; where
         # proposing stops (the sample's length).
@@ -88,7 +87,7 @@ class Engine:
         self.model = model
         # A compiled step off the CPU gets a static cache and a tensor position: the same shapes
         # and inputs at every token, so CUDA graphs can replay it (``compile_step``).
-        self.step = model if step is None else step
+        self.step = getattr(model, "decode_step", model) if step is None else step
         self.static = step is not None and model.device.type != "cpu"
         self.cache = KVCache.for_model(model.config, rows, device=model.device,
                                        dtype=model.dtype, static=self.static)
@@ -335,12 +334,13 @@ class Engine:
         returns each row's last logits (B, V). Contiguous rows feeding as many tokens go
         through together."""
         draft, out, i = self.draft, [], 0
+        own = getattr(draft.model, "decode_step", draft.model)  # (native_step.py)
         while i < len(feeds):
             j = i + 1
             while j < len(feeds) and len(feeds[j]) == len(feeds[i]):
                 j += 1
             idx = torch.tensor(feeds[i:j], device=self.model.device)
-            step = draft.step if draft.step is not None and idx.size(1) == 1 else draft.model
+            step = draft.step if draft.step is not None and idx.size(1) == 1 else own
             logits = self._forward(step, self.view(first + i, first + j, draft=True), idx,
                                    positions[i:j], last_only=True)[:, -1, :self.vocab]
             out.append(logits.clone() if step is draft.step else logits)  # as in _step

@@ -66,6 +66,7 @@ class KernelLinear(nn.Module):
         self.kernels: dict[int, Kernel] = {}
         self.packed_bytes = 0  # bytes a product reads outside tensors (fbgemm's fp16 copy)
         self.traced = False  # a compiled step traces its kernel (--kernel inductor)
+        self._packed: list[str] = []  # the names ``use`` packed
         _LAYERS[id(self)] = self
 
     @classmethod
@@ -86,6 +87,9 @@ class KernelLinear(nn.Module):
         self.kernels = dict(chosen)
         self.kernel = next(iter(chosen.values()))
         self.packed_bytes = 0
+        for name in dict.fromkeys(self._packed):  # an earlier choice's layouts go (their
+            delattr(self, name)  # memory with them; two kernels may share a layout's name)
+        self._packed = []
         done: set[str] = set()
         for kernel in chosen.values():
             if kernel.name in done:
@@ -94,10 +98,12 @@ class KernelLinear(nn.Module):
             for name, value in kernel.pack(storage, threads).items():
                 if name == "packed_bytes":  # the size of what a packed object holds
                     self.packed_bytes += value
-                elif isinstance(value, torch.Tensor) or value is None:
+                    continue
+                if isinstance(value, torch.Tensor) or value is None:
                     self.register_buffer(name, value, persistent=False)
                 else:
                     setattr(self, name, value)
+                self._packed.append(name)
 
     def __setstate__(self, state: dict) -> None:  # a copy (deepcopy) is a layer of its own
         super().__setstate__(state)

@@ -369,3 +369,133 @@ static inline float from_f32(float v) { return v; }
 
 FLOAT_PRODUCT(gptcli_bf16, bf16, uint16_t, from_bf16)
 FLOAT_PRODUCT(gptcli_f32, f32, float, from_f32)
+
+/* ---------------------------------------------------------------- a whole block, one token */
+
+/* A block's decode step for R rows at one position, in one call (native_step.py): layer
+   norm, the qkv product, the new key and value written into the cache, attention over the
+   cached positions, the output product and residual, layer norm, the MLP (GELU, tanh form)
+   and residual. Every operation around the products is a loop over a few thousand floats,
+   which costs less here than calling it from Python costs there. */
+
+typedef struct {
+  int kind; /* 0: float32 w (N, K); 1: bf16 w (N, K); 2: int8 w (N, K) and scale (N); 3: int4 */
+  const void *w;
+  const float *scale, *low, *bias;
+  int64_t N, K;
+} gptcli_linear;
+
+typedef struct {
+  const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+  float eps;
+  gptcli_linear qkv, proj, fc, out;
+} gptcli_block_weights;
+
+static int linear(const gptcli_linear *l, const float *x, int64_t M, float *y, int threads) {
+  switch (l->kind) {
+  case 0: return gptcli_f32(x, M, l->K, l->w, l->bias, y, l->N, threads);
+  case 1: return gptcli_bf16(x, M, l->K, l->w, l->bias, y, l->N, threads);
+  case 2: return gptcli_int8(x, M, l->K, l->w, l->scale, l->bias, y, l->N, threads);
+  case 3: return gptcli_int4(x, M, l->K, l->w, l->scale, l->low, l->bias, y, l->N, threads);
+  }
+  return -2;
+}
+
+/* e^x, from 2^n and a degree-6 polynomial on the rest (|r| <= ln 2 / 2): relative error under
+   2e-7, in straight-line code the compiler vectorizes (libm's expf is a call per element) */
+static inline float exp_approx(float x) {
+  x = x < -87.f ? -87.f : x > 88.f ? 88.f : x;
+  float n = rintf(x * 1.44269504f);
+  float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  float p = 1.f / 720;
+  p = p * r + 1.f / 120; p = p * r + 1.f / 24; p = p * r + 1.f / 6;
+  p = p * r + 0.5f; p = p * r + 1.f; p = p * r + 1.f;
+  union { int32_t i; float f; } s = {((int32_t)n + 127) << 23};
+  return p * s.f;
+}
+
+static void layer_norm(const float *x, int64_t C, const float *w, const float *b, float eps,
+                       float *y) {
+  double sum = 0., sq = 0.;
+  for (int64_t c = 0; c < C; c++) sum += x[c];
+  float mean = (float)(sum / C);
+  for (int64_t c = 0; c < C; c++) { double d = x[c] - mean; sq += d * d; }
+  float inv = 1.f / sqrtf((float)(sq / C) + eps);
+  for (int64_t c = 0; c < C; c++) y[c] = (x[c] - mean) * inv * w[c] + (b ? b[c] : 0.f);
+}
+
+static void gelu_tanh(float *x, int64_t n) { /* 0.5 x (1 + tanh(u)), tanh u = 1 - 2 / (e^2u + 1) */
+  for (int64_t i = 0; i < n; i++) {
+    float v = x[i], u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+    x[i] = 0.5f * v * (2.f - 2.f / (exp_approx(2.f * u) + 1.f));
+  }
+}
+
+/* One query (hs) over keys and values at positions [0, L) (L x hs, one after the other): out */
+static void attend(const float *q, const float *k, const float *v, int64_t L, int64_t hs,
+                   float scale, float *scores, float *out) {
+  float top = -INFINITY, total = 0.f;
+  for (int64_t t = 0; t < L; t++) {
+    float s = 0.f;
+    const float *kt = k + t * hs;
+    int64_t d = 0;
+#ifdef FLANES
+    fvec a = FZERO();
+    for (; d + FLANES <= hs; d += FLANES) a = FFMA(a, FLOAD_f32(kt + d), FLOAD_f32(q + d));
+    s = FSUM(a);
+#endif
+    for (; d < hs; d++) s += kt[d] * q[d];
+    scores[t] = s * scale;
+    top = scores[t] > top ? scores[t] : top;
+  }
+  for (int64_t t = 0; t < L; t++) scores[t] = exp_approx(scores[t] - top);
+  for (int64_t t = 0; t < L; t++) total += scores[t];
+  for (int64_t d = 0; d < hs; d++) out[d] = 0.f;
+  for (int64_t t = 0; t < L; t++) {
+    float p = scores[t] / total;
+    const float *vt = v + t * hs;
+    for (int64_t d = 0; d < hs; d++) out[d] += p * vt[d];
+  }
+}
+
+/* x (R, C) at position pos, updated in place; kc, vc: row 0's cache (n_head, max_len, hs) of
+   this layer, the next row's row_stride floats on. Returns 0, -1 out of memory, -2 a bad kind. */
+int gptcli_block(const gptcli_block_weights *b, float *x, int64_t R, int64_t C, int64_t n_head,
+                 int64_t pos, float *kc, float *vc, int64_t row_stride, int64_t max_len,
+                 int threads) {
+  int64_t hs = C / n_head, L = pos + 1, F = b->fc.N;
+  float *h = malloc(sizeof(float) * R * C), *qkv = malloc(sizeof(float) * R * 3 * C);
+  float *att = malloc(sizeof(float) * R * C), *f = malloc(sizeof(float) * R * F);
+  float *scores = malloc(sizeof(float) * R * n_head * L);
+  int rc = -1;
+  if (!h || !qkv || !att || !f || !scores) goto done;
+  for (int64_t r = 0; r < R; r++) layer_norm(x + r * C, C, b->ln1_w, b->ln1_b, b->eps, h + r * C);
+  if ((rc = linear(&b->qkv, h, R, qkv, threads))) goto done;
+  for (int64_t r = 0; r < R; r++)
+    for (int64_t j = 0; j < n_head; j++) {
+      int64_t at = r * row_stride + j * max_len * hs + pos * hs;
+      for (int64_t d = 0; d < hs; d++) {
+        kc[at + d] = qkv[r * 3 * C + C + j * hs + d];
+        vc[at + d] = qkv[r * 3 * C + 2 * C + j * hs + d];
+      }
+    }
+  float scale = 1.f / sqrtf((float)hs);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads)
+#endif
+  for (int64_t i = 0; i < R * n_head; i++) {
+    int64_t r = i / n_head, j = i % n_head, at = r * row_stride + j * max_len * hs;
+    attend(qkv + r * 3 * C + j * hs, kc + at, vc + at, L, hs, scale, scores + i * L,
+           att + r * C + j * hs);
+  }
+  if ((rc = linear(&b->proj, att, R, h, threads))) goto done;
+  for (int64_t i = 0; i < R * C; i++) x[i] += h[i];
+  for (int64_t r = 0; r < R; r++) layer_norm(x + r * C, C, b->ln2_w, b->ln2_b, b->eps, h + r * C);
+  if ((rc = linear(&b->fc, h, R, f, threads))) goto done;
+  gelu_tanh(f, R * F);
+  if ((rc = linear(&b->out, f, R, h, threads))) goto done;
+  for (int64_t i = 0; i < R * C; i++) x[i] += h[i];
+done:
+  free(h); free(qkv); free(att); free(f); free(scores);
+  return rc;
+}

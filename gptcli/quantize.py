@@ -34,6 +34,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from . import native_step
 from .config import KERNEL_ENV
 from .errors import UserError
 from .kernel_layer import KernelLinear
@@ -114,19 +115,20 @@ TRACED = {"float": "linear", "half": "bf16-linear", "int8": "int8-bf16", "int4":
 
 def forced_kernel(kernel: str | None, modes: set[str]) -> str | None:
     """The kernel ``--kernel`` (else ``$GPTCLI_KERNEL``) forces, checked against the modes the
-    model's layers are in; None or "auto": choose by measurement; "inductor": see TRACED."""
+    model's layers are in; None or "auto": choose by measurement; "inductor": see TRACED;
+    "fused": the blocks' decode steps in C (``native_step.py``)."""
     name = kernel or os.environ.get(KERNEL_ENV) or None
-    if name in (None, "auto", "inductor"):
+    if name in (None, "auto", "inductor", "fused"):
         return None if name == "auto" else name
     allowed = [k.name for mode in sorted(modes) for k in candidates(mode)]
     if name not in KERNELS:
         raise UserError(f"unknown kernel {name!r}; for this model choose one of: "
-                        f"{', '.join(allowed)} (or auto, or inductor with --compile)")
+                        f"{', '.join(allowed)} (or auto, fused, or inductor with --compile)")
     if name not in allowed:
         mode = KERNELS[name].mode
         flag = "no --quantize" if mode == "float" else f"--quantize {mode}"
         raise UserError(f"kernel {name} is for {flag}; for this model choose one of: "
-                        f"{', '.join(allowed)} (or auto)")
+                        f"{', '.join(allowed)} (or auto, or fused)")
     return name
 
 
@@ -209,8 +211,8 @@ def prepare(model: nn.Module, quantize: str | None = None, *, kernel: str | None
         for name, (mode, storage) in layers.items():
             groups[mode, _shape(storage)].append(name)
         for (mode, _), names in groups.items():
-            own = TRACED[mode] if forced == "inductor" else \
-                forced if forced and KERNELS[forced].mode == mode else None
+            own = TRACED[mode] if forced == "inductor" else forced if \
+                forced in KERNELS and KERNELS[forced].mode == mode else None
             _choose_for([built[n] for n in names], [layers[n][1] for n in names], mode, rows,
                         model.ln_f.weight.dtype, own, total)
             for n in names:
@@ -222,6 +224,12 @@ def prepare(model: nn.Module, quantize: str | None = None, *, kernel: str | None
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     _lookups(model)
+    if device.type == "cpu":
+        try:
+            native_step.attach(model, rows, {n: s for n, (_, s) in layers.items()}, forced)
+        except RuntimeError as e:  # only where --kernel fused was asked for
+            raise UserError(f"kernel fused does not run here ({e}); leave out --kernel "
+                            "fused") from None
 
 
 def _choose_for(layers: list[KernelLinear], storages: list[dict], mode: str,

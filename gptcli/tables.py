@@ -21,7 +21,8 @@ def _kernel_row(k: dict) -> tuple[str, str]:
     label = f"kernel {k['shape'][0]}x{k['shape'][1]}" + (f", {k['rows']} rows"
                                                          if k["rows"] > 1 else "")
     how = {"forced": "forced", "cached": "cached",
-           "inductor": "traced: a compiled step runs inductor's products"}.get(k["source"],
+           "inductor": "traced: a compiled step runs inductor's products",
+           "fused": "run by the C blocks"}.get(k["source"],
                                                                               "measured")
     if k.get("load") is not None:
         how += f" at load {k['load']:.1f}"
@@ -33,6 +34,16 @@ def _kernel_row(k: dict) -> tuple[str, str]:
     if k.get("skipped"):
         text += "; not run: " + ", ".join(k["skipped"])
     return label, text
+
+
+def _blocks_row(b: dict) -> str:
+    """How a decoded token's blocks run: one C call each, or the model's own (native_step.py)."""
+    what = "each block one C call (native_step)" if b["fused"] else "the model's own blocks"
+    if b.get("forced") or b.get("why"):
+        return what + f" ({b.get('why') or 'forced'})"
+    us = b.get("us", {})
+    return what + (f" (measured; µs per block: C {us['fused']:,.0f}, the model's "
+                   f"{us['layers']:,.0f})" if {"fused", "layers"} <= set(us) else "")
 
 
 def render_bench(result: dict, console) -> None:
@@ -61,6 +72,8 @@ def render_bench(result: dict, console) -> None:
         table.add_section()
         for k in result["kernels"]:
             table.add_row(*_kernel_row(k))
+    if b := result.get("blocks"):
+        table.add_row("decode steps", _blocks_row(b))
     if t := result.get("train"):
         table.add_section()
         table.add_row("train step", _spread_ms(t["step_time_s"]))

@@ -100,11 +100,8 @@ def lookup(entries: list[dict], key: dict, allowed: list[Kernel],
         us = e.get("us")
         if e.get("key") != key or e.get("kernel") not in names or not isinstance(us, dict):
             continue
-        if not all(isinstance(v, (int, float)) and v > 0 for v in us.values()):
-            continue
-        then = e.get("load")
-        if isinstance(then, (int, float)) and load is not None and \
-                then >= (os.cpu_count() or 1) and load < then - 1:
+        if not all(isinstance(v, (int, float)) and v > 0 for v in us.values()) or \
+                saturated(e, load):
             continue
         skipped = e.get("skipped") if isinstance(e.get("skipped"), dict) else {}
         when = {k: e[k] for k in ("measured_at", "load") if k in e}
@@ -112,11 +109,32 @@ def lookup(entries: list[dict], key: dict, allowed: list[Kernel],
     return None
 
 
+def saturated(entry: dict, load: float | None) -> bool:
+    """Whether ``entry`` was measured on a saturated machine that is now quieter (see
+    ``lookup``)."""
+    then = entry.get("load")
+    return isinstance(then, (int, float)) and load is not None and \
+        then >= (os.cpu_count() or 1) and load < then - 1
+
+
+def find(entries: list[dict], key: dict, fields: tuple[str, ...],
+         load: float | None = None) -> dict | None:
+    """The entry for ``key`` that holds ``fields`` (another measurement than the kernels':
+    ``native_step.py``'s), or None; one measured on a saturated machine counts as absent as in
+    ``lookup``."""
+    return next((e for e in entries if e.get("key") == key and all(f in e for f in fields)
+                 and not saturated(e, load)), None)
+
+
 def remember(key: dict, choice: Choice) -> None:
+    store(key, choice.as_dict())
+
+
+def store(key: dict, record: dict) -> None:
     """Add (or replace) the entry for ``key``; written atomically. A store that cannot be
     written only costs measuring again next time."""
     entries = [e for e in read_cache() if e.get("key") != key]
-    entries.append({"key": key, **choice.as_dict()})
+    entries.append({"key": key, **record})
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

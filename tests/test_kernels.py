@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptcli import tuning
+from gptcli import native_step, tuning
 from gptcli.cli import app
 from gptcli.config import KERNEL_ENV
 from gptcli.errors import UserError
@@ -24,6 +24,14 @@ from conftest import randomize_, tiny_config
 from test_sampling import full_recompute, greedy
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def models_own_blocks(monkeypatch):
+    """The kernels' choices as the tuner made them: the C blocks, which run the native kernel
+    in every block where they measure faster, measure slower here (test_native_step.py tests
+    them, and what they do to these choices)."""
+    monkeypatch.setattr(native_step, "_time_blocks", lambda *args: (1.0, 2.0))
 
 
 def packed(kernel, storage, rows=1):
@@ -239,7 +247,8 @@ def test_generate_chooses_kernels_for_its_batch(char_checkpoint, monkeypatch):
 
 
 def cache_entries():
-    return json.loads(tuning.cache_path().read_text())["entries"]
+    """The kernels' entries (the file also holds native_step's choices: test_native_step.py)."""
+    return [e for e in json.loads(tuning.cache_path().read_text())["entries"] if "kernel" in e]
 
 
 def test_a_corrupt_or_foreign_cache_entry_is_ignored_and_remeasured(monkeypatch):
@@ -350,11 +359,25 @@ def test_bench_shows_the_choice_and_refuses_an_unknown_kernel():
     assert out["cpu"] and isinstance(out["isa_flags"], list)
     shapes = {tuple(k["shape"]) for k in out["kernels"]}
     assert (128, 50257) in shapes and all(k["kernel"] in k["us"] for k in out["kernels"])
-    assert all(k["us"][k["kernel"]] <= (1 + tuning.SLACK) * min(k["us"].values())
-               for k in out["kernels"])
+    # each the fastest measured, but for the blocks' products where their steps run in C
+    # (native_step.py): those run its kernel
+    fused = out["blocks"]["fused"]
+    assert set(out["blocks"]["us"]) == {"fused", "layers"}
+    assert fused == (out["blocks"]["us"]["fused"] < out["blocks"]["us"]["layers"])
+    for k in out["kernels"]:
+        if k["source"] == "fused":
+            assert fused and k["kernel"] == "int8-native" and k["shape"][1] != 50257
+        else:
+            assert k["us"][k["kernel"]] <= (1 + tuning.SLACK) * min(k["us"].values())
     table = runner.invoke(app, args + ["--kernel", "int8-intmm2"])
     assert table.exit_code == 0, table.output
     assert "int8-intmm2 (forced; int8, 4 layers)" in " ".join(table.stdout.split())
+    assert "the model's own blocks (forced)" in " ".join(table.stdout.split())
+    table = runner.invoke(app, args + ["--kernel", "fused"])
+    assert table.exit_code == 0, table.output
+    text = " ".join(table.stdout.split())
+    assert "each block one C call (native_step) (forced)" in text
+    assert "int8-native (run by the C blocks; int8, 2 layers)" in text
     bad = runner.invoke(app, args + ["--kernel", "linear"])
     assert bad.exit_code == 2
     assert bad.stderr.strip().startswith("error: kernel linear is for no --quantize; for this "

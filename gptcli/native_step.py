@@ -1,0 +1,268 @@
+"""A decoded token's blocks in C: one call per block (``native.c``'s ``gptcli_block``), chosen
+by measurement like the kernels.
+
+At batch 1 a GPT-2 block is four products and ~90 small operations around them (norms, the
+cache write, attention over the cache, GELU, residuals, views), each a trip through Python and
+torch's dispatcher; on a fast CPU those cost as much as the products themselves once the products
+read their weights at memory speed. ``BlockStep`` runs each block's decode step as one C call
+over the same weights (the mode's native kernel: ``native``, ``bf16-native``, ``int8-native``,
+``int4-native``) and the same KV cache; the embedding, the final norm and the output matrix
+stay with the model's own modules and kernels. It takes one-token steps of rows at one position
+(``native.ROWS_MAX`` at most); every other call (prompts, rows at different positions, another
+device) goes to the model as before.
+
+``attach`` (the end of ``quantize.prepare``) times a run of the model's own blocks against
+``gptcli_block`` on the same inputs, alternating, for each batch size the model is prepared for,
+and gives the model a ``decode_step`` (which the decode engine calls instead of the model) only
+where the C blocks were faster; the choice is cached with the kernels' (``tuning.py``).
+``--kernel fused`` forces it; any other forced kernel leaves the blocks to the model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import time
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from . import hardware, native, tuning
+from .kernel_layer import KernelLinear
+from .kernels import KERNELS
+from .kv_cache import KVCache
+
+NATIVE = {"float": "native", "half": "bf16-native", "int8": "int8-native", "int4": "int4-native"}
+KIND = {"native": 0, "bf16-native": 1, "int8-native": 2, "int4-native": 3}
+BYTES = {"float": 4, "half": 2, "int8": 1, "int4": 0.5}  # a weight's, in each mode
+PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+POSITION = 64  # where the measured steps decode: after this many cached positions
+ROUNDS = 3
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("low", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("N", ctypes.c_int64),
+                ("K", ctypes.c_int64)]
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [("ln1_w", ctypes.c_void_p), ("ln1_b", ctypes.c_void_p),
+                ("ln2_w", ctypes.c_void_p), ("ln2_b", ctypes.c_void_p), ("eps", ctypes.c_float),
+                ("qkv", _Linear), ("proj", _Linear), ("fc", _Linear), ("out", _Linear)]
+
+
+_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+         ctypes.c_int]
+
+
+def why_not(model: nn.Module) -> str | None:
+    """None where ``model``'s blocks can run in C, else why not."""
+    cfg = model.config
+    if model.device.type != "cpu" or model.dtype is not torch.float32:
+        return "the C blocks run float32 activations on a CPU"
+    if cfg.norm != "layernorm" or cfg.position == "rope":
+        return "the C blocks do GPT-2's maths: layer norm, no rotary positions"
+    for block in model.h:
+        for name in PROJECTIONS:
+            layer = block.get_submodule(name)
+            if not isinstance(layer, KernelLinear) or layer.mode not in NATIVE:
+                return "the C blocks run prepared layers only"
+    return native.unavailable()
+
+
+def _linear(layer: KernelLinear, held: list) -> _Linear:
+    """The C view of ``layer``'s native layout (its tensors kept alive in ``held``)."""
+    name = NATIVE[layer.mode]
+    if layer.mode == "float":
+        tensors = (layer.w_oi, None, None)
+    elif layer.mode == "half":
+        tensors = (layer.w_bfloat16, None, None)
+    elif layer.mode == "int8":
+        tensors = (layer.qweight, native._f32(layer.scale), None)
+    else:
+        tensors = (layer.n4, layer.s4, layer.m4)
+    w = tensors[0]
+    expect = {"float": (torch.float32, (layer.n_out, layer.n_in)),
+              "half": (torch.bfloat16, (layer.n_out, layer.n_in)),
+              "int8": (torch.int8, (layer.n_out, layer.n_in)),
+              "int4": (torch.uint8, (layer.n_out, layer.n_in // 2))}[layer.mode]
+    native._check(w, *expect)
+    bias = native._f32(layer.bias)
+    if bias is not None:
+        native._check(bias, torch.float32, (layer.n_out,))
+    held.extend(t for t in (*tensors, bias) if t is not None)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    return _Linear(KIND[name], ptr(w), ptr(tensors[1]), ptr(tensors[2]), ptr(bias),
+                   layer.n_out, layer.n_in)
+
+
+def _block(block: nn.Module, held: list) -> _Block:
+    norms = []
+    for ln in (block.ln_1, block.ln_2):
+        w, b = native._f32(ln.weight), native._f32(ln.bias)
+        held.extend(t for t in (w, b) if t is not None)
+        norms += [w.data_ptr(), None if b is None else b.data_ptr()]
+    return _Block(*norms, block.ln_1.eps,
+                  *(_linear(block.get_submodule(n), held) for n in PROJECTIONS))
+
+
+class BlockStep:
+    """The model's one-token step with ``blocks`` (default: all of the model's, whose layers must
+    hold their native layout) run in C; anything else it hands to the model."""
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module] | None = None) -> None:
+        self.model, self.cfg = model, model.config
+        self._held: list[torch.Tensor] = []  # what the structures point into
+        self.blocks = [_block(b, self._held) for b in (model.h if blocks is None else blocks)]
+        self.fn = native.library().gptcli_block
+        self.fn.argtypes, self.fn.restype = _ARGS, ctypes.c_int
+
+    def run(self, i: int, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
+        """Block ``i`` on ``x`` (R, C) float32 contiguous, in place; its keys and values (R, nh,
+        max_len, hs), each row's contiguous, written at ``pos``."""
+        cfg = self.cfg
+        if self.fn(ctypes.byref(self.blocks[i]), x.data_ptr(), x.size(0), cfg.n_embd,
+                   cfg.n_head, pos, k.data_ptr(), v.data_ptr(), k.stride(0), k.size(2),
+                   torch.get_num_threads()):
+            raise MemoryError("gptcli's C block ran out of memory")
+
+    def _fits(self, idx: torch.Tensor, kv_cache: KVCache | None, start_pos, kwargs) -> bool:
+        if set(kwargs) - {"last_only"} or kv_cache is None or kv_cache.static or idx.dim() != 2 or \
+                idx.size(1) != 1 or not 0 < idx.size(0) <= native.ROWS_MAX or \
+                isinstance(start_pos, torch.Tensor) or self.model.device.type != "cpu":
+            return False
+        k = kv_cache.k[0]
+        return start_pos < min(kv_cache.max_len, self.cfg.context_length) and \
+            k.dtype is torch.float32 and k.stride()[1:] == (k.size(2) * k.size(3), k.size(3), 1)
+
+    def __call__(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
+                 start_pos: int | torch.Tensor = 0, **kwargs) -> torch.Tensor:
+        """The model's forward (one position: ``last_only`` changes nothing)."""
+        if not self._fits(idx, kv_cache, start_pos, kwargs):
+            return self.model(idx, kv_cache=kv_cache, start_pos=start_pos, **kwargs)
+        model = self.model
+        x = model.wte(idx[:, 0]).to(torch.float32)  # (R, C)
+        if self.cfg.position == "learned":
+            x = x + model.wpe.weight[start_pos]
+        else:
+            from .model import sinusoidal_positions
+            x = x + sinusoidal_positions(torch.tensor([start_pos]), self.cfg.n_embd)
+        x = x.contiguous()
+        for i in range(len(self.blocks)):
+            self.run(i, x, kv_cache.k[i], kv_cache.v[i], start_pos)
+        return model.lm_head(model.ln_f(x)).unsqueeze(1)  # (R, 1, V)
+
+
+# ----------------------------------------------------------------------------- choosing
+
+def _time_blocks(model: nn.Module, step: BlockStep, count: int, rows: int) -> tuple[float, float]:
+    """Microseconds per block of the model's first ``count`` blocks, then of ``step``'s, on the
+    same inputs (``ROUNDS`` alternating rounds, the fastest of each)."""
+    cfg, gen = model.config, torch.Generator().manual_seed(0)
+    cache = KVCache.for_model(cfg, rows, max_len=POSITION + 1)
+    for t in (*cache.k, *cache.v):
+        t.copy_(torch.randn(t.shape, generator=gen))
+    x = torch.randn(rows, cfg.n_embd, generator=gen)
+    best = [math.inf, math.inf]
+    with torch.inference_mode():
+        for _ in range(ROUNDS):
+            t0 = time.perf_counter()
+            h = x[:, None]
+            for block in model.h[:count]:
+                h = block(h, kv_cache=cache, start_pos=POSITION)[0]
+            best[0] = min(best[0], time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            h = x.clone()
+            for i in range(count):
+                step.run(i, h, cache.k[i], cache.v[i], POSITION)
+            best[1] = min(best[1], time.perf_counter() - t0)
+    return best[0] / count * 1e6, best[1] / count * 1e6
+
+
+def _measured_blocks(model: nn.Module) -> int:
+    """How many blocks to time: enough that their weights do not fit in the last-level cache
+    twice over (so they are read from memory, as in decoding), at most all of them."""
+    per_block = sum(layer.n_in * layer.n_out * BYTES[layer.mode] for layer in
+                    (model.h[0].get_submodule(n) for n in PROJECTIONS))
+    cache = hardware.cpu_cache_bytes() or 32 * 2 ** 20
+    return max(1, min(len(model.h), math.ceil(2 * cache / per_block)))
+
+
+def attach(model: nn.Module, rows: tuple[int, ...], storages: dict[str, dict],
+           forced: str | None) -> None:
+    """Give ``model`` a ``decode_step`` running its blocks in C where that measured faster (or
+    ``forced`` is "fused"); see the module docstring. ``storages``: each layer's storage by
+    module path, to pack the native layouts from."""
+    if forced not in (None, "fused"):
+        model.fused_choice = {"fused": False, "forced": True}  # another kernel, as asked
+        return
+    why = why_not(model)
+    if why is not None:
+        if forced == "fused":
+            raise RuntimeError(why)
+        model.fused_choice = {"fused": False, "why": why}
+        return
+    mode, threads = model.h[0].attn.c_attn.mode, torch.get_num_threads()
+    rows = tuple(m for m in dict.fromkeys(rows) if m <= native.ROWS_MAX)
+    layers = {f"h.{i}.{n}": b.get_submodule(n) for i, b in enumerate(model.h) for n in PROJECTIONS}
+    if any(name not in storages for name in layers):  # (prepared before: not measured again)
+        return
+    if forced is None:
+        if not rows:
+            return
+        cfg = model.config
+        key = {**tuning.machine(), "step": "fused", "mode": mode, "rows": list(rows),
+               "shape": [cfg.n_layer, cfg.n_embd, cfg.n_head], "bias": cfg.bias,
+               "layers": sorted({k.name for m in layers.values() for k in m.kernels.values()})}
+        entry = tuning.find(tuning.read_cache(), key, ("fused", "us"), tuning.current_load())
+        if entry is not None and not (isinstance(entry["fused"], bool) and
+                                      isinstance(entry["us"], dict)):
+            entry = None  # not what we write: measured again
+        if entry is None:
+            count = _measured_blocks(model)
+            own = [_native_copy(b, threads, storages, i) for i, b in
+                   enumerate(model.h[:count])]
+            step = BlockStep(model, own)
+            us = {"layers": 0.0, "fused": 0.0}
+            for m in rows:
+                plain, fused = _time_blocks(model, step, count, m)
+                us["layers"] += plain
+                us["fused"] += fused
+            entry = {"fused": us["fused"] < us["layers"], "us": {k: round(v, 1)
+                                                                for k, v in us.items()},
+                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     "load": tuning.current_load()}
+            tuning.store(key, entry)
+        model.fused_choice = {k: entry[k] for k in ("fused", "us") if k in entry}
+        if not entry["fused"]:
+            return
+    else:
+        model.fused_choice = {"fused": True, "forced": True}
+    for name, layer in layers.items():
+        kernel = KERNELS[NATIVE[layer.mode]]
+        if any(k is not kernel for k in layer.kernels.values()):
+            layer.use({m: kernel for m in layer.kernels}, threads, storages[name])
+        layer.choices = {m: replace(c, kernel=kernel, source="fused")
+                         for m, c in getattr(layer, "choices", {}).items()}
+    model.decode_step = BlockStep(model)
+
+
+def _native_copy(block: nn.Module, threads: int, storages: dict, i: int) -> nn.Module:
+    """A stand-in for ``block`` whose projections hold their native layout (for timing)."""
+    stand_in = nn.Module()
+    stand_in.ln_1, stand_in.ln_2 = block.ln_1, block.ln_2
+    for n in PROJECTIONS:
+        layer, kernel = block.get_submodule(n), KERNELS[NATIVE[block.get_submodule(n).mode]]
+        if all(k is kernel for k in layer.kernels.values()):
+            copy = layer
+        else:
+            copy = KernelLinear.from_storage(layer.mode, storages[f"h.{i}.{n}"])
+            copy.use({1: kernel}, threads, storages[f"h.{i}.{n}"])
+        parent, _, child = n.rpartition(".")
+        if not hasattr(stand_in, parent):
+            setattr(stand_in, parent, nn.Module())
+        setattr(stand_in.get_submodule(parent), child, copy)
+    return stand_in

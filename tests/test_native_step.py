@@ -1,0 +1,215 @@
+"""A decoded token's blocks in C (native_step.py, native.c's gptcli_block): the same logits as
+the model's own blocks and as recomputing the whole sequence, in every mode and for several
+rows; prompts and rows at different positions left to the model; chosen by measurement and
+cached, forced with --kernel fused, refused with one sentence where it cannot run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gptcli import native, native_step, tuning
+from gptcli.cli import app
+from gptcli.config import SampleConfig
+from gptcli.decode import Engine
+from gptcli.errors import UserError
+from gptcli.kv_cache import KVCache
+from gptcli.kernel_layer import KernelLinear
+from gptcli.model import GPT
+from gptcli.quantize import prepare
+
+from conftest import randomize_, tiny_config
+from test_kernels import fake_timings, model_in
+
+runner = CliRunner()
+# relative error of the blocks' output against the model's own blocks on the same cache (the C
+# blocks' float32 maths, exp and GELU, differ from torch's in the last bits; int8 and int4 round
+# activations to 15 bits, where a last-bit difference can move one step), and of a step's
+# logits against the model recomputing the whole sequence (prompts run torch's products, the
+# output matrix its kernel, which may round activations to 16 bits: the modes' kernel bounds)
+OWN = {None: 2e-6, "half": 2e-6, "int8": 5e-5, "int4": 5e-5}
+FULL = {None: 2e-5, "half": 5e-3, "int8": 5e-3, "int4": 5e-3}
+
+
+def fused_model(mode, seed=1):
+    model = model_in(mode or "float", seed)
+    prepare(model, mode, kernel="fused", rows=(1, 3))
+    assert isinstance(model.decode_step, native_step.BlockStep)
+    return model
+
+
+def relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("mode", [None, "half", "int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_c_step_equals_the_models_blocks_on_the_same_cache(mode, rows):
+    """One token after a prompt, from two copies of one cache: the blocks' output (the output
+    matrix left out) and the keys and values written, within OWN."""
+    model = fused_model(mode)
+    g = torch.Generator().manual_seed(rows)
+    prompt = torch.randint(0, model.config.vocab_size, (rows, 6), generator=g)
+    token = torch.randint(0, model.config.vocab_size, (rows, 1), generator=g)
+    model.lm_head = torch.nn.Identity()
+    caches = [KVCache.for_model(model.config, rows) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(prompt, kv_cache=cache)
+        own = model(token, kv_cache=caches[0], start_pos=6)
+        got = model.decode_step(token, kv_cache=caches[1], start_pos=6)
+    assert got.shape == own.shape == (rows, 1, model.config.n_embd)
+    assert relative(got, own) <= OWN[mode]
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        assert relative(b[:, :, :7], a[:, :, :7]) <= OWN[mode]
+        assert not b[:, :, 7:].any()  # nothing written past the position
+
+
+@pytest.mark.parametrize("mode", [None, "half", "int8", "int4"])
+def test_fused_decoding_gives_the_models_tokens_and_recomputations_logits(mode):
+    """Three rows decoded greedily through two engines in lockstep, one with its one-token
+    steps in C, one with the model's own blocks: the same tokens, and every C step's logits
+    within FULL of the model on the whole sequence so far."""
+    model = fused_model(mode)
+    prompts = torch.randint(0, model.config.vocab_size, (3, 5),
+                            generator=torch.Generator().manual_seed(0)).tolist()
+    config = SampleConfig(max_new_tokens=12, temperature=0)
+    fused, own = Engine(model, 3), Engine(model, 3, step=model)
+    assert fused.step is model.decode_step
+    for engine in (fused, own):
+        engine.add(prompts, config)
+    for i in range(12):
+        assert fused.pick() == own.pick(), (mode, i)
+        if i:  # (the first logits came from the prompt: the model's own forward in both)
+            with torch.no_grad():
+                full = model(torch.tensor([r.tokens[:-1] for r in fused.rows]))[:, -1]
+            got = torch.stack([r.logits for r in fused.rows])
+            assert relative(got, full) <= FULL[mode], (mode, i)
+        fused.advance()
+        own.advance()
+
+
+def test_prompts_and_rows_at_different_positions_go_to_the_model(monkeypatch):
+    """A request joining rows already decoding (gpt serve) puts them at different positions:
+    that step is the model's; the tokens are those of each row decoded alone."""
+    model = fused_model(None)
+    calls = []
+    run = native_step.BlockStep.run
+    monkeypatch.setattr(native_step.BlockStep, "run",
+                        lambda self, i, x, *a: (calls.append(x.size(0)), run(self, i, x, *a)))
+    config = SampleConfig(max_new_tokens=6, temperature=0)
+    engine = Engine(model, 2)
+    engine.add([[1, 2, 3]], config)
+    out = {0: [], 1: []}
+    for step in range(6):
+        if step == 2:
+            engine.add([[7, 8, 9, 10]], config)  # at position 4, the first row at 5
+        for row, token in enumerate(engine.pick()):
+            out[row].append(token)
+        engine.advance()
+    assert calls and set(calls) == {1}  # only the steps with one row: the others mixed
+    alone = []
+    for prompt, n in (([1, 2, 3], 6), ([7, 8, 9, 10], 4)):
+        engine = Engine(model, 1)
+        engine.add([prompt], SampleConfig(max_new_tokens=n, temperature=0))
+        tokens = []
+        for _ in range(n):
+            tokens += engine.pick()
+            engine.advance()
+        alone.append(tokens)
+    assert out[0] == alone[0] and out[1] == alone[1]
+
+
+def fused_entries():
+    return [e for e in json.loads(tuning.cache_path().read_text())["entries"]
+            if e["key"].get("step") == "fused"]
+
+
+def test_the_c_blocks_are_chosen_by_measurement_cached_and_forced(monkeypatch):
+    times, timed = {"layers": 1.0, "fused": 2.0}, []
+
+    def fake(model, step, count, rows):
+        timed.append(rows)
+        return times["layers"], times["fused"]
+    monkeypatch.setattr(native_step, "_time_blocks", fake)
+    model = model_in("int8")
+    prepare(model, "int8", rows=(1, 4))
+    assert not hasattr(model, "decode_step") and timed == [1, 4]
+    assert model.fused_choice == {"fused": False, "us": {"layers": 2.0, "fused": 4.0}}
+    (entry,) = fused_entries()
+    assert entry["fused"] is False and entry["key"]["rows"] == [1, 4]
+    timed.clear()
+    prepare(model_in("int8"), "int8", rows=(1, 4))  # cached: not measured again
+    assert timed == []
+    # an entry that is not what gptcli writes is measured again
+    data = json.loads(tuning.cache_path().read_text())
+    for e in data["entries"]:
+        if e["key"].get("step") == "fused":
+            e["fused"] = "yes"
+    tuning.cache_path().write_text(json.dumps(data))
+    times.update(layers=3.0, fused=1.0)
+    model = model_in("int8")
+    prepare(model, "int8", rows=(1, 4))
+    assert timed == [1, 4] and isinstance(model.decode_step, native_step.BlockStep)
+    assert fused_entries()[0]["fused"] is True
+    # forced: used even where measured slower; another forced kernel leaves the blocks alone
+    times.update(layers=1.0, fused=9.0)
+    tuning.cache_path().unlink()
+    model = model_in("int8")
+    prepare(model, "int8", kernel="fused")
+    assert isinstance(model.decode_step, native_step.BlockStep) and model.fused_choice == {
+        "fused": True, "forced": True}
+    model = model_in("int8")
+    prepare(model, "int8", kernel="int8-bf16")
+    assert not hasattr(model, "decode_step") and model.fused_choice == {"fused": False,
+                                                                        "forced": True}
+
+
+def test_the_blocks_layers_keep_only_the_native_layout_once_fused(monkeypatch):
+    """Chosen per layer first (here: addmm, the (in, out) layout), then switched to the native
+    kernel's (out, in) one: the earlier layout is dropped, not kept beside it."""
+    measure, _ = fake_timings({"addmm": 1.0, "linear": 5.0, "chunked": 5.0,
+                               "chunked-rows": 5.0, "mkldnn": 5.0, "mkldnn-batch": 5.0,
+                               "native": 5.0})
+    monkeypatch.setattr(tuning, "measure", measure)
+    monkeypatch.setattr(native_step, "_time_blocks", lambda *a: (2.0, 1.0))
+    model = model_in("float")
+    prepare(model, None)
+    layer = model.h[0].mlp.c_fc
+    assert isinstance(layer, KernelLinear) and layer.kernel.name == "native"
+    assert hasattr(layer, "w_oi") and not hasattr(layer, "w_io")
+    assert model.lm_head.kernel.name == "addmm"  # (the output matrix is not a block's)
+    # two kernels of one layout (linear, native: both W (out, in)) switched to one of them
+    measure, _ = fake_timings({1: {"linear": 1.0, "native": 5.0}, 4: {"linear": 5.0,
+                                                                       "native": 1.0}})
+    monkeypatch.setattr(tuning, "measure", measure)
+    model = model_in("float", seed=2)
+    prepare(model, None, rows=(1, 4))
+    layer = model.h[0].mlp.c_fc
+    assert {m: k.name for m, k in layer.kernels.items()} == {1: "native", 4: "native"}
+    assert layer.w_oi.shape == (layer.n_out, layer.n_in)
+
+
+def test_kernel_fused_is_refused_in_one_sentence_where_it_cannot_run(monkeypatch,
+                                                                      char_checkpoint):
+    rope = randomize_(GPT(tiny_config(position="rope", n_head=4))).eval()
+    with pytest.raises(UserError, match="kernel fused does not run here .*rotary"):
+        prepare(rope, "int8", kernel="fused")
+    rope = randomize_(GPT(tiny_config(position="rope", n_head=4))).eval()
+    prepare(rope, "int8")  # not forced: the model's own blocks, quietly (bench says why)
+    assert not hasattr(rope, "decode_step") and "rotary" in rope.fused_choice["why"]
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    model = model_in("float")
+    prepare(model, None)
+    assert not hasattr(model, "decode_step")
+    result = runner.invoke(app, ["generate", "--model", str(char_checkpoint), "--prompt", "a",
+                                 "--max-new-tokens", "3", "--kernel", "fused"])
+    assert result.exit_code == 2, result.output
+    assert "kernel fused does not run here (gptcli's C kernels could not be built" in \
+        result.stderr
+    assert "Traceback" not in result.output
