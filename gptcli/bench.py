@@ -286,7 +286,7 @@ def run(load: LoadConfig, s: BenchConfig,
             # the inference layout `gpt generate` loads models with, its kernels chosen for
             # the batch sizes timed here
             prepare(model, load.quantize, kernel=load.kernel,
-                    rows=(1, s.batch_size) if batch_given else (1,))
+                    rows=(1, s.batch_size) if batch_given else (1,), steps=not load.compile)
             if device.type == "cpu":
                 result.update(cpu=hardware.cpu_model(), isa_flags=hardware.isa_flags(),
                               kernels=kernel_report(model), kernel_cache=str(cache_path()),

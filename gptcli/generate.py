@@ -190,12 +190,13 @@ def load_generator(model_name: str | None, *, device: str = "auto", dtype: str =
 
     rows = (1, batch)
     model, tokenizer, path = load_model(model_name, device=device, dtype=dtype,
-                                        quantize=quantize, kernel=kernel, rows=rows)
+                                        quantize=quantize, kernel=kernel, rows=rows,
+                                        steps=not compile)  # (a compiled step is its own)
     loaded = Loaded(model, tokenizer, path, compile_step(model) if compile else None)
     if draft_model is not None:
         small, small_tokenizer, small_path = load_model(draft_model, device=device, dtype=dtype,
                                                         quantize=quantize, kernel=kernel,
-                                                        rows=rows)
+                                                        rows=rows, steps=not compile)
         if small_tokenizer.spec() != tokenizer.spec():
             names = (display_name(small_path), display_name(path))
             differ = f"the {small_tokenizer.name} tokenizer and the model {names[1]} the " \

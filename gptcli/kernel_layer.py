@@ -83,27 +83,25 @@ class KernelLinear(nn.Module):
                    **{k: storage[k] for k in STORED.get(mode, ())})
 
     def use(self, chosen: dict[int, Kernel], threads: int, storage: dict) -> None:
-        """Run ``chosen[rows]`` (other row counts: ``for_rows``), packing their layout."""
+        """Run ``chosen[rows]`` (other row counts: ``for_rows``), packing their layout; an
+        earlier choice's layouts go (their memory with them). Packed first: a kernel that fails
+        to pack leaves the layer as it was."""
+        packed: dict = {}
+        size = 0  # bytes a product reads outside tensors
+        for kernel in {k.name: k for k in chosen.values()}.values():
+            layout = dict(kernel.pack(storage, threads))
+            size += layout.pop("packed_bytes", 0)
+            packed.update(layout)  # (kernels may share a layout's name)
+        for name in dict.fromkeys(self._packed):
+            delattr(self, name)
         self.kernels = dict(chosen)
         self.kernel = next(iter(chosen.values()))
-        self.packed_bytes = 0
-        for name in dict.fromkeys(self._packed):  # an earlier choice's layouts go (their
-            delattr(self, name)  # memory with them; two kernels may share a layout's name)
-        self._packed = []
-        done: set[str] = set()
-        for kernel in chosen.values():
-            if kernel.name in done:
-                continue
-            done.add(kernel.name)
-            for name, value in kernel.pack(storage, threads).items():
-                if name == "packed_bytes":  # the size of what a packed object holds
-                    self.packed_bytes += value
-                    continue
-                if isinstance(value, torch.Tensor) or value is None:
-                    self.register_buffer(name, value, persistent=False)
-                else:
-                    setattr(self, name, value)
-                self._packed.append(name)
+        self.packed_bytes, self._packed = size, list(packed)
+        for name, value in packed.items():
+            if isinstance(value, torch.Tensor) or value is None:
+                self.register_buffer(name, value, persistent=False)
+            else:
+                setattr(self, name, value)
 
     def __setstate__(self, state: dict) -> None:  # a copy (deepcopy) is a layer of its own
         super().__setstate__(state)

@@ -97,12 +97,13 @@ def _elsewhere(downloads: bool = True) -> str:
 
 def load_model(name: str | os.PathLike | None, *, device: str = "auto", dtype: str | None = None,
                quantize: str | None = None, kernel: str | None = None,
-               rows: tuple[int, ...] = (1,)) -> tuple[GPT, Tokenizer, Path]:
+               rows: tuple[int, ...] = (1,), steps: bool = True) -> tuple[GPT, Tokenizer, Path]:
     """What every command that uses a model for inference does first: find it
     (``resolve_model``), check it (weights finite too), put it on the device (in ``dtype`` if
     given) and give it its inference layout (``quantize.prepare``, int8 when asked or when the
     checkpoint is int8; ``kernel`` forces a kernel, ``rows``: the batch sizes kernels are
-    chosen for). Returns (model, tokenizer, path)."""
+    chosen for, ``steps``: C decode steps where faster, off for a compiled step). Returns
+    (model, tokenizer, path)."""
     path = resolve_model(name)
     dev = resolve_device(device)
     check_scheme(quantize, dev)
@@ -110,7 +111,7 @@ def load_model(name: str | os.PathLike | None, *, device: str = "auto", dtype: s
     model.to(device=dev, dtype=resolve_dtype(dtype, dev) if dtype is not None else None)
     if is_quantized(model):
         check_scheme("int8", dev)
-    prepare(model, quantize, kernel=kernel, rows=rows)
+    prepare(model, quantize, kernel=kernel, rows=rows, steps=steps)
     return model, tokenizer, path
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import hardware, native, tuning
+from .errors import UserError
 from .kernel_layer import KernelLinear
 from .kernels import KERNELS
 from .kv_cache import KVCache
@@ -90,6 +91,10 @@ def _linear(layer: KernelLinear, held: list) -> _Linear:
               "int8": (torch.int8, (layer.n_out, layer.n_in)),
               "int4": (torch.uint8, (layer.n_out, layer.n_in // 2))}[layer.mode]
     native._check(w, *expect)
+    for t in tensors[1:]:  # int8's scales (N,); int4's scales and lows (N, K / 32)
+        if t is not None:
+            native._check(t, torch.float32, (layer.n_out,) if layer.mode == "int8" else
+                          (layer.n_out, layer.n_in // 32))
     bias = native._f32(layer.bias)
     if bias is not None:
         native._check(bias, torch.float32, (layer.n_out,))
@@ -114,16 +119,29 @@ class BlockStep:
     hold their native layout) run in C; anything else it hands to the model."""
 
     def __init__(self, model: nn.Module, blocks: list[nn.Module] | None = None) -> None:
-        self.model, self.cfg = model, model.config
+        self.model, self.cfg, self.modules = model, model.config, blocks
+        self._build()
+
+    def _build(self) -> None:
         self._held: list[torch.Tensor] = []  # what the structures point into
-        self.blocks = [_block(b, self._held) for b in (model.h if blocks is None else blocks)]
+        self.blocks = [_block(b, self._held) for b in (self.model.h if self.modules is None
+                                                       else self.modules)]
         self.fn = native.library().gptcli_block
         self.fn.argtypes, self.fn.restype = _ARGS, ctypes.c_int
+
+    def __getstate__(self) -> dict:  # a copy of the model (deepcopy) points into its own
+        return {"model": self.model, "cfg": self.cfg, "modules": self.modules}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.blocks = None  # built at the first call: the copied model may not be whole yet
 
     def run(self, i: int, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
         """Block ``i`` on ``x`` (R, C) float32 contiguous, in place; its keys and values (R, nh,
         max_len, hs), each row's contiguous, written at ``pos``."""
         cfg = self.cfg
+        if self.blocks is None:
+            self._build()
         if self.fn(ctypes.byref(self.blocks[i]), x.data_ptr(), x.size(0), cfg.n_embd,
                    cfg.n_head, pos, k.data_ptr(), v.data_ptr(), k.stride(0), k.size(2),
                    torch.get_num_threads()):
@@ -134,9 +152,11 @@ class BlockStep:
                 idx.size(1) != 1 or not 0 < idx.size(0) <= native.ROWS_MAX or \
                 isinstance(start_pos, torch.Tensor) or self.model.device.type != "cpu":
             return False
-        k = kv_cache.k[0]
-        return start_pos < min(kv_cache.max_len, self.cfg.context_length) and \
-            k.dtype is torch.float32 and k.stride()[1:] == (k.size(2) * k.size(3), k.size(3), 1)
+        k, v, cfg = kv_cache.k[0], kv_cache.v[0], self.cfg  # (every layer's alike)
+        return start_pos < min(kv_cache.max_len, cfg.context_length) and \
+            k.dtype is v.dtype is torch.float32 and k.device.type == "cpu" and \
+            k.shape == v.shape == (idx.size(0), cfg.n_head, k.size(2), cfg.head_size) and \
+            k.stride() == v.stride() and k.stride()[1:] == (k.size(2) * k.size(3), k.size(3), 1)
 
     def __call__(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
                  start_pos: int | torch.Tensor = 0, **kwargs) -> torch.Tensor:
@@ -151,6 +171,8 @@ class BlockStep:
             from .model import sinusoidal_positions
             x = x + sinusoidal_positions(torch.tensor([start_pos]), self.cfg.n_embd)
         x = x.contiguous()
+        if self.blocks is None:
+            self._build()
         for i in range(len(self.blocks)):
             self.run(i, x, kv_cache.k[i], kv_cache.v[i], start_pos)
         return model.lm_head(model.ln_f(x)).unsqueeze(1)  # (R, 1, V)
@@ -192,61 +214,84 @@ def _measured_blocks(model: nn.Module) -> int:
 
 
 def attach(model: nn.Module, rows: tuple[int, ...], storages: dict[str, dict],
-           forced: str | None) -> None:
+           forced: str | None, steps: bool = True) -> None:
     """Give ``model`` a ``decode_step`` running its blocks in C where that measured faster (or
-    ``forced`` is "fused"); see the module docstring. ``storages``: each layer's storage by
-    module path, to pack the native layouts from."""
+    ``forced`` is "fused"), and say in ``model.fused_choice`` what was chosen and why; see the
+    module docstring. ``storages``: each layer's storage by module path, to pack the native
+    layouts from; ``steps`` False: the decoder compiles the model's own step (none is given).
+    Where the C blocks fail in any way the model's own serve, but for --kernel fused: a
+    UserError."""
+    if hasattr(model, "decode_step"):  # prepared again: chosen again
+        del model.decode_step
+    if forced == "fused" and not steps:
+        raise UserError("--kernel fused runs the decode steps in C, not in a compiled step; "
+                        "leave out --compile or --kernel fused")
+    try:
+        choice = _decide(model, rows, storages, forced, steps)
+        if choice["fused"]:
+            _switch(model, storages)
+    except Exception as e:  # noqa: BLE001 - the model's own blocks serve
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        if forced == "fused":
+            raise UserError(f"kernel fused does not run here ({reason}); leave out --kernel "
+                            "fused") from None
+        choice = {"fused": False, "why": f"the C blocks failed: {reason}"}
+    model.fused_choice = choice
+
+
+def _decide(model: nn.Module, rows: tuple[int, ...], storages: dict[str, dict],
+            forced: str | None, steps: bool) -> dict:
+    """Whether to run the blocks in C, and why: measured (or cached), forced, or not possible."""
+    if not steps:
+        return {"fused": False, "why": "a compiled step"}
     if forced not in (None, "fused"):
-        model.fused_choice = {"fused": False, "forced": True}  # another kernel, as asked
-        return
+        return {"fused": False, "forced": True}  # another kernel, as asked
     why = why_not(model)
+    if why is None and any(f"h.{i}.{n}" not in storages for i in range(len(model.h))
+                           for n in PROJECTIONS):
+        why = "the model was prepared before"
+    if why is None and forced is None and max(rows) > native.ROWS_MAX:
+        why = f"prepared for batches over {native.ROWS_MAX} rows, which the C blocks do not take"
     if why is not None:
         if forced == "fused":
             raise RuntimeError(why)
-        model.fused_choice = {"fused": False, "why": why}
-        return
-    mode, threads = model.h[0].attn.c_attn.mode, torch.get_num_threads()
-    rows = tuple(m for m in dict.fromkeys(rows) if m <= native.ROWS_MAX)
-    layers = {f"h.{i}.{n}": b.get_submodule(n) for i, b in enumerate(model.h) for n in PROJECTIONS}
-    if any(name not in storages for name in layers):  # (prepared before: not measured again)
-        return
-    if forced is None:
-        if not rows:
-            return
-        cfg = model.config
-        key = {**tuning.machine(), "step": "fused", "mode": mode, "rows": list(rows),
-               "shape": [cfg.n_layer, cfg.n_embd, cfg.n_head], "bias": cfg.bias,
-               "layers": sorted({k.name for m in layers.values() for k in m.kernels.values()})}
-        entry = tuning.find(tuning.read_cache(), key, ("fused", "us"), tuning.current_load())
-        if entry is not None and not (isinstance(entry["fused"], bool) and
-                                      isinstance(entry["us"], dict)):
-            entry = None  # not what we write: measured again
-        if entry is None:
-            count = _measured_blocks(model)
-            own = [_native_copy(b, threads, storages, i) for i, b in
-                   enumerate(model.h[:count])]
-            step = BlockStep(model, own)
-            us = {"layers": 0.0, "fused": 0.0}
-            for m in rows:
-                plain, fused = _time_blocks(model, step, count, m)
-                us["layers"] += plain
-                us["fused"] += fused
-            entry = {"fused": us["fused"] < us["layers"], "us": {k: round(v, 1)
-                                                                for k, v in us.items()},
-                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     "load": tuning.current_load()}
-            tuning.store(key, entry)
-        model.fused_choice = {k: entry[k] for k in ("fused", "us") if k in entry}
-        if not entry["fused"]:
-            return
-    else:
-        model.fused_choice = {"fused": True, "forced": True}
-    for name, layer in layers.items():
-        kernel = KERNELS[NATIVE[layer.mode]]
-        if any(k is not kernel for k in layer.kernels.values()):
-            layer.use({m: kernel for m in layer.kernels}, threads, storages[name])
-        layer.choices = {m: replace(c, kernel=kernel, source="fused")
-                         for m, c in getattr(layer, "choices", {}).items()}
+        return {"fused": False, "why": why}
+    if forced == "fused":
+        return {"fused": True, "forced": True}
+    cfg, layers = model.config, [b.get_submodule(n) for b in model.h for n in PROJECTIONS]
+    rows = tuple(dict.fromkeys(rows))
+    key = {**tuning.machine(), "step": "fused", "mode": layers[0].mode, "rows": list(rows),
+           "shape": [cfg.n_layer, cfg.n_embd, cfg.n_head], "bias": cfg.bias,
+           "layers": sorted({k.name for m in layers for k in m.kernels.values()})}
+    entry = tuning.find(tuning.read_cache(), key, ("fused", "us"), tuning.current_load())
+    if entry is None or not (isinstance(entry["fused"], bool) and isinstance(entry["us"], dict)):
+        count = _measured_blocks(model)  # (an entry not as we write it: measured again)
+        threads = torch.get_num_threads()
+        step = BlockStep(model, [_native_copy(b, threads, storages, i)
+                                 for i, b in enumerate(model.h[:count])])
+        us = {"layers": 0.0, "fused": 0.0}
+        for m in rows:
+            plain, fused = _time_blocks(model, step, count, m)
+            us["layers"] += plain
+            us["fused"] += fused
+        entry = {"fused": us["fused"] < us["layers"],
+                 "us": {k: round(v, 1) for k, v in us.items()},
+                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load": tuning.current_load()}
+        tuning.store(key, entry)
+    return {"fused": entry["fused"], "us": entry["us"]}
+
+
+def _switch(model: nn.Module, storages: dict[str, dict]) -> None:
+    """The blocks' layers to their native kernel (at every row count), and the C step on."""
+    threads = torch.get_num_threads()
+    for i, block in enumerate(model.h):
+        for n in PROJECTIONS:
+            layer = block.get_submodule(n)
+            kernel = KERNELS[NATIVE[layer.mode]]
+            if any(k is not kernel for k in layer.kernels.values()):
+                layer.use({m: kernel for m in layer.kernels}, threads, storages[f"h.{i}.{n}"])
+            layer.choices = {m: replace(c, kernel=kernel, source="fused")
+                             for m, c in getattr(layer, "choices", {}).items()}
     model.decode_step = BlockStep(model)
 
 

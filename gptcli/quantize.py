@@ -180,7 +180,7 @@ def _shape(s: dict) -> tuple[int, int]:
 
 
 def prepare(model: nn.Module, quantize: str | None = None, *, kernel: str | None = None,
-            rows: tuple[int, ...] = (1,)) -> None:
+            rows: tuple[int, ...] = (1,), steps: bool = True) -> None:
     """Give ``model`` (a GPT) its inference format and kernels, in place (see the module
     docstring). Kernels are chosen per weight shape for decoding with ``rows`` rows (other
     counts: ``KernelLinear.for_rows``), or forced by ``kernel`` / ``$GPTCLI_KERNEL``. The
@@ -224,12 +224,8 @@ def prepare(model: nn.Module, quantize: str | None = None, *, kernel: str | None
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     _lookups(model)
-    if device.type == "cpu":
-        try:
-            native_step.attach(model, rows, {n: s for n, (_, s) in layers.items()}, forced)
-        except RuntimeError as e:  # only where --kernel fused was asked for
-            raise UserError(f"kernel fused does not run here ({e}); leave out --kernel "
-                            "fused") from None
+    if device.type == "cpu":  # (steps: not for a compiled step, which calls the model)
+        native_step.attach(model, rows, {n: s for n, (_, s) in layers.items()}, forced, steps)
 
 
 def _choose_for(layers: list[KernelLinear], storages: list[dict], mode: str,

@@ -24,7 +24,7 @@ def _kernel_row(k: dict) -> tuple[str, str]:
            "inductor": "traced: a compiled step runs inductor's products",
            "fused": "run by the C blocks"}.get(k["source"],
                                                                               "measured")
-    if k.get("load") is not None:
+    if k.get("load") is not None and k["source"] != "fused":
         how += f" at load {k['load']:.1f}"
     times = ", ".join(f"{name} {us:,.0f}" for name, us in sorted(k["us"].items(),
                                                                   key=lambda kv: kv[1]))

@@ -377,7 +377,11 @@ def test_bench_shows_the_choice_and_refuses_an_unknown_kernel():
     assert table.exit_code == 0, table.output
     text = " ".join(table.stdout.split())
     assert "each block one C call (native_step) (forced)" in text
-    assert "int8-native (run by the C blocks; int8, 2 layers)" in text
+    out = json.loads(runner.invoke(app, args + ["--kernel", "fused", "--json"]).stdout
+                     .strip().splitlines()[-1])
+    assert out["blocks"] == {"fused": True, "forced": True}
+    assert {(k["kernel"], k["source"]) for k in out["kernels"] if k["shape"][1] != 50257} == {
+        ("int8-native", "fused")}
     bad = runner.invoke(app, args + ["--kernel", "linear"])
     assert bad.exit_code == 2
     assert bad.stderr.strip().startswith("error: kernel linear is for no --quantize; for this "

@@ -213,3 +213,80 @@ def test_kernel_fused_is_refused_in_one_sentence_where_it_cannot_run(monkeypatch
     assert "kernel fused does not run here (gptcli's C kernels could not be built" in \
         result.stderr
     assert "Traceback" not in result.output
+
+
+def test_a_copy_of_a_fused_model_decodes_alike_from_its_own_weights():
+    import copy
+
+    model = fused_model("int8")
+    twin = copy.deepcopy(model)
+    assert twin.decode_step.model is twin
+    tokens = []
+    for m in (model, twin):
+        engine = Engine(m, 1)
+        engine.add([[1, 2, 3]], SampleConfig(max_new_tokens=5, temperature=0))
+        out = []
+        for _ in range(5):
+            out += engine.pick()
+            engine.advance()
+        tokens.append(out)
+    assert tokens[0] == tokens[1]
+    twin_block = twin.decode_step.blocks[0]
+    assert twin_block.qkv.w == twin.h[0].attn.c_attn.qweight.data_ptr() != \
+        model.decode_step.blocks[0].qkv.w
+
+
+def test_where_the_c_blocks_are_not_used_the_choice_says_why(monkeypatch):
+    """A compiled step (its own), batches over 8 rows, a failure while measuring: the model's
+    own blocks, and bench's line says why; --kernel fused with --compile is refused."""
+    model = model_in("int8")
+    prepare(model, "int8", rows=(1, 16))
+    assert not hasattr(model, "decode_step")
+    assert "batches over 8 rows" in model.fused_choice["why"]
+    model = model_in("int8")
+    prepare(model, "int8", steps=False)
+    assert not hasattr(model, "decode_step") and model.fused_choice["why"] == "a compiled step"
+    with pytest.raises(UserError, match="--kernel fused runs the decode steps in C, not in a "
+                                        "compiled step"):
+        prepare(model_in("int8"), "int8", kernel="fused", steps=False)
+
+    def broken(*args):
+        raise ValueError("something in the C blocks")
+    monkeypatch.setattr(native_step, "_time_blocks", broken)
+    model = model_in("int8")
+    prepare(model, "int8")
+    assert model.fused_choice == {"fused": False,
+                                  "why": "the C blocks failed: something in the C blocks"}
+    assert not hasattr(model, "decode_step")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+
+
+def test_generate_with_compile_leaves_the_blocks_to_the_compiled_step(char_checkpoint):
+    from gptcli.generate import load_generator
+
+    loaded = load_generator(str(char_checkpoint), device="cpu", compile=True)
+    assert not hasattr(loaded.model, "decode_step")
+    result = runner.invoke(app, ["generate", "--model", str(char_checkpoint), "--prompt", "a",
+                                 "--max-new-tokens", "3", "--kernel", "fused", "--compile"])
+    assert result.exit_code == 2, result.output
+    assert "--kernel fused runs the decode steps in C, not in a compiled step" in result.stderr
+
+
+def test_a_layout_that_fails_to_pack_leaves_the_layer_as_it_was():
+    from dataclasses import replace
+
+    from gptcli.kernels import KERNELS
+    from test_kernels import packed
+
+    weight = torch.randn(16, 8)
+    storage = {"weight": weight, "bias": None}
+    layer = packed(KERNELS["linear"], storage)
+
+    def refuse(storage, threads):
+        raise RuntimeError("cannot pack")
+    with pytest.raises(RuntimeError):
+        layer.use({1: replace(KERNELS["native"], pack=refuse)}, 1, storage)
+    assert layer.kernel.name == "linear"
+    with torch.no_grad():
+        assert torch.allclose(layer(torch.ones(1, 16)), torch.ones(1, 16) @ weight, atol=1e-5)
