@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .config import SampleConfig
 from .model import GPT
 from .sampling import (GREEDY_BELOW, apply_repetition_penalty, filter_min_p, filter_top_k,
-                       filter_top_p, usable)
+                       filter_top_p, sample, usable)
 
 
 @dataclass
@@ -73,7 +73,7 @@ def draw(probs: torch.Tensor, greedy: bool, generator: torch.Generator | None) -
     """One token per row of ``probs`` (B, V), unnormalised weights allowed."""
     if greedy:
         return probs.argmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample(probs, generator)
 
 
 def padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:

@@ -14,7 +14,7 @@ from gptcli.cli import app
 from gptcli.config import SampleConfig
 from gptcli.decode import Engine, decode_loop
 from gptcli.model import GPT
-from gptcli.sampling import next_token
+from gptcli.sampling import next_token, sample
 from gptcli.speculative import Draft, accept, distribution
 from gptcli.tokenizer import GPT2Tokenizer
 
@@ -55,7 +55,7 @@ def test_draws_from_distribution_are_next_tokens_draws(settings):
     assert probs.shape == (64, 40) and torch.allclose(probs.sum(-1), torch.ones(64))
     expected = next_token(logits, config, seen, torch.Generator().manual_seed(1), vocab_size=40)
     got = probs.argmax(-1) if config.temperature == 0 else \
-        torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(1)).squeeze(-1)
+        sample(probs, torch.Generator().manual_seed(1))
     assert torch.equal(got, expected)
 
 
