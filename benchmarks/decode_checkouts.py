@@ -32,7 +32,10 @@ def measure(checkout: Path, home: Path, model: Path, mode: str, threads: int) ->
         cmd += ["--quantize", mode]
     env = dict(os.environ, PYTHONPATH=str(checkout.resolve()), GPTCLI_HOME=str(home),
                OMP_NUM_THREADS=str(threads))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    # run from the checkout: ``python -m`` puts the working folder first on sys.path, ahead of
+    # PYTHONPATH, so run from elsewhere both sides would import the code found there
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True,
+                         cwd=checkout.resolve()).stdout
     result = json.loads(out.strip().splitlines()[-1])
     return {g["batch_size"]: g["decode_tokens_per_s"] for g in result["generate"]}
 
@@ -49,6 +52,12 @@ def main() -> None:
     args = p.parse_args()
     homes = {name: Path(tempfile.mkdtemp(prefix=f"gptcli-{name}-")) for name in ("before", "after")}
     checkouts = {"before": args.before, "after": args.after}
+    for name, checkout in checkouts.items():  # each side really runs its own code
+        found = subprocess.run([sys.executable, "-c", "import gptcli; print(gptcli.__file__)"],
+                               capture_output=True, text=True, check=True, cwd=checkout.resolve(),
+                               env=dict(os.environ, PYTHONPATH=str(checkout.resolve()))).stdout
+        if checkout.resolve() not in Path(found.strip()).resolve().parents:
+            sys.exit(f"{name}: python imports gptcli from {found.strip()}, not {checkout}")
     got: dict = {}
     for r in range(args.rounds):
         for mode in args.modes:

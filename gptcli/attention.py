@@ -179,7 +179,7 @@ def inspect(model_name: str | None, *, text: str | None = None, text_file=None,
 
     text = read_text(text, text_file)
     model, tokenizer, path = load_model(model_name, device=device, dtype=dtype,
-                                        quantize=quantize)
+                                        quantize=quantize, steps=False)  # one forward
     cfg = model.config
     layers = parse_selection(layer, cfg.n_layer, "--layer", "layer")
     heads = parse_selection(head, cfg.n_head, "--head", "head")

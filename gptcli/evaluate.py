@@ -92,7 +92,8 @@ def evaluate_file(load: LoadConfig, cfg: EvalConfig) -> dict:
     """`gpt eval`: loss, perplexity and bits per byte of a model over whole text files, or over
     its own run's validation split when no data is given and the model is a run."""
     model, tokenizer, path = load_model(load.model, device=load.device, dtype=load.dtype,
-                                        quantize=load.quantize, kernel=load.kernel)
+                                        quantize=load.quantize, kernel=load.kernel,
+                                        steps=False)  # whole texts: no decode steps
     limit = model.config.context_length
     if cfg.window is not None and cfg.window > limit:
         raise UserError(f"--window {cfg.window} is longer than the model's context ({limit}); "

@@ -218,14 +218,14 @@ def attach(model: nn.Module, rows: tuple[int, ...], storages: dict[str, dict],
     """Give ``model`` a ``decode_step`` running its blocks in C where that measured faster (or
     ``forced`` is "fused"), and say in ``model.fused_choice`` what was chosen and why; see the
     module docstring. ``storages``: each layer's storage by module path, to pack the native
-    layouts from; ``steps`` False: the decoder compiles the model's own step (none is given).
+    layouts from; ``steps`` False: no decode steps (a compiled step, or whole texts scored).
     Where the C blocks fail in any way the model's own serve, but for --kernel fused: a
     UserError."""
     if hasattr(model, "decode_step"):  # prepared again: chosen again
         del model.decode_step
     if forced == "fused" and not steps:
-        raise UserError("--kernel fused runs the decode steps in C, not in a compiled step; "
-                        "leave out --compile or --kernel fused")
+        raise UserError("--kernel fused runs decode steps in C, which a compiled step "
+                        "(--compile) and whole-text scoring do not take; leave it out")
     try:
         choice = _decide(model, rows, storages, forced, steps)
         if choice["fused"]:
@@ -243,7 +243,8 @@ def _decide(model: nn.Module, rows: tuple[int, ...], storages: dict[str, dict],
             forced: str | None, steps: bool) -> dict:
     """Whether to run the blocks in C, and why: measured (or cached), forced, or not possible."""
     if not steps:
-        return {"fused": False, "why": "a compiled step"}
+        return {"fused": False, "why": "no decode steps asked for (a compiled step, or "
+                                       "whole texts scored)"}
     if forced not in (None, "fused"):
         return {"fused": False, "forced": True}  # another kernel, as asked
     why = why_not(model)

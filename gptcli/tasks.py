@@ -330,7 +330,8 @@ def run_tasks(load, cfg, progress: Callable[[str, int], Callable[..., None]] | N
         items = load_items(task, path)
         data[name] = (items[:cfg.limit] if cfg.limit else items, source)
     model, tokenizer, model_path = load_model(load.model, device=load.device, dtype=load.dtype,
-                                              quantize=load.quantize, kernel=load.kernel)
+                                              quantize=load.quantize, kernel=load.kernel,
+                                              steps=False)  # scored whole: no decode steps
     progress = progress or (lambda label, total: (lambda n=1: None))
     results = []
     for name, (items, source) in data.items():
