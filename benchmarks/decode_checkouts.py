@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    args.model = args.model.resolve()  # (each side runs from its own checkout)
     homes = {name: Path(tempfile.mkdtemp(prefix=f"gptcli-{name}-")) for name in ("before", "after")}
     checkouts = {"before": args.before, "after": args.after}
     for name, checkout in checkouts.items():  # each side really runs its own code

@@ -234,7 +234,7 @@ def quantize_checkpoint(model_name: str | None, out: str | None = None, *,
     model, tokenizer, meta = load_weights(src, finite=True)
     if is_quantized(model):
         raise UserError(f"{src} is already an int8 checkpoint")
-    prepare(model, "int8")
+    prepare(model, "int8", steps=False)  # (saved, not decoded)
     kept = {k: v for k, v in meta.items() if k in PROVENANCE}
     save_checkpoint(target, model, tokenizer, **kept, quantized_from=str(src))
     return {"path": str(target), "source": str(src), "size": target.stat().st_size,

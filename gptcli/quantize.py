@@ -225,6 +225,8 @@ def prepare(model: nn.Module, quantize: str | None = None, *, kernel: str | None
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     _lookups(model)
     if device.type == "cpu":  # (steps: not for a compiled step, which calls the model)
+        if forced == "fused" and not steps and kernel != "fused":
+            forced = None  # $GPTCLI_KERNEL=fused where nothing decodes: nothing to force
         native_step.attach(model, rows, {n: s for n, (_, s) in layers.items()}, forced, steps)
 
 

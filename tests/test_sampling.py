@@ -85,6 +85,9 @@ def test_sample_draws_each_index_as_often_as_its_weight_and_never_a_zero_one():
     edge = torch.tensor([[0.0, 0.0, 1e-30], [1.0, 0.0, 0.0]]).repeat(500, 1)
     got = sample(edge, torch.Generator().manual_seed(1)).view(500, 2)
     assert (got[:, 0] == 2).all() and (got[:, 1] == 0).all()
+    for bad in ([0.0, 0.0], [1.0, float("nan")], [1.0, float("inf")]):  # as multinomial: refused
+        with pytest.raises(ValueError, match="positive, finite sum"):
+            sample(torch.tensor([[1.0, 1.0], bad]), torch.Generator().manual_seed(0))
 
 
 def test_top_k_and_top_p_on_hand_made_logits():
