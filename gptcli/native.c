@@ -436,16 +436,7 @@ static void attend(const float *q, const float *k, const float *v, int64_t L, in
                    float scale, float *scores, float *out) {
   float top = -INFINITY, total = 0.f;
   for (int64_t t = 0; t < L; t++) {
-    float s = 0.f;
-    const float *kt = k + t * hs;
-    int64_t d = 0;
-#ifdef FLANES
-    fvec a = FZERO();
-    for (; d + FLANES <= hs; d += FLANES) a = FFMA(a, FLOAD_f32(kt + d), FLOAD_f32(q + d));
-    s = FSUM(a);
-#endif
-    for (; d < hs; d++) s += kt[d] * q[d];
-    scores[t] = s * scale;
+    scores[t] = dot1_f32(k + t * hs, q, hs) * scale;
     top = scores[t] > top ? scores[t] : top;
   }
   for (int64_t t = 0; t < L; t++) scores[t] = exp_approx(scores[t] - top);

@@ -302,11 +302,8 @@ def _native_copy(block: nn.Module, threads: int, storages: dict, i: int) -> nn.M
     stand_in.ln_1, stand_in.ln_2 = block.ln_1, block.ln_2
     for n in PROJECTIONS:
         layer, kernel = block.get_submodule(n), KERNELS[NATIVE[block.get_submodule(n).mode]]
-        if all(k is kernel for k in layer.kernels.values()):
-            copy = layer
-        else:
-            copy = KernelLinear.from_storage(layer.mode, storages[f"h.{i}.{n}"])
-            copy.use({1: kernel}, threads, storages[f"h.{i}.{n}"])
+        copy = layer if all(k is kernel for k in layer.kernels.values()) else \
+            tuning.packed_layer(kernel, storages[f"h.{i}.{n}"], 1, threads)
         parent, _, child = n.rpartition(".")
         if not hasattr(stand_in, parent):
             setattr(stand_in, parent, nn.Module())

@@ -157,7 +157,7 @@ def bound_for(kernel: Kernel, dtype: torch.dtype) -> float:
     return max(kernel.tolerance, 4 * torch.finfo(dtype).eps)
 
 
-def _layer(kernel: Kernel, storage: dict, rows: int, threads: int) -> KernelLinear:
+def packed_layer(kernel: Kernel, storage: dict, rows: int, threads: int) -> KernelLinear:
     layer = KernelLinear.from_storage(kernel.mode, storage)
     layer.use({rows: kernel}, threads, storage)
     return layer
@@ -176,7 +176,7 @@ def measure(kernels: list[Kernel], storages: list[dict], reference: torch.Tensor
     layers, skipped = {}, {}
     for kernel in kernels:
         try:
-            packed = [_layer(kernel, s, rows, threads) for s in storages]
+            packed = [packed_layer(kernel, s, rows, threads) for s in storages]
             with torch.no_grad():
                 err = relative_error(kernel.run(x, packed[0]), exact)
         except (RuntimeError, NotImplementedError, AttributeError, TypeError) as e:
