@@ -86,6 +86,15 @@ typedef __m256 fvec;
 #define FSUM(s) fsum(s)
 #endif
 
+/* Each thread reads its run of weight rows front to back, and each row asks for the one LEAD
+   bytes per input ahead (4 rows of int8, 2 of bf16, 1 of float32, 8 of int4): on a 2-core Xeon
+   VM the hardware prefetcher alone left memory idle between rows (int8 blocks 2.7 ms a token
+   with this, 3.4 without; bf16 7.1 against 8.2; float32 alike either way). */
+#define LEAD 4
+static inline void prefetch(const void *p, int64_t bytes) {
+  for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch((const char *)p + c, 0, 3);
+}
+
 /* ---------------------------------------------------------------- int8 weights */
 
 /* x's rows rounded to 15-bit integers, each with its own step (max |x| / 16383); a row holding
@@ -154,6 +163,7 @@ int gptcli_int8(const float *x, int64_t M, int64_t K, const int8_t *q, const flo
   PARALLEL_ROWS
   for (int64_t n = 0; n < N; n++) {
     const int8_t *w = q + n * K;
+    if (n + LEAD < N) prefetch(w + LEAD * K, K);
     float b = bias ? bias[n] : 0.f;
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) {
@@ -287,6 +297,11 @@ int gptcli_int4(const float *x, int64_t M, int64_t K, const uint8_t *p, const fl
   for (int64_t n = 0; n < N; n++) {
     const uint8_t *r = p + n * (K / 2);
     const float *sc = scale + n * G, *lo = low + n * G;
+    if (n + 2 * LEAD < N) {
+      prefetch(r + 2 * LEAD * (K / 2), K / 2);
+      prefetch(sc + 2 * LEAD * G, G * 4);
+      prefetch(lo + 2 * LEAD * G, G * 4);
+    }
     float b = bias ? bias[n] : 0.f, out[4];
     int64_t m = 0;
     for (; m < M; m += (M - m >= 4 ? 4 : 1)) {
@@ -359,6 +374,8 @@ static inline float from_f32(float v) { return v; }
     PARALLEL_ROWS                                                                           \
     for (int64_t n = 0; n < N; n++) {                                                       \
       const TYPE *r = w + n * K;                                                            \
+      int64_t ahead = LEAD / (int64_t)sizeof(TYPE);                                         \
+      if (n + ahead < N) prefetch(r + ahead * K, K * (int64_t)sizeof(TYPE));                \
       float b = bias ? bias[n] : 0.f;                                                       \
       int64_t m = 0;                                                                        \
       for (; m + 4 <= M; m += 4) dot4_##T(r, x + m * K, K, y + m * N + n, N, b);            \

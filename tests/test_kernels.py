@@ -287,6 +287,29 @@ def test_a_corrupt_or_foreign_cache_entry_is_ignored_and_remeasured(monkeypatch)
     assert calls == [] and model.lm_head.kernel.name == "addmm"
 
 
+def test_each_timing_follows_a_read_of_what_decoding_reads_in_between(monkeypatch):
+    """Decoding reads the rest of the model between two reads of a layer's weights, so each
+    timing follows a read of the model's size: no more than twice the cache the CPU reports
+    (which a VM may not really have to itself), nor FLUSH_MAX."""
+    size = lambda model_bytes: tuning.flush_buffer(model_bytes).numel() * 4  # noqa: E731
+    monkeypatch.setattr(tuning.hardware, "cpu_cache_bytes", lambda: 4 << 20)
+    assert size(3 << 20) == 3 << 20  # the model fits the cache reported, and is read all the same
+    assert size(100 << 20) == 8 << 20 and size(1000) == 1000
+    monkeypatch.setattr(tuning.hardware, "cpu_cache_bytes", lambda: None)
+    monkeypatch.setattr(tuning, "FLUSH_MAX", 2 << 20)
+    assert size(1 << 20) == 1 << 20 and size(8 << 20) == 2 << 20
+    assert tuning.flush_buffer(0) is None
+    # choices timed the earlier way (format 1: no read where the model fitted) are timed again
+    prepare(model_in("float"), None)
+    data = json.loads(tuning.cache_path().read_text())
+    tuning.cache_path().write_text(json.dumps(dict(data, format="gptcli-kernels/1")))
+    measure, calls = fake_timings({"addmm": 2.0, "linear": 1.0, "chunked": 3.0, "mkldnn": 4.0})
+    monkeypatch.setattr(tuning, "measure", measure)
+    prepare(model_in("float"), None)
+    assert len(calls) == 5 and json.loads(tuning.cache_path().read_text())["format"] == \
+        tuning.CACHE_FORMAT != "gptcli-kernels/1"
+
+
 def test_a_choice_measured_on_a_saturated_machine_is_measured_again_when_quieter(monkeypatch):
     import os
 
