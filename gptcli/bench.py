@@ -298,7 +298,7 @@ def run(load: LoadConfig, s: BenchConfig,
             result["weight_bytes_per_step"] = decode_bytes(model)
             cache = hardware.cpu_cache_bytes() if device.type == "cpu" else None
             if cache and result["weight_bytes_per_step"] <= cache and not s.bandwidth_gbs:
-                result["weights_fit_in_cache_bytes"] = cache  # read from there, not from memory
+                result["weights_fit_in_cache_bytes"] = cache  # perhaps read from there
                 bw = None
             result["generate"] = []
             for batch in sorted({1, s.batch_size if batch_given else 1}):

@@ -97,7 +97,7 @@ def render_bench(result: dict, console) -> None:
                           f"({g['new_tokens']} new tokens)")
             util, cached = g["bandwidth_utilisation"], result.get("weights_fit_in_cache_bytes")
             shown = f"not meaningful: the weights fit in the CPU's {cached / 2**20:,.0f} MiB " \
-                "cache, so decoding reads them from there" if cached else \
+                "cache as it reports it, so decoding may read them from there" if cached else \
                 "unknown" if util is None else f"{util:.1%}" + (
                     " (above the measured ceiling: the probe ran while the machine was busy; "
                     "pass --bandwidth-gbs)" if util > 1 else "")
