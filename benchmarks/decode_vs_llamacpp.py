@@ -98,14 +98,16 @@ def llamacpp_variant(bench: Path, gguf: Path, threads: int, batched: Path | None
     """llama-bench for one sequence, llama-batched-bench (``batched``, default: beside
     llama-bench) for 4; a batched run that fails (a build whose AMX code dies with an illegal
     instruction in a VM, say) leaves batch 4 out with a note (``measure.note``)."""
-    batched = batched or bench.with_name("llama-batched-bench")
+    given, batched = batched is not None, batched or bench.with_name("llama-batched-bench")
 
     def measure() -> dict[int, float]:
         rows = run_json([str(bench), "-m", str(gguf), "-p", "0", "-n", "128", "-r", "1", "-t",
                          str(threads), "-o", "json"])
         out = {1: rows[0]["avg_ts"]}
         measure.note = None
-        if batched.exists():
+        if not batched.exists():
+            measure.note = f"no {batched} here: no batch 4" if given else None
+        else:
             done = subprocess.run([str(batched), "-m", str(gguf), "-c", "1024", "-npp", "16",
                                    "-ntg", "128", "-npl", "4", "-t", str(threads)],
                                   capture_output=True, text=True, timeout=1800)

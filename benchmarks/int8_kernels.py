@@ -3,8 +3,9 @@ it chooses, shown whole.
 
 For each projection shape (12 layers of it, random weights) and the 50257 x 768 output matrix,
 each mode's candidates are timed with ``tuning.measure`` (the same code the choice runs: a
-cache flush before every pass when the weights exceed the last-level cache, alternating
-candidates, the fastest of three rounds), at 1 and 4 rows.
+read of ``tuning.flush_buffer``'s size before every pass, here as for a model too large for
+the cache (twice the last-level cache the CPU reports, at most 1 GiB), alternating candidates,
+the fastest of three rounds), at 1 and 4 rows.
 
     python benchmarks/int8_kernels.py                  # every mode
     python benchmarks/int8_kernels.py --modes int8 --rows 1

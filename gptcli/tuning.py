@@ -7,12 +7,12 @@ checks its result against a float64 product, dropping a kernel that misses its e
 then three rounds that alternate the candidates, each preceded by reading a buffer the size of
 the model's weights (``flush_buffer``: what decoding reads between two reads of one layer's),
 so that a layer's weights come from wherever decoding finds them; the fastest round of each
-counts. The fastest kernel
-wins (or a more precise one within 3% of it: ``pick``), and the choice is cached in
-``$GPTCLI_HOME/kernels.json``, keyed by the CPU model, its instruction-set flags, the thread
-count, the torch version, the mode, the activation dtype, the shape and the rows. An entry that
-cannot be read, or names a kernel this gptcli does not have for that mode, is ignored and
-measured again, as is one measured on a saturated machine once it is quieter (``lookup``).
+counts. The fastest kernel wins (or a more precise one within 3% of it: ``pick``), and the
+choice is cached in ``$GPTCLI_HOME/kernels.json``, keyed by the CPU model, its instruction-set
+flags, the thread count, the torch version, the mode, the activation dtype, the shape and the
+rows. An entry that cannot be read, or names a kernel this gptcli does not have for that mode,
+is ignored and measured again, as is one measured on a saturated machine once it is quieter
+(``lookup``).
 ``GPTCLI_KERNEL`` (or ``--kernel``) forces one kernel, for debugging.
 
 A layer holds its weights in one layout, so when it is prepared for several numbers of rows
@@ -194,7 +194,7 @@ def measure(kernels: list[Kernel], storages: list[dict], reference: torch.Tensor
         for _ in range(ROUNDS):
             for name, (kernel, packed) in layers.items():
                 if flush is not None:
-                    flush.sum()  # evict the weights: decoding reads them from memory
+                    flush.sum()  # what decoding reads between two uses of these weights
                 t0 = time.perf_counter()
                 for layer in packed:
                     kernel.run(x, layer)
