@@ -298,8 +298,9 @@ def run(load: LoadConfig, s: BenchConfig,
             result["weight_bytes_per_step"] = decode_bytes(model)
             cache = hardware.cpu_cache_bytes() if device.type == "cpu" else None
             if cache and result["weight_bytes_per_step"] <= cache and not s.bandwidth_gbs:
-                result["weights_fit_in_cache_bytes"] = cache  # perhaps read from there
-                bw = None
+                # perhaps read from there: the share is shown with that said (a VM's CPU may
+                # report its host's cache, and read from memory all the same)
+                result["weights_fit_in_cache_bytes"] = cache
             result["generate"] = []
             for batch in sorted({1, s.batch_size if batch_given else 1}):
                 n = min(s.warmup, 2) + s.steps

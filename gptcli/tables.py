@@ -96,11 +96,11 @@ def render_bench(result: dict, console) -> None:
                           f"{_spread_ms(g['decode_ms_per_token'], 1)} per token "
                           f"({g['new_tokens']} new tokens)")
             util, cached = g["bandwidth_utilisation"], result.get("weights_fit_in_cache_bytes")
-            shown = f"not meaningful: the weights fit in the CPU's {cached / 2**20:,.0f} MiB " \
-                "cache as it reports it, so decoding may read them from there" if cached else \
-                "unknown" if util is None else f"{util:.1%}" + (
-                    " (above the measured ceiling: the probe ran while the machine was busy; "
-                    "pass --bandwidth-gbs)" if util > 1 else "")
+            shown = "unknown" if util is None else f"{util:.1%}" + (
+                f" of memory's; the weights fit in the {cached / 2**20:,.0f} MiB cache the CPU "
+                "reports, and over 100% means some came from there" if cached else
+                " (above the measured ceiling: the probe ran while the machine was busy; "
+                "pass --bandwidth-gbs)" if util > 1 else "")
             table.add_row(f"bandwidth use, {b}", f"{shown} (weights "
                           f"{result['weight_bytes_per_step'] / 1e6:,.0f} MB per step)")
         if "compile_s" in g:
@@ -113,8 +113,7 @@ def render_bench(result: dict, console) -> None:
         notes.append("peak memory on the CPU is the process's max RSS since it started")
     if result["peak_tflops"] is None and "train" in result:
         notes.append("MFU needs the device's peak: pass --peak-tflops")
-    if result["bandwidth_gbs"] is None and "generate" in result and \
-            not result.get("weights_fit_in_cache_bytes"):
+    if result["bandwidth_gbs"] is None and "generate" in result:
         notes.append("bandwidth use needs the device's bandwidth: pass --bandwidth-gbs")
     for note in notes:
         console.print(f"note: {note}", style="dim")
