@@ -278,7 +278,6 @@ def test_a_compiled_step_and_whole_text_scoring_get_no_c_blocks(char_checkpoint,
         result = runner.invoke(app, ["eval", "--data", str(tmp_path / "t.txt"), "--model",
                                      str(char_checkpoint)])
         assert result.exit_code == 0, result.output
-    (tmp_path / "t.txt").write_text("abcdefgh " * 40)
     for command in (["generate", "--prompt", "a", "--max-new-tokens", "3", "--compile"],
                     ["eval", "--data", str(tmp_path / "t.txt")]):
         result = runner.invoke(app, [*command, "--model", str(char_checkpoint), "--kernel",
