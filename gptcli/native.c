@@ -12,7 +12,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -185,133 +185,280 @@ int gptcli_int8(const float *x, int64_t M, int64_t K, const int8_t *q, const flo
 
 /* ---------------------------------------------------------------- int4 weights */
 
-/* w[n, k] = q * scale[n, g] + low[n, g] for k in group g (32 inputs), q in [0, 15]: two per
-   byte, byte j of a group holding its element j (low nibble) and element j + 16 (high). With
-   activations a rounded as for int8: w . a = sum_g scale_g (q_g . a_g) + sum_g low_g sum(a_g),
-   the first summed in vectors of one group's partial sums scaled, the second from the groups'
-   sums of a (the same for every output row). */
+/* w[n, k] = q * scale[n, g] + low[n, g] for k in group g (32 inputs), q in [0, 15], scale and
+   low in fp16 (5 bits a weight in all, the size of llama.cpp's q4_1): two weights a byte, byte
+   j of a group holding its element j (low nibble) and element j + 16 (high). With activations
+   a rounded as for int8: w . a = sum_g scale_g (q_g . a_g) + sum_g low_g sum(a_g), the second
+   from the groups' sums of a (the same for every output row).
+
+   Groups go two at a time: the 32 bytes of groups A and B split into low and high nibbles are
+   [A0-15 B0-15] and [A16-31 B16-31], so each 64 activations are stored in that order (once per
+   product), and one vector of integer sums holds A in its first half, B in the second, to be
+   scaled by [sA.., sB..] (on AVX2, two vectors, one a group). An odd last group goes alone. */
 #define GROUP 32
 
-#if defined(__AVX512BW__)
-static inline ivec nibbles(const uint8_t *p) { /* a group's 32 weights as int16 */
-  __m128i b = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(0x0F);
-  __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
-  return _mm512_cvtepu8_epi16(_mm256_set_m128i(hi, lo));
-}
-#define GDOT(q, a) IMADD(IZERO(), q, ILOAD(a))
-#define GCVT(d) _mm512_cvtepi32_ps(d)
-#define GFMA(acc, v, s) _mm512_fmadd_ps(v, _mm512_set1_ps(s), acc)
-#define GZERO() _mm512_setzero_ps()
-#define GSUM(v) _mm512_reduce_add_ps(v)
-typedef __m512 gvec;
-#define GVEC 1
-#elif defined(__AVX2__) && defined(__FMA__)
-typedef struct { __m256i lo, hi; } i4pair;
-static inline i4pair nibbles(const uint8_t *p) {
-  __m128i b = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(0x0F);
-  i4pair q = {_mm256_cvtepu8_epi16(_mm_and_si128(b, m)),
-              _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), m))};
-  return q;
-}
-#define GDOT(q, a) _mm256_add_epi32(_mm256_madd_epi16((q).lo, ILOAD(a)),                         \
-                                    _mm256_madd_epi16((q).hi, ILOAD((a) + 16)))
-#define GCVT(d) _mm256_cvtepi32_ps(d)
-#define GFMA(acc, v, s) _mm256_fmadd_ps(v, _mm256_set1_ps(s), acc)
-#define GZERO() _mm256_setzero_ps()
-#define GSUM(v) fsum(v)
-typedef __m256 gvec;
-#define GVEC 1
-#endif
-
-static inline float group_dot(const uint8_t *p, const int16_t *a) {
-  int32_t s = 0;
-  for (int j = 0; j < GROUP / 2; j++) s += (p[j] & 15) * a[j] + (p[j] >> 4) * a[j + GROUP / 2];
-  return (float)s;
-}
-
-/* sum_g low_g * sums_g, in four sums (one would wait on itself at every step) */
-static inline float low_term(const float *low, const float *sums, int64_t G) {
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-  int64_t g = 0;
-  for (; g + 4 <= G; g += 4) {
-    s0 += low[g] * sums[g]; s1 += low[g + 1] * sums[g + 1];
-    s2 += low[g + 2] * sums[g + 2]; s3 += low[g + 3] * sums[g + 3];
-  }
-  for (; g < G; g++) s0 += low[g] * sums[g];
-  return (s0 + s1) + (s2 + s3);
-}
-
-/* out[i] = sum_g scale_g (q_g . a_i,g) for R (1 or 4) rows a_i of xq (K apart) */
-static inline void int4_dots(const uint8_t *p, const float *scale, const int16_t *a, int64_t K,
-                             int R, float *out) {
-  int64_t G = K / GROUP;
-#ifdef GVEC
-  if (R == 4) {
-    gvec s0 = GZERO(), s1 = GZERO(), s2 = GZERO(), s3 = GZERO();
-    for (int64_t g = 0; g < G; g++) {
-      const int16_t *ag = a + g * GROUP;
-      float sc = scale[g];
-      __typeof__(nibbles(p)) q = nibbles(p + g * GROUP / 2);
-      s0 = GFMA(s0, GCVT(GDOT(q, ag)), sc);
-      s1 = GFMA(s1, GCVT(GDOT(q, ag + K)), sc);
-      s2 = GFMA(s2, GCVT(GDOT(q, ag + 2 * K)), sc);
-      s3 = GFMA(s3, GCVT(GDOT(q, ag + 3 * K)), sc);
-    }
-    out[0] = GSUM(s0); out[1] = GSUM(s1); out[2] = GSUM(s2); out[3] = GSUM(s3);
-    return;
-  }
-  gvec s0 = GZERO(), s1 = GZERO();
-  int64_t g = 0;
-  for (; g + 2 <= G; g += 2) {
-    s0 = GFMA(s0, GCVT(GDOT(nibbles(p + g * GROUP / 2), a + g * GROUP)), scale[g]);
-    s1 = GFMA(s1, GCVT(GDOT(nibbles(p + (g + 1) * GROUP / 2), a + (g + 1) * GROUP)),
-              scale[g + 1]);
-  }
-  if (g < G) s0 = GFMA(s0, GCVT(GDOT(nibbles(p + g * GROUP / 2), a + g * GROUP)), scale[g]);
-  out[0] = GSUM(s0) + GSUM(s1);
+static inline float from_f16(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
 #else
-  for (int i = 0; i < R; i++) {
-    float s = 0.f;
-    for (int64_t g = 0; g < G; g++)
-      s += scale[g] * group_dot(p + g * GROUP / 2, a + i * K + g * GROUP);
-    out[i] = s;
-  }
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023;
+  if (e == 0) { float f = ldexpf((float)m, -24); return sign ? -f : f; }
+  union { uint32_t u; float f; } v = {sign | (e == 31 ? 0x7f800000u | (m << 13)
+                                                     : ((e + 112) << 23) | (m << 13))};
+  return v.f;
 #endif
 }
 
-/* int4 weights p (N, K / 2) with scale, low (N, K / 32); K a multiple of 32; activations
-   rounded to 15 bits per row. Returns 0, or -1 if out of memory. */
-int gptcli_int4(const float *x, int64_t M, int64_t K, const uint8_t *p, const float *scale,
-                const float *low, const float *bias, float *y, int64_t N, int threads) {
+/* each row's groups' sums of its activations, then each 64 in pair order (0-15, 32-47, 16-31,
+   48-63) */
+static void pair_order(int16_t *xq, int64_t M, int64_t K, float *sums) {
   int64_t G = K / GROUP;
-  int16_t *xq = malloc(sizeof(int16_t) * M * K);
-  float *step = malloc(sizeof(float) * M), *sums = malloc(sizeof(float) * M * G);
-  if (!xq || !step || !sums) { free(xq); free(step); free(sums); return -1; }
-  round_rows(x, M, K, xq, step);
   for (int64_t i = 0; i < M * G; i++) {
     int32_t s = 0;
     for (int j = 0; j < GROUP; j++) s += xq[i * GROUP + j];
     sums[i] = (float)s;
   }
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t k = 0; k + 2 * GROUP <= K; k += 2 * GROUP) {
+      int16_t *r = xq + m * K + k, t[16];
+      for (int j = 0; j < 16; j++) { t[j] = r[16 + j]; r[16 + j] = r[32 + j]; r[32 + j] = t[j]; }
+    }
+}
+
+/* one group alone (activations in plain order), not scaled */
+static inline int32_t group_dot(const uint8_t *p, const int16_t *a) {
+  int32_t s = 0;
+  for (int j = 0; j < GROUP / 2; j++) s += (p[j] & 15) * a[j] + (p[j] >> 4) * a[j + GROUP / 2];
+  return s;
+}
+
+/* sum_g low_g * sums_g */
+static inline float low_term(const uint16_t *low, const float *sums, int64_t G) {
+  int64_t g = 0;
+  float s = 0.f;
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  __m512 v = _mm512_setzero_ps();
+  for (; g < G; g += 16) { /* the last 16 (or fewer) masked: no scalar chain after them */
+    __mmask16 k = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
+    v = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, low + g)),
+                        _mm512_maskz_loadu_ps(k, sums + g), v);
+  }
+  s = _mm512_reduce_add_ps(v);
+#elif defined(__AVX512F__)
+  __m512 v = _mm512_setzero_ps();
+  for (; g + 16 <= G; g += 16)
+    v = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(low + g))),
+                        _mm512_loadu_ps(sums + g), v);
+  s = _mm512_reduce_add_ps(v);
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+  __m256 v = _mm256_setzero_ps();
+  for (; g + 8 <= G; g += 8)
+    v = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(low + g))),
+                        _mm256_loadu_ps(sums + g), v);
+  s = fsum(v);
+#endif
+  for (; g < G; g++) s += from_f16(low[g]) * sums[g];
+  return s;
+}
+
+#if defined(__AVX512BW__) && defined(__F16C__)
+#define PAIRS_VEC 1
+typedef __m512 pvec;
+#define PZERO() _mm512_setzero_ps()
+#define PSUM(v) _mm512_reduce_add_ps(v)
+#define PADD(a, b) _mm512_add_ps(a, b)
+typedef struct { __m512i lo, hi; __m512 s; } pair;
+static inline pair unpack(const uint8_t *p, const uint16_t *scale) {
+  __m256i b = _mm256_loadu_si256((const __m256i *)p), m = _mm256_set1_epi8(0x0F);
+  uint32_t two;
+  __builtin_memcpy(&two, scale, sizeof two);
+  __m128 s = _mm_cvtph_ps(_mm_cvtsi32_si128((int)two)); /* sA, sB */
+  pair q = {_mm512_cvtepu8_epi16(_mm256_and_si256(b, m)),
+            _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), m)),
+            _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                                  _mm512_castps128_ps512(s))};
+  return q;
+}
+static inline pvec pair_fma(pvec acc, pair q, const int16_t *a) {
+  __m512i d = IMADD(IMADD(IZERO(), q.lo, ILOAD(a)), q.hi, ILOAD(a + 32));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), q.s, acc);
+}
+#elif !defined(__AVX512BW__) && defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define PAIRS_VEC 1
+typedef __m256 pvec;
+#define PZERO() _mm256_setzero_ps()
+#define PSUM(v) fsum(v)
+#define PADD(a, b) _mm256_add_ps(a, b)
+typedef struct { __m256i a0, b0, a1, b1; __m256 sa, sb; } pair;
+static inline pair unpack(const uint8_t *p, const uint16_t *scale) {
+  __m256i b = _mm256_loadu_si256((const __m256i *)p), m = _mm256_set1_epi8(0x0F);
+  __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+  pair q = {_mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo)),
+            _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1)),
+            _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi)),
+            _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1)),
+            _mm256_set1_ps(from_f16(scale[0])), _mm256_set1_ps(from_f16(scale[1]))};
+  return q;
+}
+static inline pvec pair_fma(pvec acc, pair q, const int16_t *a) {
+  __m256i da = _mm256_add_epi32(_mm256_madd_epi16(q.a0, ILOAD(a)),
+                                _mm256_madd_epi16(q.a1, ILOAD(a + 32)));
+  __m256i db = _mm256_add_epi32(_mm256_madd_epi16(q.b0, ILOAD(a + 16)),
+                                _mm256_madd_epi16(q.b1, ILOAD(a + 48)));
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(da), q.sa, acc);
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(db), q.sb, acc);
+}
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__F16C__)
+/* With AVX-512 VNNI, bytes times bytes (vpdpbusd: 64 products an instruction) on the 4-bit
+   values as they are, each activation split into a signed high byte and an unsigned low one
+   (a = 256 hi + lo): each pair's 128 bytes in ab are its 64 activations' high bytes, then their
+   low bytes, in pair order; the integer sums' lanes hold A, B, A, B by fours. */
+#define PAIR_BYTES 1
+static inline __m512i pair_weights(const uint8_t *p) { /* [A0-15 B0-15 A16-31 B16-31] */
+  __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+  return _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xFFFF0000u, v, 4), _mm512_set1_epi8(0x0F));
+}
+static inline __m512 spread(__m512 sc, int j) { /* [s_j x4, s_j+1 x4, s_j x4, s_j+1 x4] */
+  __m512i a = _mm512_set1_epi32(j), b = _mm512_set1_epi32(j + 1);
+  return _mm512_permutexvar_ps(_mm512_mask_blend_epi32(0xF0F0, a, b), sc);
+}
+static inline __m512 pair_scales(const uint16_t *s) { /* [sA x4, sB x4, sA x4, sB x4] */
+  uint32_t two;
+  __builtin_memcpy(&two, s, sizeof two);
+  return spread(_mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128((int)two))), 0);
+}
+static inline __m512 pair_bytes(__m512 acc, __m512i q, __m512 s, const uint8_t *ab) {
+  __m512i hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(ab));
+  __m512i lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(ab + 64), q);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo)), s,
+                         acc);
+}
+#endif
+
+/* out[i] = w . a_i for R (1 or 4) rows a_i of xq (K apart, in pair order; sums G apart) */
+static inline void int4_dots(const uint8_t *p, const uint16_t *scale, const uint16_t *low,
+                             const int16_t *a, const uint8_t *ab, const float *sums, int64_t K,
+                             int R, float *out) {
+  int64_t G = K / GROUP, g = 0;
+  float part[4] = {0.f, 0.f, 0.f, 0.f};
+#if defined(PAIR_BYTES)
+  (void)a;
+  if (R == 4) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (; g + 2 <= G; g += 2) {
+      __m512i q = pair_weights(p + g * GROUP / 2);
+      __m512 sc = pair_scales(scale + g);
+      const uint8_t *at = ab + g * 64;
+      s0 = pair_bytes(s0, q, sc, at); s1 = pair_bytes(s1, q, sc, at + 2 * K);
+      s2 = pair_bytes(s2, q, sc, at + 4 * K); s3 = pair_bytes(s3, q, sc, at + 6 * K);
+    }
+    part[0] = _mm512_reduce_add_ps(s0); part[1] = _mm512_reduce_add_ps(s1);
+    part[2] = _mm512_reduce_add_ps(s2); part[3] = _mm512_reduce_add_ps(s3);
+  } else {
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+    for (; g + 8 <= G; g += 8) { /* 8 groups' scales converted at once, then spread */
+      __m128i h = _mm_loadu_si128((const __m128i *)(scale + g));
+      __m512 sc = _mm512_castps256_ps512(_mm256_cvtph_ps(h));
+      s0 = pair_bytes(s0, pair_weights(p + g * GROUP / 2), spread(sc, 0), ab + g * 64);
+      s1 = pair_bytes(s1, pair_weights(p + (g + 2) * GROUP / 2), spread(sc, 2), ab + (g + 2) * 64);
+      s0 = pair_bytes(s0, pair_weights(p + (g + 4) * GROUP / 2), spread(sc, 4), ab + (g + 4) * 64);
+      s1 = pair_bytes(s1, pair_weights(p + (g + 6) * GROUP / 2), spread(sc, 6), ab + (g + 6) * 64);
+    }
+    for (; g + 4 <= G; g += 4) {
+      s0 = pair_bytes(s0, pair_weights(p + g * GROUP / 2), pair_scales(scale + g), ab + g * 64);
+      s1 = pair_bytes(s1, pair_weights(p + (g + 2) * GROUP / 2), pair_scales(scale + g + 2),
+                      ab + (g + 2) * 64);
+    }
+    if (g + 2 <= G) {
+      s0 = pair_bytes(s0, pair_weights(p + g * GROUP / 2), pair_scales(scale + g), ab + g * 64);
+      g += 2;
+    }
+    part[0] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  }
+#elif defined(PAIRS_VEC)
+  (void)ab;
+  if (R == 4) {
+    pvec s0 = PZERO(), s1 = PZERO(), s2 = PZERO(), s3 = PZERO();
+    for (; g + 2 <= G; g += 2) {
+      pair q = unpack(p + g * GROUP / 2, scale + g);
+      const int16_t *ag = a + g * GROUP;
+      s0 = pair_fma(s0, q, ag); s1 = pair_fma(s1, q, ag + K);
+      s2 = pair_fma(s2, q, ag + 2 * K); s3 = pair_fma(s3, q, ag + 3 * K);
+    }
+    part[0] = PSUM(s0); part[1] = PSUM(s1); part[2] = PSUM(s2); part[3] = PSUM(s3);
+  } else {
+    pvec s0 = PZERO(), s1 = PZERO();
+    for (; g + 4 <= G; g += 4) {
+      s0 = pair_fma(s0, unpack(p + g * GROUP / 2, scale + g), a + g * GROUP);
+      s1 = pair_fma(s1, unpack(p + (g + 2) * GROUP / 2, scale + g + 2), a + (g + 2) * GROUP);
+    }
+    if (g + 2 <= G) {
+      s0 = pair_fma(s0, unpack(p + g * GROUP / 2, scale + g), a + g * GROUP);
+      g += 2;
+    }
+    part[0] = PSUM(PADD(s0, s1));
+  }
+#endif
+  for (int i = 0; i < R; i++) {
+    const int16_t *ai = a + i * K;
+    float s = part[i];
+    int64_t h = g;
+    for (; h + 2 <= G; h += 2) { /* (plain C) */
+      const uint8_t *pa = p + h * GROUP / 2, *pb = pa + GROUP / 2;
+      const int16_t *ap = ai + h * GROUP;
+      int32_t da = 0, db = 0;
+      for (int j = 0; j < 16; j++) {
+        da += (pa[j] & 15) * ap[j] + (pa[j] >> 4) * ap[32 + j];
+        db += (pb[j] & 15) * ap[16 + j] + (pb[j] >> 4) * ap[48 + j];
+      }
+      s += from_f16(scale[h]) * (float)da + from_f16(scale[h + 1]) * (float)db;
+    }
+    if (h < G) s += from_f16(scale[h]) * (float)group_dot(p + h * GROUP / 2, ai + h * GROUP);
+    out[i] = s + low_term(low, sums + i * G, G);
+  }
+}
+
+/* int4 weights p (N, K / 2) with fp16 scale, low (N, K / 32); K a multiple of 32; activations
+   rounded to 15 bits per row. Returns 0, or -1 if out of memory. */
+int gptcli_int4(const float *x, int64_t M, int64_t K, const uint8_t *p, const uint16_t *scale,
+                const uint16_t *low, const float *bias, float *y, int64_t N, int threads) {
+  int64_t G = K / GROUP;
+  int16_t *xq = malloc(sizeof(int16_t) * M * K);
+  float *step = malloc(sizeof(float) * M), *sums = malloc(sizeof(float) * M * G);
+  if (!xq || !step || !sums) { free(xq); free(step); free(sums); return -1; }
+  round_rows(x, M, K, xq, step);
+  pair_order(xq, M, K, sums);
+  uint8_t *ab = NULL;
+#if defined(PAIR_BYTES)
+  if (!(ab = malloc((size_t)M * 2 * K))) { free(xq); free(step); free(sums); return -1; }
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t k = 0; k + 2 * GROUP <= K; k += 2 * GROUP)
+      for (int j = 0; j < 2 * GROUP; j += 32) {
+        __m512i v = _mm512_loadu_si512((const void *)(xq + m * K + k + j));
+        uint8_t *o = ab + m * 2 * K + 2 * k + j;
+        _mm256_storeu_si256((__m256i *)o, _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8)));
+        _mm256_storeu_si256((__m256i *)(o + 2 * GROUP), _mm512_cvtepi16_epi8(v));
+      }
+#endif
   PARALLEL_ROWS
   for (int64_t n = 0; n < N; n++) {
     const uint8_t *r = p + n * (K / 2);
-    const float *sc = scale + n * G, *lo = low + n * G;
+    const uint16_t *sc = scale + n * G, *lo = low + n * G;
     if (n + 2 * LEAD < N) {
       prefetch(r + 2 * LEAD * (K / 2), K / 2);
-      prefetch(sc + 2 * LEAD * G, G * 4);
-      prefetch(lo + 2 * LEAD * G, G * 4);
+      prefetch(sc + 2 * LEAD * G, G * 2);
+      prefetch(lo + 2 * LEAD * G, G * 2);
     }
     float b = bias ? bias[n] : 0.f, out[4];
-    int64_t m = 0;
-    for (; m < M; m += (M - m >= 4 ? 4 : 1)) {
+    for (int64_t m = 0; m < M; m += (M - m >= 4 ? 4 : 1)) {
       int R = M - m >= 4 ? 4 : 1;
-      int4_dots(r, sc, xq + m * K, K, R, out);
-      for (int i = 0; i < R; i++)
-        y[(m + i) * N + n] = (out[i] + low_term(lo, sums + (m + i) * G, G)) * step[m + i] + b;
+      int4_dots(r, sc, lo, xq + m * K, ab ? ab + m * 2 * K : NULL, sums + m * G, K, R, out);
+      for (int i = 0; i < R; i++) y[(m + i) * N + n] = out[i] * step[m + i] + b;
     }
   }
-  free(xq); free(step); free(sums);
+  free(xq); free(step); free(sums); free(ab);
   return 0;
 }
 
@@ -397,8 +544,8 @@ FLOAT_PRODUCT(gptcli_f32, f32, float, from_f32)
 
 typedef struct {
   int kind; /* 0: float32 w (N, K); 1: bf16 w (N, K); 2: int8 w (N, K) and scale (N); 3: int4 */
-  const void *w;
-  const float *scale, *low, *bias;
+  const void *w, *scale, *low; /* scale: int8's float32, int4's fp16; low: int4's fp16 */
+  const float *bias;
   int64_t N, K;
 } gptcli_linear;
 

@@ -202,15 +202,15 @@ def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 def int4_product(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """``x`` (M, K) times 4-bit weights: ``packed`` (N, K / 2) uint8, two per byte (see
-    ``native.c``), ``w = q * scale + low`` with ``scale``, ``low`` (N, K / 32) per group of 32
-    inputs; plus ``bias``: (M, N) float32, activations rounded to 15 bits per row."""
+    ``native.c``), ``w = q * scale + low`` with fp16 ``scale``, ``low`` (N, K / 32) per group
+    of 32 inputs; plus ``bias``: (M, N) float32, activations rounded to 15 bits per row."""
     x = _f32(x)
     K, N = x.size(1), packed.size(0)
     if K % 32:
         raise ValueError(f"4-bit weights come in whole groups of 32 inputs, not {K}")
     _check(packed, torch.uint8, (N, K // 2))
-    _check(scale, torch.float32, (N, K // 32))
-    _check(low, torch.float32, (N, K // 32))
+    _check(scale, torch.float16, (N, K // 32))
+    _check(low, torch.float16, (N, K // 32))
     return _run((_loaded or library()).gptcli_int4, x, (packed, scale, low), _f32(bias), N)
 
 

@@ -91,10 +91,10 @@ def _linear(layer: KernelLinear, held: list) -> _Linear:
               "int8": (torch.int8, (layer.n_out, layer.n_in)),
               "int4": (torch.uint8, (layer.n_out, layer.n_in // 2))}[layer.mode]
     native._check(w, *expect)
-    for t in tensors[1:]:  # int8's scales (N,); int4's scales and lows (N, K / 32)
+    for t in tensors[1:]:  # int8's scales (N,); int4's fp16 scales and lows (N, K / 32)
         if t is not None:
-            native._check(t, torch.float32, (layer.n_out,) if layer.mode == "int8" else
-                          (layer.n_out, layer.n_in // 32))
+            native._check(t, *((torch.float32, (layer.n_out,)) if layer.mode == "int8" else
+                               (torch.float16, (layer.n_out, layer.n_in // 32))))
     bias = native._f32(layer.bias)
     if bias is not None:
         native._check(bias, torch.float32, (layer.n_out,))

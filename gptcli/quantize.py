@@ -61,14 +61,17 @@ def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-wise asymmetric 4-bit of ``weight`` (out, in): ``q4`` (out', in) int32 in [0, 15]
     and ``sz`` (in / group, out', 2) float32 scales and zeros, with ``w ~= (q4 - 8) * scale +
-    zero`` over each run of ``group`` inputs (the error of each element is at most scale/2).
-    out' is out rounded up to a multiple of 16 (the kernel's tile), the extra rows zero."""
+    zero`` over each run of ``group`` inputs (the error of each element is at most scale/2,
+    plus the rounding of scale and of the group's lowest weight to fp16, the precision
+    gptcli's C kernel keeps them in). out' is out rounded up to a multiple of 16 (the kernel's
+    tile), the extra rows zero."""
     w = weight.detach().float()
     n_out, n_in = w.shape
     padded = -(-n_out // 16) * 16
     w = torch.cat([w, w.new_zeros(padded - n_out, n_in)]).view(padded, n_in // group, group)
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (out', in / group)
-    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    lo, scale = (torch.where(t.half().isinf(), t, t.half().float()) for t in (lo, (hi - lo) / 15))
+    scale = scale.clamp_min(1e-12)
     q4 = ((w - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
     sz = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()
     return q4.view(padded, n_in), sz

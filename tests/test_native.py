@@ -195,14 +195,23 @@ def test_a_compiler_without_openmp_builds_the_one_thread_library_and_is_asked_on
     assert [line for line in calls.read_text().splitlines() if "-shared" in line] == asked
 
 
-@pytest.mark.parametrize("flags", [["-O3", "-mavx2", "-mfma", "-fopenmp"], ["-O3", "-fopenmp"]],
-                         ids=["avx2", "plain"])
+AVX2 = ["-mavx2", "-mfma", "-mf16c"]  # what -march=native gives on any AVX2 CPU
+
+
+@pytest.mark.parametrize("flags", [["-O3", *AVX2, "-fopenmp"], ["-O3", "-fopenmp"],
+                                   ["-O3", *AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl",
+                                    "-fopenmp"]],
+                         ids=["avx2", "plain", "avx512-without-vnni"])
 def test_the_avx2_and_plain_builds_compute_the_same_products(fresh, monkeypatch, flags):
-    """This CPU builds with -march=native (AVX-512 here), so the AVX2 code and the plain loops
-    other CPUs get are built here on purpose and held to the same bounds."""
+    """This CPU builds with -march=native (AVX-512 VNNI here), so the AVX2 code, the plain
+    loops and AVX-512 without VNNI (int4's 16-bit pairs) that other CPUs get are built here on
+    purpose and held to the same bounds."""
     from gptcli import hardware
-    if "-mavx2" in flags and not {"avx2", "fma"} <= set(hardware.isa_flags()):
-        pytest.skip("this CPU has no AVX2/FMA to run the AVX2 build on")
+    needs = {"avx2", "fma", "f16c"} | ({"avx512f", "avx512bw", "avx512vl"}
+                                       if "-mavx512bw" in flags else set())
+    if flags != ["-O3", "-fopenmp"] and not needs <= set(hardware.isa_flags()):
+        pytest.skip(f"this CPU lacks {', '.join(sorted(needs - set(hardware.isa_flags())))} "
+                    "to run that build on")
     monkeypatch.setattr(native, "FLAG_SETS", (flags,))
     native.library()
     g = torch.Generator().manual_seed(4)
