@@ -232,18 +232,25 @@ static inline int32_t group_dot(const uint8_t *p, const int16_t *a) {
   return s;
 }
 
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+/* acc + low_g * sums_g in its lanes, the last 16 (or fewer) masked: no scalar chain after */
+static inline __m512 low_lanes(__m512 acc, const uint16_t *low, const float *sums, int64_t G) {
+  for (int64_t g = 0; g < G; g += 16) {
+    __mmask16 k = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, low + g)),
+                          _mm512_maskz_loadu_ps(k, sums + g), acc);
+  }
+  return acc;
+}
+#endif
+
 /* sum_g low_g * sums_g */
 static inline float low_term(const uint16_t *low, const float *sums, int64_t G) {
   int64_t g = 0;
   float s = 0.f;
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
-  __m512 v = _mm512_setzero_ps();
-  for (; g < G; g += 16) { /* the last 16 (or fewer) masked: no scalar chain after them */
-    __mmask16 k = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
-    v = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, low + g)),
-                        _mm512_maskz_loadu_ps(k, sums + g), v);
-  }
-  s = _mm512_reduce_add_ps(v);
+  s = _mm512_reduce_add_ps(low_lanes(_mm512_setzero_ps(), low, sums, G));
+  g = G;
 #elif defined(__AVX512F__)
   __m512 v = _mm512_setzero_ps();
   for (; g + 16 <= G; g += 16)
@@ -310,7 +317,7 @@ static inline pvec pair_fma(pvec acc, pair q, const int16_t *a) {
 }
 #endif
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__F16C__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
 /* With AVX-512 VNNI, bytes times bytes (vpdpbusd: 64 products an instruction) on the 4-bit
    values as they are, each activation split into a signed high byte and an unsigned low one
    (a = 256 hi + lo): each pair's 128 bytes in ab are its 64 activations' high bytes, then their
@@ -343,8 +350,10 @@ static inline void int4_dots(const uint8_t *p, const uint16_t *scale, const uint
                              int R, float *out) {
   int64_t G = K / GROUP, g = 0;
   float part[4] = {0.f, 0.f, 0.f, 0.f};
+  int lows = 0; /* the lows' term already in part */
 #if defined(PAIR_BYTES)
   (void)a;
+  lows = 1;
   if (R == 4) {
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     for (; g + 2 <= G; g += 2) {
@@ -354,6 +363,8 @@ static inline void int4_dots(const uint8_t *p, const uint16_t *scale, const uint
       s0 = pair_bytes(s0, q, sc, at); s1 = pair_bytes(s1, q, sc, at + 2 * K);
       s2 = pair_bytes(s2, q, sc, at + 4 * K); s3 = pair_bytes(s3, q, sc, at + 6 * K);
     }
+    s0 = low_lanes(s0, low, sums, G); s1 = low_lanes(s1, low, sums + G, G);
+    s2 = low_lanes(s2, low, sums + 2 * G, G); s3 = low_lanes(s3, low, sums + 3 * G, G);
     part[0] = _mm512_reduce_add_ps(s0); part[1] = _mm512_reduce_add_ps(s1);
     part[2] = _mm512_reduce_add_ps(s2); part[3] = _mm512_reduce_add_ps(s3);
   } else {
@@ -375,7 +386,7 @@ static inline void int4_dots(const uint8_t *p, const uint16_t *scale, const uint
       s0 = pair_bytes(s0, pair_weights(p + g * GROUP / 2), pair_scales(scale + g), ab + g * 64);
       g += 2;
     }
-    part[0] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    part[0] = _mm512_reduce_add_ps(low_lanes(_mm512_add_ps(s0, s1), low, sums, G));
   }
 #elif defined(PAIRS_VEC)
   (void)ab;
@@ -416,7 +427,7 @@ static inline void int4_dots(const uint8_t *p, const uint16_t *scale, const uint
       s += from_f16(scale[h]) * (float)da + from_f16(scale[h + 1]) * (float)db;
     }
     if (h < G) s += from_f16(scale[h]) * (float)group_dot(p + h * GROUP / 2, ai + h * GROUP);
-    out[i] = s + low_term(low, sums + i * G, G);
+    out[i] = lows ? s : s + low_term(low, sums + i * G, G);
   }
 }
 
