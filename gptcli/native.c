@@ -545,13 +545,13 @@ static inline float from_f32(float v) { return v; }
 FLOAT_PRODUCT(gptcli_bf16, bf16, uint16_t, from_bf16)
 FLOAT_PRODUCT(gptcli_f32, f32, float, from_f32)
 
-/* ---------------------------------------------------------------- a whole block, one token */
+/* ---------------------------------------------------------------- a whole block, one step */
 
-/* A block's decode step for R rows at one position, in one call (native_step.py): layer
-   norm, the qkv product, the new key and value written into the cache, attention over the
-   cached positions, the output product and residual, layer norm, the MLP (GELU, tanh form)
-   and residual. Every operation around the products is a loop over a few thousand floats,
-   which costs less here than calling it from Python costs there. */
+/* A block's decode step for R rows at one position (or a few positions each), in one call
+   (native_step.py): layer norm, the qkv product, the new keys and values written into the
+   cache, attention over the cached positions, the output product and residual, layer norm,
+   the MLP (GELU, tanh form) and residual. Every operation around the products is a loop over a
+   few thousand floats, which costs less here than calling it from Python costs there. */
 
 typedef struct {
   int kind; /* 0: float32 w (N, K); 1: bf16 w (N, K); 2: int8 w (N, K) and scale (N); 3: int4 */
@@ -624,43 +624,45 @@ static void attend(const float *q, const float *k, const float *v, int64_t L, in
   }
 }
 
-/* x (R, C) at position pos, updated in place; kc, vc: row 0's cache (n_head, max_len, hs) of
-   this layer, the next row's row_stride floats on. Returns 0, -1 out of memory, -2 a bad kind. */
-int gptcli_block(const gptcli_block_weights *b, float *x, int64_t R, int64_t C, int64_t n_head,
-                 int64_t pos, float *kc, float *vc, int64_t row_stride, int64_t max_len,
-                 int threads) {
-  int64_t hs = C / n_head, L = pos + 1, F = b->fc.N;
-  float *h = malloc(sizeof(float) * R * C), *qkv = malloc(sizeof(float) * R * 3 * C);
-  float *att = malloc(sizeof(float) * R * C), *f = malloc(sizeof(float) * R * F);
-  float *scores = malloc(sizeof(float) * R * n_head * L);
+/* x (R * T, C): R rows of T new positions each, from pos on (a decode step: T = 1; checking a
+   draft's T - 1 tokens: more), updated in place; each position attends to the cache and to
+   the row's positions before it. kc, vc: row 0's cache (n_head, max_len, hs) of this layer, the
+   next row's row_stride floats on. Returns 0, -1 out of memory, -2 a bad kind. */
+int gptcli_block(const gptcli_block_weights *b, float *x, int64_t R, int64_t T, int64_t C,
+                 int64_t n_head, int64_t pos, float *kc, float *vc, int64_t row_stride,
+                 int64_t max_len, int threads) {
+  int64_t hs = C / n_head, L = pos + T, F = b->fc.N, M = R * T;
+  float *h = malloc(sizeof(float) * M * C), *qkv = malloc(sizeof(float) * M * 3 * C);
+  float *att = malloc(sizeof(float) * M * C), *f = malloc(sizeof(float) * M * F);
+  float *scores = malloc(sizeof(float) * M * n_head * L);
   int rc = -1;
   if (!h || !qkv || !att || !f || !scores) goto done;
-  for (int64_t r = 0; r < R; r++) layer_norm(x + r * C, C, b->ln1_w, b->ln1_b, b->eps, h + r * C);
-  if ((rc = linear(&b->qkv, h, R, qkv, threads))) goto done;
-  for (int64_t r = 0; r < R; r++)
+  for (int64_t m = 0; m < M; m++) layer_norm(x + m * C, C, b->ln1_w, b->ln1_b, b->eps, h + m * C);
+  if ((rc = linear(&b->qkv, h, M, qkv, threads))) goto done;
+  for (int64_t m = 0; m < M; m++)
     for (int64_t j = 0; j < n_head; j++) {
-      int64_t at = r * row_stride + j * max_len * hs + pos * hs;
+      int64_t at = (m / T) * row_stride + j * max_len * hs + (pos + m % T) * hs;
       for (int64_t d = 0; d < hs; d++) {
-        kc[at + d] = qkv[r * 3 * C + C + j * hs + d];
-        vc[at + d] = qkv[r * 3 * C + 2 * C + j * hs + d];
+        kc[at + d] = qkv[m * 3 * C + C + j * hs + d];
+        vc[at + d] = qkv[m * 3 * C + 2 * C + j * hs + d];
       }
     }
   float scale = 1.f / sqrtf((float)hs);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads)
 #endif
-  for (int64_t i = 0; i < R * n_head; i++) {
-    int64_t r = i / n_head, j = i % n_head, at = r * row_stride + j * max_len * hs;
-    attend(qkv + r * 3 * C + j * hs, kc + at, vc + at, L, hs, scale, scores + i * L,
-           att + r * C + j * hs);
+  for (int64_t i = 0; i < M * n_head; i++) { /* position m = (row, t) of head j */
+    int64_t m = i / n_head, j = i % n_head, at = (m / T) * row_stride + j * max_len * hs;
+    attend(qkv + m * 3 * C + j * hs, kc + at, vc + at, pos + m % T + 1, hs, scale,
+           scores + i * L, att + m * C + j * hs);
   }
-  if ((rc = linear(&b->proj, att, R, h, threads))) goto done;
-  for (int64_t i = 0; i < R * C; i++) x[i] += h[i];
-  for (int64_t r = 0; r < R; r++) layer_norm(x + r * C, C, b->ln2_w, b->ln2_b, b->eps, h + r * C);
-  if ((rc = linear(&b->fc, h, R, f, threads))) goto done;
-  gelu_tanh(f, R * F);
-  if ((rc = linear(&b->out, f, R, h, threads))) goto done;
-  for (int64_t i = 0; i < R * C; i++) x[i] += h[i];
+  if ((rc = linear(&b->proj, att, M, h, threads))) goto done;
+  for (int64_t i = 0; i < M * C; i++) x[i] += h[i];
+  for (int64_t m = 0; m < M; m++) layer_norm(x + m * C, C, b->ln2_w, b->ln2_b, b->eps, h + m * C);
+  if ((rc = linear(&b->fc, h, M, f, threads))) goto done;
+  gelu_tanh(f, M * F);
+  if ((rc = linear(&b->out, f, M, h, threads))) goto done;
+  for (int64_t i = 0; i < M * C; i++) x[i] += h[i];
 done:
   free(h); free(qkv); free(att); free(f); free(scores);
   return rc;

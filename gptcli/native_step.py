@@ -7,8 +7,9 @@ torch's dispatcher; on a fast CPU those cost as much as the products themselves 
 read their weights at memory speed. ``BlockStep`` runs each block's decode step as one C call
 over the same weights (the mode's native kernel: ``native``, ``bf16-native``, ``int8-native``,
 ``int4-native``) and the same KV cache; the embedding, the final norm and the output matrix
-stay with the model's own modules and kernels. It takes one-token steps of rows at one position
-(``native.ROWS_MAX`` at most); every other call (prompts, rows at different positions, another
+stay with the model's own modules and kernels. It takes steps of rows at one position, one new
+token each or a few (a speculative round's check of the draft's tokens), ``native.ROWS_MAX``
+positions in all at most; every other call (prompts, rows at different positions, another
 device) goes to the model as before.
 
 ``attach`` (the end of ``quantize.prepare``) times a run of the model's own blocks against
@@ -55,8 +56,8 @@ class _Block(ctypes.Structure):
 
 
 _ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-         ctypes.c_int]
+         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+         ctypes.c_int64, ctypes.c_int]
 
 
 def why_not(model: nn.Module) -> str | None:
@@ -136,46 +137,52 @@ class BlockStep:
         self.__dict__.update(state)
         self.blocks = None  # built at the first call: the copied model may not be whole yet
 
-    def run(self, i: int, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
-        """Block ``i`` on ``x`` (R, C) float32 contiguous, in place; its keys and values (R, nh,
-        max_len, hs), each row's contiguous, written at ``pos``."""
+    def run(self, i: int, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int,
+            positions: int = 1) -> None:
+        """Block ``i`` on ``x`` (R * positions, C) float32 contiguous (each row's positions in
+        turn), in place; its keys and values (R, nh, max_len, hs), each row's contiguous,
+        written from ``pos`` on."""
         cfg = self.cfg
         if self.blocks is None:
             self._build()
-        if self.fn(ctypes.byref(self.blocks[i]), x.data_ptr(), x.size(0), cfg.n_embd,
-                   cfg.n_head, pos, k.data_ptr(), v.data_ptr(), k.stride(0), k.size(2),
-                   torch.get_num_threads()):
+        if self.fn(ctypes.byref(self.blocks[i]), x.data_ptr(), x.size(0) // positions,
+                   positions, cfg.n_embd, cfg.n_head, pos, k.data_ptr(), v.data_ptr(),
+                   k.stride(0), k.size(2), torch.get_num_threads()):
             raise MemoryError("gptcli's C block ran out of memory")
 
     def _fits(self, idx: torch.Tensor, kv_cache: KVCache | None, start_pos, kwargs) -> bool:
         if set(kwargs) - {"last_only"} or kv_cache is None or kv_cache.static or idx.dim() != 2 or \
-                idx.size(1) != 1 or not 0 < idx.size(0) <= native.ROWS_MAX or \
-                isinstance(start_pos, torch.Tensor) or self.model.device.type != "cpu":
+                not 0 < idx.numel() <= native.ROWS_MAX or isinstance(start_pos, torch.Tensor) or \
+                self.model.device.type != "cpu":
             return False
         k, v, cfg = kv_cache.k[0], kv_cache.v[0], self.cfg  # (every layer's alike)
-        return start_pos < min(kv_cache.max_len, cfg.context_length) and \
+        return start_pos + idx.size(1) <= min(kv_cache.max_len, cfg.context_length) and \
             k.dtype is v.dtype is torch.float32 and k.device.type == "cpu" and \
             k.shape == v.shape == (idx.size(0), cfg.n_head, k.size(2), cfg.head_size) and \
             k.stride() == v.stride() and k.stride()[1:] == (k.size(2) * k.size(3), k.size(3), 1)
 
     def __call__(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
-                 start_pos: int | torch.Tensor = 0, **kwargs) -> torch.Tensor:
-        """The model's forward (one position: ``last_only`` changes nothing)."""
+                 start_pos: int | torch.Tensor = 0, last_only: bool = False,
+                 **kwargs) -> torch.Tensor:
+        """The model's forward: a one-token step, or a few positions a row (a draft's tokens
+        checked: ``native.ROWS_MAX`` positions in all at most); anything else the model's."""
         if not self._fits(idx, kv_cache, start_pos, kwargs):
-            return self.model(idx, kv_cache=kv_cache, start_pos=start_pos, **kwargs)
-        model = self.model
-        x = model.wte(idx[:, 0]).to(torch.float32)  # (R, C)
+            return self.model(idx, kv_cache=kv_cache, start_pos=start_pos, last_only=last_only,
+                              **kwargs)
+        model, (rows, t) = self.model, idx.shape
+        x = model.wte(idx).to(torch.float32)  # (R, T, C)
         if self.cfg.position == "learned":
-            x = x + model.wpe.weight[start_pos]
+            x = x + model.wpe.weight[start_pos:start_pos + t]
         else:
             from .model import sinusoidal_positions
-            x = x + sinusoidal_positions(torch.tensor([start_pos]), self.cfg.n_embd)
-        x = x.contiguous()
+            x = x + sinusoidal_positions(torch.arange(start_pos, start_pos + t), self.cfg.n_embd)
+        x = x.reshape(rows * t, -1).contiguous()
         if self.blocks is None:
             self._build()
         for i in range(len(self.blocks)):
-            self.run(i, x, kv_cache.k[i], kv_cache.v[i], start_pos)
-        return model.lm_head(model.ln_f(x)).unsqueeze(1)  # (R, 1, V)
+            self.run(i, x, kv_cache.k[i], kv_cache.v[i], start_pos, t)
+        x = x.view(rows, t, -1)
+        return model.lm_head(model.ln_f(x[:, -1:] if last_only else x))  # (R, T or 1, V)
 
 
 # ----------------------------------------------------------------------------- choosing

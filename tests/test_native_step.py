@@ -14,12 +14,13 @@ from typer.testing import CliRunner
 from gptcli import native, native_step, tuning
 from gptcli.cli import app
 from gptcli.config import SampleConfig
-from gptcli.decode import Engine
+from gptcli.decode import Engine, decode_loop
 from gptcli.errors import UserError
 from gptcli.kv_cache import KVCache
 from gptcli.kernel_layer import KernelLinear
 from gptcli.model import GPT
 from gptcli.quantize import prepare
+from gptcli.speculative import Draft
 
 from conftest import randomize_, tiny_config
 from test_kernels import fake_timings, model_in
@@ -46,26 +47,36 @@ def relative(a, b):
 
 
 @pytest.mark.parametrize("mode", [None, "half", "int8", "int4"])
-@pytest.mark.parametrize("rows", [1, 3])
-def test_a_c_step_equals_the_models_blocks_on_the_same_cache(mode, rows):
-    """One token after a prompt, from two copies of one cache: the blocks' output (the output
-    matrix left out) and the keys and values written, within OWN."""
+@pytest.mark.parametrize("rows, positions", [(1, 1), (3, 1), (1, 5), (2, 4)])
+def test_a_c_step_equals_the_models_blocks_on_the_same_cache(mode, rows, positions,
+                                                             monkeypatch):
+    """One token after a prompt (or a few: a speculative round's check of a draft's tokens),
+    from two copies of one cache: the blocks' output (the output matrix left out), with and
+    without ``last_only``, and the keys and values written, within OWN; the C blocks ran."""
     model = fused_model(mode)
+    calls = []
+    run = native_step.BlockStep.run
+    monkeypatch.setattr(native_step.BlockStep, "run",
+                        lambda self, i, x, *a: (calls.append(x.shape), run(self, i, x, *a)))
     g = torch.Generator().manual_seed(rows)
     prompt = torch.randint(0, model.config.vocab_size, (rows, 6), generator=g)
-    token = torch.randint(0, model.config.vocab_size, (rows, 1), generator=g)
+    tokens = torch.randint(0, model.config.vocab_size, (rows, positions), generator=g)
     model.lm_head = torch.nn.Identity()
     caches = [KVCache.for_model(model.config, rows) for _ in range(2)]
     with torch.no_grad():
         for cache in caches:
             model(prompt, kv_cache=cache)
-        own = model(token, kv_cache=caches[0], start_pos=6)
-        got = model.decode_step(token, kv_cache=caches[1], start_pos=6)
-    assert got.shape == own.shape == (rows, 1, model.config.n_embd)
+        own = model(tokens, kv_cache=caches[0], start_pos=6)
+        got = model.decode_step(tokens, kv_cache=caches[1], start_pos=6)
+        last = model.decode_step(tokens, kv_cache=caches[1], start_pos=6, last_only=True)
+    assert calls and set(calls) == {(rows * positions, model.config.n_embd)}
+    assert got.shape == own.shape == (rows, positions, model.config.n_embd)
     assert relative(got, own) <= OWN[mode]
+    assert last.shape == (rows, 1, model.config.n_embd) and torch.equal(last, got[:, -1:])
+    end = 6 + positions
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
-        assert relative(b[:, :, :7], a[:, :, :7]) <= OWN[mode]
-        assert not b[:, :, 7:].any()  # nothing written past the position
+        assert relative(b[:, :, :end], a[:, :, :end]) <= OWN[mode]
+        assert not b[:, :, end:].any()  # nothing written past the positions
 
 
 @pytest.mark.parametrize("mode", [None, "half", "int8", "int4"])
@@ -90,6 +101,29 @@ def test_fused_decoding_gives_the_models_tokens_and_recomputations_logits(mode):
             assert relative(got, full) <= FULL[mode], (mode, i)
         fused.advance()
         own.advance()
+
+
+@pytest.mark.parametrize("mode", [None, "int8"])
+def test_a_speculative_rounds_check_of_a_drafts_tokens_runs_in_c(mode, monkeypatch):
+    """Two rows, a draft of 3 tokens a round: the model's check of them (4 positions a row)
+    and the draft's own steps run in the C blocks, and greedy output is token for token that of
+    decoding without a draft; a draft that is the model keeps every token."""
+    model = fused_model(mode)
+    calls = []
+    run = native_step.BlockStep.run
+    monkeypatch.setattr(native_step.BlockStep, "run", lambda self, i, x, *a: (
+        calls.append((self.model, a[3] if len(a) > 3 else 1)), run(self, i, x, *a)))
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5),
+                           generator=torch.Generator().manual_seed(4))
+    config = SampleConfig(max_new_tokens=20, temperature=0)
+    plain = list(decode_loop(model, prompt, config))
+    for draft, kept in ((fused_model(mode, seed=2), None), (model, 1.0)):
+        calls.clear()
+        counts: dict = {}
+        out = list(decode_loop(model, prompt, config, draft=Draft(draft, 3), counts=counts))
+        assert torch.equal(torch.stack(out), torch.stack(plain))
+        assert (model, 4) in calls and any(m is draft for m, _ in calls)
+        assert kept is None or counts["accepted"] == counts["proposed"] * kept
 
 
 def test_prompts_and_rows_at_different_positions_go_to_the_model(monkeypatch):
