@@ -332,7 +332,8 @@ def _native_int8(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
 def _native_int4_pack(s: dict, threads: int) -> dict:
     """The int4 storage as native.c reads it: the real rows only, two weights a byte (a group's
     element j and j + 16), and per group ``scale`` and ``low`` (w = q * scale + low) in fp16:
-    5 bits a weight instead of 6 (their rounding adds ~1e-4 to the product's relative error)."""
+    5 bits a weight instead of 6 (``quantize_int4`` rounds them to fp16 before choosing the
+    4-bit values, so this loses nothing)."""
     n, sz = s["n_out"], s["sz"][:, :s["n_out"]]  # sz: (groups, out', 2): scale, zero
     q = s["q4"][:n].to(torch.uint8).view(n, -1, 2, INT4_GROUP // 2)
     scale, low = sz[..., 0].t(), (sz[..., 1] - 8 * sz[..., 0]).t()

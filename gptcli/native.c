@@ -351,8 +351,8 @@ static inline void int4_dots(const uint8_t *p, const uint16_t *scale, const uint
   int64_t G = K / GROUP, g = 0;
   float part[4] = {0.f, 0.f, 0.f, 0.f};
   int lows = 0; /* the lows' term already in part */
+  (void)ab; /* (the bytes: AVX-512 VNNI only) */
 #if defined(PAIR_BYTES)
-  (void)a;
   lows = 1;
   if (R == 4) {
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
@@ -389,7 +389,6 @@ static inline void int4_dots(const uint8_t *p, const uint16_t *scale, const uint
     part[0] = _mm512_reduce_add_ps(low_lanes(_mm512_add_ps(s0, s1), low, sums, G));
   }
 #elif defined(PAIRS_VEC)
-  (void)ab;
   if (R == 4) {
     pvec s0 = PZERO(), s1 = PZERO(), s2 = PZERO(), s3 = PZERO();
     for (; g + 2 <= G; g += 2) {

@@ -116,8 +116,9 @@ def _block(block: nn.Module, held: list) -> _Block:
 
 
 class BlockStep:
-    """The model's one-token step with ``blocks`` (default: all of the model's, whose layers must
-    hold their native layout) run in C; anything else it hands to the model."""
+    """The model's decode step (one position a row, or a few) with ``blocks`` (default: all of
+    the model's, whose layers must hold their native layout) run in C; anything else it hands
+    to the model."""
 
     def __init__(self, model: nn.Module, blocks: list[nn.Module] | None = None) -> None:
         self.model, self.cfg, self.modules = model, model.config, blocks

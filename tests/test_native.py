@@ -215,7 +215,7 @@ def test_the_avx2_and_plain_builds_compute_the_same_products(fresh, monkeypatch,
     monkeypatch.setattr(native, "FLAG_SETS", (flags,))
     native.library()
     g = torch.Generator().manual_seed(4)
-    for K in (7, 96, 1100):  # tails; more than one int8 block
+    for K in (7, 96, 1100, 2144):  # tails; more than one int8 block; int4: 3 and 67 groups
         for M in (1, 3, 4, 6):
             x = torch.randn(M, K, generator=g) * 2
             q = torch.randint(-128, 128, (19, K), dtype=torch.int8, generator=g)
@@ -228,7 +228,18 @@ def test_the_avx2_and_plain_builds_compute_the_same_products(fresh, monkeypatch,
                 exact = x.double() @ weights.double().t() + bias.double()
                 got = native.float_product(x, weights, bias)
                 assert tuning.relative_error(got, exact) < 1e-5, (K, M, weights.dtype)
-            if K % 32 == 0:
+            if K % 32 == 0:  # fp16 scales and lows as given, subnormal and zero ones too
+                p4 = torch.randint(0, 256, (19, K // 2), dtype=torch.uint8, generator=g)
+                scale = (torch.rand(19, K // 32, generator=g) * 1e-4).half()  # most < 6.1e-5
+                scale[0] = 0
+                low = (torch.randn(19, K // 32, generator=g) * 1e-3).half()
+                nibbles = p4.view(19, -1, 16)  # byte j of a group: element j, element j + 16
+                q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).reshape(19, K).double()
+                weights = q * scale.double().repeat_interleave(32, 1) + \
+                    low.double().repeat_interleave(32, 1)
+                exact = x.double() @ weights.t() + bias.double()
+                got = native.int4_product(x, p4, scale, low, bias)
+                assert tuning.relative_error(got, exact) < 3e-4, (K, M)
                 layer = packed(KERNELS["int4-native"], _storage("int4", w.t(), bias), M)
                 exact = x.double() @ _reference("int4", _storage("int4", w.t(), bias)).double() \
                     + bias.double()
