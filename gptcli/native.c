@@ -104,10 +104,55 @@ static void round_rows(const float *x, int64_t M, int64_t K, int16_t *xq, float 
     const float *r = x + m * K;
     float amax = 0.f;
     int nan = 0;
-    for (int64_t k = 0; k < K; k++) { amax = fmaxf(amax, fabsf(r[k])); nan |= r[k] != r[k]; }
+    int64_t k = 0;
+#if defined(__AVX512F__) /* (libm's fmaxf and lrintf are a call per element) */
+    __m512 top = _mm512_setzero_ps();
+    __mmask16 odd = 0;
+    for (; k + 16 <= K; k += 16) {
+      __m512 v = _mm512_loadu_ps(r + k);
+      odd |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      top = _mm512_max_ps(top, _mm512_abs_ps(v));
+    }
+    amax = _mm512_reduce_max_ps(top);
+    nan = odd != 0;
+#elif defined(__AVX2__)
+    __m256 top = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+    __m256 mag = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (; k + 8 <= K; k += 8) {
+      __m256 v = _mm256_loadu_ps(r + k);
+      odd = _mm256_or_ps(odd, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      top = _mm256_max_ps(top, _mm256_and_ps(v, mag));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, top);
+    for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+    nan = _mm256_movemask_ps(odd) != 0;
+#endif
+    for (; k < K; k++) { amax = fmaxf(amax, fabsf(r[k])); nan |= r[k] != r[k]; }
     step[m] = nan ? NAN : amax > 0.f ? amax / XMAX : 1.f;
     float inv = 1.f / step[m];
-    for (int64_t k = 0; k < K; k++) xq[m * K + k] = (int16_t)lrintf(r[k] * inv);
+    k = 0;
+#if defined(__AVX512F__) /* rounded to nearest even, as lrintf; a NaN (inf * 0) to 0, as there */
+    __m512 vinv = _mm512_set1_ps(inv);
+    for (; k + 16 <= K; k += 16) {
+      __m512 v = _mm512_mul_ps(_mm512_loadu_ps(r + k), vinv);
+      __m512i q = _mm512_maskz_cvtps_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);
+      _mm256_storeu_si256((__m256i *)(xq + m * K + k), _mm512_cvtsepi32_epi16(q));
+    }
+#elif defined(__AVX2__)
+    __m256 vinv = _mm256_set1_ps(inv);
+    for (; k + 16 <= K; k += 16) {
+      __m256 a = _mm256_mul_ps(_mm256_loadu_ps(r + k), vinv);
+      __m256 b = _mm256_mul_ps(_mm256_loadu_ps(r + k + 8), vinv);
+      __m256i qa = _mm256_and_si256(_mm256_cvtps_epi32(a),
+                                    _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_ORD_Q)));
+      __m256i qb = _mm256_and_si256(_mm256_cvtps_epi32(b),
+                                    _mm256_castps_si256(_mm256_cmp_ps(b, b, _CMP_ORD_Q)));
+      __m256i q = _mm256_permute4x64_epi64(_mm256_packs_epi32(qa, qb), 0xD8); /* lane order */
+      _mm256_storeu_si256((__m256i *)(xq + m * K + k), q);
+    }
+#endif
+    for (; k < K; k++) xq[m * K + k] = (int16_t)lrintf(r[k] * inv);
   }
 }
 
