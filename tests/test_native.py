@@ -4,6 +4,7 @@ works, so that torch's kernels serve."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import subprocess
@@ -229,14 +230,7 @@ def test_the_avx2_and_plain_builds_compute_the_same_products(fresh, monkeypatch,
                 got = native.float_product(x, weights, bias)
                 assert tuning.relative_error(got, exact) < 1e-5, (K, M, weights.dtype)
             if K % 32 == 0:  # fp16 scales and lows as given, subnormal and zero ones too
-                p4 = torch.randint(0, 256, (19, K // 2), dtype=torch.uint8, generator=g)
-                scale = (torch.rand(19, K // 32, generator=g) * 1e-4).half()  # most < 6.1e-5
-                scale[0] = 0
-                low = (torch.randn(19, K // 32, generator=g) * 1e-3).half()
-                nibbles = p4.view(19, -1, 16)  # byte j of a group: element j, element j + 16
-                q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).reshape(19, K).double()
-                weights = q * scale.double().repeat_interleave(32, 1) + \
-                    low.double().repeat_interleave(32, 1)
+                p4, scale, low, weights = int4_case(g, 19, K)
                 exact = x.double() @ weights.t() + bias.double()
                 got = native.int4_product(x, p4, scale, low, bias)
                 assert tuning.relative_error(got, exact) < 3e-4, (K, M)
@@ -250,6 +244,50 @@ def test_the_avx2_and_plain_builds_compute_the_same_products(fresh, monkeypatch,
     x[2, 5], x[1, 20] = float("nan"), float("inf")  # (the vector loops: 40 = 32 + a tail)
     y = native.int8_product(x, q, torch.rand(8, generator=g), None)
     assert y[2].isnan().all() and not y[1].isfinite().any() and y[[0, 3]].isfinite().all()
+
+
+@contextlib.contextmanager
+def threads_set(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def int4_case(g: torch.Generator, N: int, K: int) -> tuple:
+    """Random 4-bit weights (N, K) as native.c takes them, fp16 scales and lows with subnormal
+    and zero ones among them (a row of them where N > 1: alone its small results would be all
+    rounding), and the same weights in float64."""
+    p4 = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
+    scale = (torch.rand(N, K // 32, generator=g) * 1e-4).half()  # most < 6.1e-5: subnormal
+    scale[N // 2] = 0 if N > 1 else scale[0]
+    low = (torch.randn(N, K // 32, generator=g) * 1e-3).half()
+    nibbles = p4.view(N, -1, 16)  # byte j of a group: element j, element j + 16
+    q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).reshape(N, K).double()
+    weights = q * scale.double().repeat_interleave(32, 1) + low.double().repeat_interleave(32, 1)
+    return p4, scale, low, weights
+
+
+def test_int4_one_to_three_rows_take_four_weight_rows_at_a_time():
+    """A row or a few (decoding) run four weight rows at a time where a row has an even number
+    of groups, the scales eight groups at a time: 2, 4, 6, 8 and 26 groups (the last load of
+    scales short or whole), output rows that leave each thread a remainder after its fours,
+    with and without a bias, on one thread and two."""
+    g = torch.Generator().manual_seed(7)
+    for K in (64, 128, 192, 256, 832):
+        for N in (1, 4, 9, 37):
+            p4, scale, low, weights = int4_case(g, N, K)
+            bias = torch.randn(N, generator=g)
+            for M in (1, 2, 3, 5):
+                x = torch.randn(M, K, generator=g) * 2
+                for b in (bias, None):
+                    exact = x.double() @ weights.t() + (0 if b is None else b.double())
+                    for threads in (1, 2):
+                        with threads_set(threads):
+                            got = native.int4_product(x, p4, scale, low, b)
+                        assert tuning.relative_error(got, exact) < 3e-4, (K, N, M, threads)
 
 
 def test_a_row_holding_a_nan_gives_nan_and_torchs_default_dtype_does_not_matter():
