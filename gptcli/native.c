@@ -530,17 +530,21 @@ static void int4_acts(const float *x, int64_t M, int64_t K, acts *a) {
 }
 
 #if defined(PAIR_BYTES)
-/* out[r] = w_r . a for four weight rows w_r (K / 2 bytes apart) and one row a (its bytes ab):
-   the activations' loads shared, four independent sums, the scales eight groups at a time;
-   G = K / 32 even. ahead (or NULL): four rows to prefetch, two lines a step, so that memory
-   sees an even stream (all at once, as the one-row code does, left a 768x3072 product 1.3x
-   slower on a Zen 5; none at all, 1.5-1.8x). */
-static inline void int4_four(const uint8_t *p, const uint16_t *scale, const uint16_t *low,
-                             const uint8_t *ab, const float *sums, int64_t K, float *out,
-                             const uint8_t *ahead) {
+/* out[i * 4 + r] = w_r . a_i for four weight rows w_r (K / 2 bytes apart) and A (1 or 4)
+   activation rows a_i (their bytes ab, 2 K apart; sums G apart): each weight vector and each
+   activation load shared, 4 A independent sums, the scales eight groups at a time; G = K / 32
+   even. ahead (or NULL): four rows to prefetch, two lines a step, so that memory sees an even
+   stream (all at once, as the one-row code does, left a 768x3072 product 1.3x slower on a Zen
+   5; none at all, 1.5-1.8x). */
+static inline __attribute__((always_inline)) void int4_four(
+    const uint8_t *p, const uint16_t *scale, const uint16_t *low, const uint8_t *ab,
+    const float *sums, int64_t K, int A, float *out, const uint8_t *ahead) {
   int64_t G = K / GROUP, H = K / 2, g = 0;
-  __m512 acc[4], sc[4];
-  for (int r = 0; r < 4; r++) acc[r] = sc[r] = _mm512_setzero_ps();
+  __m512 acc[4][4], sc[4];
+  for (int r = 0; r < 4; r++) {
+    sc[r] = _mm512_setzero_ps();
+    for (int i = 0; i < A; i++) acc[i][r] = _mm512_setzero_ps();
+  }
   for (; g < G; g += 2) {
     if (g % 8 == 0)
       for (int r = 0; r < 4; r++) /* (up to 8 groups' scales: G - g may be 2, 4 or 6) */
@@ -550,16 +554,33 @@ static inline void int4_four(const uint8_t *p, const uint16_t *scale, const uint
       __builtin_prefetch(ahead + g * 64, 0, 3);
       __builtin_prefetch(ahead + g * 64 + 64, 0, 3);
     }
-    __m512i hi = _mm512_loadu_si512(ab + g * 64), lo = _mm512_loadu_si512(ab + g * 64 + 64);
-    for (int r = 0; r < 4; r++) {
-      __m512i q = pair_weights(p + r * H + g * GROUP / 2);
-      __m512i d = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, hi), 8);
-      d = _mm512_dpbusd_epi32(d, lo, q); /* 256 hi + lo, as pair_bytes */
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), spread(sc[r], (int)(g % 8)), acc[r]);
+    __m512i q[4];
+    for (int r = 0; r < 4; r++) q[r] = pair_weights(p + r * H + g * GROUP / 2);
+    for (int i = 0; i < A; i++) {
+      __m512i hi = _mm512_loadu_si512(ab + i * 2 * K + g * 64);
+      __m512i lo = _mm512_loadu_si512(ab + i * 2 * K + g * 64 + 64);
+      for (int r = 0; r < 4; r++) {
+        __m512i d = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q[r], hi), 8);
+        d = _mm512_dpbusd_epi32(d, lo, q[r]); /* 256 hi + lo, as pair_bytes */
+        acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), spread(sc[r], (int)(g % 8)),
+                                    acc[i][r]);
+      }
     }
   }
-  for (int r = 0; r < 4; r++)
-    out[r] = _mm512_reduce_add_ps(low_lanes(acc[r], low + r * G, sums, G));
+  for (int i = 0; i < A; i++)
+    for (int r = 0; r < 4; r++)
+      out[i * 4 + r] = _mm512_reduce_add_ps(low_lanes(acc[i][r], low + r * G, sums + i * G, G));
+}
+/* int4_four for one activation row and for four, each compiled on its own */
+static __attribute__((noinline)) void int4_four1(
+    const uint8_t *p, const uint16_t *scale, const uint16_t *low, const uint8_t *ab,
+    const float *sums, int64_t K, float *out, const uint8_t *ahead) {
+  int4_four(p, scale, low, ab, sums, K, 1, out, ahead);
+}
+static __attribute__((noinline)) void int4_four4(
+    const uint8_t *p, const uint16_t *scale, const uint16_t *low, const uint8_t *ab,
+    const float *sums, int64_t K, float *out, const uint8_t *ahead) {
+  int4_four(p, scale, low, ab, sums, K, 4, out, ahead);
 }
 #endif
 
@@ -569,20 +590,29 @@ static void int4_rows(const acts *a, int64_t M, int64_t K, const uint8_t *p,
                       int64_t N, int64_t n0, int64_t n1) {
   int64_t G = K / GROUP, n = n0;
 #if defined(PAIR_BYTES)
-  if (M < 4 && G % 2 == 0) /* a row or a few: four weight rows at a time */
+  if (G % 2 == 0) /* four weight rows at a time, four activation rows too (all but odd G) */
     for (; n + 4 <= n1; n += 4) {
-      const uint8_t *ahead = NULL; /* the weights 2 LEAD rows on, a line at a time (below) */
+      const uint8_t *ahead = NULL; /* the weights 2 LEAD rows on, a line at a time (above) */
       if (n + 2 * LEAD + 4 <= n1) {
         ahead = p + (n + 2 * LEAD) * (K / 2);
         prefetch(scale + (n + 2 * LEAD) * G, 4 * G * 2);
         prefetch(low + (n + 2 * LEAD) * G, 4 * G * 2);
       }
-      for (int64_t m = 0; m < M; m++) {
-        float out[4];
-        int4_four(p + n * (K / 2), scale + n * G, low + n * G, a->ab + m * 2 * K,
-                  a->sums + m * G, K, out, m == 0 ? ahead : NULL);
-        for (int r = 0; r < 4; r++)
-          y[m * N + n + r] = out[r] * a->step[m] + (bias ? bias[n + r] : 0.f);
+      const uint8_t *w = p + n * (K / 2);
+      float out[16], b[4];
+      for (int r = 0; r < 4; r++) b[r] = bias ? bias[n + r] : 0.f;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) {
+        int4_four4(w, scale + n * G, low + n * G, a->ab + m * 2 * K, a->sums + m * G, K, out,
+                   m ? NULL : ahead);
+        for (int i = 0; i < 4; i++)
+          for (int r = 0; r < 4; r++)
+            y[(m + i) * N + n + r] = out[i * 4 + r] * a->step[m + i] + b[r];
+      }
+      for (; m < M; m++) {
+        int4_four1(w, scale + n * G, low + n * G, a->ab + m * 2 * K, a->sums + m * G, K, out,
+                   m ? NULL : ahead);
+        for (int r = 0; r < 4; r++) y[m * N + n + r] = out[r] * a->step[m] + b[r];
       }
     }
 #endif
