@@ -20,9 +20,10 @@
 #define XMAX 16383.f
 
 /* One parallel region (PARALLEL) whose threads each take their share of the output rows
-   (SHARE); in a block, one region for the whole block, SINGLE and BARRIER between its steps */
+   (SHARE, below); in a block, one region for the whole block, SINGLE and BARRIER between its steps */
 #ifdef _OPENMP
-#include <omp.h>
+int omp_get_thread_num(void); /* (declared here: a compiler that takes -fopenmp may lack omp.h) */
+int omp_get_num_threads(void);
 #define PARALLEL _Pragma("omp parallel num_threads(threads)")
 #define SINGLE _Pragma("omp single")
 #define BARRIER _Pragma("omp barrier")
@@ -37,7 +38,11 @@
 #define THREAD ((int64_t)0)
 #define THREADS ((int64_t)1)
 #endif
-#define SHARE(N, n0, n1) int64_t n0 = (N) * THREAD / THREADS, n1 = (N) * (THREAD + 1) / THREADS
+/* in fours (int4 takes four rows at a time, and which rows go together must not depend on
+   the threads: the same results on any number), the last thread also the rest */
+#define SHARE(N, n0, n1)                                                                   \
+  int64_t n0 = (N) / 4 * THREAD / THREADS * 4,                                             \
+          n1 = THREAD + 1 == THREADS ? (N) : (N) / 4 * (THREAD + 1) / THREADS * 4
 
 /* ---------------------------------------------------------------- vectors, where we have them */
 
