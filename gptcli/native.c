@@ -20,7 +20,8 @@
 #define XMAX 16383.f
 
 /* One parallel region (PARALLEL) whose threads each take their share of the output rows
-   (SHARE, below); in a block, one region for the whole block, SINGLE and BARRIER between its steps */
+   (SHARE, below); in a block, one region for the whole block, SINGLE and BARRIER between
+   its steps */
 #ifdef _OPENMP
 int omp_get_thread_num(void); /* (declared here: a compiler that takes -fopenmp may lack omp.h) */
 int omp_get_num_threads(void);
@@ -770,6 +771,17 @@ static void rows(const gptcli_linear *l, const float *x, const acts *a, int64_t 
     int4_rows(a, M, l->K, l->w, l->scale, l->low, l->bias, y, l->N, n0, n1);
 }
 
+/* this thread's share of x (M, N) += in . W^T + bias (the residual sum), in prepared in a;
+   h (M, N): room for the product */
+static void add_rows(const gptcli_linear *l, const float *in, const acts *a, int64_t M,
+                     float *h, float *x) {
+  int64_t N = l->N;
+  SHARE(N, n0, n1);
+  rows(l, in, a, M, h, n0, n1);
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t n = n0; n < n1; n++) x[m * N + n] += h[m * N + n];
+}
+
 /* e^x, from 2^n and a degree-6 polynomial on the rest (|r| <= ln 2 / 2): relative error under
    2e-7, in straight-line code the compiler vectorizes (libm's expf is a call per element) */
 static inline float exp_approx(float x) {
@@ -831,9 +843,9 @@ int gptcli_block(const gptcli_block_weights *b, float *x, int64_t R, int64_t T, 
                  int64_t n_head, int64_t pos, float *kc, float *vc, int64_t row_stride,
                  int64_t max_len, int threads) {
   const gptcli_linear *qkv_l = &b->qkv, *proj = &b->proj, *fc = &b->fc, *out = &b->out;
-  if (qkv_l->kind < 0 || qkv_l->kind > 3 || proj->kind < 0 || proj->kind > 3 || fc->kind < 0 ||
-      fc->kind > 3 || out->kind < 0 || out->kind > 3)
-    return -2;
+  const gptcli_linear *all[4] = {qkv_l, proj, fc, out};
+  for (int i = 0; i < 4; i++)
+    if (all[i]->kind < 0 || all[i]->kind > 3) return -2;
   int64_t hs = C / n_head, L = pos + T, F = fc->N, M = R * T;
   float *h = malloc(sizeof(float) * M * C), *qkv = malloc(sizeof(float) * M * 3 * C);
   float *att = malloc(sizeof(float) * M * C), *f = malloc(sizeof(float) * M * F);
@@ -872,12 +884,7 @@ int gptcli_block(const gptcli_block_weights *b, float *x, int64_t R, int64_t T, 
     }
     SINGLE
     prepare(proj, att, M, &a);
-    {
-      SHARE(C, n0, n1);
-      rows(proj, att, &a, M, h, n0, n1);
-      for (int64_t m = 0; m < M; m++)
-        for (int64_t n = n0; n < n1; n++) x[m * C + n] += h[m * C + n];
-    }
+    add_rows(proj, att, &a, M, h, x);
     BARRIER
     SINGLE
     {
@@ -893,12 +900,7 @@ int gptcli_block(const gptcli_block_weights *b, float *x, int64_t R, int64_t T, 
     BARRIER
     SINGLE
     prepare(out, f, M, &a);
-    {
-      SHARE(C, n0, n1);
-      rows(out, f, &a, M, h, n0, n1);
-      for (int64_t m = 0; m < M; m++)
-        for (int64_t n = n0; n < n1; n++) x[m * C + n] += h[m * C + n];
-    }
+    add_rows(out, f, &a, M, h, x);
   }
 done:
   free(h); free(qkv); free(att); free(f); free(scores); acts_free(&a);
