@@ -266,7 +266,8 @@ def int4_case(g: torch.Generator, N: int, K: int) -> tuple:
     rounding), and the same weights in float64."""
     p4 = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
     scale = (torch.rand(N, K // 32, generator=g) * 1e-4).half()  # most < 6.1e-5: subnormal
-    scale[N // 2] = 0 if N > 1 else scale[0]
+    if N > 1:
+        scale[N // 2] = 0
     low = (torch.randn(N, K // 32, generator=g) * 1e-3).half()
     nibbles = p4.view(N, -1, 16)  # byte j of a group: element j, element j + 16
     q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).reshape(N, K).double()
@@ -285,8 +286,8 @@ def test_int4_takes_four_weight_rows_and_four_activation_rows_at_a_time():
     """Where a row has an even number of groups, four weight rows at a time with four rows of
     activations (or one: the rest), the scales eight groups at a time: 2, 4, 6, 8 and 26 groups
     (the last load of scales short or whole), 1 to 9 rows of activations (fours and the rest),
-    output rows that leave each thread a remainder after its fours, with and without a bias,
-    on one thread and two: exact to the rounded activations but for float32 sums."""
+    output rows that leave a remainder after the fours (the last thread's), with and without a
+    bias, on one thread and two: exact to the rounded activations but for float32 sums."""
     g = torch.Generator().manual_seed(7)
     for K in (64, 128, 192, 256, 832):
         for N in (1, 4, 9, 37):
