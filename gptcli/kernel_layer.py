@@ -109,7 +109,8 @@ class KernelLinear(nn.Module):
 
     def for_rows(self, rows: int) -> Kernel:
         """The kernel chosen for ``rows`` rows, else for the most rows chosen for below it
-        (a prompt's many rows: the batch's), else the first."""
+        (a prompt's many rows: the one chosen for prompts, ``tuning.PROMPT_ROWS``, where there
+        is one, else the batch's), else the first."""
         kernel = self.kernels.get(rows)
         if kernel is None:
             below = [m for m in self.kernels if m < rows]

@@ -107,12 +107,15 @@ def _in_dtype(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return None if bias is None else bias.detach().to(dtype)
 
 
+def _out_in(s: dict, threads: int) -> dict:
+    return {"w_oi": s["weight"].detach().t().contiguous()}
+
+
 FLOAT = [
     Kernel("addmm", "float", "in_out", lambda s, t: {"w_io": s["weight"].detach()},
            lambda x, m: torch.addmm(m.bias, x, m.w_io) if m.bias is not None else x @ m.w_io,
            1e-5, "x @ W with W (in, out), the training layout: the plain model"),
-    Kernel("linear", "float", "out_in",
-           lambda s, t: {"w_oi": s["weight"].detach().t().contiguous()},
+    Kernel("linear", "float", "out_in", _out_in,
            lambda x, m: F.linear(x, m.w_oi, m.bias), 1e-5,
            "F.linear with W (out, in), nn.Linear's layout"),
     Kernel("chunked", "float", "chunked",
@@ -130,6 +133,10 @@ FLOAT = [
            lambda s, t: {"w_dnn16": _mkldnn_pack(s["weight"].t(), 16)},
            lambda x, m: _mkldnn(x, m.w_dnn16, m.bias), 1e-5,
            "as mkldnn, in the layout oneDNN picks for 16 rows"),
+    # (on an AMD EPYC, 128-row products 2.3-2.6x F.linear's, which is MKL's there: prompts)
+    Kernel("mkldnn-plain", "float", "out_in", _out_in,
+           lambda x, m: _mkldnn(x, m.w_oi, m.bias), 1e-5,
+           "oneDNN inner product on W (out, in) as it is: no packed copy"),
 ]
 
 
@@ -351,7 +358,7 @@ def _native_int4(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
 
 
 NATIVE = [
-    Kernel("native", "float", "out_in", _native(FLOAT[1].pack), _native_float, 1e-5,
+    Kernel("native", "float", "out_in", _native(_out_in), _native_float, 1e-5,
            "gptcli's own C product (native.py) on W (out, in), nn.Linear's layout",
            True),
     Kernel("bf16-native", "half", "bf16-out_in", _native(HALF[0].pack), _native_float, 4e-3,

@@ -296,11 +296,16 @@ def _switch(model: nn.Module, storages: dict[str, dict]) -> None:
     for i, block in enumerate(model.h):
         for n in PROJECTIONS:
             layer = block.get_submodule(n)
-            kernel = KERNELS[NATIVE[layer.mode]]
-            if any(k is not kernel for k in layer.kernels.values()):
-                layer.use({m: kernel for m in layer.kernels}, threads, storages[f"h.{i}.{n}"])
-            layer.choices = {m: replace(c, kernel=kernel, source="fused")
-                             for m, c in getattr(layer, "choices", {}).items()}
+            kernel, choices = KERNELS[NATIVE[layer.mode]], getattr(layer, "choices", {})
+            # (a prompt's kernel stays where it reads the native layout as precisely: the C
+            # blocks take no prompts)
+            want = {m: k if m in choices and choices[m].prompt and k.layout == kernel.layout
+                    and k.tolerance <= kernel.tolerance else kernel
+                    for m, k in layer.kernels.items()}
+            if any(want[m] is not k for m, k in layer.kernels.items()):
+                layer.use(want, threads, storages[f"h.{i}.{n}"])
+            layer.choices = {m: c if want.get(m) is not kernel else
+                             replace(c, kernel=kernel, source="fused") for m, c in choices.items()}
     model.decode_step = BlockStep(model)
 
 
@@ -310,7 +315,7 @@ def _native_copy(block: nn.Module, threads: int, storages: dict, i: int) -> nn.M
     stand_in.ln_1, stand_in.ln_2 = block.ln_1, block.ln_2
     for n in PROJECTIONS:
         layer, kernel = block.get_submodule(n), KERNELS[NATIVE[block.get_submodule(n).mode]]
-        copy = layer if all(k is kernel for k in layer.kernels.values()) else \
+        copy = layer if all(k.layout == kernel.layout for k in layer.kernels.values()) else \
             tuning.packed_layer(kernel, storages[f"h.{i}.{n}"], 1, threads)
         parent, _, child = n.rpartition(".")
         if not hasattr(stand_in, parent):

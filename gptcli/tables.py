@@ -18,14 +18,16 @@ def _spread_ms(d: dict, scale: float = 1e3) -> str:
 
 def _kernel_row(k: dict) -> tuple[str, str]:
     """One weight shape's kernel: what runs, how it was chosen, and the candidates' times."""
-    label = f"kernel {k['shape'][0]}x{k['shape'][1]}" + (f", {k['rows']} rows"
-                                                         if k["rows"] > 1 else "")
+    label = f"kernel {k['shape'][0]}x{k['shape'][1]}" + (
+        ", prompts" if k.get("prompt") else f", {k['rows']} rows" if k["rows"] > 1 else "")
     how = {"forced": "forced", "cached": "cached",
            "inductor": "traced: a compiled step runs inductor's products",
            "fused": "run by the C blocks"}.get(k["source"],
                                                                               "measured")
     if k.get("load") is not None and k["source"] != "fused":
         how += f" at load {k['load']:.1f}"
+    if k.get("prompt"):
+        how += f" for {k['rows']} rows and more"
     times = ", ".join(f"{name} {us:,.0f}" for name, us in sorted(k["us"].items(),
                                                                   key=lambda kv: kv[1]))
     layers = f"{k['layers']} layer" + ("s" if k["layers"] > 1 else "")

@@ -165,7 +165,13 @@ def test_the_fastest_measured_kernel_is_chosen_and_cached(monkeypatch):
     prepare(model, "int8", rows=(1, 4))
     head = model.lm_head
     assert head.kernels[1].name == "int8-fp16" and head.kernels[4].name == "int8-fp16"
-    assert [rows for rows, _ in calls] == [1, 4] * 5  # five shapes, two row counts each
+    # five shapes, two row counts each and prompts: these among the kernels as precise as
+    # decoding's (int8-fp16's activations), of its layout
+    assert [rows for rows, _ in calls] == [1, 4, tuning.PROMPT_ROWS] * 5
+    precise = [n for n in calls[0][1] if KERNELS[n].tolerance <= KERNELS["int8-fp16"].tolerance]
+    assert "int8-intmm" not in precise and "int8-bf16" not in precise
+    assert all(names == precise for rows, names in calls if rows == tuning.PROMPT_ROWS)
+    assert head.kernels[tuning.PROMPT_ROWS].name == "int8-fp16"
     report = kernel_report(model)
     assert {r["source"] for r in report} == {"measured"}
     # the next load reads the choices from the cache: nothing is measured again
@@ -215,18 +221,22 @@ def test_a_row_count_where_the_kept_layout_did_not_run_takes_its_own_fastest(mon
 
 
 def test_a_row_count_not_chosen_for_runs_the_kernel_of_the_most_rows_below_it(monkeypatch):
-    """Two kernels of one layout: each row count chosen for takes its own fastest; a prompt's
-    many rows run the batch's kernel, a batch smaller than any chosen for, the first."""
+    """Kernels of one layout: each row count chosen for takes its own fastest; a batch of more
+    rows runs the batch's kernel up to the prompts' row count, the prompts' from there, and a
+    batch smaller than any chosen for, the first."""
     one = {"int8-intmm2": 9.0, "int8-intmm": 3.0, "int8-bf16": 5.0, "int8-fp16": 8.0,
            "int8-f32": 7.0, "int8-fbgemm": 1.0}
-    measure, _ = fake_timings({1: one, 4: {**one, "int8-fbgemm": 6.0}})
+    measure, _ = fake_timings({1: one, 4: {**one, "int8-fbgemm": 6.0},
+                               tuning.PROMPT_ROWS: {**one, "int8-f32": 0.5}})
     monkeypatch.setattr(tuning, "measure", measure)
     model = model_in("int8")
     prepare(model, "int8", rows=(1, 4))
-    head = model.lm_head
-    assert head.kernels == {1: KERNELS["int8-fbgemm"], 4: KERNELS["int8-intmm"]}
-    assert [head.for_rows(m).name for m in (1, 2, 3, 4, 5, 64)] == \
-        ["int8-fbgemm"] * 3 + ["int8-intmm"] * 3
+    head, prompts = model.lm_head, tuning.PROMPT_ROWS
+    assert head.kernels == {1: KERNELS["int8-fbgemm"], 4: KERNELS["int8-intmm"],
+                            prompts: KERNELS["int8-f32"]}
+    assert [head.for_rows(m).name for m in (1, 2, 3, 4, 5, prompts - 1, prompts, 64)] == \
+        ["int8-fbgemm"] * 3 + ["int8-intmm"] * 3 + ["int8-f32"] * 2
+    assert [r["prompt"] for r in kernel_report(model) if r.get("prompt")] != []
 
 
 def test_generate_chooses_kernels_for_its_batch(char_checkpoint, monkeypatch):
@@ -254,8 +264,8 @@ def cache_entries():
 def test_a_corrupt_or_foreign_cache_entry_is_ignored_and_remeasured(monkeypatch):
     prepare(model_in("float"), None)
     entries = cache_entries()
-    assert len(entries) == 5 and all(e["key"]["threads"] == torch.get_num_threads()
-                                     for e in entries)
+    assert len([e for e in entries if e["key"]["rows"] == 1]) == 5 and \
+        all(e["key"]["threads"] == torch.get_num_threads() for e in entries)
     # our entries rewritten to name another mode's kernel, plus another machine's entry
     foreign = dict(entries[0], key=dict(entries[0]["key"], cpu="Some Other CPU"),
                    kernel="chunked")
@@ -266,7 +276,8 @@ def test_a_corrupt_or_foreign_cache_entry_is_ignored_and_remeasured(monkeypatch)
     monkeypatch.setattr(tuning, "measure", measure)
     model = model_in("float")
     prepare(model, None)
-    assert len(calls) == 5 and {r["source"] for r in kernel_report(model)} == {"measured"}
+    # (five shapes at 1 row and for prompts: (out, in)'s kernels are measured for those too)
+    assert len(calls) == 10 and {r["source"] for r in kernel_report(model)} == {"measured"}
     kept = cache_entries()
     assert foreign in kept and {e["kernel"] for e in kept if e != foreign} == {"linear"}
     # a file that is not JSON at all, or not ours: measured again, then rewritten whole
@@ -274,7 +285,7 @@ def test_a_corrupt_or_foreign_cache_entry_is_ignored_and_remeasured(monkeypatch)
         tuning.cache_path().write_text(text)
         calls.clear()
         prepare(model_in("float"), None)
-        assert len(calls) == 5 and len(cache_entries()) == 5
+        assert len(calls) == 10 and len(cache_entries()) == 10
     # a valid entry is used as it is (the cache is really read)
     entries = cache_entries()
     for e in entries:
@@ -306,7 +317,7 @@ def test_each_timing_follows_a_read_of_what_decoding_reads_in_between(monkeypatc
     measure, calls = fake_timings({"addmm": 2.0, "linear": 1.0, "chunked": 3.0, "mkldnn": 4.0})
     monkeypatch.setattr(tuning, "measure", measure)
     prepare(model_in("float"), None)
-    assert len(calls) == 5 and json.loads(tuning.cache_path().read_text())["format"] == \
+    assert len(calls) == 10 and json.loads(tuning.cache_path().read_text())["format"] == \
         tuning.CACHE_FORMAT != "gptcli-kernels/1"
 
 
@@ -324,7 +335,7 @@ def test_a_choice_measured_on_a_saturated_machine_is_measured_again_when_quieter
     assert calls == []
     monkeypatch.setattr(tuning, "current_load", lambda: 0.5)
     prepare(model_in("float"), None)
-    assert len(calls) == 5 and {e["load"] for e in cache_entries()} == {0.5}
+    assert len(calls) == 10 and {e["load"] for e in cache_entries()} == {0.5}
     calls.clear()
     prepare(model_in("float"), None)  # measured on a quiet machine: kept from then on
     assert calls == []
@@ -403,8 +414,12 @@ def test_bench_shows_the_choice_and_refuses_an_unknown_kernel():
     out = json.loads(runner.invoke(app, args + ["--kernel", "fused", "--json"]).stdout
                      .strip().splitlines()[-1])
     assert out["blocks"] == {"fused": True, "forced": True}
-    assert {(k["kernel"], k["source"]) for k in out["kernels"] if k["shape"][1] != 50257} == {
+    blocks = [k for k in out["kernels"] if k["shape"][1] != 50257]
+    assert {(k["kernel"], k["source"]) for k in blocks if not k.get("prompt")} == {
         ("int8-native", "fused")}
+    # prompts (which the C blocks do not take): the native layout, at least as precise
+    assert all(KERNELS[k["kernel"]].layout == "int8" and KERNELS[k["kernel"]].tolerance
+               <= KERNELS["int8-native"].tolerance for k in blocks if k.get("prompt"))
     bad = runner.invoke(app, args + ["--kernel", "linear"])
     assert bad.exit_code == 2
     assert bad.stderr.strip().startswith("error: kernel linear is for no --quantize; for this "

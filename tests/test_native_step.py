@@ -23,7 +23,7 @@ from gptcli.quantize import prepare
 from gptcli.speculative import Draft
 
 from conftest import randomize_, tiny_config
-from test_kernels import fake_timings, model_in
+from test_kernels import fake_timings, model_in, stored_weights_model
 
 runner = CliRunner()
 # relative error of the blocks' output against the model's own blocks on the same cache (the C
@@ -200,6 +200,35 @@ def test_the_c_blocks_are_chosen_by_measurement_cached_and_forced(monkeypatch):
     prepare(model, "int8", kernel="int8-bf16")
     assert not hasattr(model, "decode_step") and model.fused_choice == {"fused": False,
                                                                         "forced": True}
+
+
+@pytest.mark.parametrize("mode,chosen,prompts,kept", [
+    (None, "linear", "mkldnn-plain", "mkldnn-plain"),
+    ("int8", "int8-bf16", "int8-bf16", "int8-native")])
+def test_a_prompts_kernel_stays_once_fused_where_it_reads_the_native_layout_as_precisely(
+        monkeypatch, mode, chosen, prompts, kept):
+    """The C blocks take decoding's rows only: a prompt's products keep the kernel chosen for
+    them (float: oneDNN on W (out, in), native's layout) unless it is less precise than the
+    native kernel (int8-bf16's bf16 activations): then the native kernel's. Either way a
+    prompt's logits are the plain model's."""
+    def measure(kernels, storages, reference, rows, dtype, threads, flush):
+        fast = prompts if rows == tuning.PROMPT_ROWS else chosen
+        return {k.name: 1.0 if k.name == fast else 2.0 for k in kernels}, {}
+    monkeypatch.setattr(tuning, "measure", measure)
+    monkeypatch.setattr(native_step, "_time_blocks", lambda *a: (2.0, 1.0))
+    model = model_in(mode or "float")
+    want = stored_weights_model(model, mode or "float")
+    prepare(model, mode)
+    assert isinstance(model.decode_step, native_step.BlockStep)
+    layer = model.h[0].mlp.c_fc
+    native_name = "int8-native" if mode else "native"
+    assert {m: k.name for m, k in layer.kernels.items()} == {1: native_name,
+                                                             tuning.PROMPT_ROWS: kept}
+    assert layer.for_rows(20).name == kept
+    idx = torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, exact = model(idx), want(idx)
+    assert relative(got, exact) < (1e-5 if mode is None else 3e-3)
 
 
 def test_the_blocks_layers_keep_only_the_native_layout_once_fused(monkeypatch):
