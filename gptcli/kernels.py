@@ -50,6 +50,7 @@ class Kernel:
     tolerance: float
     doc: str
     native: bool = False  # gptcli's own C (native.py): runs only where it could be built
+    prompt: bool = False  # for prompts only (tuning.PROMPT_ROWS rows and more), not decoding
 
 
 # ----------------------------------------------------------------------------- float
@@ -133,10 +134,10 @@ FLOAT = [
            lambda s, t: {"w_dnn16": _mkldnn_pack(s["weight"].t(), 16)},
            lambda x, m: _mkldnn(x, m.w_dnn16, m.bias), 1e-5,
            "as mkldnn, in the layout oneDNN picks for 16 rows"),
-    # (on an AMD EPYC, 128-row products 2.3-2.6x F.linear's, which is MKL's there: prompts)
+    # (on an AMD EPYC, 128-row products 2.3-2.6x F.linear's, which is MKL's there)
     Kernel("mkldnn-plain", "float", "out_in", _out_in,
            lambda x, m: _mkldnn(x, m.w_oi, m.bias), 1e-5,
-           "oneDNN inner product on W (out, in) as it is: no packed copy"),
+           "oneDNN inner product on W (out, in) as it is: no packed copy", prompt=True),
 ]
 
 
@@ -364,12 +365,24 @@ NATIVE = [
     Kernel("bf16-native", "half", "bf16-out_in", _native(HALF[0].pack), _native_float, 4e-3,
            "bf16 weights (out, in) through gptcli's own C product, float32 activations",
            True),
+    # prompts: the weights made float32 for the call (a 768x3072 bf16 matrix in 0.15 ms) and
+    # oneDNN's product, 2.2-2.4x F.linear's on an AMD EPYC at 128 rows
+    Kernel("bf16-dnn", "half", "bf16-out_in", HALF[0].pack,
+           lambda x, m: _mkldnn(native._f32(x), m.w_bfloat16.float(),
+                                native._f32(m.bias)).to(x.dtype), 4e-3,
+           "bf16 weights (out, in) made float32 for oneDNN's product, float32 activations",
+           prompt=True),
     Kernel("int8-native", "int8", "int8", _native(lambda s, t: {}), _native_int8, 3e-4,
            "gptcli's own C product (native.py), activations rounded to 15 bits per row",
            True),
     Kernel("int4-native", "int4", "int4-native", _native(_native_int4_pack), _native_int4, 3e-4,
            "gptcli's own C product on two 4-bit weights a byte, activations in 15 bits per row",
            True),
+    Kernel("int4-dnn", "int4", "int4-native", _native(_native_int4_pack),
+           lambda x, m: _mkldnn(native._f32(x), native.int4_unpacked(m.n4, m.s4, m.m4),
+                                native._f32(m.bias)).to(x.dtype), 1e-4,
+           "the 4-bit weights made float32 by gptcli's C for oneDNN's product, float32 "
+           "activations", True, prompt=True),
 ]
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in FLOAT + HALF + INT8 + INT4 + NATIVE}

@@ -112,7 +112,10 @@ typedef __m256 fvec;
    blocks 2.7 ms a token with a prefetch, 3.4 without; bf16 7.1 against 8.2). On a Zen 5 VM a
    plain read of 2 threads reached 39-40 GB/s, 46-50 with lines asked for 4-8 KB ahead; asking
    a line at a time rather than a row at once (as before) made 12 blocks 1.04-1.07x faster in
-   float32, 1.08-1.16x in bf16, 1.03-1.07x in int8 (8 KB and 4 KB alike, 16 KB 2-4% slower). */
+   float32, 1.08-1.16x in bf16, 1.03-1.07x in int8 (8 KB and 4 KB alike, 16 KB 2-4% slower).
+   A build without vector loops (no AVX2) asks for a row or more ahead at each row's start.
+   The 4-row loops read less than a line a step and ask at every step: asking once a line (a
+   branch) made bf16's 12 blocks at 4 rows 2-3% slower here (0.971x, 0.975x, 0.988x). */
 #define LEAD 4
 #define AHEAD 8192
 static inline void prefetch(const void *p, int64_t bytes) {
@@ -215,7 +218,7 @@ static inline void dot4_int8(const int8_t *w, const int16_t *a, int64_t K, int64
 #ifdef ILANES
   ivec s0 = IZERO(), s1 = IZERO(), s2 = IZERO(), s3 = IZERO();
   for (; k + ILANES <= k1; k += ILANES) {
-    ahead(w + k, ILANES);
+    ahead(w + k, ILANES); /* (a line asked for twice or more: see FLANES' below) */
     ivec v = IWIDE(w + k);
     s0 = IMADD(s0, v, ILOAD(a0 + k)); s1 = IMADD(s1, v, ILOAD(a1 + k));
     s2 = IMADD(s2, v, ILOAD(a2 + k)); s3 = IMADD(s3, v, ILOAD(a3 + k));
@@ -236,6 +239,9 @@ static void int8_rows(const int16_t *xq, const float *step, int64_t M, int64_t K
                       int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n++) {
     const int8_t *w = q + n * K;
+#ifndef ILANES /* (the vector loops ask for the lines ahead themselves) */
+    if (n + LEAD < n1) prefetch(w + LEAD * K, K);
+#endif
     float b = bias ? bias[n] : 0.f;
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) {
@@ -666,6 +672,37 @@ int gptcli_int4(const float *x, int64_t M, int64_t K, const uint8_t *p, const ui
   return 0;
 }
 
+/* The int4 weights as float32 w (N, K), q * scale + low: a prompt's many rows take them to
+   oneDNN's product (kernels.py, int4-dnn), which beats the 4-bit product at that size. */
+int gptcli_int4_unpack(const uint8_t *p, const uint16_t *scale, const uint16_t *low, int64_t N,
+                       int64_t K, float *w, int threads) {
+  int64_t G = K / GROUP;
+  PARALLEL
+  {
+    SHARE(N, n0, n1);
+    for (int64_t n = n0; n < n1; n++)
+      for (int64_t g = 0; g < G; g++) {
+        const uint8_t *b = p + n * (K / 2) + g * (GROUP / 2);
+        float s = from_f16(scale[n * G + g]), l = from_f16(low[n * G + g]);
+        float *o = w + n * K + g * GROUP;
+#if defined(__AVX512F__)
+        __m128i bytes = _mm_loadu_si128((const __m128i *)b), nibble = _mm_set1_epi8(15);
+        __m512 sv = _mm512_set1_ps(s), lv = _mm512_set1_ps(l);
+        __m512i q0 = _mm512_cvtepu8_epi32(_mm_and_si128(bytes, nibble));
+        __m512i q1 = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q0), sv, lv));
+        _mm512_storeu_ps(o + GROUP / 2, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q1), sv, lv));
+#else
+        for (int j = 0; j < GROUP / 2; j++) { /* a byte: element j (low nibble), j + 16 */
+          o[j] = (float)(b[j] & 15) * s + l;
+          o[j + GROUP / 2] = (float)(b[j] >> 4) * s + l;
+        }
+#endif
+      }
+  }
+  return 0;
+}
+
 /* ---------------------------------------------------------------- float weights (f32, bf16) */
 
 static inline float from_bf16(uint16_t h) {
@@ -696,9 +733,13 @@ static inline float from_f32(float v) { return v; }
     s2 = FFMA(s2, v, FLOAD_f32(a2 + k)); s3 = FFMA(s3, v, FLOAD_f32(a3 + k));               \
   }                                                                                         \
   t0 = FSUM(s0); t1 = FSUM(s1); t2 = FSUM(s2); t3 = FSUM(s3);
-#else
+#define ROW_PREFETCH(TYPE)
+#else /* (no vector loops to ask for the lines ahead: a row at a time, a row or two ahead) */
 #define VECTOR_DOT1(T)
 #define VECTOR_DOT4(T)
+#define ROW_PREFETCH(TYPE)                                                                  \
+  if (n + LEAD / (int64_t)sizeof(TYPE) < n1)                                                \
+    prefetch(r + LEAD / (int64_t)sizeof(TYPE) * K, K * (int64_t)sizeof(TYPE));
 #endif
 
 /* float weights w (N, K) of type T (LOAD reads one as float), float32 activations and sums */
@@ -726,6 +767,7 @@ static inline float from_f32(float v) { return v; }
                        const float *bias, float *y, int64_t N, int64_t n0, int64_t n1) {    \
     for (int64_t n = n0; n < n1; n++) {                                                     \
       const TYPE *r = w + n * K;                                                            \
+      ROW_PREFETCH(TYPE)                                                                    \
       float b = bias ? bias[n] : 0.f;                                                       \
       int64_t m = 0;                                                                        \
       for (; m + 4 <= M; m += 4) dot4_##T(r, x + m * K, K, y + m * N + n, N, b);            \

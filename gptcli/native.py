@@ -43,7 +43,8 @@ _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {"gptcli_int8": [_P, _I64, _I64, _P, _P, _P, _P, _I64, _INT],
               "gptcli_bf16": [_P, _I64, _I64, _P, _P, _P, _I64, _INT],
               "gptcli_f32": [_P, _I64, _I64, _P, _P, _P, _I64, _INT],
-              "gptcli_int4": [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _INT]}
+              "gptcli_int4": [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _INT],
+              "gptcli_int4_unpack": [_P, _P, _P, _I64, _I64, _P, _INT]}
 
 _loaded: ctypes.CDLL | None = None
 _failed: str | None = None
@@ -212,6 +213,19 @@ def int4_product(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low
     _check(scale, torch.float16, (N, K // 32))
     _check(low, torch.float16, (N, K // 32))
     return _run((_loaded or library()).gptcli_int4, x, (packed, scale, low), _f32(bias), N)
+
+
+def int4_unpacked(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The 4-bit weights of ``int4_product`` as a new float32 (N, K) tensor."""
+    (N, half), K = packed.shape, 2 * packed.size(1)
+    _check(packed, torch.uint8, (N, half))
+    _check(scale, torch.float16, (N, K // 32))
+    _check(low, torch.float16, (N, K // 32))
+    w = torch.empty(N, K, dtype=torch.float32)
+    (_loaded or library()).gptcli_int4_unpack(packed.data_ptr(), scale.data_ptr(),
+                                              low.data_ptr(), N, K, w.data_ptr(),
+                                              torch.get_num_threads())
+    return w
 
 
 def float_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

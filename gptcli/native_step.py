@@ -271,7 +271,7 @@ def _decide(model: nn.Module, rows: tuple[int, ...], storages: dict[str, dict],
     rows = tuple(dict.fromkeys(rows))
     key = {**tuning.machine(), "step": "fused", "mode": layers[0].mode, "rows": list(rows),
            "shape": [cfg.n_layer, cfg.n_embd, cfg.n_head], "bias": cfg.bias,
-           "layers": sorted({k.name for m in layers for k in m.kernels.values()})}
+           "layers": sorted({k.name for m in layers for r, k in m.kernels.items() if r in rows})}
     entry = tuning.find(tuning.read_cache(), key, ("fused", "us"), tuning.current_load())
     if entry is None or not (isinstance(entry["fused"], bool) and isinstance(entry["us"], dict)):
         count = _measured_blocks(model)  # (an entry not as we write it: measured again)
@@ -297,15 +297,16 @@ def _switch(model: nn.Module, storages: dict[str, dict]) -> None:
         for n in PROJECTIONS:
             layer = block.get_submodule(n)
             kernel, choices = KERNELS[NATIVE[layer.mode]], getattr(layer, "choices", {})
-            # (a prompt's kernel stays where it reads the native layout as precisely: the C
-            # blocks take no prompts)
-            want = {m: k if m in choices and choices[m].prompt and k.layout == kernel.layout
-                    and k.tolerance <= kernel.tolerance else kernel
-                    for m, k in layer.kernels.items()}
+            # (prompts, which the C blocks do not take: the fastest timed for them of the native
+            # layout, as precise as the native kernel)
+            want = {m: KERNELS[tuning.fastest(choices[m].us, kernel.layout, kernel.tolerance)
+                               or kernel.name] if m in choices and choices[m].prompt else kernel
+                    for m in layer.kernels}
             if any(want[m] is not k for m, k in layer.kernels.items()):
                 layer.use(want, threads, storages[f"h.{i}.{n}"])
-            layer.choices = {m: c if want.get(m) is not kernel else
-                             replace(c, kernel=kernel, source="fused") for m, c in choices.items()}
+            layer.choices = {m: replace(c, kernel=want.get(m, kernel)) if c.prompt else
+                             replace(c, kernel=kernel, source="fused")
+                             for m, c in choices.items()}  # (prompts: not by the C blocks)
     model.decode_step = BlockStep(model)
 
 

@@ -27,7 +27,7 @@ def _kernel_row(k: dict) -> tuple[str, str]:
     if k.get("load") is not None and k["source"] != "fused":
         how += f" at load {k['load']:.1f}"
     if k.get("prompt"):
-        how += f" for {k['rows']} rows and more"
+        how += f" for {k['rows']} rows and more, timed at {k.get('timed_rows', k['rows'])} rows"
     times = ", ".join(f"{name} {us:,.0f}" for name, us in sorted(k["us"].items(),
                                                                   key=lambda kv: kv[1]))
     layers = f"{k['layers']} layer" + ("s" if k["layers"] > 1 else "")

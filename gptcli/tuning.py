@@ -18,7 +18,8 @@ is ignored and measured again, as is one measured on a saturated machine once it
 A layer holds its weights in one layout, so when it is prepared for several numbers of rows
 (``gpt bench --batch-size 4``: 1 and 4) the layout is the one fastest over them together, and each
 row count runs its fastest kernel of that layout (``layout_for``). A prompt's products (16 rows
-and more, ``PROMPT_ROWS``) run the fastest kernel of that layout as precise as decoding's: on
+and more, ``PROMPT_ROWS``) run the fastest kernel of that layout as precise as decoding's,
+timed at 64 rows; some are for prompts only (oneDNN on weights made float32 for the call): on
 an AMD EPYC, torch's F.linear (MKL) took 2.3-2.6x as long as oneDNN on the same weights.
 The plain layouts (the model's own (in, out), nn.Linear's (out, in)) are always candidates, so
 the choice is never slower than the plain model, as measured.
@@ -45,7 +46,8 @@ from .store import gptcli_home
 CACHE_FORMAT = "gptcli-kernels/2"  # 2: timed after reading the model's size (flush_buffer)
 ROUNDS = 3
 SLACK = 0.03  # see pick
-PROMPT_ROWS = 16  # a prompt's products (and a batch's of more rows) are chosen at this many
+PROMPT_ROWS = 16  # a prompt's products (a batch's of more rows) run their own choice from here
+PROMPT_TIMED = 64  # timed at this many rows, a prompt's (a 16-row timing favours the 1-row code)
 FLUSH_MAX = 1 << 30
 
 
@@ -111,7 +113,7 @@ def lookup(entries: list[dict], key: dict, allowed: list[Kernel],
                 saturated(e, load):
             continue
         skipped = e.get("skipped") if isinstance(e.get("skipped"), dict) else {}
-        when = {k: e[k] for k in ("measured_at", "load") if k in e}
+        when = {k: e[k] for k in ("measured_at", "load", "timed_rows") if k in e}
         return Choice(KERNELS[e["kernel"]], "cached", dict(us), dict(skipped), when)
     return None
 
@@ -239,8 +241,9 @@ def choose(mode: str, storages: list[dict], reference: Callable[[], torch.Tensor
     weight (in, out) in float, for measuring). Every kernel of ``mode`` is measured (or read
     from the cache) at each row count; one layout is kept for them all (``layout_for``), and
     each row count runs its fastest kernel of that layout. Prompts get their own row count,
-    ``PROMPT_ROWS``, where fewer are asked for: the fastest kernel of that layout that is as
-    precise as the decoding ones. ``forced`` names one kernel to use everywhere."""
+    ``PROMPT_ROWS``, where fewer are asked for: the fastest kernel of that layout (timed at
+    ``PROMPT_TIMED`` rows) as precise as the largest batch's, which prompts ran before.
+    ``forced`` names one kernel to use everywhere."""
     if forced is not None:
         return {m: Choice(KERNELS[forced], "forced") for m in rows}
     threads = torch.get_num_threads()
@@ -256,37 +259,54 @@ def choose(mode: str, storages: list[dict], reference: Callable[[], torch.Tensor
 
     def at(m: int, kernels: list[Kernel]) -> Choice | None:
         # the candidates are part of the key: a gptcli with other kernels measures again
-        key = {**base, "candidates": [k.name for k in kernels], "rows": m}
+        timed = PROMPT_TIMED if m == PROMPT_ROWS and m not in rows else m
+        key = {**base, "candidates": [k.name for k in kernels], "rows": m,
+               **({"timed_rows": timed} if timed != m else {})}
         choice = lookup(entries, key, kernels, current_load())
         if choice is None:
             if not flush:
                 flush.append(flush_buffer(model_bytes))
             load = current_load()
-            us, skipped = measure(kernels, storages, reference(), m, dtype, threads, flush[0])
+            us, skipped = measure(kernels, storages, reference(), timed, dtype, threads,
+                                  flush[0])
             if not us:
-                if m == PROMPT_ROWS and m not in rows:
+                if timed != m:
                     return None  # (prompts run the decoding kernels)
                 raise RuntimeError(f"no {mode} kernel runs here: " + "; ".join(
                     f"{k}: {why}" for k, why in skipped.items()))
             choice = Choice(KERNELS[pick(us)], "measured", us, {**unbuilt, **skipped}, {
-                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load": load})
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load": load,
+                **({"timed_rows": timed} if timed != m else {})})
             remember(key, choice)
         return choice
 
-    measured = {m: at(m, allowed) for m in dict.fromkeys(rows)}
+    decoding = [k for k in allowed if not k.prompt]  # (the prompt-only ones: below)
+    measured = {m: at(m, decoding) for m in dict.fromkeys(rows)}
     layout = layout_for([c.us for c in measured.values()])
     out = {}
     for m, c in measured.items():
         own = {k: t for k, t in c.us.items() if KERNELS[k].layout == layout}
         # (none of that layout ran at this row count: its own fastest, in a second layout)
         out[m] = Choice(KERNELS[pick(own or c.us)], c.source, c.us, c.skipped, c.measured)
-    # a prompt's rows: the fastest of the layout's kernels as precise as the decoding ones
-    worst = max(c.kernel.tolerance for c in out.values())
-    same = [k for k in allowed if k.layout == layout and k.tolerance <= worst]
-    prompts = at(PROMPT_ROWS, same) if max(rows) < PROMPT_ROWS and len(same) > 1 else None
-    if prompts is not None:
-        out[PROMPT_ROWS] = replace(prompts, prompt=True)
+    # a prompt's rows: the fastest of the layout's kernels (those for prompts only among them)
+    # as precise as the one prompts ran before, the largest batch's; the native layout's are
+    # timed too, for where the C blocks take the layers over (native_step.prompt_kernel)
+    bound = out[max(rows)].kernel.tolerance
+    native_layouts = {k.layout: k.tolerance for k in allowed if k.native and not k.prompt}
+    timed = [k for k in allowed if (k.layout == layout and k.tolerance <= bound)
+             or k.tolerance <= native_layouts.get(k.layout, -1.0)]
+    prompts = at(PROMPT_ROWS, timed) if max(rows) < PROMPT_ROWS and len(timed) > 1 else None
+    own = prompts and fastest(prompts.us, layout, bound)
+    if own:
+        out[PROMPT_ROWS] = replace(prompts, kernel=KERNELS[own], prompt=True)
     return out
+
+
+def fastest(us: dict[str, float], layout: str, bound: float) -> str | None:
+    """``pick`` among the kernels timed in ``us`` of ``layout`` within ``bound``, if any."""
+    own = {n: t for n, t in us.items() if n in KERNELS and KERNELS[n].layout == layout
+           and KERNELS[n].tolerance <= bound}
+    return pick(own) if own else None
 
 
 def layout_for(timings: list[dict[str, float]]) -> str:

@@ -167,10 +167,10 @@ def test_the_fastest_measured_kernel_is_chosen_and_cached(monkeypatch):
     assert head.kernels[1].name == "int8-fp16" and head.kernels[4].name == "int8-fp16"
     # five shapes, two row counts each and prompts: these among the kernels as precise as
     # decoding's (int8-fp16's activations), of its layout
-    assert [rows for rows, _ in calls] == [1, 4, tuning.PROMPT_ROWS] * 5
+    assert [rows for rows, _ in calls] == [1, 4, tuning.PROMPT_TIMED] * 5
     precise = [n for n in calls[0][1] if KERNELS[n].tolerance <= KERNELS["int8-fp16"].tolerance]
     assert "int8-intmm" not in precise and "int8-bf16" not in precise
-    assert all(names == precise for rows, names in calls if rows == tuning.PROMPT_ROWS)
+    assert all(names == precise for rows, names in calls if rows == tuning.PROMPT_TIMED)
     assert head.kernels[tuning.PROMPT_ROWS].name == "int8-fp16"
     report = kernel_report(model)
     assert {r["source"] for r in report} == {"measured"}
@@ -192,7 +192,7 @@ def test_a_more_precise_kernel_within_a_few_percent_of_the_fastest_is_preferred(
 def test_one_layout_serves_every_row_count_and_is_the_fastest_over_them(monkeypatch):
     """Every kernel is measured at each row count; the layout is the one fastest summed over
     them, each row count then runs its fastest kernel of that layout."""
-    float_names = [k.name for k in candidates("float")]
+    float_names = [k.name for k in candidates("float") if not k.prompt]  # (prompts': below)
     one = {"addmm": 5.0, "linear": 1.0, "chunked": 2.0, "chunked-rows": 4.0, "mkldnn": 3.0}
     measure, calls = fake_timings({1: one, 4: {**one, "linear": 9.0, "chunked": 9.0}})
     monkeypatch.setattr(tuning, "measure", measure)
@@ -227,7 +227,7 @@ def test_a_row_count_not_chosen_for_runs_the_kernel_of_the_most_rows_below_it(mo
     one = {"int8-intmm2": 9.0, "int8-intmm": 3.0, "int8-bf16": 5.0, "int8-fp16": 8.0,
            "int8-f32": 7.0, "int8-fbgemm": 1.0}
     measure, _ = fake_timings({1: one, 4: {**one, "int8-fbgemm": 6.0},
-                               tuning.PROMPT_ROWS: {**one, "int8-f32": 0.5}})
+                               tuning.PROMPT_TIMED: {**one, "int8-f32": 0.5}})
     monkeypatch.setattr(tuning, "measure", measure)
     model = model_in("int8")
     prepare(model, "int8", rows=(1, 4))
@@ -239,6 +239,57 @@ def test_a_row_count_not_chosen_for_runs_the_kernel_of_the_most_rows_below_it(mo
     assert [r["prompt"] for r in kernel_report(model) if r.get("prompt")] != []
 
 
+def test_prompts_get_their_own_kernel_timed_at_a_prompts_rows(monkeypatch):
+    """From PROMPT_ROWS rows on, the fastest of the layout's kernels timed at PROMPT_TIMED rows,
+    those for prompts only among them (never timed for decoding); none where the batch itself
+    is that large."""
+    layout = [k.name for k in candidates("float") if k.layout == "out_in"]
+    one = {"linear": 1.0, "native": 2.0, "addmm": 3.0}
+    measure, calls = fake_timings({1: one, tuning.PROMPT_ROWS: one,
+                                   tuning.PROMPT_TIMED: {n: 1.0 if n == "mkldnn-plain" else 3.0
+                                                         for n in layout}})
+    monkeypatch.setattr(tuning, "measure", measure)
+    model = model_in("float")
+    want = copy.deepcopy(model)
+    prepare(model, None)
+    assert "mkldnn-plain" in layout and KERNELS["mkldnn-plain"].prompt
+    assert all(not KERNELS[n].prompt for rows, names in calls if rows == 1 for n in names)
+    assert {tuple(names) for rows, names in calls if rows != 1} == {tuple(layout)}
+    head, prompts = model.lm_head, tuning.PROMPT_ROWS
+    assert head.kernels == {1: KERNELS["linear"], prompts: KERNELS["mkldnn-plain"]}
+    assert [head.for_rows(m).name for m in (1, prompts - 1, prompts, 500)] == \
+        ["linear"] * 2 + ["mkldnn-plain"] * 2
+    (entry,) = [r for r in kernel_report(model) if r.get("prompt") and r["shape"][1] == 101]
+    assert entry["rows"] == prompts and entry["timed_rows"] == tuning.PROMPT_TIMED
+    idx = torch.randint(0, 101, (2, prompts + 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), want(idx), rtol=1e-4, atol=1e-4)
+    calls.clear()
+    big = model_in("float")
+    prepare(big, None, rows=(1, prompts))  # a batch of 16: its own choice serves prompts
+    # (1 row: cached above) never timed at PROMPT_TIMED
+    assert set(big.lm_head.kernels) == {1, prompts} and {r for r, _ in calls} == {prompts}
+    assert not any(r.get("prompt") for r in kernel_report(big))
+
+
+def test_a_prompt_is_never_computed_less_precisely_than_the_largest_batchs_kernel(monkeypatch):
+    """Prompts ran the largest batch's kernel before they had their own: theirs is at least as
+    precise (here int8-intmm2's 15-bit activations, not int8-fbgemm's 8 bits)."""
+    fast = {"int8-fbgemm": 0.5, "int8-intmm": 0.6, "int8-bf16": 0.7, "int8-fp16": 0.8,
+            "int8-f32": 2.0, "int8-intmm2": 3.0, "int8-native": 3.0}
+    measure, calls = fake_timings({1: fast, 4: {**fast, "int8-intmm2": 0.1},
+                                   tuning.PROMPT_TIMED: fast})
+    monkeypatch.setattr(tuning, "measure", measure)
+    model = model_in("int8")
+    prepare(model, "int8", rows=(1, 4))
+    head = model.lm_head
+    assert head.kernels[1].name == "int8-fbgemm" and head.kernels[4].name == "int8-intmm2"
+    timed = {n for rows, names in calls if rows == tuning.PROMPT_TIMED for n in names}
+    assert timed and all(KERNELS[n].tolerance <= KERNELS["int8-intmm2"].tolerance
+                         for n in timed)
+    assert head.kernels[tuning.PROMPT_ROWS].name == "int8-f32"
+
+
 def test_generate_chooses_kernels_for_its_batch(char_checkpoint, monkeypatch):
     """`gpt generate --num-samples N` decodes N rows at once: its kernels are chosen for N rows
     too (as `gpt serve`'s for --max-batch)."""
@@ -248,12 +299,13 @@ def test_generate_chooses_kernels_for_its_batch(char_checkpoint, monkeypatch):
                                    "chunked-rows": 4.0, "mkldnn": 9.0})
     monkeypatch.setattr(tuning, "measure", measure)
     loaded = load_generator(str(char_checkpoint), device="cpu", batch=3)
-    assert set(loaded.model.lm_head.kernels) == {1, 3}
-    assert {rows for rows, _ in calls} == {1, 3}
+    prompts = {tuning.PROMPT_ROWS}  # (and prompts: timed at PROMPT_TIMED)
+    assert set(loaded.model.lm_head.kernels) - prompts == {1, 3}
+    assert {rows for rows, _ in calls} - {tuning.PROMPT_TIMED} == {1, 3}
     result = runner.invoke(app, ["generate", "--model", str(char_checkpoint), "--prompt", "ab",
                                  "--max-new-tokens", "2", "--num-samples", "5"])
     assert result.exit_code == 0, result.output
-    assert {rows for rows, _ in calls} == {1, 3, 5}
+    assert {rows for rows, _ in calls} - {tuning.PROMPT_TIMED} == {1, 3, 5}
 
 
 def cache_entries():
@@ -279,7 +331,9 @@ def test_a_corrupt_or_foreign_cache_entry_is_ignored_and_remeasured(monkeypatch)
     # (five shapes at 1 row and for prompts: (out, in)'s kernels are measured for those too)
     assert len(calls) == 10 and {r["source"] for r in kernel_report(model)} == {"measured"}
     kept = cache_entries()
-    assert foreign in kept and {e["kernel"] for e in kept if e != foreign} == {"linear"}
+    # (a broken entry for prompts whose candidates differ from this run's is left as it was)
+    assert foreign in kept and {e["kernel"] for e in kept
+                                if e != foreign and e not in broken} == {"linear"}
     # a file that is not JSON at all, or not ours: measured again, then rewritten whole
     for text in ("{not json", json.dumps({"format": "something-else/9", "entries": []})):
         tuning.cache_path().write_text(text)
@@ -295,7 +349,9 @@ def test_a_corrupt_or_foreign_cache_entry_is_ignored_and_remeasured(monkeypatch)
     calls.clear()
     model = model_in("float")
     prepare(model, None)
-    assert calls == [] and model.lm_head.kernel.name == "addmm"
+    # (prompts: addmm's layout is not the native one, whose kernels are timed for them too)
+    assert [r for r, _ in calls if r != tuning.PROMPT_TIMED] == []
+    assert model.lm_head.kernel.name == "addmm"
 
 
 def test_each_timing_follows_a_read_of_what_decoding_reads_in_between(monkeypatch):
@@ -335,7 +391,8 @@ def test_a_choice_measured_on_a_saturated_machine_is_measured_again_when_quieter
     assert calls == []
     monkeypatch.setattr(tuning, "current_load", lambda: 0.5)
     prepare(model_in("float"), None)
-    assert len(calls) == 10 and {e["load"] for e in cache_entries()} == {0.5}
+    assert len(calls) == 10 and {e["load"] for e in cache_entries() if e["key"]["rows"] == 1} \
+        == {0.5}
     calls.clear()
     prepare(model_in("float"), None)  # measured on a quiet machine: kept from then on
     assert calls == []
@@ -347,7 +404,8 @@ def test_the_cache_key_holds_the_machine_threads_torch_and_shape():
     assert set(key) == {"cpu", "flags", "threads", "torch", "mode", "dtype", "shape", "rows",
                         "candidates"}
     assert key["torch"] == torch.__version__ and key["mode"] == "float"
-    assert key["candidates"] == [k.name for k in candidates("float")]  # new kernels: measured again
+    # new kernels: measured again (those for prompts only have entries of their own)
+    assert key["candidates"] == [k.name for k in candidates("float") if not k.prompt]
 
 
 def test_a_kernel_that_misses_its_bound_is_not_chosen(monkeypatch):
@@ -380,7 +438,8 @@ def test_forcing_by_environment_variable_and_refusals(monkeypatch):
         prepare(model_in("float"), None, kernel="int8-intmm")
     assert str(err.value).startswith("kernel int8-intmm is for --quantize int8; for this model "
                                      "choose one of: addmm")
-    assert [k.name for k in candidates("int4")] == ["int4-bf16", "int4-f32", "int4-native"]
+    assert [k.name for k in candidates("int4")] == ["int4-bf16", "int4-f32", "int4-native",
+                                                    "int4-dnn"]
 
 
 def test_bench_shows_the_choice_and_refuses_an_unknown_kernel():

@@ -303,6 +303,20 @@ def test_int4_takes_four_weight_rows_and_four_activation_rows_at_a_time():
                         assert tuning.relative_error(got, exact) < 1e-5, (K, N, M, threads)
 
 
+def test_int4_weights_made_float32_for_a_prompt_are_the_stored_weights():
+    """int4-dnn's weights (a prompt's product through oneDNN): each q * scale + low, within
+    float32's rounding of it (subnormal and zero scales among them), on one thread and two."""
+    g = torch.Generator().manual_seed(8)
+    for K, N in ((32, 1), (64, 9), (832, 37)):
+        p4, scale, low, weights = int4_case(g, N, K)
+        for threads in (1, 2):
+            with threads_set(threads):
+                got = native.int4_unpacked(p4, scale, low)
+            assert got.dtype == torch.float32 and got.shape == (N, K)
+            err = (got.double() - weights).abs()
+            assert (err <= weights.abs() * 2 ** -23 + 1e-45).all(), (K, N, threads)
+
+
 def test_a_row_holding_a_nan_gives_nan_and_torchs_default_dtype_does_not_matter():
     """As torch's product would: a NaN in a row of x makes that row's results NaN, not a
     quiet number, and an infinity makes them not finite; the result is float32 even where

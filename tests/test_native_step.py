@@ -204,15 +204,17 @@ def test_the_c_blocks_are_chosen_by_measurement_cached_and_forced(monkeypatch):
 
 @pytest.mark.parametrize("mode,chosen,prompts,kept", [
     (None, "linear", "mkldnn-plain", "mkldnn-plain"),
-    ("int8", "int8-bf16", "int8-bf16", "int8-native")])
+    (None, "addmm", "mkldnn-plain", "mkldnn-plain"),  # (timed as the native layout's)
+    ("int8", "int8-bf16", "int8-bf16", "int8-f32")])
 def test_a_prompts_kernel_stays_once_fused_where_it_reads_the_native_layout_as_precisely(
         monkeypatch, mode, chosen, prompts, kept):
     """The C blocks take decoding's rows only: a prompt's products keep the kernel chosen for
     them (float: oneDNN on W (out, in), native's layout) unless it is less precise than the
-    native kernel (int8-bf16's bf16 activations): then the native kernel's. Either way a
-    prompt's logits are the plain model's."""
+    native kernel (int8-bf16's bf16 activations): then the fastest of those timed for prompts
+    that is as precise (all as fast here: the most precise, int8-f32). Either way a prompt's
+    logits are the plain model's."""
     def measure(kernels, storages, reference, rows, dtype, threads, flush):
-        fast = prompts if rows == tuning.PROMPT_ROWS else chosen
+        fast = prompts if rows == tuning.PROMPT_TIMED else chosen
         return {k.name: 1.0 if k.name == fast else 2.0 for k in kernels}, {}
     monkeypatch.setattr(tuning, "measure", measure)
     monkeypatch.setattr(native_step, "_time_blocks", lambda *a: (2.0, 1.0))
@@ -225,6 +227,8 @@ def test_a_prompts_kernel_stays_once_fused_where_it_reads_the_native_layout_as_p
     assert {m: k.name for m, k in layer.kernels.items()} == {1: native_name,
                                                              tuning.PROMPT_ROWS: kept}
     assert layer.for_rows(20).name == kept
+    assert {m: c.kernel.name for m, c in layer.choices.items()} == {  # (as gpt bench shows)
+        1: native_name, tuning.PROMPT_ROWS: kept}
     idx = torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, exact = model(idx), want(idx)
