@@ -218,6 +218,8 @@ def int4_product(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low
 def int4_unpacked(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """The 4-bit weights of ``int4_product`` as a new float32 (N, K) tensor."""
     (N, half), K = packed.shape, 2 * packed.size(1)
+    if K % 32:
+        raise ValueError(f"4-bit weights come in whole groups of 32 inputs, not {K}")
     _check(packed, torch.uint8, (N, half))
     _check(scale, torch.float16, (N, K // 32))
     _check(low, torch.float16, (N, K // 32))

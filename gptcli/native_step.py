@@ -291,7 +291,8 @@ def _decide(model: nn.Module, rows: tuple[int, ...], storages: dict[str, dict],
 
 
 def _switch(model: nn.Module, storages: dict[str, dict]) -> None:
-    """The blocks' layers to their native kernel (at every row count), and the C step on."""
+    """The blocks' layers to their native kernel (every decoding row count; prompts: the fastest
+    of its layout timed for them), and the C step on."""
     threads = torch.get_num_threads()
     for i, block in enumerate(model.h):
         for n in PROJECTIONS:

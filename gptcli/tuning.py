@@ -290,7 +290,7 @@ def choose(mode: str, storages: list[dict], reference: Callable[[], torch.Tensor
         out[m] = Choice(KERNELS[pick(own or c.us)], c.source, c.us, c.skipped, c.measured)
     # a prompt's rows: the fastest of the layout's kernels (those for prompts only among them)
     # as precise as the one prompts ran before, the largest batch's; the native layout's are
-    # timed too, for where the C blocks take the layers over (native_step.prompt_kernel)
+    # timed too, for where the C blocks take the layers over (native_step._switch)
     bound = out[max(rows)].kernel.tolerance
     native_layouts = {k.layout: k.tolerance for k in allowed if k.native and not k.prompt}
     timed = [k for k in allowed if (k.layout == layout and k.tolerance <= bound)

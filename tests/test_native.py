@@ -315,6 +315,8 @@ def test_int4_weights_made_float32_for_a_prompt_are_the_stored_weights():
             assert got.dtype == torch.float32 and got.shape == (N, K)
             err = (got.double() - weights).abs()
             assert (err <= weights.abs() * 2 ** -23 + 1e-45).all(), (K, N, threads)
+    with pytest.raises(ValueError, match="whole groups of 32"):
+        native.int4_unpacked(p4[:, :8], scale, low)  # 16 inputs a row
 
 
 def test_a_row_holding_a_nan_gives_nan_and_torchs_default_dtype_does_not_matter():

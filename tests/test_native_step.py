@@ -227,6 +227,10 @@ def test_a_prompts_kernel_stays_once_fused_where_it_reads_the_native_layout_as_p
     assert {m: k.name for m, k in layer.kernels.items()} == {1: native_name,
                                                              tuning.PROMPT_ROWS: kept}
     assert layer.for_rows(20).name == kept
+    # the output matrix (not a block's) keeps its own layout for prompts: no second copy
+    head = model.lm_head
+    assert head.for_rows(20).layout == head.kernels[1].layout and (
+        mode or chosen != "addmm" or not hasattr(head, "w_oi"))
     assert {m: c.kernel.name for m, c in layer.choices.items()} == {  # (as gpt bench shows)
         1: native_name, tuning.PROMPT_ROWS: kept}
     idx = torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(0))
