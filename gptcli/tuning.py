@@ -254,21 +254,22 @@ def choose(mode: str, storages: list[dict], reference: Callable[[], torch.Tensor
     unbuilt = {k.name: why for k in candidates(mode) if k.native and why}
     base = {**machine(), "mode": mode, "dtype": str(dtype).removeprefix("torch."),
             "shape": list(shape)}
-    entries = read_cache()
-    flush: list[torch.Tensor | None] = []  # read before each round, made at the first
+    entries, flush = read_cache(), None  # (flush: read before each round, made at the first)
 
-    def at(m: int, kernels: list[Kernel]) -> Choice | None:
+    def at(m: int, kernels: list[Kernel], timed: int | None = None) -> Choice | None:
+        """The choice for ``m`` rows among ``kernels``, timed at ``timed`` rows (prompts:
+        None where none runs), cached or measured."""
+        nonlocal flush
+        timed = timed or m
         # the candidates are part of the key: a gptcli with other kernels measures again
-        timed = PROMPT_TIMED if m == PROMPT_ROWS and m not in rows else m
         key = {**base, "candidates": [k.name for k in kernels], "rows": m,
                **({"timed_rows": timed} if timed != m else {})}
         choice = lookup(entries, key, kernels, current_load())
         if choice is None:
-            if not flush:
-                flush.append(flush_buffer(model_bytes))
+            if flush is None:
+                flush = flush_buffer(model_bytes)
             load = current_load()
-            us, skipped = measure(kernels, storages, reference(), timed, dtype, threads,
-                                  flush[0])
+            us, skipped = measure(kernels, storages, reference(), timed, dtype, threads, flush)
             if not us:
                 if timed != m:
                     return None  # (prompts run the decoding kernels)
@@ -285,9 +286,9 @@ def choose(mode: str, storages: list[dict], reference: Callable[[], torch.Tensor
     layout = layout_for([c.us for c in measured.values()])
     out = {}
     for m, c in measured.items():
-        own = {k: t for k, t in c.us.items() if KERNELS[k].layout == layout}
         # (none of that layout ran at this row count: its own fastest, in a second layout)
-        out[m] = Choice(KERNELS[pick(own or c.us)], c.source, c.us, c.skipped, c.measured)
+        own = fastest(c.us, layout, math.inf) or pick(c.us)
+        out[m] = Choice(KERNELS[own], c.source, c.us, c.skipped, c.measured)
     # a prompt's rows: the fastest of the layout's kernels (those for prompts only among them)
     # as precise as the one prompts ran before, the largest batch's; the native layout's are
     # timed too, for where the C blocks take the layers over (native_step._switch)
@@ -295,7 +296,8 @@ def choose(mode: str, storages: list[dict], reference: Callable[[], torch.Tensor
     native_layouts = {k.layout: k.tolerance for k in allowed if k.native and not k.prompt}
     timed = [k for k in allowed if (k.layout == layout and k.tolerance <= bound)
              or k.tolerance <= native_layouts.get(k.layout, -1.0)]
-    prompts = at(PROMPT_ROWS, timed) if max(rows) < PROMPT_ROWS and len(timed) > 1 else None
+    prompts = at(PROMPT_ROWS, timed, PROMPT_TIMED) if max(rows) < PROMPT_ROWS and \
+        len(timed) > 1 else None
     own = prompts and fastest(prompts.us, layout, bound)
     if own:
         out[PROMPT_ROWS] = replace(prompts, kernel=KERNELS[own], prompt=True)
