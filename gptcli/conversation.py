@@ -30,6 +30,7 @@ from pathlib import Path
 
 from . import chat
 from .config import SEED_LIMIT, SampleConfig
+from .decode import Engine
 from .errors import GptcliError, UserError, path_error
 from .generate import Loaded, generate
 
@@ -174,6 +175,9 @@ class Session:
     as_json: bool
     log: Callable[[str], None]
     replies: int = 0  # replies made in the session: the seed offset
+    # one decode engine for the session: its cache keeps the conversation so far, so each turn
+    # feeds only what is new (``generate``'s ``engine``)
+    engine: Engine | None = None
 
     def say(self, message: str) -> None:
         """One user turn: fit the prompt, stream the reply, keep both in the conversation."""
@@ -194,10 +198,13 @@ class Session:
             "seed": None if seed is None else (seed + self.replies) % SEED_LIMIT})
         self.replies += 1
         writer = ReplyWriter(self.template, stream=not self.as_json)
+        if self.engine is None:
+            self.engine = Engine(self.loaded.model, 1, step=self.loaded.step,
+                                 vocab_size=tokenizer.vocab_size)
         result: dict = {"finish_reason": "interrupted", "token_ids": None, "stats": None}
         try:
             samples, stats = generate(self.loaded.model, tokenizer, ids, cfg,
-                                      on_text=writer.text, step=self.loaded.step)
+                                      on_text=writer.text, engine=self.engine)
             result = {"finish_reason": samples[0].finish_reason,
                       "token_ids": samples[0].token_ids, "stats": stats.as_dict()}
         except KeyboardInterrupt:  # Ctrl-C: this reply ends here, the session goes on

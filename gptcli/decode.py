@@ -6,8 +6,10 @@ runs one batched forward to get the next logits; ``remove`` frees a row (the las
 moves into the gap, so the rows in use are always the first ones and the batch is a view).
 Rows may sit at different positions (requests that joined at different times): the model then
 gets per-row positions and a per-row mask. A row whose sequence outgrows the context slides its
-window (see ``window_start``) and is prefilled again on its own. `gpt generate`, samples during
-training, `gpt bench` and `gpt serve` all decode through this.
+window (see ``window_start``) and is prefilled again on its own. A freed row keeps its keys and
+values: a prompt that starts with its tokens (a conversation's next turn) is fed from where they
+part (``KVCache.reuse``). `gpt generate`, samples during training, `gpt bench`, `gpt chat` and
+`gpt serve` all decode through this.
 
 With a draft model (speculative decoding, ``speculative.py``), ``advance`` runs a round instead
 of a step for the rows that need tokens: the draft proposes a few, the model verifies them in one
@@ -27,7 +29,6 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .config import SampleConfig
-from .kernel_layer import frozen_compile
 from .kv_cache import KVCache
 from .model import GPT
 from .sampling import next_token
@@ -74,6 +75,7 @@ class Row:
         self.queue: deque[tuple[int, torch.Tensor]] = deque()
         self.draft_start = self.draft_fed = 0
         self.limit = len(self.tokens) + config.max_new_tokens
+        self.cached = 0  # of its (last) prefill's positions, how many the cache held already
 
     def sequence(self) -> list[int]:
         return self.tokens + [token for token, _ in self.queue]
@@ -147,10 +149,15 @@ class Engine:
     def _prefill(self, first: int, rows: list[Row]) -> None:
         length = len(rows[0].tokens)
         start = window_start(length, self.model.config.context_length)
-        idx = torch.tensor([r.tokens[start:] for r in rows], device=self.model.device)
-        logits = self.model(idx, kv_cache=self.view(first, first + len(rows)), last_only=True)
+        for row in rows:  # (until the forward is done: one that fails leaves the row unknown)
+            row.start = -1
+        # a window that starts as an earlier one did is fed from where they part
+        cached = self.cache.reuse(first, [r.tokens[start:] for r in rows])
+        idx = torch.tensor([r.tokens[start + cached:] for r in rows], device=self.model.device)
+        logits = self.model(idx, kv_cache=self.view(first, first + len(rows)), start_pos=cached,
+                            last_only=True)
         for row, row_logits in zip(rows, logits[:, -1]):
-            row.start, row.logits = start, row_logits
+            row.start, row.logits, row.cached = start, row_logits, cached
         if self.draft is not None:
             self._fill_draft(first, rows, [r.tokens for r in rows], length,
                              window_start(length, self.draft.model.config.context_length))
@@ -253,6 +260,7 @@ class Engine:
                 continue  # it has tokens to hand out; it joins a later round
             if start != row.start:  # the window slides: the model sees it again, but the last
                 sequence = row.sequence()  # token, which the round feeds
+                row.start = -1  # (as in _prefill)
                 if length - 1 > start:
                     self.model(torch.tensor([sequence[start:-1]], device=self.model.device),
                                kv_cache=self.view(i, i + 1), last_only=True)
@@ -358,15 +366,17 @@ class Engine:
             row.draft_start, row.draft_fed = start, max(start, stop)
 
     def remove(self, row: Row) -> None:
-        """Free ``row``'s cache row: the last row moves into its place."""
+        """Free ``row``'s cache row: the last row moves into its place. The last cache row, now
+        free, keeps the keys and values it holds for a later prompt (``KVCache.reuse``)."""
         i, last = self.rows.index(row), len(self.rows) - 1
+        moved = self.rows[last]
         if i != last:
-            moved = self.rows[last]
             self.cache.move(last, i, len(moved.sequence()) - moved.start)
             if self.draft is not None:
                 self.draft_cache.move(last, i, moved.draft_fed - moved.draft_start)
             self.rows[i] = moved
         self.rows.pop()
+        self.cache.keep(last, moved.tokens[moved.start:-1] if moved.start >= 0 else [])
 
 
 @torch.no_grad()
@@ -388,13 +398,3 @@ def decode_loop(model: GPT, prompt: torch.Tensor, config: SampleConfig, *,
         if i + 1 < config.max_new_tokens:
             engine.advance()
 
-
-def compile_step(model: GPT):
-    """The compiled one-token step for the Engine: off the CPU over a static cache with a tensor
-    position (CUDA graphs replay it); on a CPU over the dynamic cache with symbolic shapes (with
-    traced layers, --kernel inductor, frozen: ``kernel_layer.frozen_compile``)."""
-    if model.device.type == "cpu":
-        traced = any(getattr(m, "traced", False) for m in model.modules())
-        return frozen_compile(model) if traced else torch.compile(model, dynamic=True)
-    return torch.compile(model, dynamic=False,
-                         mode="reduce-overhead" if model.device.type == "cuda" else None)

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from .config import SampleConfig
-from .decode import Engine, compile_step
+from .decode import Engine
 from .devices import synchronize
 from .errors import UserError
+from .kernel_layer import compile_step
 from .model import GPT
 from .speculative import Draft
 from .tokenizer import Tokenizer
@@ -83,6 +84,7 @@ class GenerationStats:
     time_to_first_token_s: float = 0.0
     decode_time_s: float = 0.0
     total_time_s: float = 0.0
+    cached_prompt_tokens: int = 0  # prompt positions whose keys and values were kept (Engine)
     draft_tokens: int | None = None  # with a draft model: tokens it proposed, and how many
     accepted_tokens: int = 0  # of them were kept
 
@@ -97,7 +99,8 @@ class GenerationStats:
         return steps / self.decode_time_s if steps > 0 and self.decode_time_s > 0 else 0.0
 
     def as_dict(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+        return {"prompt_tokens": self.prompt_tokens,
+                "cached_prompt_tokens": self.cached_prompt_tokens, "new_tokens": self.new_tokens,
                 "time_to_first_token_s": self.time_to_first_token_s,
                 "decode_tokens_per_s": self.decode_tokens_per_s,
                 "total_time_s": self.total_time_s,
@@ -109,15 +112,18 @@ class GenerationStats:
 def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], config: SampleConfig, *,
              on_text: Callable[[int, str], None] | None = None,
              on_done: Callable[[int], None] | None = None,
-             step: Callable | None = None,
-             draft: Draft | None = None) -> tuple[list[Sample], GenerationStats]:
+             step: Callable | None = None, draft: Draft | None = None,
+             engine: Engine | None = None) -> tuple[list[Sample], GenerationStats]:
     """Generate ``config.num_samples`` continuations of ``prompt_ids`` as one batch.
 
     Stops a sample at end-of-text (unless ``ignore_eos``) or just before a stop string; a
     finished sample leaves the batch. ``on_text(sample_index, piece)`` receives text as soon as
     it is final (see TextStream); ``on_done(sample_index)`` is called once a sample has all its
     text. With a ``draft``, decodes speculatively (``speculative.py``): the same greedy tokens,
-    the same distribution of sampled ones, and the acceptance rate in the stats.
+    the same distribution of sampled ones, and the acceptance rate in the stats. ``engine`` (made
+    with ``step`` and ``draft``, and ``num_samples`` free rows) keeps its cache between calls:
+    a prompt that starts with an earlier call's prompt and reply, such as a conversation's next
+    turn, is fed only from where they part.
     """
     device = model.device
     generator = None
@@ -129,28 +135,34 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], config: Sa
     finished = on_done or (lambda i: None)
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     t0 = time.perf_counter()
-    engine = Engine(model, config.num_samples, step=step, vocab_size=tokenizer.vocab_size,
-                    draft=draft)
-    rows = engine.add([prompt_ids] * config.num_samples, config, generator)
-    live = dict(zip(map(id, rows), range(len(rows))))  # row -> its sample
-    t_first = t0
-    for n in range(config.max_new_tokens):
-        tokens = engine.pick()  # one host sync per step: needed to stream and to stop
-        if n == 0:
-            synchronize(device)
-            t_first = time.perf_counter()
-            stats.time_to_first_token_s = t_first - t0
-        stats.new_tokens = n + 1
-        for row, token in zip(list(engine.rows), tokens):
-            stream = streams[live[id(row)]]
-            if piece := stream.push(token):
-                emit(live[id(row)], piece)
-            if stream.done:
-                engine.remove(row)
-                finished(live[id(row)])
-        if not engine.rows or n + 1 == config.max_new_tokens:
-            break
-        engine.advance()
+    if engine is None:
+        engine = Engine(model, config.num_samples, step=step, vocab_size=tokenizer.vocab_size,
+                        draft=draft)
+    t_first, before = t0, (engine.proposed, engine.accepted)
+    try:
+        rows = engine.add([prompt_ids] * config.num_samples, config, generator)
+        stats.cached_prompt_tokens = rows[0].cached
+        live = dict(zip(map(id, rows), range(len(rows))))  # row -> its sample
+        for n in range(config.max_new_tokens):
+            tokens = engine.pick()  # one host sync per step: needed to stream and to stop
+            if n == 0:
+                synchronize(device)
+                t_first = time.perf_counter()
+                stats.time_to_first_token_s = t_first - t0
+            stats.new_tokens = n + 1
+            for row, token in zip(list(engine.rows), tokens):
+                stream = streams[live[id(row)]]
+                if piece := stream.push(token):
+                    emit(live[id(row)], piece)
+                if stream.done:
+                    engine.remove(row)
+                    finished(live[id(row)])
+            if not engine.rows or n + 1 == config.max_new_tokens:
+                break
+            engine.advance()
+    finally:  # (interrupted too: what the cache holds stays known, for the engine's next call)
+        for row in list(engine.rows):
+            engine.remove(row)
     for i, stream in enumerate(streams):
         if not stream.done:  # ran to its length
             if piece := stream.close():
@@ -159,8 +171,9 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], config: Sa
     synchronize(device)
     end = time.perf_counter()
     stats.decode_time_s, stats.total_time_s = end - t_first, end - t0
-    if draft is not None:
-        stats.draft_tokens, stats.accepted_tokens = engine.proposed, engine.accepted
+    if engine.draft is not None:
+        stats.draft_tokens = engine.proposed - before[0]
+        stats.accepted_tokens = engine.accepted - before[1]
     return [Sample(s.token_ids, s.text, s.finish_reason) for s in streams], stats
 
 

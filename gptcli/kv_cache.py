@@ -5,9 +5,14 @@ written so far. Allocating once (instead of concatenating every step) keeps deco
 reallocations and gives torch.compile / CUDA graphs fixed shapes to work with. Its rows are the
 sequences of a batch; ``rows`` gives a view of some of them (the decode engine prefills a new
 request into a free row while others are decoding), and rows may be at different positions.
+
+A free row keeps what its last sequence wrote (``keep``), so that a prompt that starts with those
+tokens, such as a conversation's next turn, is fed only from where the two part (``reuse``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -36,6 +41,9 @@ class KVCache:
         self.max_len = max_len
         self.static = static
         self.length = 0  # with per-row positions: how many positions the rows attend over
+        # per row, the tokens whose keys and values it holds from position 0 while no sequence
+        # uses it (empty: nothing known)
+        self.held: list[list[int]] = [[] for _ in range(batch_size)]
         if static:
             # The compiled step writes into these buffers; marking their addresses static lets
             # CUDA graphs replay the writes instead of refusing graphs with mutated inputs.
@@ -59,6 +67,31 @@ class KVCache:
         """Copy row ``source``'s first ``length`` positions into row ``target``."""
         for t in (*self.k, *self.v):
             t[target, :, :length] = t[source, :, :length]
+
+    def keep(self, row: int, tokens: Sequence[int]) -> None:
+        """Row ``row``, now free, holds the keys and values of ``tokens`` from position 0."""
+        self.held[row] = list(tokens)
+
+    def forget(self, first: int, stop: int) -> None:
+        """Rows [first, stop) hold nothing known (they are about to be written, or were partly)."""
+        self.held[first:stop] = [[] for _ in range(first, stop)]
+
+    def reuse(self, first: int, windows: Sequence[Sequence[int]]) -> int:
+        """Make rows [first, first + len(windows)) ready to be written with ``windows`` (tokens
+        from position 0 on). For one window, returns how many of its first positions a free row
+        holds already (all but the last at most: its logits are wanted), copied into row
+        ``first`` when they are another row's; for several, 0."""
+        best, source = 0, first
+        for row, held in enumerate(self.held if len(windows) == 1 else []):
+            n = next((i for i, (a, b) in enumerate(zip(held, windows[0])) if a != b),
+                     min(len(held), len(windows[0])))
+            if n > best:
+                best, source = n, row
+        best = min(best, len(windows[0]) - 1)
+        self.forget(first, first + len(windows))  # (before a copy that may stop half way)
+        if best and source != first:
+            self.move(source, first, best)
+        return best
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

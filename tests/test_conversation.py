@@ -83,6 +83,8 @@ def expected_reply(model_path, ids, seed, max_new_tokens, template):
 # ----------------------------------------------------------------------------- the history
 
 def test_earlier_turns_are_in_the_prompt_and_each_reply_is_generate_with_its_seed(chat_model):
+    """Each reply is what generate() makes of the whole conversation so far with the turn's
+    seed, though a turn feeds only what is new (the session's engine keeps the rest)."""
     tok = GPT2Tokenizer()
     lines = ["Hello there", "How are you?", "Tell me more."]
     result = gpt_chat(chat_model, "--system", "Be brief.", "--max-new-tokens", "6",
@@ -96,6 +98,12 @@ def test_earlier_turns_are_in_the_prompt_and_each_reply_is_generate_with_its_see
         assert reply["prompt_token_ids"] == chat.prompt_tokens(history, tok, chat.TEMPLATE)
         text, ids = expected_reply(chat_model, reply["prompt_token_ids"], 7 + k, 6, chat.TEMPLATE)
         assert (reply["reply"], reply["token_ids"]) == (text, ids)
+        # the earlier turns' keys and values were kept: at least the previous prompt's
+        cached = reply["stats"]["cached_prompt_tokens"]
+        if k == 0:
+            assert cached == 0
+        else:
+            assert len(got[k - 1]["prompt_token_ids"]) <= cached < len(reply["prompt_token_ids"])
         history.append(assistant(reply["reply"]))
     assert got[1]["reply"] != got[2]["reply"]  # each turn its own seed
     # a template model is not announced as a base model

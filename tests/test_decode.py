@@ -139,3 +139,92 @@ def test_rows_added_together_pick_their_tokens_in_one_call(monkeypatch):
     engine.add([[7]], GREEDY)
     engine.pick()
     assert calls == [3, 3, 1]
+
+
+# ----------------------------------------------------------------------------- kept positions
+
+def run_out(engine: Engine, row, n: int) -> list[int]:
+    """Decode ``row`` (alone in ``engine``) for ``n`` greedy tokens, then free it."""
+    for i in range(n):
+        engine.pick()
+        if i + 1 < n:
+            engine.advance()
+    engine.remove(row)
+    return row.tokens
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+@pytest.mark.parametrize("options", [dict(), dict(position="rope")])
+def test_a_prompt_that_continues_a_freed_row_is_fed_from_where_they_part(options, speculative):
+    """A conversation's next turn: the prompt is the last sequence and more. Only the new part
+    is fed (all but the last token of what was decoded stays in the cache), and the tokens are
+    those of a fresh engine."""
+    model = randomize_(GPT(tiny_config(**options)), seed=8).eval()
+    engine = Engine(model, rows=1, draft=Draft(model, 3) if speculative else None)
+    first = engine.add([[5, 6, 7]], GREEDY.model_copy(update={"max_new_tokens": 6}))[0]
+    tokens = run_out(engine, first, 6)
+    assert engine.cache.held[0] == tokens[:-1]
+    follow = tokens + [11, 12]
+    row = engine.add([follow], GREEDY.model_copy(update={"max_new_tokens": 8}))[0]
+    assert row.cached == len(tokens) - 1
+    fresh = Engine(model, rows=1).add([follow], GREEDY)[0]
+    torch.testing.assert_close(row.logits, fresh.logits, rtol=1e-5, atol=1e-5)
+    assert run_out(engine, row, 8)[len(follow):] == alone(model, follow, 8)
+    # the same prompt again: everything but its last token is kept
+    again = engine.add([follow], GREEDY)[0]
+    assert again.cached == len(follow) - 1
+    torch.testing.assert_close(again.logits, fresh.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_free_row_lends_its_positions_to_the_row_a_prompt_goes_to():
+    """Rows move when others leave, so the positions a prompt can use may sit in another free
+    row: they are copied into the prompt's row, and a prompt that parts early keeps only the
+    shared start."""
+    model = randomize_(GPT(tiny_config()), seed=9).eval()
+    engine = Engine(model, rows=3)
+    a, b, c = engine.add([[1, 2, 3]], GREEDY)[0], engine.add([[4, 5]], GREEDY)[0], \
+        engine.add([[6, 7, 8, 9]], GREEDY)[0]
+    for _ in range(4):
+        engine.pick()
+        engine.advance()
+    engine.pick()
+    engine.remove(c)  # the last row: row 2 keeps c
+    engine.remove(a)  # b moves into row 0; row 1 keeps b
+    assert engine.cache.held[1:] == [b.tokens[:-1], c.tokens[:-1]]
+    follow = c.tokens[:6] + [13, 14]
+    row = engine.add([follow], GREEDY)[0]  # into row 1, with row 2's first 6 positions
+    assert engine.rows.index(row) == 1 and row.cached == 6
+    fresh = Engine(model, rows=1).add([follow], GREEDY)[0]
+    torch.testing.assert_close(row.logits, fresh.logits, rtol=1e-5, atol=1e-5)
+    assert engine.cache.held == [[], [], c.tokens[:-1]]  # rows in use hold nothing to lend
+
+
+def test_a_slid_window_is_kept_as_the_window_it_is():
+    """A sequence longer than the context keeps the window its row holds: a prompt whose window
+    starts the same way reuses it, and one whose window starts elsewhere does not; both decode
+    as on a fresh engine."""
+    model = randomize_(GPT(tiny_config()), seed=10).eval()
+    long = torch.randint(0, 101, (30,), generator=torch.Generator().manual_seed(2)).tolist()
+    # 40 tokens again (the last one another): the same window; 41: the window starts at 16
+    for other, cached in ((lambda t: t[:-1] + [3], 31), (lambda t: t + [3], 0)):
+        engine = Engine(model, rows=1)
+        first = engine.add([long], GREEDY)[0]
+        tokens = run_out(engine, first, 10)  # 40 tokens: the window starts at 8
+        assert first.start == 8 and engine.cache.held[0] == tokens[8:-1]
+        follow = other(tokens)
+        row = engine.add([follow], GREEDY)[0]
+        assert row.cached == cached
+        assert run_out(engine, row, 5)[len(follow):] == alone(model, follow, 5)
+
+
+def test_a_prefill_that_fails_keeps_nothing():
+    """A prefill that stops half way (here: a token id the model has not got) leaves its row
+    unknown: freeing it keeps nothing, and the next prompt is fed whole."""
+    model = randomize_(GPT(tiny_config()), seed=11).eval()
+    engine = Engine(model, rows=1)
+    tokens = run_out(engine, engine.add([[1, 2, 3]], GREEDY)[0], 4)
+    with pytest.raises(IndexError):
+        engine.add([tokens + [500]], GREEDY)
+    engine.remove(engine.rows[0])
+    assert engine.cache.held == [[]]
+    assert engine.add([tokens + [7]], GREEDY)[0].cached == 0

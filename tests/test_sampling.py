@@ -435,7 +435,7 @@ def test_compiled_step_matches_eager_and_compiles_once():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from gptcli.decode import compile_step
+    from gptcli.kernel_layer import compile_step
 
     model = randomize_(GPT(tiny_config(n_layer=1, context_length=16))).eval()
     prompt = torch.randint(0, 101, (1, 3))

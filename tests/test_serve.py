@@ -159,6 +159,20 @@ def test_completion_equals_gpt_generate_with_the_same_seed(client, served):
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (11, 40)
 
 
+def test_a_prompt_that_continues_an_earlier_one_reuses_its_positions(client, served):
+    """A client that sends a conversation back with more at its end (a chat's next turn): the
+    server feeds only the new part (usage says how much it kept) and answers as `gpt generate`
+    on the whole prompt does."""
+    first = client.completions.create(model="tiny", prompt="once upon", max_tokens=10,
+                                      temperature=0)
+    prompt = "once upon" + first.choices[0].text + " then"
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0)
+    # what the first request fed: its prompt and all its tokens but the last
+    assert out.usage.prompt_tokens_details.cached_tokens == len("once upon") + 9
+    assert [c.text for c in out.choices] == reference(served, prompt, max_new_tokens=5,
+                                                      temperature=0)
+
+
 def test_n_samples_equal_num_samples_and_extensions_are_accepted(client, served):
     out = client.completions.create(model="tiny", prompt="abc", max_tokens=25, n=3, seed=7,
                                     temperature=1.0, extra_body={"top_k": 10,

@@ -13,7 +13,9 @@ that receives events from the scheduler thread (the HTTP side hands them to its 
   (500: it failed; 503: the server is shutting down).
 
 Admission is first in, first out: a job waits until the batch has rows for all its samples, so
-a large request is never starved by a stream of small ones.
+a large request is never starved by a stream of small ones. The engine's cache keeps what
+finished requests fed: a prompt that continues one (a chat's next turn) is fed only from where
+they part, and its usage says how many positions were kept (``prompt_tokens_details``).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Job:
     cancelled: bool = False
     choices: list[Choice] = field(default_factory=list)
     rows: dict[int, Choice] = field(default_factory=dict)  # id(row) -> choice
+    cached: int = 0  # prompt positions the engine's cache held already (a conversation's past)
 
     @property
     def size(self) -> int:
@@ -250,6 +253,7 @@ class Scheduler:
         for (job, p), rows in zip(owners, self.engine.add_groups(groups)):
             for k, row in enumerate(rows):
                 job.rows[id(row)] = job.choices[p * job.n + k]
+                job.cached += row.cached
         self.running.extend(jobs)
 
     def _reconcile(self) -> None:
@@ -349,7 +353,8 @@ class Scheduler:
         self._send(job, {"type": "done", "choices": job.choices,
                          "usage": {"prompt_tokens": prompt_tokens,
                                    "completion_tokens": completion,
-                                   "total_tokens": prompt_tokens + completion}})
+                                   "total_tokens": prompt_tokens + completion,
+                                   "prompt_tokens_details": {"cached_tokens": job.cached}}})
 
     def _fail(self, job: Job, message: str, status: int = 500) -> None:
         self._drop(job)
