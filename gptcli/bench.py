@@ -30,7 +30,7 @@ from .quantize import check_scheme, kernel_report, prepare
 from .tuning import cache_path
 from .devices import resolve_device, resolve_dtype, synchronize
 from .errors import RuntimeFailure, UserError, is_oom
-from .kernel_layer import compile_step
+from .decode import compile_step
 
 
 # ----------------------------------------------------------------------------- formulas

@@ -198,7 +198,7 @@ class Session:
             "seed": None if seed is None else (seed + self.replies) % SEED_LIMIT})
         self.replies += 1
         writer = ReplyWriter(self.template, stream=not self.as_json)
-        if self.engine is None:
+        if self.engine is None or self.engine.rows:  # (or one a second Ctrl-C left busy)
             self.engine = Engine(self.loaded.model, 1, step=self.loaded.step,
                                  vocab_size=tokenizer.vocab_size)
         result: dict = {"finish_reason": "interrupted", "token_ids": None, "stats": None}

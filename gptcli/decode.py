@@ -29,34 +29,11 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .config import SampleConfig
-from .kv_cache import KVCache
+from .kernel_layer import frozen_compile
+from .kv_cache import KVCache, contiguous, window_start
 from .model import GPT
 from .sampling import next_token
 from .speculative import Draft, accept, distribution, draw, is_greedy, padded
-
-
-def window_start(length: int, context_length: int) -> int:
-    """Where the model's view starts once a sequence of ``length`` tokens no longer fits.
-
-    The window jumps forward by a quarter of the context at a time (not one token at a time), so
-    the KV cache is rebuilt once per jump rather than at every token.
-    """
-    if length <= context_length:
-        return 0
-    shift = max(1, context_length // 4)
-    # the smallest multiple of the shift that brings the view back within the context
-    return -(-(length - context_length) // shift) * shift
-
-
-def contiguous(indices: list[int]) -> list[list[int]]:
-    """Ascending row indices as blocks of consecutive ones (a cache view each)."""
-    runs: list[list[int]] = []
-    for i in indices:
-        if runs and runs[-1][-1] == i - 1:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
 
 
 class Row:
@@ -67,8 +44,11 @@ class Row:
     def __init__(self, tokens: Sequence[int], config: SampleConfig,
                  generator: torch.Generator | None, group: object) -> None:
         self.tokens = list(tokens)
-        self.config, self.generator, self.group, self.start = config, generator, group, 0
-        self.logits: torch.Tensor | None = None  # (V,): the next token's (cache: tokens[start:])
+        self.config, self.generator, self.group = config, generator, group
+        # where its window starts (cache: tokens[start:]); -1 until a prefill is done (one that
+        # fails leaves the cache row unknown)
+        self.start = -1
+        self.logits: torch.Tensor | None = None  # (V,): the next token's
         # With a draft: tokens decided but not handed out yet, each with the model's logits it
         # was chosen from; the draft cache's window start and how far it has been fed; where
         # proposing stops (the sample's length).
@@ -123,8 +103,8 @@ class Engine:
 
     def add(self, prompts: Sequence[Sequence[int]], config: SampleConfig,
             generator: torch.Generator | None = None, group: object = None) -> list[Row]:
-        """Prefill ``prompts`` into free rows, as one group; their first logits are then ready
-        for ``pick``."""
+        """Prefill ``prompts`` into free rows as one group (their first logits ready for
+        ``pick``)."""
         return self.add_groups([(prompts, config, generator, group)])[0]
 
     @torch.no_grad()
@@ -149,15 +129,21 @@ class Engine:
     def _prefill(self, first: int, rows: list[Row]) -> None:
         length = len(rows[0].tokens)
         start = window_start(length, self.model.config.context_length)
-        for row in rows:  # (until the forward is done: one that fails leaves the row unknown)
+        for row in rows:  # (as a new row's, until the forward is done)
             row.start = -1
-        # a window that starts as an earlier one did is fed from where they part
-        cached = self.cache.reuse(first, [r.tokens[start:] for r in rows])
-        idx = torch.tensor([r.tokens[start + cached:] for r in rows], device=self.model.device)
-        logits = self.model(idx, kv_cache=self.view(first, first + len(rows)), start_pos=cached,
-                            last_only=True)
-        for row, row_logits in zip(rows, logits[:, -1]):
-            row.start, row.logits, row.cached = start, row_logits, cached
+        windows = [r.tokens[start:] for r in rows]
+        # one prompt in several rows (--num-samples) is fed once and copied; a window that
+        # starts as an earlier one did is fed from where they part
+        fed = 1 if all(w == windows[0] for w in windows) else len(rows)
+        cached = self.cache.reuse(first, windows[:fed])
+        self.cache.forget(first, first + len(rows))
+        idx = torch.tensor([w[cached:] for w in windows[:fed]], device=self.model.device)
+        logits = self.model(idx, kv_cache=self.view(first, first + fed), start_pos=cached,
+                            last_only=True)[:, -1]
+        for i in range(fed, len(rows)):
+            self.cache.move(first, first + i, len(windows[0]))
+        for i, row in enumerate(rows):
+            row.start, row.logits, row.cached = start, logits[i % fed], cached
         if self.draft is not None:
             self._fill_draft(first, rows, [r.tokens for r in rows], length,
                              window_start(length, self.draft.model.config.context_length))
@@ -260,7 +246,7 @@ class Engine:
                 continue  # it has tokens to hand out; it joins a later round
             if start != row.start:  # the window slides: the model sees it again, but the last
                 sequence = row.sequence()  # token, which the round feeds
-                row.start = -1  # (as in _prefill)
+                row.start = -1  # (until it is done, as in _prefill)
                 if length - 1 > start:
                     self.model(torch.tensor([sequence[start:-1]], device=self.model.device),
                                kv_cache=self.view(i, i + 1), last_only=True)
@@ -398,3 +384,13 @@ def decode_loop(model: GPT, prompt: torch.Tensor, config: SampleConfig, *,
         if i + 1 < config.max_new_tokens:
             engine.advance()
 
+
+def compile_step(model: GPT):
+    """The compiled one-token step for the Engine: off the CPU over a static cache with a tensor
+    position (CUDA graphs replay it); on a CPU over the dynamic cache with symbolic shapes (with
+    traced layers, --kernel inductor, frozen: ``kernel_layer.frozen_compile``)."""
+    if model.device.type == "cpu":
+        traced = any(getattr(m, "traced", False) for m in model.modules())
+        return frozen_compile(model) if traced else torch.compile(model, dynamic=True)
+    return torch.compile(model, dynamic=False,
+                         mode="reduce-overhead" if model.device.type == "cuda" else None)

@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 
 from .config import SampleConfig
-from .decode import Engine
+from .decode import Engine, compile_step
 from .devices import synchronize
 from .errors import UserError
-from .kernel_layer import compile_step
 from .model import GPT
 from .speculative import Draft
 from .tokenizer import Tokenizer

@@ -3,8 +3,7 @@ weights, the buffers of its kernels' layouts and the kernels chosen per number o
 (``kernels.py`` defines the kernels, ``tuning.py`` chooses them); and ``product``, the one
 operator through which a compiled CPU step calls a layer's kernel. A ``traced`` layer
 (``--kernel inductor``) runs a kernel made of plain operators instead, which a compiled step
-traces, so that inductor, freezing the weights, puts its own products in their place; and
-``compile_step``, the decode engine's compiled one-token step."""
+traces, so that inductor, freezing the weights, puts its own products in their place."""
 
 from __future__ import annotations
 
@@ -49,17 +48,6 @@ def frozen_compile(model: nn.Module):
         with frozen:
             return compiled(*args, **kwargs)
     return step
-
-
-def compile_step(model: nn.Module):
-    """The compiled one-token step for the Engine: off the CPU over a static cache with a tensor
-    position (CUDA graphs replay it); on a CPU over the dynamic cache with symbolic shapes (with
-    traced layers, --kernel inductor, frozen: ``frozen_compile``)."""
-    if model.device.type == "cpu":
-        traced = any(getattr(m, "traced", False) for m in model.modules())
-        return frozen_compile(model) if traced else torch.compile(model, dynamic=True)
-    return torch.compile(model, dynamic=False,
-                         mode="reduce-overhead" if model.device.type == "cuda" else None)
 
 
 class KernelLinear(nn.Module):

@@ -5,6 +5,7 @@ written so far. Allocating once (instead of concatenating every step) keeps deco
 reallocations and gives torch.compile / CUDA graphs fixed shapes to work with. Its rows are the
 sequences of a batch; ``rows`` gives a view of some of them (the decode engine prefills a new
 request into a free row while others are decoding), and rows may be at different positions.
+A sequence longer than the model's context is held as a window of it (``window_start``).
 
 A free row keeps what its last sequence wrote (``keep``), so that a prompt that starts with those
 tokens, such as a conversation's next turn, is fed only from where the two part (``reuse``).
@@ -17,6 +18,30 @@ from collections.abc import Sequence
 import torch
 
 from .config import ModelConfig
+
+
+def window_start(length: int, context_length: int) -> int:
+    """Where the model's view starts once a sequence of ``length`` tokens no longer fits.
+
+    The window jumps forward by a quarter of the context at a time (not one token at a time), so
+    the KV cache is rebuilt once per jump rather than at every token.
+    """
+    if length <= context_length:
+        return 0
+    shift = max(1, context_length // 4)
+    # the smallest multiple of the shift that brings the view back within the context
+    return -(-(length - context_length) // shift) * shift
+
+
+def contiguous(indices: list[int]) -> list[list[int]]:
+    """Ascending row indices as blocks of consecutive ones (a cache view each)."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 class KVCache:

@@ -158,9 +158,11 @@ def run_out(engine: Engine, row, n: int) -> list[int]:
 def test_a_prompt_that_continues_a_freed_row_is_fed_from_where_they_part(options, speculative):
     """A conversation's next turn: the prompt is the last sequence and more. Only the new part
     is fed (all but the last token of what was decoded stays in the cache), and the tokens are
-    those of a fresh engine."""
+    those of a fresh engine. (The draft is another model: some proposals are rejected, and
+    their positions in the cache are not kept.)"""
     model = randomize_(GPT(tiny_config(**options)), seed=8).eval()
-    engine = Engine(model, rows=1, draft=Draft(model, 3) if speculative else None)
+    draft = randomize_(GPT(tiny_config(n_layer=1, **options)), seed=15).eval()
+    engine = Engine(model, rows=1, draft=Draft(draft, 3) if speculative else None)
     first = engine.add([[5, 6, 7]], GREEDY.model_copy(update={"max_new_tokens": 6}))[0]
     tokens = run_out(engine, first, 6)
     assert engine.cache.held[0] == tokens[:-1]
@@ -170,6 +172,8 @@ def test_a_prompt_that_continues_a_freed_row_is_fed_from_where_they_part(options
     fresh = Engine(model, rows=1).add([follow], GREEDY)[0]
     torch.testing.assert_close(row.logits, fresh.logits, rtol=1e-5, atol=1e-5)
     assert run_out(engine, row, 8)[len(follow):] == alone(model, follow, 8)
+    if speculative:
+        assert engine.accepted < engine.proposed  # (rejections)
     # the same prompt again: everything but its last token is kept
     again = engine.add([follow], GREEDY)[0]
     assert again.cached == len(follow) - 1
@@ -218,13 +222,82 @@ def test_a_slid_window_is_kept_as_the_window_it_is():
 
 
 def test_a_prefill_that_fails_keeps_nothing():
-    """A prefill that stops half way (here: a token id the model has not got) leaves its row
-    unknown: freeing it keeps nothing, and the next prompt is fed whole."""
+    """A prefill that fails (here: a token id the model has not got) leaves its rows unknown,
+    and so do the rows of the same add that it never reached: freeing them keeps nothing, and
+    the next prompt is fed whole."""
     model = randomize_(GPT(tiny_config()), seed=11).eval()
-    engine = Engine(model, rows=1)
+    engine = Engine(model, rows=2)
     tokens = run_out(engine, engine.add([[1, 2, 3]], GREEDY)[0], 4)
-    with pytest.raises(IndexError):
-        engine.add([tokens + [500]], GREEDY)
-    engine.remove(engine.rows[0])
+    with pytest.raises(IndexError):  # the 3-token prompt's prefill goes first, and fails
+        engine.add_groups([([tokens[:2] + [500]], GREEDY, None, None),
+                           ([tokens + [7]], GREEDY, None, None)])
+    for row in list(engine.rows):
+        engine.remove(row)
+    assert engine.cache.held == [[], []]
+    row = engine.add([tokens + [7]], GREEDY)[0]
+    assert row.cached == 0
+    torch.testing.assert_close(row.logits, Engine(model, rows=1).add([tokens + [7]], GREEDY)[0]
+                               .logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_a_window_refill_that_fails_half_way_keeps_nothing(speculative, monkeypatch):
+    """A sequence outgrows the context and its window is fed again; the second layer fails
+    (after the first wrote the new window over the old one). The row's cache is then neither
+    the old window nor the new: freeing it keeps nothing, and the next prompt decodes as on a
+    fresh engine."""
+    model = randomize_(GPT(tiny_config()), seed=13).eval()
+    draft = Draft(randomize_(GPT(tiny_config(n_layer=1)), seed=14).eval(), 3) \
+        if speculative else None
+    engine = Engine(model, rows=1, draft=draft)
+    prompt = list(range(1, 21))
+    row = engine.add([prompt], GREEDY.model_copy(update={"max_new_tokens": 30}))[0]
+    block, armed = model.h[1], []
+    real = block.forward
+
+    def failing(x, *args, **kwargs):
+        if armed and x.size(1) > 8:  # the refill (a round or a step feeds at most 4)
+            raise RuntimeError("injected")
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(block, "forward", failing)
+    armed.append(True)
+    with pytest.raises(RuntimeError, match="injected"):
+        for _ in range(30):
+            engine.pick()
+            engine.advance()
+    assert len(row.sequence()) > 32 and row.start == -1
+    armed.clear()
+    engine.remove(row)
     assert engine.cache.held == [[]]
-    assert engine.add([tokens + [7]], GREEDY)[0].cached == 0
+    follow = row.tokens[:-1]
+    again = engine.add([follow], GREEDY)[0]
+    torch.testing.assert_close(again.logits, Engine(model, rows=1).add([follow], GREEDY)[0]
+                               .logits, rtol=1e-5, atol=1e-5)
+
+
+def test_one_prompt_in_several_rows_is_fed_once():
+    """--num-samples 3: the prompt goes through the model once (a batch of one) and its keys
+    and values are copied to the other rows, which then decode as they would have alone."""
+    model = randomize_(GPT(tiny_config()), seed=12).eval()
+    shapes = []
+    model.wte.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    engine = Engine(model, rows=4)
+    engine.add([[1, 2, 3]], GREEDY)  # another request, already decoding
+    engine.pick()
+    engine.advance()
+    shapes.clear()
+    rows = engine.add([[4, 5, 6, 7]] * 3, SampleConfig(temperature=1.0),
+                      torch.Generator().manual_seed(3))
+    assert shapes == [(1, 4)]
+    fresh = Engine(model, rows=1).add([[4, 5, 6, 7]], GREEDY)[0]
+    for row in rows:
+        torch.testing.assert_close(row.logits, fresh.logits, rtol=1e-5, atol=1e-5)
+    for _ in range(5):
+        engine.pick()
+        engine.advance()
+    engine.pick()
+    # each row's cache holds its own sequence: a step from it equals a fresh prefill of it
+    for row in rows:
+        torch.testing.assert_close(row.logits, Engine(model, rows=1).add(
+            [row.tokens[:-1]], GREEDY)[0].logits, rtol=1e-4, atol=1e-4)

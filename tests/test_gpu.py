@@ -22,8 +22,7 @@ from typer.testing import CliRunner
 
 from gptcli.cli import app
 from gptcli.config import ModelConfig, SampleConfig, TrainConfig
-from gptcli.decode import decode_loop
-from gptcli.kernel_layer import compile_step
+from gptcli.decode import compile_step, decode_loop
 from gptcli.model import GPT
 from gptcli.optim import step_parts, train_step
 

@@ -513,7 +513,7 @@ def test_a_compiled_cpu_step_is_one_graph_with_any_kernel_and_decodes_as_eager(m
     layer's kernel as one operator (kernels.product), so any kernel compiles, the step stays
     one graph (before: a break at every fbgemm product) over the dynamic cache, and it decodes
     the eager step's tokens."""
-    from gptcli.kernel_layer import compile_step
+    from gptcli.decode import compile_step
     from gptcli.kv_cache import KVCache
 
     model = model_in("float")
@@ -548,7 +548,7 @@ def test_kernel_inductor_traces_its_products_into_a_frozen_compiled_step(mode):
     (quantize.TRACED), which the compiled step traces instead of calling gptcli::product, so
     inductor (freezing the weights) puts its own products in; one step's logits are the eager
     step's within that kernel's tolerance. Without --compile the flag is refused."""
-    from gptcli.kernel_layer import compile_step
+    from gptcli.decode import compile_step
     from gptcli.kv_cache import KVCache
     from gptcli.quantize import TRACED
 

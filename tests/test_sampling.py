@@ -11,7 +11,8 @@ from gptcli.checkpoint import save_checkpoint
 from gptcli.cli import app
 from gptcli.config import SampleConfig
 from gptcli.model import GPT
-from gptcli.decode import decode_loop, window_start
+from gptcli.decode import decode_loop
+from gptcli.kv_cache import window_start
 from gptcli.generate import generate, prompt_ids
 from gptcli.sampling import (GREEDY_BELOW, apply_repetition_penalty, filter_min_p, filter_top_k,
                              filter_top_p, next_token)
@@ -435,7 +436,7 @@ def test_compiled_step_matches_eager_and_compiles_once():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from gptcli.kernel_layer import compile_step
+    from gptcli.decode import compile_step
 
     model = randomize_(GPT(tiny_config(n_layer=1, context_length=16))).eval()
     prompt = torch.randint(0, 101, (1, 3))

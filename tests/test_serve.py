@@ -444,11 +444,13 @@ def test_a_forward_that_fails_for_the_batch_ends_the_newest_request(client, serv
                                                 seed=3, temperature=0.8)
 
 
-def test_a_request_whose_prefill_fails_ends_alone(served, monkeypatch):
+@pytest.mark.parametrize("n", [3, 1])
+def test_a_request_whose_prefill_fails_ends_alone(served, monkeypatch, n):
     """A fault injected into the prefill of the prompt "~~", admitted together with another
-    request that needs the other rows of the batch: it ends with an error, the other gets its
-    solo answers, and no half-added rows are left behind (they would take the rows the other
-    one needs, and break every later step)."""
+    request (that needs the other rows of the batch, or one row): it ends with an error, the
+    other gets its solo answers, and no half-added rows are left behind (they would take the
+    rows the other one needs, and break every later step), nor taken for rows holding their
+    prompt (the other one's rows were never fed: its retry must feed them)."""
     from gptcli.serve.scheduler import Job, Scheduler
 
     model, tok = served["model"], served["tokenizer"]
@@ -460,13 +462,14 @@ def test_a_request_whose_prefill_fails_ends_alone(served, monkeypatch):
     config = SampleConfig(max_new_tokens=40, seed=8, temperature=0.8)
     bad, good = [], []
     scheduler.submit(Job([tok.encode("~~")], 1, config, bad.append))
-    scheduler.submit(Job([tok.encode("fine")], 3, config, good.append))  # the 3 other rows
+    scheduler.submit(Job([tok.encode("fine")], n, config, good.append))
     while not good or good[-1]["type"] not in ("done", "error"):
         scheduler.run_once()  # the first call admits both at once
     assert bad == [{"type": "error", "status": 500,
                     "message": "could not start: RuntimeError: prefill failed (injected)"}]
     assert [c.stream.text for c in good[-1]["choices"]] == reference(
-        served, "fine", max_new_tokens=40, seed=8, temperature=0.8, num_samples=3)
+        served, "fine", max_new_tokens=40, seed=8, temperature=0.8, num_samples=n)
+    assert good[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
     assert scheduler.busy() == 0 and not scheduler.engine.rows
 
 

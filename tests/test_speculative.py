@@ -222,3 +222,24 @@ def test_cli_refuses_a_draft_with_another_tokenizer(tmp_path):
     result = gen("--model", target, "--draft-tokens", "3", "--prompt", "\u0101")
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --draft-tokens goes with --draft-model"
+
+
+def test_a_kept_engine_reports_each_calls_own_draft_tokens():
+    """generate() on an engine kept between calls (gpt chat's) reports each call's draft
+    tokens and acceptances, as the same call on a fresh engine does."""
+    from gptcli.generate import generate
+
+    tok = char_tokenizer(101)
+    target, small = pair()
+    config = SampleConfig(max_new_tokens=12, temperature=0)
+    engine = Engine(target, 1, vocab_size=tok.vocab_size, draft=Draft(small, 3))
+    prompt, held = [1, 2, 3], 0
+    for _ in range(2):
+        (kept,), stats = generate(target, tok, prompt, config, engine=engine)
+        (fresh,), alone = generate(target, tok, prompt, config, draft=Draft(small, 3))
+        assert kept.token_ids == fresh.token_ids and alone.draft_tokens > 0
+        assert (stats.draft_tokens, stats.accepted_tokens) == (alone.draft_tokens,
+                                                               alone.accepted_tokens)
+        assert stats.cached_prompt_tokens == held
+        prompt = prompt + kept.token_ids + [4]
+        held = len(prompt) - 2  # the call's prompt and tokens, but its last token

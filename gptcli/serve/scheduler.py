@@ -251,9 +251,9 @@ class Scheduler:
                 groups.append(([prompt] * job.n, job.config, generator, (id(job), p)))
                 owners.append((job, p))
         for (job, p), rows in zip(owners, self.engine.add_groups(groups)):
+            job.cached += rows[0].cached  # (per prompt, as usage counts prompt tokens)
             for k, row in enumerate(rows):
                 job.rows[id(row)] = job.choices[p * job.n + k]
-                job.cached += row.cached
         self.running.extend(jobs)
 
     def _reconcile(self) -> None:
