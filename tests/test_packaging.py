@@ -7,6 +7,7 @@ test extras installed numpy for the tests while users did not get it.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import re
 import sys
@@ -23,10 +24,16 @@ def requirement_names(requirements: list[str]) -> set[str]:
             for r in requirements}
 
 
+@functools.cache
+def installed() -> dict[str, list[str]]:
+    """Top-level module -> the installed distributions providing it (a scan of every installed
+    distribution: 0.3 s, once, where it was once per import)."""
+    return importlib.metadata.packages_distributions()
+
+
 def distributions_of(module: str) -> set[str]:
     """The installed distributions that provide the top-level ``module``."""
-    return {re.sub(r"[-_.]+", "-", d).lower()
-            for d in importlib.metadata.packages_distributions().get(module, [])}
+    return {re.sub(r"[-_.]+", "-", d).lower() for d in installed().get(module, [])}
 
 
 class Import:

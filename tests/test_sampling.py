@@ -432,6 +432,20 @@ def test_cli_interactive(char_checkpoint):
     assert result.stdout.count("> ") == 3 and "abc" in result.stdout and "never" not in result.stdout
 
 
+def test_cli_interactive_feeds_what_a_prompt_shares_with_the_last_once(char_checkpoint):
+    """The prompt loop keeps one engine: "abcd" after "abc" feeds only its "d" (the stats say
+    what was kept) and gives what `gpt generate --prompt abcd` gives."""
+    args = ["--model", str(char_checkpoint), "--max-new-tokens", "3", "--temperature", "0"]
+    result = gen(*args, "--interactive", input="abc\nabcd\n")
+    assert result.exit_code == 0, result.output
+    assert "[3 prompt tokens, " in result.stderr and "[4 prompt tokens (3 kept), " in result.stderr
+    result = gen(*args, "--interactive", "--json", input="abc\nabcd\n")
+    second = json.loads(result.stdout.split("> ")[2])
+    assert second["stats"]["cached_prompt_tokens"] == 3
+    alone = json.loads(gen(*args, "--prompt", "abcd", "--json").stdout.strip().splitlines()[-1])
+    assert second["samples"] == alone["samples"] and alone["stats"]["cached_prompt_tokens"] == 0
+
+
 def test_compiled_step_matches_eager_and_compiles_once():
     import torch._dynamo
     from torch._dynamo.utils import counters

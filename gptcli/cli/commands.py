@@ -89,8 +89,14 @@ def generate_cmd(
              "after ~30 s of compiling; --kernel inductor lets inductor choose the products "
              "(faster on some CPUs: gpt bench --compile --kernel inductor)")
     prompts = iter(read_prompt_line, None) if interactive else [read_prompt(prompt, prompt_file)]
+    engine = None
+    if interactive:  # one for every line: a prompt that starts as the last did is fed from there
+        from ..decode import Engine
+
+        engine = Engine(loaded.model, sample.num_samples, step=loaded.step,
+                        vocab_size=loaded.tokenizer.vocab_size, draft=loaded.draft)
     for text in prompts:
-        generate_once(loaded, text, sample, as_json)
+        generate_once(loaded, text, sample, as_json, engine)
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -111,7 +117,7 @@ def read_prompt_line() -> str | None:
     return None if line.strip() == "/quit" else line
 
 
-def generate_once(loaded, text: str, cfg: SampleConfig, as_json: bool) -> None:
+def generate_once(loaded, text: str, cfg: SampleConfig, as_json: bool, engine=None) -> None:
     from ..generate import generate, prompt_ids
 
     from ..display import SampleWriter
@@ -122,14 +128,15 @@ def generate_once(loaded, text: str, cfg: SampleConfig, as_json: bool) -> None:
     writer = None if as_json else SampleWriter(cfg.num_samples, text)
     samples, stats = generate(loaded.model, loaded.tokenizer, ids, cfg, step=loaded.step,
                               draft=loaded.draft, on_text=writer and writer.text,
-                              on_done=writer and writer.done)
+                              on_done=writer and writer.done, engine=engine)
     if as_json:
         print(json.dumps({"prompt_token_ids": ids, "stats": stats.as_dict(), "samples": [
             {"text": s.text, "token_ids": s.token_ids, "finish_reason": s.finish_reason}
             for s in samples]}))
         return
     print(flush=True)
-    note(f"[{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new tokens, first token "
+    kept = f" ({stats.cached_prompt_tokens} kept)" if stats.cached_prompt_tokens else ""
+    note(f"[{stats.prompt_tokens} prompt tokens{kept}, {stats.new_tokens} new tokens, first token "
          f"{stats.time_to_first_token_s * 1000:.0f} ms, {stats.decode_tokens_per_s:.1f} "
          f"tokens/s{_acceptance(stats)}]")
 
