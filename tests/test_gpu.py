@@ -4,7 +4,8 @@ rather than leaving them out). ``python -m pytest -m gpu`` runs them all, in a f
 one GPU: bf16 training against float32, the compiled training step and the CUDA-graph decode
 step (no graph breaks, equal to eager), the flash attention kernel, the memory estimate against
 the allocator's peak, `gpt bench --device cuda`'s MFU and bandwidth figures, speculative decoding
-with CUDA graphs, and a 2-process nccl job where two GPUs exist.
+with CUDA graphs, a conversation kept in the static cache, and a 2-process nccl job where two
+GPUs exist.
 
 Tolerances are stated where they are used, with why.
 """
@@ -216,6 +217,34 @@ def test_speculative_decoding_with_cuda_graphs_keeps_the_greedy_tokens():
                                              draft=draft, counts=counts)]
         assert got == eager
     assert counts["accepted"] == counts["proposed"] > 0
+
+
+def test_a_conversation_kept_in_the_static_cache_decodes_as_its_whole_prompt():
+    """`gpt chat --compile` on CUDA: the engine's static cache (CUDA graphs) keeps the first
+    turn, the next prompt feeds only what is new, and its greedy tokens are eager decoding's of
+    the whole prompt."""
+    from gptcli.decode import Engine
+
+    torch.set_float32_matmul_precision("highest")
+    model = randomize_(GPT(tiny_config(context_length=64)), seed=7).cuda().eval()
+    engine = Engine(model, 1, step=compile_step(model))
+    cfg = SampleConfig(max_new_tokens=12, temperature=0)
+
+    def run(prompt: list[int]) -> tuple[list[int], int]:
+        row = engine.add([prompt], cfg)[0]
+        for i in range(12):
+            engine.pick()
+            if i < 11:
+                engine.advance()
+        engine.remove(row)
+        return row.tokens, row.cached
+
+    first, _ = run([1, 2, 3, 4])
+    follow = first + [5, 6]
+    tokens, cached = run(follow)
+    assert cached == len(first) - 1
+    eager = [t.item() for t in decode_loop(model, torch.tensor([follow], device="cuda"), cfg)]
+    assert tokens[len(follow):] == eager
 
 
 def test_bf16_generation_runs_and_reads_its_dtype():
