@@ -135,8 +135,8 @@ class Engine:
         # one prompt in several rows (--num-samples) is fed once and copied; a window that
         # starts as an earlier one did is fed from where they part
         fed = 1 if all(w == windows[0] for w in windows) else len(rows)
-        cached = self.cache.reuse(first, windows[:fed])
-        self.cache.forget(first, first + len(rows))
+        cached = self.cache.reuse(first, first + len(rows), windows[0] if fed == 1 else None,
+                                  range(len(self.rows), self.cache.batch_size))
         idx = torch.tensor([w[cached:] for w in windows[:fed]], device=self.model.device)
         logits = self.model(idx, kv_cache=self.view(first, first + fed), start_pos=cached,
                             last_only=True)[:, -1]

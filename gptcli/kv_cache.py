@@ -8,7 +8,9 @@ request into a free row while others are decoding), and rows may be at different
 A sequence longer than the model's context is held as a window of it (``window_start``).
 
 A free row keeps what its last sequence wrote (``keep``), so that a prompt that starts with those
-tokens, such as a conversation's next turn, is fed only from where the two part (``reuse``).
+tokens, such as a conversation's next turn, is fed only from where the two part (``reuse``); a
+row about to be written first hands what it holds to a free row that holds nothing, so the cache
+keeps as many conversations as it has free rows.
 """
 
 from __future__ import annotations
@@ -101,21 +103,33 @@ class KVCache:
         """Rows [first, stop) hold nothing known (they are about to be written, or were partly)."""
         self.held[first:stop] = [[] for _ in range(first, stop)]
 
-    def reuse(self, first: int, windows: Sequence[Sequence[int]]) -> int:
-        """Make rows [first, first + len(windows)) ready to be written with ``windows`` (tokens
-        from position 0 on). For one window, returns how many of its first positions a free row
-        holds already (all but the last at most: its logits are wanted), copied into row
-        ``first`` when they are another row's; for several, 0."""
+    def reuse(self, first: int, stop: int, window: Sequence[int] | None,
+              spare: Sequence[int]) -> int:
+        """Make rows [first, stop) ready to be written, row ``first`` with ``window`` (tokens
+        from position 0 on; None: the rows take several). Returns how many of the window's first
+        positions a free row holds already (all but the last at most: its logits are wanted),
+        copied into row ``first`` when they are another row's. What the rows held that the
+        window does not carry on moves to ``spare`` rows (free ones) that hold nothing, while
+        there are such: a later prompt may still want it (a second conversation)."""
         best, source = 0, first
-        for row, held in enumerate(self.held if len(windows) == 1 else []):
-            n = next((i for i, (a, b) in enumerate(zip(held, windows[0])) if a != b),
-                     min(len(held), len(windows[0])))
+        for row, held in enumerate(self.held if window is not None else []):
+            n = next((i for i, (a, b) in enumerate(zip(held, window)) if a != b),
+                     min(len(held), len(window)))
             if n > best:
                 best, source = n, row
-        best = min(best, len(windows[0]) - 1)
-        self.forget(first, first + len(windows))  # (before a copy that may stop half way)
+        best = min(best, len(window) - 1) if window is not None else 0
+        empty = [r for r in spare if not self.held[r] and not first <= r < stop]
+        for row in range(first, stop):
+            carried_on = row == source and best >= len(self.held[row])
+            if self.held[row] and empty and not carried_on:
+                to = empty.pop(0)
+                self.move(row, to, len(self.held[row]))
+                self.held[to] = self.held[row]
+        self.forget(first, stop)  # (before a copy that may stop half way)
         if best and source != first:
             self.move(source, first, best)
+            if best == len(self.held[source]):  # all of it in row first now: the row is free
+                self.forget(source, source + 1)
         return best
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,

@@ -203,6 +203,24 @@ def test_a_free_row_lends_its_positions_to_the_row_a_prompt_goes_to():
     assert engine.cache.held == [[], [], c.tokens[:-1]]  # rows in use hold nothing to lend
 
 
+def test_two_conversations_taking_turns_each_keep_their_positions():
+    """Two conversations take turns on an engine of three rows (a server with two clients):
+    each new prompt goes into row 0, and what row 0 held moves to a free row that holds
+    nothing, so each conversation's next turn still finds its earlier turns."""
+    model = randomize_(GPT(tiny_config()), seed=16).eval()
+    engine = Engine(model, rows=3)
+    talks = {"a": [1, 2, 3], "b": [40, 41, 42, 43]}
+    for turn in range(3):
+        for name in ("a", "b"):
+            row = engine.add([talks[name]], GREEDY)[0]
+            assert engine.rows.index(row) == 0
+            assert row.cached == (len(talks[name]) - 3 if turn else 0)
+            fresh = Engine(model, rows=1).add([talks[name]], GREEDY)[0]
+            torch.testing.assert_close(row.logits, fresh.logits, rtol=1e-5, atol=1e-5)
+            talks[name] = run_out(engine, row, 4) + [7, 8]
+    assert sorted(map(len, engine.cache.held)) == [0, len(talks["a"]) - 3, len(talks["b"]) - 3]
+
+
 def test_a_slid_window_is_kept_as_the_window_it_is():
     """A sequence longer than the context keeps the window its row holds: a prompt whose window
     starts the same way reuses it, and one whose window starts elsewhere does not; both decode

@@ -14,8 +14,9 @@ that receives events from the scheduler thread (the HTTP side hands them to its 
 
 Admission is first in, first out: a job waits until the batch has rows for all its samples, so
 a large request is never starved by a stream of small ones. The engine's cache keeps what
-finished requests fed: a prompt that continues one (a chat's next turn) is fed only from where
-they part, and its usage says how many positions were kept (``prompt_tokens_details``).
+finished requests fed, in its free rows: a prompt that continues one (a chat's next turn) is fed
+only from where they part, and its usage says how many positions were kept
+(``prompt_tokens_details``).
 """
 
 from __future__ import annotations
