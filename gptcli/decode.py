@@ -6,10 +6,10 @@ runs one batched forward to get the next logits; ``remove`` frees a row (the las
 moves into the gap, so the rows in use are always the first ones and the batch is a view).
 Rows may sit at different positions (requests that joined at different times): the model then
 gets per-row positions and a per-row mask. A row whose sequence outgrows the context slides its
-window (see ``window_start``) and is prefilled again on its own. A freed row keeps its keys and
-values: a prompt that starts with its tokens (a conversation's next turn) is fed from where they
-part (``KVCache.reuse``). `gpt generate`, samples during training, `gpt bench`, `gpt chat` and
-`gpt serve` all decode through this.
+window (see ``window_start``) and is prefilled again on its own. A freed row's keys and values
+are kept: a prompt that starts with its tokens (a chat's next turn) is fed from where they part
+(``KVCache.reuse``). `gpt generate`, `gpt chat`, `gpt serve`, `gpt bench` and samples during
+training all decode through this.
 
 With a draft model (speculative decoding, ``speculative.py``), ``advance`` runs a round instead
 of a step for the rows that need tokens: the draft proposes a few, the model verifies them in one
@@ -45,9 +45,7 @@ class Row:
                  generator: torch.Generator | None, group: object) -> None:
         self.tokens = list(tokens)
         self.config, self.generator, self.group = config, generator, group
-        # where its window starts (cache: tokens[start:]); -1 until a prefill is done (one that
-        # fails leaves the cache row unknown)
-        self.start = -1
+        self.start = -1  # where its window starts (cache: tokens[start:]); -1 until prefilled
         self.logits: torch.Tensor | None = None  # (V,): the next token's
         # With a draft: tokens decided but not handed out yet, each with the model's logits it
         # was chosen from; the draft cache's window start and how far it has been fed; where
@@ -142,8 +140,8 @@ class Engine:
                             last_only=True)[:, -1]
         for i in range(fed, len(rows)):
             self.cache.move(first, first + i, len(windows[0]))
-        for i, row in enumerate(rows):
-            row.start, row.logits, row.cached = start, logits[i % fed], cached
+        for i, row in enumerate(rows):  # (copies: each row its own logits)
+            row.start, row.cached, row.logits = start, cached, logits[min(i, fed - 1)].clone()
         if self.draft is not None:
             self._fill_draft(first, rows, [r.tokens for r in rows], length,
                              window_start(length, self.draft.model.config.context_length))
@@ -352,17 +350,22 @@ class Engine:
             row.draft_start, row.draft_fed = start, max(start, stop)
 
     def remove(self, row: Row) -> None:
-        """Free ``row``'s cache row: the last row moves into its place. The last cache row, now
-        free, keeps the keys and values it holds for a later prompt (``KVCache.reuse``)."""
+        """Free ``row``'s cache row: the last row moves into its place, and ``row``'s keys and
+        values into the last cache row, now free, which keeps them for a later prompt
+        (``KVCache.reuse``)."""
         i, last = self.rows.index(row), len(self.rows) - 1
-        moved = self.rows[last]
+        kept = row.tokens[row.start:-1] if row.start >= 0 else []
+        saved = self.cache.take(i, len(kept)) if i != last else None
         if i != last:
+            moved = self.rows[last]
             self.cache.move(last, i, len(moved.sequence()) - moved.start)
             if self.draft is not None:
                 self.draft_cache.move(last, i, moved.draft_fed - moved.draft_start)
             self.rows[i] = moved
         self.rows.pop()
-        self.cache.keep(last, moved.tokens[moved.start:-1] if moved.start >= 0 else [])
+        if saved is not None:
+            self.cache.put(last, saved)
+        self.cache.keep(last, kept)
 
 
 @torch.no_grad()

@@ -95,6 +95,15 @@ class KVCache:
         for t in (*self.k, *self.v):
             t[target, :, :length] = t[source, :, :length]
 
+    def take(self, row: int, length: int) -> list[torch.Tensor]:
+        """A copy of row ``row``'s first ``length`` positions (for ``put``)."""
+        return [t[row, :, :length].clone() for t in (*self.k, *self.v)]
+
+    def put(self, row: int, taken: list[torch.Tensor]) -> None:
+        """Write what ``take`` copied into row ``row``."""
+        for t, part in zip((*self.k, *self.v), taken):
+            t[row, :, :part.size(1)] = part
+
     def keep(self, row: int, tokens: Sequence[int]) -> None:
         """Row ``row``, now free, holds the keys and values of ``tokens`` from position 0."""
         self.held[row] = list(tokens)

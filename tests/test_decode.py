@@ -193,8 +193,8 @@ def test_a_free_row_lends_its_positions_to_the_row_a_prompt_goes_to():
         engine.advance()
     engine.pick()
     engine.remove(c)  # the last row: row 2 keeps c
-    engine.remove(a)  # b moves into row 0; row 1 keeps b
-    assert engine.cache.held[1:] == [b.tokens[:-1], c.tokens[:-1]]
+    engine.remove(a)  # b moves into row 0, a into row 1, which keeps it
+    assert engine.cache.held[1:] == [a.tokens[:-1], c.tokens[:-1]]
     follow = c.tokens[:6] + [13, 14]
     row = engine.add([follow], GREEDY)[0]  # into row 1, with row 2's first 6 positions
     assert engine.rows.index(row) == 1 and row.cached == 6
@@ -219,6 +219,30 @@ def test_two_conversations_taking_turns_each_keep_their_positions():
             torch.testing.assert_close(row.logits, fresh.logits, rtol=1e-5, atol=1e-5)
             talks[name] = run_out(engine, row, 4) + [7, 8]
     assert sorted(map(len, engine.cache.held)) == [0, len(talks["a"]) - 3, len(talks["b"]) - 3]
+
+
+def test_a_request_that_ends_while_a_later_one_runs_keeps_its_positions():
+    """Two clients' requests overlap: the first ends while the second still decodes (so the
+    second's row moves into its place). The first's keys and values go to the freed row, its
+    next turn reuses them, and the second's next turn reuses its own once it ends."""
+    model = randomize_(GPT(tiny_config()), seed=17).eval()
+    engine = Engine(model, rows=4)
+    a = engine.add([[1, 2, 3]], GREEDY)[0]
+    b = engine.add([[40, 41, 42, 43]], GREEDY)[0]
+    for step in range(6):
+        engine.pick()
+        if step == 3:
+            engine.remove(a)  # b moves into row 0
+        engine.advance()
+    engine.pick()
+    engine.remove(b)
+    for done in (a, b):
+        follow = done.tokens + [7, 8]
+        row = engine.add([follow], GREEDY)[0]
+        assert row.cached == len(done.tokens) - 1
+        fresh = Engine(model, rows=1).add([follow], GREEDY)[0]
+        torch.testing.assert_close(row.logits, fresh.logits, rtol=1e-5, atol=1e-5)
+        engine.remove(row)
 
 
 def test_a_slid_window_is_kept_as_the_window_it_is():

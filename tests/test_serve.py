@@ -166,11 +166,14 @@ def test_a_prompt_that_continues_an_earlier_one_reuses_its_positions(client, ser
     first = client.completions.create(model="tiny", prompt="once upon", max_tokens=10,
                                       temperature=0)
     prompt = "once upon" + first.choices[0].text + " then"
-    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0)
-    # what the first request fed: its prompt and all its tokens but the last
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0.8,
+                                    seed=2, n=2)
+    # what the first request fed: its prompt and all its tokens but the last (counted once,
+    # as the prompt's tokens are, though two rows decode it)
     assert out.usage.prompt_tokens_details.cached_tokens == len("once upon") + 9
+    assert out.usage.prompt_tokens == len(prompt)
     assert [c.text for c in out.choices] == reference(served, prompt, max_new_tokens=5,
-                                                      temperature=0)
+                                                      temperature=0.8, seed=2, num_samples=2)
 
 
 def test_n_samples_equal_num_samples_and_extensions_are_accepted(client, served):
