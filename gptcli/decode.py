@@ -357,7 +357,7 @@ class Engine:
         kept = row.tokens[row.start:-1] if row.start >= 0 else []
         saved = self.cache.take(i, len(kept)) if i != last else None
         if i != last:
-            moved = self.rows[last]
+            row.start, moved = -1, self.rows[last]  # (overwritten next: a retry keeps nothing)
             self.cache.move(last, i, len(moved.sequence()) - moved.start)
             if self.draft is not None:
                 self.draft_cache.move(last, i, moved.draft_fed - moved.draft_start)

@@ -245,6 +245,36 @@ def test_a_request_that_ends_while_a_later_one_runs_keeps_its_positions():
         engine.remove(row)
 
 
+def test_a_removal_that_fails_half_way_keeps_nothing_of_the_row_it_overwrote(monkeypatch):
+    """The last row's move into the gap stops after one layer (a failure), and the removal is
+    tried again (as gpt serve's clean-up does): the removed row's cache row was partly
+    overwritten, so nothing of it is kept, and its next turn is fed whole."""
+    model = randomize_(GPT(tiny_config()), seed=18).eval()
+    engine = Engine(model, rows=3)
+    a = engine.add([[1, 2, 3]], GREEDY)[0]
+    engine.add([[40, 41, 42, 43]], GREEDY)
+    for _ in range(4):
+        engine.pick()
+        engine.advance()
+    engine.pick()
+    real = engine.cache.move
+
+    def half(source, target, length):
+        engine.cache.k[0][target, :, :length] = engine.cache.k[0][source, :, :length]
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(engine.cache, "move", half)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.remove(a)
+    monkeypatch.setattr(engine.cache, "move", real)
+    engine.remove(a)
+    follow = a.tokens + [7]
+    row = engine.add([follow], GREEDY)[0]
+    assert row.cached == 0
+    torch.testing.assert_close(row.logits, Engine(model, rows=1).add([follow], GREEDY)[0].logits,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_a_slid_window_is_kept_as_the_window_it_is():
     """A sequence longer than the context keeps the window its row holds: a prompt whose window
     starts the same way reuses it, and one whose window starts elsewhere does not; both decode
