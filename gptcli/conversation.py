@@ -199,8 +199,7 @@ class Session:
         self.replies += 1
         writer = ReplyWriter(self.template, stream=not self.as_json)
         if self.engine is None or self.engine.rows:  # (or one a second Ctrl-C left busy)
-            self.engine = Engine(self.loaded.model, 1, step=self.loaded.step,
-                                 vocab_size=tokenizer.vocab_size)
+            self.engine = self.loaded.engine(1)
         result: dict = {"finish_reason": "interrupted", "token_ids": None, "stats": None}
         try:
             samples, stats = generate(self.loaded.model, tokenizer, ids, cfg,

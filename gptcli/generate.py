@@ -189,6 +189,12 @@ class Loaded:
     step: Callable | None = None
     draft: Draft | None = None
 
+    def engine(self, rows: int) -> Engine:
+        """A decode engine of ``rows`` rows for this model, its step and draft, to keep between
+        ``generate`` calls (a prompt that starts as the last one did is fed from there)."""
+        return Engine(self.model, rows, step=self.step, vocab_size=self.tokenizer.vocab_size,
+                      draft=self.draft)
+
 
 def load_generator(model_name: str | None, *, device: str = "auto", dtype: str = "auto",
                    compile: bool = False, quantize: str | None = None,

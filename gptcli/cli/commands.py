@@ -89,12 +89,7 @@ def generate_cmd(
              "after ~30 s of compiling; --kernel inductor lets inductor choose the products "
              "(faster on some CPUs: gpt bench --compile --kernel inductor)")
     prompts = iter(read_prompt_line, None) if interactive else [read_prompt(prompt, prompt_file)]
-    engine = None
-    if interactive:  # one for every line: a prompt that starts as the last did is fed from there
-        from ..decode import Engine
-
-        engine = Engine(loaded.model, sample.num_samples, step=loaded.step,
-                        vocab_size=loaded.tokenizer.vocab_size, draft=loaded.draft)
+    engine = loaded.engine(sample.num_samples) if interactive else None  # (one for every line)
     for text in prompts:
         generate_once(loaded, text, sample, as_json, engine)
 
