@@ -22,7 +22,6 @@ from gptcli import chat
 from gptcli.data.sources import bundled_corpus
 from gptcli.checkpoint import read_safetensors
 from gptcli.config import SampleConfig
-from gptcli.decode import Engine
 from gptcli.generate import generate, load_generator
 
 
@@ -40,7 +39,7 @@ def main() -> None:
     template = chat.template_for(read_safetensors(loaded.path, tensors=False)[1])
     words = bundled_corpus().read_text(encoding="utf-8").split()
     sample = SampleConfig(max_new_tokens=args.reply_tokens, temperature=0, ignore_eos=True)
-    engine = Engine(model, 1, step=loaded.step, vocab_size=tok.vocab_size)
+    engine = loaded.engine(1)
     history: list[dict[str, str]] = []
     differ, ratios = 0, []
     print(f"{'turn':>4} {'prompt':>6} {'kept':>5} {'fresh ms':>9} {'kept ms':>8} {'ratio':>6}")
