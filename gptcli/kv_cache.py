@@ -9,8 +9,9 @@ A sequence longer than the model's context is held as a window of it (``window_s
 
 A free row keeps what its last sequence wrote (``keep``), so that a prompt that starts with those
 tokens, such as a conversation's next turn, is fed only from where the two part (``reuse``); a
-row about to be written first hands what it holds to a free row that holds nothing, so the cache
-keeps as many conversations as it has free rows.
+row about to be written first hands what it holds to another free row, one that holds nothing or
+else the one kept longest ago, so the cache keeps as many conversations as it has free rows, and
+a new one pushes out the one left longest ago (least recently used).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class KVCache:
         # per row, the tokens whose keys and values it holds from position 0 while no sequence
         # uses it (empty: nothing known)
         self.held: list[list[int]] = [[] for _ in range(batch_size)]
+        self.kept_at = [0] * batch_size  # when each row's held tokens were kept (``keep``)
+        self.clock = 0
         if static:
             # The compiled step writes into these buffers; marking their addresses static lets
             # CUDA graphs replay the writes instead of refusing graphs with mutated inputs.
@@ -106,7 +109,8 @@ class KVCache:
 
     def keep(self, row: int, tokens: Sequence[int]) -> None:
         """Row ``row``, now free, holds the keys and values of ``tokens`` from position 0."""
-        self.held[row] = list(tokens)
+        self.clock += 1
+        self.held[row], self.kept_at[row] = list(tokens), self.clock
 
     def forget(self, first: int, stop: int) -> None:
         """Rows [first, stop) hold nothing known (they are about to be written, or were partly)."""
@@ -117,9 +121,10 @@ class KVCache:
         """Make rows [first, stop) ready to be written, row ``first`` with ``window`` (tokens
         from position 0 on; None: the rows take several). Returns how many of the window's first
         positions a free row holds already (all but the last at most: its logits are wanted),
-        copied into row ``first`` when they are another row's. What the rows held that the
-        window does not carry on moves to ``spare`` rows (free ones) that hold nothing, while
-        there are such: a later prompt may still want it (a second conversation)."""
+        copied into row ``first`` when they are another row's (which then takes what row
+        ``first`` held: the two swap). What else the rows held that the window does not carry on
+        moves to a ``spare`` row (a free one) that holds nothing, or else over the one kept
+        longest ago if that is older: a later prompt may still want it (another conversation)."""
         best, source = 0, first
         for row, held in enumerate(self.held if window is not None else []):
             n = next((i for i, (a, b) in enumerate(zip(held, window)) if a != b),
@@ -127,18 +132,32 @@ class KVCache:
             if n > best:
                 best, source = n, row
         best = min(best, len(window) - 1) if window is not None else 0
-        empty = [r for r in spare if not self.held[r] and not first <= r < stop]
-        for row in range(first, stop):
+        # a free row whose tokens all go into row first takes what row first held (a swap)
+        swap = bool(best) and not first <= source < stop and best == len(self.held[source])
+        swapped = self.take(first, len(self.held[first])) if swap and self.held[first] else None
+        # free rows to hand over to: those holding nothing first, then the longest kept
+        others = sorted((r for r in spare if not first <= r < stop and r != source),
+                        key=lambda r: (bool(self.held[r]), self.kept_at[r]))
+        for row in range(first + (swapped is not None), stop):
             carried_on = row == source and best >= len(self.held[row])
-            if self.held[row] and empty and not carried_on:
-                to = empty.pop(0)
-                self.move(row, to, len(self.held[row]))
-                self.held[to] = self.held[row]
+            if not self.held[row] or carried_on or not others:
+                continue
+            to = others[0]
+            if self.held[to] and self.kept_at[to] > self.kept_at[row]:
+                continue  # every other row was kept later: this row's tokens are the oldest
+            others.pop(0)
+            self.forget(to, to + 1)  # (before a copy that may stop half way)
+            self.move(row, to, len(self.held[row]))
+            self.held[to], self.kept_at[to] = self.held[row], self.kept_at[row]
+        was = self.held[first], self.kept_at[first]
         self.forget(first, stop)  # (before a copy that may stop half way)
         if best and source != first:
             self.move(source, first, best)
-            if best == len(self.held[source]):  # all of it in row first now: the row is free
+            if swap:  # all of it in row first now: the row is free
                 self.forget(source, source + 1)
+                if swapped is not None:
+                    self.put(source, swapped)
+                    self.held[source], self.kept_at[source] = was
         return best
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,

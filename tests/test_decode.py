@@ -221,6 +221,40 @@ def test_two_conversations_taking_turns_each_keep_their_positions():
     assert sorted(map(len, engine.cache.held)) == [0, len(talks["a"]) - 3, len(talks["b"]) - 3]
 
 
+def take_turn(engine: Engine, model: GPT, talks: dict, name: str) -> int:
+    """One turn of conversation ``name`` on ``engine`` (decoded alone, as a fresh engine would,
+    then freed, its next message added); returns how many prompt positions were kept."""
+    row = engine.add([talks[name]], GREEDY)[0]
+    fresh = Engine(model, rows=1).add([talks[name]], GREEDY)[0]
+    torch.testing.assert_close(row.logits, fresh.logits, rtol=1e-5, atol=1e-5)
+    talks[name] = run_out(engine, row, 4) + [7, 8]
+    return row.cached
+
+
+def test_two_conversations_on_two_rows_swap_places():
+    """Two clients on a server of two rows: a turn's positions come from the free row, which
+    takes what the first row held instead (a swap), so neither conversation is lost."""
+    model = randomize_(GPT(tiny_config()), seed=19).eval()
+    engine = Engine(model, rows=2)
+    talks = {"a": [1, 2, 3], "b": [40, 41, 42, 43]}
+    cached = [take_turn(engine, model, talks, name) for _ in range(3) for name in ("a", "b")]
+    assert cached[:2] == [0, 0] and all(cached[2:])
+
+
+def test_a_new_conversation_pushes_out_the_one_left_longest_ago():
+    """Four conversations on three rows: the fourth pushes out the one kept longest ago (not
+    the one that ended last, which sits in the row the new prompt goes to), so the three most
+    recent find their earlier turns and the oldest is fed whole."""
+    model = randomize_(GPT(tiny_config()), seed=20).eval()
+    engine = Engine(model, rows=3)
+    talks = {"a": [1, 2, 3], "b": [40, 41, 42, 43], "c": [60, 61], "d": [80, 81, 82]}
+    assert [take_turn(engine, model, talks, n) for n in "abcd"] == [0, 0, 0, 0]
+    for name in "bcd":
+        kept = len(talks[name]) - 3  # its last turn's but the last token
+        assert take_turn(engine, model, talks, name) == kept
+    assert take_turn(engine, model, talks, "a") == 0
+
+
 def test_a_request_that_ends_while_a_later_one_runs_keeps_its_positions():
     """Two clients' requests overlap: the first ends while the second still decodes (so the
     second's row moves into its place). The first's keys and values go to the freed row, its
