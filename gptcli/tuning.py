@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -76,6 +77,19 @@ def machine() -> dict:
     """What a measurement holds for: the CPU, its instruction set, threads, torch."""
     return {"cpu": hardware.cpu_model(), "flags": hardware.isa_flags(),
             "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+_announced = False  # (see announce)
+
+
+def announce() -> None:
+    """Say, once per process, that kernels are being measured: the first use of a model on a
+    machine pauses for seconds (later ones read the cache), and should not look stuck."""
+    global _announced
+    if not _announced:
+        _announced = True
+        print(f"measuring which kernels are fastest on this CPU (once; kept in {cache_path()})",
+              file=sys.stderr, flush=True)
 
 
 def cache_path() -> Path:
@@ -266,6 +280,7 @@ def choose(mode: str, storages: list[dict], reference: Callable[[], torch.Tensor
                **({"timed_rows": timed} if timed != m else {})}
         choice = lookup(entries, key, kernels, current_load())
         if choice is None:
+            announce()
             if flush is None:
                 flush = flush_buffer(model_bytes)
             load = current_load()

@@ -354,6 +354,20 @@ def test_a_corrupt_or_foreign_cache_entry_is_ignored_and_remeasured(monkeypatch)
     assert model.lm_head.kernel.name == "addmm"
 
 
+def test_the_first_measurement_says_so_once_and_a_cached_choice_says_nothing(monkeypatch,
+                                                                              capsys):
+    """Measuring takes seconds the first time a model is used on a machine: one line on
+    stderr says why it pauses (once per process), and a run that reads the cache is quiet."""
+    monkeypatch.setattr(tuning, "_announced", False)
+    prepare(model_in("float"), None)
+    prepare(model_in("int8"), None)
+    assert capsys.readouterr().err == (f"measuring which kernels are fastest on this CPU "
+                                       f"(once; kept in {tuning.cache_path()})\n")
+    monkeypatch.setattr(tuning, "_announced", False)
+    prepare(model_in("float"), None)
+    assert capsys.readouterr().err == ""
+
+
 def test_each_timing_follows_a_read_of_what_decoding_reads_in_between(monkeypatch):
     """Decoding reads the rest of the model between two reads of a layer's weights, so each
     timing follows a read of the model's size: no more than twice the cache the CPU reports
