@@ -98,6 +98,14 @@ class KVCache:
         for t in (*self.k, *self.v):
             t[target, :, :length] = t[source, :, :length]
 
+    def exchange(self, a: int, b: int, a_length: int, b_length: int) -> None:
+        """Row ``a``'s first ``a_length`` positions into row ``b``, and row ``b``'s first
+        ``b_length`` into row ``a``, one layer's tensor at a time (a copy of one at most)."""
+        for t in (*self.k, *self.v):
+            kept = t[b, :, :b_length].clone()
+            t[b, :, :a_length] = t[a, :, :a_length]
+            t[a, :, :b_length] = kept
+
     def take(self, row: int, length: int) -> list[torch.Tensor]:
         """A copy of row ``row``'s first ``length`` positions (for ``put``)."""
         return [t[row, :, :length].clone() for t in (*self.k, *self.v)]
@@ -124,7 +132,9 @@ class KVCache:
         copied into row ``first`` when they are another row's (which then takes what row
         ``first`` held: the two swap). What else the rows held that the window does not carry on
         moves to a ``spare`` row (a free one) that holds nothing, or else over the one kept
-        longest ago if that is older: a later prompt may still want it (another conversation)."""
+        longest ago if that is older, newest first: a later prompt may still want it (another
+        conversation). (An add of several prompt lengths calls this once per length, so across
+        them the order is only nearly least recently used.)"""
         best, source = 0, first
         for row, held in enumerate(self.held if window is not None else []):
             n = next((i for i, (a, b) in enumerate(zip(held, window)) if a != b),
@@ -134,30 +144,27 @@ class KVCache:
         best = min(best, len(window) - 1) if window is not None else 0
         # a free row whose tokens all go into row first takes what row first held (a swap)
         swap = bool(best) and not first <= source < stop and best == len(self.held[source])
-        swapped = self.take(first, len(self.held[first])) if swap and self.held[first] else None
-        # free rows to hand over to: those holding nothing first, then the longest kept
+        # what else the rows held goes to free rows holding nothing, then over the longest
+        # kept, newest first (several rows written at once: the oldest is what is lost)
         others = sorted((r for r in spare if not first <= r < stop and r != source),
                         key=lambda r: (bool(self.held[r]), self.kept_at[r]))
-        for row in range(first + (swapped is not None), stop):
-            carried_on = row == source and best >= len(self.held[row])
-            if not self.held[row] or carried_on or not others:
-                continue
-            to = others[0]
+        moving = sorted((r for r in range(first, stop) if self.held[r]
+                         and not (r == source and best >= len(self.held[r]))
+                         and not (swap and r == first)), key=lambda r: -self.kept_at[r])
+        for row, to in zip(moving, others):
             if self.held[to] and self.kept_at[to] > self.kept_at[row]:
-                continue  # every other row was kept later: this row's tokens are the oldest
-            others.pop(0)
+                break  # every other row was kept later: this row's tokens are the oldest
             self.forget(to, to + 1)  # (before a copy that may stop half way)
             self.move(row, to, len(self.held[row]))
             self.held[to], self.kept_at[to] = self.held[row], self.kept_at[row]
         was = self.held[first], self.kept_at[first]
         self.forget(first, stop)  # (before a copy that may stop half way)
-        if best and source != first:
+        if swap:  # (both rows unknown until it is done)
+            self.forget(source, source + 1)
+            self.exchange(source, first, best, len(was[0]))
+            self.held[source], self.kept_at[source] = was
+        elif best and source != first:
             self.move(source, first, best)
-            if swap:  # all of it in row first now: the row is free
-                self.forget(source, source + 1)
-                if swapped is not None:
-                    self.put(source, swapped)
-                    self.held[source], self.kept_at[source] = was
         return best
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,

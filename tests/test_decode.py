@@ -241,6 +241,30 @@ def test_two_conversations_on_two_rows_swap_places():
     assert cached[:2] == [0, 0] and all(cached[2:])
 
 
+def test_a_swap_that_fails_half_way_keeps_neither_row(monkeypatch):
+    """The swap of a turn's row with what the first free row held stops after one layer's
+    keys (a failure): neither row is known any more, and both conversations' next turns are
+    fed whole, as on a fresh engine."""
+    model = randomize_(GPT(tiny_config()), seed=22).eval()
+    engine = Engine(model, rows=2)
+    talks = {"a": [1, 2, 3], "b": [40, 41, 42, 43]}
+    for name in ("a", "b"):
+        take_turn(engine, model, talks, name)
+    real = engine.cache.exchange
+
+    def half(a, b, a_length, b_length):
+        engine.cache.k[0][b, :, :a_length] = engine.cache.k[0][a, :, :a_length]
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(engine.cache, "exchange", half)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.add([talks["a"]], GREEDY)
+    monkeypatch.setattr(engine.cache, "exchange", real)
+    engine.remove(engine.rows[0])
+    assert engine.cache.held == [[], []]
+    assert [take_turn(engine, model, talks, name) for name in ("a", "b")] == [0, 0]
+
+
 def test_a_new_conversation_pushes_out_the_one_left_longest_ago():
     """Four conversations on three rows: the fourth pushes out the one kept longest ago (not
     the one that ended last, which sits in the row the new prompt goes to), so the three most
@@ -253,6 +277,21 @@ def test_a_new_conversation_pushes_out_the_one_left_longest_ago():
         kept = len(talks[name]) - 3  # its last turn's but the last token
         assert take_turn(engine, model, talks, name) == kept
     assert take_turn(engine, model, talks, "a") == 0
+
+
+def test_prompts_written_together_hand_over_the_newest_of_what_their_rows_held():
+    """Two prompts of one length go into two free rows together with one row to spare: what the
+    two rows held goes there newest first, so the conversation kept last survives."""
+    model = randomize_(GPT(tiny_config()), seed=21).eval()
+    engine = Engine(model, rows=5)
+    engine.add([[99, 1, 1]], GREEDY)  # row 0, in use throughout
+    b, a = engine.add_groups([([[98, 1, 1]], GREEDY, None, None),
+                              ([[97, 1, 1]], GREEDY, None, None)])
+    engine.remove(a[0])  # kept first
+    engine.remove(b[0])  # kept last
+    engine.add([[96, 1, 1]], GREEDY)  # row 1: rows 2 and 3 hold 97's and 98's, row 4 nothing
+    engine.add_groups([([[95, 1, 1]], GREEDY, None, None), ([[94, 1, 1]], GREEDY, None, None)])
+    assert engine.add([[98, 1, 1, 5]], GREEDY)[0].cached == 2
 
 
 def test_a_request_that_ends_while_a_later_one_runs_keeps_its_positions():
