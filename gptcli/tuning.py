@@ -84,9 +84,10 @@ _announced = False  # (see announce)
 
 def announce() -> None:
     """Say, once per process, that kernels are being measured: the first use of a model on a
-    machine pauses for seconds (later ones read the cache), and should not look stuck."""
+    machine pauses for seconds (later ones read the cache), and should not look stuck to the
+    person watching (on a terminal only: a pipe or a log gets what it always got)."""
     global _announced
-    if not _announced:
+    if not _announced and sys.stderr.isatty():
         _announced = True
         print(f"measuring which kernels are fastest on this CPU (once; kept in {cache_path()})",
               file=sys.stderr, flush=True)

@@ -4,7 +4,9 @@ forced one gives the same logits, the cache of choices survives only what it sho
 from __future__ import annotations
 
 import copy
+import io
 import json
+import sys
 
 import pytest
 import torch
@@ -354,18 +356,27 @@ def test_a_corrupt_or_foreign_cache_entry_is_ignored_and_remeasured(monkeypatch)
     assert model.lm_head.kernel.name == "addmm"
 
 
-def test_the_first_measurement_says_so_once_and_a_cached_choice_says_nothing(monkeypatch,
-                                                                              capsys):
-    """Measuring takes seconds the first time a model is used on a machine: one line on
-    stderr says why it pauses (once per process), and a run that reads the cache is quiet."""
+def test_the_first_measurement_says_so_once_on_a_terminal(monkeypatch, capsys):
+    """Measuring takes seconds the first time a model is used on a machine: on a terminal, one
+    line on stderr says why it pauses (once per process); a run that reads the cache is quiet,
+    and so is stderr that is not a terminal (a pipe, a log, an error that must stand alone)."""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
     monkeypatch.setattr(tuning, "_announced", False)
-    prepare(model_in("float"), None)
-    prepare(model_in("int8"), None)
-    assert capsys.readouterr().err == (f"measuring which kernels are fastest on this CPU "
-                                       f"(once; kept in {tuning.cache_path()})\n")
-    monkeypatch.setattr(tuning, "_announced", False)
-    prepare(model_in("float"), None)
+    prepare(model_in("int8"), "int8")  # (not a terminal)
     assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    prepare(model_in("float"), None)
+    prepare(model_in("int4"), "int4")
+    assert sys.stderr.getvalue() == (f"measuring which kernels are fastest on this CPU "
+                                     f"(once; kept in {tuning.cache_path()})\n")
+    monkeypatch.setattr(tuning, "_announced", False)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    prepare(model_in("float"), None)
+    assert sys.stderr.getvalue() == ""
 
 
 def test_each_timing_follows_a_read_of_what_decoding_reads_in_between(monkeypatch):
