@@ -23,6 +23,13 @@ All decode 128 new tokens (gptcli and transformers after a 16-token prompt), wit
 threads. The quality of each gptcli mode is its top-1 agreement with float32, teacher-forced
 over 512 positions of the bundled Shakespeare (``generate_vs_transformers.agreement``).
 
+``--isa avx2`` runs gptcli and transformers as on a CPU with AVX2 but no AVX-512 (most laptops):
+gptcli's C built with ``-mno-avx512f -mno-avxvnni`` (``$CC``), torch's own kernels at AVX2
+(``ATEN_CPU_CAPABILITY``), oneDNN's too (``ONEDNN_MAX_CPU_ISA``), kernels chosen afresh in a
+store of their own; fbgemm cannot be held back (it reads the CPU itself). Give it a llama.cpp
+built the same way (``cmake -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+-DGGML_AVX512=OFF``). The memory is still this machine's.
+
     python benchmarks/decode_vs_llamacpp.py --hf-dir /work/llamacpp/gpt2-random \\
         --gguf-dir /work/llamacpp/gguf --llama-bench /work/llamacpp/src/build/bin/llama-bench
 """
@@ -79,13 +86,25 @@ def run_json(cmd: list[str], env: dict | None = None) -> dict | list:
     return json.loads(text if text.startswith("[") else text.splitlines()[-1])
 
 
+ISA_ENV: dict[str, str] = {}  # what --isa sets for gptcli and transformers (main)
+
+
+def held_back(isa: str, work: Path) -> dict[str, str]:
+    """The environment that keeps gptcli and torch to ``isa`` (see the module docstring)."""
+    if isa != "avx2":
+        return {}
+    return {"CC": f"{os.environ.get('CC', 'cc')} -mno-avx512f -mno-avxvnni",
+            "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "GPTCLI_HOME": str(work / "home-avx2")}
+
+
 def gptcli_variant(checkpoint: Path, quantize: str | None, threads: int, compile: bool = False,
                    kernel: str | None = None):
     def measure() -> dict[int, float]:
         cmd = [sys.executable, "-m", "gptcli", "bench", "--model", str(checkpoint), "--device",
                "cpu", "--only", "generate", "--batch-size", "4", "--prompt-length", "16",
                "--max-new-tokens", "128", "--steps", "3", "--warmup", "1", "--json"]
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), **ISA_ENV)
         result = run_json(cmd + (["--quantize", quantize] if quantize else [])
                           + (["--compile"] if compile else [])
                           + (["--kernel", kernel] if kernel else []), env)
@@ -125,7 +144,8 @@ def llamacpp_variant(bench: Path, gguf: Path, threads: int, batched: Path | None
 def hf_variant(hf_dir: Path, threads: int):
     def measure() -> dict[int, float]:
         return {b: run_json([sys.executable, "-c", HF_SCRIPT, str(hf_dir), str(b),
-                             str(threads)])["tokens_per_s"] for b in (1, 4)}
+                             str(threads)], dict(os.environ, **ISA_ENV))["tokens_per_s"]
+                for b in (1, 4)}
     return measure
 
 
@@ -167,10 +187,13 @@ def main() -> None:
     ap.add_argument("--inductor", nargs="*", default=[], choices=list(GGUF),
                     help="modes also timed with --compile --kernel inductor")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: as on a CPU without AVX-512 (see above)")
     ap.add_argument("--out", type=Path, help="write every figure here as JSON")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="decode-vs-llamacpp-"))
+    ISA_ENV.update(held_back(args.isa, work))
     checkpoint = work / "gpt2-random.safetensors"
     subprocess.run([sys.executable, "-m", "gptcli", "download", str(args.hf_dir), "--out",
                     str(checkpoint)], check=True, capture_output=True)
@@ -194,7 +217,7 @@ def main() -> None:
     header = {**lscpu(), "threads": args.threads, "torch": _version("torch"),
               "transformers": _version("transformers"), "llama_bench": str(args.llama_bench),
               "llama_batched_bench": str(args.llama_batched_bench or "(beside llama-bench)"),
-              "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+              "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "isa": args.isa}
     print(json.dumps(header))
     if not any(k.startswith("llama.cpp") for k in variants):
         print("note: llama.cpp's llama-bench not found (--llama-bench or $LLAMA_BENCH), or no "
@@ -245,8 +268,9 @@ def summarize(figures: dict) -> dict:
 
 
 def print_table(summary: dict, agreement: dict, header: dict) -> None:
-    print(f"\n{header['model_name']} ({' '.join(header['isa_flags'])}), {header['threads']} "
-          f"threads; decode tokens/s, median (min-max) over rounds")
+    held = " held back to AVX2 (--isa avx2)" if header.get("isa") == "avx2" else ""
+    print(f"\n{header['model_name']} ({' '.join(header['isa_flags'])}){held}, "
+          f"{header['threads']} threads; decode tokens/s, median (min-max) over rounds")
     print("| mode | batch | gptcli | llama.cpp | ratio | transformers | ratio | top-1 vs f32 |")
     print("|---|---|---|---|---|---|---|---|")
     for mode, gguf in GGUF.items():
