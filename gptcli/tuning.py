@@ -9,10 +9,10 @@ the model's weights (``flush_buffer``: what decoding reads between two reads of 
 so that a layer's weights come from wherever decoding finds them; the fastest round of each
 counts. The fastest kernel wins (or a more precise one within 3% of it: ``pick``), and the
 choice is cached in ``$GPTCLI_HOME/kernels.json``, keyed by the CPU model, its instruction-set
-flags, the thread count, the torch version, the mode, the activation dtype, the shape and the
-rows. An entry that cannot be read, or names a kernel this gptcli does not have for that mode,
-is ignored and measured again, as is one measured on a saturated machine once it is quieter
-(``lookup``).
+flags, the thread count, the torch version (and ``LIMITS`` where set), the mode, the activation
+dtype, the shape and the rows. An entry that cannot be read, or names a kernel this gptcli
+does not have for that mode, is ignored and measured again, as is one measured on a saturated
+machine once it is quieter (``lookup``).
 ``GPTCLI_KERNEL`` (or ``--kernel``) forces one kernel, for debugging.
 
 A layer holds its weights in one layout, so when it is prepared for several numbers of rows
@@ -73,10 +73,18 @@ class Choice:
 
 # ----------------------------------------------------------------------------- the cache
 
+# what holds torch's and oneDNN's kernels to less than the CPU has, or builds gptcli's C another
+# way: part of the key where set, so that a choice measured without them is not taken with them
+LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "CC")
+
+
 def machine() -> dict:
-    """What a measurement holds for: the CPU, its instruction set, threads, torch."""
+    """What a measurement holds for: the CPU, its instruction set, threads, torch (and
+    ``LIMITS`` where set)."""
+    limits = {name: os.environ[name] for name in LIMITS if os.environ.get(name)}
     return {"cpu": hardware.cpu_model(), "flags": hardware.isa_flags(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            **({"limits": limits} if limits else {})}
 
 
 _announced = False  # (see announce)

@@ -379,6 +379,30 @@ def test_the_first_measurement_says_so_once_on_a_terminal(monkeypatch, capsys):
     assert sys.stderr.getvalue() == ""
 
 
+def test_choices_made_without_an_isa_limit_are_not_taken_with_one(monkeypatch):
+    """ATEN_CPU_CAPABILITY (and oneDNN's limit, and $CC for gptcli's C) change which kernels
+    are fastest: a choice cached without them is measured again with them, and each is then
+    read back under its own setting."""
+    for name in tuning.LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    measure, calls = fake_timings({"addmm": 2.0, "linear": 1.0, "chunked": 3.0, "mkldnn": 4.0})
+    monkeypatch.setattr(tuning, "measure", measure)
+    prepare(model_in("float"), None)
+    assert len(calls) == 10
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    calls.clear()
+    prepare(model_in("float"), None)
+    assert len(calls) == 10 and all(e["key"].get("limits") in (None, {"ATEN_CPU_CAPABILITY":
+                                                                      "avx2"})
+                                    for e in cache_entries())
+    for setting in ("avx2", None):
+        if setting is None:
+            monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+        calls.clear()
+        prepare(model_in("float"), None)
+        assert calls == []
+
+
 def test_each_timing_follows_a_read_of_what_decoding_reads_in_between(monkeypatch):
     """Decoding reads the rest of the model between two reads of a layer's weights, so each
     timing follows a read of the model's size: no more than twice the cache the CPU reports
