@@ -16,7 +16,8 @@ Admission is first in, first out: a job waits until the batch has rows for all i
 a large request is never starved by a stream of small ones. The engine's cache keeps what
 finished requests fed, in its free rows: a prompt that continues one (a chat's next turn) is fed
 only from where they part, and its usage says how many positions were kept
-(``prompt_tokens_details``).
+(``prompt_tokens_details``); it keeps as many conversations as the batch has rows, and a new one
+pushes out the one left longest ago (``KVCache.reuse``).
 """
 
 from __future__ import annotations
