@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -153,6 +154,38 @@ def check_readable(path: str | os.PathLike) -> Path:
     return path
 
 
+# safetensors' names of the dtypes ``read_tensors`` reads itself
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+          "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+          "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_tensors(path: Path, f) -> dict[str, torch.Tensor]:
+    """The tensors of ``f`` (safetensors' reader, which has checked the header), each read from
+    the file into memory of its own, which torch starts on a 64-byte line. Safetensors' own
+    tensors are views of the mapped file at the header's offsets (gpt2's lie 32 bytes past a
+    line), and kernels read rows in whole vectors: torch's bf16 ``_weight_int8pack_mm`` crashes
+    on such weights (a segmentation fault, for more than one row). Copying those views instead
+    would hold the file's pages and the copy at once: twice the model at the peak of a load."""
+    with open(path, "rb") as raw:
+        size = int.from_bytes(raw.read(8), "little")
+        header = json.loads(raw.read(size))
+        out = {}
+        for name in f.keys():
+            entry = header[name]
+            dtype = DTYPES.get(entry["dtype"])
+            if dtype is None or sys.byteorder != "little":  # (rare: safetensors' copy)
+                out[name] = f.get_tensor(name).clone()
+                continue
+            out[name] = tensor = torch.empty(entry["shape"], dtype=dtype)
+            begin, end = entry["data_offsets"]
+            raw.seek(8 + size + begin)
+            if tensor.numel() and raw.readinto(
+                    tensor.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+                raise ValueError(f"tensor {name} ends past the end of the file")
+    return out
+
+
 def read_safetensors(path: str | os.PathLike, *, tensors: bool = True,
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors (or, with ``tensors=False``, only their names mapped to shapes: the header
@@ -164,7 +197,7 @@ def read_safetensors(path: str | os.PathLike, *, tensors: bool = True,
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             if tensors:
-                out = {k: f.get_tensor(k) for k in f.keys()}
+                out = read_tensors(path, f)
             else:
                 out = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except OSError as e:

@@ -77,6 +77,50 @@ def test_truncated_file_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+def test_tensors_are_read_into_memory_of_their_own_on_64_byte_lines(tmp_path):
+    """The file's tensors lie where its header puts them (32 bytes past a line for these);
+    read as safetensors reads them, but into memory torch allocates: every dtype, a 0-d and an
+    empty tensor too (test_quantize: what a torch kernel did with the file's own)."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / "t.safetensors"
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 7, generator=g),
+               "bf16": torch.randn(5, generator=g).bfloat16(),
+               "f16": torch.randn(9, generator=g).half(),
+               "f64": torch.randn(2, generator=g).double(),
+               "i8": torch.arange(-7, 6, dtype=torch.int8),
+               "u8": torch.arange(3, dtype=torch.uint8),
+               "i64": torch.tensor(2**40), "i32": torch.arange(5, dtype=torch.int32),
+               "i16": torch.arange(4, dtype=torch.int16), "bool": torch.tensor([True, False, True]),
+               "empty": torch.zeros(0, 4)}
+    save_file(tensors, str(path), metadata={"k": "v"})
+    got, meta = checkpoint.read_safetensors(path)
+    theirs = load_file(str(path))
+    assert meta == {"k": "v"} and got.keys() == theirs.keys() == tensors.keys()
+    for name, t in theirs.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        assert torch.equal(got[name], t), name
+    assert all(t.data_ptr() % 64 == 0 for t in got.values() if t.numel())
+    assert any(t.data_ptr() % 64 for t in theirs.values() if t.numel())  # what this is about
+
+
+def test_a_header_pointing_past_the_file_is_refused(tmp_path, monkeypatch):
+    """Safetensors checks the header against the file's size first; should a file shrink
+    between that and the reads, the read says so rather than leaving memory unread."""
+    path = save_checkpoint(tmp_path / "m.safetensors", GPT(tiny_config()), char_tokenizer(101))
+    real = checkpoint.read_tensors
+
+    def shrink_then_read(p, f):
+        data = Path(p).read_bytes()
+        Path(p).write_bytes(data[:-8])
+        return real(p, f)
+
+    monkeypatch.setattr(checkpoint, "read_tensors", shrink_then_read)
+    with pytest.raises(UserError, match="not a readable safetensors file.*ends past the end"):
+        load_checkpoint(path)
+
+
 def test_safetensors_without_gptcli_metadata_is_refused(tmp_path):
     path = tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(2)}, str(path))
@@ -135,6 +179,9 @@ def test_info_reads_header_only(tmp_path, monkeypatch):
             return self.inner.__exit__(*exc)
 
     monkeypatch.setattr(checkpoint, "safe_open", Spy)
+    real_read = checkpoint.read_tensors  # (which reads every tensor of the file)
+    monkeypatch.setattr(checkpoint, "read_tensors",
+                        lambda p, f: read.extend(f.keys()) or real_read(p, f))
     info = checkpoint_info(path)
     assert read == []  # the header alone
     assert info["parameters"] == model.num_params()

@@ -3,6 +3,8 @@ layouts (the kernels themselves: test_kernels.py)."""
 
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -165,6 +167,40 @@ def test_unknown_scheme_or_device_is_refused_with_exit_2(char_checkpoint):
         check_scheme("half", torch.device("cuda"))
     assert str(err.value) == ("--quantize half runs on the CPU only for now, not on cuda; use "
                               "--device cpu, or leave out --quantize")
+
+
+def test_every_int8_kernel_runs_a_loaded_checkpoint_on_a_prompt(tmp_path):
+    """Weights read from a file reach the kernels as they are: torch's bf16 int8 product
+    crashed the process (a segmentation fault) on those safetensors left at the file's own
+    offsets, for more than one row. In a process of its own, so that a crash fails this test."""
+    model = randomize_(GPT(tiny_config()), seed=4).eval()
+    src = save_checkpoint(tmp_path / "m.safetensors", model, char_tokenizer(101))
+    assert runner.invoke(app, ["quantize", str(src)]).exit_code == 0
+    script = """
+import sys, torch
+from gptcli.checkpoint import load_checkpoint
+from gptcli.kernels import candidates
+from gptcli.quantize import prepare
+from gptcli.errors import UserError
+idx = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+outs = {}
+for kernel in candidates("int8"):
+    model, _, _ = load_checkpoint(sys.argv[1])
+    try:
+        prepare(model, None, kernel=kernel.name)
+    except UserError:  # does not run on this CPU
+        continue
+    with torch.no_grad():
+        outs[kernel.name] = model(idx)
+ref = outs.pop("int8-intmm2")
+for name, out in outs.items():
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max(), name
+print(" ".join(sorted(outs)))
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m-int8.safetensors")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "int8-bf16" in done.stdout.split()
 
 
 def test_gpt_quantize_round_trip(tmp_path):
