@@ -117,8 +117,10 @@ def test_the_compiled_training_step_has_no_graph_breaks_and_matches_eager():
 
 def test_training_takes_the_flash_attention_kernel():
     """The causal training forward in bf16 runs with SDPA restricted to flash attention (it
-    raises when no kernel of the list can run), and an unrestricted forward and backward call
-    flash kernels (profiler)."""
+    raises when no kernel of the list can run), and an unrestricted forward and backward
+    dispatch to a flash-attention operator (profiler): torch's own, or cuDNN's, which torch
+    prefers on Hopper since 2.9 and whose kernel names say "flash" too (so the op is checked,
+    not only the kernels' names); never the math path."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
 
@@ -127,12 +129,16 @@ def test_training_takes_the_flash_attention_kernel():
     x, y = batches(config, 4, 1, "cuda")[0]
     with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         model(x).float().mean().backward()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             model(x).float().mean().backward()
         torch.cuda.synchronize()
-    kernels = [e.key for e in prof.key_averages()]
-    assert any("flash" in k.lower() for k in kernels), kernels
+    names = [e.key for e in prof.key_averages()]
+    ops = {k for k in names if k.startswith("aten::_scaled_dot_product")}
+    flash = {f"aten::_scaled_dot_product_{kind}_attention{part}"
+             for kind in ("flash", "cudnn") for part in ("", "_backward")}
+    assert len(ops & flash) == 2 and "aten::_scaled_dot_product_attention_math" not in ops, ops
+    assert any("flash" in k.lower() for k in names if not k.startswith("aten::")), names
 
 
 def test_the_memory_estimate_is_within_20_percent_of_the_allocators_peak():
@@ -247,12 +253,34 @@ def test_a_conversation_kept_in_the_static_cache_decodes_as_its_whole_prompt():
     assert tokens[len(follow):] == eager
 
 
+def decisive_prompt(model: GPT, steps: int, gap: float) -> torch.Tensor:
+    """The first of a fixed sequence of random prompts whose first ``steps`` greedy tokens in
+    float32 each lead the runner-up by ``gap`` or more: this random model's two top logits are
+    often closer than bf16's rounding (0.037 apart at the median; in 7% of random prompts
+    bf16's first three greedy tokens differ)."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        prompt = ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=g)
+        with torch.no_grad():
+            for _ in range(steps):
+                top = model(ids)[0, -1].topk(2)
+                if top.values[0] - top.values[1] < gap:
+                    break
+                ids = torch.cat([ids, top.indices[:1].view(1, 1)], dim=1)
+            else:
+                return prompt
+    raise AssertionError(f"no prompt of 200 leads by {gap} for {steps} steps")
+
+
 def test_bf16_generation_runs_and_reads_its_dtype():
     """`gpt generate --dtype bfloat16` on CUDA: weights, cache and logits in bf16 end to end,
     and greedy tokens that start like float32's (bf16 logits differ in the third digit, so only
     the first few tokens of a random model are expected to agree)."""
-    model = randomize_(GPT(tiny_config())).eval().cuda()
-    prompt = torch.randint(0, 101, (1, 8), device="cuda")
+    model = randomize_(GPT(tiny_config())).eval()
+    # bf16's logits are within 0.01 of float32's here (on the CPU: at most 0.0094 over 200
+    # prompts), so a lead of 0.04 outlasts the rounding on both sides
+    prompt = decisive_prompt(model, 3, 0.04).cuda()
+    model = model.cuda()
     cfg = SampleConfig(max_new_tokens=20, temperature=0)
     reference = [t.item() for t in decode_loop(model, prompt, cfg)]
     got = [t.item() for t in decode_loop(model.to(torch.bfloat16), prompt, cfg)]
