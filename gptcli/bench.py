@@ -22,7 +22,7 @@ from . import hardware
 from .config import PRESETS, BenchConfig, LoadConfig, ModelConfig, SampleConfig, TrainConfig
 from .model import GPT
 from .locate import find_model
-from .models import load_weights, model_info
+from .models import check_format, load_weights, model_info
 from .hardware import (check_memory, generate_memory_estimate, hardware_name,
                        measure_bandwidth, measure_tflops, peak_bandwidth, peak_memory,
                        peak_tflops, train_memory_estimate)
@@ -273,8 +273,13 @@ def run(load: LoadConfig, s: BenchConfig,
     phase = "training" if s.only != "generate" else "generation"
     try:
         torch.manual_seed(s.seed)
-        model = load_weights(find_model(load.model), finite=True)[0].to(device) \
-            if load.model else GPT(config).to(device)
+        if load.model:
+            path = find_model(load.model)
+            model, _, meta = load_weights(path, finite=True)
+            check_format(path, model, meta, load.quantize)
+            model = model.to(device)
+        else:
+            model = GPT(config).to(device)
         if s.only != "generate":
             t = bench_train(model, load, s, device, dtype,
                             progress("bench: training", s.warmup + s.steps))

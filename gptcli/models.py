@@ -107,12 +107,22 @@ def load_model(name: str | os.PathLike | None, *, device: str = "auto", dtype: s
     path = resolve_model(name)
     dev = resolve_device(device)
     check_scheme(quantize, dev)
-    model, tokenizer, _ = load_weights(path, finite=True)
+    model, tokenizer, meta = load_weights(path, finite=True)
+    check_format(path, model, meta, quantize)
     model.to(device=dev, dtype=resolve_dtype(dtype, dev) if dtype is not None else None)
     if is_quantized(model):
         check_scheme("int8", dev)
     prepare(model, quantize, kernel=kernel, rows=rows, steps=steps)
     return model, tokenizer, path
+
+
+def check_format(path: str | os.PathLike, model: GPT, meta: dict, quantize: str | None) -> None:
+    """Refuse ``--quantize`` to another format than an int8 checkpoint's own, naming the float
+    model it was made from where the checkpoint records it."""
+    if is_quantized(model) and quantize not in (None, "int8"):
+        origin = meta.get("quantized_from")
+        raise UserError(f"{path} is an int8 checkpoint; --quantize {quantize} needs a float model"
+                        + (f", such as the one it was made from: {origin}" if origin else ""))
 
 
 def load_weights(path: str | os.PathLike, *, merge: bool = True,

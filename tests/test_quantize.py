@@ -236,6 +236,15 @@ def test_gpt_quantize_round_trip(tmp_path):
     twice = runner.invoke(app, ["quantize", str(out), "--out", str(tmp_path / "x.safetensors")])
     assert twice.exit_code == 2
     assert twice.stderr.strip() == f"error: {out} is already an int8 checkpoint"
+    for scheme, command in (("half", ["generate", "--prompt", chr(0x100)]),
+                            ("int4", ["generate", "--prompt", chr(0x100)]),
+                            ("half", ["bench", "--only", "generate"])):
+        # another format needs the float model it came from
+        other = runner.invoke(app, [*command, "--model", str(out), "--quantize", scheme])
+        assert other.exit_code == 2, other.output
+        assert other.stderr.strip() == (f"error: {out} is an int8 checkpoint; --quantize "
+                                        f"{scheme} needs a float model, such as the one it was "
+                                        f"made from: {src}")
 
 
 def test_training_from_an_int8_checkpoint_is_refused(tmp_path, corpus):
