@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from pydantic import ValidationError
@@ -160,29 +160,34 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_tensors(path: Path, f) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, raw: BinaryIO, f) -> dict[str, torch.Tensor]:
     """The tensors of ``f`` (safetensors' reader, which has checked the header), each read from
-    the file into memory of its own, which torch starts on a 64-byte line. Safetensors' own
-    tensors are views of the mapped file at the header's offsets (gpt2's lie 32 bytes past a
-    line), and kernels read rows in whole vectors: torch's bf16 ``_weight_int8pack_mm`` crashes
-    on such weights (a segmentation fault, for more than one row). Copying those views instead
-    would hold the file's pages and the copy at once: twice the model at the peak of a load."""
-    with open(path, "rb") as raw:
-        size = int.from_bytes(raw.read(8), "little")
-        header = json.loads(raw.read(size))
-        out = {}
-        for name in f.keys():
-            entry = header[name]
-            dtype = DTYPES.get(entry["dtype"])
-            if dtype is None or sys.byteorder != "little":  # (rare: safetensors' copy)
-                out[name] = f.get_tensor(name).clone()
-                continue
-            out[name] = tensor = torch.empty(entry["shape"], dtype=dtype)
-            begin, end = entry["data_offsets"]
-            raw.seek(8 + size + begin)
-            if tensor.numel() and raw.readinto(
-                    tensor.reshape(-1).view(torch.uint8).numpy()) != end - begin:
-                raise ValueError(f"tensor {name} ends past the end of the file")
+    ``raw`` (``path``, opened before ``f``: the same file unless a run saving it replaced it in
+    between, which is refused) into memory of its own, which torch starts on a 64-byte line.
+    Safetensors' own tensors are views of the mapped file at the header's offsets (gpt2's lie
+    32 bytes past a line), and kernels read rows in whole vectors: torch's bf16
+    ``_weight_int8pack_mm`` crashes on such weights (a segmentation fault, for more than one
+    row). Copying those views instead would hold the file's pages and the copy at once: twice
+    the model at the peak of a load."""
+    opened, now = os.fstat(raw.fileno()), os.stat(path)
+    if (opened.st_dev, opened.st_ino) != (now.st_dev, now.st_ino):
+        raise UserError(f"{path} was replaced while it was being read (a run saving it?); "
+                        "try again")
+    size = int.from_bytes(raw.read(8), "little")
+    header = json.loads(raw.read(size))
+    out = {}
+    for name in f.keys():
+        entry = header[name]
+        dtype = DTYPES.get(entry["dtype"])
+        if dtype is None or sys.byteorder != "little":  # (rare: safetensors' copy)
+            out[name] = f.get_tensor(name).clone()
+            continue
+        out[name] = tensor = torch.empty(entry["shape"], dtype=dtype)
+        begin, end = entry["data_offsets"]
+        raw.seek(8 + size + begin)
+        if tensor.numel() and raw.readinto(
+                tensor.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+            raise ValueError(f"tensor {name} ends past the end of the file")
     return out
 
 
@@ -192,12 +197,12 @@ def read_safetensors(path: str | os.PathLike, *, tensors: bool = True,
     alone is read) and metadata."""
     path = check_readable(path)
     try:
-        with open(path, "rb"):  # the OS's own words for what stops us reading it
-            pass
-        with safe_open(str(path), framework="pt") as f:
+        # open first: the OS's own words for what stops us reading it, and the file
+        # read_tensors reads (safe_open's, unless the path was replaced since)
+        with open(path, "rb") as raw, safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             if tensors:
-                out = read_tensors(path, f)
+                out = read_tensors(path, raw, f)
             else:
                 out = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except OSError as e:
