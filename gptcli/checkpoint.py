@@ -168,7 +168,8 @@ def read_tensors(path: Path, raw: BinaryIO, f) -> dict[str, torch.Tensor]:
     32 bytes past a line), and kernels read rows in whole vectors: torch's bf16
     ``_weight_int8pack_mm`` crashes on such weights (a segmentation fault, for more than one
     row). Copying those views instead would hold the file's pages and the copy at once: twice
-    the model at the peak of a load."""
+    the model at the peak of a load. The cost: a load reads the whole file at once (gpt2's
+    0.5 GB: 0.15-0.3 s more than mapping it, on a Zen 5 EPYC)."""
     opened, now = os.fstat(raw.fileno()), os.stat(path)
     if (opened.st_dev, opened.st_ino) != (now.st_dev, now.st_ino):
         raise UserError(f"{path} was replaced while it was being read (a run saving it?); "
