@@ -275,8 +275,8 @@ def run(load: LoadConfig, s: BenchConfig,
         torch.manual_seed(s.seed)
         if load.model:
             path = find_model(load.model)
-            model, _, meta = load_weights(path, finite=True)
-            check_format(path, model, meta, load.quantize)
+            check_format(path, load.quantize)
+            model, _, _ = load_weights(path, finite=True)
             model = model.to(device)
         else:
             model = GPT(config).to(device)

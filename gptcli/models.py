@@ -107,8 +107,8 @@ def load_model(name: str | os.PathLike | None, *, device: str = "auto", dtype: s
     path = resolve_model(name)
     dev = resolve_device(device)
     check_scheme(quantize, dev)
-    model, tokenizer, meta = load_weights(path, finite=True)
-    check_format(path, model, meta, quantize)
+    check_format(path, quantize)
+    model, tokenizer, _ = load_weights(path, finite=True)
     model.to(device=dev, dtype=resolve_dtype(dtype, dev) if dtype is not None else None)
     if is_quantized(model):
         check_scheme("int8", dev)
@@ -116,10 +116,14 @@ def load_model(name: str | os.PathLike | None, *, device: str = "auto", dtype: s
     return model, tokenizer, path
 
 
-def check_format(path: str | os.PathLike, model: GPT, meta: dict, quantize: str | None) -> None:
+def check_format(path: str | os.PathLike, quantize: str | None) -> None:
     """Refuse ``--quantize`` to another format than an int8 checkpoint's own, naming the float
-    model it was made from where the checkpoint records it."""
-    if is_quantized(model) and quantize not in (None, "int8"):
+    model it was made from where the checkpoint records it: from the header, before the
+    weights are read (LoRA checkpoints' bases are float: lora.py)."""
+    if quantize in (None, "int8"):
+        return
+    meta = read_safetensors(path, tensors=False)[1]
+    if meta.get("quantization") == "int8":
         origin = meta.get("quantized_from")
         raise UserError(f"{path} is an int8 checkpoint; --quantize {quantize} needs a float model"
                         + (f", such as the one it was made from: {origin}" if origin else ""))
