@@ -15,7 +15,7 @@ from gptcli.checkpoint import checkpoint_info, expected_shapes, load_checkpoint,
 from gptcli.cli import app
 from gptcli.model import GPT
 from gptcli.errors import RuntimeFailure, UserError
-from gptcli.tokenizer import CharTokenizer, GPT2Tokenizer
+from gptcli.tokenizer import GPT2Tokenizer
 
 from conftest import char_tokenizer, randomize_, tiny_config
 

@@ -18,7 +18,7 @@ from gptcli.checkpoint import model_tensors
 from gptcli.model import GPT
 from gptcli.errors import GptcliError, UserError
 from gptcli.vocab import gpt2_merges, gpt2_tokens
-from test_export import PROMPT, export, gpt, gpt2_checkpoint
+from test_export import export, gpt, gpt2_checkpoint
 
 gguf = pytest.importorskip("gguf", reason="the gguf extra (pip install \"gptcli[gguf]\") is not "
                            "installed")

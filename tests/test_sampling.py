@@ -7,7 +7,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptcli.checkpoint import save_checkpoint
 from gptcli.cli import app
 from gptcli.config import SampleConfig
 from gptcli.model import GPT

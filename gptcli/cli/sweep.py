@@ -3,7 +3,6 @@ and `gpt sweep show` (its table, at any time): the flags, the progress lines and
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 from pathlib import Path
