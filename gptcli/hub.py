@@ -185,9 +185,10 @@ def resolve_repo(name: str) -> str:
 
 def download(name: str | None, *, dataset: str | None = None, files: list[str] | None = None,
              revision: str | None = None, out: str | os.PathLike | None = None,
-             offline: bool = False, log=None) -> dict[str, Any]:
+             offline: bool = False, force: bool = False, log=None) -> dict[str, Any]:
     """What `gpt download` does: a dataset (``--dataset`` or a known dataset name), a local
-    Hugging Face folder (an existing directory), or a Hub model (known name or org/name)."""
+    Hugging Face folder (an existing directory), or a Hub model (known name or org/name).
+    A model replaces no file the user has unless ``force`` (``check_destination``)."""
     if dataset or (name in KNOWN_DATASETS and not Path(name).is_dir()):
         if out:
             raise UserError("--out is for models; datasets go to the local store")
@@ -201,9 +202,38 @@ def download(name: str | None, *, dataset: str | None = None, files: list[str] |
     if Path(name).is_dir():
         if revision:
             raise UserError("--revision is for Hub repos, not local folders")
-        return {"kind": "model", **convert_folder(name, out=out, log=log)}
-    return {"kind": "model", **download_model(name, revision=revision, out=out,
+        folder = Path(name).resolve()
+        dest = check_destination(out, folder.name, f"local:{folder}", force=force)
+        return {"kind": "model", **convert_folder(name, out=dest, log=log)}
+    dest = check_destination(out, name, f"hf:{resolve_repo(name)}", force=force)
+    return {"kind": "model", **download_model(name, revision=revision, out=dest,
                                               offline=offline, log=log)}
+
+
+def check_destination(out: str | os.PathLike | None, name: str, source: str, *,
+                      force: bool) -> Path:
+    """Where a model from ``source`` goes (``out``, else the store's file for ``name``), once
+    it is sure to replace nothing the user would miss: an existing ``--out`` file, or a stored
+    model of that name from another source (two local folders called ``hf-dir``, say), is
+    refused unless ``force``. A stored model from the same source is updated: downloading
+    gpt2 again fetches what changed."""
+    from .checkpoint import read_safetensors
+
+    dest = Path(out) if out is not None else model_file(name)
+    if force or not (dest.exists() or dest.is_symlink()):
+        return dest
+    if out is not None:
+        raise UserError(f"{dest} already exists; pass --force to overwrite it, or another --out")
+    try:
+        had = read_safetensors(dest, tensors=False)[1].get("source")
+    except GptcliError:
+        had = None
+    if had == source:
+        return dest
+    where = "an unknown source" if not had else \
+        "the Hub's " + had[3:] if had.startswith("hf:") else had.removeprefix("local:")
+    raise UserError(f"the store already has a model called {dest.stem} (from {where}); pass "
+                    "--force to replace it, or --out FILE to write this one elsewhere")
 
 
 def download_model(name: str, *, revision: str | None = None, out: str | os.PathLike | None = None,

@@ -282,6 +282,41 @@ def test_download_local_folder(tmp_path, hub_data):
     assert_same_logits(tmp_path / "models" / "sharded.safetensors", hub_data["models"]["t/sharded"])
 
 
+def test_download_replaces_no_file_the_user_has(tmp_path, hub_data):
+    """An existing --out, or a stored model of the same name made from another folder, is
+    refused unless --force; the same folder again updates its stored model."""
+    env = {"GPTCLI_HOME": str(tmp_path)}
+    first = hub_data["root"] / "single"
+    other = tmp_path / "elsewhere" / "single"  # the same folder name, other weights
+    other.mkdir(parents=True)
+    for name, data in folder_files(hub_data["root"] / "sharded").items():
+        (other / name).write_bytes(data)
+    assert runner.invoke(app, ["download", str(first)], env=env).exit_code == 0
+    path = tmp_path / "models" / "single.safetensors"
+    before = path.read_bytes()
+    result = runner.invoke(app, ["download", str(other)], env=env)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (f"error: the store already has a model called single (from "
+                                     f"{first}); pass --force to replace it, or --out FILE to "
+                                     "write this one elsewhere")
+    assert path.read_bytes() == before
+    assert runner.invoke(app, ["download", str(first)], env=env).exit_code == 0  # an update
+    assert runner.invoke(app, ["download", str(other), "--force"], env=env).exit_code == 0
+    assert_same_logits(path, hub_data["models"]["t/sharded"])
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    result = runner.invoke(app, ["download", str(first), "--out", str(notes)], env=env)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (f"error: {notes} already exists; pass --force to overwrite "
+                                     "it, or another --out")
+    assert notes.read_text() == "mine"
+    result = runner.invoke(app, ["download", str(first), "--out", str(notes), "--force"],
+                           env=env)
+    assert result.exit_code == 0, result.output
+    assert_same_logits(notes, hub_data["models"]["t/single"])
+
+
 def test_local_folder_with_pickle_only_is_refused(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))

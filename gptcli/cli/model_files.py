@@ -46,6 +46,9 @@ def download_cmd(
         "Branch, tag or commit of the Hub repo (default: main)."))] = None,
     out: Annotated[Optional[Path], Opt(metavar="FILE", help=(
         "Write the checkpoint here instead of the local model store."))] = None,
+    force: Annotated[bool, Opt("--force", metavar="", help=(
+        "Overwrite --out if it exists, or a stored model of the same name from elsewhere."))
+    ] = False,
     offline: Annotated[bool, Opt("--offline", metavar="", help=(
         "Use only the Hugging Face cache (like HF_HUB_OFFLINE=1)."))] = False,
     list_: Annotated[bool, Opt("--list", metavar="", help=(
@@ -62,7 +65,7 @@ def download_cmd(
         print(json.dumps(info)) if as_json else render_listing(info)
         return
     result = download(name, dataset=dataset, files=file, revision=revision, out=out,
-                      offline=offline, log=note)
+                      offline=offline, force=force, log=note)
     print(json.dumps(result)) if as_json else render_download(result)
 
 
