@@ -19,7 +19,7 @@ Position = Literal["learned", "sinusoidal", "rope"]
 class ModelConfig(BaseModel):
     """Shape and options of a GPT model. The defaults are OpenAI's GPT-2 (124M)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     vocab_size: int = Field(50257, ge=1, description="number of token ids")
     context_length: int = Field(1024, ge=1, description="longest sequence the model sees")
@@ -147,7 +147,7 @@ ModelName = Annotated[Optional[str], Field(
 class TrainConfig(BaseModel):
     """Every setting of a training run; each field is also a `gpt train` flag."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # data
     data: list[str] | None = setting(
@@ -279,7 +279,7 @@ class SampleConfig(BaseModel):
 class LoadConfig(BaseModel):
     """Which model to load for inference, and where."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: ModelName = None
     device: Device = "auto"
@@ -306,7 +306,7 @@ class LoadConfig(BaseModel):
 class EvalConfig(BaseModel):
     """What `gpt eval` scores and how."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     data: list[str] | None = setting(
         None, "Text file(s) or folder to score (default: the run's own validation split when "
@@ -346,7 +346,7 @@ class EvalConfig(BaseModel):
 class BenchConfig(BaseModel):
     """What `gpt bench` measures; None fields are chosen for the device (bench.resolve)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     preset: str | None = setting(None, "Model shape (GPT-2 vocabulary): " + ", ".join(PRESETS)
                                  + " (default: gpt2 on CUDA, small on MPS, tiny on CPU).",
@@ -379,7 +379,7 @@ class BenchConfig(BaseModel):
 class ServeConfig(BaseModel):
     """How `gpt serve` listens and what it allows."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     host: str = setting("127.0.0.1", "Address to listen on (0.0.0.0: every interface; give an "
                         "--api-key then).", group="Server", metavar="HOST")

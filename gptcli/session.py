@@ -105,9 +105,10 @@ class Session:
     def check_finite(self, what: str, value: float | None) -> None:
         if value is not None and not math.isfinite(value):
             self.close_logs()
+            kept = f"the last good checkpoint, {self.run.last}, is kept" \
+                if self.run.last.is_file() else "no checkpoint had been saved yet"
             raise RuntimeFailure(f"the {what} became {value} at step {self.step}; stopped without "
-                                 f"saving (the last good checkpoint in {self.run.path} is kept); "
-                                 "try a lower --lr")
+                                 f"saving ({kept}); try a lower --lr")
 
     def save(self, path: Path, val: float | None) -> None:
         """A checkpoint of the model (a LoRA run: its adapters and their base's reference)."""

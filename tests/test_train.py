@@ -83,12 +83,39 @@ def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(corpus, tmp_path, monk
         return (loss * float("nan") if calls["n"] > 4 else loss), count
 
     monkeypatch.setattr(optim, "loss_fn", poisoned)
-    with pytest.raises(RuntimeFailure, match=r"the training loss became nan at step 5; stopped "
-                                             r"without saving .* try a lower --lr"):
+    with pytest.raises(RuntimeFailure) as err:
         fit(config(corpus, max_steps=20, eval_interval=2), out=out)
+    assert str(err.value) == ("the training loss became nan at step 5; stopped without saving "
+                              f"(the last good checkpoint, {out / 'last.safetensors'}, is kept); "
+                              "try a lower --lr")
     model, _, meta = load_checkpoint(out / "last.safetensors")
     assert meta["step"] == "4"
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_before_any_checkpoint_says_there_is_none(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    RunFolder(out).prepare(resume=None, force=False)
+    real_loss = optim.loss_fn
+
+    def infinite(logits, targets):
+        loss, count = real_loss(logits, targets)
+        return loss * float("inf"), count
+
+    monkeypatch.setattr(optim, "loss_fn", infinite)
+    with pytest.raises(RuntimeFailure) as err:
+        fit(config(corpus, max_steps=20, eval_interval=10), out=out)
+    assert str(err.value) == ("the training loss became inf at step 1; stopped without saving "
+                              "(no checkpoint had been saved yet); try a lower --lr")
+    assert not (out / "last.safetensors").exists()
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--epochs", "--weight-decay", "--max-time"])
+def test_infinite_settings_are_refused(flag, tmp_path):
+    result = runner.invoke(app, ["train", flag, "inf", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == f"error: {flag} must be a finite number, got inf"
+    assert not (tmp_path / "r").exists()
 
 
 def test_lr_schedule():
