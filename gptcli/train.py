@@ -121,6 +121,11 @@ def setup(cfg: TrainConfig, run: RunFolder, resume: bool, display) -> Session:
         display.note(packing)
     if resume:
         restore_state(s)
+        if s.step > s.max_steps:  # (before config.json records the smaller number)
+            asked = f"--max-steps {s.max_steps:,}" if cfg.epochs is None else \
+                f"--epochs {cfg.epochs:g} ({s.max_steps:,} steps)"
+            raise UserError(f"{run.path} is already at step {s.step:,}, past {asked}: nothing "
+                            "to train; ask for more steps to go on")
     if dist.is_main:
         open_logs(s, data, resume)
     return s
@@ -140,22 +145,26 @@ def starting_point(cfg: TrainConfig, run: RunFolder, resume: bool) -> Start | No
         raise UserError(f"{cfg.init_from} is an int8 checkpoint, for inference only; train from "
                         f"the float checkpoint it was made from "
                         f"({start.metadata.get('quantized_from', 'see gpt info')})")
-    if not resume:
-        check_same_shape(cfg, start.model.config)
+    check_same_shape(cfg, start, run.path if resume else cfg.init_from, resume)
     return start
 
 
-def check_same_shape(cfg: TrainConfig, config: ModelConfig) -> None:
-    """A model started from a checkpoint keeps the checkpoint's shape: a shape flag that asks
-    for another one is refused rather than silently ignored."""
+def check_same_shape(cfg: TrainConfig, start: Start, source, resume: bool) -> None:
+    """A model started from a checkpoint (or resumed) keeps the checkpoint's shape and
+    tokenizer: a flag that asks for another one is refused rather than silently ignored (and,
+    on a resume, written into the run's config.json beside the shape it does not have)."""
+    config = start.model.config
     asked = {name: getattr(cfg, name) for name in ("n_layer", "n_head", "n_embd",
                                                    "context_length", "position")
              if getattr(cfg, name) is not None and getattr(cfg, name) != getattr(config, name)}
-    if asked:
-        flags = ", ".join(f"--{k.replace('_', '-')} {v} (it has {getattr(config, k)})"
-                          for k, v in asked.items())
-        raise UserError(f"{cfg.init_from} has another shape than {flags}; a run started from a "
-                        "checkpoint keeps its shape: leave these flags out")
+    flags = [f"--{k.replace('_', '-')} {v} (it has {getattr(config, k)})"
+             for k, v in asked.items()]
+    if cfg.tokenizer not in ("auto", start.tokenizer.name):
+        flags.append(f"--tokenizer {cfg.tokenizer} (it has {start.tokenizer.name})")
+    if flags:
+        kind = "a resumed run" if resume else "a run started from a checkpoint"
+        raise UserError(f"{source} is not {', '.join(flags)}; {kind} keeps its checkpoint's "
+                        "shape and tokenizer: leave these flags out")
 
 
 def tokenize(cfg: TrainConfig, start: Start | None, dist: Dist, display) -> TokenData:

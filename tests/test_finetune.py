@@ -374,9 +374,16 @@ def test_shape_flags_that_differ_from_the_starting_checkpoint_are_refused(base, 
                    "--context-length", "16")
     assert result.exit_code == 2
     assert result.stderr.strip() == (
-        f"error: {base} has another shape than --n-layer 4 (it has 2), --context-length 16 (it "
-        "has 32); a run started from a checkpoint keeps its shape: leave these flags out")
+        f"error: {base} is not --n-layer 4 (it has 2), --context-length 16 (it has 32); a run "
+        "started from a checkpoint keeps its checkpoint's shape and tokenizer: leave these flags "
+        "out")
     assert not (tmp_path / "r").exists()
+    result = train("--init-from", base, "--data", chat, "--out", tmp_path / "r", "--tokenizer",
+                   "char")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: {base} is not --tokenizer char (it has gpt2); a run started from a checkpoint "
+        "keeps its checkpoint's shape and tokenizer: leave these flags out")
 
 
 def test_frozen_weights_stay_unpacked_when_their_copies_would_not_fit(monkeypatch):

@@ -151,7 +151,22 @@ def test_cli_refuses_to_overwrite_a_run(corpus, tmp_path):
     assert cli(*args, "--force").exit_code == 0
     result = cli(*args, "--max-steps", "4", "--resume")
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["max_steps"] == 4
+    config_file = tmp_path / "run" / "config.json"
+    assert json.loads(config_file.read_text())["train"]["max_steps"] == 4
+    # a resume keeps the run's shape and tokenizer, and cannot go back in steps: refused,
+    # with config.json as it was (it recorded such flags beside the shape the run has)
+    recorded, last = config_file.read_text(), (tmp_path / "run" / "last.safetensors").read_bytes()
+    for flags, message in (
+            (["--n-layer", "2", "--tokenizer", "gpt2"], "is not --n-layer 2 (it has 1), "
+             "--tokenizer gpt2 (it has char); a resumed run keeps its checkpoint's shape and "
+             "tokenizer: leave these flags out"),
+            (["--max-steps", "3"], "is already at step 4, past --max-steps 3: nothing to "
+             "train; ask for more steps to go on")):
+        result = cli("--out", str(tmp_path / "run"), "--resume", *flags)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip() == f"error: {tmp_path / 'run'} {message}"
+        assert config_file.read_text() == recorded
+        assert (tmp_path / "run" / "last.safetensors").read_bytes() == last
 
 
 def test_cli_config_file_and_flags(corpus, tmp_path):
