@@ -99,8 +99,8 @@ def setup(cfg: TrainConfig, run: RunFolder, resume: bool, display) -> Session:
     (train_tokens, val_tokens), (train_masks, val_masks) = validation_split(cfg, data, dist,
                                                                           display)
     T = model.config.context_length
-    check_enough(len(train_tokens), len(val_tokens), T,
-                 cfg.val_fraction if not cfg.val_data else 1.0)
+    check_enough(len(train_tokens), len(val_tokens), T, cfg.val_fraction,
+                 val_data=bool(cfg.val_data))
     tokens_per_step = cfg.batch_size * cfg.grad_accum * dist.world * T
     max_steps = cfg.max_steps if cfg.epochs is None else \
         max(1, math.ceil(cfg.epochs * len(train_tokens) / tokens_per_step))

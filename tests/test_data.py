@@ -86,6 +86,13 @@ def test_too_little_data_says_how_much():
     with pytest.raises(UserError, match=r"not enough data: 50 tokens, but context length 64 with "
                                         r"--val-fraction 0.1 needs at least 651"):
         check_enough(45, 5, 64, 0.1)
+    check_enough(65, 65, 64, 0.1, val_data=True)  # each side holds a window
+    for sizes, message in (((12, 6013), "--data has 12 tokens"),
+                           ((6013, 12), "--val-data has 12 tokens")):
+        with pytest.raises(UserError) as err:
+            check_enough(*sizes, 64, 0.1, val_data=True)
+        assert str(err.value) == (f"not enough data: {message}, but context length 64 needs at "
+                                  "least 65; add text or lower --context-length")
 
 
 def test_sampler_state_resumes_the_same_batches():

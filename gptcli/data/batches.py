@@ -11,9 +11,18 @@ from ..errors import UserError
 IGNORE = -100  # a target the loss leaves out (PyTorch's cross_entropy ignore_index default)
 
 
-def check_enough(n_train: int, n_val: int, context_length: int, val_fraction: float) -> None:
-    """At least one training window (and one validation window when asked for)."""
+def check_enough(n_train: int, n_val: int, context_length: int, val_fraction: float, *,
+                 val_data: bool = False) -> None:
+    """At least one training window (and one validation window when asked for: a fraction of
+    the data, or ``val_data``, a file of its own, when each side is checked by itself)."""
     need = context_length + 1
+    if val_data:
+        for flag, n in (("--data", n_train), ("--val-data", n_val)):
+            if n < need:
+                raise UserError(f"not enough data: {flag} has {n} tokens, but context length "
+                                f"{context_length} needs at least {need}; add text or lower "
+                                "--context-length")
+        return
     if n_train < need or (val_fraction > 0 and n_val < need):
         total = n_train + n_val
         needed = need if val_fraction == 0 else max(int(need / val_fraction) + 1, 2 * need)
