@@ -72,17 +72,25 @@ def check_out(out: Path, fmt: str, force: bool) -> None:
                             f"({', '.join(foreign[:3])}); give a new or empty folder")
 
 
-def export_model(model: str | os.PathLike | None, out: str | os.PathLike, *, fmt: str = "hf",
+def export_model(model: str | os.PathLike | None, out: str | os.PathLike, *,
+                 fmt: str | None = None,
                  dtype: str | None = None, force: bool = False, push_to_hub: str | None = None,
                  private: bool = False, revision: str | None = None, log=None,
                  ) -> dict[str, Any]:
     """What `gpt export` does: find ``model`` (downloading a Hub id when online), check that
-    the format can express it, write ``out`` (a folder for ``hf``, a file for ``gguf``), and
-    upload it to ``push_to_hub`` when given. Every refusal comes before anything is written."""
+    the format can express it, write ``out`` (a folder for ``hf``, a file for ``gguf``; no
+    ``fmt``: gguf for a name ending in .gguf, else hf), and upload it to ``push_to_hub`` when
+    given. Every refusal comes before anything is written."""
     from .checkpoint import parse_metadata, read_safetensors
     from .hf import to_hf
     from .locate import find_model
 
+    gguf_name = Path(out).suffix.lower() == ".gguf"
+    if fmt is None:
+        fmt = "gguf" if gguf_name else "hf"
+    elif fmt == "hf" and gguf_name:
+        raise UserError(f"--out {out} is a GGUF file's name, but --format hf writes a Hugging "
+                        "Face folder; leave --format out (or give gguf) for a GGUF file")
     dtype = check_options(fmt, dtype)
     if revision and not push_to_hub:
         raise UserError("--revision is the branch to push to; use it with --push-to-hub")

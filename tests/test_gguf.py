@@ -268,6 +268,15 @@ def test_gguf_through_the_command_line(tmp_path):
                     "--force", "--json")
     info = json.loads(result.stdout.splitlines()[-1])
     assert info["format"] == "gguf" and info["dtype"] == "f32" and info["tensors"] == 28
+    # a .gguf name is a GGUF file without --format (before: a Hugging Face folder so named)
+    result = export("--model", path, "--out", tmp_path / "plain.GGUF")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "plain.GGUF").read_bytes() == (tmp_path / "m-f32.gguf").read_bytes()
+    result = export("--model", path, "--out", tmp_path / "hf.gguf", "--format", "hf")
+    assert (result.exit_code, result.stderr.strip()) == (
+        2, f"error: --out {tmp_path / 'hf.gguf'} is a GGUF file's name, but --format hf writes "
+           "a Hugging Face folder; leave --format out (or give gguf) for a GGUF file")
+    assert not (tmp_path / "hf.gguf").exists()
 
 
 def test_gguf_refuses_char_models_before_writing(tmp_path, char_checkpoint):

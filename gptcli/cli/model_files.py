@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import Json, ModelArg, ModelOpt, command, one_model, with_default
+from .app import Json, ModelArg, ModelOpt, command, one_model
 from .commands import note
 
 Opt = typer.Option
@@ -120,9 +120,9 @@ def export_cmd(
         "Where to write: a folder (--format hf) or a .gguf file (--format gguf)."))],
     model: ModelArg = None,
     model_opt: ModelOpt = None,
-    fmt: Annotated[str, Opt("--format", metavar="hf|gguf", show_default=False, help=with_default(
+    fmt: Annotated[Optional[str], Opt("--format", metavar="hf|gguf", show_default=False, help=(
         "hf: a Hugging Face folder (weights, config, tokenizer, model card); gguf: one file for "
-        "llama.cpp and Ollama.", "hf"))] = "hf",
+        "llama.cpp and Ollama (default: gguf for an --out ending in .gguf, else hf)."))] = None,
     dtype: Annotated[Optional[str], Opt(metavar="TYPE", help=(
         "Weight type: f32 (default), f16 or bf16 for hf; f32, f16 or q8_0 for gguf."))] = None,
     force: Annotated[bool, Opt("--force", metavar="", help=(
