@@ -377,6 +377,12 @@ def test_cli_real_subprocess_pipe(char_checkpoint):
     (["--prompt-file", "nope.txt"], "error: cannot read prompt file nope.txt: it does not exist"),
     (["--prompt-file", "."], "error: cannot read prompt file .: it is a folder"),
     (["--prompt-file", "latin.txt"], "error: prompt file latin.txt is not UTF-8 text (byte offset 3)"),
+    (["--prompt", "x", "--prompt-file", "latin.txt"],
+     "error: give the prompt with either --prompt TEXT or --prompt-file FILE"),
+    (["--prompt", "x", "--interactive"],
+     "error: --interactive reads each prompt as a line of input; leave out --prompt"),
+    (["--prompt-file", "latin.txt", "-i"],
+     "error: --interactive reads each prompt as a line of input; leave out --prompt-file"),
 ])
 def test_cli_bad_input(char_checkpoint, args, message, tmp_path):
     (tmp_path / "latin.txt").write_bytes(b"caf\xe9")

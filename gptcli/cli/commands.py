@@ -78,6 +78,11 @@ def generate_cmd(
     load, sample = settings(LoadConfig, given), settings(SampleConfig, given)
     if "draft_tokens" in given and load.draft_model is None:
         raise UserError("--draft-tokens goes with --draft-model")
+    if prompt is not None and prompt_file is not None:
+        raise UserError("give the prompt with either --prompt TEXT or --prompt-file FILE")
+    if interactive and (prompt is not None or prompt_file is not None):
+        raise UserError("--interactive reads each prompt as a line of input; leave out "
+                        f"{'--prompt' if prompt is not None else '--prompt-file'}")
     loaded = load_generator(load.model, device=load.device, dtype=load.dtype,
                             compile=load.compile, quantize=load.quantize, kernel=load.kernel,
                             draft_model=load.draft_model, draft_tokens=load.draft_tokens,
