@@ -179,6 +179,14 @@ def resolve_repo(name: str) -> str:
         return KNOWN_MODELS[name]
     if is_repo_id(name):
         return name
+    if Path(name).is_file():
+        raise UserError(f"{name} is a file; gpt download converts a Hugging Face folder (its "
+                        "config.json and weights), a Hub repo or a known name"
+                        + (f" (a gptcli checkpoint needs none: gpt generate --model {name})"
+                           if name.endswith(".safetensors") else ""))
+    if "/" in name or name.startswith((".", "~")):
+        raise UserError(f"{name} does not exist (a folder to convert?), and it is not a Hub "
+                        "repo id (org/name)")
     raise UserError(f"unknown model {name!r}: use one of {', '.join(KNOWN_MODELS)}, a Hub repo "
                     "id like org/name, or a local Hugging Face folder")
 

@@ -11,6 +11,7 @@ other.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +83,11 @@ def stored_dataset(name: str) -> Path | None:
 
 
 def is_repo_id(name: str) -> bool:
-    """``org/name``: one slash, neither side empty."""
-    return name.count("/") == 1 and all(name.split("/"))
+    """``org/name``: one slash; each side letters, digits, ``-``, ``_`` and ``.``, neither
+    starting nor ending with ``-`` or ``.`` (the Hub's rule: ``./x``, ``../x`` and ``~/x`` are
+    paths, never repos)."""
+    part = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
+    return re.fullmatch(f"{part}/{part}", name) is not None
 
 
 def is_stored_name(path: Path) -> bool:

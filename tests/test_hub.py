@@ -317,6 +317,28 @@ def test_download_replaces_no_file_the_user_has(tmp_path, hub_data):
     assert_same_logits(notes, hub_data["models"]["t/single"])
 
 
+def test_download_of_a_path_that_is_no_folder_says_so_offline(tmp_path, monkeypatch):
+    """``./x`` can never be a Hub repo: a missing path or a file is named as such, with no
+    network asked (before: "could not reach huggingface.co to download config.json of ./x")."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", dead_endpoint())
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "m.safetensors").write_text("x")
+    for name, message in (
+            ("./no-such-folder", "./no-such-folder does not exist (a folder to convert?), and it "
+             "is not a Hub repo id (org/name)"),
+            ("../x/y", "../x/y does not exist (a folder to convert?), and it is not a Hub repo "
+             "id (org/name)"),
+            ("./notes.txt", "./notes.txt is a file; gpt download converts a Hugging Face folder "
+             "(its config.json and weights), a Hub repo or a known name"),
+            ("m.safetensors", "m.safetensors is a file; gpt download converts a Hugging Face "
+             "folder (its config.json and weights), a Hub repo or a known name (a gptcli "
+             "checkpoint needs none: gpt generate --model m.safetensors)")):
+        result = runner.invoke(app, ["download", name], env={"GPTCLI_HOME": str(tmp_path)})
+        assert (result.exit_code, result.stderr.strip()) == (2, f"error: {message}")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_local_folder_with_pickle_only_is_refused(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
