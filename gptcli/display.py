@@ -27,7 +27,21 @@ class Stdout(Console):
         raise SystemExit(STDOUT_CLOSED)
 
 
+class Stderr(Console):
+    """The training display's console: when its reader goes away (`gpt train 2>&1 | head`) it
+    goes quiet and says so in ``closed``, for fit to stop and save as on Ctrl-C (rich's own
+    default ends the run with status 1 in the middle of a step, unsaved)."""
+
+    closed = False
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = self.closed = True
+        silence_stdout(self.file)
+
+
 class NullDisplay:
+    closed = False  # (see Stderr)
+
     def tokenize(self, work: Callable):
         return work(None)
 
@@ -53,13 +67,17 @@ class TrainDisplay(NullDisplay):
     LOG_EVERY_S = 10.0
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True, highlight=False)
+        self.console = console or Stderr(stderr=True, highlight=False)
         self.is_live = self.console.is_terminal
         self.live: Live | None = None
         self.val: float | None = None
         self.metrics: dict = {}
         self.step_no = self.first_step = self.max_steps = 0
         self.t0 = self.t_first = self.t_printed = time.perf_counter()
+
+    @property
+    def closed(self) -> bool:
+        return getattr(self.console, "closed", False)
 
     def note(self, message: str) -> None:
         self.console.print(f"note: {message}", soft_wrap=True)

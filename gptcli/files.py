@@ -19,12 +19,12 @@ from .errors import UserError, path_error
 STDOUT_CLOSED = 141
 
 
-def silence_stdout() -> None:
-    """Point stdout at /dev/null once its reader is gone, so no later write or the
-    interpreter's final flush can complain."""
+def silence_stdout(stream=None) -> None:
+    """Point stdout (or ``stream``) at /dev/null once its reader is gone, so no later write or
+    the interpreter's final flush can complain."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, (stream or sys.stdout).fileno())
     except (OSError, ValueError):
         pass
 

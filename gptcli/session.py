@@ -43,8 +43,9 @@ class FitResult:
 
     @property
     def exit_code(self) -> int:
-        """What the process reports: a stop by signal keeps the signal's shell status."""
-        return {"SIGINT": 130, "SIGTERM": 143}.get(self.stopped_by or "", 0)
+        """What the process reports: a stop by signal keeps the signal's shell status (SIGPIPE:
+        the display's reader went away)."""
+        return {"SIGINT": 130, "SIGTERM": 143, "SIGPIPE": 141}.get(self.stopped_by or "", 0)
 
 
 @dataclass

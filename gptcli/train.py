@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -297,7 +298,8 @@ def fit(cfg: TrainConfig, *, out: RunFolder | Path, resume: bool = False, displa
                 s.save(s.run.snapshot(s.step), last_val)
             if cfg.sample_interval and s.step % cfg.sample_interval == 0:
                 display.sample(s.step, s.sample())
-            if reason := s.stop_reason(stop.signal, stop_after):
+            closed = signal.SIGPIPE if display.closed else None  # (its reader went away)
+            if reason := s.stop_reason(stop.signal or closed, stop_after):
                 if not final:
                     stopped_by = reason
                     s.save_last(last_val)

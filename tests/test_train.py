@@ -232,6 +232,32 @@ def test_sigint_saves_a_resumable_checkpoint(corpus, tmp_path):
     assert int(meta["step"]) == stopped + 2
 
 
+def test_a_display_whose_reader_goes_away_stops_and_saves(corpus, tmp_path):
+    """`gpt train 2>&1 | head -1`: the progress lines' reader goes away after the first line;
+    the run stops after that step as on Ctrl-C, saved and resumable, with SIGPIPE's status
+    (before: rich's own broken-pipe exit, status 1, in the middle of a step, nothing saved)."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "gptcli", "train", "--data", str(corpus), "--out", str(out),
+            "--max-steps", "100000", "--eval-interval", "1", "--n-layer", "1", "--n-embd", "32",
+            "--context-length", "16", "--batch-size", "2", "--device", "cpu",
+            "--sample-interval", "0"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=os.environ.copy())
+    try:
+        first = proc.stderr.readline()
+        proc.stderr.close()  # as head does after its line
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert first.startswith(b"training "), first
+    assert proc.returncode == 141
+    _, _, meta = load_checkpoint(out / "last.safetensors")
+    result = runner.invoke(app, ["train", "--out", str(out), "--resume", "--max-steps",
+                                 str(int(meta["step"]) + 1)])
+    assert result.exit_code == 0, result.output
+
+
 def test_a_batch_that_cannot_fit_is_refused_before_allocating(corpus, monkeypatch):
     from gptcli import train as train_module
 
