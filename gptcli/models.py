@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import adapters
 from .checkpoint import (PICKLE_SUFFIXES, check_readable, checkpoint_info, load_checkpoint,
-                         read_safetensors, save_checkpoint)
+                         model_tensors, read_safetensors, save_checkpoint)
 from .convert import converted_folder, converted_name, is_hf_folder
 from .devices import resolve_device, resolve_dtype
 from .errors import UserError
@@ -248,8 +248,12 @@ def quantize_checkpoint(model_name: str | None, out: str | None = None, *,
     model, tokenizer, meta = load_weights(src, finite=True)
     if is_quantized(model):
         raise UserError(f"{src} is already an int8 checkpoint")
+    # the float weights' bytes as a checkpoint holds them: the source file's size, or, for a
+    # LoRA run's adapter file, its base with the adapters merged in
+    float_size = sum(t.nbytes for t in model_tensors(model).values())
     prepare(model, "int8", steps=False)  # (saved, not decoded)
     kept = {k: v for k, v in meta.items() if k in PROVENANCE}
     save_checkpoint(target, model, tokenizer, **kept, quantized_from=str(src))
     return {"path": str(target), "source": str(src), "size": target.stat().st_size,
-            "source_size": src.stat().st_size, "parameters": model.num_params()}
+            "source_size": src.stat().st_size, "float_size": float_size,
+            "parameters": model.num_params()}

@@ -234,6 +234,13 @@ def test_a_lora_run_saves_adapters_and_generates_as_its_merged_model(base, chat,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     card = (tmp_path / "hf-run" / "README.md").read_text()
     assert "chat" in card.lower()
+    # gpt quantize measures the int8 file against the merged float model, not the adapters
+    result = runner.invoke(app, ["quantize", str(out), "--out", str(tmp_path / "q.safetensors")])
+    assert result.exit_code == 0, result.output
+    float_size = sum(t.nbytes for t in read_safetensors(merged)[0].values())
+    share = (tmp_path / "q.safetensors").stat().st_size / float_size
+    assert 0.2 < share < 0.6  # (int8 matrices, float32 vectors and scales; a tiny model)
+    assert f"{share:.0%} of the float model's {float_size / 1e6:,.1f} MB)" in result.stdout
 
 
 def test_a_lora_resume_equals_an_uninterrupted_run(base, chat, tmp_path):

@@ -110,7 +110,8 @@ def quantize_cmd(
         print(json.dumps(result))
         return
     print(f"wrote {result['path']} (int8, {result['size'] / 1e6:,.1f} MB, "
-          f"{result['size'] / result['source_size']:.0%} of {result['source']})")
+          f"{result['size'] / result['float_size']:.0%} of the float model's "
+          f"{result['float_size'] / 1e6:,.1f} MB)")
     note(f"use it with: gpt generate --model {result['path']}")
 
 
