@@ -78,13 +78,15 @@ def os_error_reason(e: OSError) -> str:
     return (e.strerror or str(e) or "input/output error").lower()
 
 
-def path_error(e: OSError, doing: str, path=None, *, note: str = "") -> GptcliError:
-    """An OSError on a user's path as one sentence: ``cannot <doing> <path>: <reason>[; note]``.
-    A failing disk or device (or an error without an errno) is a runtime failure (exit 1);
-    anything about the path is bad input (exit 2)."""
+def path_error(e: OSError, doing: str, path=None, *, note: str = "",
+               reason: str | None = None) -> GptcliError:
+    """An OSError on a user's path as one sentence: ``cannot <doing> <path>: <reason>[; note]``
+    (``reason``: other words than the error's own). A failing disk or device (or an error
+    without an errno) is a runtime failure (exit 1); anything about the path is bad input
+    (exit 2)."""
     where = path if path is not None else (e.filename or "")
-    text = f"cannot {doing} {where}: {os_error_reason(e)}" if where else \
-        f"cannot {doing}: {os_error_reason(e)}"
+    reason = reason or os_error_reason(e)
+    text = f"cannot {doing} {where}: {reason}" if where else f"cannot {doing}: {reason}"
     if note:
         text += f"; {note}"
     name = errno_mod.errorcode.get(e.errno or 0, "")

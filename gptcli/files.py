@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import UserError, path_error
+from .errors import UserError, os_error_reason, path_error
 
 # How a command ends when the reader of its stdout goes away (`gpt ... | head`): quietly, with
 # the status of a process ended by SIGPIPE, as other Unix tools end.
@@ -42,8 +42,10 @@ def make_folder(path, doing: str, shown=None) -> None:
             break
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise path_error(e, doing, shown) from None
+    except OSError as e:  # (for a file in it, say which folder: "it does not exist" misleads)
+        why = "the file system refused" if e.errno == errno.ENOENT else os_error_reason(e)
+        reason = None if shown == path else f"its folder {path} cannot be created ({why})"
+        raise path_error(e, doing, shown, reason=reason) from None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *,

@@ -5,6 +5,7 @@ import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,6 +252,18 @@ def test_gpt_quantize_round_trip(tmp_path, monkeypatch):
         assert other.stderr.strip() == (f"error: {out} is an int8 checkpoint; --quantize "
                                         f"{scheme} needs a float model, such as the one it was "
                                         f"made from: {src}")
+
+
+def test_an_out_whose_folder_cannot_be_made_names_the_folder(tmp_path):
+    """(before: "cannot write checkpoint to /proc/.../m.safetensors: it does not exist")"""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc (Linux), a file system where no folder can be made")
+    src = save_checkpoint(tmp_path / "m.safetensors", GPT(tiny_config()), char_tokenizer(101))
+    out = Path("/proc/gptcli-none/m.safetensors")
+    result = runner.invoke(app, ["quantize", str(src), "--out", str(out)])
+    assert (result.exit_code, result.stderr.strip()) == (
+        2, f"error: cannot write checkpoint to {out}: its folder {out.parent} cannot be created "
+           "(the file system refused)")
 
 
 def test_training_from_an_int8_checkpoint_is_refused(tmp_path, corpus):
