@@ -91,7 +91,8 @@ class TrainDisplay(NullDisplay):
             return work(lambda done, total: progress.update(task, completed=done, total=total))
 
     def start(self, *, step: int, max_steps: int, device, dtype, params: int,
-              tokens_per_step: int, out: Path, batch: tuple[int, int, int, int]) -> None:
+              tokens_per_step: int, out: Path, batch: tuple[int, int, int, int],
+              trainable: int | None = None) -> None:
         self.step_no = self.first_step = step
         self.max_steps = max_steps
         self.t0 = self.t_first = self.t_printed = time.perf_counter()
@@ -99,8 +100,10 @@ class TrainDisplay(NullDisplay):
         dtype_name = str(dtype).replace("torch.", "")
         parts = [f"{size} sequences"] + ([f"{accum} micro-batches"] if accum > 1 else []) + \
             ([f"{world} processes"] if world > 1 else []) + [f"{context} tokens"]
-        self.console.print(f"training {params:,} parameters on {device} ({dtype_name}), step "
-                           f"{step} -> {max_steps}")
+        count = f"{trainable:,} of {params:,} params" if trainable is not None and \
+            trainable < params else f"{params:,} parameters"  # (adapters: 80 columns for gpt2)
+        self.console.print(f"training {count} on {device} ({dtype_name}), step {step} -> "
+                           f"{max_steps}")
         self.console.print(f"batch: {' x '.join(parts)} = {tokens_per_step:,} tokens per step")
         self.console.print(f"run folder: {out}")
         if self.is_live:

@@ -262,6 +262,7 @@ def fit(cfg: TrainConfig, *, out: RunFolder | Path, resume: bool = False, displa
     display = s.display
     display.start(step=s.step, max_steps=s.max_steps, device=s.device, dtype=s.dtype,
                   params=s.model.num_params(), tokens_per_step=s.tokens_per_step, out=s.run.path,
+                  trainable=sum(p.numel() for p in s.model.parameters() if p.requires_grad),
                   batch=(cfg.batch_size, cfg.grad_accum, s.dist.world,
                          s.model.config.context_length))
     s.t0 = t_log = time.perf_counter()

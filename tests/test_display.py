@@ -44,6 +44,12 @@ def test_the_start_lines_are_short_enough_for_80_columns():
     assert lines == ["training 809,856 parameters on cpu (float32), step 0 -> 2000",
                      "batch: 12 sequences x 64 tokens = 768 tokens per step",
                      "run folder: runs/shakespeare"]
+    console.file = io.StringIO()  # LoRA: the adapters train, the model's weights stay
+    display.start(step=0, max_steps=20000, device=torch.device("cuda:0"), dtype=torch.bfloat16,
+                  params=124_439_808, tokens_per_step=768, out="runs/shakespeare",
+                  batch=(12, 1, 1, 64), trainable=1_179_648)
+    assert console.file.getvalue().splitlines()[0] == (
+        "training 1,179,648 of 124,439,808 params on cuda:0 (bfloat16), step 0 -> 20000")
 
 
 def test_info_rounds_figures_and_hides_settings_the_model_does_not_use():

@@ -204,6 +204,7 @@ def test_a_lora_run_saves_adapters_and_generates_as_its_merged_model(base, chat,
                    "--lora-targets", "mlp-out", "--lr", "1e-2")
     assert result.exit_code == 0, result.output
     assert "LoRA: 1,152 adapter parameters train" in result.stderr  # 2 x (2*128 + 2*160)
+    assert "training 1,152 of " in result.stderr  # (not the base's count alone)
     if packable_dtypes():  # oneDNN is there: the frozen products run on packed copies
         assert "frozen weights: products on oneDNN-packed copies" in result.stderr
     names = adapter_names(out / "last.safetensors")
