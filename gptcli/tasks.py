@@ -109,7 +109,25 @@ def load_items(task: Task, path: Path) -> list[dict]:
                             f"{task.name} file (expected the fields {', '.join(task.columns)})")
     if not rows:
         raise UserError(f"{path} has no items")
+    if task.name == "hellaswag":
+        for n, row in enumerate(rows, 1):
+            check_hellaswag(row, f"{path} item {n}")
     return rows
+
+
+def check_hellaswag(item: dict, where: str) -> None:
+    """An item that can be scored: texts, two or more endings with words left after cleaning
+    (acc_norm divides by their length), and a label that is one of their indices."""
+    endings, label = item["endings"], item["label"]
+    if not all(isinstance(item[c], str) for c in ("activity_label", "ctx_a", "ctx_b")):
+        raise UserError(f"{where}: activity_label, ctx_a and ctx_b must be texts")
+    if not isinstance(endings, list) or len(endings) < 2 or \
+            not all(isinstance(e, str) and hellaswag_text(e) for e in endings):
+        raise UserError(f"{where}: endings must be a list of two or more non-empty texts")
+    if isinstance(label, bool) or not str(label).strip().isdigit() or \
+            int(label) >= len(endings):
+        raise UserError(f"{where}: label {label!r} is not the index of one of its "
+                        f"{len(endings)} endings")
 
 
 def fetch(task: Task, offline: bool, log: Callable[[str], None]) -> tuple[Path, dict]:

@@ -188,6 +188,30 @@ def test_a_damaged_task_file_is_one_sentence(model_file, tmp_path, content, mess
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+GOOD = {"activity_label": "Cooking", "ctx_a": "He cuts.", "ctx_b": "then", "label": "1",
+        "endings": ["eats.", "sleeps.", "runs.", "sings."]}
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"label": "5"}, "label '5' is not the index of one of its 4 endings"),
+    ({"label": True}, "label True is not the index of one of its 4 endings"),
+    ({"label": "-1"}, "label '-1' is not the index of one of its 4 endings"),
+    ({"endings": ["eats.", "", "runs.", "sings."]},
+     "endings must be a list of two or more non-empty texts"),
+    ({"endings": ["eats.", "[title]"]}, "endings must be a list of two or more non-empty texts"),
+    ({"endings": "eats."}, "endings must be a list of two or more non-empty texts"),
+    ({"ctx_a": 3}, "activity_label, ctx_a and ctx_b must be texts"),
+])
+def test_a_hellaswag_item_that_cannot_be_scored_is_refused(model_file, tmp_path, change, message):
+    """(before: a label past the endings scored as wrong, an empty ending divided by zero with
+    numpy's warning on stderr, and the scores were reported)"""
+    path = tmp_path / "hs.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, **change}) + "\n")
+    result = runner.invoke(app, ["eval", "--model", str(model_file), "--task", "hellaswag",
+                                 "--task-file", f"hellaswag={path}", "--offline"])
+    assert (result.exit_code, result.stderr.strip()) == (2, f"error: {path} item 2: {message}")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--task", "mmlu"], "--task must be 'lambada', 'hellaswag', 'wikitext-2' or"),
     (["--task", "lambada", "--task-file", "x.jsonl"], "--task-file 'x.jsonl': write it as"),
