@@ -89,6 +89,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *,
     return path
 
 
+def check_new(path: str | os.PathLike | None, flag: str, force: bool) -> None:
+    """Refuse an output file that exists (before any work), unless ``force``: a picture, page
+    or table written over a file the user has loses it as surely as a checkpoint would."""
+    if path is not None and not force and (Path(path).is_file() or Path(path).is_symlink()):
+        raise UserError(f"{flag} {path} already exists; pass --force to overwrite it")
+
+
 def write_text(path: str | os.PathLike, text: str, *, what: str = "file") -> Path:
     """``atomic_write`` of a UTF-8 text file."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),

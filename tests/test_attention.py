@@ -330,6 +330,19 @@ def test_unwritable_outputs_are_one_sentence(tiny_ckpt, tmp_path, flag, target, 
     assert result.stderr.strip() == f"error: cannot write {flag} {tmp_path / target}: {reason}"
 
 
+def test_outputs_that_exist_need_force(tiny_ckpt, tmp_path):
+    for flag, name in (("--html", "mine.html"), ("--out", "mine.png")):
+        (tmp_path / name).write_text("mine")
+        result = invoke("--model", tiny_ckpt, "--text", TEXT, flag, tmp_path / name)
+        assert (result.exit_code, result.stderr.strip()) == (
+            2, f"error: {flag} {tmp_path / name} already exists; pass --force to overwrite it")
+        assert (tmp_path / name).read_text() == "mine"
+    result = invoke("--model", tiny_ckpt, "--text", TEXT, "--html", tmp_path / "mine.html",
+                    "--force")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "mine.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
 def test_outputs_into_missing_folders_create_them(tiny_ckpt, tmp_path):
     result = invoke("--model", tiny_ckpt, "--text", TEXT, "--out", tmp_path / "a" / "b" / "m.png",
                     "--html", tmp_path / "c" / "m.html", "--json")

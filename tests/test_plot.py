@@ -38,6 +38,11 @@ def test_gpt_plot_writes_png_and_table(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "lr" in result.stdout and "2.5000" in result.stdout and "2.8000" in result.stdout
+    again = runner.invoke(app, ["plot", str(a), "--out", str(tmp_path / "cmp.png")])
+    assert (again.exit_code, again.stderr.strip()) == (
+        2, f"error: --out {tmp_path / 'cmp.png'} already exists; pass --force to overwrite it")
+    again = runner.invoke(app, ["plot", str(a), "--out", str(tmp_path / "cmp.png"), "--force"])
+    assert again.exit_code == 0, again.output
 
 
 def test_gpt_plot_refuses_a_folder_that_is_not_a_run(tmp_path):

@@ -264,6 +264,14 @@ def test_the_table_is_each_runs_metrics(finished_sweeps):
     csv_lines = (folder / "t.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 5 and csv_lines[0].startswith("lr,point,seed,status")
     assert str(table["points"][0]["val_loss"]) in csv_lines[1]
+    (folder / "t.csv").write_text("mine")  # an existing --csv needs --force
+    again = runner.invoke(app, ["sweep", "show", str(folder), "--csv", str(folder / "t.csv")])
+    assert (again.exit_code, again.stderr.strip()) == (
+        2, f"error: --csv {folder / 't.csv'} already exists; pass --force to overwrite it")
+    assert (folder / "t.csv").read_text() == "mine"
+    again = runner.invoke(app, ["sweep", "show", str(folder), "--csv", str(folder / "t.csv"),
+                                "--force"])
+    assert again.exit_code == 0 and (folder / "t.csv").read_text().count("\n") == 5
 
 
 def test_a_second_call_skips_finished_points(finished_sweeps):

@@ -13,6 +13,7 @@ import typer
 from ..config import (BenchConfig, EvalConfig, LoadConfig, SampleConfig, ServeConfig,
                       TrainConfig)
 from ..errors import UserError
+from ..files import check_new
 from .app import Json, command, settings, with_default
 
 Opt = typer.Option
@@ -267,6 +268,8 @@ def inspect_attention_cmd(
         "Write a PNG grid of heatmaps (needs matplotlib: the plot extra)."))] = None,
     html: Annotated[Optional[Path], Opt("--html", metavar="FILE", rich_help_panel="Output", help=(
         "Write a self-contained interactive HTML page."))] = None,
+    force: Annotated[bool, Opt("--force", metavar="", rich_help_panel="Output", help=(
+        "Overwrite --out and --html if they exist."))] = False,
     as_json: Json = False,
 ) -> None:
     """Show what every attention head attends to: heatmap, top tokens, head summary. The maps
@@ -275,6 +278,8 @@ def inspect_attention_cmd(
     from ..display import Stdout
 
     load = settings(LoadConfig, given)
+    check_new(out, "--out", force)
+    check_new(html, "--html", force)
     if out is not None:
         attention.require_matplotlib()  # fail before the slow part
     insp = attention.inspect(load.model, text=text, text_file=text_file, layer=layer, head=head,
@@ -336,11 +341,14 @@ def plot_cmd(
     x: Annotated[str, Opt("--x", metavar="step|tokens|flops", show_default=False,
                           help=with_default("The x axis: optimizer steps, tokens trained or "
                                             "training FLOPs.", "step"))] = "step",
+    force: Annotated[bool, Opt("--force", metavar="", help=(
+        "Overwrite --out if it exists."))] = False,
 ) -> None:
     """Overlay the loss curves of several runs and list the settings that differ; a sweep
     folder alone also gets its final loss against the setting it varies."""
     from ..tables import render_comparison
     from ..plot import compare_runs, plot_runs
 
+    check_new(out, "--out", force)
     render_comparison(*compare_runs(runs))
     note(f"wrote {plot_runs(runs, out, x=x)}")

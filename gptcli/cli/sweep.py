@@ -116,16 +116,20 @@ def show_cmd(
                                            help="The sweep folder.")],
     csv: Annotated[Optional[Path], Opt("--csv", metavar="FILE", rich_help_panel="Output",
                                        help="Also write one line per point as CSV.")] = None,
+    force: Annotated[bool, Opt("--force", metavar="", rich_help_panel="Output", help=(
+        "Overwrite --csv if it exists."))] = False,
     as_json: Json = False,
 ) -> None:
     """The sweep's table, best validation loss first (its points may have run anywhere, as
     long as their run folders are here)."""
-    handle_errors(show, OOM_HINT)(folder, as_json, csv)
+    handle_errors(show, OOM_HINT)(folder, as_json, csv, force)
 
 
-def show(folder: Path, as_json: bool, csv: Path | None) -> None:
+def show(folder: Path, as_json: bool, csv: Path | None, force: bool = False) -> None:
+    from ..files import check_new
     from ..sweep import results, to_csv
 
+    check_new(csv, "--csv", force)
     table = results(folder)
     if csv is not None:
         from ..files import write_text
