@@ -301,6 +301,48 @@ def test_a_client_leaving_mid_stream_stops_its_generation(served):
     assert served["server"].scheduler.steps - steps < 190  # it did not run to 200 tokens
 
 
+@contextlib.contextmanager
+def serving(server: Server):
+    """``server`` behind the uvicorn server of `gpt serve` on a free loopback port, its
+    scheduler on a thread (as ``served`` runs it): its base URL."""
+    port = free_port()
+    server.scheduler.start()
+    uv = http_server(server, "127.0.0.1", port)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(15)
+        server.scheduler.stop()
+
+
+def test_a_client_leaving_before_a_whole_answer_stops_its_generation(served):
+    """Not streamed, nothing is written before the answer is whole, so no write fails when
+    the client leaves: the server watches the connection while it waits. A client that
+    asked for 100,000 tokens and left after half a second is out of the batch at once."""
+    server = Server(served["model"], served["tokenizer"], model_id="tiny", max_tokens=100_000)
+    with serving(server) as url:
+        body = json.dumps({"prompt": "A", "max_tokens": 100_000}).encode()
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d"
+                      b"\r\n\r\n%s" % (len(body), body))
+            deadline = time.time() + 10
+            while not server.scheduler.running and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.5)
+            assert call({"url": url}, "GET", "/health")[2]["requests"] == 1  # decoding
+        deadline = time.time() + 5  # the client has gone
+        while server.scheduler.busy() and time.time() < deadline:
+            time.sleep(0.02)
+        assert call({"url": url}, "GET", "/health")[2]["requests"] == 0
+        assert not server.scheduler.engine.rows
+
+
 # ----------------------------------------------------------------------------- batching
 
 def test_concurrent_requests_each_get_what_they_would_alone(client, served):

@@ -168,16 +168,16 @@ def events(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue, Any]:
 
 async def collect(q: asyncio.Queue, job: Job, request) -> dict | None:
     """Wait for a job's final event; None when the client disconnected meanwhile. The job is
-    cancelled then, and when this wait is (at shutdown)."""
+    cancelled then, at once (it leaves the batch at the next step), and when this wait is (at
+    shutdown). The connection is watched beside the queue, not between its events: a job
+    delivers an event every step, so a wait for a quiet queue would never come."""
+    watcher = asyncio.ensure_future(gone(request, q))
     try:
         while True:
-            try:
-                event = await asyncio.wait_for(q.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                    return None
-                continue
+            event = await q.get()
+            if event["type"] == "gone":
+                job.cancel()
+                return None
             if event["type"] == "error":
                 raise ApiError(event.get("status", 500), event["message"])
             if event["type"] == "done":
@@ -185,6 +185,17 @@ async def collect(q: asyncio.Queue, job: Job, request) -> dict | None:
     except asyncio.CancelledError:
         job.cancel()
         raise
+    finally:
+        watcher.cancel()
+
+
+async def gone(request, q: asyncio.Queue) -> None:
+    """Put ``{"type": "gone"}`` in ``q`` once the client disconnects. The body has been read:
+    what ``receive`` says next is the disconnect (it waits for it), as Starlette's streaming
+    responses listen for it."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    q.put_nowait({"type": "gone"})
 
 
 # ----------------------------------------------------------------------------- endpoints
