@@ -275,6 +275,27 @@ def test_models_and_health(client, served):
     ({"prompt": "a", "max_tokens": 500}, None, KEY, 400, "max_tokens",
      "max_tokens 500 exceeds this server's limit of 200 (--max-tokens)"),
     ({"prompt": "a\u00e9"}, None, KEY, 400, "prompt", "the text has 1 character(s) outside"),
+    # types are strict, as OpenAI's are (pydantic's lax mode took all of these)
+    ({"prompt": "a", "max_tokens": "5"}, None, KEY, 400, "max_tokens",
+     "max_tokens: Input should be a valid integer"),
+    ({"prompt": "a", "max_tokens": True}, None, KEY, 400, "max_tokens",
+     "max_tokens: Input should be a valid integer"),
+    ({"prompt": "a", "max_tokens": 5.0}, None, KEY, 400, "max_tokens",
+     "max_tokens: Input should be a valid integer"),
+    ({"prompt": "a", "echo": "yes"}, None, KEY, 400, "echo",
+     "echo: Input should be a valid boolean"),
+    ({"prompt": "a", "stream": "yes"}, None, KEY, 400, "stream",
+     "stream: Input should be a valid boolean"),
+    ({"prompt": "a", "stream_options": {"include_usage": "yes"}}, None, KEY, 400,
+     "stream_options.include_usage", "stream_options.include_usage: Input should be a valid"),
+    ({"prompt": [True]}, None, KEY, 400, "prompt", "prompt: prompt must be a text, a list of "
+     "texts, a list of token ids (integers) or a list of such lists"),
+    ({"prompt": "a", "stop": 5}, None, KEY, 400, "stop",
+     "stop: stop must be a string or a list of strings"),
+    (None, b"", KEY, 400, None, "the body is empty; send a JSON object"),
+    (None, b" \r\n", KEY, 400, None, "the body is empty; send a JSON object"),
+    (None, b'{"prompt": "a", "n": ' + b"9" * 4000 + b"}", KEY, 400, None,
+     "a number in the body is too large (4,000 digits)"),
 ])
 def test_errors_have_their_status_and_openai_shape(served, body, raw, key, status, param,
                                                     message):
@@ -283,6 +304,56 @@ def test_errors_have_their_status_and_openai_shape(served, body, raw, key, statu
     assert set(reply["error"]) == {"message", "type", "param", "code"}
     assert reply["error"]["message"].startswith(message)
     assert reply["error"]["param"] == param
+
+
+def test_null_is_a_field_left_out(served):
+    """As in OpenAI's API: max_tokens null is 16 on completions, as when it is left out (it was
+    the server's --max-tokens), and a null sampling field is its default, not a 400."""
+    settings = {"prompt": "nul", "seed": 4}
+    status, missing = post(served, "/v1/completions", settings)
+    assert status == 200 and missing["usage"]["completion_tokens"] == 16
+    nulls = {"max_tokens": None, "temperature": None, "top_p": None, "n": None, "stop": None,
+             "logprobs": None, "echo": None, "stream": None, "stream_options": None}
+    status, null = post(served, "/v1/completions", {**settings, **nulls})
+    assert status == 200 and null["usage"]["completion_tokens"] == 16
+    assert null["choices"] == missing["choices"]
+
+
+def test_chat_top_logprobs_needs_logprobs(served):
+    messages = [{"role": "user", "content": "hi"}]
+    for logprobs in ({}, {"logprobs": False}, {"logprobs": None}):
+        status, reply = post(served, "/v1/chat/completions",
+                             {"messages": messages, "top_logprobs": 2, **logprobs})
+        assert status == 400 and is_openai_error(reply), reply
+        assert reply["error"]["message"] == "top_logprobs needs logprobs: true"
+        assert reply["error"]["param"] == "top_logprobs"
+    status, reply = post(served, "/v1/chat/completions", {
+        "messages": messages, "top_logprobs": 2, "logprobs": True, "max_tokens": 3})
+    assert status == 200
+    assert [len(t["top_logprobs"]) for t in reply["choices"][0]["logprobs"]["content"]] == [2] * 3
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": [{"role": "user", "content": 5}]},
+    {"messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"},
+    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"},
+    {"messages": [{"role": "user", "content": "hi"}], "n": True},
+])
+def test_chat_types_are_strict(served, body):
+    status, reply = post(served, "/v1/chat/completions", body)
+    assert status == 400 and is_openai_error(reply), reply
+    assert "Input should be a valid" in reply["error"]["message"]
+
+
+def test_a_number_too_large_for_python_says_so():
+    """Python refuses to read an integer of 4,300 digits or more, advising
+    sys.set_int_max_str_digits(); a client is told its number is too large."""
+    from gptcli.serve.protocol import ApiError, CompletionRequest, parse
+
+    with pytest.raises(ApiError) as error:
+        parse(b'{"prompt": "a", "n": ' + b"9" * 5000 + b"}", CompletionRequest)
+    assert (error.value.status, error.value.message) == (
+        400, "a number in the body is too large (5,000 digits)")
 
 
 def test_a_client_leaving_mid_stream_stops_its_generation(served):

@@ -13,7 +13,6 @@ rewritten anyway).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,8 +25,8 @@ from ..errors import UserError, validation_message
 from ..generate import prompt_ids
 from .guard import guard, h11_protocol, http_error, require_key
 from .protocol import (ApiError, ChatRequest, CompletionRequest, Sampling, chat_choice,
-                       chat_chunks, chunks, completion_choice, completion_chunks, request_id,
-                       sse)
+                       chat_chunks, chunks, completion_choice, completion_chunks, parse,
+                       request_id, sse)
 from .scheduler import Job, Scheduler
 
 DRAIN_S = 10.0  # at Ctrl-C / SIGTERM, the requests in flight get this long to finish
@@ -57,23 +56,7 @@ class Server:
             raise ApiError(413, f"request body of {size} bytes exceeds the limit of "
                                 f"{self.max_body}")
         raw = await self.read(request)
-        try:
-            data = json.loads(raw or b"{}")
-        except ValueError as e:
-            raise ApiError(400, f"the body is not valid JSON: {e}") from None
-        except RecursionError:  # `[[[[...` a hundred thousand deep
-            raise ApiError(400, "the body is not valid JSON: it nests too deeply") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        try:
-            parsed = shape.model_validate(data)
-        except RecursionError:
-            raise ApiError(400, "the body nests too deeply") from None
-        except ValidationError as e:
-            first = e.errors()[0]
-            param = ".".join(str(p) for p in first.get("loc", ())) or None
-            raise ApiError(400, f"{param}: {first.get('msg')}" if param else first.get("msg"),
-                           param=param) from None
+        parsed = parse(raw, shape)
         if parsed.model not in (None, self.model_id):
             raise ApiError(404, f"the model {parsed.model!r} does not exist; this server has "
                                 f"{self.model_id!r}", param="model", code="model_not_found")
@@ -241,6 +224,8 @@ async def completions_endpoint(server: Server, request):
 
 async def chat_endpoint(server: Server, request):
     req: ChatRequest = await server.body(request, ChatRequest)
+    if req.top_logprobs is not None and not req.logprobs:  # as OpenAI refuses it
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     max_tokens = server.cap(req.max_completion_tokens or req.max_tokens)
     ids = [server.chat_ids(req)]
     q, deliver = events(asyncio.get_running_loop())
