@@ -919,3 +919,20 @@ def test_a_port_in_use_is_one_sentence(served):
                          text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip().startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+
+
+@pytest.mark.parametrize("host,why", [
+    ("256.1.1.1", "'256.1.1.1' is not an address or a host name that resolves ("),
+    ("192.0.2.1", "192.0.2.1 is not an address of this machine; "),  # TEST-NET-1: nobody's
+])
+def test_a_host_that_cannot_be_used_is_blamed_not_the_port(served, host, why):
+    port = free_port()
+    out = subprocess.run([sys.executable, "-m", "gptcli", "serve", "--model",
+                          str(served["path"]), "--host", host, "--port", str(port)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    message = out.stderr.strip()
+    assert message.startswith(f"error: cannot listen on {host}:{port}: {why}"), message
+    assert message.endswith("; pick another --host (an address of this machine such as "
+                            "127.0.0.1, or 0.0.0.0 for all of them)")
+    assert "\n" not in message and "--port" not in message

@@ -300,18 +300,35 @@ def http_server(server: Server, host: str, port: int):
                                          timeout_graceful_shutdown=int(DRAIN_S) + 3))
 
 
-def check_port(host: str, port: int) -> None:
-    """Fail with one sentence now, not in uvicorn's log, when the address cannot be used."""
+def check_address(host: str, port: int) -> str:
+    """Fail with one sentence now, not in uvicorn's log, when the address cannot be used, naming
+    the option at fault: --host for a name that does not resolve or an address this machine
+    does not have, else --port (one in use, or below 1024 without the right). Returns the
+    address as a URL has it (``[::1]:8000``)."""
+    import errno
     import socket
 
     from ..errors import UserError, os_error_reason
 
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn binds it
+    where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    instead = "pick another --host (an address of this machine such as 127.0.0.1, or 0.0.0.0 " \
+              "for all of them)"
     try:
-        with socket.create_server((host, port)):
+        socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"cannot listen on {where}: {host!r} is not an address or a host name "
+                        f"that resolves ({(e.strerror or str(e)).lower()}); {instead}") from None
+    try:
+        with socket.create_server((host, port), family=family):
             pass
     except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port}: {os_error_reason(e)}; pick another "
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise UserError(f"cannot listen on {where}: {host} is not an address of this "
+                            f"machine; {instead}") from None
+        raise UserError(f"cannot listen on {where}: {os_error_reason(e)}; pick another "
                         "--port (or stop what uses it)") from None
+    return where
 
 
 def run_server(load, cfg, log) -> int:
@@ -336,7 +353,7 @@ def run_server(load, cfg, log) -> int:
 
     require("starlette", "serve", needed_for="gpt serve")
     require("uvicorn", "serve", needed_for="gpt serve")
-    check_port(cfg.host, cfg.port)
+    address = check_address(cfg.host, cfg.port)
     model, tokenizer, path = load_model(load.model, device=load.device, dtype=load.dtype,
                                         quantize=load.quantize, kernel=load.kernel,
                                         rows=(1, cfg.max_batch))
@@ -356,14 +373,14 @@ def run_server(load, cfg, log) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=http.run, name="gptcli-http", daemon=True)
-    url = f"http://{cfg.host}:{cfg.port}"
+    url = f"http://{address}"
     auth = f' -H "Authorization: Bearer {cfg.api_key}"' if cfg.api_key else ""
     try:
         thread.start()
         while thread.is_alive() and not http.started:
             time.sleep(0.01)
         if not http.started:
-            raise RuntimeFailure(f"the HTTP server could not start on {cfg.host}:{cfg.port}")
+            raise RuntimeFailure(f"the HTTP server could not start on {address}")
         log(f"serving {server.model_id} ({path}, {model.num_params():,} parameters, up to "
             f"{cfg.max_batch} sequences at once) at {url}/v1")
         log(f"try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} -d "
