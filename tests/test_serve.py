@@ -936,3 +936,33 @@ def test_a_host_that_cannot_be_used_is_blamed_not_the_port(served, host, why):
     assert message.endswith("; pick another --host (an address of this machine such as "
                             "127.0.0.1, or 0.0.0.0 for all of them)")
     assert "\n" not in message and "--port" not in message
+
+
+def test_a_max_batch_whose_memory_cannot_fit_is_refused_at_once(served):
+    """The KV cache of every row is allocated when the server starts (and on a CPU kernels are
+    measured at --max-batch rows): a --max-batch far beyond the machine's memory used to run
+    out of it after seconds of work (exit 1), or to take minutes; it is refused from the
+    checkpoint's header, before anything is allocated."""
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "gptcli", "serve", "--model",
+                          str(served["path"]), "--port", str(free_port()), "--device", "cpu",
+                          "--max-batch", str(10 ** 12)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2, out.stderr
+    message = out.stderr.strip()
+    assert message.startswith("error: --max-batch 1000000000000 needs about "), message
+    assert "per sequence for its KV cache over a context of 32" in message
+    assert " available: try --max-batch " in message and message.endswith(" or less")
+    assert "\n" not in message and time.time() - t0 < 30
+
+
+def test_the_memory_estimate_counts_the_kv_cache_the_scheduler_allocates(served):
+    from gptcli.serve.scheduler import Scheduler
+    from gptcli.serve.startup import batch_memory
+
+    model = served["model"]
+    cache = Scheduler(model, served["tokenizer"], max_batch=3).engine.cache
+    allocated = sum(t.numel() * t.element_size() for t in (*cache.k, *cache.v))
+    need, per_row = batch_memory(model.config, 3, 4, weight_bytes=1000)
+    logits = 4 * 4 * model.config.vocab_size  # per row
+    assert need == 1000 + 3 * per_row and 3 * (per_row - logits) == allocated

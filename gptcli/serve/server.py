@@ -1,7 +1,8 @@
 """`gpt serve`: the HTTP server in front of the continuous-batching scheduler: the app and its
 routes, the rules around each request (body size, limits, which model, the chat template), and
 the lifecycle (start, Ctrl-C / SIGTERM, drain). Request and response shapes are
-``protocol.py``; the API key and the errors that are not an endpoint's are ``guard.py``.
+``protocol.py``; the API key and the errors that are not an endpoint's are ``guard.py``; the
+checks made before a model is loaded (the address, the memory --max-batch needs) ``startup.py``.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
 ``GET /health``. Built on Starlette and served by uvicorn (the ``serve`` extra): Starlette rather
@@ -28,6 +29,7 @@ from .protocol import (ApiError, ChatRequest, CompletionRequest, Sampling, chat_
                        chat_chunks, chunks, completion_choice, completion_chunks, parse,
                        request_id, sse)
 from .scheduler import Job, Scheduler
+from .startup import check_address, check_batch
 
 DRAIN_S = 10.0  # at Ctrl-C / SIGTERM, the requests in flight get this long to finish
 
@@ -300,37 +302,6 @@ def http_server(server: Server, host: str, port: int):
                                          timeout_graceful_shutdown=int(DRAIN_S) + 3))
 
 
-def check_address(host: str, port: int) -> str:
-    """Fail with one sentence now, not in uvicorn's log, when the address cannot be used, naming
-    the option at fault: --host for a name that does not resolve or an address this machine
-    does not have, else --port (one in use, or below 1024 without the right). Returns the
-    address as a URL has it (``[::1]:8000``)."""
-    import errno
-    import socket
-
-    from ..errors import UserError, os_error_reason
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn binds it
-    where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
-    instead = "pick another --host (an address of this machine such as 127.0.0.1, or 0.0.0.0 " \
-              "for all of them)"
-    try:
-        socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise UserError(f"cannot listen on {where}: {host!r} is not an address or a host name "
-                        f"that resolves ({(e.strerror or str(e)).lower()}); {instead}") from None
-    try:
-        with socket.create_server((host, port), family=family):
-            pass
-    except OSError as e:
-        if e.errno == errno.EADDRNOTAVAIL:
-            raise UserError(f"cannot listen on {where}: {host} is not an address of this "
-                            f"machine; {instead}") from None
-        raise UserError(f"cannot listen on {where}: {os_error_reason(e)}; pick another "
-                        "--port (or stop what uses it)") from None
-    return where
-
-
 def run_server(load, cfg, log) -> int:
     """`gpt serve`: load the model, print how to reach it, and serve until Ctrl-C / SIGTERM.
 
@@ -348,13 +319,15 @@ def run_server(load, cfg, log) -> int:
 
     from ..checkpoint import read_safetensors
     from ..errors import RuntimeFailure, require
-    from ..locate import load_model
+    from ..locate import find_model, load_model
     from ..models import display_name
 
     require("starlette", "serve", needed_for="gpt serve")
     require("uvicorn", "serve", needed_for="gpt serve")
     address = check_address(cfg.host, cfg.port)
-    model, tokenizer, path = load_model(load.model, device=load.device, dtype=load.dtype,
+    path = find_model(load.model)
+    check_batch(path, cfg.max_batch, load.device, load.dtype, load.quantize)
+    model, tokenizer, path = load_model(path, device=load.device, dtype=load.dtype,
                                         quantize=load.quantize, kernel=load.kernel,
                                         rows=(1, cfg.max_batch))
     template = chat.template_for(read_safetensors(path, tensors=False)[1])
