@@ -275,6 +275,27 @@ def test_models_and_health(client, served):
     ({"prompt": "a", "max_tokens": 500}, None, KEY, 400, "max_tokens",
      "max_tokens 500 exceeds this server's limit of 200 (--max-tokens)"),
     ({"prompt": "a\u00e9"}, None, KEY, 400, "prompt", "the text has 1 character(s) outside"),
+    # types are strict, as OpenAI's are (pydantic's lax mode took all of these)
+    ({"prompt": "a", "max_tokens": "5"}, None, KEY, 400, "max_tokens",
+     "max_tokens: Input should be a valid integer"),
+    ({"prompt": "a", "max_tokens": True}, None, KEY, 400, "max_tokens",
+     "max_tokens: Input should be a valid integer"),
+    ({"prompt": "a", "max_tokens": 5.0}, None, KEY, 400, "max_tokens",
+     "max_tokens: Input should be a valid integer"),
+    ({"prompt": "a", "echo": "yes"}, None, KEY, 400, "echo",
+     "echo: Input should be a valid boolean"),
+    ({"prompt": "a", "stream": "yes"}, None, KEY, 400, "stream",
+     "stream: Input should be a valid boolean"),
+    ({"prompt": "a", "stream_options": {"include_usage": "yes"}}, None, KEY, 400,
+     "stream_options.include_usage", "stream_options.include_usage: Input should be a valid"),
+    ({"prompt": [True]}, None, KEY, 400, "prompt", "prompt: prompt must be a text, a list of "
+     "texts, a list of token ids (integers) or a list of such lists"),
+    ({"prompt": "a", "stop": 5}, None, KEY, 400, "stop",
+     "stop: stop must be a string or a list of strings"),
+    (None, b"", KEY, 400, None, "the body is empty; send a JSON object"),
+    (None, b" \r\n", KEY, 400, None, "the body is empty; send a JSON object"),
+    (None, b'{"prompt": "a", "n": ' + b"9" * 4000 + b"}", KEY, 400, None,
+     "a number in the body is too large (4,000 digits)"),
 ])
 def test_errors_have_their_status_and_openai_shape(served, body, raw, key, status, param,
                                                     message):
@@ -283,6 +304,56 @@ def test_errors_have_their_status_and_openai_shape(served, body, raw, key, statu
     assert set(reply["error"]) == {"message", "type", "param", "code"}
     assert reply["error"]["message"].startswith(message)
     assert reply["error"]["param"] == param
+
+
+def test_null_is_a_field_left_out(served):
+    """As in OpenAI's API: max_tokens null is 16 on completions, as when it is left out (it was
+    the server's --max-tokens), and a null sampling field is its default, not a 400."""
+    settings = {"prompt": "nul", "seed": 4}
+    status, missing = post(served, "/v1/completions", settings)
+    assert status == 200 and missing["usage"]["completion_tokens"] == 16
+    nulls = {"max_tokens": None, "temperature": None, "top_p": None, "n": None, "stop": None,
+             "logprobs": None, "echo": None, "stream": None, "stream_options": None}
+    status, null = post(served, "/v1/completions", {**settings, **nulls})
+    assert status == 200 and null["usage"]["completion_tokens"] == 16
+    assert null["choices"] == missing["choices"]
+
+
+def test_chat_top_logprobs_needs_logprobs(served):
+    messages = [{"role": "user", "content": "hi"}]
+    for logprobs in ({}, {"logprobs": False}, {"logprobs": None}):
+        status, reply = post(served, "/v1/chat/completions",
+                             {"messages": messages, "top_logprobs": 2, **logprobs})
+        assert status == 400 and is_openai_error(reply), reply
+        assert reply["error"]["message"] == "top_logprobs needs logprobs: true"
+        assert reply["error"]["param"] == "top_logprobs"
+    status, reply = post(served, "/v1/chat/completions", {
+        "messages": messages, "top_logprobs": 2, "logprobs": True, "max_tokens": 3})
+    assert status == 200
+    assert [len(t["top_logprobs"]) for t in reply["choices"][0]["logprobs"]["content"]] == [2] * 3
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": [{"role": "user", "content": 5}]},
+    {"messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"},
+    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"},
+    {"messages": [{"role": "user", "content": "hi"}], "n": True},
+])
+def test_chat_types_are_strict(served, body):
+    status, reply = post(served, "/v1/chat/completions", body)
+    assert status == 400 and is_openai_error(reply), reply
+    assert "Input should be a valid" in reply["error"]["message"]
+
+
+def test_a_number_too_large_for_python_says_so():
+    """Python refuses to read an integer of 4,300 digits or more, advising
+    sys.set_int_max_str_digits(); a client is told its number is too large."""
+    from gptcli.serve.protocol import ApiError, CompletionRequest, parse
+
+    with pytest.raises(ApiError) as error:
+        parse(b'{"prompt": "a", "n": ' + b"9" * 5000 + b"}", CompletionRequest)
+    assert (error.value.status, error.value.message) == (
+        400, "a number in the body is too large (5,000 digits)")
 
 
 def test_a_client_leaving_mid_stream_stops_its_generation(served):
@@ -299,6 +370,48 @@ def test_a_client_leaving_mid_stream_stops_its_generation(served):
         time.sleep(0.05)
     assert served["server"].scheduler.busy() == 0
     assert served["server"].scheduler.steps - steps < 190  # it did not run to 200 tokens
+
+
+@contextlib.contextmanager
+def serving(server: Server):
+    """``server`` behind the uvicorn server of `gpt serve` on a free loopback port, its
+    scheduler on a thread (as ``served`` runs it): its base URL."""
+    port = free_port()
+    server.scheduler.start()
+    uv = http_server(server, "127.0.0.1", port)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(15)
+        server.scheduler.stop()
+
+
+def test_a_client_leaving_before_a_whole_answer_stops_its_generation(served):
+    """Not streamed, nothing is written before the answer is whole, so no write fails when
+    the client leaves: the server watches the connection while it waits. A client that
+    asked for 100,000 tokens and left after half a second is out of the batch at once."""
+    server = Server(served["model"], served["tokenizer"], model_id="tiny", max_tokens=100_000)
+    with serving(server) as url:
+        body = json.dumps({"prompt": "A", "max_tokens": 100_000}).encode()
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d"
+                      b"\r\n\r\n%s" % (len(body), body))
+            deadline = time.time() + 10
+            while not server.scheduler.running and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.5)
+            assert call({"url": url}, "GET", "/health")[2]["requests"] == 1  # decoding
+        deadline = time.time() + 5  # the client has gone
+        while server.scheduler.busy() and time.time() < deadline:
+            time.sleep(0.02)
+        assert call({"url": url}, "GET", "/health")[2]["requests"] == 0
+        assert not server.scheduler.engine.rows
 
 
 # ----------------------------------------------------------------------------- batching
@@ -806,3 +919,50 @@ def test_a_port_in_use_is_one_sentence(served):
                          text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip().startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+
+
+@pytest.mark.parametrize("host,why", [
+    ("256.1.1.1", "'256.1.1.1' is not an address or a host name that resolves ("),
+    ("192.0.2.1", "192.0.2.1 is not an address of this machine; "),  # TEST-NET-1: nobody's
+])
+def test_a_host_that_cannot_be_used_is_blamed_not_the_port(served, host, why):
+    port = free_port()
+    out = subprocess.run([sys.executable, "-m", "gptcli", "serve", "--model",
+                          str(served["path"]), "--host", host, "--port", str(port)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    message = out.stderr.strip()
+    assert message.startswith(f"error: cannot listen on {host}:{port}: {why}"), message
+    assert message.endswith("; pick another --host (an address of this machine such as "
+                            "127.0.0.1, or 0.0.0.0 for all of them)")
+    assert "\n" not in message and "--port" not in message
+
+
+def test_a_max_batch_whose_memory_cannot_fit_is_refused_at_once(served):
+    """The KV cache of every row is allocated when the server starts (and on a CPU kernels are
+    measured at --max-batch rows): a --max-batch far beyond the machine's memory used to run
+    out of it after seconds of work (exit 1), or to take minutes; it is refused from the
+    checkpoint's header, before anything is allocated."""
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "gptcli", "serve", "--model",
+                          str(served["path"]), "--port", str(free_port()), "--device", "cpu",
+                          "--max-batch", str(10 ** 12)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2, out.stderr
+    message = out.stderr.strip()
+    assert message.startswith("error: --max-batch 1000000000000 needs about "), message
+    assert "per sequence for its KV cache over a context of 32" in message
+    assert " available: try --max-batch " in message and message.endswith(" or less")
+    assert "\n" not in message and time.time() - t0 < 30
+
+
+def test_the_memory_estimate_counts_the_kv_cache_the_scheduler_allocates(served):
+    from gptcli.serve.scheduler import Scheduler
+    from gptcli.serve.startup import batch_memory
+
+    model = served["model"]
+    cache = Scheduler(model, served["tokenizer"], max_batch=3).engine.cache
+    allocated = sum(t.numel() * t.element_size() for t in (*cache.k, *cache.v))
+    need, per_row = batch_memory(model.config, 3, 4, weight_bytes=1000)
+    logits = 4 * 4 * model.config.vocab_size  # per row
+    assert need == 1000 + 3 * per_row and 3 * (per_row - logits) == allocated

@@ -6,7 +6,9 @@ the app, the rules (limits) and the lifecycle; ``guard.py`` the API key and HTTP
 
 Requests follow the OpenAI API; ``top_k``, ``min_p`` and ``repetition_penalty`` are accepted as
 extensions, within the ranges ``SampleConfig`` allows (see ``sampling`` for why every value in
-them is safe). Chat layouts (the template a model was fine-tuned with, or the plain-text one of
+them is safe). Types are strict, as OpenAI's are: ``"5"``, ``true`` or ``5.0`` is not an
+integer, ``"yes"`` not a boolean (an integer is a number, though); a field set to null is one
+left out (``server.py`` drops them before validation). Chat layouts (the template a model was fine-tuned with, or the plain-text one of
 base models) are ``chat.py``'s.
 """
 
@@ -18,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .. import chat
 from ..config import SEED_LIMIT
@@ -28,11 +30,17 @@ from .scheduler import Choice, Logprob
 
 # ----------------------------------------------------------------------------- requests
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool | None = None
+
+
 class Sampling(BaseModel):
     """The sampling fields both endpoints take (OpenAI's, plus top_k, min_p and
     repetition_penalty). Numbers must be finite: Python's JSON reader accepts NaN and Infinity."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -42,7 +50,7 @@ class Sampling(BaseModel):
     stop: list[str] = Field(default_factory=list)
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     stream: bool = False
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     top_k: int = Field(0, ge=0)
@@ -70,15 +78,28 @@ class Sampling(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = ""
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int = Field(16, ge=0)  # OpenAI's default (null too: it is left out)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, prompt):
+        # one message for every wrong shape (a union's errors would name its first member)
+        def ids(p) -> bool:
+            return isinstance(p, list) and all(type(t) is int for t in p)  # not bools
+
+        if isinstance(prompt, str) or ids(prompt) or isinstance(prompt, list) and (
+                all(isinstance(p, str) for p in prompt) or all(ids(p) for p in prompt)):
+            return prompt
+        raise ValueError("prompt must be a text, a list of texts, a list of token ids "
+                         "(integers) or a list of such lists")
 
     def prompts(self) -> list:
         """The prompt(s): text, a list of texts, token ids, or a list of token-id lists."""
@@ -90,7 +111,7 @@ class CompletionRequest(Sampling):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: str
@@ -124,6 +145,44 @@ class ApiError(Exception):
         from starlette.responses import JSONResponse
 
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+MAX_DIGITS = 100  # a longer integer in a body fits no field (Python refuses 4,300 and more)
+
+
+def parse(raw: bytes, shape: type[Sampling]) -> Sampling:
+    """A request body as ``shape``, or a 400 that says what is wrong with it: not JSON (or
+    nested too deeply), not an object, or a field of the wrong type or out of range. A field
+    set to null is one left out, as in OpenAI's API (max_tokens: null is 16 on completions)."""
+    if not raw.strip():
+        raise ApiError(400, "the body is empty; send a JSON object")
+    try:
+        data = json.loads(raw, parse_int=_integer)
+    except ValueError as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}") from None
+    except RecursionError:  # `[[[[...` a hundred thousand deep
+        raise ApiError(400, "the body is not valid JSON: it nests too deeply") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    try:
+        return shape.model_validate({k: v for k, v in data.items() if v is not None})
+    except RecursionError:
+        raise ApiError(400, "the body nests too deeply") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ())) or None
+        msg = first.get("msg", "").removeprefix("Value error, ")  # our validators' own words
+        raise ApiError(400, f"{param}: {msg}" if param else msg, param=param) from None
+
+
+def _integer(text: str) -> int:
+    """An integer of a JSON body (``json.loads``' ``parse_int``): one of more than
+    ``MAX_DIGITS`` digits is a 400 that says so (Python's own refusal, from 4,300 digits,
+    advises calling ``sys.set_int_max_str_digits``)."""
+    digits = len(text.lstrip("-"))
+    if digits > MAX_DIGITS:
+        raise ApiError(400, f"a number in the body is too large ({digits:,} digits)")
+    return int(text)
 
 
 def request_id(prefix: str) -> str:

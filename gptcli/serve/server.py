@@ -1,7 +1,8 @@
 """`gpt serve`: the HTTP server in front of the continuous-batching scheduler: the app and its
 routes, the rules around each request (body size, limits, which model, the chat template), and
 the lifecycle (start, Ctrl-C / SIGTERM, drain). Request and response shapes are
-``protocol.py``; the API key and the errors that are not an endpoint's are ``guard.py``.
+``protocol.py``; the API key and the errors that are not an endpoint's are ``guard.py``; the
+checks made before a model is loaded (the address, the memory --max-batch needs) ``startup.py``.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
 ``GET /health``. Built on Starlette and served by uvicorn (the ``serve`` extra): Starlette rather
@@ -13,7 +14,6 @@ rewritten anyway).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,9 +26,10 @@ from ..errors import UserError, validation_message
 from ..generate import prompt_ids
 from .guard import guard, h11_protocol, http_error, require_key
 from .protocol import (ApiError, ChatRequest, CompletionRequest, Sampling, chat_choice,
-                       chat_chunks, chunks, completion_choice, completion_chunks, request_id,
-                       sse)
+                       chat_chunks, chunks, completion_choice, completion_chunks, parse,
+                       request_id, sse)
 from .scheduler import Job, Scheduler
+from .startup import check_address, check_batch
 
 DRAIN_S = 10.0  # at Ctrl-C / SIGTERM, the requests in flight get this long to finish
 
@@ -57,23 +58,7 @@ class Server:
             raise ApiError(413, f"request body of {size} bytes exceeds the limit of "
                                 f"{self.max_body}")
         raw = await self.read(request)
-        try:
-            data = json.loads(raw or b"{}")
-        except ValueError as e:
-            raise ApiError(400, f"the body is not valid JSON: {e}") from None
-        except RecursionError:  # `[[[[...` a hundred thousand deep
-            raise ApiError(400, "the body is not valid JSON: it nests too deeply") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        try:
-            parsed = shape.model_validate(data)
-        except RecursionError:
-            raise ApiError(400, "the body nests too deeply") from None
-        except ValidationError as e:
-            first = e.errors()[0]
-            param = ".".join(str(p) for p in first.get("loc", ())) or None
-            raise ApiError(400, f"{param}: {first.get('msg')}" if param else first.get("msg"),
-                           param=param) from None
+        parsed = parse(raw, shape)
         if parsed.model not in (None, self.model_id):
             raise ApiError(404, f"the model {parsed.model!r} does not exist; this server has "
                                 f"{self.model_id!r}", param="model", code="model_not_found")
@@ -168,16 +153,16 @@ def events(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue, Any]:
 
 async def collect(q: asyncio.Queue, job: Job, request) -> dict | None:
     """Wait for a job's final event; None when the client disconnected meanwhile. The job is
-    cancelled then, and when this wait is (at shutdown)."""
+    cancelled then, at once (it leaves the batch at the next step), and when this wait is (at
+    shutdown). The connection is watched beside the queue, not between its events: a job
+    delivers an event every step, so a wait for a quiet queue would never come."""
+    watcher = asyncio.ensure_future(gone(request, q))
     try:
         while True:
-            try:
-                event = await asyncio.wait_for(q.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                    return None
-                continue
+            event = await q.get()
+            if event["type"] == "gone":
+                job.cancel()
+                return None
             if event["type"] == "error":
                 raise ApiError(event.get("status", 500), event["message"])
             if event["type"] == "done":
@@ -185,6 +170,17 @@ async def collect(q: asyncio.Queue, job: Job, request) -> dict | None:
     except asyncio.CancelledError:
         job.cancel()
         raise
+    finally:
+        watcher.cancel()
+
+
+async def gone(request, q: asyncio.Queue) -> None:
+    """Put ``{"type": "gone"}`` in ``q`` once the client disconnects. The body has been read:
+    what ``receive`` says next is the disconnect (it waits for it), as Starlette's streaming
+    responses listen for it."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    q.put_nowait({"type": "gone"})
 
 
 # ----------------------------------------------------------------------------- endpoints
@@ -230,6 +226,8 @@ async def completions_endpoint(server: Server, request):
 
 async def chat_endpoint(server: Server, request):
     req: ChatRequest = await server.body(request, ChatRequest)
+    if req.top_logprobs is not None and not req.logprobs:  # as OpenAI refuses it
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     max_tokens = server.cap(req.max_completion_tokens or req.max_tokens)
     ids = [server.chat_ids(req)]
     q, deliver = events(asyncio.get_running_loop())
@@ -304,20 +302,6 @@ def http_server(server: Server, host: str, port: int):
                                          timeout_graceful_shutdown=int(DRAIN_S) + 3))
 
 
-def check_port(host: str, port: int) -> None:
-    """Fail with one sentence now, not in uvicorn's log, when the address cannot be used."""
-    import socket
-
-    from ..errors import UserError, os_error_reason
-
-    try:
-        with socket.create_server((host, port)):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port}: {os_error_reason(e)}; pick another "
-                        "--port (or stop what uses it)") from None
-
-
 def run_server(load, cfg, log) -> int:
     """`gpt serve`: load the model, print how to reach it, and serve until Ctrl-C / SIGTERM.
 
@@ -335,13 +319,15 @@ def run_server(load, cfg, log) -> int:
 
     from ..checkpoint import read_safetensors
     from ..errors import RuntimeFailure, require
-    from ..locate import load_model
+    from ..locate import find_model, load_model
     from ..models import display_name
 
     require("starlette", "serve", needed_for="gpt serve")
     require("uvicorn", "serve", needed_for="gpt serve")
-    check_port(cfg.host, cfg.port)
-    model, tokenizer, path = load_model(load.model, device=load.device, dtype=load.dtype,
+    address = check_address(cfg.host, cfg.port)
+    path = find_model(load.model)
+    check_batch(path, cfg.max_batch, load.device, load.dtype, load.quantize)
+    model, tokenizer, path = load_model(path, device=load.device, dtype=load.dtype,
                                         quantize=load.quantize, kernel=load.kernel,
                                         rows=(1, cfg.max_batch))
     template = chat.template_for(read_safetensors(path, tensors=False)[1])
@@ -360,14 +346,14 @@ def run_server(load, cfg, log) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=http.run, name="gptcli-http", daemon=True)
-    url = f"http://{cfg.host}:{cfg.port}"
+    url = f"http://{address}"
     auth = f' -H "Authorization: Bearer {cfg.api_key}"' if cfg.api_key else ""
     try:
         thread.start()
         while thread.is_alive() and not http.started:
             time.sleep(0.01)
         if not http.started:
-            raise RuntimeFailure(f"the HTTP server could not start on {cfg.host}:{cfg.port}")
+            raise RuntimeFailure(f"the HTTP server could not start on {address}")
         log(f"serving {server.model_id} ({path}, {model.num_params():,} parameters, up to "
             f"{cfg.max_batch} sequences at once) at {url}/v1")
         log(f"try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} -d "

@@ -1,0 +1,107 @@
+"""What `gpt serve` checks before it loads a model, so that a setting it cannot serve with is one
+sentence (exit 2) at once rather than an error in uvicorn's log or an allocation that runs for
+minutes and fails: the address (``check_address``) and the memory ``--max-batch`` needs
+(``check_batch``).
+
+Why ``--max-batch`` costs memory up front: the scheduler's engine keeps one KV cache for every
+row it may decode (``KVCache.for_model``: keys and values of each layer, for the whole context,
+allocated whole and zeroed when the server starts, so that a request joining the batch
+allocates nothing), and on a CPU the kernels are chosen by measuring them at ``--max-batch``
+rows (``quantize.prepare``). Both grow with it: a tiny model at ``--max-batch 100000`` zeroes
+2.5 GB before it answers, and at 100,000,000 it ran out of memory measuring kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import UserError
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+def check_address(host: str, port: int) -> str:
+    """Fail with one sentence now, not in uvicorn's log, when the address cannot be used, naming
+    the option at fault: --host for a name that does not resolve or an address this machine
+    does not have, else --port (one in use, or below 1024 without the right). Returns the
+    address as a URL has it (``[::1]:8000``)."""
+    import errno
+    import socket
+
+    from ..errors import os_error_reason
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn binds it
+    where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    instead = "pick another --host (an address of this machine such as 127.0.0.1, or 0.0.0.0 " \
+              "for all of them)"
+    try:
+        socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"cannot listen on {where}: {host!r} is not an address or a host name "
+                        f"that resolves ({(e.strerror or str(e)).lower()}); {instead}") from None
+    try:
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as e:
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise UserError(f"cannot listen on {where}: {host} is not an address of this "
+                            f"machine; {instead}") from None
+        raise UserError(f"cannot listen on {where}: {os_error_reason(e)}; pick another "
+                        "--port (or stop what uses it)") from None
+    return where
+
+
+def batch_memory(config, rows: int, element_size: int, weight_bytes: int) -> tuple[int, int]:
+    """(bytes for ``rows`` rows, bytes per row): the model's weights, and per row its KV cache
+    (the exact shape ``KVCache.for_model`` allocates) and four float32 copies of its logits
+    (the step's logits and the sampling's work on them, as ``generate_memory_estimate``
+    counts)."""
+    cache = 2 * config.n_layer * config.n_head * config.context_length * config.head_size
+    per_row = cache * element_size + 4 * 4 * config.vocab_size
+    return weight_bytes + rows * per_row, per_row
+
+
+def check_batch(path: str | os.PathLike, rows: int, device: str, dtype: str,
+                quantize: str | None) -> None:
+    """Refuse, from the checkpoint's header and before anything is allocated, a ``--max-batch``
+    whose memory (``batch_memory``) exceeds what the device has available, naming the largest
+    that fits. A header that cannot be read is left to ``load_model`` to report."""
+    import torch
+
+    from ..adapters import is_adapter
+    from ..checkpoint import parse_metadata, read_safetensors
+    from ..devices import resolve_device, resolve_dtype
+    from ..hardware import available_memory
+
+    try:
+        _, metadata = read_safetensors(path, tensors=False)
+        config, _ = parse_metadata(path, {**metadata, "format": "gptcli/1"}
+                                   if is_adapter(metadata) else metadata)
+    except UserError:
+        return
+    dev = resolve_device(device)
+    size = torch.empty((), dtype=resolve_dtype(dtype, dev)).element_size()
+    quantized = quantize or metadata.get("quantization")
+    weights = config.num_params() * (1 if quantized else size)
+    need, per_row = batch_memory(config, rows, size, weights)
+    available = available_memory(dev)
+    if available is None and dev.type == "cpu":  # (macOS): more than all of it never fits
+        try:
+            available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+    if available is None or need <= available:
+        return
+    fits = (available - weights) // per_row
+    instead = f"try --max-batch {fits} or less" if fits >= 1 else "try a smaller model"
+    raise UserError(f"--max-batch {rows} needs about {amount(need)} ({amount(per_row)} per "
+                    f"sequence for its KV cache over a context of {config.context_length} and "
+                    f"its logits, plus the weights); {dev.type} has {amount(available)} "
+                    f"available: {instead}")
+
+
+def amount(size: int) -> str:
+    """Bytes in words: ``2.4 GiB``, ``24.0 KiB``."""
+    unit, name = next((u, n) for u, n in ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB"), (1, "B"))
+                      if size >= u or u == 1)
+    return f"{size / unit:,.1f} {name}"
