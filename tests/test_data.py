@@ -53,6 +53,20 @@ def test_bad_paths(tmp_path, setup, message):
     assert str(err.value) == message.format(p=tmp_path)
 
 
+@pytest.mark.parametrize("content, problem", [
+    ('[\n {"text": "a"},\n {"text": "b"}\n]\n',
+     "is not valid JSON: Expecting value: line 2 column 1 (char 2)"),
+    ('[{"text": "a"}, {"text": "b"}]\n', "is not a JSON object"),
+])
+def test_a_json_array_file_says_json_lines_are_expected(tmp_path, content, problem):
+    path = tmp_path / "arr.json"
+    path.write_text(content)
+    with pytest.raises(UserError) as err:
+        load_tokens([path], "gpt2")
+    assert str(err.value) == (f"{path} row 1 {problem}; a .json/.jsonl file holds one JSON "
+                              "object per line (JSON lines), not an array")
+
+
 def test_not_utf8_names_file_and_offset(tmp_path):
     path = tmp_path / "latin.txt"
     path.write_bytes("caf".encode() + b"\xe9 au lait\n")

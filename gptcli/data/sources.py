@@ -262,12 +262,14 @@ def _json_rows(path: Path, digest) -> Iterator[tuple[int, dict]]:
                 digest.update(line)
             if not line.strip():
                 continue
+            hint = "; a .json/.jsonl file holds one JSON object per line (JSON lines), not " \
+                "an array" if row == 1 and line.lstrip().startswith(b"[") else ""
             try:
                 record = json.loads(line)
             except ValueError as e:
-                raise UserError(f"{path} row {row} is not valid JSON: {e}") from None
+                raise UserError(f"{path} row {row} is not valid JSON: {e}{hint}") from None
             if not isinstance(record, dict):
-                raise UserError(f"{path} row {row} is not a JSON object")
+                raise UserError(f"{path} row {row} is not a JSON object{hint}")
             yield row, record
 
 

@@ -8,8 +8,8 @@ Requests follow the OpenAI API; ``top_k``, ``min_p`` and ``repetition_penalty`` 
 extensions, within the ranges ``SampleConfig`` allows (see ``sampling`` for why every value in
 them is safe). Types are strict, as OpenAI's are: ``"5"``, ``true`` or ``5.0`` is not an
 integer, ``"yes"`` not a boolean (an integer is a number, though); a field set to null is one
-left out (``server.py`` drops them before validation). Chat layouts (the template a model was fine-tuned with, or the plain-text one of
-base models) are ``chat.py``'s.
+left out (``parse`` drops them before validation). Chat layouts (the template a model was
+fine-tuned with, or the plain-text one of base models) are ``chat.py``'s.
 """
 
 from __future__ import annotations
