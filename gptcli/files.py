@@ -89,6 +89,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *,
     return path
 
 
+def file_out(out: str | None, flag: str = "--out") -> Path | None:
+    """An output file's name as typed (typer's Path would drop a trailing slash): one that
+    ends like a folder (``newdir/``) is refused rather than written as a file so named."""
+    if out is not None and out.endswith(("/", os.sep)):
+        raise UserError(f"{flag} {out} names a folder; give the file's name, such as "
+                        f"{Path(out) / 'model.safetensors'}")
+    return None if out is None else Path(out)
+
+
 def check_new(path: str | os.PathLike | None, flag: str, force: bool) -> None:
     """Refuse an output file that exists (before any work), unless ``force``: a picture, page
     or table written over a file the user has loses it as surely as a checkpoint would."""

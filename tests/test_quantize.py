@@ -254,6 +254,21 @@ def test_gpt_quantize_round_trip(tmp_path, monkeypatch):
                                         f"made from: {src}")
 
 
+@pytest.mark.parametrize("command", ["quantize", "merge", "download"])
+def test_an_out_that_ends_like_a_folder_is_refused(tmp_path, command):
+    """(before: `gpt merge runs/chat --out newdir/` wrote a file called newdir)"""
+    src = save_checkpoint(tmp_path / "m.safetensors", GPT(tiny_config()), char_tokenizer(101))
+    out = f"{tmp_path / 'newdir'}/"
+    args = {"quantize": ["quantize", str(src), "--out", out],
+            "merge": ["merge", str(src), "--out", out],
+            "download": ["download", str(tmp_path), "--out", out]}[command]
+    result = runner.invoke(app, args)
+    assert (result.exit_code, result.stderr.strip()) == (
+        2, f"error: --out {out} names a folder; give the file's name, such as "
+           f"{tmp_path / 'newdir' / 'model.safetensors'}")
+    assert not (tmp_path / "newdir").exists()
+
+
 def test_an_out_whose_folder_cannot_be_made_names_the_folder(tmp_path):
     """(before: "cannot write checkpoint to /proc/.../m.safetensors: it does not exist")"""
     if not Path("/proc/self").is_dir():

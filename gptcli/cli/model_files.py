@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..files import file_out
 from .app import Json, ModelArg, ModelOpt, command, one_model
 from .commands import note
 
@@ -44,7 +45,7 @@ def download_cmd(
         "(repeatable)."))] = None,
     revision: Annotated[Optional[str], Opt(metavar="REV", help=(
         "Branch, tag or commit of the Hub repo (default: main)."))] = None,
-    out: Annotated[Optional[Path], Opt(metavar="FILE", help=(
+    out: Annotated[Optional[str], Opt(metavar="FILE", help=(
         "Write the checkpoint here instead of the local model store."))] = None,
     force: Annotated[bool, Opt("--force", metavar="", help=(
         "Overwrite --out if it exists, or a stored model of the same name from elsewhere."))
@@ -64,14 +65,14 @@ def download_cmd(
         info = listing()
         print(json.dumps(info)) if as_json else render_listing(info)
         return
-    result = download(name, dataset=dataset, files=file, revision=revision, out=out,
+    result = download(name, dataset=dataset, files=file, revision=revision, out=file_out(out),
                       offline=offline, force=force, log=note)
     print(json.dumps(result)) if as_json else render_download(result)
 
 
 @command("merge")
 def merge_cmd(
-    out: Annotated[Path, Opt(metavar="FILE", help="Where to write the whole model.")],
+    out: Annotated[str, Opt(metavar="FILE", help="Where to write the whole model.")],
     model: ModelArg = None,
     model_opt: ModelOpt = None,
     force: Annotated[bool, Opt("--force", metavar="", help="Overwrite --out if it exists.")
@@ -82,7 +83,7 @@ def merge_cmd(
     checkpoint (what generate, eval and export load directly, and train can start from)."""
     from ..models import merge_checkpoint
 
-    result = merge_checkpoint(one_model(model, model_opt), out, force=force)
+    result = merge_checkpoint(one_model(model, model_opt), file_out(out), force=force)
     if as_json:
         print(json.dumps(result))
         return
@@ -94,7 +95,7 @@ def merge_cmd(
 def quantize_cmd(
     model: ModelArg = None,
     model_opt: ModelOpt = None,
-    out: Annotated[Optional[Path], Opt(metavar="FILE", help=(
+    out: Annotated[Optional[str], Opt(metavar="FILE", help=(
         "Where to write the int8 checkpoint (default: beside it, as NAME-int8.safetensors)."))
                    ] = None,
     force: Annotated[bool, Opt("--force", metavar="", help="Overwrite --out if it exists.")
@@ -105,7 +106,7 @@ def quantize_cmd(
     faster to generate from on a CPU (per-channel int8 weights)."""
     from ..models import quantize_checkpoint
 
-    result = quantize_checkpoint(one_model(model, model_opt), out, force=force)
+    result = quantize_checkpoint(one_model(model, model_opt), file_out(out), force=force)
     if as_json:
         print(json.dumps(result))
         return
