@@ -61,6 +61,26 @@ def test_user_error_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_flags_that_do_not_parse_are_one_line_too():
+    """What click itself refuses (before: its usage lines and an error in a frame); `gpt`
+    alone still shows the help, and --help exits 0."""
+    cases = {("train", "--max-steps", "1e3"): "Invalid value for '--max-steps': Input should "
+             "be a valid integer, unable to parse string as an integer (see `gpt train --help`)",
+             ("train", "--bogus"): "No such option: --bogus (Possible options: --out) (see `gpt "
+             "train --help`)",
+             ("nope",): "No such command 'nope' (see `gpt --help`)",
+             ("sweep", "show"): "Missing argument 'DIR' (see `gpt sweep show --help`)"}
+    for args, message in cases.items():
+        out = subprocess.run([sys.executable, "-m", "gptcli", *args], capture_output=True,
+                             text=True)
+        assert (out.returncode, out.stderr.strip()) == (2, f"error: {message}"), args
+    alone = subprocess.run([sys.executable, "-m", "gptcli"], capture_output=True, text=True)
+    assert alone.returncode == 2 and "Usage: gpt [OPTIONS] COMMAND" in alone.stdout + alone.stderr
+    helped = subprocess.run([sys.executable, "-m", "gptcli", "train", "--help"],
+                            capture_output=True, text=True)
+    assert helped.returncode == 0 and "Usage: gpt train" in helped.stdout
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_debug_shows_traceback(tmp_path, where):
     """--debug belongs to `gpt` itself, but works after the command too."""
@@ -152,7 +172,7 @@ def test_every_config_field_is_a_flag_and_every_flag_a_field():
         "eval": ((LoadConfig, EvalConfig), {"compile", *DRAFT}, {"--json"}),
         "inspect-attention": ((LoadConfig,), {"compile", *DRAFT},
                               {"--text", "--text-file", "--layer", "--head", "--out", "--html",
-                               "--json"}),
+                               "--force", "--json"}),
         "bench": ((LoadConfig, BenchConfig), set(), {"--json"}),
         "serve": ((LoadConfig, ServeConfig), {"compile", *DRAFT}, set()),
     }
