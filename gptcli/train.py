@@ -43,12 +43,15 @@ from .trackers import Trackers, check_installed
 
 # ----------------------------------------------------------------------------- settings
 
-def merge_config(explicit: dict, config_file: Path | None, saved: dict | None) -> TrainConfig:
-    """The one place settings merge: the saved run config (when resuming) < the ``--config``
-    file < flags given on the command line. Defaults come from TrainConfig itself."""
+def merge_config(explicit: dict, config_file: Path | None, saved: dict | None,
+                 run: Path | None = None) -> TrainConfig:
+    """The one place settings merge: the saved run config (when resuming the run in ``run``)
+    < the ``--config`` file < flags given on the command line. Defaults come from TrainConfig
+    itself."""
     from pydantic import ValidationError
 
     fields: dict = dict((saved or {}).get("train", {}))
+    asked: dict = {}  # what this command asks for: the --config file's settings, then flags
     if config_file is not None:
         try:
             loaded = json.loads(Path(config_file).read_text())
@@ -58,10 +61,17 @@ def merge_config(explicit: dict, config_file: Path | None, saved: dict | None) -
             raise UserError(f"config file {config_file} is not valid JSON: {e}") from None
         loaded = loaded.get("train", loaded) if isinstance(loaded, dict) else loaded
         try:
-            fields.update(TrainConfig.model_validate(loaded).model_dump(exclude_unset=True))
+            asked.update(TrainConfig.model_validate(loaded).model_dump(exclude_unset=True))
         except ValidationError as e:
             raise UserError(f"config file {config_file}: {validation_message(e)}") from None
-    fields.update(explicit)
+    asked.update(explicit)
+    if saved is not None:  # a resume: the run's model decides its shape and tokenizer
+        model, spec = saved.get("model") or {}, saved.get("tokenizer") or {}
+        have = {k: model[k] for k in SHAPE if k in model} | (
+            {"tokenizer": spec["type"]} if spec.get("type") in ("gpt2", "char") else {})
+        check_same_shape(asked, have, run, resume=True, config_file=config_file)
+        fields.update(have)  # (what older versions recorded beside the shape is corrected)
+    fields.update(asked)
     cfg = TrainConfig(**fields)
     finetune.check_flags(explicit, cfg)
     return cfg
@@ -146,26 +156,31 @@ def starting_point(cfg: TrainConfig, run: RunFolder, resume: bool) -> Start | No
         raise UserError(f"{cfg.init_from} is an int8 checkpoint, for inference only; train from "
                         f"the float checkpoint it was made from "
                         f"({start.metadata.get('quantized_from', 'see gpt info')})")
-    check_same_shape(cfg, start, run.path if resume else cfg.init_from, resume)
+    if not resume:  # (a resume's settings were checked against its model: merge_config)
+        have = {k: getattr(start.model.config, k) for k in SHAPE}
+        check_same_shape(cfg.model_dump(), have | {"tokenizer": start.tokenizer.name},
+                         cfg.init_from, resume=False)
     return start
 
 
-def check_same_shape(cfg: TrainConfig, start: Start, source, resume: bool) -> None:
-    """A model started from a checkpoint (or resumed) keeps the checkpoint's shape and
-    tokenizer: a flag that asks for another one is refused rather than silently ignored (and,
-    on a resume, written into the run's config.json beside the shape it does not have)."""
-    config = start.model.config
-    asked = {name: getattr(cfg, name) for name in ("n_layer", "n_head", "n_embd",
-                                                   "context_length", "position")
-             if getattr(cfg, name) is not None and getattr(cfg, name) != getattr(config, name)}
-    flags = [f"--{k.replace('_', '-')} {v} (it has {getattr(config, k)})"
-             for k, v in asked.items()]
-    if cfg.tokenizer not in ("auto", start.tokenizer.name):
-        flags.append(f"--tokenizer {cfg.tokenizer} (it has {start.tokenizer.name})")
-    if flags:
+SHAPE = ("n_layer", "n_head", "n_embd", "context_length", "position")
+
+
+def check_same_shape(asked: dict, have: dict, source, *, resume: bool,
+                     config_file: Path | None = None) -> None:
+    """A model started from a checkpoint (or resumed) keeps its shape and tokenizer
+    (``have``): a setting that asks for another one (``asked``, flags or a --config file's)
+    is refused rather than silently ignored (and, on a resume, written into the run's
+    config.json beside the shape it does not have)."""
+    wrong = [k for k, v in have.items()
+             if asked.get(k) not in (None, v) and not (k == "tokenizer" and asked[k] == "auto")]
+    if wrong:
+        flags = ", ".join(f"--{k.replace('_', '-')} {asked[k]} (it has {have[k]})"
+                          for k in wrong)
         kind = "a resumed run" if resume else "a run started from a checkpoint"
-        raise UserError(f"{source} is not {', '.join(flags)}; {kind} keeps its checkpoint's "
-                        "shape and tokenizer: leave these flags out")
+        also = f" (and out of {config_file})" if config_file else ""
+        raise UserError(f"{source} is not {flags}; {kind} keeps its checkpoint's shape and "
+                        f"tokenizer: leave these flags out{also}")
 
 
 def tokenize(cfg: TrainConfig, start: Start | None, dist: Dist, display) -> TokenData:
@@ -334,7 +349,7 @@ def launch(explicit: dict, *, config_file: Path | None = None, resume: str | Non
         dist.main_first(run.lock)  # one process trains in a folder at a time
         if dist.main_first(lambda: run.prepare(resume=resume, force=force)):
             saved = run.read_config()
-            cfg = merge_config(explicit, config_file, saved)
+            cfg = merge_config(explicit, config_file, saved, run.path)
             check_resume_shape(cfg, saved, run, dist)
             result = fit(cfg, out=run, resume=True, display=display)
         else:

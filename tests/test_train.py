@@ -167,6 +167,14 @@ def test_cli_refuses_to_overwrite_a_run(corpus, tmp_path):
         assert result.stderr.strip() == f"error: {tmp_path / 'run'} {message}"
         assert config_file.read_text() == recorded
         assert (tmp_path / "run" / "last.safetensors").read_bytes() == last
+    # a shape an older version recorded beside the model (resumed with --n-layer 3, which it
+    # ignored) is the run's own setting, not a flag: the run resumes, and config.json is put right
+    saved = json.loads(recorded)
+    saved["train"]["n_layer"] = 3
+    config_file.write_text(json.dumps(saved))
+    result = cli("--out", str(tmp_path / "run"), "--resume", "--max-steps", "5")
+    assert result.exit_code == 0, result.output
+    assert json.loads(config_file.read_text())["train"]["n_layer"] == 1
 
 
 def test_cli_config_file_and_flags(corpus, tmp_path):
