@@ -177,7 +177,7 @@ def resolve_repo(name: str) -> str:
     """``gpt2`` -> ``openai-community/gpt2``; ``org/name`` stays; anything else is refused."""
     if name in KNOWN_MODELS:
         return KNOWN_MODELS[name]
-    if is_repo_id(name):
+    if is_repo_id(name) and not Path(name).exists():  # (a file there is what was meant)
         return name
     if Path(name).is_file():
         raise UserError(f"{name} is a file; gpt download converts a Hugging Face folder (its "

@@ -123,8 +123,9 @@ def check_hellaswag(item: dict, where: str) -> None:
         raise UserError(f"{where}: activity_label, ctx_a and ctx_b must be texts")
     if not isinstance(endings, list) or len(endings) < 2 or \
             not all(isinstance(e, str) and hellaswag_text(e) for e in endings):
-        raise UserError(f"{where}: endings must be a list of two or more non-empty texts")
-    if isinstance(label, bool) or not str(label).strip().isdigit() or \
+        raise UserError(f"{where}: endings must be a list of two or more texts that keep some "
+                        "words once their [bracketed] tags are removed")
+    if isinstance(label, bool) or not str(label).strip().isdecimal() or \
             int(label) >= len(endings):
         raise UserError(f"{where}: label {label!r} is not the index of one of its "
                         f"{len(endings)} endings")

@@ -324,6 +324,8 @@ def test_download_of_a_path_that_is_no_folder_says_so_offline(tmp_path, monkeypa
     monkeypatch.setenv("HF_ENDPOINT", dead_endpoint())
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "m.safetensors").write_text("x")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model.safetensors").write_text("x")  # one slash: like org/name
     for name, message in (
             ("./no-such-folder", "./no-such-folder does not exist (a folder to convert?), and it "
              "is not a Hub repo id (org/name)"),
@@ -331,6 +333,9 @@ def test_download_of_a_path_that_is_no_folder_says_so_offline(tmp_path, monkeypa
              "id (org/name)"),
             ("./notes.txt", "./notes.txt is a file; gpt download converts a Hugging Face folder "
              "(its config.json and weights), a Hub repo or a known name"),
+            ("out/model.safetensors", "out/model.safetensors is a file; gpt download converts "
+             "a Hugging Face folder (its config.json and weights), a Hub repo or a known name (a "
+             "gptcli checkpoint needs none: gpt generate --model out/model.safetensors)"),
             ("m.safetensors", "m.safetensors is a file; gpt download converts a Hugging Face "
              "folder (its config.json and weights), a Hub repo or a known name (a gptcli "
              "checkpoint needs none: gpt generate --model m.safetensors)")):

@@ -188,6 +188,8 @@ def test_a_damaged_task_file_is_one_sentence(model_file, tmp_path, content, mess
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+NO_ENDINGS = ("endings must be a list of two or more texts that keep some words once their "
+           "[bracketed] tags are removed")
 GOOD = {"activity_label": "Cooking", "ctx_a": "He cuts.", "ctx_b": "then", "label": "1",
         "endings": ["eats.", "sleeps.", "runs.", "sings."]}
 
@@ -196,10 +198,11 @@ GOOD = {"activity_label": "Cooking", "ctx_a": "He cuts.", "ctx_b": "then", "labe
     ({"label": "5"}, "label '5' is not the index of one of its 4 endings"),
     ({"label": True}, "label True is not the index of one of its 4 endings"),
     ({"label": "-1"}, "label '-1' is not the index of one of its 4 endings"),
+    ({"label": "²"}, "label '²' is not the index of one of its 4 endings"),
     ({"endings": ["eats.", "", "runs.", "sings."]},
-     "endings must be a list of two or more non-empty texts"),
-    ({"endings": ["eats.", "[title]"]}, "endings must be a list of two or more non-empty texts"),
-    ({"endings": "eats."}, "endings must be a list of two or more non-empty texts"),
+     NO_ENDINGS),
+    ({"endings": ["eats.", "[title]"]}, NO_ENDINGS),
+    ({"endings": "eats."}, NO_ENDINGS),
     ({"ctx_a": 3}, "activity_label, ctx_a and ctx_b must be texts"),
 ])
 def test_a_hellaswag_item_that_cannot_be_scored_is_refused(model_file, tmp_path, change, message):
