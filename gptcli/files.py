@@ -42,9 +42,10 @@ def make_folder(path, doing: str, shown=None) -> None:
             break
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # (for a file in it, say which folder: "it does not exist" misleads)
+    except OSError as e:  # say which folder could not be made ("it does not exist" misleads)
+        failed = Path(e.filename) if e.filename else path
         why = "the file system refused" if e.errno == errno.ENOENT else os_error_reason(e)
-        reason = None if shown == path else f"its folder {path} cannot be created ({why})"
+        reason = why if failed == Path(shown) else f"its folder {failed} cannot be created ({why})"
         raise path_error(e, doing, shown, reason=reason) from None
 
 

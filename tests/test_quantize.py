@@ -274,11 +274,14 @@ def test_an_out_whose_folder_cannot_be_made_names_the_folder(tmp_path):
     if not Path("/proc/self").is_dir():
         pytest.skip("needs /proc (Linux), a file system where no folder can be made")
     src = save_checkpoint(tmp_path / "m.safetensors", GPT(tiny_config()), char_tokenizer(101))
-    out = Path("/proc/gptcli-none/m.safetensors")
+    out = Path("/proc/gptcli-none/a/m.safetensors")  # the first folder that cannot be made
     result = runner.invoke(app, ["quantize", str(src), "--out", str(out)])
     assert (result.exit_code, result.stderr.strip()) == (
-        2, f"error: cannot write checkpoint to {out}: its folder {out.parent} cannot be created "
-           "(the file system refused)")
+        2, f"error: cannot write checkpoint to {out}: its folder /proc/gptcli-none cannot be "
+           "created (the file system refused)")
+    result = runner.invoke(app, ["train", "--out", "/proc/gptcli-none"])  # the folder itself
+    assert (result.exit_code, result.stderr.strip()) == (
+        2, "error: cannot create run folder /proc/gptcli-none: the file system refused")
 
 
 def test_training_from_an_int8_checkpoint_is_refused(tmp_path, corpus):
