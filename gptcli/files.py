@@ -99,11 +99,23 @@ def file_out(out: str | None, flag: str = "--out") -> Path | None:
     return None if out is None else Path(out)
 
 
-def check_new(path: str | os.PathLike | None, flag: str, force: bool) -> None:
-    """Refuse an output file that exists (before any work), unless ``force``: a picture, page
-    or table written over a file the user has loses it as surely as a checkpoint would."""
-    if path is not None and not force and (Path(path).is_file() or Path(path).is_symlink()):
-        raise UserError(f"{flag} {path} already exists; pass --force to overwrite it")
+def check_new(path: str | os.PathLike | None, flag: str, force: bool, mark: bytes) -> None:
+    """Refuse an output file that exists (before any work), unless ``force`` or it is one
+    gptcli wrote before (``mark`` in its first 64 KiB or last 8 KiB: a plot redrawn after more
+    training, a sweep's table refreshed): a picture, page or table written over a file the user
+    has loses it as surely as a checkpoint would."""
+    if path is None or force or not (Path(path).is_file() or Path(path).is_symlink()):
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64 << 10)
+            f.seek(max(f.seek(0, os.SEEK_END) - (8 << 10), 0))
+            ours = mark in (head + f.read()).lower()
+    except OSError:
+        ours = False
+    if not ours:
+        raise UserError(f"{flag} {path} already exists and gptcli did not write it; pass "
+                        "--force to overwrite it")
 
 
 def write_text(path: str | os.PathLike, text: str, *, what: str = "file") -> Path:

@@ -335,12 +335,15 @@ def test_outputs_that_exist_need_force(tiny_ckpt, tmp_path):
         (tmp_path / name).write_text("mine")
         result = invoke("--model", tiny_ckpt, "--text", TEXT, flag, tmp_path / name)
         assert (result.exit_code, result.stderr.strip()) == (
-            2, f"error: {flag} {tmp_path / name} already exists; pass --force to overwrite it")
+            2, f"error: {flag} {tmp_path / name} already exists and gptcli did not write it; "
+               "pass --force to overwrite it")
         assert (tmp_path / name).read_text() == "mine"
     result = invoke("--model", tiny_ckpt, "--text", TEXT, "--html", tmp_path / "mine.html",
                     "--force")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "mine.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    again = invoke("--model", tiny_ckpt, "--text", TEXT, "--html", tmp_path / "mine.html")
+    assert again.exit_code == 0, again.output  # its own page: redrawn without --force
 
 
 def test_outputs_into_missing_folders_create_them(tiny_ckpt, tmp_path):

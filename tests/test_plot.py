@@ -39,9 +39,13 @@ def test_gpt_plot_writes_png_and_table(tmp_path):
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "lr" in result.stdout and "2.5000" in result.stdout and "2.8000" in result.stdout
     again = runner.invoke(app, ["plot", str(a), "--out", str(tmp_path / "cmp.png")])
+    assert again.exit_code == 0, again.output  # its own picture: redrawn
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n someone's photo")
+    again = runner.invoke(app, ["plot", str(a), "--out", str(tmp_path / "photo.png")])
     assert (again.exit_code, again.stderr.strip()) == (
-        2, f"error: --out {tmp_path / 'cmp.png'} already exists; pass --force to overwrite it")
-    again = runner.invoke(app, ["plot", str(a), "--out", str(tmp_path / "cmp.png"), "--force"])
+        2, f"error: --out {tmp_path / 'photo.png'} already exists and gptcli did not write it; "
+           "pass --force to overwrite it")
+    again = runner.invoke(app, ["plot", str(a), "--out", str(tmp_path / "photo.png"), "--force"])
     assert again.exit_code == 0, again.output
 
 

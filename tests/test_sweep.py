@@ -267,11 +267,14 @@ def test_the_table_is_each_runs_metrics(finished_sweeps):
     (folder / "t.csv").write_text("mine")  # an existing --csv needs --force
     again = runner.invoke(app, ["sweep", "show", str(folder), "--csv", str(folder / "t.csv")])
     assert (again.exit_code, again.stderr.strip()) == (
-        2, f"error: --csv {folder / 't.csv'} already exists; pass --force to overwrite it")
+        2, f"error: --csv {folder / 't.csv'} already exists and gptcli did not write it; pass "
+           "--force to overwrite it")
     assert (folder / "t.csv").read_text() == "mine"
     again = runner.invoke(app, ["sweep", "show", str(folder), "--csv", str(folder / "t.csv"),
                                 "--force"])
     assert again.exit_code == 0 and (folder / "t.csv").read_text().count("\n") == 5
+    again = runner.invoke(app, ["sweep", "show", str(folder), "--csv", str(folder / "t.csv")])
+    assert again.exit_code == 0, again.output  # its own table: refreshed without --force
 
 
 def test_a_second_call_skips_finished_points(finished_sweeps):

@@ -269,7 +269,7 @@ def inspect_attention_cmd(
     html: Annotated[Optional[Path], Opt("--html", metavar="FILE", rich_help_panel="Output", help=(
         "Write a self-contained interactive HTML page."))] = None,
     force: Annotated[bool, Opt("--force", metavar="", rich_help_panel="Output", help=(
-        "Overwrite --out and --html if they exist."))] = False,
+        "Overwrite --out and --html even if gptcli did not write them."))] = False,
     as_json: Json = False,
 ) -> None:
     """Show what every attention head attends to: heatmap, top tokens, head summary. The maps
@@ -278,8 +278,8 @@ def inspect_attention_cmd(
     from ..display import Stdout
 
     load = settings(LoadConfig, given)
-    check_new(out, "--out", force)
-    check_new(html, "--html", force)
+    check_new(out, "--out", force, mark=b"matplotlib")  # (its writer's name, in every file)
+    check_new(html, "--html", force, mark=b"gptcli inspect-attention")
     if out is not None:
         attention.require_matplotlib()  # fail before the slow part
     insp = attention.inspect(load.model, text=text, text_file=text_file, layer=layer, head=head,
@@ -342,13 +342,13 @@ def plot_cmd(
                           help=with_default("The x axis: optimizer steps, tokens trained or "
                                             "training FLOPs.", "step"))] = "step",
     force: Annotated[bool, Opt("--force", metavar="", help=(
-        "Overwrite --out if it exists."))] = False,
+        "Overwrite --out even if gptcli did not write it."))] = False,
 ) -> None:
     """Overlay the loss curves of several runs and list the settings that differ; a sweep
     folder alone also gets its final loss against the setting it varies."""
     from ..tables import render_comparison
     from ..plot import compare_runs, plot_runs
 
-    check_new(out, "--out", force)
+    check_new(out, "--out", force, mark=b"matplotlib")
     render_comparison(*compare_runs(runs))
     note(f"wrote {plot_runs(runs, out, x=x)}")

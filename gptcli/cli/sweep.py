@@ -117,7 +117,7 @@ def show_cmd(
     csv: Annotated[Optional[Path], Opt("--csv", metavar="FILE", rich_help_panel="Output",
                                        help="Also write one line per point as CSV.")] = None,
     force: Annotated[bool, Opt("--force", metavar="", rich_help_panel="Output", help=(
-        "Overwrite --csv if it exists."))] = False,
+        "Overwrite --csv even if gptcli did not write it."))] = False,
     as_json: Json = False,
 ) -> None:
     """The sweep's table, best validation loss first (its points may have run anywhere, as
@@ -129,7 +129,7 @@ def show(folder: Path, as_json: bool, csv: Path | None, force: bool = False) -> 
     from ..files import check_new
     from ..sweep import results, to_csv
 
-    check_new(csv, "--csv", force)
+    check_new(csv, "--csv", force, mark=b"point,seed,status,step")  # (its header)
     table = results(folder)
     if csv is not None:
         from ..files import write_text
