@@ -8,7 +8,7 @@ This module must not import torch: the CLI imports it to validate flags before a
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -16,10 +16,32 @@ Norm = Literal["layernorm", "rmsnorm"]
 Position = Literal["learned", "sinusoidal", "rope"]
 
 
-class ModelConfig(BaseModel):
+class Settings(BaseModel):
+    """Base of the configs: unknown settings, NaN and infinity are refused, and so is true/false
+    where a number belongs (pydantic would read it as 1/0)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        for name, value in data.items() if isinstance(data, dict) else ():
+            kinds = _kinds(getattr(cls.model_fields.get(name), "annotation", None))
+            if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
+                raise ValueError(f"{name} must be a number, not {str(value).lower()}")
+        return data
+
+
+def _kinds(kind: Any) -> set:
+    args = get_args(kind)  # Optional[Annotated[int, ...]] -> {int, None}
+    return {kind} if not args else set().union(
+        *map(_kinds, args[:1] if get_origin(kind) is Annotated else args))
+
+
+class ModelConfig(Settings):
     """Shape and options of a GPT model. The defaults are OpenAI's GPT-2 (124M)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True)
 
     vocab_size: int = Field(50257, ge=1, description="number of token ids")
     context_length: int = Field(1024, ge=1, description="longest sequence the model sees")
@@ -65,13 +87,8 @@ class ModelConfig(BaseModel):
         d, L, V, T = self.n_embd, self.n_layer, self.vocab_size, self.context_length
         b = 1 if self.bias else 0
         norm = d * (1 + b) if self.norm == "layernorm" else d
-        per_block = (
-            2 * norm
-            + 3 * d * d + 3 * d * b  # c_attn
-            + d * d + d * b  # attn.c_proj
-            + 4 * d * d + 4 * d * b  # mlp.c_fc
-            + 4 * d * d + d * b  # mlp.c_proj
-        )
+        # two norms, then c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj with their biases
+        per_block = 2 * norm + 12 * d * d + (3 + 1 + 4 + 1) * d * b
         total = V * d + L * per_block + norm
         if self.position == "learned":
             total += T * d
@@ -144,10 +161,8 @@ ModelName = Annotated[Optional[str], Field(
     json_schema_extra={"group": "Model", "metavar": "MODEL", "short": "-m"})]
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Settings):
     """Every setting of a training run; each field is also a `gpt train` flag."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # data
     data: list[str] | None = setting(
@@ -244,10 +259,8 @@ class TrainConfig(BaseModel):
         return self
 
 
-class SampleConfig(BaseModel):
+class SampleConfig(Settings):
     """How to pick each next token, and when to stop."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_new_tokens: int = setting(200, "Tokens to generate per sample.", group="Sampling", ge=1)
     temperature: float = setting(0.8, "Sampling temperature; 0 (or below 1e-5) is greedy.",
@@ -276,10 +289,8 @@ class SampleConfig(BaseModel):
         return stop
 
 
-class LoadConfig(BaseModel):
+class LoadConfig(Settings):
     """Which model to load for inference, and where."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: ModelName = None
     device: Device = "auto"
@@ -303,10 +314,8 @@ class LoadConfig(BaseModel):
         return self
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(Settings):
     """What `gpt eval` scores and how."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     data: list[str] | None = setting(
         None, "Text file(s) or folder to score (default: the run's own validation split when "
@@ -343,10 +352,8 @@ class EvalConfig(BaseModel):
         "group": "Tasks", "metavar": "TRACKER"})
 
 
-class BenchConfig(BaseModel):
+class BenchConfig(Settings):
     """What `gpt bench` measures; None fields are chosen for the device (bench.resolve)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     preset: str | None = setting(None, "Model shape (GPT-2 vocabulary): " + ", ".join(PRESETS)
                                  + " (default: gpt2 on CUDA, small on MPS, tiny on CPU).",
@@ -376,10 +383,8 @@ class BenchConfig(BaseModel):
     seed: Seed = 1337
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(Settings):
     """How `gpt serve` listens and what it allows."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     host: str = setting("127.0.0.1", "Address to listen on (0.0.0.0: every interface; give an "
                         "--api-key then).", group="Server", metavar="HOST")

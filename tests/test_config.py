@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from gptcli.config import PRESETS, ModelConfig
+from gptcli.config import PRESETS, ModelConfig, SampleConfig, TrainConfig
 from gptcli.errors import validation_message
 from gptcli.model import GPT
 
@@ -63,6 +63,20 @@ def test_validation_explains_itself():
     assert validation_message(err.value) == "n_layers is not a setting"
     with pytest.raises(ValidationError, match="rope needs an even head size"):
         ModelConfig(n_embd=15, n_head=5, position="rope")
+
+
+def test_true_or_false_where_a_number_belongs_is_refused():
+    for config, field in ((ModelConfig, "n_layer"), (ModelConfig, "dropout"),
+                          (TrainConfig, "max_steps"), (TrainConfig, "n_embd"),
+                          (SampleConfig, "seed"), (SampleConfig, "temperature")):
+        for value in (True, False):
+            with pytest.raises(ValidationError) as err:
+                config.model_validate({field: value})
+            assert validation_message(err.value) == \
+                f"{field} must be a number, not {str(value).lower()}"
+    # a bool setting still takes its own values, a number field still takes numbers
+    assert TrainConfig.model_validate({"compile": True, "max_steps": 3, "lr": 1}).max_steps == 3
+    assert ModelConfig.model_validate({"bias": False}).bias is False
 
 
 def test_json_round_trip():

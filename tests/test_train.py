@@ -317,6 +317,17 @@ def test_a_bad_config_file_names_the_file(corpus, tmp_path):
     assert result.stderr.strip() == f"error: cannot read config file {tmp_path}: it is a folder"
 
 
+def test_a_config_file_true_where_a_number_belongs_is_refused(corpus, tmp_path):
+    """pydantic on its own reads true as 1: {"max_steps": true} would train one step."""
+    conf = tmp_path / "run.json"
+    conf.write_text(json.dumps({"max_steps": True}))
+    result = cli("--config", str(conf), "--data", str(corpus), "--out", str(tmp_path / "r"))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: config file {conf}: max_steps must be a number, "
+                                     "not true")
+    assert not (tmp_path / "r").exists()
+
+
 TINY_ARGS = ["--n-layer", "1", "--n-embd", "32", "--context-length", "16", "--batch-size", "2",
              "--device", "cpu", "--sample-interval", "0"]
 
