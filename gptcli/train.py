@@ -158,7 +158,8 @@ def starting_point(cfg: TrainConfig, run: RunFolder, resume: bool) -> Start | No
                         f"({start.metadata.get('quantized_from', 'see gpt info')})")
     if not resume:  # (a resume's settings were checked against its model: merge_config)
         have = {k: getattr(start.model.config, k) for k in SHAPE}
-        check_same_shape(cfg.model_dump(), have | {"tokenizer": start.tokenizer.name},
+        check_same_shape(cfg.model_dump(include=cfg.model_fields_set),
+                         have | {"tokenizer": start.tokenizer.name},
                          cfg.init_from, resume=False)
     return start
 
@@ -168,10 +169,11 @@ SHAPE = ("n_layer", "n_head", "n_embd", "context_length", "position")
 
 def check_same_shape(asked: dict, have: dict, source, *, resume: bool,
                      config_file: Path | None = None) -> None:
-    """A model started from a checkpoint (or resumed) keeps its shape and tokenizer
-    (``have``): a setting that asks for another one (``asked``, flags or a --config file's)
-    is refused rather than silently ignored (and, on a resume, written into the run's
-    config.json beside the shape it does not have)."""
+    """A model started from a checkpoint (or resumed) keeps its shape and tokenizer (``have``):
+    a setting that asks for another (``asked``: flags or a --config file's) is refused, not
+    ignored (nor, on a resume, written into config.json beside the shape it does not have)."""
+    have = have | {"preset": next((name for name, shape in PRESETS.items()  # (--preset too)
+                                   if shape.items() <= have.items()), "a shape of its own")}
     wrong = [k for k, v in have.items()
              if asked.get(k) not in (None, v) and not (k == "tokenizer" and asked[k] == "auto")]
     if wrong:

@@ -392,6 +392,13 @@ def test_shape_flags_that_differ_from_the_starting_checkpoint_are_refused(base, 
     assert result.stderr.strip() == (
         f"error: {base} is not --tokenizer char (it has gpt2); a run started from a checkpoint "
         "keeps its checkpoint's shape and tokenizer: leave these flags out")
+    result = train("--init-from", base, "--data", chat, "--out", tmp_path / "r", "--preset",
+                   "small")  # (it was ignored)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: {base} is not --preset small (it has a shape of its own); a run started from a "
+        "checkpoint keeps its checkpoint's shape and tokenizer: leave these flags out")
+    assert not (tmp_path / "r").exists()
 
 
 def test_frozen_weights_stay_unpacked_when_their_copies_would_not_fit(monkeypatch):

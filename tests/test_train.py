@@ -14,7 +14,7 @@ from gptcli.checkpoint import load_checkpoint
 from gptcli.cli import app
 from gptcli.config import TrainConfig
 from gptcli.model import GPT
-from gptcli.errors import RuntimeFailure
+from gptcli.errors import RuntimeFailure, UserError
 from gptcli.optim import lr_at
 from gptcli.runs import RunFolder
 from gptcli.train import fit
@@ -160,6 +160,8 @@ def test_cli_refuses_to_overwrite_a_run(corpus, tmp_path):
             (["--n-layer", "2", "--tokenizer", "gpt2"], "is not --n-layer 2 (it has 1), "
              "--tokenizer gpt2 (it has char); a resumed run keeps its checkpoint's shape and "
              "tokenizer: leave these flags out"),
+            (["--preset", "small"], "is not --preset small (it has a shape of its own); a "
+             "resumed run keeps its checkpoint's shape and tokenizer: leave these flags out"),
             (["--max-steps", "3"], "is already at step 4, past --max-steps 3: nothing to "
              "train; ask for more steps to go on")):
         result = cli("--out", str(tmp_path / "run"), "--resume", *flags)
@@ -175,6 +177,15 @@ def test_cli_refuses_to_overwrite_a_run(corpus, tmp_path):
     result = cli("--out", str(tmp_path / "run"), "--resume", "--max-steps", "5")
     assert result.exit_code == 0, result.output
     assert json.loads(config_file.read_text())["train"]["n_layer"] == 1
+
+
+def test_a_preset_is_checked_against_the_checkpoints_shape():
+    gpt2 = dict(n_layer=12, n_head=12, n_embd=768, context_length=1024, position="learned")
+    train.check_same_shape({"preset": "gpt2", "n_layer": 12}, gpt2, "g.safetensors", resume=False)
+    with pytest.raises(UserError) as err:
+        train.check_same_shape({"preset": "tiny"}, gpt2, "g.safetensors", resume=False)
+    assert str(err.value).startswith("g.safetensors is not --preset tiny (it has gpt2); a run "
+                                     "started from a checkpoint keeps its checkpoint's shape")
 
 
 def test_cli_config_file_and_flags(corpus, tmp_path):
