@@ -49,7 +49,7 @@ class NullDisplay:
 
     def start(self, **info) -> None: ...
 
-    def step(self, step: int, **metrics) -> None: ...
+    def step(self, step: int, *, evaluating: bool = False, **metrics) -> None: ...
 
     def eval(self, step: int, val_loss: float | None) -> None: ...
 
@@ -145,11 +145,12 @@ class TrainDisplay(NullDisplay):
             text = "━" * filled + "─" * (bar - filled) + "  " + text
         return Text(text[:width])
 
-    def step(self, step: int, **metrics) -> None:
+    def step(self, step: int, *, evaluating: bool = False, **metrics) -> None:
+        """``evaluating``: an eval follows at this step, and prints its line (one, not two)."""
         self.step_no, self.metrics = step, metrics
         if self.live is not None:
             self.live.update(self._line(), refresh=True)
-        elif time.perf_counter() - self.t_printed >= self.LOG_EVERY_S:
+        elif not evaluating and time.perf_counter() - self.t_printed >= self.LOG_EVERY_S:
             self._print()
 
     def eval(self, step: int, val_loss: float | None) -> None:

@@ -24,6 +24,7 @@ from .config import PRESETS, ModelConfig, TrainConfig
 from . import finetune
 from .data import BatchSampler, TokenData, check_enough, load_tokens, resolve_data
 from .data.sources import file_format
+from .display import NullDisplay
 from .devices import cpu_bf16_isa, resolve_dtype, seed_everything, synchronize
 from .distributed import Dist, current_dist, setup_distributed, teardown_distributed
 from .errors import Interrupted, UserError, path_error, validation_message
@@ -89,10 +90,7 @@ class Start(NamedTuple):
 
 
 def setup(cfg: TrainConfig, run: RunFolder, resume: bool, display) -> Session:
-    """Device, data, model, optimizer, sampler and (when resuming) the saved state; writes
-    config.json and opens metrics.jsonl (rank 0)."""
-    from .display import NullDisplay
-
+    """Device, data, model, optimizer, sampler, a resume's saved state; config.json (rank 0)."""
     dist = current_dist()
     display = display if display is not None and dist.is_main else NullDisplay()
     device = dist.device(cfg.device)
@@ -294,6 +292,7 @@ def fit(cfg: TrainConfig, *, out: RunFolder | Path, resume: bool = False, displa
             s.step += 1
             counted += targets
             final = s.step == s.max_steps
+            evaluate = s.step % cfg.eval_interval == 0 or final
             if s.step % cfg.log_interval == 0 or final:
                 loss_value = s.mean_over_ranks(loss.item())
                 s.check_finite("training loss", loss_value)
@@ -303,8 +302,9 @@ def fit(cfg: TrainConfig, *, out: RunFolder | Path, resume: bool = False, displa
                 s.log(step=s.step, train_loss=loss_value, lr=lr, tokens_per_s=tok_s,
                       grad_norm=norm if math.isfinite(norm) else None, elapsed=s.elapsed(),
                       peak_memory=peak_memory(s.device))
-                display.step(s.step, loss=loss_value, lr=lr, tokens_per_s=tok_s)
-            if s.step % cfg.eval_interval == 0 or final:
+                display.step(s.step, loss=loss_value, lr=lr, tokens_per_s=tok_s,
+                             evaluating=evaluate)  # (its line then has the new val)
+            if evaluate:
                 last_val = s.validate()
                 s.log(step=s.step, val_loss=last_val)
                 display.eval(s.step, last_val)

@@ -82,10 +82,10 @@ def test_a_log_file_gets_a_line_at_least_every_few_seconds(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(gptcli.display.time, "perf_counter", lambda: clock[0])
     display, out = log_display()
-    for step in range(10, 200, 10):  # a log step every 3 s, evaluations only at the end
+    for step in range(10, 210, 10):  # a log step every 3 s, evaluations only at the end
         clock[0] += 3.0
-        display.step(step, loss=2.0, lr=1e-3, tokens_per_s=500.0)
-    display.eval(200, 1.9)
+        display.step(step, loss=2.0, lr=1e-3, tokens_per_s=500.0, evaluating=step == 200)
+    display.eval(200, 1.9)  # (one line for step 200, though 12 s had passed: the eval's)
     lines = [line for line in out.getvalue().splitlines() if line.startswith("step ")]
     steps = [int(line.split()[1].split("/")[0]) for line in lines]
     assert steps == [40, 80, 120, 160, 200]  # every 12 s (the first log step past 10 s)
