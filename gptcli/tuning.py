@@ -27,6 +27,8 @@ the choice is never slower than the plain model, as measured.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
@@ -79,12 +81,31 @@ LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "CC")
 
 
 def machine() -> dict:
-    """What a measurement holds for: the CPU, its instruction set, threads, torch (and
-    ``LIMITS`` where set)."""
+    """What a measurement holds for: the CPU, its instruction set, threads, torch, the kernels'
+    code (and ``LIMITS`` where set)."""
     limits = {name: os.environ[name] for name in LIMITS if os.environ.get(name)}
     return {"cpu": hardware.cpu_model(), "flags": hardware.isa_flags(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "code": code(),
             **({"limits": limits} if limits else {})}
+
+
+CODE = ("native.c", "kernels.py", "native_step.py")  # (in HERE)
+HERE = Path(__file__).parent
+
+
+@functools.cache
+def code() -> str:
+    """A fingerprint of the code that was timed (the kernels, the C products and blocks): a
+    gptcli whose kernels changed measures again rather than keep a choice made among others
+    (the C bf16 product got 1.35x faster in one release, and cached choices went on skipping
+    it)."""
+    digest = hashlib.sha256()
+    for name in CODE:
+        try:
+            digest.update((HERE / name).read_bytes())
+        except OSError:
+            digest.update(name.encode())
+    return digest.hexdigest()[:12]
 
 
 _announced = False  # (see announce)

@@ -447,12 +447,26 @@ def test_a_choice_measured_on_a_saturated_machine_is_measured_again_when_quieter
     assert calls == []
 
 
-def test_the_cache_key_holds_the_machine_threads_torch_and_shape():
+def test_the_cache_key_holds_the_machine_threads_torch_code_and_shape(tmp_path, monkeypatch):
     prepare(model_in("float"), None)
     key = cache_entries()[0]["key"]
-    assert set(key) == {"cpu", "flags", "threads", "torch", "mode", "dtype", "shape", "rows",
-                        "candidates"}
+    assert set(key) == {"cpu", "flags", "threads", "torch", "code", "mode", "dtype", "shape",
+                        "rows", "candidates"}
     assert key["torch"] == torch.__version__ and key["mode"] == "float"
+    # the kernels' code: the same for the same files, another for an edited one
+    assert key["code"] == tuning.code() and len(key["code"]) == 12
+    for name in tuning.CODE:
+        (tmp_path / name).write_bytes((tuning.HERE / name).read_bytes())
+    monkeypatch.setattr(tuning, "HERE", tmp_path)
+    try:
+        tuning.code.cache_clear()
+        assert tuning.code() == key["code"]
+        with open(tmp_path / "native.c", "a") as f:
+            f.write("/* edited */\n")
+        tuning.code.cache_clear()
+        assert tuning.code() != key["code"]
+    finally:
+        tuning.code.cache_clear()
     # new kernels: measured again (those for prompts only have entries of their own)
     assert key["candidates"] == [k.name for k in candidates("float") if not k.prompt]
 
