@@ -89,16 +89,16 @@ def machine() -> dict:
             **({"limits": limits} if limits else {})}
 
 
-CODE = ("native.c", "kernels.py", "native_step.py")  # (in HERE)
+CODE = ("native.c", "native.py", "kernels.py", "kernel_layer.py", "native_step.py")  # in HERE
 HERE = Path(__file__).parent
 
 
 @functools.cache
 def code() -> str:
-    """A fingerprint of the code that was timed (the kernels, the C products and blocks): a
-    gptcli whose kernels changed measures again rather than keep a choice made among others
-    (the C bf16 product got 1.35x faster in one release, and cached choices went on skipping
-    it)."""
+    """A fingerprint of the code that was timed (the kernels, the C products, how they are
+    built and called, the C blocks): a gptcli whose kernels changed measures again rather than
+    keep a choice made among others (the C bf16 product got 1.27x faster in one release, and
+    cached choices would have gone on skipping it)."""
     digest = hashlib.sha256()
     for name in CODE:
         try:
