@@ -203,6 +203,33 @@ def test_a_compiler_without_openmp_builds_the_one_thread_library_and_is_asked_on
 AVX2 = ["-mavx2", "-mfma", "-mf16c"]  # what -march=native gives on any AVX2 CPU
 
 
+def test_int8_bytes_give_the_int16_codes_sums_exactly(fresh, monkeypatch):
+    """With AVX-512 VNNI the int8 product multiplies bytes (weights + 128, activations as two
+    bytes each) where other CPUs widen to int16: the integer sums are the same, so the products
+    are equal bit for bit, at the weights' extremes (-128, 127) and activations' too, over
+    tails, several int8 blocks, one row and four."""
+    from gptcli import hardware
+    isa = set(hardware.isa_flags())
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= isa:
+        pytest.skip("this CPU lacks AVX-512 VNNI, whose byte products this compares")
+    g = torch.Generator().manual_seed(5)
+    cases = []
+    for K in (7, 64, 130, 1100, 3072):
+        q = torch.randint(-128, 128, (21, K), dtype=torch.int8, generator=g)
+        q[0], q[1] = 127, -128
+        x = torch.randn(6, K, generator=g) * 3
+        x[0], x[1] = 5.0, -5.0
+        cases.append((x, q, torch.rand(21, generator=g), torch.randn(21, generator=g)))
+    results = []
+    for flags in (["-O3", "-march=native", "-fopenmp"],
+                  ["-O3", *AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"]):
+        monkeypatch.setattr(native, "FLAG_SETS", (flags,))
+        monkeypatch.setattr(native, "_loaded", None)
+        results.append([native.int8_product(x[:m], q, s, b) for x, q, s, b in cases
+                        for m in (1, 4, 6)])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 @pytest.mark.parametrize("flags", [["-O3", *AVX2, "-fopenmp"], ["-O3", "-fopenmp"],
                                    ["-O3", *AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl",
                                     "-fopenmp"]],
