@@ -247,9 +247,10 @@ static inline void dot4_int8(const int8_t *w, const int16_t *a, int64_t K, int64
 #define INT8_BYTES 1
 #define NSUMS(K) ((K) / BLOCK + 1) /* a row's blocks (and one spare) */
 
-/* row m's bytes: hi at xb + 2 m K, lo K on; sums: each block's sum of a over its whole 64s */
+/* row m's bytes: hi at xb + 2 m K, lo K on; sums: each block's sum of a over its whole 64s;
+   for the rows that go alone only (those after the last four: int8_rows) */
 static void int8_bytes(const int16_t *xq, int64_t M, int64_t K, int8_t *xb, int32_t *sums) {
-  for (int64_t m = 0; m < M; m++) {
+  for (int64_t m = M / 4 * 4; m < M; m++) {
     const int16_t *r = xq + m * K;
     int8_t *hi = xb + 2 * m * K, *lo = hi + K;
     for (int64_t k = 0; k < K; k++) { hi[k] = (int8_t)(r[k] >> 7); lo[k] = (int8_t)(r[k] & 127); }
@@ -314,10 +315,8 @@ static void int8_rows(const int16_t *xq, const float *step, const int8_t *xb,
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) {
       int64_t sums[4] = {0, 0, 0, 0};
-      for (int64_t k0 = 0; k0 < K; k0 += BLOCK) {
-        int64_t k1 = k0 + BLOCK < K ? k0 + BLOCK : K;
-        dot4_int8(w, xq + m * K, K, k0, k1, sums); /* (four rows: see INT8_BYTES) */
-      }
+      for (int64_t k0 = 0; k0 < K; k0 += BLOCK) /* (four rows: see INT8_BYTES) */
+        dot4_int8(w, xq + m * K, K, k0, k0 + BLOCK < K ? k0 + BLOCK : K, sums);
       for (int i = 0; i < 4; i++) y[(m + i) * N + n] = (float)sums[i] * step[m + i] * scale[n] + b;
     }
     for (; m < M; m++) {
@@ -343,12 +342,13 @@ int gptcli_int8(const float *x, int64_t M, int64_t K, const int8_t *q, const flo
   float *step = malloc(sizeof(float) * M);
   int8_t *xb = NULL;
   int32_t *bsums = NULL;
+  int bytes = 1; /* (the byte activations, where there are any, allocated) */
 #ifdef INT8_BYTES
   xb = malloc((size_t)M * 2 * K);
   bsums = malloc(sizeof(int32_t) * M * NSUMS(K));
-  if (!xb || !bsums) { free(xq); free(step); free(xb); free(bsums); return -1; }
+  bytes = xb && bsums;
 #endif
-  if (!xq || !step) { free(xq); free(step); free(xb); free(bsums); return -1; }
+  if (!xq || !step || !bytes) { free(xq); free(step); free(xb); free(bsums); return -1; }
   round_rows(x, M, K, xq, step);
 #ifdef INT8_BYTES
   int8_bytes(xq, M, K, xb, bsums);
