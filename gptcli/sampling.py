@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .config import SampleConfig
@@ -112,12 +113,22 @@ def next_token(logits: torch.Tensor, config: SampleConfig, seen: torch.Tensor,
         logits = logits[..., :vocab_size]
     logits = apply_repetition_penalty(logits.float(), seen, config.repetition_penalty)
     if config.temperature < GREEDY_BELOW:
-        return usable(logits).argmax(dim=-1)
+        return most_likely(usable(logits))
     logits = usable(logits / config.temperature)
     logits = filter_top_k(logits, config.top_k)
     logits = filter_top_p(logits, config.top_p)
     logits = filter_min_p(logits, config.min_p)
     return sample(torch.softmax(logits, dim=-1), generator)
+
+
+def most_likely(scores: torch.Tensor) -> torch.Tensor:
+    """Each row's index of its largest value (the first of equal ones), for ``scores`` (B, V)
+    without NaN: ``scores.argmax(dim=-1)``. On a CPU through numpy, whose argmax takes 9 us
+    for GPT-2's 50,257 logits where torch's (2.13) takes 85 us; a greedy token on a 4-bit model
+    takes ~5 ms in all (``benchmarks/``)."""
+    if scores.device.type != "cpu" or scores.dtype is not torch.float32:
+        return scores.argmax(dim=-1)
+    return torch.from_numpy(np.argmax(scores.detach().numpy(), axis=-1).astype(np.int64))
 
 
 def sample(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .config import SampleConfig
 from .model import GPT
 from .sampling import (GREEDY_BELOW, apply_repetition_penalty, filter_min_p, filter_top_k,
-                       filter_top_p, sample, usable)
+                       filter_top_p, most_likely, sample, usable)
 
 
 @dataclass
@@ -61,7 +61,7 @@ def distribution(logits: torch.Tensor, config: SampleConfig, seen: torch.Tensor,
         logits = logits[..., :vocab_size]
     logits = apply_repetition_penalty(logits.float(), seen, config.repetition_penalty)
     if is_greedy(config):
-        return F.one_hot(usable(logits).argmax(dim=-1), logits.size(-1)).float()
+        return F.one_hot(most_likely(usable(logits)), logits.size(-1)).float()
     logits = usable(logits / config.temperature)
     logits = filter_top_k(logits, config.top_k)
     logits = filter_top_p(logits, config.top_p)
@@ -72,7 +72,7 @@ def distribution(logits: torch.Tensor, config: SampleConfig, seen: torch.Tensor,
 def draw(probs: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of ``probs`` (B, V), unnormalised weights allowed."""
     if greedy:
-        return probs.argmax(dim=-1)
+        return most_likely(probs)
     return sample(probs, generator)
 
 

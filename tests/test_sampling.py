@@ -14,7 +14,7 @@ from gptcli.decode import decode_loop
 from gptcli.kv_cache import window_start
 from gptcli.generate import generate, prompt_ids
 from gptcli.sampling import (GREEDY_BELOW, apply_repetition_penalty, filter_min_p, filter_top_k,
-                             filter_top_p, next_token)
+                             filter_top_p, most_likely, next_token)
 from gptcli.tokenizer import CharTokenizer, GPT2Tokenizer
 
 from conftest import randomize_, tiny_config
@@ -158,6 +158,21 @@ def test_extreme_settings_and_broken_logits_never_raise():
         assert set(picks[:, 4].tolist()) == {0}
         assert picks[:, 2:4].min() >= 0 and picks[:, 2:4].max() < 4  # nothing usable: any id
     assert "1e-5" in SampleConfig.model_fields["temperature"].description and GREEDY_BELOW == 1e-5
+
+
+def test_most_likely_is_torch_argmax():
+    """The greedy pick (numpy's argmax on a CPU) is torch's argmax: the first of equal values,
+    -inf rows at 0, a padded vocabulary's slice, ids as int64, other dtypes left to torch."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 50304, generator=g)
+    logits[1, 7] = logits[1, 9] = logits[1, 50300] = 100.0  # ties: the first
+    logits[2] = float("-inf")
+    logits[3, 50280] = 1e9  # beyond the slice below
+    for scores in (logits, logits[:, :50257], logits[:1], logits.bfloat16(), logits.double()):
+        with torch.inference_mode():
+            picked = most_likely(scores)
+        assert picked.dtype is torch.int64 and torch.equal(picked, scores.argmax(dim=-1))
+    assert most_likely(logits[:, :50257])[1:4].tolist() == [7, 0, logits[3, :50257].argmax()]
 
 
 def test_top_k_1_equals_greedy_and_seed_reproduces():
