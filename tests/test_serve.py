@@ -966,3 +966,25 @@ def test_the_memory_estimate_counts_the_kv_cache_the_scheduler_allocates(served)
     need, per_row = batch_memory(model.config, 3, 4, weight_bytes=1000)
     logits = 4 * 4 * model.config.vocab_size  # per row
     assert need == 1000 + 3 * per_row and 3 * (per_row - logits) == allocated
+
+
+def test_health_counts_no_job_whose_client_went_away(served):
+    """`/health`'s "requests" (``Scheduler.busy``): a job whose client left is not counted,
+    whether it is decoding, next in line for rows, or still queued behind it; the loop then
+    drops them and the batch is empty."""
+    from gptcli.serve.scheduler import Job, Scheduler
+
+    scheduler = Scheduler(served["model"], served["tokenizer"], max_batch=1)
+    tok, config = served["tokenizer"], SampleConfig(max_new_tokens=50, seed=1)
+    jobs = [Job([tok.encode(f"job {i}")], 1, config, lambda event: None) for i in range(3)]
+    for job in jobs:
+        scheduler.submit(job)
+    assert scheduler.busy() == 3
+    scheduler.run_once()  # the first decodes; the second waits for its row, the third behind
+    assert scheduler.running == jobs[:1] and scheduler.head is jobs[1]
+    for job, left in zip(reversed(jobs), (2, 1, 0)):
+        job.cancel()
+        assert scheduler.busy() == left
+    scheduler.run_once()
+    scheduler.run_once()
+    assert not scheduler.running and not scheduler.engine.rows and scheduler.busy() == 0

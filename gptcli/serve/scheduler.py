@@ -135,8 +135,12 @@ class Scheduler:
         self.waiting.put(job)
 
     def busy(self) -> int:
-        """Jobs admitted or waiting."""
-        return len(self.running) + self.waiting.qsize() + (self.head is not None)
+        """Jobs admitted or waiting whose client is still there (`/health`'s "requests"): a job
+        whose client went away is left where it is until the loop reaches it, and not counted."""
+        with self.waiting.mutex:  # (the HTTP thread asks; the loop takes from the queue)
+            queued = [job for job in self.waiting.queue if job is not None]
+        return sum(not job.cancelled for job in [*self.running, *queued, self.head]
+                   if job is not None)
 
     # ------------------------------------------------------------------------- the loop
 
