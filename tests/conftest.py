@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -14,6 +17,16 @@ from gptcli.model import GPT
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def startup_seconds() -> float:
+    """How long a Python process here takes to import torch and gptcli's CLI and exit: the
+    part of a timed subprocess that says nothing about the code under test (seconds on a
+    loaded 2-core machine)."""
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import torch, gptcli.cli"], check=True,
+                   capture_output=True, timeout=120)
+    return time.monotonic() - start
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -114,9 +114,10 @@ def test_stopping_a_torchrun_run_says_how_to_resume_it_under_torchrun(corpus, tm
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env(), start_new_session=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 180
         while not (out / "last.state.safetensors").exists() and time.time() < deadline:
             time.sleep(0.2)
+        assert (out / "last.state.safetensors").exists(), "no checkpoint within 3 minutes"
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         _, stderr = proc.communicate(timeout=120)
     finally:

@@ -123,9 +123,10 @@ def test_a_second_process_on_the_same_run_folder_is_refused(corpus, tmp_path):
                               "--out", str(out), *TINY, "--max-steps", "100000"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 180
         while not (out / "metrics.jsonl").exists() and time.time() < deadline:
             time.sleep(0.1)
+        assert (out / "metrics.jsonl").exists(), "the first run wrote no metrics in 3 minutes"
         second = subprocess.run([sys.executable, "-m", "gptcli", "train", "--data", str(corpus),
                                  "--out", str(out), *TINY, "--max-steps", "10", "--force"],
                                 capture_output=True, text=True, timeout=60)

@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .. import chat
 from ..config import SEED_LIMIT
 from ..tokenizer import Tokenizer
-from .scheduler import Choice, Logprob
+from .logprobs import Logprob
+from .scheduler import Choice
 
 
 # ----------------------------------------------------------------------------- requests

@@ -35,19 +35,9 @@ from ..decode import Engine, Row
 from ..generate import TextStream
 from ..model import GPT
 from ..tokenizer import Tokenizer
+from .logprobs import Logprob, prompt_logprobs, token_logprob
 
 GATHER_S = 0.005  # measured: 8 requests sent at once reach the server within a few ms
-
-
-@dataclass
-class Logprob:
-    """A token's log-probability under the model (before temperature and filtering) and the
-    ``top`` most likely tokens at that step, as (id, log-prob) pairs. The first prompt token
-    has no log-prob (nothing comes before it)."""
-
-    token: int
-    logprob: float | None
-    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -74,6 +64,7 @@ class Job:
     logprobs: int | None = None  # top-N log-probs per generated token
     echo_logprobs: bool = False  # also the prompt tokens' log-probs
     cancelled: bool = False
+    ended: bool = False  # its last event (done or error) is sent
     choices: list[Choice] = field(default_factory=list)
     rows: dict[int, Choice] = field(default_factory=dict)  # id(row) -> choice
     cached: int = 0  # prompt positions the engine's cache held already (a conversation's past)
@@ -103,6 +94,8 @@ class Scheduler:
         self.waiting: queue.Queue[Job | None] = queue.Queue()
         self.head: Job | None = None  # the next job to admit, waiting for free rows
         self.running: list[Job] = []  # in order of admission
+        self.live: list[Job] = []  # submitted, neither ended nor cancelled yet (``busy``)
+        self.live_lock = threading.Lock()
         self.stopping = threading.Event()
         self.closing = False  # shutting down: no new jobs (see ``drain``)
         self.deadline: float | None = None
@@ -132,15 +125,20 @@ class Scheduler:
         if job.size > self.max_batch:
             raise ValueError(f"this request needs {job.size} rows (prompts x n) but the server "
                              f"decodes at most {self.max_batch} at once (--max-batch)")
+        self._live(job)
         self.waiting.put(job)
 
     def busy(self) -> int:
-        """Jobs admitted or waiting whose client is still there (`/health`'s "requests"): a job
-        whose client went away is left where it is until the loop reaches it, and not counted."""
-        with self.waiting.mutex:  # (the HTTP thread asks; the loop takes from the queue)
-            queued = [job for job in self.waiting.queue if job is not None]
-        return sum(not job.cancelled for job in [*self.running, *queued, self.head]
-                   if job is not None)
+        """Jobs submitted, not ended, whose client is still there (`/health`'s "requests"; one
+        whose client left stays where it is until the loop reaches it), wherever they are:
+        queued, next in line, prefilled, decoding (not read off those places: a job moving
+        from one to the next is in neither for a moment)."""
+        return self._live()
+
+    def _live(self, *new: Job) -> int:
+        with self.live_lock:
+            self.live = [job for job in [*self.live, *new] if not (job.ended or job.cancelled)]
+            return len(self.live)
 
     # ------------------------------------------------------------------------- the loop
 
@@ -346,6 +344,7 @@ class Scheduler:
     def _send(self, job: Job, event: dict) -> None:
         """Hand an event to the job's client; one that cannot take it any more (its event loop
         closed at shutdown) is gone, like a client that disconnected."""
+        job.ended = job.ended or event["type"] in ("done", "error")
         try:
             job.deliver(event)
         except Exception:  # noqa: BLE001
@@ -365,32 +364,3 @@ class Scheduler:
     def _fail(self, job: Job, message: str, status: int = 500) -> None:
         self._drop(job)
         self._send(job, {"type": "error", "message": message, "status": status})
-
-
-# ----------------------------------------------------------------------------- log-probs
-
-def _top(logp: torch.Tensor, top: int) -> list[tuple[int, float]]:
-    if not top:
-        return []
-    best = torch.topk(logp, min(top, logp.size(-1)))  # a vocabulary smaller than top
-    return list(zip(best.indices.tolist(), best.values.tolist()))
-
-
-def token_logprob(row: Row, token: int, vocab_size: int, top: int) -> Logprob:
-    """The log-prob of the token ``row`` just picked, and the ``top`` most likely ones, from the
-    model's distribution at that step (before temperature and filtering)."""
-    logp = torch.log_softmax(row.logits[:vocab_size].float(), dim=-1)
-    return Logprob(token, logp[token].item(), _top(logp, top))
-
-
-@torch.no_grad()
-def prompt_logprobs(model: GPT, vocab_size: int, prompt: list[int], top: int) -> list[Logprob]:
-    """Log-probs of each prompt token given the ones before it (the first has none): what
-    `echo` with `logprobs` returns, for scoring text (lm-evaluation-harness)."""
-    if not prompt:
-        return []
-    idx = torch.tensor([prompt], device=model.device)
-    logp = torch.log_softmax(model(idx)[0, :, :vocab_size].float(), dim=-1)
-    return [Logprob(prompt[0], None)] + [
-        Logprob(prompt[i], logp[i - 1, prompt[i]].item(), _top(logp[i - 1], top))
-        for i in range(1, len(prompt))]
