@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -19,10 +20,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+@functools.lru_cache(maxsize=1)
 def startup_seconds() -> float:
     """How long a Python process here takes to import torch and gptcli's CLI and exit: the
     part of a timed subprocess that says nothing about the code under test (seconds on a
-    loaded 2-core machine)."""
+    loaded 2-core machine). Measured once a session."""
     start = time.monotonic()
     subprocess.run([sys.executable, "-c", "import torch, gptcli.cli"], check=True,
                    capture_output=True, timeout=120)
