@@ -116,16 +116,19 @@ typedef __m256 fvec;
    A build without vector loops (no AVX2) asks for a row or more ahead at each row's start.
    The 4-row loops read less than a line a step and ask at every step: asking once a line (a
    branch) made bf16's 12 blocks at 4 rows 2-3% slower here (0.971x, 0.975x, 0.988x). */
+#ifndef HINT
+#define HINT 3
+#endif
 #define LEAD 4
 #define AHEAD 8192
 static inline void prefetch(const void *p, int64_t bytes) {
-  for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch((const char *)p + c, 0, 3);
+  for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch((const char *)p + c, 0, HINT);
 }
 
 /* the lines AHEAD bytes past [p, p + bytes): a hint, which never faults past the weights' end */
 static inline __attribute__((always_inline)) void ahead(const void *p, int bytes) {
   for (int c = 0; c < bytes; c += 64)
-    __builtin_prefetch((const void *)((uintptr_t)p + AHEAD + c), 0, 3);
+    __builtin_prefetch((const void *)((uintptr_t)p + AHEAD + c), 0, HINT);
 }
 
 /* ---------------------------------------------------------------- int8 weights */
@@ -711,7 +714,7 @@ static inline __attribute__((always_inline)) void int4_four(
         sc[r] = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_maskz_loadu_epi16(
             G - g >= 8 ? 0xFF : (__mmask8)((1u << (G - g)) - 1), scale + r * G + g)));
     if (ahead) /* the four rows ahead (4 K / 2 bytes) over this call's G / 4 steps */
-      for (int c = 0; c < 4; c++) __builtin_prefetch(ahead + g * 64 + c * 64, 0, 3);
+      for (int c = 0; c < 4; c++) __builtin_prefetch(ahead + g * 64 + c * 64, 0, HINT);
     quad q[4];
     __m512i ix = quad_index((int)(g % 8));
     for (int r = 0; r < 4; r++) q[r] = quad_weights(p + r * H + g * GROUP / 2);
@@ -726,8 +729,8 @@ static inline __attribute__((always_inline)) void int4_four(
         sc[r] = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_maskz_loadu_epi16(
             0x3, scale + r * G + g)));
     if (ahead) {
-      __builtin_prefetch(ahead + g * 64, 0, 3);
-      __builtin_prefetch(ahead + g * 64 + 64, 0, 3);
+      __builtin_prefetch(ahead + g * 64, 0, HINT);
+      __builtin_prefetch(ahead + g * 64 + 64, 0, HINT);
     }
     __m512i q[4];
     for (int r = 0; r < 4; r++) q[r] = pair_weights(p + r * H + g * GROUP / 2);
@@ -1195,4 +1198,78 @@ int gptcli_block(const gptcli_block_weights *b, float *x, int64_t R, int64_t T, 
 done:
   free(h); free(qkv); free(att); free(f); free(scores); acts_free(&a);
   return rc;
+}
+
+/* A whole decode step in one call (native_step.py): the n blocks in turn (block i with its own
+   cache, kc[i] and vc[i]), then, where head is given, the final layer norm and the output
+   product, of each row's last position (last_only) or of every position, into logits. From
+   Python that is one call a token where it was one a block and three for the head; each costs
+   more than its work here, since streaming the weights leaves Python's code and data cold. */
+int gptcli_step(const gptcli_block_weights *b, int64_t n, float *x, int64_t R, int64_t T,
+                int64_t C, int64_t n_head, int64_t pos, float *const *kc, float *const *vc,
+                int64_t row_stride, int64_t max_len, const float *lnf_w, const float *lnf_b,
+                float eps, const gptcli_linear *head, int64_t last_only, float *logits,
+                int threads) {
+  for (int64_t i = 0; i < n; i++) {
+    int rc = gptcli_block(b + i, x, R, T, C, n_head, pos, kc[i], vc[i], row_stride, max_len,
+                          threads);
+    if (rc) return rc;
+  }
+  if (!head) return 0;
+  if (head->kind < 0 || head->kind > 3 || head->K != C) return -2;
+  int64_t M = last_only ? R : R * T;
+  float *h = malloc(sizeof(float) * M * C);
+  acts a;
+  int rc = acts_new(&a, M, C);
+  if (!h || rc) { rc = -1; goto done; }
+  for (int64_t m = 0; m < M; m++)
+    layer_norm(x + (last_only ? m * T + T - 1 : m) * C, C, lnf_w, lnf_b, eps, h + m * C);
+  prepare(head, h, M, &a);
+  PARALLEL
+  {
+    SHARE(head->N, n0, n1);
+    rows(head, h, &a, M, logits, n0, n1);
+  }
+done:
+  free(h); acts_free(&a);
+  return rc;
+}
+
+/* out[b] = the index of row b's largest value, the first of equal ones, for x (B, V), rows
+   stride floats apart: a greedy pick (sampling.py) in one call. Returns 1, leaving the rest to
+   the caller, where a row holds a NaN or its largest value is not finite. */
+int gptcli_argmax(const float *x, int64_t B, int64_t V, int64_t stride, int64_t *out) {
+  for (int64_t b = 0; b < B; b++) {
+    const float *p = x + b * stride;
+    float m = -INFINITY;
+    int nan = 0;
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    __mmask16 un = 0;
+    for (; k + 16 <= V; k += 16) {
+      __m512 v = _mm512_loadu_ps(p + k);
+      un |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      mv = _mm512_max_ps(mv, v);
+    }
+    nan = un != 0;
+    m = _mm512_reduce_max_ps(mv);
+#endif
+    for (; k < V; k++) {
+      nan |= p[k] != p[k];
+      m = p[k] > m ? p[k] : m;
+    }
+    if (nan || !isfinite(m)) return 1;
+    k = 0;
+#if defined(__AVX512F__)
+    __m512 target = _mm512_set1_ps(m);
+    for (; k + 16 <= V; k += 16) {
+      __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(p + k), target, _CMP_EQ_OQ);
+      if (hit) { k += __builtin_ctz(hit); break; }
+    }
+#endif
+    while (p[k] != m) k++;
+    out[b] = k;
+  }
+  return 0;
 }

@@ -6,8 +6,10 @@ cache write, attention over the cache, GELU, residuals, views), each a trip thro
 torch's dispatcher; on a fast CPU those cost as much as the products themselves once the products
 read their weights at memory speed. ``BlockStep`` runs each block's decode step as one C call
 over the same weights (the mode's native kernel: ``native``, ``bf16-native``, ``int8-native``,
-``int4-native``) and the same KV cache; the embedding, the final norm and the output matrix
-stay with the model's own modules and kernels. It takes steps of rows at one position, one new
+``int4-native``) and the same KV cache, all blocks in one call (``gptcli_step``), with the final
+norm and the output matrix where the output matrix's chosen kernel is its mode's native one
+(else the model's modules run them); the embedding stays the model's. It takes steps of rows at
+one position, one new
 token each or a few (a speculative round's check of the draft's tokens), ``native.ROWS_MAX``
 positions in all at most; every other call (prompts, rows at different positions, another
 device) goes to the model as before.
@@ -58,6 +60,10 @@ class _Block(ctypes.Structure):
 _ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
          ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
          ctypes.c_int64, ctypes.c_int]
+_STEP_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+              ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+              ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+              ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
 
 
 def why_not(model: nn.Module) -> str | None:
@@ -128,8 +134,21 @@ class BlockStep:
         self._held: list[torch.Tensor] = []  # what the structures point into
         self.blocks = [_block(b, self._held) for b in (self.model.h if self.modules is None
                                                        else self.modules)]
-        self.fn = native.library().gptcli_block
+        self.array = (_Block * len(self.blocks))(*self.blocks)
+        lib = native.library()
+        self.fn, self.step_fn = lib.gptcli_block, lib.gptcli_step
         self.fn.argtypes, self.fn.restype = _ARGS, ctypes.c_int
+        self.step_fn.argtypes, self.step_fn.restype = _STEP_ARGS, ctypes.c_int
+        # the output matrix (and the final norm) where C can run it: its native layout packed
+        self.head_layer, self.head, self.norm = None, None, (None, None, 0.0)
+        head, ln = self.model.lm_head, self.model.ln_f
+        if self.modules is None and isinstance(head, KernelLinear) and head.mode in NATIVE and \
+                head.n_in == self.cfg.n_embd and \
+                any(k.name == NATIVE[head.mode] for k in head.kernels.values()):
+            w, b = native._f32(ln.weight), native._f32(ln.bias)
+            self._held.extend(t for t in (w, b) if t is not None)
+            self.head_layer, self.head = head, _linear(head, self._held)
+            self.norm = (w.data_ptr(), None if b is None else b.data_ptr(), ln.eps)
 
     def __getstate__(self) -> dict:  # a copy of the model (deepcopy) points into its own
         return {"model": self.model, "cfg": self.cfg, "modules": self.modules}
@@ -180,10 +199,32 @@ class BlockStep:
         x = x.reshape(rows * t, -1).contiguous()
         if self.blocks is None:
             self._build()
-        for i in range(len(self.blocks)):
-            self.run(i, x, kv_cache.k[i], kv_cache.v[i], start_pos, t)
+        out = 1 if last_only else t  # positions a row whose logits are asked for
+        head = model.lm_head
+        if head is self.head_layer and head.for_rows(rows * out).name == NATIVE[head.mode]:
+            logits = torch.empty(rows, out, head.n_out)
+            self.steps(x, kv_cache, start_pos, t, logits)
+            return logits
+        self.steps(x, kv_cache, start_pos, t)
         x = x.view(rows, t, -1)
-        return model.lm_head(model.ln_f(x[:, -1:] if last_only else x))  # (R, T or 1, V)
+        return head(model.ln_f(x[:, -1:] if last_only else x))  # (R, T or 1, V)
+
+    def steps(self, x: torch.Tensor, kv_cache: KVCache, pos: int, positions: int,
+              logits: torch.Tensor | None = None) -> None:
+        """Every block on ``x`` (R * positions, C) as ``run`` does one, in one C call; with
+        ``logits`` (R, 1 or positions, V), then the final norm and the output matrix (its native
+        layout) of each row's last position or of all, written there."""
+        k, rows = kv_cache.k[0], x.size(0) // positions
+        pointers = ctypes.c_void_p * len(self.blocks)
+        if self.step_fn(self.array, len(self.blocks), x.data_ptr(), rows, positions,
+                        self.cfg.n_embd, self.cfg.n_head, pos,
+                        pointers(*(c.data_ptr() for c in kv_cache.k)),
+                        pointers(*(c.data_ptr() for c in kv_cache.v)), k.stride(0), k.size(2),
+                        *self.norm, None if logits is None else ctypes.byref(self.head),
+                        int(logits is not None and logits.size(1) == 1),
+                        None if logits is None else logits.data_ptr(),
+                        torch.get_num_threads()):
+            raise MemoryError("gptcli's C block ran out of memory")
 
 
 # ----------------------------------------------------------------------------- choosing

@@ -34,6 +34,7 @@ import math
 import numpy as np
 import torch
 
+from . import native
 from .config import SampleConfig
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (SampleConfig's help says so)
@@ -113,7 +114,8 @@ def next_token(logits: torch.Tensor, config: SampleConfig, seen: torch.Tensor,
         logits = logits[..., :vocab_size]
     logits = apply_repetition_penalty(logits.float(), seen, config.repetition_penalty)
     if config.temperature < GREEDY_BELOW:
-        return most_likely(usable(logits))
+        picked = native.argmax(logits)  # (one C call, where it can)
+        return picked if picked is not None else most_likely(usable(logits))
     logits = usable(logits / config.temperature)
     logits = filter_top_k(logits, config.top_k)
     logits = filter_top_p(logits, config.top_p)

@@ -18,6 +18,7 @@ from gptcli.decode import Engine, decode_loop
 from gptcli.errors import UserError
 from gptcli.kv_cache import KVCache
 from gptcli.kernel_layer import KernelLinear
+from gptcli.kernels import KERNELS
 from gptcli.model import GPT
 from gptcli.quantize import prepare
 from gptcli.speculative import Draft
@@ -55,9 +56,9 @@ def test_a_c_step_equals_the_models_blocks_on_the_same_cache(mode, rows, positio
     without ``last_only``, and the keys and values written, within OWN; the C blocks ran."""
     model = fused_model(mode)
     calls = []
-    run = native_step.BlockStep.run
-    monkeypatch.setattr(native_step.BlockStep, "run",
-                        lambda self, i, x, *a: (calls.append(x.shape), run(self, i, x, *a)))
+    steps = native_step.BlockStep.steps
+    monkeypatch.setattr(native_step.BlockStep, "steps",
+                        lambda self, x, *a: (calls.append(x.shape), steps(self, x, *a)))
     g = torch.Generator().manual_seed(rows)
     prompt = torch.randint(0, model.config.vocab_size, (rows, 6), generator=g)
     tokens = torch.randint(0, model.config.vocab_size, (rows, positions), generator=g)
@@ -77,6 +78,47 @@ def test_a_c_step_equals_the_models_blocks_on_the_same_cache(mode, rows, positio
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
         assert relative(b[:, :, :end], a[:, :, :end]) <= OWN[mode]
         assert not b[:, :, end:].any()  # nothing written past the positions
+
+
+@pytest.mark.parametrize("mode", [None, "half", "int8", "int4"])
+@pytest.mark.parametrize("rows, positions", [(1, 1), (2, 4)])
+def test_the_output_matrix_runs_in_the_blocks_c_call_where_its_kernel_is_native(
+        mode, rows, positions, monkeypatch):
+    """Where the output matrix's kernel for the step's rows is its mode's native one, the final
+    norm and the product run in the blocks' one C call: the logits, with and without
+    ``last_only``, are those of the model's own norm and kernel on the C blocks' output within
+    OWN; where its kernel is another (the tiny models' measured choice), the model runs it."""
+    calls = []
+    steps = native_step.BlockStep.steps
+    monkeypatch.setattr(native_step.BlockStep, "steps", lambda self, x, cache, pos, n, *a: (
+        calls.append(bool(a) and a[0] is not None), steps(self, x, cache, pos, n, *a)))
+    g = torch.Generator().manual_seed(rows)
+    prompt = torch.randint(0, 101, (rows, 6), generator=g)
+    tokens = torch.randint(0, 101, (rows, positions), generator=g)
+    assert fused_model(mode).decode_step(tokens[:, :1], kv_cache=KVCache.for_model(
+        fused_model(mode).config, rows), start_pos=0).shape == (rows, 1, 101)
+    assert calls == [False]  # (the measured choice here: torch's kernel, run by the model)
+    measure, _ = fake_timings({name: 1.0 if name in native_step.NATIVE.values() else 9.0
+                               for name in KERNELS})
+    monkeypatch.setattr(tuning, "measure", measure)
+    tuning.cache_path().unlink()  # (chosen again, by these timings)
+    model = fused_model(mode)
+    step, head = model.decode_step, model.lm_head
+    assert {head.for_rows(m).name for m in (rows, rows * positions)} == \
+        {native_step.NATIVE[head.mode]}
+    caches = [KVCache.for_model(model.config, rows) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(prompt, kv_cache=cache)
+        calls.clear()
+        got = step(tokens, kv_cache=caches[0], start_pos=6)
+        last = step(tokens, kv_cache=caches[0], start_pos=6, last_only=True)
+        assert calls == [True, True]
+        monkeypatch.setattr(step, "head_layer", None)  # the model's norm and output matrix
+        own = step(tokens, kv_cache=caches[1], start_pos=6)
+        assert calls[2:] == [False]
+    assert got.shape == own.shape == (rows, positions, 101)
+    assert relative(got, own) <= OWN[mode] and relative(last, own[:, -1:]) <= OWN[mode]
 
 
 @pytest.mark.parametrize("mode", [None, "half", "int8", "int4"])
@@ -110,9 +152,9 @@ def test_a_speculative_rounds_check_of_a_drafts_tokens_runs_in_c(mode, monkeypat
     decoding without a draft; a draft that is the model keeps every token."""
     model = fused_model(mode)
     calls = []
-    run = native_step.BlockStep.run
-    monkeypatch.setattr(native_step.BlockStep, "run", lambda self, i, x, *a: (
-        calls.append((self.model, a[3] if len(a) > 3 else 1)), run(self, i, x, *a)))
+    steps = native_step.BlockStep.steps
+    monkeypatch.setattr(native_step.BlockStep, "steps", lambda self, x, cache, pos, n, *a: (
+        calls.append((self.model, n)), steps(self, x, cache, pos, n, *a)))
     prompt = torch.randint(0, model.config.vocab_size, (2, 5),
                            generator=torch.Generator().manual_seed(4))
     config = SampleConfig(max_new_tokens=20, temperature=0)
@@ -131,9 +173,9 @@ def test_prompts_and_rows_at_different_positions_go_to_the_model(monkeypatch):
     that step is the model's; the tokens are those of each row decoded alone."""
     model = fused_model(None)
     calls = []
-    run = native_step.BlockStep.run
-    monkeypatch.setattr(native_step.BlockStep, "run",
-                        lambda self, i, x, *a: (calls.append(x.size(0)), run(self, i, x, *a)))
+    steps = native_step.BlockStep.steps
+    monkeypatch.setattr(native_step.BlockStep, "steps",
+                        lambda self, x, *a: (calls.append(x.size(0)), steps(self, x, *a)))
     config = SampleConfig(max_new_tokens=6, temperature=0)
     engine = Engine(model, 2)
     engine.add([[1, 2, 3]], config)

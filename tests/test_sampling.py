@@ -7,6 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from gptcli import native
 from gptcli.cli import app
 from gptcli.config import SampleConfig
 from gptcli.model import GPT
@@ -173,6 +174,39 @@ def test_most_likely_is_torch_argmax():
             picked = most_likely(scores)
         assert picked.dtype is torch.int64 and torch.equal(picked, scores.argmax(dim=-1))
     assert most_likely(logits[:, :50257])[1:4].tolist() == [7, 0, logits[3, :50257].argmax()]
+
+
+def test_the_c_greedy_pick_is_torch_argmax_and_leaves_broken_rows_to_python(monkeypatch):
+    """``native.argmax`` (a greedy token's pick in one C call) is torch's argmax: the first of
+    equal values, vector tails, a padded vocabulary's slice; a row with a NaN, +inf or nothing
+    finite, another dtype, or no library loaded: None, and next_token's own code picks."""
+    native.library()
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 50304, generator=g)
+    logits[1, 7] = logits[1, 9] = logits[1, 50300] = 100.0  # ties: the first
+    logits[2, 50290] = logits[2, 40] = -1e30
+    logits[3, 50280] = 1e9  # beyond the slice below
+    for scores in (logits, logits[:, :50257], logits[1:2], logits[:, :1], logits[:, 3:20],
+                   logits[:, :33]):
+        assert torch.equal(native.argmax(scores), scores.argmax(dim=-1))
+    assert native.argmax(logits[:, :50257])[1].item() == 7
+    nan, inf = float("nan"), float("inf")
+    for bad in (nan, inf):
+        for at in (0, 5, 50256):  # in the vector loop and its tail
+            broken = logits[:, :50257].clone()
+            broken[2, at] = bad
+            assert native.argmax(broken) is None
+    assert native.argmax(torch.full((2, 40), -inf)) is None
+    assert native.argmax(logits.bfloat16()) is None and native.argmax(logits.double()) is None
+    picks = []
+    argmax = native.argmax
+    monkeypatch.setattr(native, "argmax", lambda s: (picks.append(s.shape), argmax(s))[1])
+    greedy, empty = SampleConfig(temperature=0), torch.zeros(4, 0, dtype=torch.long)
+    assert torch.equal(next_token(logits, greedy, empty, None, 50257),
+                       logits[:, :50257].argmax(dim=-1)) and picks == [(4, 50257)]
+    monkeypatch.setattr(native, "_loaded", None)
+    assert argmax(logits) is None
+    assert torch.equal(next_token(logits, greedy, empty, None), logits.argmax(dim=-1))
 
 
 def test_top_k_1_equals_greedy_and_seed_reproduces():
