@@ -9,10 +9,9 @@ over the same weights (the mode's native kernel: ``native``, ``bf16-native``, ``
 ``int4-native``) and the same KV cache, all blocks in one call (``gptcli_step``), with the final
 norm and the output matrix where the output matrix's chosen kernel is its mode's native one
 (else the model's modules run them); the embedding stays the model's. It takes steps of rows at
-one position, one new
-token each or a few (a speculative round's check of the draft's tokens), ``native.ROWS_MAX``
-positions in all at most; every other call (prompts, rows at different positions, another
-device) goes to the model as before.
+one position, one new token each or a few (a speculative round's check of the draft's tokens),
+``native.ROWS_MAX`` positions in all at most; every other call (prompts, rows at different
+positions, another device) goes to the model as before.
 
 ``attach`` (the end of ``quantize.prepare``) times a run of the model's own blocks against
 ``gptcli_block`` on the same inputs, alternating, for each batch size the model is prepared for,

@@ -237,7 +237,7 @@ def test_int8_bytes_give_the_int16_codes_sums_exactly(fresh, monkeypatch):
 def test_the_avx2_and_plain_builds_compute_the_same_products(fresh, monkeypatch, flags):
     """This CPU builds with -march=native (AVX-512 VNNI here), so the AVX2 code, the plain
     loops and AVX-512 without VNNI (int4's 16-bit pairs) that other CPUs get are built here on
-    purpose and held to the same bounds."""
+    purpose and held to the same bounds (and the greedy pick to torch's argmax)."""
     from gptcli import hardware
     needs = {"avx2", "fma", "f16c"} | ({"avx512f", "avx512bw", "avx512vl"}
                                        if "-mavx512bw" in flags else set())
@@ -275,6 +275,11 @@ def test_the_avx2_and_plain_builds_compute_the_same_products(fresh, monkeypatch,
     x[2, 5], x[1, 20] = float("nan"), float("inf")  # (the vector loops: 40 = 32 + a tail)
     y = native.int8_product(x, q, torch.rand(8, generator=g), None)
     assert y[2].isnan().all() and not y[1].isfinite().any() and y[[0, 3]].isfinite().all()
+    scores = torch.randn(3, 50257, generator=g)  # the greedy pick: first of equal values
+    scores[1, 9] = scores[1, 50000] = scores[2, 50250] = 50.0
+    assert torch.equal(native.argmax(scores), scores.argmax(dim=-1))
+    scores[0, 50256] = float("nan")  # (in the tail)
+    assert native.argmax(scores) is None
 
 
 @contextlib.contextmanager
