@@ -5,8 +5,10 @@ or generation will ask of it, so commands refuse a shape that cannot fit before 
 
 from __future__ import annotations
 
+import mmap
 import platform
 import re
+import threading
 import time
 
 import torch
@@ -274,3 +276,49 @@ def check_memory(need: int, device: torch.device, what: str, hint: str) -> None:
     if available is not None and need > available:
         raise UserError(f"{what} needs about {need / GiB:,.1f} GiB; {device.type} has "
                         f"{available / GiB:,.1f} GiB available. {hint}")
+
+
+HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 and most arm64 Linux kernels
+CHUNK = 32 << 20  # tensors under this share areas of this size (int4's matrices are ~1 MB)
+SMALL = 64 << 10  # tensors under this stay where they are
+_area: list = [None, 0]  # the area being filled, and how much of it is taken
+_area_lock = threading.Lock()
+
+
+def _new_area(nbytes: int) -> torch.Tensor | None:
+    """``nbytes`` of private memory starting on a 2 MB boundary, advised for huge pages."""
+    try:
+        area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        area.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError, AttributeError):
+        return None
+    raw = torch.frombuffer(area, dtype=torch.uint8)  # (keeps the mapping alive)
+    start = -raw.data_ptr() % HUGE_PAGE
+    return raw[start:start + nbytes]
+
+
+def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` (a CPU tensor of 64 KB or more) in memory that Linux is asked to back
+    with transparent huge pages, else ``t`` itself. Decoding streams every weight once a token:
+    with 4 KB pages that is a TLB miss every 4 KB, and the hardware prefetchers stop at each
+    page's end. On a Zen 4 (THP "madvise", as on Ubuntu) half, int8 and int4 decoding took
+    1.06-1.13x less time a token with their weights so held (README). Tensors under ``CHUNK``
+    share areas of that size (an area lives while any tensor in it does); where the kernel says
+    no or THP is off, the copy is plain memory, as before."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes < SMALL or t.device.type != "cpu" or t.layout is not torch.strided or \
+            not t.is_contiguous() or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return t
+    if nbytes >= CHUNK:
+        room = _new_area(nbytes)
+    else:
+        with _area_lock:
+            if _area[0] is None or _area[1] + nbytes > CHUNK:
+                _area[:] = [_new_area(CHUNK), 0]
+            room = None if _area[0] is None else _area[0][_area[1]:_area[1] + nbytes]
+            _area[1] += -(-nbytes // 4096) * 4096  # (the next tensor on a 4 KB boundary)
+    if room is None:
+        return t
+    copy = room.view(t.dtype).view(t.shape)
+    copy.copy_(t)
+    return copy

@@ -12,6 +12,7 @@ import weakref
 import torch
 from torch import nn
 
+from .hardware import in_huge_pages
 from .kernels import KERNELS, Kernel
 
 STORED = {"int8": ("qweight", "scale")}  # what a mode's checkpoints hold besides the bias
@@ -67,6 +68,7 @@ class KernelLinear(nn.Module):
         self.packed_bytes = 0  # bytes a product reads outside tensors (fbgemm's fp16 copy)
         self.traced = False  # a compiled step traces its kernel (--kernel inductor)
         self._packed: list[str] = []  # the names ``use`` packed
+        self._huge: dict[str, int] = {}  # buffers moved by ``into_huge_pages``: where to
         _LAYERS[id(self)] = self
 
     @classmethod
@@ -102,6 +104,17 @@ class KernelLinear(nn.Module):
                 self.register_buffer(name, value, persistent=False)
             else:
                 setattr(self, name, value)
+        self.into_huge_pages()  # (what decoding streams each token)
+
+    def into_huge_pages(self) -> None:
+        """Move this layer's large CPU buffers (its stored weights and its kernels' layouts)
+        into memory backed by huge pages where the OS allows (``hardware.in_huge_pages``),
+        each once (a tied embedding points at the output matrix's rows after the first ``use``)."""
+        for name, tensor in list(self._buffers.items()):
+            if tensor is not None and tensor.device.type == "cpu" and \
+                    tensor.layout is torch.strided and tensor.data_ptr() != self._huge.get(name):
+                self._buffers[name] = moved = in_huge_pages(tensor)
+                self._huge[name] = moved.data_ptr()
 
     def __setstate__(self, state: dict) -> None:  # a copy (deepcopy) is a layer of its own
         super().__setstate__(state)

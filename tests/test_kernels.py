@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from gptcli import native_step, tuning
 from gptcli.cli import app
-from gptcli.config import KERNEL_ENV
+from gptcli.config import KERNEL_ENV, SampleConfig
 from gptcli.errors import UserError
 from gptcli.kernel_layer import KernelLinear
 from gptcli.kernels import KERNELS, candidates
@@ -682,3 +682,50 @@ def test_a_layer_holding_two_layouts_runs_each_on_its_own_buffers(mode, names):
             y = layer(x)
         exact = x.double() @ exact_w + storage["bias"].double()
         assert tuning.relative_error(y, exact) <= KERNELS[name].tolerance, name
+
+
+def test_large_buffers_move_into_huge_page_areas_once_with_the_same_values(monkeypatch):
+    """hardware.in_huge_pages: a copy with the same values, in an area advised for huge pages
+    (tensors under CHUNK one after another from a 2 MB boundary, on 4 KB boundaries; a larger
+    one in its own, from a 2 MB boundary); a small, non-contiguous or non-CPU tensor stays
+    itself. A prepared int8 model's layers hold their buffers there, each moved once, and the
+    tied embedding reads the output matrix's own rows; it decodes the same tokens as without."""
+    import gc
+
+    from gptcli import hardware
+    monkeypatch.setattr(hardware, "_area", [None, 0])
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 1000, generator=g)
+    b = torch.randint(-128, 127, (700, 1001), dtype=torch.int8, generator=g)
+    big = torch.randn(2200, 4000, generator=g)  # 35 MB: over CHUNK
+    moved = [hardware.in_huge_pages(t) for t in (a, b, big)]
+    for t, m in zip((a, b, big), moved):
+        assert m.data_ptr() != t.data_ptr() and m.dtype == t.dtype and torch.equal(m, t)
+    assert moved[0].data_ptr() % hardware.HUGE_PAGE == 0 == moved[2].data_ptr() % \
+        hardware.HUGE_PAGE
+    assert moved[1].data_ptr() == moved[0].data_ptr() + 1_200_128  # (1,200,000 to 4 KB)
+    small = torch.randn(100, 100)
+    for t in (small, a.t(), torch.empty(600, 600, device="meta")):
+        assert hardware.in_huge_pages(t) is t
+    del moved[0], a
+    gc.collect()
+    assert torch.equal(moved[0], b)  # its area lives on with it
+
+    monkeypatch.setattr(hardware, "SMALL", 0)  # (the tiny model's buffers move too)
+    model = model_in("int8")
+    prepare(model, "int8", rows=(1,))
+    layers = [m for m in model.modules() if isinstance(m, KernelLinear)]
+    assert all(set(m._huge) == {n for n, t in m._buffers.items() if t is not None}
+               for m in layers)
+    assert all(m._huge[n] == t.data_ptr() for m in layers for n, t in m._buffers.items()
+               if t is not None)  # (still where they were moved: nothing moved twice)
+    assert model.wte.qweight.data_ptr() == model.lm_head.qweight.data_ptr()
+    prompt = torch.tensor([[1, 2, 3]])
+    config = SampleConfig(max_new_tokens=8, temperature=0)
+    got = torch.stack(list(decode_loop(model, prompt, config)))
+    monkeypatch.setattr(hardware, "SMALL", 1 << 62)
+    plain = model_in("int8")
+    prepare(plain, "int8", rows=(1,))
+    assert not any(m._huge[n] != m._buffers[n].data_ptr() for m in plain.modules()
+                   if isinstance(m, KernelLinear) for n in m._huge)
+    assert torch.equal(got, torch.stack(list(decode_loop(plain, prompt, config))))
