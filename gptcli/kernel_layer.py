@@ -104,7 +104,6 @@ class KernelLinear(nn.Module):
                 self.register_buffer(name, value, persistent=False)
             else:
                 setattr(self, name, value)
-        self.into_huge_pages()  # (what decoding streams each token)
 
     def into_huge_pages(self) -> None:
         """Move this layer's large CPU buffers (its stored weights and its kernels' layouts)

@@ -226,11 +226,17 @@ def prepare(model: nn.Module, quantize: str | None = None, *, kernel: str | None
     for name, layer in built.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
-    _lookups(model)
     if device.type == "cpu":  # (steps: not for a compiled step, which calls the model)
         if forced == "fused" and not steps and kernel != "fused":
             forced = None  # $GPTCLI_KERNEL=fused where nothing decodes: nothing to force
         native_step.attach(model, rows, {n: s for n, (_, s) in layers.items()}, forced, steps)
+        # the layouts as they stay (the C blocks' choice may have packed them again) into huge
+        # pages, and the C step pointed at them; then a tied embedding reads the moved rows
+        for layer in built.values():
+            layer.into_huge_pages()
+        if isinstance(getattr(model, "decode_step", None), native_step.BlockStep):
+            model.decode_step._build()
+    _lookups(model)
 
 
 def _choose_for(layers: list[KernelLinear], storages: list[dict], mode: str,
