@@ -301,8 +301,8 @@ def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` (a CPU tensor of 64 KB or more) in memory that Linux is asked to back
     with transparent huge pages, else ``t`` itself. Decoding streams every weight once a token:
     with 4 KB pages that is a TLB miss every 4 KB, and the hardware prefetchers stop at each
-    page's end. On a Zen 4 (THP "madvise", as on Ubuntu) half, int8 and int4 decoding took
-    1.06-1.13x less time a token with their weights so held (README). Tensors under ``CHUNK``
+    page's end. On a Zen 4 (THP "madvise", as on Ubuntu) a half or int8 token took 1.03-1.14x
+    less time with its weights so held, by run (README). Tensors under ``CHUNK``
     share areas of that size (an area lives while any tensor in it does); where the kernel says
     no or THP is off, the copy is plain memory, as before."""
     nbytes = t.numel() * t.element_size()

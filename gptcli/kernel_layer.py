@@ -68,7 +68,7 @@ class KernelLinear(nn.Module):
         self.packed_bytes = 0  # bytes a product reads outside tensors (fbgemm's fp16 copy)
         self.traced = False  # a compiled step traces its kernel (--kernel inductor)
         self._packed: list[str] = []  # the names ``use`` packed
-        self._huge: dict[str, int] = {}  # buffers moved by ``into_huge_pages``: where to
+        self._huge: dict[str, int] = {}  # buffer name -> address ``into_huge_pages`` moved it to
         _LAYERS[id(self)] = self
 
     @classmethod
@@ -107,8 +107,9 @@ class KernelLinear(nn.Module):
 
     def into_huge_pages(self) -> None:
         """Move this layer's large CPU buffers (its stored weights and its kernels' layouts)
-        into memory backed by huge pages where the OS allows (``hardware.in_huge_pages``),
-        each once (a tied embedding points at the output matrix's rows after the first ``use``)."""
+        into memory backed by huge pages where the OS allows (``hardware.in_huge_pages``);
+        ``prepare`` calls it once its kernels are final. A buffer already moved stays put (a
+        model prepared again)."""
         for name, tensor in list(self._buffers.items()):
             if tensor is not None and tensor.device.type == "cpu" and \
                     tensor.layout is torch.strided and tensor.data_ptr() != self._huge.get(name):
