@@ -60,17 +60,19 @@ class Row:
 
 
 class Engine:
-    """Decode state for up to ``rows`` sequences at once (see the module docstring)."""
+    """Decode state for up to ``rows`` sequences at once (module docstring; ``cache_dtype``:
+    ``KVCache.for_step``'s)."""
 
     def __init__(self, model: GPT, rows: int, *, step: Callable | None = None,
-                 vocab_size: int | None = None, draft: Draft | None = None) -> None:
+                 vocab_size: int | None = None, draft: Draft | None = None,
+                 cache_dtype: torch.dtype | None = None) -> None:
         self.model = model
         # A compiled step off the CPU gets a static cache and a tensor position: the same shapes
         # and inputs at every token, so CUDA graphs can replay it (``compile_step``).
         self.step = getattr(model, "decode_step", model) if step is None else step
         self.static = step is not None and model.device.type != "cpu"
-        self.cache = KVCache.for_model(model.config, rows, device=model.device,
-                                       dtype=model.dtype, static=self.static)
+        self.cache = KVCache.for_step(model, self.step, rows, dtype=cache_dtype,
+                                      static=self.static)
         self.vocab_size = vocab_size
         self.rows: list[Row] = []
         self._views: dict[tuple[int, int], KVCache] = {}
@@ -81,9 +83,9 @@ class Engine:
             if draft.model.config.vocab_size < self.vocab:
                 raise ValueError(f"the draft model has {draft.model.config.vocab_size} token "
                                  f"ids, fewer than the {self.vocab} the model may pick")
-            self.draft_cache = KVCache.for_model(
-                draft.model.config, rows, device=model.device, dtype=draft.model.dtype,
-                static=draft.step is not None and model.device.type != "cpu")
+            self.draft_cache = KVCache.for_step(
+                draft.model, draft.step or getattr(draft.model, "decode_step", None), rows,
+                dtype=cache_dtype, static=draft.step is not None and model.device.type != "cpu")
             self._draft_views: dict[tuple[int, int], KVCache] = {}
 
     @property
@@ -93,8 +95,7 @@ class Engine:
     def view(self, first: int, stop: int, draft: bool = False) -> KVCache:
         """The cache rows [first, stop) (the draft's cache: ``draft``), as one object per range
         (a compiled step sees the same cache object at every token)."""
-        views, cache = (self._draft_views, self.draft_cache) if draft else (self._views,
-                                                                             self.cache)
+        views, cache = (self._draft_views, self.draft_cache) if draft else (self._views, self.cache)
         if (first, stop) not in views:
             views[first, stop] = cache.rows(first, stop)
         return views[first, stop]

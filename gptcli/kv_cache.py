@@ -87,6 +87,15 @@ class KVCache:
         return cls(config.n_layer, batch_size, config.n_head, max_len or config.context_length,
                    config.head_size, device=device, dtype=dtype, static=static)
 
+    @classmethod
+    def for_step(cls, model: torch.nn.Module, step, batch_size: int, *,
+                 dtype: torch.dtype | None = None, static: bool = False) -> KVCache:
+        """A cache for ``model`` decoded by ``step``, in ``dtype``, else in the one the step
+        says it reads fastest (``native_step.BlockStep.cache_dtype``: fp16 for a quantized
+        model's C blocks), else in the model's."""
+        return cls.for_model(model.config, batch_size, device=model.device, static=static,
+                             dtype=dtype or getattr(step, "cache_dtype", None) or model.dtype)
+
     def rows(self, first: int, stop: int) -> KVCache:
         """Rows [first, stop) as a cache of their own, sharing this one's memory."""
         _, n_head, max_len, head_size = self.k[0].shape
@@ -178,6 +187,8 @@ class KVCache:
         the first ``self.length`` positions (or the whole static buffer), under the model's mask.
         """
         keys, values = self.k[layer], self.v[layer]
+        if k.dtype != keys.dtype:  # (an fp16 cache of a quantized model: model.py rounds alike)
+            k, v = k.to(keys.dtype), v.to(keys.dtype)
         if isinstance(start_pos, torch.Tensor) and start_pos.dim() == 1:  # one per row
             pos = start_pos[:, None] + torch.arange(k.size(2), device=k.device)  # (B, T)
             rows = torch.arange(k.size(0), device=k.device)[:, None]

@@ -76,7 +76,11 @@ class CausalSelfAttention(nn.Module):
 
     Fast path: ``F.scaled_dot_product_attention``. With ``need_weights=True`` the same maths is
     done by hand (softmax of q k^T / sqrt(hs)) so the attention probabilities can be returned.
+    ``kv_dtype`` (set by ``quantize.prepare`` where the weights are rounded): the keys and values
+    are rounded to it, cached or not, so a KV cache of that dtype holds them exactly.
     """
+
+    kv_dtype: torch.dtype | None = None
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -99,8 +103,14 @@ class CausalSelfAttention(nn.Module):
             2, 0, 3, 1, 4).unbind(0)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.kv_dtype is not None and (kv_cache is None or
+                                          kv_cache.k[self.layer].dtype != self.kv_dtype):
+            # keys and values as a cache of kv_dtype holds them (the copy into it rounds)
+            k, v = k.to(self.kv_dtype).to(q.dtype), v.to(self.kv_dtype).to(q.dtype)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v, start_pos)  # (B, nh, L, hs)
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
         dropout_p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:

@@ -106,6 +106,14 @@ typedef __m256 fvec;
 #define FSUM(s) fsum(s)
 #endif
 
+/* a * b + c, one rounding where the CPU has FMA, whatever the compiler would have contracted:
+   loops that must agree bit for bit (attention over a float32 or an fp16 cache) write it */
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define MADD(a, b, c) fmaf(a, b, c)
+#else
+#define MADD(a, b, c) ((a) * (b) + (c))
+#endif
+
 /* Each thread reads its run of weight rows front to back, asking for the weights AHEAD bytes
    on as it goes, a line per 64 bytes read (int8, bf16, float32), or (int4) for rows 2 LEAD rows
    on. On a 2-core Xeon VM the hardware prefetcher alone left memory idle between rows (int8
@@ -970,7 +978,7 @@ typedef __m256i bvec;
     int64_t k = 0;                                                                          \
     float sum = 0.f;                                                                        \
     VECTOR_DOT1(T)                                                                          \
-    for (; k < K; k++) sum += LOAD(w[k]) * a[k];                                            \
+    for (; k < K; k++) sum = MADD(LOAD(w[k]), a[k], sum);                                   \
     return sum;                                                                             \
   }                                                                                         \
   static inline void dot4_##T(const TYPE *w, const float *a, int64_t K, float *y,           \
@@ -1102,22 +1110,99 @@ static void gelu_tanh(float *x, int64_t n) { /* 0.5 x (1 + tanh(u)), tanh u = 1 
   }
 }
 
-/* One query (hs) over keys and values at positions [0, L) (L x hs, one after the other): out */
-static void attend(const float *q, const float *k, const float *v, int64_t L, int64_t hs,
-                   float scale, float *scores, float *out) {
-  float top = -INFINITY, total = 0.f;
-  for (int64_t t = 0; t < L; t++) {
-    scores[t] = dot1_f32(k + t * hs, q, hs) * scale;
-    top = scores[t] > top ? scores[t] : top;
+/* ---------------------------------------------------------------- keys and values in fp16
+
+   Where the weights are rounded (half, int8, int4) the keys and values are too: to fp16, as
+   llama.cpp keeps them, so the cache is half the bytes and attention at a long context reads
+   half as much (kv_cache.py). These are the conversions torch's own make (round to nearest
+   even; past 65504: infinity), so the cache holds what torch would write there. */
+
+static inline uint16_t to_f16(float f) {
+#if defined(__F16C__)
+  return (uint16_t)_cvtss_sh(f, 0); /* (0: to nearest even) */
+#else
+  union { float f; uint32_t u; } v = {f};
+  uint32_t sign = (v.u >> 16) & 0x8000, a = v.u & 0x7fffffff;
+  if (a > 0x7f800000) return (uint16_t)(sign | 0x7e00); /* NaN */
+  if (a >= 0x477ff000) return (uint16_t)(sign | 0x7c00); /* 65520 and up round to infinity */
+  if (a < 0x38800000) /* under 2^-14: a multiple of 2^-24 (1024 of them: the smallest normal) */
+    return (uint16_t)(sign | (uint32_t)nearbyintf(fabsf(f) * 16777216.f));
+  uint32_t h = (a >> 13) - (112 << 10), rest = a & 0x1fff; /* exponent re-biased 127 -> 15 */
+  return (uint16_t)(sign | (h + (rest > 0x1000 || (rest == 0x1000 && (h & 1)))));
+#endif
+}
+
+#if defined(FLANES) && defined(__AVX512F__)
+#define HLOAD(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define FSET1(v) _mm512_set1_ps(v)
+#define FSTORE(p, v) _mm512_storeu_ps(p, v)
+#elif defined(FLANES) && defined(__F16C__)
+#define HLOAD(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define FSET1(v) _mm256_set1_ps(v)
+#define FSTORE(p, v) _mm256_storeu_ps(p, v)
+#endif
+
+/* dot1_f32's sums in dot1_f32's order: the same scores from an fp16 cache as from a float32
+   one holding the same values (kv 1) */
+static inline float dot1_f16(const uint16_t *k, const float *q, int64_t n) {
+  int64_t d = 0;
+  float sum = 0.f;
+#if defined(HLOAD) && defined(FLANES)
+  fvec s0 = FZERO(), s1 = FZERO(), s2 = FZERO(), s3 = FZERO();
+  for (; d + 4 * FLANES <= n; d += 4 * FLANES) {
+    ahead(k + d, 4 * FLANES * (int)sizeof(*k));
+    s0 = FFMA(s0, HLOAD(k + d), FLOAD_f32(q + d));
+    s1 = FFMA(s1, HLOAD(k + d + FLANES), FLOAD_f32(q + d + FLANES));
+    s2 = FFMA(s2, HLOAD(k + d + 2 * FLANES), FLOAD_f32(q + d + 2 * FLANES));
+    s3 = FFMA(s3, HLOAD(k + d + 3 * FLANES), FLOAD_f32(q + d + 3 * FLANES));
   }
-  for (int64_t t = 0; t < L; t++) scores[t] = exp_approx(scores[t] - top);
-  for (int64_t t = 0; t < L; t++) total += scores[t];
-  for (int64_t d = 0; d < hs; d++) out[d] = 0.f;
-  for (int64_t t = 0; t < L; t++) {
-    float p = scores[t] / total;
-    const float *vt = v + t * hs;
-    for (int64_t d = 0; d < hs; d++) out[d] += p * vt[d];
+  for (; d + FLANES <= n; d += FLANES) s0 = FFMA(s0, HLOAD(k + d), FLOAD_f32(q + d));
+  sum = FSUM(FADD(FADD(s0, s1), FADD(s2, s3)));
+#endif
+  for (; d < n; d++) sum = MADD(from_f16(k[d]), q[d], sum);
+  return sum;
+}
+
+/* One query (hs) over keys and values of type TYPE at positions [0, L) (L x hs, one after
+   the other): out. The same code for both types, so that a float32 cache holding fp16 values
+   (kv 1) gives the fp16 cache's results bit for bit. */
+#if defined(HLOAD)
+#define VALUES(VLOAD)                                                                        \
+  fvec pv = FSET1(p);                                                                       \
+  for (; d + FLANES <= hs; d += FLANES) {                                                   \
+    ahead(vt + d, FLANES * (int)sizeof(*vt));                                               \
+    FSTORE(out + d, FFMA(FLOAD_f32(out + d), pv, VLOAD(vt + d)));                           \
   }
+#else
+#define VALUES(VLOAD)
+#endif
+#define ATTEND(T, TYPE, VLOAD, LOAD)                                                         \
+  static void attend_##T(const float *q, const TYPE *k, const TYPE *v, int64_t L, int64_t hs, \
+                         float scale, float *scores, float *out) {                          \
+    float top = -INFINITY, total = 0.f;                                                     \
+    for (int64_t t = 0; t < L; t++) {                                                       \
+      scores[t] = dot1_##T(k + t * hs, q, hs) * scale;                                      \
+      top = scores[t] > top ? scores[t] : top;                                              \
+    }                                                                                       \
+    for (int64_t t = 0; t < L; t++) scores[t] = exp_approx(scores[t] - top);                \
+    for (int64_t t = 0; t < L; t++) total += scores[t];                                     \
+    for (int64_t d = 0; d < hs; d++) out[d] = 0.f;                                          \
+    for (int64_t t = 0; t < L; t++) {                                                       \
+      float p = scores[t] / total;                                                          \
+      const TYPE *vt = v + t * hs;                                                          \
+      int64_t d = 0;                                                                        \
+      VALUES(VLOAD)                                                                         \
+      for (; d < hs; d++) out[d] = MADD(p, LOAD(vt[d]), out[d]);                            \
+    }                                                                                       \
+  }
+ATTEND(f32, float, FLOAD_f32, from_f32)
+ATTEND(f16, uint16_t, HLOAD, from_f16)
+
+/* x (n) as the C blocks write keys and values into an fp16 cache (tests/test_native.py holds
+   every build to torch's conversion) */
+int gptcli_f16(const float *x, int64_t n, uint16_t *out) {
+  for (int64_t i = 0; i < n; i++) out[i] = to_f16(x[i]);
+  return 0;
 }
 
 /* x (R * T, C): R rows of T new positions each, from pos on (a decode step: T = 1; checking a
@@ -1130,12 +1215,13 @@ static void attend(const float *q, const float *k, const float *v, int64_t L, in
    for), each thread takes its share of a product's output rows and what follows from them
    alone (the residual sum, GELU), and attention is shared out by (position, head). */
 int gptcli_block(const gptcli_block_weights *b, float *x, int64_t R, int64_t T, int64_t C,
-                 int64_t n_head, int64_t pos, float *kc, float *vc, int64_t row_stride,
-                 int64_t max_len, int threads) {
+                 int64_t n_head, int64_t pos, void *kc, void *vc, int64_t row_stride,
+                 int64_t max_len, int kv, int threads) {
   const gptcli_linear *qkv_l = &b->qkv, *proj = &b->proj, *fc = &b->fc, *out = &b->out;
   const gptcli_linear *all[4] = {qkv_l, proj, fc, out};
   for (int i = 0; i < 4; i++)
     if (all[i]->kind < 0 || all[i]->kind > 3) return -2;
+  if (kv < 0 || kv > 2) return -2;
   int64_t hs = C / n_head, L = pos + T, F = fc->N, M = R * T;
   float *h = malloc(sizeof(float) * M * C), *qkv = malloc(sizeof(float) * M * 3 * C);
   float *att = malloc(sizeof(float) * M * C), *f = malloc(sizeof(float) * M * F);
@@ -1161,16 +1247,27 @@ int gptcli_block(const gptcli_block_weights *b, float *x, int64_t R, int64_t T, 
     for (int64_t i = 0; i < M * n_head; i++) { /* position m = (row, t) of head j: its k, v */
       int64_t m = i / n_head, j = i % n_head;
       int64_t at = (m / T) * row_stride + j * max_len * hs + (pos + m % T) * hs;
-      for (int64_t d = 0; d < hs; d++) {
-        kc[at + d] = qkv[m * 3 * C + C + j * hs + d];
-        vc[at + d] = qkv[m * 3 * C + 2 * C + j * hs + d];
-      }
+      const float *kx = qkv + m * 3 * C + C + j * hs, *vx = kx + C;
+      if (kv == 2)
+        for (int64_t d = 0; d < hs; d++) {
+          ((uint16_t *)kc)[at + d] = to_f16(kx[d]);
+          ((uint16_t *)vc)[at + d] = to_f16(vx[d]);
+        }
+      else
+        for (int64_t d = 0; d < hs; d++) {
+          ((float *)kc)[at + d] = kv ? from_f16(to_f16(kx[d])) : kx[d];
+          ((float *)vc)[at + d] = kv ? from_f16(to_f16(vx[d])) : vx[d];
+        }
     }
     FOR
     for (int64_t i = 0; i < M * n_head; i++) { /* position m's head j attends */
       int64_t m = i / n_head, j = i % n_head, at = (m / T) * row_stride + j * max_len * hs;
-      attend(qkv + m * 3 * C + j * hs, kc + at, vc + at, pos + m % T + 1, hs, scale,
-             scores + i * L, att + m * C + j * hs);
+      if (kv == 2)
+        attend_f16(qkv + m * 3 * C + j * hs, (const uint16_t *)kc + at, (const uint16_t *)vc + at,
+                   pos + m % T + 1, hs, scale, scores + i * L, att + m * C + j * hs);
+      else
+        attend_f32(qkv + m * 3 * C + j * hs, (const float *)kc + at, (const float *)vc + at,
+                   pos + m % T + 1, hs, scale, scores + i * L, att + m * C + j * hs);
     }
     SINGLE
     prepare(proj, att, M, &a);
@@ -1203,13 +1300,13 @@ done:
    Python that is one call a token where it was one a block and three for the head; each costs
    more than its work here, since streaming the weights leaves Python's code and data cold. */
 int gptcli_step(const gptcli_block_weights *b, int64_t n, float *x, int64_t R, int64_t T,
-                int64_t C, int64_t n_head, int64_t pos, float *const *kc, float *const *vc,
-                int64_t row_stride, int64_t max_len, const float *lnf_w, const float *lnf_b,
+                int64_t C, int64_t n_head, int64_t pos, void *const *kc, void *const *vc,
+                int64_t row_stride, int64_t max_len, int kv, const float *lnf_w, const float *lnf_b,
                 float eps, const gptcli_linear *head, int64_t last_only, float *logits,
                 int threads) {
   for (int64_t i = 0; i < n; i++) {
     int rc = gptcli_block(b + i, x, R, T, C, n_head, pos, kc[i], vc[i], row_stride, max_len,
-                          threads);
+                          kv, threads);
     if (rc) return rc;
   }
   if (!head) return 0;

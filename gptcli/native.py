@@ -45,7 +45,8 @@ SIGNATURES = {"gptcli_int8": [_P, _I64, _I64, _P, _P, _P, _P, _I64, _INT],
               "gptcli_f32": [_P, _I64, _I64, _P, _P, _P, _I64, _INT],
               "gptcli_int4": [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _INT],
               "gptcli_int4_unpack": [_P, _P, _P, _I64, _I64, _P, _INT],
-              "gptcli_argmax": [_P, _I64, _I64, _I64, _P]}
+              "gptcli_argmax": [_P, _I64, _I64, _I64, _P],
+              "gptcli_f16": [_P, _I64, _P]}
 
 _loaded: ctypes.CDLL | None = None
 _failed: str | None = None
@@ -256,4 +257,12 @@ def argmax(scores: torch.Tensor) -> torch.Tensor | None:
     if _loaded.gptcli_argmax(scores.data_ptr(), scores.size(0), scores.size(1),
                              scores.stride(0), out.data_ptr()):
         return None
+    return out
+
+
+def to_f16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to fp16 as the C blocks write keys and values into an fp16 cache."""
+    x = _f32(x)
+    out = torch.empty(x.shape, dtype=torch.float16)
+    (_loaded or library()).gptcli_f16(x.data_ptr(), x.numel(), out.data_ptr())
     return out

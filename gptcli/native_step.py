@@ -58,11 +58,11 @@ class _Block(ctypes.Structure):
 
 _ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
          ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-         ctypes.c_int64, ctypes.c_int]
+         ctypes.c_int64, ctypes.c_int, ctypes.c_int]
 _STEP_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
               ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-              ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
-              ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+              ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+              ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
 
 
 def why_not(model: nn.Module) -> str | None:
@@ -156,6 +156,17 @@ class BlockStep:
         self.__dict__.update(state)
         self.blocks = None  # built at the first call: the copied model may not be whole yet
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The KV cache this step reads fastest (the decode engine's choice): fp16 where the
+        model rounds keys and values to it (a quantized model's attention), else float32."""
+        return self.model.h[0].attn.kv_dtype or torch.float32
+
+    def _kv(self, k: torch.Tensor) -> int:
+        """native.c's kv for a cache whose keys are ``k``: 2 fp16, 1 float32 rounded to fp16,
+        0 float32."""
+        return 2 if k.dtype == torch.float16 else int(self.cache_dtype == torch.float16)
+
     def run(self, i: int, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int,
             positions: int = 1) -> None:
         """Block ``i`` on ``x`` (R * positions, C) float32 contiguous (each row's positions in
@@ -166,7 +177,7 @@ class BlockStep:
             self._build()
         if self.fn(ctypes.byref(self.blocks[i]), x.data_ptr(), x.size(0) // positions,
                    positions, cfg.n_embd, cfg.n_head, pos, k.data_ptr(), v.data_ptr(),
-                   k.stride(0), k.size(2), torch.get_num_threads()):
+                   k.stride(0), k.size(2), self._kv(k), torch.get_num_threads()):
             raise MemoryError("gptcli's C block ran out of memory")
 
     def _fits(self, idx: torch.Tensor, kv_cache: KVCache | None, start_pos, kwargs) -> bool:
@@ -176,7 +187,8 @@ class BlockStep:
             return False
         k, v, cfg = kv_cache.k[0], kv_cache.v[0], self.cfg  # (every layer's alike)
         return start_pos + idx.size(1) <= min(kv_cache.max_len, cfg.context_length) and \
-            k.dtype is v.dtype is torch.float32 and k.device.type == "cpu" and \
+            k.dtype is v.dtype in {torch.float32, self.cache_dtype} and \
+            k.device.type == "cpu" and \
             k.shape == v.shape == (idx.size(0), cfg.n_head, k.size(2), cfg.head_size) and \
             k.stride() == v.stride() and k.stride()[1:] == (k.size(2) * k.size(3), k.size(3), 1)
 
@@ -219,7 +231,8 @@ class BlockStep:
                         self.cfg.n_embd, self.cfg.n_head, pos,
                         pointers(*(c.data_ptr() for c in kv_cache.k)),
                         pointers(*(c.data_ptr() for c in kv_cache.v)), k.stride(0), k.size(2),
-                        *self.norm, None if logits is None else ctypes.byref(self.head),
+                        self._kv(k), *self.norm,
+                        None if logits is None else ctypes.byref(self.head),
                         int(logits is not None and logits.size(1) == 1),
                         None if logits is None else logits.data_ptr(),
                         torch.get_num_threads()):

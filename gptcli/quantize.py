@@ -226,6 +226,9 @@ def prepare(model: nn.Module, quantize: str | None = None, *, kernel: str | None
     for name, layer in built.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
+    if quantization(model) is not None:  # rounded weights: keys and values in fp16 (model.py)
+        for block in model.h:
+            block.attn.kv_dtype = torch.float16
     if device.type == "cpu":  # (steps: not for a compiled step, which calls the model)
         if forced == "fused" and not steps and kernel != "fused":
             forced = None  # $GPTCLI_KERNEL=fused where nothing decodes: nothing to force

@@ -282,6 +282,38 @@ def test_the_avx2_and_plain_builds_compute_the_same_products(fresh, monkeypatch,
     assert native.argmax(scores) is None
 
 
+@pytest.mark.parametrize("flags", [None, ["-O3", *AVX2, "-fopenmp"], ["-O3", "-fopenmp"]],
+                         ids=["native", "avx2", "plain"])
+def test_keys_and_values_round_to_fp16_as_torch_does_in_every_build(fresh, monkeypatch, flags):
+    """A quantized model's keys and values are fp16, written into the cache by the C blocks
+    (native.c's to_f16: the CPU's conversion, or by hand where the build has no F16C) and by
+    torch (a copy into the cache, or model.py's rounding): the same fp16 values for normal,
+    subnormal, overflowing and special inputs, and for ties (to even) and their neighbours."""
+    from gptcli import hardware
+    if flags and "-mavx2" in flags and not {"avx2", "fma", "f16c"} <= set(hardware.isa_flags()):
+        pytest.skip("this CPU lacks AVX2 to run that build on")
+    if flags:
+        monkeypatch.setattr(native, "FLAG_SETS", (flags,))
+    native.library()
+    g = torch.Generator().manual_seed(6)
+    bits = torch.randint(0, 0x7bff, (4000,), dtype=torch.int16, generator=g)  # finite fp16s
+    low, high = bits.view(torch.float16).float(), (bits + 1).view(torch.float16).float()
+    ties = (low + high) / 2  # half way between two fp16s (exact in float32)
+    sign = torch.randint(0, 2, (4000,), generator=g).float() * 2 - 1
+    wide = torch.randn(4000, generator=g) * torch.exp2(torch.randint(-30, 20, (4000,),
+                                                                     generator=g).float())
+    special = torch.tensor([0.0, -0.0, 1.0, 65504.0, 65519.99, 65520.0, -65520.0, 1e9,
+                            float("inf"), -float("inf"), float("nan"), 2.0 ** -24,
+                            2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -14, 2.0 ** -14 * (1 - 2 ** -12),
+                            1e-10, -6.1e-5])
+    x = torch.cat([ties * sign, torch.nextafter(ties, torch.tensor(0.0)) * sign,
+                   torch.nextafter(ties, ties * 2) * sign, wide, special])
+    got, want = native.to_f16(x), x.half()
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().sum() == 1
+    keep = ~want.isnan()
+    assert torch.equal(got[keep].view(torch.int16), want[keep].view(torch.int16))
+
+
 @contextlib.contextmanager
 def threads_set(n: int):
     before = torch.get_num_threads()

@@ -33,6 +33,10 @@ runner = CliRunner()
 # logits against the model recomputing the whole sequence (prompts run torch's products, the
 # output matrix its kernel, which may round activations to 16 bits: the modes' kernel bounds)
 OWN = {None: 2e-6, "half": 2e-6, "int8": 5e-5, "int4": 5e-5}
+# the quantized modes' keys and values are rounded to fp16: where the two sides' float32 sums
+# differ in their last bits a key or value may round a step apart, up to 2^-10 of itself
+# (measured here over 5 models, 4 shapes each: up to 1.3e-6 half, 4.2e-5 int8, 5.3e-5 int4)
+ROUNDED = {"half": 1e-5, "int8": 1e-4, "int4": 1e-4}
 FULL = {None: 2e-5, "half": 5e-3, "int8": 5e-3, "int4": 5e-3}
 
 
@@ -47,14 +51,23 @@ def relative(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("mode", [None, "half", "int8", "int4"])
+@pytest.mark.parametrize("mode, kv", [(None, "float32"), ("half", "float32"), ("half", "rounded"),
+                                      ("half", "fp16"), ("int8", "float32"), ("int8", "rounded"),
+                                      ("int8", "fp16"), ("int4", "float32"), ("int4", "rounded"),
+                                      ("int4", "fp16")])
 @pytest.mark.parametrize("rows, positions", [(1, 1), (3, 1), (1, 5), (2, 4)])
-def test_a_c_step_equals_the_models_blocks_on_the_same_cache(mode, rows, positions,
+def test_a_c_step_equals_the_models_blocks_on_the_same_cache(mode, kv, rows, positions,
                                                              monkeypatch):
     """One token after a prompt (or a few: a speculative round's check of a draft's tokens),
     from two copies of one cache: the blocks' output (the output matrix left out), with and
-    without ``last_only``, and the keys and values written, within OWN; the C blocks ran."""
+    without ``last_only``, and the keys and values written: within OWN with float32 keys and
+    values (a float model's; the quantized ones' maths here held to it too), within ROUNDED
+    where they are rounded to fp16 (a quantized model's, in a float32 cache or an fp16 one:
+    fp16 values in either, within ROUNDED and the two roundings); the C blocks ran."""
     model = fused_model(mode)
+    if kv == "float32":
+        for block in model.h:
+            block.attn.kv_dtype = None
     calls = []
     steps = native_step.BlockStep.steps
     monkeypatch.setattr(native_step.BlockStep, "steps",
@@ -63,21 +76,73 @@ def test_a_c_step_equals_the_models_blocks_on_the_same_cache(mode, rows, positio
     prompt = torch.randint(0, model.config.vocab_size, (rows, 6), generator=g)
     tokens = torch.randint(0, model.config.vocab_size, (rows, positions), generator=g)
     model.lm_head = torch.nn.Identity()
-    caches = [KVCache.for_model(model.config, rows) for _ in range(2)]
+    cache = torch.float16 if kv == "fp16" else torch.float32
+    caches = [KVCache.for_model(model.config, rows, dtype=cache) for _ in range(2)]
     with torch.no_grad():
-        for cache in caches:
-            model(prompt, kv_cache=cache)
+        for c in caches:
+            model(prompt, kv_cache=c)
         own = model(tokens, kv_cache=caches[0], start_pos=6)
         got = model.decode_step(tokens, kv_cache=caches[1], start_pos=6)
         last = model.decode_step(tokens, kv_cache=caches[1], start_pos=6, last_only=True)
     assert calls and set(calls) == {(rows * positions, model.config.n_embd)}
     assert got.shape == own.shape == (rows, positions, model.config.n_embd)
-    assert relative(got, own) <= OWN[mode]
+    assert relative(got, own) <= (OWN if kv == "float32" else ROUNDED)[mode]
     assert last.shape == (rows, 1, model.config.n_embd) and torch.equal(last, got[:, -1:])
     end = 6 + positions
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
-        assert relative(b[:, :, :end], a[:, :, :end]) <= OWN[mode]
+        assert b.dtype == cache
+        if kv == "float32":
+            assert relative(b[:, :, :end], a[:, :, :end]) <= OWN[mode]
+        else:  # fp16 values (in a float32 cache too), each side's rounding within 2^-11
+            assert torch.equal(b[:, :, :end], b[:, :, :end].half().to(cache))
+            assert relative(b[:, :, :end].float(), a[:, :, :end].float()) <= \
+                ROUNDED[mode] + 2 ** -10
         assert not b[:, :, end:].any()  # nothing written past the positions
+
+
+@pytest.mark.parametrize("mode, flags", [
+    ("half", None), ("int8", None), ("int4", None),
+    ("int8", ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]), ("int8", ["-O3", "-fopenmp"])],
+    ids=["half", "int8", "int4", "int8-avx2-build", "int8-plain-build"])
+def test_a_quantized_models_keys_and_values_are_fp16_in_any_cache_or_none(mode, flags,
+                                                                          monkeypatch):
+    """Where the weights are rounded, so are the keys and values (to fp16, as llama.cpp keeps
+    them): the model's logits are the same recomputed without a cache, through a float32
+    cache and through an fp16 one; the C step's are the same on either cache, bit for bit,
+    and within ROUNDED of the model's, in this CPU's build and in the AVX2 and plain ones that
+    other CPUs get; the decode engine gives the C step an fp16 cache (half the bytes to read
+    at each token), the model in float32 keeps float32 ones, and so does `gpt serve`'s engine
+    (rows at different positions run torch's attention, which would widen an fp16 cache)."""
+    from gptcli import hardware
+    if flags and "-mavx2" in flags and not {"avx2", "fma", "f16c"} <= set(hardware.isa_flags()):
+        pytest.skip("this CPU lacks AVX2 to run that build on")
+    if flags:  # (a process that builds the library with these flags)
+        for name, value in (("_loaded", None), ("_failed", None), ("FLAG_SETS", (flags,))):
+            monkeypatch.setattr(native, name, value)
+    model = randomize_(GPT(tiny_config(n_embd=136, n_head=2)), seed=1).eval()  # heads of 68:
+    prepare(model, mode, kernel="fused", rows=(1, 3))  # whole vectors and a tail, as GPT-2's 64
+    assert {b.attn.kv_dtype for b in model.h} == {torch.float16}
+    g = torch.Generator().manual_seed(3)
+    prompt, token = torch.randint(0, 101, (2, 7), generator=g), torch.randint(0, 101, (2, 1),
+                                                                          generator=g)
+    caches = [KVCache.for_model(model.config, 2, dtype=d)
+              for d in (torch.float32, torch.float16, torch.float32)]
+    with torch.no_grad():
+        whole = model(prompt)
+        assert all(torch.equal(model(prompt, kv_cache=kv), whole) for kv in caches)
+        steps = [model.decode_step(token, kv_cache=kv, start_pos=7) for kv in caches[:2]]
+        own = model(token, kv_cache=caches[2], start_pos=7)
+    assert torch.equal(steps[0], steps[1]) and relative(steps[0], own) <= ROUNDED[mode]
+    assert all(torch.equal(a.half(), b) for a, b in zip(caches[0].k + caches[0].v,
+                                                        caches[1].k + caches[1].v))
+    if flags:
+        return
+    assert Engine(model, 2).cache.k[0].dtype == torch.float16
+    assert Engine(model, 2, step=model).cache.k[0].dtype == torch.float32
+    assert Engine(fused_model(None), 2).cache.k[0].dtype == torch.float32
+    from gptcli.serve.scheduler import Scheduler
+    from gptcli.tokenizer import get_tokenizer
+    assert Scheduler(model, get_tokenizer(), 2).engine.cache.k[0].dtype == torch.float32
 
 
 @pytest.mark.parametrize("mode", [None, "half", "int8", "int4"])
@@ -168,10 +233,12 @@ def test_a_speculative_rounds_check_of_a_drafts_tokens_runs_in_c(mode, monkeypat
         assert kept is None or counts["accepted"] == counts["proposed"] * kept
 
 
-def test_prompts_and_rows_at_different_positions_go_to_the_model(monkeypatch):
+@pytest.mark.parametrize("mode", [None, "int8"])
+def test_prompts_and_rows_at_different_positions_go_to_the_model(mode, monkeypatch):
     """A request joining rows already decoding (gpt serve) puts them at different positions:
-    that step is the model's; the tokens are those of each row decoded alone."""
-    model = fused_model(None)
+    that step is the model's (int8: on the C step's fp16 cache); the tokens are those of each
+    row decoded alone."""
+    model = fused_model(mode)
     calls = []
     steps = native_step.BlockStep.steps
     monkeypatch.setattr(native_step.BlockStep, "steps",

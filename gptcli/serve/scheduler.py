@@ -89,7 +89,11 @@ class Scheduler:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.engine = Engine(model, max_batch, vocab_size=tokenizer.vocab_size)
+        # a cache of the model's dtype: rows at different positions (requests that came at
+        # different times) run torch's attention, which would widen an fp16 cache at each step
+        # (the C blocks read either; startup.py's memory check counts this dtype)
+        self.engine = Engine(model, max_batch, vocab_size=tokenizer.vocab_size,
+                             cache_dtype=model.dtype)
         self.max_batch = max_batch
         self.waiting: queue.Queue[Job | None] = queue.Queue()
         self.head: Job | None = None  # the next job to admit, waiting for free rows
