@@ -71,8 +71,8 @@ class Engine:
         # and inputs at every token, so CUDA graphs can replay it (``compile_step``).
         self.step = getattr(model, "decode_step", model) if step is None else step
         self.static = step is not None and model.device.type != "cpu"
-        self.cache = KVCache.for_step(model, self.step, rows, dtype=cache_dtype,
-                                      static=self.static)
+        self.cache = KVCache.for_step(model, self.step, rows, dtype=cache_dtype, static=self.static,
+                                      positions=1 if draft is None else draft.tokens + 1)
         self.vocab_size = vocab_size
         self.rows: list[Row] = []
         self._views: dict[tuple[int, int], KVCache] = {}

@@ -88,13 +88,16 @@ class KVCache:
                    config.head_size, device=device, dtype=dtype, static=static)
 
     @classmethod
-    def for_step(cls, model: torch.nn.Module, step, batch_size: int, *,
+    def for_step(cls, model: torch.nn.Module, step, batch_size: int, *, positions: int = 1,
                  dtype: torch.dtype | None = None, static: bool = False) -> KVCache:
-        """A cache for ``model`` decoded by ``step``, in ``dtype``, else in the one the step
-        says it reads fastest (``native_step.BlockStep.cache_dtype``: fp16 for a quantized
-        model's C blocks), else in the model's."""
+        """A cache for ``model`` decoded by ``step`` (``positions`` a row at a step), in
+        ``dtype``, else in the one the step says it reads fastest for such steps
+        (``native_step.BlockStep.cache_dtype``: fp16 for a quantized model's C blocks), else
+        in the model's."""
+        reads = getattr(step, "cache_dtype", None)
         return cls.for_model(model.config, batch_size, device=model.device, static=static,
-                             dtype=dtype or getattr(step, "cache_dtype", None) or model.dtype)
+                             dtype=dtype or (reads and reads(batch_size * positions))
+                             or model.dtype)
 
     def rows(self, first: int, stop: int) -> KVCache:
         """Rows [first, stop) as a cache of their own, sharing this one's memory."""

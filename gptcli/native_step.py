@@ -156,16 +156,19 @@ class BlockStep:
         self.__dict__.update(state)
         self.blocks = None  # built at the first call: the copied model may not be whole yet
 
-    @property
-    def cache_dtype(self) -> torch.dtype:
-        """The KV cache this step reads fastest (the decode engine's choice): fp16 where the
-        model rounds keys and values to it (a quantized model's attention), else float32."""
-        return self.model.h[0].attn.kv_dtype or torch.float32
+    def cache_dtype(self, positions: int) -> torch.dtype:
+        """The KV cache this step reads fastest for steps of ``positions`` positions in all
+        (rows times positions a row; the decode engine's choice): fp16 where the model rounds
+        keys and values to it (a quantized model's attention) and such steps run here
+        (``native.ROWS_MAX`` at most), else float32 (torch's attention, which the others run,
+        would widen an fp16 cache at every step)."""
+        kv = self.model.h[0].attn.kv_dtype
+        return kv if kv is not None and positions <= native.ROWS_MAX else torch.float32
 
     def _kv(self, k: torch.Tensor) -> int:
         """native.c's kv for a cache whose keys are ``k``: 2 fp16, 1 float32 rounded to fp16,
         0 float32."""
-        return 2 if k.dtype == torch.float16 else int(self.cache_dtype == torch.float16)
+        return 2 if k.dtype == torch.float16 else int(self.model.h[0].attn.kv_dtype is not None)
 
     def run(self, i: int, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int,
             positions: int = 1) -> None:
@@ -187,7 +190,7 @@ class BlockStep:
             return False
         k, v, cfg = kv_cache.k[0], kv_cache.v[0], self.cfg  # (every layer's alike)
         return start_pos + idx.size(1) <= min(kv_cache.max_len, cfg.context_length) and \
-            k.dtype is v.dtype in {torch.float32, self.cache_dtype} and \
+            k.dtype is v.dtype in {torch.float32, self.cache_dtype(1)} and \
             k.device.type == "cpu" and \
             k.shape == v.shape == (idx.size(0), cfg.n_head, k.size(2), cfg.head_size) and \
             k.stride() == v.stride() and k.stride()[1:] == (k.size(2) * k.size(3), k.size(3), 1)

@@ -226,8 +226,8 @@ def prepare(model: nn.Module, quantize: str | None = None, *, kernel: str | None
     for name, layer in built.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
-    if quantization(model) is not None:  # rounded weights: keys and values in fp16 (model.py)
-        for block in model.h:
+    if quantization(model) is not None and model.ln_f.weight.dtype == torch.float32:
+        for block in model.h:  # rounded weights: keys and values in fp16 too (model.py)
             block.attn.kv_dtype = torch.float16
     if device.type == "cpu":  # (steps: not for a compiled step, which calls the model)
         if forced == "fused" and not steps and kernel != "fused":

@@ -111,8 +111,9 @@ def test_a_quantized_models_keys_and_values_are_fp16_in_any_cache_or_none(mode, 
     cache and through an fp16 one; the C step's are the same on either cache, bit for bit,
     and within ROUNDED of the model's, in this CPU's build and in the AVX2 and plain ones that
     other CPUs get; the decode engine gives the C step an fp16 cache (half the bytes to read
-    at each token), the model in float32 keeps float32 ones, and so does `gpt serve`'s engine
-    (rows at different positions run torch's attention, which would widen an fp16 cache)."""
+    at each token) where its steps fit it, other steps and the model in float32 keep float32
+    ones, and so does `gpt serve`'s engine (rows at different positions run torch's
+    attention, which would widen an fp16 cache); a model in bf16 keeps its keys and values."""
     from gptcli import hardware
     if flags and "-mavx2" in flags and not {"avx2", "fma", "f16c"} <= set(hardware.isa_flags()):
         pytest.skip("this CPU lacks AVX2 to run that build on")
@@ -138,8 +139,15 @@ def test_a_quantized_models_keys_and_values_are_fp16_in_any_cache_or_none(mode, 
     if flags:
         return
     assert Engine(model, 2).cache.k[0].dtype == torch.float16
+    # steps of more positions than the C step takes run torch's attention: a float32 cache
+    assert Engine(model, native.ROWS_MAX + 1).cache.k[0].dtype == torch.float32
+    assert Engine(model, 2, draft=Draft(model, 4)).cache.k[0].dtype == torch.float32  # 2 x 5
+    assert Engine(model, 2, draft=Draft(model, 3)).draft_cache.k[0].dtype == torch.float16
     assert Engine(model, 2, step=model).cache.k[0].dtype == torch.float32
     assert Engine(fused_model(None), 2).cache.k[0].dtype == torch.float32
+    bf16 = randomize_(GPT(tiny_config()), seed=1).eval().to(torch.bfloat16)
+    prepare(bf16, mode)  # (keys and values already rounded to bf16: left so)
+    assert {b.attn.kv_dtype for b in bf16.h} == {None}
     from gptcli.serve.scheduler import Scheduler
     from gptcli.tokenizer import get_tokenizer
     assert Scheduler(model, get_tokenizer(), 2).engine.cache.k[0].dtype == torch.float32
