@@ -909,17 +909,20 @@ typedef __m256i bvec;
 #define BEVEN(v) _mm256_castsi256_ps(_mm256_slli_epi32(v, 16))
 #define BODD(v) _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000)))
 #endif
-#define VECTOR_DOT1_f32                                                                     \
+/* w . a over a row's whole vectors, each weight read by WLOAD as FLANES floats (float32 here;
+   the fp16 keys of an attention cache below: the same sums in the same order) */
+#define VECTOR_DOT1_LOADED(WLOAD)                                                           \
   fvec s0 = FZERO(), s1 = FZERO(), s2 = FZERO(), s3 = FZERO();                              \
   for (; k + 4 * FLANES <= K; k += 4 * FLANES) {                                            \
     ahead(w + k, 4 * FLANES * (int)sizeof(*w));                                             \
-    s0 = FFMA(s0, FLOAD_f32(w + k), FLOAD_f32(a + k));                                      \
-    s1 = FFMA(s1, FLOAD_f32(w + k + FLANES), FLOAD_f32(a + k + FLANES));                    \
-    s2 = FFMA(s2, FLOAD_f32(w + k + 2 * FLANES), FLOAD_f32(a + k + 2 * FLANES));            \
-    s3 = FFMA(s3, FLOAD_f32(w + k + 3 * FLANES), FLOAD_f32(a + k + 3 * FLANES));            \
+    s0 = FFMA(s0, WLOAD(w + k), FLOAD_f32(a + k));                                          \
+    s1 = FFMA(s1, WLOAD(w + k + FLANES), FLOAD_f32(a + k + FLANES));                        \
+    s2 = FFMA(s2, WLOAD(w + k + 2 * FLANES), FLOAD_f32(a + k + 2 * FLANES));                \
+    s3 = FFMA(s3, WLOAD(w + k + 3 * FLANES), FLOAD_f32(a + k + 3 * FLANES));                \
   }                                                                                         \
-  for (; k + FLANES <= K; k += FLANES) s0 = FFMA(s0, FLOAD_f32(w + k), FLOAD_f32(a + k));   \
+  for (; k + FLANES <= K; k += FLANES) s0 = FFMA(s0, WLOAD(w + k), FLOAD_f32(a + k));       \
   sum = FSUM(FADD(FADD(s0, s1), FADD(s2, s3)));
+#define VECTOR_DOT1_f32 VECTOR_DOT1_LOADED(FLOAD_f32)
 #define VECTOR_DOT1_bf16                                                                    \
   fvec s0 = FZERO(), s1 = FZERO(), s2 = FZERO(), s3 = FZERO();                              \
   for (; k + 2 * SPLIT <= K; k += 2 * SPLIT) {                                              \
@@ -1142,24 +1145,15 @@ static inline uint16_t to_f16(float f) {
 #define FSTORE(p, v) _mm256_storeu_ps(p, v)
 #endif
 
-/* dot1_f32's sums in dot1_f32's order: the same scores from an fp16 cache as from a float32
-   one holding the same values (kv 1) */
-static inline float dot1_f16(const uint16_t *k, const float *q, int64_t n) {
-  int64_t d = 0;
+/* dot1_f32 for fp16 weights w (an attention's keys): the same sums in the same order, so the
+   same scores from an fp16 cache as from a float32 one holding the same values (kv 1) */
+static inline float dot1_f16(const uint16_t *w, const float *a, int64_t K) {
+  int64_t k = 0;
   float sum = 0.f;
-#if defined(HLOAD) && defined(FLANES)
-  fvec s0 = FZERO(), s1 = FZERO(), s2 = FZERO(), s3 = FZERO();
-  for (; d + 4 * FLANES <= n; d += 4 * FLANES) {
-    ahead(k + d, 4 * FLANES * (int)sizeof(*k));
-    s0 = FFMA(s0, HLOAD(k + d), FLOAD_f32(q + d));
-    s1 = FFMA(s1, HLOAD(k + d + FLANES), FLOAD_f32(q + d + FLANES));
-    s2 = FFMA(s2, HLOAD(k + d + 2 * FLANES), FLOAD_f32(q + d + 2 * FLANES));
-    s3 = FFMA(s3, HLOAD(k + d + 3 * FLANES), FLOAD_f32(q + d + 3 * FLANES));
-  }
-  for (; d + FLANES <= n; d += FLANES) s0 = FFMA(s0, HLOAD(k + d), FLOAD_f32(q + d));
-  sum = FSUM(FADD(FADD(s0, s1), FADD(s2, s3)));
+#if defined(HLOAD)
+  VECTOR_DOT1_LOADED(HLOAD)
 #endif
-  for (; d < n; d++) sum = MADD(from_f16(k[d]), q[d], sum);
+  for (; k < K; k++) sum = MADD(from_f16(w[k]), a[k], sum);
   return sum;
 }
 
