@@ -120,6 +120,22 @@ def _block(block: nn.Module, held: list) -> _Block:
                   *(_linear(block.get_submodule(n), held) for n in PROJECTIONS))
 
 
+def cache_dtype(model: nn.Module, positions: int) -> torch.dtype:
+    """``BlockStep.cache_dtype`` of ``model``'s C step."""
+    kv = model.h[0].attn.kv_dtype
+    return kv if kv is not None and positions <= native.ROWS_MAX else torch.float32
+
+
+def _check(status: int) -> None:
+    """native.c's block and step status: 0 done, -1 out of memory, -2 a layout or cache kind
+    it does not know (a mismatch between this module and the compiled library)."""
+    if status == -1:
+        raise MemoryError("gptcli's C block ran out of memory")
+    if status:
+        raise RuntimeError(f"gptcli's C block refused its inputs (status {status}): a weight "
+                           "layout or cache kind it does not know")
+
+
 class BlockStep:
     """The model's decode step (one position a row, or a few) with ``blocks`` (default: all of
     the model's, whose layers must hold their native layout) run in C; anything else it hands
@@ -162,8 +178,7 @@ class BlockStep:
         keys and values to it (a quantized model's attention) and such steps run here
         (``native.ROWS_MAX`` at most), else float32 (torch's attention, which the others run,
         would widen an fp16 cache at every step)."""
-        kv = self.model.h[0].attn.kv_dtype
-        return kv if kv is not None and positions <= native.ROWS_MAX else torch.float32
+        return cache_dtype(self.model, positions)
 
     def _kv(self, k: torch.Tensor) -> int:
         """native.c's kv for a cache whose keys are ``k``: 2 fp16, 1 float32 rounded to fp16,
@@ -178,10 +193,9 @@ class BlockStep:
         cfg = self.cfg
         if self.blocks is None:
             self._build()
-        if self.fn(ctypes.byref(self.blocks[i]), x.data_ptr(), x.size(0) // positions,
-                   positions, cfg.n_embd, cfg.n_head, pos, k.data_ptr(), v.data_ptr(),
-                   k.stride(0), k.size(2), self._kv(k), torch.get_num_threads()):
-            raise MemoryError("gptcli's C block ran out of memory")
+        _check(self.fn(ctypes.byref(self.blocks[i]), x.data_ptr(), x.size(0) // positions,
+                       positions, cfg.n_embd, cfg.n_head, pos, k.data_ptr(), v.data_ptr(),
+                       k.stride(0), k.size(2), self._kv(k), torch.get_num_threads()))
 
     def _fits(self, idx: torch.Tensor, kv_cache: KVCache | None, start_pos, kwargs) -> bool:
         if set(kwargs) - {"last_only"} or kv_cache is None or kv_cache.static or idx.dim() != 2 or \
@@ -230,27 +244,30 @@ class BlockStep:
         layout) of each row's last position or of all, written there."""
         k, rows = kv_cache.k[0], x.size(0) // positions
         pointers = ctypes.c_void_p * len(self.blocks)
-        if self.step_fn(self.array, len(self.blocks), x.data_ptr(), rows, positions,
-                        self.cfg.n_embd, self.cfg.n_head, pos,
-                        pointers(*(c.data_ptr() for c in kv_cache.k)),
-                        pointers(*(c.data_ptr() for c in kv_cache.v)), k.stride(0), k.size(2),
-                        self._kv(k), *self.norm,
-                        None if logits is None else ctypes.byref(self.head),
-                        int(logits is not None and logits.size(1) == 1),
-                        None if logits is None else logits.data_ptr(),
-                        torch.get_num_threads()):
-            raise MemoryError("gptcli's C block ran out of memory")
+        _check(self.step_fn(self.array, len(self.blocks), x.data_ptr(), rows, positions,
+                            self.cfg.n_embd, self.cfg.n_head, pos,
+                            pointers(*(c.data_ptr() for c in kv_cache.k)),
+                            pointers(*(c.data_ptr() for c in kv_cache.v)), k.stride(0), k.size(2),
+                            self._kv(k), *self.norm,
+                            None if logits is None else ctypes.byref(self.head),
+                            int(logits is not None and logits.size(1) == 1),
+                            None if logits is None else logits.data_ptr(),
+                            torch.get_num_threads()))
 
 
 # ----------------------------------------------------------------------------- choosing
 
 def _time_blocks(model: nn.Module, step: BlockStep, count: int, rows: int) -> tuple[float, float]:
     """Microseconds per block of the model's first ``count`` blocks, then of ``step``'s, on the
-    same inputs (``ROUNDS`` alternating rounds, the fastest of each)."""
+    same inputs (``ROUNDS`` alternating rounds, the fastest of each), each reading the KV cache
+    decoding would give it (float32, or fp16 for the C blocks of a quantized model)."""
     cfg, gen = model.config, torch.Generator().manual_seed(0)
     cache = KVCache.for_model(cfg, rows, max_len=POSITION + 1)
     for t in (*cache.k, *cache.v):
         t.copy_(torch.randn(t.shape, generator=gen))
+    ours = KVCache.for_model(cfg, rows, max_len=POSITION + 1, dtype=step.cache_dtype(rows))
+    for t, mine in zip((*cache.k, *cache.v), (*ours.k, *ours.v)):
+        mine.copy_(t)
     x = torch.randn(rows, cfg.n_embd, generator=gen)
     best = [math.inf, math.inf]
     with torch.inference_mode():
@@ -263,7 +280,7 @@ def _time_blocks(model: nn.Module, step: BlockStep, count: int, rows: int) -> tu
             t0 = time.perf_counter()
             h = x.clone()
             for i in range(count):
-                step.run(i, h, cache.k[i], cache.v[i], POSITION)
+                step.run(i, h, ours.k[i], ours.v[i], POSITION)
             best[1] = min(best[1], time.perf_counter() - t0)
     return best[0] / count * 1e6, best[1] / count * 1e6
 
@@ -326,6 +343,7 @@ def _decide(model: nn.Module, rows: tuple[int, ...], storages: dict[str, dict],
     cfg, layers = model.config, [b.get_submodule(n) for b in model.h for n in PROJECTIONS]
     rows = tuple(dict.fromkeys(rows))
     key = {**tuning.machine(), "step": "fused", "mode": layers[0].mode, "rows": list(rows),
+           "kv": [str(cache_dtype(model, m)).removeprefix("torch.") for m in rows],
            "shape": [cfg.n_layer, cfg.n_embd, cfg.n_head], "bias": cfg.bias,
            "layers": sorted({k.name for m in layers for r, k in m.kernels.items() if r in rows})}
     entry = tuning.find(tuning.read_cache(), key, ("fused", "us"), tuning.current_load())

@@ -274,6 +274,28 @@ def test_prompts_and_rows_at_different_positions_go_to_the_model(mode, monkeypat
     assert out[0] == alone[0] and out[1] == alone[1]
 
 
+@pytest.mark.parametrize("mode, cache", [(None, torch.float32), ("int8", torch.float16)])
+def test_the_c_blocks_are_timed_on_the_cache_decoding_gives_them(mode, cache):
+    model = model_in(mode or "float")
+    prepare(model, mode, kernel="fused", rows=(1,))
+    step, read = model.decode_step, []
+    run = step.run
+    step.run = lambda i, h, k, v, pos: (read.append((k.dtype, v.dtype)), run(i, h, k, v, pos))
+    plain, fused = native_step._time_blocks(model, step, len(model.h), 1)
+    assert plain > 0 and fused > 0
+    assert read and set(read) == {(cache, cache)}
+
+
+def test_a_block_the_c_library_does_not_know_is_refused_in_one_sentence():
+    model = fused_model("int8")
+    step = model.decode_step
+    step.array[0].qkv.kind = 9  # (what the one C call reads)
+    cache = KVCache.for_step(model, step, 1)
+    with pytest.raises(RuntimeError, match="^gptcli's C block refused its inputs .status -2.: "
+                                           "a weight layout or cache kind it does not know$"):
+        step(torch.tensor([[1]]), kv_cache=cache, start_pos=0)
+
+
 def fused_entries():
     return [e for e in json.loads(tuning.cache_path().read_text())["entries"]
             if e["key"].get("step") == "fused"]
@@ -292,6 +314,7 @@ def test_the_c_blocks_are_chosen_by_measurement_cached_and_forced(monkeypatch):
     assert model.fused_choice == {"fused": False, "us": {"layers": 2.0, "fused": 4.0}}
     (entry,) = fused_entries()
     assert entry["fused"] is False and entry["key"]["rows"] == [1, 4]
+    assert entry["key"]["kv"] == ["float16", "float16"]  # the cache each row count decodes on
     timed.clear()
     prepare(model_in("int8"), "int8", rows=(1, 4))  # cached: not measured again
     assert timed == []
