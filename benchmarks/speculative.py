@@ -2,6 +2,7 @@
 
     python benchmarks/speculative.py --model runs/big --draft-model runs/draft
     python benchmarks/speculative.py --model preset:gpt2-large --draft-model preset:gpt2
+    python benchmarks/speculative.py --model runs/big --draft-model runs/draft --quantize int8
 
 ``preset:NAME`` builds a model of that preset with random weights (GPT-2 vocabulary). Each round
 decodes the prompt once without and once with the draft for every --draft-tokens (the order is
@@ -43,16 +44,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def load(name: str, seed: int):
-    """A checkpoint in the inference layout `gpt generate` loads, or a preset's random model."""
+def load(name: str, seed: int, quantize: str | None = None):
+    """A checkpoint in the inference layout `gpt generate` loads (``--quantize`` as there), or
+    a preset's random model."""
     if name.startswith("preset:"):
         torch.manual_seed(seed)
         model = GPT(ModelConfig.from_preset(name.removeprefix("preset:"))).eval()
-        prepare(model, None)
+        prepare(model, quantize)
         return model, GPT2Tokenizer()
     from gptcli.models import load_model
 
-    model, tokenizer, _ = load_model(name, device="cpu", dtype="float32")
+    model, tokenizer, _ = load_model(name, device="cpu", dtype="float32", quantize=quantize)
     return model, tokenizer
 
 
@@ -66,11 +68,13 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, nargs="+", default=[0.0, 1.0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--quantize", choices=["half", "int8", "int4"],
+                    help="both models quantized, as `gpt generate --quantize` does")
     ap.add_argument("--out", help="also write the results as JSON here")
     args = ap.parse_args()
 
-    model, tokenizer = load(args.model, 0)
-    draft_model, draft_tokenizer = load(args.draft_model, 1)
+    model, tokenizer = load(args.model, 0, args.quantize)
+    draft_model, draft_tokenizer = load(args.draft_model, 1, args.quantize)
     assert draft_tokenizer.spec() == tokenizer.spec(), "the draft must share the tokenizer"
     ids = tokenizer.encode(args.prompt)
     load_before = os.getloadavg()
@@ -98,12 +102,13 @@ def main() -> None:
                 "acceptance_rate": statistics.mean(g[1] for g in got)})
     result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "model": args.model, "draft_model": args.draft_model,
+              "model": args.model, "draft_model": args.draft_model, "quantize": args.quantize,
               "model_parameters": model.num_params(), "draft_parameters": draft_model.num_params(),
               "prompt_tokens": len(ids), "new_tokens": args.max_new_tokens,
               "rounds": args.rounds, "results": rows, "when": time.strftime("%Y-%m-%d %H:%M")}
     print(f"{args.model} ({model.num_params() / 1e6:,.1f}M) with draft {args.draft_model} "
-          f"({draft_model.num_params() / 1e6:,.1f}M) on {result['cpu']}, {result['threads']} "
+          f"({draft_model.num_params() / 1e6:,.1f}M), {args.quantize or 'float32'}, on "
+          f"{result['cpu']}, {result['threads']} "
           f"threads, load average {load_before[0]:.1f} -> {result['load_average_after'][0]:.1f}")
     print(f"{'temperature':>11} {'K':>2} {'plain tok/s':>11} {'draft tok/s':>11} "
           f"{'speed-up':>8} {'accepted':>8}")

@@ -220,7 +220,8 @@ class TrainConfig(Settings):
     max_steps: int = setting(2000, "Optimizer steps.", group="Optimisation", ge=1)
     epochs: float | None = setting(None, "Train for this many passes over the data instead of "
                                    "--max-steps.", group="Optimisation", gt=0.0)
-    max_time: float | None = setting(None, "Stop (and save) after this many seconds.",
+    max_time: float | None = setting(None, "Stop (and save) once the run has trained this many "
+                                     "seconds in all (a resumed run counts its earlier time).",
                                      group="Optimisation", metavar="SECONDS", gt=0.0)
     weight_decay: float = setting(0.1, "AdamW weight decay (matrices only).",
                                   group="Optimisation", ge=0.0)

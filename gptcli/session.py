@@ -20,7 +20,7 @@ from .chat import TEMPLATE
 from .config import SampleConfig, TrainConfig
 from .data import BatchSampler
 from .distributed import Dist
-from .errors import RuntimeFailure
+from .errors import RuntimeFailure, UserError
 from .evaluate import evaluate
 from .generate import generate, prompt_ids
 from .model import GPT
@@ -183,6 +183,22 @@ def restore_state(s: Session) -> None:
     s.run_id = meta.get("run_id") or s.run_id
 
 
+def check_left(s: Session) -> None:
+    """Refuse to resume a run with nothing left to train: past its --max-steps (or --epochs),
+    or its --max-time spent (the run's time in all, across resumes)."""
+    cfg, path = s.cfg, s.run.path
+    if s.step > s.max_steps:
+        asked = f"--max-steps {s.max_steps:,}" if cfg.epochs is None else \
+            f"--epochs {cfg.epochs:g} ({s.max_steps:,} steps)"
+        raise UserError(f"{path} is already at step {s.step:,}, past {asked}: nothing to train; "
+                        "ask for more steps to go on")
+    if cfg.max_time and s.elapsed_before >= cfg.max_time:
+        raise UserError(f"{path} has trained for {seconds(s.elapsed_before)} s already, past "
+                        f"--max-time {cfg.max_time:g} (the run's time in all, across resumes): "
+                        "nothing to train; give a larger --max-time to go on, e.g. --max-time "
+                        f"{more_time(cfg.max_time, s.elapsed_before)}")
+
+
 class StopSignals:
     """Turns SIGINT/SIGTERM into a request to stop after the current step."""
 
@@ -216,9 +232,21 @@ def try_command(s: Session) -> str:
     return f"gpt generate --model {s.run.path}" + (f' --prompt "{prompt}"' if prompt else "")
 
 
-def resume_command(run: RunFolder, dist: Dist) -> str:
-    """The command that continues ``run``: the same launcher and number of processes."""
-    return dist.command(f"train --out {run.path} --resume")
+def resume_command(run: RunFolder, dist: Dist, max_time: str | None = None) -> str:
+    """The command that continues ``run``: the same launcher and number of processes (and, for
+    a run stopped by its --max-time, a larger one: ``max_time``)."""
+    more = f" --max-time {max_time}" if max_time else ""
+    return dist.command(f"train --out {run.path} --resume{more}")
+
+
+def seconds(t: float) -> str:
+    """``t`` seconds as a user reads them: whole seconds, or two digits under 10."""
+    return f"{t:,.0f}" if t >= 10 else f"{t:.2g}"
+
+
+def more_time(max_time: float, elapsed: float) -> str:
+    """A --max-time that gives a run stopped by ``max_time`` as long again to train."""
+    return seconds(max(max_time, elapsed) * 2).replace(",", "")
 
 
 def interrupted_message(run: RunFolder, dist: Dist) -> str:

@@ -36,8 +36,8 @@ from .models import load_weights
 from .optim import lr_at, step_parts, train_step
 from .quantize import is_quantized
 from .runs import RunFolder, new_run_id
-from .session import (FitResult, Session, StopSignals, interrupted_message, restore_state,
-                      resume_command, try_command)
+from .session import (FitResult, Session, StopSignals, check_left, interrupted_message,
+                      more_time, restore_state, resume_command, try_command)
 from .tokenizer import Tokenizer
 from .trackers import Trackers, check_installed
 
@@ -130,11 +130,7 @@ def setup(cfg: TrainConfig, run: RunFolder, resume: bool, display) -> Session:
         display.note(packing)
     if resume:
         restore_state(s)
-        if s.step > s.max_steps:  # (before config.json records the smaller number)
-            asked = f"--max-steps {s.max_steps:,}" if cfg.epochs is None else \
-                f"--epochs {cfg.epochs:g} ({s.max_steps:,} steps)"
-            raise UserError(f"{run.path} is already at step {s.step:,}, past {asked}: nothing "
-                            "to train; ask for more steps to go on")
+        check_left(s)  # (before config.json records the smaller numbers)
     if dist.is_main:
         open_logs(s, data, resume)
     return s
@@ -336,7 +332,9 @@ def finish(s: Session, stopped_by: str | None) -> FitResult:
     best = s.run.best
     return FitResult(out=s.run.path, step=s.step, best_val=s.best_val, stopped_by=stopped_by,
                      is_main=s.dist.is_main, checkpoint=best if best.exists() else s.run.last,
-                     resume_command=resume_command(s.run, s.dist), try_command=try_command(s))
+                     resume_command=resume_command(
+                         s.run, s.dist, more_time(s.cfg.max_time, s.elapsed())
+                         if stopped_by == "max-time" else None), try_command=try_command(s))
 
 
 def launch(explicit: dict, *, config_file: Path | None = None, resume: str | None = None,

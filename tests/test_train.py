@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -342,6 +343,36 @@ def test_a_config_file_true_where_a_number_belongs_is_refused(corpus, tmp_path):
 
 TINY_ARGS = ["--n-layer", "1", "--n-embd", "32", "--context-length", "16", "--batch-size", "2",
              "--device", "cpu", "--sample-interval", "0"]
+
+
+def test_a_run_stopped_by_max_time_says_how_to_go_on(corpus, tmp_path):
+    out = tmp_path / "run"
+    result = cli("--data", str(corpus), "--out", str(out), *TINY_ARGS, "--max-steps", "100000",
+                 "--eval-interval", "100000", "--max-time", "0.2")
+    assert result.exit_code == 0, result.output
+    stopped = re.search(r"stopped by max-time at step (\d+); saved .*\. Resume with: gpt train "
+                        rf"--out {re.escape(str(out))} --resume --max-time ([0-9.]+)\n",
+                        result.stderr)
+    assert stopped, result.stderr
+    step, more = int(stopped[1]), float(stopped[2])
+    assert more >= 0.4
+    # --max-time is the run's time in all: resumed as it was (config.json keeps 0.2), nothing
+    # is left, which is said, with the files as they were
+    last = (out / "last.safetensors").read_bytes()
+    result = cli("--out", str(out), "--resume")
+    assert result.exit_code == 2, result.output
+    refused = re.fullmatch(rf"error: {re.escape(str(out))} has trained for ([0-9.]+) s already, "
+                           r"past --max-time 0\.2 \(the run's time in all, across resumes\): "
+                           r"nothing to train; give a larger --max-time to go on, e\.g\. "
+                           r"--max-time ([0-9.]+)", result.stderr.strip())
+    assert refused, result.stderr
+    assert float(refused[1]) >= 0.2 and float(refused[2]) >= 2 * 0.2
+    assert (out / "last.safetensors").read_bytes() == last
+    # the suggested command trains on
+    result = cli("--out", str(out), "--resume", "--max-time", f"{more:g}", "--max-steps",
+                 str(step + 2))
+    assert result.exit_code == 0, result.output
+    assert f"done: {step + 2} steps" in result.stderr
 
 
 def test_a_second_ctrl_c_still_says_how_to_resume(corpus, tmp_path, monkeypatch):
