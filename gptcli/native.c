@@ -939,15 +939,6 @@ typedef __m256i bvec;
     s1 = FFMA(s1, BODD(u), FLOAD_f32(a + k + FLANES));                                      \
   }                                                                                         \
   sum = FSUM(FADD(FADD(s0, s1), FADD(s2, s3)));
-#define VECTOR_DOT4_f32                                                                     \
-  fvec s0 = FZERO(), s1 = FZERO(), s2 = FZERO(), s3 = FZERO();                              \
-  for (; k + FLANES <= K; k += FLANES) {                                                    \
-    ahead(w + k, FLANES * (int)sizeof(*w));                                                 \
-    fvec v = FLOAD_f32(w + k);                                                              \
-    s0 = FFMA(s0, v, FLOAD_f32(a0 + k)); s1 = FFMA(s1, v, FLOAD_f32(a1 + k));               \
-    s2 = FFMA(s2, v, FLOAD_f32(a2 + k)); s3 = FFMA(s3, v, FLOAD_f32(a3 + k));               \
-  }                                                                                         \
-  t0 = FSUM(s0); t1 = FSUM(s1); t2 = FSUM(s2); t3 = FSUM(s3);
 #define VECTOR_DOT4_bf16                                                                    \
   fvec s0 = FZERO(), s1 = FZERO(), s2 = FZERO(), s3 = FZERO();                              \
   fvec e0 = FZERO(), e1 = FZERO(), e2 = FZERO(), e3 = FZERO();                              \
@@ -1025,7 +1016,96 @@ typedef __m256i bvec;
   }
 
 FLOAT_PRODUCT(bf16, uint16_t, from_bf16, 1)
-FLOAT_PRODUCT(f32, float, from_f32, 0)
+
+/* float32 weights: a tile of NT weight rows against R rows of x at once (both constants where
+   it is inlined: NT <= 4, R <= ROWS_TOGETHER). Each weight vector read is used for all R rows
+   and each row's vector for all NT weight rows: NT + R reads for NT x R products, where one
+   weight row at a time against one row of x took two reads a product (R rows cost 1.4-2x one
+   row's time where they should cost about the same: the weights' reading from memory is the
+   step's time). Each output has one vector sum over k in order, then its lanes added, then
+   the tail, whatever NT and R: a row of x comes out bit for bit as it does alone. Speculative
+   decoding relies on it: the model's check of k + 1 positions gives each the logits a step of
+   one position gives, so greedy tokens are the same with a draft or without. */
+#if defined(__AVX512F__)
+#define ROWS_TOGETHER 4 /* 16 sums, 4 weight vectors and a row's vector in 32 registers */
+#else
+#define ROWS_TOGETHER 2 /* 8 sums, 4 weights and a row's in AVX2's 16 */
+#endif
+#define TILE 4
+
+static inline __attribute__((always_inline)) void tile_f32(const float *w, const float *x,
+                                                           int64_t K, int NT, int R,
+                                                           const float *bias, float *y,
+                                                           int64_t N) {
+  int64_t k = 0;
+  float sums[TILE][4] = {{0.f}};
+#ifdef FLANES
+  fvec s[TILE][4];
+  for (int i = 0; i < NT; i++)
+    for (int r = 0; r < R; r++) s[i][r] = FZERO();
+  for (; k + FLANES <= K; k += FLANES) {
+    fvec v[TILE];
+    ahead(w + NT * k, NT * FLANES * (int)sizeof(float)); /* the tile's rows are one run */
+    for (int i = 0; i < NT; i++) v[i] = FLOAD_f32(w + i * K + k);
+    for (int r = 0; r < R; r++) {
+      fvec a = FLOAD_f32(x + r * K + k);
+      for (int i = 0; i < NT; i++) s[i][r] = FFMA(s[i][r], v[i], a);
+    }
+  }
+  for (int i = 0; i < NT; i++)
+    for (int r = 0; r < R; r++) sums[i][r] = FSUM(s[i][r]);
+#else
+  prefetch(w + TILE * K, TILE * K * (int64_t)sizeof(float)); /* (the next tile) */
+#endif
+  for (int i = 0; i < NT; i++)
+    for (int r = 0; r < R; r++) {
+      float t = sums[i][r];
+      for (int64_t j = k; j < K; j++) t = MADD(w[i * K + j], x[r * K + j], t);
+      y[r * N + i] = t + (bias ? bias[i] : 0.f);
+    }
+}
+
+#define TILE_ROWS(NT)                                                                       \
+  for (int64_t m = 0; m < M; m += ROWS_TOGETHER) {                                          \
+    const float *a = x + m * K;                                                             \
+    float *o = y + m * N + n;                                                               \
+    const float *b = bias ? bias + n : NULL;                                                \
+    switch (M - m < ROWS_TOGETHER ? M - m : ROWS_TOGETHER) {                                \
+    case 4: tile_f32(w + n * K, a, K, NT, 4, b, o, N); break;                               \
+    case 3: tile_f32(w + n * K, a, K, NT, 3, b, o, N); break;                               \
+    case 2: tile_f32(w + n * K, a, K, NT, 2, b, o, N); break;                               \
+    default: tile_f32(w + n * K, a, K, NT, 1, b, o, N);                                     \
+    }                                                                                       \
+  }
+
+/* rows [n0, n1) of y (M, N) = x . W^T + bias: a tile of weight rows at a time, against every
+   row of x while they are in cache */
+static void f32_rows(const float *x, int64_t M, int64_t K, const float *w, const float *bias,
+                     float *y, int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (M > 1)
+    for (; n + TILE <= n1; n += TILE) TILE_ROWS(TILE)
+  for (; n < n1; n++) TILE_ROWS(1)
+}
+
+int gptcli_f32(const float *x, int64_t M, int64_t K, const float *w, const float *bias, float *y,
+               int64_t N, int threads) {
+  PARALLEL
+  {
+    SHARE(N, n0, n1);
+    f32_rows(x, M, K, w, bias, y, N, n0, n1);
+  }
+  return 0;
+}
+
+/* an attention's scores (below): one float32 row, four vector sums */
+static inline float dot1_f32(const float *w, const float *a, int64_t K) {
+  int64_t k = 0;
+  float sum = 0.f;
+  VECTOR_DOT1(f32)
+  for (; k < K; k++) sum = MADD(w[k], a[k], sum);
+  return sum;
+}
 
 /* ---------------------------------------------------------------- a whole block, one step */
 

@@ -61,6 +61,22 @@ def test_every_row_count_and_width_is_within_the_kernels_bound(name, n_in):
             assert tuning.relative_error(y, exact) <= kernel.tolerance, (name, rows, bias)
 
 
+@pytest.mark.parametrize("n_in", [40, 2100])
+def test_a_float32_row_comes_out_the_same_alone_or_with_others(n_in):
+    """Bit for bit, among 1 to 9 rows (weight rows in fours and one at a time, rows of x in
+    twos or fours and the rest; 37 outputs: a remainder; widths with a tail after the vector
+    loops): the model's check of a draft's tokens (several positions) must give each position
+    the logits a one-position step gives, or greedy tokens could differ with a draft."""
+    g = torch.Generator().manual_seed(3)
+    w, bias = torch.randn(37, n_in, generator=g), torch.randn(37, generator=g)
+    x = torch.randn(9, n_in, generator=g)
+    for b in (bias, None):
+        alone = torch.cat([native.float_product(x[m:m + 1], w, b) for m in range(9)])
+        for rows in range(1, 10):
+            assert torch.equal(native.float_product(x[:rows], w, b), alone[:rows]), rows
+            assert torch.equal(native.float_product(x[9 - rows:], w, b), alone[9 - rows:]), rows
+
+
 def test_int8_sums_at_their_largest_do_not_overflow():
     """Weights at 127 and -128 and activations at their row's maximum, over 3000 inputs, in the
     four-row and one-row code: each block's int32 sum is at its largest, and the result is still
