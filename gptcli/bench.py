@@ -22,7 +22,7 @@ from . import hardware
 from .config import PRESETS, BenchConfig, LoadConfig, ModelConfig, SampleConfig, TrainConfig
 from .model import GPT
 from .locate import find_model
-from .models import check_format, load_weights, model_info
+from .models import check_format, display_name, load_weights, model_info
 from .hardware import (check_memory, generate_memory_estimate, hardware_name,
                        measure_bandwidth, measure_tflops, peak_bandwidth, peak_memory,
                        peak_tflops, train_memory_estimate)
@@ -31,6 +31,8 @@ from .tuning import cache_path
 from .devices import resolve_device, resolve_dtype, synchronize
 from .errors import RuntimeFailure, UserError, is_oom
 from .decode import compile_step
+from .generate import find_draft, load_draft
+from .speculative import Draft
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -92,6 +94,9 @@ def resolve_settings(load: LoadConfig, s: BenchConfig) -> tuple[BenchConfig, tor
     device = resolve_device(load.device)
     dtype = resolve_dtype(load.dtype, device)
     check_scheme(load.quantize, device)
+    if load.draft_model is not None and not load.model:
+        raise UserError("--draft-model times speculative decoding of a trained model and its "
+                        "draft: give the model with --model")
     if load.model or load.quantize:  # weights for inference only: nothing to train
         if s.only == "train":
             raise UserError("--model and --quantize time generation only; leave out --only train")
@@ -202,36 +207,61 @@ def bench_train(model: GPT, load: LoadConfig, s: BenchConfig, device: torch.devi
 
 
 def bench_generate(model: GPT, s: BenchConfig, batch: int, device: torch.device,
-                   step: Callable | None, tick: Callable[[], None]) -> dict:
-    """Time ``decode.decode_loop``: prefill + first token (TTFT), then one token at a time."""
+                   step: Callable | None, tick: Callable[[], None], draft: Draft | None = None,
+                   vocab: int | None = None) -> dict:
+    """Time ``decode.decode_loop``: prefill + first token (TTFT), then one token at a time. With
+    ``draft``, speculative decoding too (greedy, as the plain runs), its runs alternating with
+    the plain ones: its figures, acceptance and speed-up under ``speculative``. ``vocab``: the
+    tokenizer's size, which the prompt's ids and the tokens picked stay under."""
     from .decode import decode_loop
 
-    V = model.config.vocab_size
     g = torch.Generator(device=device).manual_seed(s.seed)
-    prompt = torch.randint(0, V, (batch, s.prompt_length), device=device, generator=g)
+    prompt = torch.randint(0, vocab or model.config.vocab_size, (batch, s.prompt_length),
+                           device=device, generator=g)
     cfg = SampleConfig(max_new_tokens=s.max_new_tokens, temperature=0)
-    runs, sampled = [], 0
+    runs: dict[bool, list] = {False: [], True: []}
+    counts = {"proposed": 0, "accepted": 0}
+    sampled = 0
     _reset_peak(device)
     for i in range(min(s.warmup, 2) + s.steps):  # one warm-up run already compiles every shape
-        synchronize(device)
-        t0 = time.perf_counter()
-        stamps = []
-        for tok in decode_loop(model, prompt, cfg, step=step):
-            tok.tolist()  # the host needs each token, as in generate(): a sync per token
-            stamps.append(time.perf_counter())
-        synchronize(device)
-        end = time.perf_counter()
-        runs.append((stamps[0] - t0, end - stamps[0]))
+        for d in ((None, draft) if i % 2 == 0 else (draft, None)) if draft else (None,):
+            seen: dict = {}
+            synchronize(device)
+            t0 = time.perf_counter()
+            stamps = []
+            for tok in decode_loop(model, prompt, cfg, step=step, draft=d, counts=seen,
+                                   vocab_size=vocab):
+                tok.tolist()  # the host needs each token, as in generate(): a sync per token
+                stamps.append(time.perf_counter())
+            synchronize(device)
+            runs[d is not None].append((stamps[0] - t0, time.perf_counter() - stamps[0]))
+            if d is not None and i >= min(s.warmup, 2):
+                counts = {k: counts[k] + seen.get(k, 0) for k in counts}
         if device.type == "mps":
             sampled = max(sampled, torch.mps.current_allocated_memory())
         tick()
+    out = {"batch_size": batch, "prompt_tokens": s.prompt_length,
+           "new_tokens": s.max_new_tokens, **_timings(runs[False], s, batch, step)}
+    if draft is not None:
+        fast = _timings(runs[True], s, batch, step)
+        fast.update(draft_tokens=counts["proposed"], accepted_tokens=counts["accepted"],
+                    acceptance_rate=counts["accepted"] / counts["proposed"]
+                    if counts["proposed"] else None)
+        if "decode_tokens_per_s" in fast:
+            fast["speedup"] = fast["decode_tokens_per_s"] / out["decode_tokens_per_s"]
+        out["speculative"] = fast
+    out["peak_memory_bytes"] = peak_memory(device, sampled)
+    return out
+
+
+def _timings(runs: list[tuple[float, float]], s: BenchConfig, batch: int,
+             step: Callable | None) -> dict:
+    """The figures of timed ``runs`` (time to the first token, then the rest), the first run's
+    (warm-up) included only as such."""
     first_run = sum(runs[0])
     runs = runs[len(runs) - s.steps:]
     ttft = _spread([r[0] for r in runs])
-    compile_s = first_run - statistics.median(sum(r) for r in runs)
-    out = {"batch_size": batch, "prompt_tokens": s.prompt_length,
-           "new_tokens": s.max_new_tokens,
-           "time_to_first_token_s": ttft,
+    out = {"time_to_first_token_s": ttft,
            "prefill_tokens_per_s": batch * s.prompt_length / ttft["median"],
            "first_run_s": first_run}
     if s.max_new_tokens > 1:
@@ -240,8 +270,7 @@ def bench_generate(model: GPT, s: BenchConfig, batch: int, device: torch.device,
                     "decode_tokens_per_s": batch / per_token["median"],
                     "decode_steps_per_s": 1 / per_token["median"]})
     if step is not None:  # the first run minus an ordinary one: the time spent compiling
-        out["compile_s"] = max(compile_s, 1e-9)
-    out["peak_memory_bytes"] = peak_memory(device, sampled)
+        out["compile_s"] = max(first_run - statistics.median(sum(r) for r in runs), 1e-9)
     return out
 
 
@@ -271,12 +300,14 @@ def run(load: LoadConfig, s: BenchConfig,
         "bandwidth_gbs": bw, "bandwidth_source": bw_src,
     }
     phase = "training" if s.only != "generate" else "generation"
+    draft = tokenizer = None
+    draft_path = None if load.draft_model is None else find_draft(load.draft_model)
     try:
         torch.manual_seed(s.seed)
         if load.model:
             path = find_model(load.model)
             check_format(path, load.quantize)
-            model, _, _ = load_weights(path, finite=True)
+            model, tokenizer, _ = load_weights(path, finite=True)
             model = model.to(device)
         else:
             model = GPT(config).to(device)
@@ -300,6 +331,14 @@ def run(load: LoadConfig, s: BenchConfig,
             if load.compile:  # as generate.load_generator
                 torch._dynamo.reset()  # compile from scratch, as `gpt generate` would
                 step = compile_step(model)
+            if draft_path is not None:
+                draft = load_draft(draft_path, tokenizer, path, device=str(device),
+                                   dtype=str(dtype).removeprefix("torch."),
+                                   quantize=load.quantize, kernel=load.kernel,
+                                   rows=(1, s.batch_size) if batch_given else (1,),
+                                   compile=load.compile, tokens=load.draft_tokens)
+                result.update(draft=display_name(draft_path),
+                              draft_parameters=draft.model.num_params())
             result["weight_bytes_per_step"] = decode_bytes(model)
             cache = hardware.cpu_cache_bytes() if device.type == "cpu" else None
             if cache and result["weight_bytes_per_step"] <= cache and not s.bandwidth_gbs:
@@ -310,7 +349,8 @@ def run(load: LoadConfig, s: BenchConfig,
             for batch in sorted({1, s.batch_size if batch_given else 1}):
                 n = min(s.warmup, 2) + s.steps
                 g = bench_generate(model, s, batch, device, step,
-                                   progress(f"bench: generation, batch {batch}", n))
+                                   progress(f"bench: generation, batch {batch}", n), draft,
+                                   tokenizer.vocab_size if draft else None)
                 if "decode_steps_per_s" in g:
                     g["bandwidth_utilisation"] = bandwidth_utilisation(
                         result["weight_bytes_per_step"], g["decode_steps_per_s"], bw) if bw else None

@@ -66,11 +66,11 @@ class Engine:
     def __init__(self, model: GPT, rows: int, *, step: Callable | None = None,
                  vocab_size: int | None = None, draft: Draft | None = None,
                  cache_dtype: torch.dtype | None = None) -> None:
-        self.model = model
+        self.model, self.compiled = model, step is not None
         # A compiled step off the CPU gets a static cache and a tensor position: the same shapes
         # and inputs at every token, so CUDA graphs can replay it (``compile_step``).
         self.step = getattr(model, "decode_step", model) if step is None else step
-        self.static = step is not None and model.device.type != "cpu"
+        self.static = self.compiled and model.device.type != "cpu"
         self.cache = KVCache.for_step(model, self.step, rows, dtype=cache_dtype, static=self.static,
                                       positions=1 if draft is None else draft.tokens + 1)
         self.vocab_size = vocab_size
@@ -261,9 +261,9 @@ class Engine:
         drafts, q = self._propose(first, rows, sequences, k) if k else ([[]] * len(rows), None)
         idx = torch.tensor([[seq[-1]] + d for seq, d in zip(sequences, drafts)],
                            device=self.model.device)  # (B, k + 1)
-        # the compiled step for its two usual shapes; other lengths (near a window's end) would
-        # each compile again with a static cache
-        step = self.step if idx.size(1) in (1, self.draft.tokens + 1) else self.model
+        # a compiled step for its two usual shapes only (others would each compile again)
+        step = self.step if not self.compiled or idx.size(1) in (1, self.draft.tokens + 1) \
+            else self.model
         logits = self._forward(step, self.view(first, stop), idx,
                                [len(seq) - 1 - row.start for seq, row in zip(sequences, rows)])
         if self.static:  # as in _step

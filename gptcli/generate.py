@@ -202,28 +202,51 @@ def load_generator(model_name: str | None, *, device: str = "auto", dtype: str =
                    draft_tokens: int = 4, batch: int = 1) -> Loaded:
     """Load a model for generation (see ``models.load_model``; kernels chosen for 1 row and
     ``batch`` rows), compiling its one-token step when asked; and ``draft_model`` the same way
-    (it must share the tokenizer)."""
+    (``load_draft``)."""
     from .locate import load_model
-    from .models import display_name
 
     rows = (1, batch)
+    draft_path = None if draft_model is None else find_draft(draft_model)  # before the wait
     model, tokenizer, path = load_model(model_name, device=device, dtype=dtype,
                                         quantize=quantize, kernel=kernel, rows=rows,
                                         steps=not compile)  # (a compiled step is its own)
     loaded = Loaded(model, tokenizer, path, compile_step(model) if compile else None)
-    if draft_model is not None:
-        small, small_tokenizer, small_path = load_model(draft_model, device=device, dtype=dtype,
-                                                        quantize=quantize, kernel=kernel,
-                                                        rows=rows, steps=not compile)
-        if small_tokenizer.spec() != tokenizer.spec():
-            names = (display_name(small_path), display_name(path))
-            differ = f"the {small_tokenizer.name} tokenizer and the model {names[1]} the " \
-                f"{tokenizer.name} one" if small_tokenizer.name != tokenizer.name else \
-                f"another {tokenizer.name} vocabulary than the model {names[1]}"
-            raise UserError(f"the draft model {names[0]} uses {differ}; a draft model must share "
-                            "the model's tokenizer")
-        loaded.draft = Draft(small, draft_tokens, compile_step(small) if compile else None)
+    if draft_path is not None:
+        loaded.draft = load_draft(draft_path, tokenizer, path, device=device, dtype=dtype,
+                                  quantize=quantize, kernel=kernel, rows=rows, compile=compile,
+                                  tokens=draft_tokens)
     return loaded
+
+
+def find_draft(name: str) -> Path:
+    """Where ``--draft-model`` is, its errors said to be about the draft model."""
+    from .locate import find_model
+
+    try:
+        return find_model(name)
+    except UserError as e:
+        raise UserError(f"--draft-model: {e}") from None
+
+
+def load_draft(name: str | Path, tokenizer: Tokenizer, path: Path, *, device: str, dtype: str,
+               quantize: str | None, kernel: str | None, rows: tuple[int, ...], compile: bool,
+               tokens: int) -> Draft:
+    """The draft model ``name`` for the model at ``path`` (whose tokenizer it must share),
+    loaded as the model was, with ``tokens`` proposals a round."""
+    from .locate import load_model
+    from .models import display_name
+
+    small, small_tokenizer, small_path = load_model(find_draft(name), device=device, dtype=dtype,
+                                                    quantize=quantize, kernel=kernel,
+                                                    rows=rows, steps=not compile)
+    if small_tokenizer.spec() != tokenizer.spec():
+        names = (display_name(small_path), display_name(path))
+        differ = f"the {small_tokenizer.name} tokenizer and the model {names[1]} the " \
+            f"{tokenizer.name} one" if small_tokenizer.name != tokenizer.name else \
+            f"another {tokenizer.name} vocabulary than the model {names[1]}"
+        raise UserError(f"the draft model {names[0]} uses {differ}; a draft model must share "
+                        "the model's tokenizer")
+    return Draft(small, tokens, compile_step(small) if compile else None)
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str, context_length: int) -> tuple[list[int], str | None]:

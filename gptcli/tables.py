@@ -108,6 +108,8 @@ def render_bench(result: dict, console) -> None:
         if "compile_s" in g:
             table.add_row(f"first run, {b}", f"{g['first_run_s']:.2f} s (compile about "
                           f"{g['compile_s']:.1f} s)")
+        if "speculative" in g:
+            table.add_row(f"with the draft, {b}", _speculative_row(g["speculative"], result))
         table.add_row(f"generate peak memory, {b}", f"{g['peak_memory_bytes'] / GiB:,.2f} GiB")
     console.print(table)
     notes = []
@@ -119,6 +121,15 @@ def render_bench(result: dict, console) -> None:
         notes.append("bandwidth use needs the device's bandwidth: pass --bandwidth-gbs")
     for note in notes:
         console.print(f"note: {note}", style="dim")
+
+
+def _speculative_row(d: dict, result: dict) -> str:
+    """Speculative decoding's figures against the plain runs they alternated with."""
+    rate = "no" if d["acceptance_rate"] is None else f"{d['acceptance_rate']:.0%} of"
+    speed = f"{d['decode_tokens_per_s']:,.1f} tokens/s ({d['speedup']:.2f}x), " \
+        if "speedup" in d else ""
+    return f"{speed}{rate} {d['draft_tokens']:,} draft tokens accepted (draft " \
+        f"{result['draft']}, {result['settings']['draft_tokens']} a round)"
 
 
 # ----------------------------------------------------------------------------- results on stdout

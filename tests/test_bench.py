@@ -243,3 +243,67 @@ def test_cpu_peak_memory_is_the_process_own_not_its_parents():
                                check=True).stdout)
     del ballast
     assert 50 * 2**20 < child < 1024 * 2**20
+
+
+# ----------------------------------------------------------------------------- with a draft
+
+def saved(path, tokenizer, seed=3, **config):
+    from gptcli.checkpoint import save_checkpoint
+    from conftest import randomize_, tiny_config
+
+    model = randomize_(GPT(tiny_config(vocab_size=tokenizer.vocab_size, **config)), seed=seed)
+    return str(save_checkpoint(path, model, tokenizer))
+
+
+DRAFTED = ["bench", "--device", "cpu", "--only", "generate", "--steps", "2", "--warmup", "1",
+           "--prompt-length", "4", "--max-new-tokens", "12", "--json"]
+
+
+def test_bench_times_decoding_with_a_draft_against_without(tmp_path):
+    """--draft-model: plain and speculative runs alternate; the speculative figures, the
+    acceptance and the speed-up come beside the plain ones, and in the table. A draft equal
+    to the model accepts every token; another accepts fewer."""
+    from conftest import char_tokenizer
+
+    tok = char_tokenizer(60)
+    target = saved(tmp_path / "big.safetensors", tok)
+    small = saved(tmp_path / "small.safetensors", tok, seed=4, n_layer=1)
+    for draft, accepted in ((target, lambda rate: rate == 1.0),
+                            (small, lambda rate: rate < 1.0)):
+        result = runner.invoke(app, DRAFTED + ["--model", target, "--draft-model", draft,
+                                               "--draft-tokens", "3", "--batch-size", "2"])
+        assert result.exit_code == 0, result.output
+        out = json.loads(result.stdout.strip().splitlines()[-1])
+        assert out["settings"]["draft_model"] == draft and out["draft_parameters"] > 0
+        for g in out["generate"]:  # batch 1 and 2
+            fast = g["speculative"]
+            assert fast["draft_tokens"] > 0 and accepted(fast["acceptance_rate"])
+            assert fast["acceptance_rate"] == fast["accepted_tokens"] / fast["draft_tokens"]
+            assert fast["speedup"] == pytest.approx(fast["decode_tokens_per_s"]
+                                                    / g["decode_tokens_per_s"])
+            assert fast["time_to_first_token_s"]["median"] > 0
+        assert "with the draft, batch 2" in result.stderr and "accepted" in result.stderr
+
+
+def test_bench_refuses_a_draft_it_cannot_time(tmp_path):
+    from conftest import char_tokenizer
+    from gptcli.tokenizer import GPT2Tokenizer
+
+    target = saved(tmp_path / "big.safetensors", char_tokenizer(60))
+    words = saved(tmp_path / "words.safetensors", GPT2Tokenizer())
+    cases = [
+        (["--draft-model", target], "error: --draft-model times speculative decoding of a "
+         "trained model and its draft: give the model with --model"),
+        (["--model", target, "--draft-tokens", "3"], "error: --draft-tokens goes with "
+         "--draft-model"),
+        (["--model", target, "--draft-model", str(tmp_path / "nowhere.safetensors")],
+         "error: --draft-model: "),
+        (["--model", target, "--draft-model", words], "error: the draft model words uses the "
+         "gpt2 tokenizer and the model big the char one; a draft model must share the model's "
+         "tokenizer"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["bench", "--device", "cpu", "--steps", "1", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stderr.strip().startswith(message), result.stderr
+        assert "Traceback" not in result.output

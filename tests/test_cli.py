@@ -164,7 +164,7 @@ def test_every_config_field_is_a_flag_and_every_flag_a_field():
                                TrainConfig)
 
     group = typer.main.get_command(app)
-    DRAFT = ("draft_model", "draft_tokens")  # speculative decoding: generate and bench only
+    DRAFT = ("draft_model", "draft_tokens")  # speculative decoding: generate, bench, serve
     cases = {
         "train": ((TrainConfig,), set(), {"--config", "--resume", "--resume-auto", "--force"}),
         "generate": ((LoadConfig, SampleConfig), set(),
@@ -174,7 +174,7 @@ def test_every_config_field_is_a_flag_and_every_flag_a_field():
                               {"--text", "--text-file", "--layer", "--head", "--out", "--html",
                                "--force", "--json"}),
         "bench": ((LoadConfig, BenchConfig), set(), {"--json"}),
-        "serve": ((LoadConfig, ServeConfig), {"compile", *DRAFT}, set()),
+        "serve": ((LoadConfig, ServeConfig), {"compile"}, set()),
     }
     own_help = {("bench", "--model")}  # the same flag, with a default of its own (a preset)
     for name, (models, excluded, own) in cases.items():

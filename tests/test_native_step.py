@@ -222,8 +222,8 @@ def test_fused_decoding_gives_the_models_tokens_and_recomputations_logits(mode):
 
 @pytest.mark.parametrize("mode", [None, "int8"])
 def test_a_speculative_rounds_check_of_a_drafts_tokens_runs_in_c(mode, monkeypatch):
-    """Two rows, a draft of 3 tokens a round: the model's check of them (4 positions a row)
-    and the draft's own steps run in the C blocks, and greedy output is token for token that of
+    """Two rows, a draft of 3 tokens a round: the model's check of them (4 positions a row, or
+    fewer near the sample's end) and the draft's own steps run in the C blocks, and greedy output is token for token that of
     decoding without a draft; a draft that is the model keeps every token."""
     model = fused_model(mode)
     calls = []
@@ -241,6 +241,9 @@ def test_a_speculative_rounds_check_of_a_drafts_tokens_runs_in_c(mode, monkeypat
         assert torch.equal(torch.stack(out), torch.stack(plain))
         assert (model, 4) in calls and any(m is draft for m, _ in calls)
         assert kept is None or counts["accepted"] == counts["proposed"] * kept
+    # the last round, 3 tokens from the sample's end, checks 2 tokens (3 positions): in C too
+    # (it fell to the model's own blocks, as a compiled step's other lengths do)
+    assert (model, 3) in calls
 
 
 @pytest.mark.parametrize("mode", [None, "int8"])

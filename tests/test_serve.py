@@ -844,6 +844,44 @@ def test_gpt_serve_subprocess_streams_and_stops_cleanly_on_sigterm(served):
     assert "Traceback" not in stderr and "error" not in stderr
 
 
+def test_gpt_serve_with_a_draft_answers_as_without_and_tallies_its_acceptance(served,
+                                                                            tmp_path):
+    """--draft-model: the scheduler's engine decodes speculatively; greedy answers (several
+    requests at once, at different positions, windows sliding past the context of 32) are the
+    ones without a draft, and /health shows the draft's tally."""
+    draft = randomize_(GPT(tiny_config(vocab_size=len(CHARS), n_layer=1)), seed=12)
+    small = save_checkpoint(tmp_path / "small.safetensors", draft, CharTokenizer(CHARS))
+    prompts = ["hi", "a longer prompt, at another position", "x"]
+    want = [reference(served, p, max_new_tokens=40, temperature=0)[0] for p in prompts]
+    with gpt_serve(served["path"], "--draft-model", str(small), "--draft-tokens", "3") \
+            as (proc, url):
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(lambda p: post({"url": url}, "/v1/completions", {
+                "prompt": p, "max_tokens": 40, "temperature": 0}), prompts))
+        assert [r[1]["choices"][0]["text"] for r in replies] == want
+        health = call({"url": url}, "GET", "/health")[2]
+        tally = health["draft"]
+        assert tally["model"] == "small" and tally["tokens_a_round"] == 3
+        assert tally["proposed"] > 0 and tally["acceptance_rate"] == \
+            tally["accepted"] / tally["proposed"]
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert "speculative decoding with the draft model small (" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_gpt_serve_refuses_a_draft_before_loading_anything(served, tmp_path):
+    missing = tmp_path / "none.safetensors"
+    for args, message in (
+            (["--draft-model", str(missing)],
+             f"error: --draft-model: checkpoint {missing} does not exist"),
+            (["--draft-tokens", "2"], "error: --draft-tokens goes with --draft-model")):
+        out = subprocess.run([sys.executable, "-m", "gptcli", "serve", "--model",
+                              str(served["path"]), "--port", str(free_port()), *args],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and out.stderr.strip() == message, out.stderr
+
+
 def test_gpt_serve_stops_cleanly_whatever_is_in_flight(served):
     """SIGTERM with a long stream, a long request, a half-sent request, a stream whose client
     stopped reading, a whole answer its client stopped reading and an idle keep-alive

@@ -219,6 +219,11 @@ def test_cli_refuses_a_draft_with_another_tokenizer(tmp_path):
     assert result.stderr.strip() == (
         "error: the draft model words uses the gpt2 tokenizer and the model big the char one; a "
         "draft model must share the model's tokenizer")
+    result = gen("--model", target, "--draft-model", str(tmp_path / "none.safetensors"),
+                 "--prompt", "\u0101")
+    assert result.exit_code == 2  # said to be the draft's, before the model is loaded
+    assert result.stderr.strip() == (
+        f"error: --draft-model: checkpoint {tmp_path / 'none.safetensors'} does not exist")
     result = gen("--model", target, "--draft-tokens", "3", "--prompt", "\u0101")
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --draft-tokens goes with --draft-model"

@@ -24,8 +24,13 @@ def note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-# LoadConfig's speculative decoding settings: only generate and bench decode with a draft
+# LoadConfig's speculative decoding settings: generate, bench and serve decode with a draft
 DRAFT = ("draft_model", "draft_tokens")
+
+
+def check_draft(load: LoadConfig, given: dict) -> None:
+    if "draft_tokens" in given and load.draft_model is None:
+        raise UserError("--draft-tokens goes with --draft-model")
 
 
 # ----------------------------------------------------------------------------- train
@@ -77,8 +82,7 @@ def generate_cmd(
     from ..generate import load_generator
 
     load, sample = settings(LoadConfig, given), settings(SampleConfig, given)
-    if "draft_tokens" in given and load.draft_model is None:
-        raise UserError("--draft-tokens goes with --draft-model")
+    check_draft(load, given)
     if prompt is not None and prompt_file is not None:
         raise UserError("give the prompt with either --prompt TEXT or --prompt-file FILE")
     if interactive and (prompt is not None or prompt_file is not None):
@@ -310,8 +314,10 @@ def bench_cmd(given: dict, as_json: Json = False) -> None:
     from ..tables import render_bench
 
     err = Console(stderr=True)
+    load = settings(LoadConfig, given)
+    check_draft(load, given)
     with ProgressBars(err) as progress:
-        result = run(settings(LoadConfig, given), settings(BenchConfig, given), progress)
+        result = run(load, settings(BenchConfig, given), progress)
     render_bench(result, err if as_json else Stdout())  # with --json, the table goes to stderr
     if as_json:
         print(json.dumps(result), flush=True)
@@ -319,7 +325,7 @@ def bench_cmd(given: dict, as_json: Json = False) -> None:
 
 # ----------------------------------------------------------------------------- serve
 
-@command("serve", LoadConfig, ServeConfig, exclude=("compile", *DRAFT),
+@command("serve", LoadConfig, ServeConfig, exclude=("compile",),
          panels=("Model", "Server", "Device"),
          oom_hint="try a smaller --max-batch or --max-tokens, or a smaller model")
 def serve_cmd(given: dict) -> None:
@@ -327,7 +333,9 @@ def serve_cmd(given: dict) -> None:
     decoding concurrent requests together. Needs the serve extra (starlette and uvicorn)."""
     from ..serve import run_server
 
-    raise typer.Exit(run_server(settings(LoadConfig, given), settings(ServeConfig, given), note))
+    load = settings(LoadConfig, given)
+    check_draft(load, given)
+    raise typer.Exit(run_server(load, settings(ServeConfig, given), note))
 
 
 # ----------------------------------------------------------------------------- models on disk

@@ -32,6 +32,7 @@ import torch
 
 from ..config import SampleConfig
 from ..decode import Engine, Row
+from ..speculative import Draft
 from ..generate import TextStream
 from ..model import GPT
 from ..tokenizer import Tokenizer
@@ -87,13 +88,14 @@ class Scheduler:
     to no one job: when it fails, the newest job leaves and the step is tried again.
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int) -> None:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int,
+                 draft: Draft | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         # a cache of the model's dtype: rows at different positions (requests that came at
         # different times) run torch's attention, which would widen an fp16 cache at each step
         # (the C blocks read either; startup.py's memory check counts this dtype)
         self.engine = Engine(model, max_batch, vocab_size=tokenizer.vocab_size,
-                             cache_dtype=model.dtype)
+                             cache_dtype=model.dtype, draft=draft)
         self.max_batch = max_batch
         self.waiting: queue.Queue[Job | None] = queue.Queue()
         self.head: Job | None = None  # the next job to admit, waiting for free rows

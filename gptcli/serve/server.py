@@ -42,9 +42,11 @@ class Server:
     def __init__(self, model, tokenizer, *, model_id: str, max_batch: int = 8,
                  max_tokens: int = 1024, api_key: str | None = None,
                  max_body: int = 1 << 20, chat_template: str = chat.PLAIN,
-                 log: Callable[[str], None] = lambda line: None) -> None:
+                 log: Callable[[str], None] = lambda line: None, draft=None,
+                 draft_id: str | None = None) -> None:
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
-        self.scheduler = Scheduler(model, tokenizer, max_batch)
+        self.scheduler = Scheduler(model, tokenizer, max_batch, draft)
+        self.draft_id = draft_id
         self.max_tokens, self.api_key, self.max_body = max_tokens, api_key, max_body
         self.chat_template, self.log = chat_template, log
         self.context = model.config.context_length
@@ -274,8 +276,14 @@ def create_app(server: Server):
                      "vocab_size": server.model.config.vocab_size}}]})
 
     async def health(server, request):
-        return JSONResponse({"status": "ok", "model": server.model_id,
-                             "requests": server.scheduler.busy()})
+        body = {"status": "ok", "model": server.model_id, "requests": server.scheduler.busy()}
+        engine = server.scheduler.engine
+        if engine.draft is not None:  # speculative decoding's tally since the start
+            proposed, accepted = engine.proposed, engine.accepted
+            body["draft"] = {"model": server.draft_id, "tokens_a_round": engine.draft.tokens,
+                             "proposed": proposed, "accepted": accepted,
+                             "acceptance_rate": accepted / proposed if proposed else None}
+        return JSONResponse(body)
 
     async def internal(request, exc):  # Starlette's last resort, in OpenAI's shape
         return ApiError(500, f"{type(exc).__name__}: {exc}").response()
@@ -320,6 +328,7 @@ def run_server(load, cfg, log) -> int:
 
     from ..checkpoint import read_safetensors
     from ..errors import RuntimeFailure, require
+    from ..generate import find_draft, load_draft
     from ..locate import find_model, load_model
     from ..models import display_name
 
@@ -327,14 +336,19 @@ def run_server(load, cfg, log) -> int:
     require("uvicorn", "serve", needed_for="gpt serve")
     address = check_address(cfg.host, cfg.port)
     path = find_model(load.model)
+    draft_path = None if load.draft_model is None else find_draft(load.draft_model)
     check_batch(path, cfg.max_batch, load.device, load.dtype, load.quantize)
     model, tokenizer, path = load_model(path, device=load.device, dtype=load.dtype,
                                         quantize=load.quantize, kernel=load.kernel,
                                         rows=(1, cfg.max_batch))
+    draft = None if draft_path is None else load_draft(
+        draft_path, tokenizer, path, device=load.device, dtype=load.dtype, quantize=load.quantize,
+        kernel=load.kernel, rows=(1, cfg.max_batch), compile=False, tokens=load.draft_tokens)
     template = chat.template_for(read_safetensors(path, tensors=False)[1])
     server = Server(model, tokenizer, model_id=display_name(path), max_batch=cfg.max_batch,
                     max_tokens=cfg.max_tokens, api_key=cfg.api_key, max_body=cfg.max_body,
-                    chat_template=template, log=log)
+                    chat_template=template, log=log, draft=draft,
+                    draft_id=None if draft_path is None else display_name(draft_path))
     http = http_server(server, cfg.host, cfg.port)
     received: list[int] = []
 
@@ -357,6 +371,10 @@ def run_server(load, cfg, log) -> int:
             raise RuntimeFailure(f"the HTTP server could not start on {address}")
         log(f"serving {server.model_id} ({path}, {model.num_params():,} parameters, up to "
             f"{cfg.max_batch} sequences at once) at {url}/v1")
+        if draft is not None:
+            log(f"speculative decoding with the draft model {server.draft_id} "
+                f"({draft.model.num_params():,} parameters, {draft.tokens} tokens a round; "
+                f"its acceptance: {url}/health)")
         log(f"try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} -d "
             f"'{{\"prompt\": \"Hello\", \"max_tokens\": 20}}'")
         log("Ctrl-C stops it")
