@@ -120,6 +120,25 @@ def test_a_closed_stdout_ends_quietly(char_checkpoint, tmp_path, command):
     assert "Error" not in out.stderr and "error" not in out.stderr
 
 
+def test_a_full_stdout_is_one_sentence(char_checkpoint):
+    """`gpt generate ... > /dev/full`: every write fails with ENOSPC."""
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, "-m", "gptcli", "generate", "--model",
+                              str(char_checkpoint), "--prompt", "abc", "--max-new-tokens", "5"],
+                             stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1] == \
+        "error: could not write to standard output: No space left on device", out.stderr
+    assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"]])
+def test_help_into_a_closed_pipe_ends_quietly_too(args):
+    """`gpt --help | head -3`: rich prints help, and its own closed-pipe hook exited 1."""
+    out = run_into_closed_pipe(*args)
+    assert (out.returncode, out.stderr) == (141, "")
+
+
 def test_head_cuts_generate_short(char_checkpoint):
     """The shape from the issue: `gpt generate ... | head -c 20` ends at once, quietly."""
     out = subprocess.run(f"{sys.executable} -m gptcli generate --model {char_checkpoint} "

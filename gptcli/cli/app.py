@@ -10,6 +10,7 @@ every default in one place.
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import os
@@ -25,6 +26,14 @@ from typer.core import TyperCommand, TyperGroup
 from .. import __version__
 from ..errors import GptcliError, UserError, is_debug, is_oom
 from ..files import STDOUT_CLOSED, silence_stdout
+
+
+def _closed_pipe(console) -> None:
+    """rich's hook for output whose reader has gone (`gpt --help | head`): it exited with
+    status 1; gptcli's policy is a quiet 141, as for everything else it prints."""
+    console.quiet = True
+    silence_stdout()
+    raise SystemExit(STDOUT_CLOSED)
 
 
 class _HelpSwitch:
@@ -44,6 +53,12 @@ class _HelpSwitch:
             # if an update renames them, tests/test_cli.py sees the type in the help again).
             param.display_type_rich = lambda ctx: None
             param._usage_display_name = lambda usage=usage: usage
+
+    def format_help(self, ctx, formatter):
+        from rich.console import Console  # (loaded for the help anyway)
+
+        Console.on_broken_pipe = _closed_pipe  # the documented override point; typer makes
+        return super().format_help(ctx, formatter)  # the consoles, so no subclass can serve
 
     def get_help_option(self, ctx):
         option = super().get_help_option(ctx)
@@ -105,11 +120,20 @@ def handle_errors(fn, oom_hint: str):
             raise typer.Exit(STDOUT_CLOSED) from None
         except BaseException as e:  # noqa: BLE001 - the last line of defence against tracebacks
             message, code = describe(e, oom_hint)
+            if _output_failed(e):  # what it holds cannot be written at exit either
+                silence_stdout()
             if is_debug():
                 traceback.print_exc()
             fail(message, code)
 
     return wrapper
+
+
+def _output_failed(e: BaseException) -> bool:
+    """A write without a file name that failed for want of room or a device error, with
+    stdout redirected: stdout's (`gpt generate ... > /dev/full`; files are named)."""
+    return isinstance(e, OSError) and not e.filename and not sys.stdout.isatty() and \
+        e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 
 def describe(e: BaseException, oom_hint: str) -> tuple[str, int]:
@@ -128,6 +152,8 @@ def describe(e: BaseException, oom_hint: str) -> tuple[str, int]:
     if isinstance(e, OSError) and e.filename:
         err = path_error(e, "use", e.filename)
         return str(err), err.exit_code
+    if _output_failed(e):
+        return f"could not write to standard output: {e.strerror}", 1
     return (f"{type(e).__name__}: {e} (an unexpected failure; run with `gpt --debug ...` for "
             "the traceback)"), 1
 

@@ -115,11 +115,13 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 
 def read_prompt_line() -> str | None:
-    try:
-        line = input("> ")
-    except EOFError:
-        return None
-    return None if line.strip() == "/quit" else line
+    """The next prompt of --interactive (None: the end, or /quit), read as `gpt chat` reads a
+    message: a "> " prompt in a terminal (on stderr where stdout is redirected), none when the
+    lines are piped in, so stdout keeps only the text."""
+    from ..conversation import read_line
+
+    line = read_line(sys.stdin.isatty())
+    return None if line is None or line.strip() == "/quit" else line
 
 
 def generate_once(loaded, text: str, cfg: SampleConfig, as_json: bool, engine=None) -> None:
