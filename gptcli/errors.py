@@ -57,7 +57,29 @@ def require(module: str, extra: str, *, needed_for: str = "this"):
         return importlib.import_module(module)
     except ImportError:
         raise UserError(f"{needed_for} needs {module.split('.')[0]}, which is not installed; "
-                        f'install it with pip install "gptcli[{extra}]"') from None
+                        f"install it with {install_command(extra)}") from None
+
+
+def install_command(extra: str) -> str:
+    """The pip command that adds ``extra`` to this installation of gptcli: from the folder it
+    was installed from where pip recorded one (a checkout, as the README installs it; editable
+    or not), else by name. (A name alone would send a checkout's user to the package index,
+    whose "gptcli" may be another project.)"""
+    import json
+    from importlib.metadata import distributions
+    from urllib.parse import unquote, urlparse
+
+    try:  # (a checkout's own gptcli.egg-info, found first from inside it, records no origin)
+        origin = next((json.loads(text) for d in distributions(name="gptcli")
+                       if (text := d.read_text("direct_url.json"))), {})
+    except (ValueError, OSError):
+        origin = {}
+    folder = origin.get("dir_info") if isinstance(origin, dict) else None
+    url = urlparse(str(origin.get("url", ""))) if folder is not None else None
+    if url is None or url.scheme != "file":
+        return f'pip install "gptcli[{extra}]"'
+    editable = "-e " if isinstance(folder, dict) and folder.get("editable") else ""
+    return f'pip install {editable}"{unquote(url.path)}[{extra}]"'
 
 
 # errno values that mean the device or the disk failed, not the path the user gave

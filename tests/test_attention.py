@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from gptcli.errors import install_command
 from gptcli import attention
 from gptcli.checkpoint import save_checkpoint
 from gptcli.cli import app
@@ -402,7 +403,7 @@ def test_missing_matplotlib_says_how_to_install(tiny_ckpt, tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip() == ('error: --out needs matplotlib, which is not installed; install '
-                                  'it with pip install "gptcli[plot]"')
+                                  f'it with {install_command("plot")}')
     assert not (tmp_path / "a.png").exists()
 
 

@@ -16,7 +16,7 @@ import torch
 from conftest import randomize_, tiny_config
 from gptcli.checkpoint import model_tensors
 from gptcli.model import GPT
-from gptcli.errors import GptcliError, UserError
+from gptcli.errors import GptcliError, UserError, install_command
 from gptcli.vocab import gpt2_merges, gpt2_tokens
 from test_export import export, gpt, gpt2_checkpoint
 
@@ -239,7 +239,7 @@ def test_missing_gguf_package(tmp_path, tensors, monkeypatch):
     with pytest.raises(UserError) as err:
         write_gguf(tmp_path / "m.gguf", CONFIG, tensors, GPT2)
     assert str(err.value) == ('writing GGUF needs gguf, which is not installed; install it with '
-                              'pip install "gptcli[gguf]"')
+                              f'{install_command("gguf")}')
 
 
 # ----------------------------------------------------------------------------- gpt export, llama.cpp

@@ -14,6 +14,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "gptcli"
 
@@ -129,3 +131,31 @@ def test_ci_runs_the_readme_commands():
     assert tests in [line.strip() for line in ci], "CI runs the README's test command"
     venv = next(i for i, line in enumerate(ci) if "-m venv" in line)
     assert venv < next(i for i, line in enumerate(ci) if line.strip().startswith(main))
+
+
+@pytest.mark.parametrize("recorded, command", [
+    ('{"url": "file:///src/gpt%20cli", "dir_info": {"editable": true}}',
+     'pip install -e "/src/gpt cli[serve]"'),  # the README's `pip install -e .`
+    ('{"url": "file:///src/gptcli", "dir_info": {}}', 'pip install "/src/gptcli[serve]"'),
+    ('{"url": "file:///dl/gptcli-1.0.whl", "archive_info": {}}', 'pip install "gptcli[serve]"'),
+    ('{"url": "https://example.org/x", "dir_info": {}}', 'pip install "gptcli[serve]"'),
+    (None, 'pip install "gptcli[serve]"'),  # from an index: pip records no origin
+    ("not json", 'pip install "gptcli[serve]"'),
+])
+def test_a_missing_extra_is_installed_from_where_gptcli_came_from(monkeypatch, recorded,
+                                                                   command):
+    """A checkout's user is told to install the extra from the checkout, not by name from
+    the package index (whose "gptcli" may be another project)."""
+    from gptcli.errors import install_command
+
+    class Installed:
+        def read_text(self, name):
+            return recorded if name == "direct_url.json" else None
+
+    class Checkout:  # the egg-info `pip install -e .` leaves in a checkout: no origin
+        def read_text(self, name):
+            return None
+
+    monkeypatch.setattr(importlib.metadata, "distributions",
+                        lambda name: iter([Checkout(), Installed()]))
+    assert install_command("serve") == command

@@ -2,6 +2,7 @@ import json
 
 from typer.testing import CliRunner
 
+from gptcli.errors import install_command
 from gptcli.cli import app
 from gptcli.plot import compare_runs
 from gptcli.runs import RunFolder
@@ -75,7 +76,7 @@ def test_gpt_plot_without_matplotlib_names_the_extra(tmp_path):
                           str(tmp_path / "p.png")], capture_output=True, text=True)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip() == ('error: plotting needs matplotlib, which is not installed; '
-                                  'install it with pip install "gptcli[plot]"')
+                                  f'install it with {install_command("plot")}')
     assert not (tmp_path / "p.png").exists()
 
 

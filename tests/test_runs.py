@@ -10,6 +10,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
+from gptcli.errors import install_command
 from gptcli.checkpoint import read_safetensors
 from gptcli.cli import app
 from gptcli.runs import LOCK, RunFolder, read_records
@@ -60,8 +61,8 @@ def test_a_missing_tracker_extra_fails_before_the_run_folder_exists(corpus, tmp_
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == ('error: --log-to tensorboard needs tensorboard, which is '
-                                     'not installed; install it with pip install '
-                                     '"gptcli[tensorboard]"')
+                                     'not installed; install it with '
+                                     f'{install_command("tensorboard")}')
     assert not out.exists()
 
 

@@ -25,6 +25,7 @@ openai = pytest.importorskip("openai", reason="the serve tests use the openai cl
 uvicorn = pytest.importorskip("uvicorn", reason="gpt serve needs the serve extra")
 
 from gptcli import chat  # noqa: E402
+from gptcli.errors import install_command  # noqa: E402
 from gptcli.checkpoint import save_checkpoint  # noqa: E402
 from gptcli.config import SampleConfig  # noqa: E402
 from gptcli.models import load_model  # noqa: E402
@@ -1018,7 +1019,7 @@ def test_gpt_serve_without_the_extra_names_it(tmp_path):
                          env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 2
     assert out.stderr.strip() == ('error: gpt serve needs starlette, which is not installed; '
-                                  'install it with pip install "gptcli[serve]"')
+                                  f'install it with {install_command("serve")}')
 
 
 def test_a_port_in_use_is_one_sentence(served):

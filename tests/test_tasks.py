@@ -15,6 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from gptcli.errors import install_command
 from gptcli.checkpoint import save_checkpoint
 from gptcli.cli import app
 from gptcli.config import ModelConfig
@@ -246,7 +247,7 @@ def test_parquet_task_files_and_the_missing_extra(model_file, files, tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip() == ('error: reading l.parquet needs pyarrow, which is not '
-                                  'installed; install it with pip install "gptcli[eval]"')
+                                  f'installed; install it with {install_command("eval")}')
 
 
 # ----------------------------------------------------------------------------- Hub data

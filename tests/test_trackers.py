@@ -13,6 +13,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
+from gptcli.errors import install_command
 from gptcli.cli import app
 from gptcli.config import TrainConfig
 from gptcli.runs import RunFolder, read_records
@@ -207,4 +208,4 @@ def test_a_missing_tracker_extra_is_named(corpus, tmp_path, tracker, module):
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines()[-1] == (
         f"error: --log-to {tracker} needs {module}, which is not installed; install it with "
-        f'pip install "gptcli[{tracker}]"')
+        f"{install_command(tracker)}")
