@@ -1078,6 +1078,25 @@ def test_the_memory_estimate_counts_the_kv_cache_the_scheduler_allocates(served)
     assert need == 1000 + 3 * per_row and 3 * (per_row - logits) == allocated
 
 
+def test_a_draft_counts_in_the_memory_a_max_batch_needs(served, tmp_path, monkeypatch):
+    """With --draft-model, the draft's weights and cache rows count too: memory enough for the
+    model's 4 rows alone is not enough with a draft's beside them."""
+    from gptcli import hardware
+    from gptcli.errors import UserError
+    from gptcli.serve.startup import batch_memory, check_batch
+
+    draft = randomize_(GPT(tiny_config(vocab_size=len(CHARS), n_layer=1)), seed=12)
+    small = save_checkpoint(tmp_path / "small.safetensors", draft, CharTokenizer(CHARS))
+    config = served["model"].config
+    alone, _ = batch_memory(config, 4, 4, config.num_params() * 4)
+    monkeypatch.setattr(hardware, "available_memory", lambda device: alone)
+    check_batch(served["path"], 4, "cpu", "float32", None)  # fits exactly
+    with pytest.raises(UserError) as refused:
+        check_batch(served["path"], 4, "cpu", "float32", None, draft=small)
+    assert "per sequence for its KV cache (the model's and the draft's) over a context of 32" \
+        in str(refused.value) and " available: try " in str(refused.value)
+
+
 def test_health_counts_no_job_whose_client_went_away(served):
     """`/health`'s "requests" (``Scheduler.busy``): a job whose client left is not counted,
     whether it is decoding, next in line for rows, or still queued behind it; the loop then

@@ -337,7 +337,7 @@ def run_server(load, cfg, log) -> int:
     address = check_address(cfg.host, cfg.port)
     path = find_model(load.model)
     draft_path = None if load.draft_model is None else find_draft(load.draft_model)
-    check_batch(path, cfg.max_batch, load.device, load.dtype, load.quantize)
+    check_batch(path, cfg.max_batch, load.device, load.dtype, load.quantize, draft_path)
     model, tokenizer, path = load_model(path, device=load.device, dtype=load.dtype,
                                         quantize=load.quantize, kernel=load.kernel,
                                         rows=(1, cfg.max_batch))

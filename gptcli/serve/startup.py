@@ -62,28 +62,23 @@ def batch_memory(config, rows: int, element_size: int, weight_bytes: int) -> tup
 
 
 def check_batch(path: str | os.PathLike, rows: int, device: str, dtype: str,
-                quantize: str | None) -> None:
+                quantize: str | None, draft: str | os.PathLike | None = None) -> None:
     """Refuse, from the checkpoint's header and before anything is allocated, a ``--max-batch``
-    whose memory (``batch_memory``) exceeds what the device has available, naming the largest
-    that fits. A header that cannot be read is left to ``load_model`` to report."""
+    whose memory (``batch_memory``; with a ``draft`` model, its weights and cache rows too)
+    exceeds what the device has available, naming the largest that fits. A header that cannot
+    be read is left to ``load_model`` to report."""
     import torch
 
-    from ..adapters import is_adapter
-    from ..checkpoint import parse_metadata, read_safetensors
     from ..devices import resolve_device, resolve_dtype
     from ..hardware import available_memory
 
-    try:
-        _, metadata = read_safetensors(path, tensors=False)
-        config, _ = parse_metadata(path, {**metadata, "format": "gptcli/1"}
-                                   if is_adapter(metadata) else metadata)
-    except UserError:
-        return
     dev = resolve_device(device)
     size = torch.empty((), dtype=resolve_dtype(dtype, dev)).element_size()
-    quantized = quantize or metadata.get("quantization")
-    weights = config.num_params() * (1 if quantized else size)
-    need, per_row = batch_memory(config, rows, size, weights)
+    models = [_header(p, size, quantize) for p in (path, draft) if p is not None]
+    if any(m is None for m in models):
+        return
+    weights, per_row = (sum(m[i] for m in models) for i in (1, 2))
+    need = weights + rows * per_row
     available = available_memory(dev)
     if available is None and dev.type == "cpu":  # (macOS): more than all of it never fits
         try:
@@ -94,10 +89,27 @@ def check_batch(path: str | os.PathLike, rows: int, device: str, dtype: str,
         return
     fits = (available - weights) // per_row
     instead = f"try --max-batch {fits} or less" if fits >= 1 else "try a smaller model"
+    both = " (the model's and the draft's)" if draft is not None else ""
     raise UserError(f"--max-batch {rows} needs about {amount(need)} ({amount(per_row)} per "
-                    f"sequence for its KV cache over a context of {config.context_length} and "
-                    f"its logits, plus the weights); {dev.type} has {amount(available)} "
-                    f"available: {instead}")
+                    f"sequence for its KV cache{both} over a context of "
+                    f"{models[0][0].context_length} and its logits, plus the weights); "
+                    f"{dev.type} has {amount(available)} available: {instead}")
+
+
+def _header(path: str | os.PathLike, size: int, quantize: str | None):
+    """(config, weight bytes, bytes per row) from a checkpoint's header; None where it cannot
+    be read."""
+    from ..adapters import is_adapter
+    from ..checkpoint import parse_metadata, read_safetensors
+
+    try:
+        _, metadata = read_safetensors(path, tensors=False)
+        config, _ = parse_metadata(path, {**metadata, "format": "gptcli/1"}
+                                   if is_adapter(metadata) else metadata)
+    except UserError:
+        return None
+    weights = config.num_params() * (1 if quantize or metadata.get("quantization") else size)
+    return config, weights, batch_memory(config, 1, size, 0)[1]
 
 
 def amount(size: int) -> str:
