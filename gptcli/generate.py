@@ -188,6 +188,7 @@ class Loaded:
     path: Path
     step: Callable | None = None
     draft: Draft | None = None
+    warm: bool = False  # a generate call has run (a compiled step: compiled)
 
     def engine(self, rows: int) -> Engine:
         """A decode engine of ``rows`` rows for this model, its step and draft, to keep between

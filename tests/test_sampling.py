@@ -534,3 +534,22 @@ def test_cli_out_of_memory_suggests_what_generate_can_change(char_checkpoint, mo
     assert result.stderr.strip().splitlines()[-1] == (
         "error: out of memory on the device; try a smaller --num-samples or --max-new-tokens, "
         "or a smaller model")
+
+
+def test_the_first_compiled_calls_speed_says_it_includes_compiling(char_checkpoint, capsys):
+    """--compile: the first call's tokens/s includes compiling the step (0.2 tokens/s for five
+    tokens), which the stats line says; later calls (--interactive) do not."""
+    from gptcli.cli.commands import generate_once
+    from gptcli.generate import Loaded
+    from gptcli.models import load_model
+
+    model, tokenizer, path = load_model(str(char_checkpoint), device="cpu")
+    loaded = Loaded(model, tokenizer, path, step=model)  # (any step: compiled or not)
+    lines = []
+    for _ in range(2):
+        generate_once(loaded, "abc", greedy(3), as_json=False)
+        lines.append(capsys.readouterr().err.strip().splitlines()[-1])
+    assert "tokens/s with compiling]" in lines[0] and "compiling" not in lines[1]
+    plain = Loaded(model, tokenizer, path)
+    generate_once(plain, "abc", greedy(3), as_json=False)
+    assert "compiling" not in capsys.readouterr().err

@@ -143,9 +143,12 @@ def generate_once(loaded, text: str, cfg: SampleConfig, as_json: bool, engine=No
         return
     print(flush=True)
     kept = f" ({stats.cached_prompt_tokens} kept)" if stats.cached_prompt_tokens else ""
+    # --compile: the first call's steps compile (gpt bench --compile times the steps after)
+    compiling = " with compiling" if loaded.step is not None and not loaded.warm else ""
+    loaded.warm = True
     note(f"[{stats.prompt_tokens} prompt tokens{kept}, {stats.new_tokens} new tokens, first token "
          f"{stats.time_to_first_token_s * 1000:.0f} ms, {stats.decode_tokens_per_s:.1f} "
-         f"tokens/s{_acceptance(stats)}]")
+         f"tokens/s{compiling}{_acceptance(stats)}]")
 
 
 def _acceptance(stats) -> str:
