@@ -124,14 +124,14 @@ def forced_kernel(kernel: str | None, modes: set[str]) -> str | None:
     if name in (None, "auto", "inductor", "fused"):
         return None if name == "auto" else name
     allowed = [k.name for mode in sorted(modes) for k in candidates(mode)]
+    choose = f"for this model choose one of: {', '.join(allowed)} (or auto, fused, or " \
+        "inductor with --compile)"
     if name not in KERNELS:
-        raise UserError(f"unknown kernel {name!r}; for this model choose one of: "
-                        f"{', '.join(allowed)} (or auto, fused, or inductor with --compile)")
+        raise UserError(f"unknown kernel {name!r}; {choose}")
     if name not in allowed:
         mode = KERNELS[name].mode
         flag = "no --quantize" if mode == "float" else f"--quantize {mode}"
-        raise UserError(f"kernel {name} is for {flag}; for this model choose one of: "
-                        f"{', '.join(allowed)} (or auto, or fused)")
+        raise UserError(f"kernel {name} is for {flag}; {choose}")
     return name
 
 

@@ -517,6 +517,7 @@ def test_forcing_by_environment_variable_and_refusals(monkeypatch):
         prepare(model_in("float"), None, kernel="int8-intmm")
     assert str(err.value).startswith("kernel int8-intmm is for --quantize int8; for this model "
                                      "choose one of: addmm")
+    assert str(err.value).endswith(" (or auto, fused, or inductor with --compile)")  # as above
     assert [k.name for k in candidates("int4")] == ["int4-bf16", "int4-f32", "int4-native",
                                                     "int4-dnn"]
 
