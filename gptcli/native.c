@@ -1045,7 +1045,9 @@ static inline __attribute__((always_inline)) void tile_f32(const float *w, const
     for (int r = 0; r < R; r++) s[i][r] = FZERO();
   for (; k + FLANES <= K; k += FLANES) {
     fvec v[TILE];
-    ahead(w + NT * k, NT * FLANES * (int)sizeof(float)); /* the tile's rows are one run */
+    /* the tile's rows lie one after another: their lines are asked for AHEAD bytes on in
+       memory order, as many a step as the step reads */
+    ahead(w + NT * k, NT * FLANES * (int)sizeof(float));
     for (int i = 0; i < NT; i++) v[i] = FLOAD_f32(w + i * K + k);
     for (int r = 0; r < R; r++) {
       fvec a = FLOAD_f32(x + r * K + k);
@@ -1055,7 +1057,7 @@ static inline __attribute__((always_inline)) void tile_f32(const float *w, const
   for (int i = 0; i < NT; i++)
     for (int r = 0; r < R; r++) sums[i][r] = FSUM(s[i][r]);
 #else
-  prefetch(w + TILE * K, TILE * K * (int64_t)sizeof(float)); /* (the next tile) */
+  prefetch(w + NT * K, NT * K * (int64_t)sizeof(float)); /* (the next rows, as many) */
 #endif
   for (int i = 0; i < NT; i++)
     for (int r = 0; r < R; r++) {

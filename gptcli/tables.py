@@ -110,7 +110,9 @@ def render_bench(result: dict, console) -> None:
                           f"{g['compile_s']:.1f} s)")
         if "speculative" in g:
             table.add_row(f"with the draft, {b}", _speculative_row(g["speculative"], result))
-        table.add_row(f"generate peak memory, {b}", f"{g['peak_memory_bytes'] / GiB:,.2f} GiB")
+        both = " (its runs and the draft's)" if "speculative" in g else ""
+        table.add_row(f"generate peak memory, {b}",
+                      f"{g['peak_memory_bytes'] / GiB:,.2f} GiB{both}")
     console.print(table)
     notes = []
     if result["device"] == "cpu":
@@ -125,11 +127,12 @@ def render_bench(result: dict, console) -> None:
 
 def _speculative_row(d: dict, result: dict) -> str:
     """Speculative decoding's figures against the plain runs they alternated with."""
-    rate = "no" if d["acceptance_rate"] is None else f"{d['acceptance_rate']:.0%} of"
+    accepted = "no draft tokens proposed" if d["acceptance_rate"] is None else \
+        f"{d['acceptance_rate']:.0%} of {d['draft_tokens']:,} draft tokens accepted"
     speed = f"{d['decode_tokens_per_s']:,.1f} tokens/s ({d['speedup']:.2f}x), " \
         if "speedup" in d else ""
-    return f"{speed}{rate} {d['draft_tokens']:,} draft tokens accepted (draft " \
-        f"{result['draft']}, {result['settings']['draft_tokens']} a round)"
+    return f"{speed}{accepted} (draft {result['draft']}, " \
+        f"{result['settings']['draft_tokens']} a round)"
 
 
 # ----------------------------------------------------------------------------- results on stdout

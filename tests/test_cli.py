@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import subprocess
 import sys
@@ -120,6 +121,7 @@ def test_a_closed_stdout_ends_quietly(char_checkpoint, tmp_path, command):
     assert "Error" not in out.stderr and "error" not in out.stderr
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full (Linux's) here")
 def test_a_full_stdout_is_one_sentence(char_checkpoint):
     """`gpt generate ... > /dev/full`: every write fails with ENOSPC."""
     with open("/dev/full", "w") as full:
@@ -128,8 +130,28 @@ def test_a_full_stdout_is_one_sentence(char_checkpoint):
                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
     assert out.returncode == 1
     assert out.stderr.splitlines()[-1] == \
-        "error: could not write to standard output: No space left on device", out.stderr
+        "error: could not write to standard output or a file: No space left on device", \
+        out.stderr
     assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr
+
+
+def test_a_full_disk_under_a_working_stdout_keeps_what_stdout_holds():
+    """A file's write on a full disk (an open file's: no name in the error) while stdout (a
+    pipe) works: one sentence, and the log already printed still reaches stdout."""
+    code = ("import errno, sys, typer\n"
+            "from gptcli.cli.app import handle_errors\n"
+            "def command():\n"
+            "    print('logged before the failure')\n"
+            "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "try:\n"
+            "    handle_errors(command, '')()\n"
+            "except typer.Exit as e:\n"
+            "    sys.exit(e.exit_code)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert (out.returncode, out.stdout) == (1, "logged before the failure\n"), out.stderr
+    assert out.stderr == "error: could not write to standard output or a file: No space left " \
+        "on device\n"
 
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"]])

@@ -1095,6 +1095,8 @@ def test_a_draft_counts_in_the_memory_a_max_batch_needs(served, tmp_path, monkey
         check_batch(served["path"], 4, "cpu", "float32", None, draft=small)
     assert "per sequence for its KV cache (the model's and the draft's) over a context of 32" \
         in str(refused.value) and " available: try " in str(refused.value)
+    with pytest.raises(UserError):  # a draft whose header cannot be read: the model's check
+        check_batch(served["path"], 5, "cpu", "float32", None, draft=tmp_path / "none")
 
 
 def test_health_counts_no_job_whose_client_went_away(served):

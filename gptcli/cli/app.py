@@ -120,7 +120,7 @@ def handle_errors(fn, oom_hint: str):
             raise typer.Exit(STDOUT_CLOSED) from None
         except BaseException as e:  # noqa: BLE001 - the last line of defence against tracebacks
             message, code = describe(e, oom_hint)
-            if _output_failed(e):  # what it holds cannot be written at exit either
+            if _stdout_failed(e):  # what it holds cannot be written at exit either
                 silence_stdout()
             if is_debug():
                 traceback.print_exc()
@@ -129,11 +129,24 @@ def handle_errors(fn, oom_hint: str):
     return wrapper
 
 
-def _output_failed(e: BaseException) -> bool:
-    """A write without a file name that failed for want of room or a device error, with
-    stdout redirected: stdout's (`gpt generate ... > /dev/full`; files are named)."""
-    return isinstance(e, OSError) and not e.filename and not sys.stdout.isatty() and \
+def _write_failed(e: BaseException) -> bool:
+    """A write without a file name (an open file's, or stdout's) that failed for want of room
+    or a device error."""
+    return isinstance(e, OSError) and not e.filename and \
         e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
+def _stdout_failed(e: BaseException) -> bool:
+    """Whether ``e`` is such a failure and stdout cannot be written either (it still holds
+    what a failed write left), rather than a file of the command's on a full disk while stdout
+    is fine (its log is then kept)."""
+    if not _write_failed(e) or sys.stdout.isatty():
+        return False
+    try:
+        sys.stdout.flush()
+    except OSError:
+        return True
+    return False
 
 
 def describe(e: BaseException, oom_hint: str) -> tuple[str, int]:
@@ -152,8 +165,8 @@ def describe(e: BaseException, oom_hint: str) -> tuple[str, int]:
     if isinstance(e, OSError) and e.filename:
         err = path_error(e, "use", e.filename)
         return str(err), err.exit_code
-    if _output_failed(e):
-        return f"could not write to standard output: {e.strerror}", 1
+    if _write_failed(e):  # (which of the two, the error does not say)
+        return f"could not write to standard output or a file: {e.strerror}", 1
     return (f"{type(e).__name__}: {e} (an unexpected failure; run with `gpt --debug ...` for "
             "the traceback)"), 1
 

@@ -75,8 +75,9 @@ def check_batch(path: str | os.PathLike, rows: int, device: str, dtype: str,
     dev = resolve_device(device)
     size = torch.empty((), dtype=resolve_dtype(dtype, dev)).element_size()
     models = [_header(p, size, quantize) for p in (path, draft) if p is not None]
-    if any(m is None for m in models):
+    if models[0] is None:
         return
+    models = [m for m in models if m is not None]  # (a draft's unread header: the model's)
     weights, per_row = (sum(m[i] for m in models) for i in (1, 2))
     need = weights + rows * per_row
     available = available_memory(dev)
