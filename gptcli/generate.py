@@ -229,15 +229,14 @@ def find_draft(name: str) -> Path:
         raise UserError(f"--draft-model: {e}") from None
 
 
-def load_draft(name: str | Path, tokenizer: Tokenizer, path: Path, *, device: str, dtype: str,
+def load_draft(draft_path: Path, tokenizer: Tokenizer, path: Path, *, device: str, dtype: str,
                quantize: str | None, kernel: str | None, rows: tuple[int, ...], compile: bool,
                tokens: int) -> Draft:
-    """The draft model ``name`` for the model at ``path`` (whose tokenizer it must share),
-    loaded as the model was, with ``tokens`` proposals a round."""
-    from .locate import load_model
-    from .models import display_name
+    """The draft model at ``draft_path`` (``find_draft``'s) for the model at ``path`` (whose
+    tokenizer it must share), loaded as the model was, with ``tokens`` proposals a round."""
+    from .models import display_name, load_model
 
-    small, small_tokenizer, small_path = load_model(find_draft(name), device=device, dtype=dtype,
+    small, small_tokenizer, small_path = load_model(draft_path, device=device, dtype=dtype,
                                                     quantize=quantize, kernel=kernel,
                                                     rows=rows, steps=not compile)
     if small_tokenizer.spec() != tokenizer.spec():

@@ -1085,7 +1085,7 @@ static inline __attribute__((always_inline)) void tile_f32(const float *w, const
 static void f32_rows(const float *x, int64_t M, int64_t K, const float *w, const float *bias,
                      float *y, int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  if (M > 1)
+  if (M > 1) /* (one row alone: a weight row at a time, one stream; four cost 5% on Zen 4) */
     for (; n + TILE <= n1; n += TILE) TILE_ROWS(TILE)
   for (; n < n1; n++) TILE_ROWS(1)
 }
