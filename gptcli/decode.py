@@ -33,7 +33,7 @@ from .kernel_layer import frozen_compile
 from .kv_cache import KVCache, contiguous, window_start
 from .model import GPT
 from .sampling import next_token
-from .speculative import Draft, accept, distribution, draw, is_greedy, padded
+from .speculative import Draft, padded, propose, verify
 
 
 class Row:
@@ -266,8 +266,7 @@ class Engine:
             else self.model
         logits = self._forward(step, self.view(first, stop), idx,
                                [len(seq) - 1 - row.start for seq, row in zip(sequences, rows)])
-        if self.static:  # as in _step
-            logits = logits.clone()
+        logits = logits.clone() if self.static else logits  # as in _step
         for members in self._groups(range(first, stop)):
             at = [i - first for i in members]
             lead = rows[at[0]]
@@ -279,10 +278,9 @@ class Engine:
             else:
                 seen = self._seen([sequences[j] + drafts[j][:i] for j in at
                                    for i in range(k + 1)], lead)
-                p = distribution(logits[at].flatten(0, 1), lead.config, seen, self.vocab)
-                kept, chosen = accept(p.view(len(at), k + 1, -1), q[at],
-                                      torch.tensor([drafts[j] for j in at], device=p.device),
-                                      is_greedy(lead.config), lead.generator)
+                kept, chosen = verify(logits[at], lead.config, seen, self.vocab,
+                                      torch.tensor([drafts[j] for j in at], device=logits.device),
+                                      None if q is None else q[at], lead.generator)
             for j, n, token in zip(at, kept.tolist(), chosen.tolist()):
                 rows[j].queue.extend(zip(drafts[j][:n] + [token], logits[j, :n + 1]))
                 if k:
@@ -291,11 +289,11 @@ class Engine:
                 self.accepted += n
 
     def _propose(self, first: int, rows: list[Row], sequences: list[list[int]],
-                 k: int) -> tuple[list[list[int]], torch.Tensor]:
+                 k: int) -> tuple[list[list[int]], torch.Tensor | None]:
         """The draft's ``k`` proposals for each row, one token at a time, and the distributions
-        (B, k, V) they were drawn from. The draft first catches up with the tokens it has not
-        seen (one or two after a round: every row feeds as many, some again, so that they go
-        through together)."""
+        (B, k, V) they were drawn from (None if every row is greedy). The draft first catches up
+        with the tokens it has not seen (one or two after a round: every row feeds as many, some
+        again, so that they go through together)."""
         context = self.draft.model.config.context_length
         for i, (row, seq) in enumerate(zip(rows, sequences)):
             if len(seq) + k - 1 - row.draft_start > context:  # the draft's window slides
@@ -306,15 +304,17 @@ class Engine:
         logits = self._feed(first, [seq[s:] for seq, s in zip(sequences, starts)],
                             [s - row.draft_start for s, row in zip(starts, rows)])  # (B, V)
         drafts: list[list[int]] = [[] for _ in rows]
-        q = torch.zeros(len(rows), k, self.vocab, device=self.model.device)
+        q = None
         for i in range(k):
             for members in self._groups(range(first, first + len(rows))):
                 at = [j - first for j in members]
                 lead = rows[at[0]]
                 seen = self._seen([sequences[j] + drafts[j] for j in at], lead)
-                q[at, i] = distribution(logits[at], lead.config, seen, self.vocab)
-                for j, token in zip(at, draw(q[at, i], is_greedy(lead.config),
-                                             lead.generator).tolist()):
+                picked, dist = propose(logits[at], lead.config, seen, self.vocab, lead.generator)
+                if dist is not None:  # sampling (greedy picks need no distributions)
+                    q = dist.new_zeros(len(rows), k, self.vocab) if q is None else q
+                    q[at, i] = dist
+                for j, token in zip(at, picked.tolist()):
                     drafts[j].append(token)
             if i + 1 < k:  # the proposal at sequence index len(seq) + i
                 logits = self._feed(first, [[d[-1]] for d in drafts],

@@ -16,7 +16,8 @@ al. 2023, "Accelerating large language model decoding with speculative sampling"
 and Theorem 1), so a draft changes the speed, never the output's distribution. The filters are
 no exception: p and q are the distributions *after* them, which is what ``next_token`` would
 draw from. Greedy decoding (one-hot p and q) keeps a proposal exactly when it is the model's
-most likely token, so its output is the same token for token. The shape (draft K, verify K + 1
+own pick, so its output is the same token for token; it needs no distributions at all, so the
+rounds compare ``next_token``'s picks instead (``accept_greedy``). The shape (draft K, verify K + 1
 positions in one forward, ``r < p/q``) is gpt-fast's ``speculative_decode``.
 
 ``decode.Engine`` runs the rounds (the caches, windows and rows are its business); this module
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from .config import SampleConfig
 from .model import GPT
 from .sampling import (GREEDY_BELOW, apply_repetition_penalty, filter_min_p, filter_top_k,
-                       filter_top_p, most_likely, sample, usable)
+                       filter_top_p, next_token, sample, usable)
 
 
 @dataclass
@@ -54,26 +55,19 @@ def is_greedy(config: SampleConfig) -> bool:
 def distribution(logits: torch.Tensor, config: SampleConfig, seen: torch.Tensor,
                  vocab_size: int | None = None) -> torch.Tensor:
     """The probabilities (B, V) float32 that ``sampling.next_token`` draws from for these
-    ``logits`` (B, V): the same filters in the same order; greedy gives one-hot rows at the
-    token it would pick. (tests/test_speculative.py checks that draws from it are
-    ``next_token``'s, seed for seed.)"""
+    ``logits`` (B, V) at a temperature that samples: the same filters in the same order.
+    (tests/test_speculative.py checks that draws from it are ``next_token``'s, seed for seed.)
+    Greedy decoding has no use for it: see ``accept_greedy``."""
+    if is_greedy(config):
+        raise ValueError("greedy decoding picks tokens; it draws from no distribution")
     if vocab_size is not None and vocab_size < logits.size(-1):
         logits = logits[..., :vocab_size]
     logits = apply_repetition_penalty(logits.float(), seen, config.repetition_penalty)
-    if is_greedy(config):
-        return F.one_hot(most_likely(usable(logits)), logits.size(-1)).float()
     logits = usable(logits / config.temperature)
     logits = filter_top_k(logits, config.top_k)
     logits = filter_top_p(logits, config.top_p)
     logits = filter_min_p(logits, config.min_p)
     return torch.softmax(logits, dim=-1)
-
-
-def draw(probs: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of ``probs`` (B, V), unnormalised weights allowed."""
-    if greedy:
-        return most_likely(probs)
-    return sample(probs, generator)
 
 
 def padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -84,9 +78,9 @@ def padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     return torch.tensor([r + r[:1] * (width - len(r)) for r in rows], device=device)
 
 
-def accept(target: torch.Tensor, draft: torch.Tensor, proposed: torch.Tensor, greedy: bool,
+def accept(target: torch.Tensor, draft: torch.Tensor, proposed: torch.Tensor,
            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The acceptance rule (the module docstring's step 3) for B sequences at once.
+    """The acceptance rule (the module docstring's step 3) for B sequences at once, sampling.
 
     ``target`` (B, K + 1, V): the model's distributions p_0..p_K; ``draft`` (B, K, V): the
     draft's q_0..q_{K-1} that ``proposed`` (B, K) were drawn from. Returns (B,) the number of
@@ -95,16 +89,47 @@ def accept(target: torch.Tensor, draft: torch.Tensor, proposed: torch.Tensor, gr
     B, K = proposed.shape
     p = target[:, :K].gather(-1, proposed[..., None]).squeeze(-1)  # (B, K): p_i(x_i)
     q = draft.gather(-1, proposed[..., None]).squeeze(-1)  # (B, K): q_i(x_i) > 0, it was drawn
-    if greedy:  # one-hot p: kept exactly when it is the model's own choice
-        kept = p > 0
-    else:  # r < p/q, without dividing
-        r = torch.rand(B, K, generator=generator, device=p.device)
-        kept = r * q < p
-    n = kept.long().cumprod(dim=-1).sum(dim=-1)  # (B,): proposals kept before the first miss
+    r = torch.rand(B, K, generator=generator, device=p.device)
+    n = (r * q < p).long().cumprod(dim=-1).sum(dim=-1)  # (B,): kept before the first miss
     rows = torch.arange(B, device=p.device)
     p_n = target[rows, n]  # (B, V)
     q_n = F.pad(draft, (0, 0, 0, 1))[rows, n]  # q is 0 after the last proposal: then p_K
     residual = (p_n - q_n).clamp(min=0)
     # p == q leaves nothing; a rejection is then impossible in exact arithmetic, and p is right
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)
-    return n, draw(residual, greedy, generator)
+    return n, sample(residual, generator)
+
+
+def accept_greedy(picks: torch.Tensor, proposed: torch.Tensor) -> tuple[torch.Tensor,
+                                                                         torch.Tensor]:
+    """The acceptance rule of greedy decoding (one-hot p and q: ``r < p/q`` holds exactly when
+    the proposal is the model's pick): ``picks`` (B, K + 1) the model's own tokens after each
+    prefix, ``proposed`` (B, K). Returns (B,) the proposals kept, the leading ones equal to the
+    model's picks, and (B,) the model's pick after them."""
+    n = (picks[:, :-1] == proposed).long().cumprod(dim=-1).sum(dim=-1)
+    return n, picks.gather(1, n[:, None]).squeeze(1)
+
+
+def propose(logits: torch.Tensor, config: SampleConfig, seen: torch.Tensor, vocab_size: int,
+            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Step 1 for the rows of one group: the draft's token (B,) after its ``logits`` (B, V),
+    and the distribution (B, V) it was drawn from (None when greedy: the draft's pick)."""
+    if is_greedy(config):
+        return next_token(logits, config, seen, None, vocab_size), None
+    q = distribution(logits, config, seen, vocab_size)
+    return sample(q, generator), q
+
+
+def verify(logits: torch.Tensor, config: SampleConfig, seen: torch.Tensor, vocab_size: int,
+           proposed: torch.Tensor, draft: torch.Tensor | None,
+           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 2-3 for the rows of one group, after the model's forward: its ``logits`` (B, K + 1,
+    V), ``seen`` for each of the B * (K + 1) prefixes, the ``proposed`` tokens (B, K) and the
+    distributions they were drawn from (``propose``'s; None when greedy). Returns ``accept``'s
+    (B,) proposals kept and (B,) the token after them."""
+    B, K = proposed.shape
+    if is_greedy(config):  # the model's own picks after each prefix
+        picks = next_token(logits.flatten(0, 1), config, seen, None, vocab_size)
+        return accept_greedy(picks.view(B, K + 1), proposed)
+    p = distribution(logits.flatten(0, 1), config, seen, vocab_size)
+    return accept(p.view(B, K + 1, -1), draft, proposed, generator)

@@ -15,7 +15,7 @@ from gptcli.config import SampleConfig
 from gptcli.decode import Engine, decode_loop
 from gptcli.model import GPT
 from gptcli.sampling import next_token, sample
-from gptcli.speculative import Draft, accept, distribution
+from gptcli.speculative import Draft, accept, accept_greedy, distribution
 from gptcli.tokenizer import GPT2Tokenizer
 
 from conftest import char_tokenizer, randomize_, tiny_config
@@ -43,10 +43,10 @@ SETTINGS = [dict(temperature=1.0), dict(temperature=0.7, top_k=5),
             dict(temperature=0), dict(temperature=0, repetition_penalty=0.5)]
 
 
-@pytest.mark.parametrize("settings", SETTINGS)
+@pytest.mark.parametrize("settings", [s for s in SETTINGS if s["temperature"]])
 def test_draws_from_distribution_are_next_tokens_draws(settings):
     """``distribution`` is what ``next_token`` samples from, filters and all: the same seed
-    gives the same tokens (greedy: its one-hot row is next_token's pick)."""
+    gives the same tokens. Greedy decoding draws from none (it compares picks)."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 50, generator=g) * 3
     seen = torch.randint(0, 40, (64, 7), generator=g)
@@ -54,9 +54,9 @@ def test_draws_from_distribution_are_next_tokens_draws(settings):
     probs = distribution(logits, config, seen, vocab_size=40)
     assert probs.shape == (64, 40) and torch.allclose(probs.sum(-1), torch.ones(64))
     expected = next_token(logits, config, seen, torch.Generator().manual_seed(1), vocab_size=40)
-    got = probs.argmax(-1) if config.temperature == 0 else \
-        sample(probs, torch.Generator().manual_seed(1))
-    assert torch.equal(got, expected)
+    assert torch.equal(sample(probs, torch.Generator().manual_seed(1)), expected)
+    with pytest.raises(ValueError, match="greedy"):
+        distribution(logits, SampleConfig(temperature=0), seen)
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
@@ -159,15 +159,20 @@ def test_accept_keeps_proposals_until_the_first_miss():
     p = torch.tensor([[[0.0, 1.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]])  # (1, K+1=3, 3)
     q = torch.tensor([[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]])  # proposals 1 (kept), 0 (p/q=1/2)
     proposed = torch.tensor([[1, 0]])
-    outcomes = [accept(p, q, proposed, False, torch.Generator().manual_seed(s)) for s in
-                range(200)]
+    outcomes = [accept(p, q, proposed, torch.Generator().manual_seed(s)) for s in range(200)]
     kept = [int(n) for n, _ in outcomes]
     assert set(kept) == {1, 2} and 60 < kept.count(2) < 140  # the second kept half the time
     assert {int(t) for n, t in outcomes if n == 1} == {1}  # max(0, p - q) = token 1 only
     assert {int(t) for n, t in outcomes if n == 2} == {2}  # all kept: one more from p_K
-    one_hot = torch.eye(3)[torch.tensor([[1, 2, 0]])]  # greedy: the model's picks 1, 2, 0
-    n, token = accept(one_hot, torch.eye(3)[proposed], proposed, True, None)
-    assert (n.tolist(), token.tolist()) == ([1], [2])  # 1 kept, 0 is not the model's 2
+
+
+def test_greedy_acceptance_keeps_the_proposals_the_model_would_have_picked():
+    """Greedy: kept up to the first proposal that is not the model's pick after the same prefix
+    (a later match counts for nothing); then the model's own pick."""
+    picks = torch.tensor([[1, 2, 0], [1, 2, 0], [1, 2, 0], [1, 2, 0]])  # the model's, (B, K+1)
+    proposed = torch.tensor([[1, 0], [1, 2], [0, 2], [2, 1]])
+    n, token = accept_greedy(picks, proposed)
+    assert n.tolist() == [1, 2, 0, 0] and token.tolist() == [2, 0, 1, 1]
 
 
 # ----------------------------------------------------------------------------- the CLI
