@@ -116,6 +116,28 @@ def test_earlier_turns_are_in_the_prompt_and_each_reply_is_generate_with_its_see
     assert plain.stdout == "".join(r["reply"] + "\n" for r in got)
 
 
+def test_a_draft_model_keeps_greedy_replies_and_reports_its_tokens(chat_model, tmp_path):
+    """--draft-model in chat: every turn's greedy reply is the one without a draft (the draft's
+    cache follows the conversation across turns; its context of 16 slides), and the stats
+    count the draft's tokens."""
+    draft = make_model(tmp_path / "draft.safetensors", GPT2Tokenizer(), 16,
+                       size=dict(n_layer=1, n_embd=24, n_head=2))
+    lines = "".join(f"{x}\n" for x in ["Hello there", "How are you?", "Tell me more."])
+    args = ("--system", "Be brief.", "--max-new-tokens", "12", "--temperature", "0")
+    plain = gpt_chat(chat_model, *args, input=lines)
+    drafted = gpt_chat(chat_model, *args, "--draft-model", str(draft), "--draft-tokens", "3",
+                       input=lines)
+    assert plain.returncode == drafted.returncode == 0, drafted.stderr
+    got, expected = replies(drafted), replies(plain)
+    assert [(r["reply"], r["token_ids"]) for r in got] == \
+        [(r["reply"], r["token_ids"]) for r in expected]
+    assert got[-1]["stats"]["cached_prompt_tokens"] > 0  # the kept engine, with its draft
+    assert all(r["stats"]["draft_tokens"] > 0 and r["stats"]["acceptance_rate"] is not None
+               for r in got)
+    assert "draft_tokens" not in expected[0]["stats"] or \
+        expected[0]["stats"]["draft_tokens"] is None
+
+
 def test_base_model_uses_the_plain_layout_and_says_so_once(base_model):
     tok = CharTokenizer.from_text(CHARS)
     result = gpt_chat(base_model, "--max-new-tokens", "5", "--seed", "3",
@@ -237,7 +259,7 @@ def test_characters_outside_a_char_model_are_refused_per_line(base_model):
 
 
 @pytest.mark.parametrize("case", ["missing", "too-long-reply", "char-template", "char-roles",
-                                  "system"])
+                                  "system", "draft-tokens", "draft-tokenizer"])
 def test_what_stops_a_chat_before_it_starts(case, chat_model, base_model, tmp_path):
     args, message = {
         "missing": (["--model", "nope.safetensors"],
@@ -258,6 +280,12 @@ def test_what_stops_a_chat_before_it_starts(case, chat_model, base_model, tmp_pa
         "system": (["--model", str(base_model), "--system", "ça"],
                    "error: the system message cannot be used: the text has 1 character(s) "
                    "outside this model's 56-character vocabulary: 'ç'"),
+        "draft-tokens": (["--model", str(chat_model), "--draft-tokens", "2"],
+                         "error: --draft-tokens goes with --draft-model"),
+        "draft-tokenizer": (["--model", str(chat_model), "--draft-model", str(base_model)],
+                            "error: the draft model base uses the char tokenizer "
+                            "and the model chat the gpt2 one; a draft model must "
+                            "share the model's tokenizer"),
     }[case]
     result = runner.invoke(app, ["chat", *args], input="hello\n")
     assert result.exit_code == 2, result.output

@@ -160,7 +160,7 @@ def _acceptance(stats) -> str:
 
 # ----------------------------------------------------------------------------- chat
 
-@command("chat", LoadConfig, SampleConfig, exclude=("num_samples", *DRAFT),
+@command("chat", LoadConfig, SampleConfig, exclude=("num_samples",),
          panels=("Model", "Conversation", "Sampling", "Device", "Output"),
          oom_hint="try a smaller --max-new-tokens, or a smaller model",
          helps={"max_new_tokens": "The longest reply in tokens, kept free in the model's "
@@ -179,8 +179,10 @@ def chat_cmd(
     from ..generate import load_generator
 
     load, sample = settings(LoadConfig, given), settings(SampleConfig, given)
+    check_draft(load, given)
     loaded = load_generator(load.model, device=load.device, dtype=load.dtype,
-                            compile=load.compile, quantize=load.quantize, kernel=load.kernel)
+                            compile=load.compile, quantize=load.quantize, kernel=load.kernel,
+                            draft_model=load.draft_model, draft_tokens=load.draft_tokens)
     if load.model is None:
         note(f"using {loaded.path} (the latest run)")
     raise typer.Exit(run_chat(loaded, sample, system=system, as_json=as_json, log=note,
