@@ -116,7 +116,7 @@ class TrainDisplay(NullDisplay):
         if done <= 0:
             return "-"
         left = (time.perf_counter() - self.t_first) / done * (self.max_steps - self.step_no)
-        return _clock(left)
+        return clock(left)
 
     def _pieces(self) -> list[tuple[str, bool]]:
         """The status as (text, essential) pieces, in the order shown."""
@@ -127,7 +127,7 @@ class TrainDisplay(NullDisplay):
                 (f"lr {m['lr']:.1e}" if "lr" in m else "", False),
                 (f"{m['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in m else "- tok/s", True),
                 (f"eta {self._eta()}", True),
-                (f"elapsed {_clock(time.perf_counter() - self.t0)}", False)]
+                (f"elapsed {clock(time.perf_counter() - self.t0)}", False)]
 
     def _line(self) -> Text:
         """The live line for this terminal's width: optional pieces (elapsed, then lr) are
@@ -223,9 +223,9 @@ class SampleWriter:
             self._start(self.shown)
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
+def clock(seconds: float) -> str:
+    """A duration as m:ss, or h:mm:ss from an hour on (to the nearest second)."""
+    h, rest = divmod(int(round(seconds)), 3600)
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 

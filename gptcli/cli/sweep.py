@@ -98,11 +98,13 @@ def sweep_cmd(
         print("\n".join(commands(manifest)))
         note(f"wrote {folder / 'sweep.json'}; see the results with gpt sweep show {folder}")
         return
+    from ..display import clock
+
     outcome = run_points(folder, manifest, jobs=jobs, progress=SweepProgress(manifest))
     show(folder, as_json, None)
     _picture(folder)
     note(f"{outcome.finished} of {outcome.total} points finished; {outcome.ran} ran now, in "
-         f"{_clock(outcome.seconds)} (their processes: {_clock(outcome.point_seconds)} added "
+         f"{clock(outcome.seconds)} (their processes: {clock(outcome.point_seconds)} added "
          f"up); gpt sweep show {folder} prints this table again")
     if outcome.stopped_by:
         note(f"stopped by {outcome.stopped_by}; run the same command again to resume")
@@ -157,7 +159,7 @@ def render_sweep(table: dict, console=None) -> None:
     the memory a training step needs, by part, beside the measured peak."""
     from rich.table import Table
 
-    from ..display import Stdout
+    from ..display import Stdout, clock
     from ..tables import setting_text, size_text
 
     varied, groups = table["varied"], table["groups"]
@@ -179,7 +181,7 @@ def render_sweep(table: dict, console=None) -> None:
                      _count(g["params"]), _count(g["tokens"]), _sci(g["flops"]),
                      _count(g["tokens_per_s"], plain=True),
                      "-" if not g["peak_memory"] else size_text(g["peak_memory"]),
-                     "-" if g["elapsed"] is None else _clock(g["elapsed"]),
+                     "-" if g["elapsed"] is None else clock(g["elapsed"]),
                      *([", ".join(g["status"])] if not done else []))
     out.print(grid)
     memory = Table("points", "weights", "gradients", "optimizer", "activations",
@@ -217,12 +219,6 @@ def _sci(n: float | None) -> str:
     return "-" if not n else f"{n:.2e}"
 
 
-def _clock(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else \
-        f"{s // 60}:{s % 60:02d}"
-
-
 class SweepProgress:
     """One line per point on stderr: on a terminal a live line for each running point (step,
     loss, val, tokens/s, eta) and a lasting line when it ends; in a log file, a line when a
@@ -256,6 +252,8 @@ class SweepProgress:
         self._show(f"{self.label(point)}: started", lasting=self.live is None)
 
     def update(self, point: dict, records: list[dict]) -> None:
+        from ..display import clock
+
         train = [r for r in records if r.get("train_loss") is not None]
         vals = [r for r in records if r.get("val_loss") is not None]
         if not train:
@@ -265,7 +263,7 @@ class SweepProgress:
         line = (f"{self.label(point)}: step {step}/{point['max_steps']} | loss "
                 f"{last['train_loss']:.4f} | val " + (f"{vals[-1]['val_loss']:.4f}" if vals else
                                                        "-") +
-                f" | {last.get('tokens_per_s') or 0:,.0f} tok/s | eta {_clock(eta)}")
+                f" | {last.get('tokens_per_s') or 0:,.0f} tok/s | eta {clock(eta)}")
         self.lines[point["name"]] = line
         new_val = len(vals) > self.vals.get(point["name"], 0)
         self.vals[point["name"]] = len(vals)
