@@ -143,6 +143,23 @@ def cpu_cache_bytes() -> int | None:
     return max(sizes) if sizes else None
 
 
+def queued_ns() -> int | None:
+    """How long this process's threads have waited for a CPU while ready to run, in all (ns;
+    Linux's ``/proc/self/task/*/schedstat``; None elsewhere): the time other programs took
+    from them. (A thread that ended takes its share with it.)"""
+    import glob
+
+    total, found = 0, False
+    for path in glob.glob("/proc/self/task/*/schedstat"):
+        try:
+            with open(path) as f:
+                total += int(f.read().split()[1])
+            found = True
+        except (OSError, ValueError, IndexError):
+            continue
+    return total if found else None
+
+
 # ----------------------------------------------------------------------------- the CPU
 
 # Instruction-set flags that decide which CPU kernels exist or pay (/proc/cpuinfo's names):

@@ -352,14 +352,12 @@ def _decide(model: nn.Module, rows: tuple[int, ...], storages: dict[str, dict],
         threads = torch.get_num_threads()
         step = BlockStep(model, [_native_copy(b, threads, storages, i)
                                  for i, b in enumerate(model.h[:count])])
-        us = {"layers": 0.0, "fused": 0.0}
-        for m in rows:
-            plain, fused = _time_blocks(model, step, count, m)
-            us["layers"] += plain
-            us["fused"] += fused
+        load = tuning.current_load()
+        times, queued = tuning.undisturbed(lambda: [_time_blocks(model, step, count, m)
+                                                    for m in rows])
+        us = {"layers": sum(t[0] for t in times), "fused": sum(t[1] for t in times)}
         entry = {"fused": us["fused"] < us["layers"],
-                 "us": {k: round(v, 1) for k, v in us.items()},
-                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load": tuning.current_load()}
+                 "us": {k: round(v, 1) for k, v in us.items()}, **tuning.when(load, queued)}
         tuning.store(key, entry)
     return {"fused": entry["fused"], "us": entry["us"]}
 

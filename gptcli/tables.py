@@ -18,14 +18,18 @@ def _spread_ms(d: dict, scale: float = 1e3) -> str:
 
 def _kernel_row(k: dict) -> tuple[str, str]:
     """One weight shape's kernel: what runs, how it was chosen, and the candidates' times."""
+    from .tuning import QUEUED_MAX  # (only bench shows kernels: torch is loaded)
+
     label = f"kernel {k['shape'][0]}x{k['shape'][1]}" + (
         ", prompts" if k.get("prompt") else f", {k['rows']} rows" if k["rows"] > 1 else "")
     how = {"forced": "forced", "cached": "cached",
            "inductor": "traced: a compiled step runs inductor's products",
-           "fused": "run by the C blocks"}.get(k["source"],
-                                                                              "measured")
+           "fused": "run by the C blocks"}.get(k["source"], "measured")
     if k.get("load") is not None and k["source"] != "fused":
         how += f" at load {k['load']:.1f}"
+    if (k.get("queued") or 0) >= QUEUED_MAX and k["source"] != "fused":
+        how += f", disturbed by other programs (its threads waited {k['queued']:.2f} s a " \
+            "second for a CPU): measured again next time"
     if k.get("prompt"):
         how += f" for {k['rows']} rows and more, timed at {k.get('timed_rows', k['rows'])} rows"
     times = ", ".join(f"{name} {us:,.0f}" for name, us in sorted(k["us"].items(),

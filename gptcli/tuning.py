@@ -12,7 +12,8 @@ choice is cached in ``$GPTCLI_HOME/kernels.json``, keyed by the CPU model, its i
 flags, the thread count, the torch version (and ``LIMITS`` where set), the mode, the activation
 dtype, the shape and the rows. An entry that cannot be read, or names a kernel this gptcli
 does not have for that mode, is ignored and measured again, as is one measured on a saturated
-machine once it is quieter (``lookup``).
+machine once it is quieter, or one during which other programs kept this one's threads
+waiting for a CPU (``lookup``, ``undisturbed``).
 ``GPTCLI_KERNEL`` (or ``--kernel``) forces one kernel, for debugging.
 
 A layer holds its weights in one layout, so when it is prepared for several numbers of rows
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -52,6 +54,7 @@ SLACK = 0.03  # see pick
 PROMPT_ROWS = 16  # a prompt's products (a batch's of more rows) run their own choice from here
 PROMPT_TIMED = 64  # timed at this many rows, a prompt's (a 16-row timing favours the 1-row code)
 FLUSH_MAX = 1 << 30
+QUEUED_MAX = 0.1  # see undisturbed
 
 
 @dataclass
@@ -147,36 +150,61 @@ def lookup(entries: list[dict], key: dict, allowed: list[Kernel],
     """The cached choice for ``key``, if an entry holds one of the ``allowed`` kernels with
     figures that make sense; anything else counts as absent. So does an entry measured while
     the machine was saturated (load at least its CPU count) when it is now quieter by more than
-    one: timings on a saturated machine say more about the other programs than the kernels."""
+    one, or one that other programs disturbed (``undisturbed``): such timings say more about
+    the other programs than the kernels."""
     names = {k.name for k in allowed}
     for e in entries:
         us = e.get("us")
         if e.get("key") != key or e.get("kernel") not in names or not isinstance(us, dict):
             continue
         if not all(isinstance(v, (int, float)) and v > 0 for v in us.values()) or \
-                saturated(e, load):
+                untrusted(e, load):
             continue
         skipped = e.get("skipped") if isinstance(e.get("skipped"), dict) else {}
-        when = {k: e[k] for k in ("measured_at", "load", "timed_rows") if k in e}
+        when = {k: e[k] for k in ("measured_at", "load", "queued", "timed_rows") if k in e}
         return Choice(KERNELS[e["kernel"]], "cached", dict(us), dict(skipped), when)
     return None
 
 
-def saturated(entry: dict, load: float | None) -> bool:
-    """Whether ``entry`` was measured on a saturated machine that is now quieter (see
-    ``lookup``)."""
-    then = entry.get("load")
-    return isinstance(then, (int, float)) and load is not None and \
-        then >= (os.cpu_count() or 1) and load < then - 1
+def untrusted(entry: dict, load: float | None) -> bool:
+    """Whether ``entry`` was measured on a saturated machine that is now quieter, or while
+    other programs disturbed it (``undisturbed``): see ``lookup``."""
+    then, queued = entry.get("load"), entry.get("queued")
+    return (isinstance(then, (int, float)) and load is not None and
+            then >= (os.cpu_count() or 1) and load < then - 1) or \
+        (isinstance(queued, (int, float)) and queued >= QUEUED_MAX)
+
+
+def undisturbed(fn: Callable[[], Any]) -> tuple[Any, float | None]:
+    """``fn()`` (a measurement) and the time this process's threads waited for a CPU while it
+    ran, as a share of its time (None where the system does not say). Where other programs
+    kept them waiting ``QUEUED_MAX`` of it or more, ``fn`` runs once more: a thread kept off
+    the CPU for a time slice turns a 20 us product into milliseconds (seen on a 2-core VM with
+    a second process busy), and load averages, a minute behind, miss short bursts. What is
+    still disturbed the second time is used and cached, but measured again next time."""
+    for _ in range(2):
+        t0, q0 = time.perf_counter(), hardware.queued_ns()
+        out = fn()
+        q1 = hardware.queued_ns()
+        queued = None if q0 is None or q1 is None else \
+            round(max(0, q1 - q0) / 1e9 / max(time.perf_counter() - t0, 1e-9), 3)
+        if queued is None or queued < QUEUED_MAX:
+            break
+    return out, queued
+
+
+def when(load: float | None, queued: float | None) -> dict:
+    """How a measurement was made, as its cache entry and ``gpt bench`` hold it."""
+    return {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load": load,
+            **({"queued": queued} if queued is not None else {})}
 
 
 def find(entries: list[dict], key: dict, fields: tuple[str, ...],
          load: float | None = None) -> dict | None:
     """The entry for ``key`` that holds ``fields`` (another measurement than the kernels':
-    ``native_step.py``'s), or None; one measured on a saturated machine counts as absent as in
-    ``lookup``."""
+    ``native_step.py``'s), or None; an untrusted one counts as absent, as in ``lookup``."""
     return next((e for e in entries if e.get("key") == key and all(f in e for f in fields)
-                 and not saturated(e, load)), None)
+                 and not untrusted(e, load)), None)
 
 
 def remember(key: dict, choice: Choice) -> None:
@@ -313,16 +341,16 @@ def choose(mode: str, storages: list[dict], reference: Callable[[], torch.Tensor
             announce()
             if flush is None:
                 flush = flush_buffer(model_bytes)
-            load = current_load()
-            us, skipped = measure(kernels, storages, reference(), timed, dtype, threads, flush)
+            load, weights = current_load(), reference()
+            (us, skipped), queued = undisturbed(lambda: measure(kernels, storages, weights, timed,
+                                                                dtype, threads, flush))
             if not us:
                 if timed != m:
                     return None  # (prompts run the decoding kernels)
                 raise RuntimeError(f"no {mode} kernel runs here: " + "; ".join(
                     f"{k}: {why}" for k, why in skipped.items()))
             choice = Choice(KERNELS[pick(us)], "measured", us, {**unbuilt, **skipped}, {
-                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load": load,
-                **({"timed_rows": timed} if timed != m else {})})
+                **when(load, queued), **({"timed_rows": timed} if timed != m else {})})
             remember(key, choice)
         return choice
 

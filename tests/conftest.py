@@ -68,6 +68,17 @@ def isolated_home(tmp_path, monkeypatch):
     return home
 
 
+@pytest.fixture(autouse=True)
+def undisturbed_timings(monkeypatch):
+    """Kernel timings in this process read as undisturbed by other programs (the system "does
+    not say": ``tuning.undisturbed``), so that whether a test finds a choice cached does not
+    depend on what else the machine runs. test_kernels.py tests the real reading in a process
+    of its own, and the retry with a stand-in."""
+    from gptcli import hardware
+
+    monkeypatch.setattr(hardware, "queued_ns", lambda: None)
+
+
 @pytest.fixture
 def corpus(tmp_path):
     """A 30,000-character piece of the bundled Shakespeare."""
