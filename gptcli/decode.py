@@ -84,7 +84,7 @@ class Engine:
                 raise ValueError(f"the draft model has {draft.model.config.vocab_size} token "
                                  f"ids, fewer than the {self.vocab} the model may pick")
             self.draft_cache = KVCache.for_step(
-                draft.model, draft.step or getattr(draft.model, "decode_step", None), rows,
+                draft.model, draft.stepper, rows,
                 dtype=cache_dtype, static=draft.step is not None and model.device.type != "cpu")
             self._draft_views: dict[tuple[int, int], KVCache] = {}
 

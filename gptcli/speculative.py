@@ -47,6 +47,12 @@ class Draft:
     tokens: int = 4
     step: Callable | None = None
 
+    @property
+    def stepper(self) -> Callable:
+        """What runs its one-token steps: the compiled step, else its C blocks (``decode_step``,
+        native_step.py), else the model. (A compiled module has no truth value to test.)"""
+        return getattr(self.model, "decode_step", self.model) if self.step is None else self.step
+
 
 def is_greedy(config: SampleConfig) -> bool:
     return config.temperature < GREEDY_BELOW

@@ -77,6 +77,17 @@ def test_greedy_output_is_token_identical_with_and_without_a_draft(k, options):
         assert counts["proposed"] > 0
 
 
+def test_a_compiled_draft_step_decodes_as_the_draft_does():
+    """A draft with its compiled step (``--compile``: a torch.compile'd module, here with the
+    eager backend, which compiles in no time) gives the same greedy output."""
+    target, small = pair()
+    prompt = torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(3))
+    config = SampleConfig(max_new_tokens=30, temperature=0)
+    compiled = Draft(small, 3, torch.compile(small, backend="eager", dynamic=True))
+    assert compiled.stepper is compiled.step and Draft(small, 3).stepper is small
+    assert tokens(target, prompt, config, compiled) == tokens(target, prompt, config)
+
+
 def test_a_draft_that_guesses_well_is_kept_and_saves_forwards():
     """A draft that is the model itself: every proposal is kept (greedy and sampled), and each
     model forward gives k + 1 tokens."""
