@@ -141,7 +141,7 @@ def _solving(req: Request, named: set[str]) -> str | None:
 def _validated(explicit: dict, config_file: Path | None, where: str) -> TrainConfig:
     from pydantic import ValidationError
 
-    from .train import merge_config
+    from .run_settings import merge_config
 
     try:
         return merge_config(explicit, config_file, None)

@@ -21,13 +21,14 @@ from typing import NamedTuple
 import torch
 
 from .config import PRESETS, ModelConfig, TrainConfig
+from .run_settings import SHAPE, check_same_shape, merge_config
 from . import finetune
 from .data import BatchSampler, TokenData, check_enough, load_tokens, resolve_data
 from .data.sources import file_format
 from .display import NullDisplay
 from .devices import cpu_bf16_isa, resolve_dtype, seed_everything, synchronize
 from .distributed import Dist, current_dist, setup_distributed, teardown_distributed
-from .errors import Interrupted, UserError, path_error, validation_message
+from .errors import Interrupted, UserError
 from .model import GPT
 from .hardware import peak_memory
 from .lora import lora_modules
@@ -40,42 +41,6 @@ from .session import (FitResult, Session, StopSignals, check_left, interrupted_m
                       more_time, restore_state, resume_command, try_command)
 from .tokenizer import Tokenizer
 from .trackers import Trackers, check_installed
-
-
-# ----------------------------------------------------------------------------- settings
-
-def merge_config(explicit: dict, config_file: Path | None, saved: dict | None,
-                 run: Path | None = None) -> TrainConfig:
-    """The one place settings merge: the saved run config (when resuming the run in ``run``)
-    < the ``--config`` file < flags given on the command line. Defaults come from TrainConfig
-    itself."""
-    from pydantic import ValidationError
-
-    fields: dict = dict((saved or {}).get("train", {}))
-    asked: dict = {}  # what this command asks for: the --config file's settings, then flags
-    if config_file is not None:
-        try:
-            loaded = json.loads(Path(config_file).read_text())
-        except OSError as e:
-            raise path_error(e, "read config file", config_file) from None
-        except ValueError as e:
-            raise UserError(f"config file {config_file} is not valid JSON: {e}") from None
-        loaded = loaded.get("train", loaded) if isinstance(loaded, dict) else loaded
-        try:
-            asked.update(TrainConfig.model_validate(loaded).model_dump(exclude_unset=True))
-        except ValidationError as e:
-            raise UserError(f"config file {config_file}: {validation_message(e)}") from None
-    asked.update(explicit)
-    if saved is not None:  # a resume: the run's model decides its shape and tokenizer
-        model, spec = saved.get("model") or {}, saved.get("tokenizer") or {}
-        have = {k: model[k] for k in SHAPE if k in model} | (
-            {"tokenizer": spec["type"]} if spec.get("type") in ("gpt2", "char") else {})
-        check_same_shape(asked, have, run, resume=True, config_file=config_file)
-        fields.update(have)  # (what older versions recorded beside the shape is corrected)
-    fields.update(asked)
-    cfg = TrainConfig(**fields)
-    finetune.check_flags(explicit, cfg)
-    return cfg
 
 
 # ----------------------------------------------------------------------------- setup
@@ -156,27 +121,6 @@ def starting_point(cfg: TrainConfig, run: RunFolder, resume: bool) -> Start | No
                          have | {"tokenizer": start.tokenizer.name},
                          cfg.init_from, resume=False)
     return start
-
-
-SHAPE = ("n_layer", "n_head", "n_embd", "context_length", "position")
-
-
-def check_same_shape(asked: dict, have: dict, source, *, resume: bool,
-                     config_file: Path | None = None) -> None:
-    """A model started from a checkpoint (or resumed) keeps its shape and tokenizer (``have``):
-    a setting that asks for another (``asked``: flags or a --config file's) is refused, not
-    ignored (nor, on a resume, written into config.json beside the shape it does not have)."""
-    have = have | {"preset": next((name for name, shape in PRESETS.items()  # (--preset too)
-                                   if shape.items() <= have.items()), "a shape of its own")}
-    wrong = [k for k, v in have.items()
-             if asked.get(k) not in (None, v) and not (k == "tokenizer" and asked[k] == "auto")]
-    if wrong:
-        flags = ", ".join(f"--{k.replace('_', '-')} {asked[k]} (it has {have[k]})"
-                          for k in wrong)
-        kind = "a resumed run" if resume else "a run started from a checkpoint"
-        also = f" (and out of {config_file})" if config_file else ""
-        raise UserError(f"{source} is not {flags}; {kind} keeps its checkpoint's shape and "
-                        f"tokenizer: leave these flags out{also}")
 
 
 def tokenize(cfg: TrainConfig, start: Start | None, dist: Dist, display) -> TokenData:
@@ -341,7 +285,7 @@ def launch(explicit: dict, *, config_file: Path | None = None, resume: str | Non
            force: bool = False, display=None) -> FitResult:
     """What `gpt train` does: join the torchrun job (if any), lock and check the run folder,
     merge the settings, fit, and leave the job. ``resume`` is None, "yes" or "auto"."""
-    cfg = merge_config(explicit, config_file, None)
+    cfg = merge_config(explicit, config_file, None, check=resume is None)
     check_installed(cfg.log_to)  # a missing extra fails before the run folder is touched
     run = RunFolder(cfg.out) if cfg.out else RunFolder.default_for(cfg.data)
     dist = setup_distributed(cfg.device)
@@ -353,6 +297,8 @@ def launch(explicit: dict, *, config_file: Path | None = None, resume: str | Non
             check_resume_shape(cfg, saved, run, dist)
             result = fit(cfg, out=run, resume=True, display=display)
         else:
+            if resume is not None:  # (--resume auto, nothing to resume: a fresh run's checks)
+                finetune.check_flags(explicit, cfg)
             result = fit(cfg, out=run, display=display)
     except KeyboardInterrupt:  # a second Ctrl-C: the first one's save may not have finished
         teardown_distributed(clean=False)

@@ -272,6 +272,41 @@ def test_a_lora_resume_equals_an_uninterrupted_run(base, chat, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_lora_resume_keeps_its_base_and_adapters(base, chat, tmp_path):
+    """On --resume, LoRA's flags and --init-from that repeat the run's settings are fine (they
+    were refused: "--lora-rank ... give it with --init-from"); other ones are refused, as shape
+    flags are, and config.json is left as it was (it recorded them, unused)."""
+    out = tmp_path / "run"
+    lora = ["--lora-rank", "2", "--lora-targets", "qkv", "--lora-targets", "mlp-out"]
+    assert train("--init-from", base, "--data", chat, "--out", out, "--max-steps", "2",
+                 *lora).exit_code == 0
+    same = ["--lora-rank", "2", "--lora-targets", "mlp-out", "--lora-targets", "qkv"]
+    result = train("--out", out, "--resume", "--max-steps", "3", *same, "--init-from",
+                   base.name)  # (the same base by another path: the run folder's is absolute)
+    assert result.exit_code == 0, result.output
+    config_file = out / "config.json"
+    recorded = config_file.read_text()
+    other = save_checkpoint(tmp_path / "other.safetensors", randomize_(GPT(ModelConfig(
+        vocab_size=50257, context_length=32, n_layer=2, n_head=2, n_embd=32)), seed=9), TOK)
+    kept = "a resumed run keeps its checkpoint's shape, tokenizer, base model and LoRA " \
+        "adapters: leave these flags out"
+    for flags, wrong in (
+            (["--lora-rank", "4"], "--lora-rank 4 (it has 2)"),
+            (["--lora-alpha", "8", "--lora-targets", "qkv"],
+             "--lora-alpha 8.0 (it has 16.0), --lora-targets qkv (it has qkv,mlp-out)"),
+            (["--init-from", other], f"--init-from {other} (it has {base})")):
+        result = train("--out", out, "--resume", "--max-steps", "4", *flags)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip() == f"error: {out} is not {wrong}; {kept}"
+        assert config_file.read_text() == recorded
+    # --resume auto with nothing to resume is a fresh run, checked as one
+    result = train("--data", chat, "--out", tmp_path / "fresh", "--resume-auto",  # (main: auto)
+                   "--lora-rank", "2")
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("error: --lora-rank trains adapters on a pretrained "
+                                            "model: give it with --init-from MODEL")
+
+
 def test_adapters_refuse_a_changed_or_missing_base(base, chat, tmp_path):
     out = tmp_path / "run"
     assert train("--init-from", base, "--data", chat, "--out", out, "--max-steps", "2",

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptcli import optim, train
+from gptcli import optim, run_settings, train
 from gptcli.checkpoint import load_checkpoint
 from gptcli.cli import app
 from gptcli.config import TrainConfig
@@ -182,9 +182,9 @@ def test_cli_refuses_to_overwrite_a_run(corpus, tmp_path):
 
 def test_a_preset_is_checked_against_the_checkpoints_shape():
     gpt2 = dict(n_layer=12, n_head=12, n_embd=768, context_length=1024, position="learned")
-    train.check_same_shape({"preset": "gpt2", "n_layer": 12}, gpt2, "g.safetensors", resume=False)
+    run_settings.check_same_shape({"preset": "gpt2", "n_layer": 12}, gpt2, "g.safetensors", resume=False)
     with pytest.raises(UserError) as err:
-        train.check_same_shape({"preset": "tiny"}, gpt2, "g.safetensors", resume=False)
+        run_settings.check_same_shape({"preset": "tiny"}, gpt2, "g.safetensors", resume=False)
     assert str(err.value).startswith("g.safetensors is not --preset tiny (it has gpt2); a run "
                                      "started from a checkpoint keeps its checkpoint's shape")
 
