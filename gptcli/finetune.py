@@ -122,8 +122,7 @@ def describe(model: torch.nn.Module) -> str | None:
     adapters = lora_modules(model)
     if not adapters:
         return None
-    trained = trainable_parameters(model)
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    trained, total = trainable_parameters(model), trainable_parameters(model, every=True)
     return (f"LoRA: {trained:,} adapter parameters train ({trained / (total - trained):.2%} of "
             f"the {total - trained:,} frozen ones) in {len(adapters)} projections")
 

@@ -152,6 +152,12 @@ def check_settings(base: Projection, rank: int, alpha: float, dropout: float) ->
         raise UserError(f"the LoRA alpha must be positive, not {alpha}")
     if not 0.0 <= dropout < 1.0:
         raise UserError(f"the LoRA dropout must be in [0, 1), not {dropout}")
+    width = min(base.weight.shape)
+    if rank > width:
+        raise UserError(f"a LoRA rank of {rank} is more than the {width} inputs or outputs of "
+                        f"the projections it adapts, where adapters train more than the "
+                        f"weights; give a rank up to {width} (4-64 is usual), or leave LoRA out "
+                        "to train every weight")
 
 
 def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -275,10 +281,11 @@ def _names(names: list[str], shown: int = 4) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def trainable_parameters(model: nn.Module) -> int:
-    """Parameters that will train (requires_grad), each counted once."""
+def trainable_parameters(model: nn.Module, every: bool = False) -> int:
+    """Parameters that will train (requires_grad; ``every``: all, adapters and frozen), each
+    counted once."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()
-                                   if p.requires_grad}.values())
+                                   if every or p.requires_grad}.values())
 
 
 # ----------------------------------------------------------------------------- base identity

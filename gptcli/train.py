@@ -31,7 +31,7 @@ from .distributed import Dist, current_dist, setup_distributed, teardown_distrib
 from .errors import Interrupted, UserError
 from .model import GPT
 from .hardware import peak_memory
-from .lora import lora_modules
+from .lora import lora_modules, trainable_parameters
 from .locate import find_model
 from .models import load_weights
 from .optim import lr_at, step_parts, train_step
@@ -216,8 +216,8 @@ def fit(cfg: TrainConfig, *, out: RunFolder | Path, resume: bool = False, displa
     s = setup(cfg, out if isinstance(out, RunFolder) else RunFolder(out), resume, display)
     display = s.display
     display.start(step=s.step, max_steps=s.max_steps, device=s.device, dtype=s.dtype,
-                  params=s.model.num_params(), tokens_per_step=s.tokens_per_step, out=s.run.path,
-                  trainable=sum(p.numel() for p in s.model.parameters() if p.requires_grad),
+                  params=trainable_parameters(s.model, every=True), out=s.run.path,
+                  trainable=trainable_parameters(s.model), tokens_per_step=s.tokens_per_step,
                   batch=(cfg.batch_size, cfg.grad_accum, s.dist.world,
                          s.model.config.context_length))
     s.t0 = t_log = time.perf_counter()

@@ -204,7 +204,8 @@ def test_a_lora_run_saves_adapters_and_generates_as_its_merged_model(base, chat,
                    "--lora-targets", "mlp-out", "--lr", "1e-2")
     assert result.exit_code == 0, result.output
     assert "LoRA: 1,152 adapter parameters train" in result.stderr  # 2 x (2*128 + 2*160)
-    assert "training 1,152 of " in result.stderr  # (not the base's count alone)
+    base_params = load_checkpoint(base)[0].num_params()
+    assert f"training 1,152 of {base_params + 1152:,} params" in result.stderr  # adapters too
     if packable_dtypes():  # oneDNN is there: the frozen products run on packed copies
         assert "frozen weights: products on oneDNN-packed copies" in result.stderr
     names = adapter_names(out / "last.safetensors")
@@ -345,6 +346,18 @@ def test_bad_lora_settings_are_one_sentence_before_anything_runs(chat, tmp_path,
     result = train("--data", chat, "--out", tmp_path / "run", *args)
     assert result.exit_code == 2
     assert result.stderr.strip() == message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_lora_rank_over_the_models_width_is_refused(base, chat, tmp_path):
+    """Rank 33 on a 32-wide model: adapters would train more than the weights they adapt."""
+    result = train("--init-from", base, "--data", chat, "--out", tmp_path / "run",
+                   "--lora-rank", "33")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "error: a LoRA rank of 33 is more than the 32 inputs or outputs of the projections it "
+        "adapts, where adapters train more than the weights; give a rank up to 32 (4-64 is "
+        "usual), or leave LoRA out to train every weight")
     assert not (tmp_path / "run").exists()
 
 
