@@ -209,9 +209,24 @@ def read_safetensors(path: str | os.PathLike, *, tensors: bool = True,
     except OSError as e:
         raise path_error(e, "read checkpoint", path) from None
     except (SafetensorError, ValueError) as e:
-        raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}"
-                        ) from None
+        raise UserError(f"{path} is " + (_other_kind(path) or "not a readable safetensors file "
+                                         f"(truncated or corrupt?): {e}")) from None
     return out, metadata
+
+
+def _other_kind(path: Path) -> str | None:
+    """What a file that is not safetensors is, if GGUF or JSON (`gpt export`'s, a run's)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+    except OSError:
+        return None
+    if head.startswith(b"GGUF"):
+        return "a GGUF file (for llama.cpp or Ollama), not a gptcli checkpoint: give the run or " \
+            "checkpoint it was exported from"
+    if head[:1] in (b"{", b"["):
+        return "a JSON file, not a checkpoint: give the run folder or a .safetensors file"
+    return None
 
 
 def parse_metadata(path: str | os.PathLike, metadata: Mapping[str, str],
@@ -220,6 +235,9 @@ def parse_metadata(path: str | os.PathLike, metadata: Mapping[str, str],
     if metadata.get("format") == "gptcli-lora/1":  # (adapters.py reads those)
         raise UserError(f"{path} holds LoRA adapters, not a whole model; load it with "
                         "gpt generate/eval/info --model, or make a whole model with gpt merge")
+    if metadata.get("format") == "gptcli-state/1":
+        raise UserError(f"{path} is a run's training state (what --resume reads), not a model; "
+                        "give the run folder or its last.safetensors")
     if not str(metadata.get("format", "")).startswith("gptcli/"):
         raise UserError(
             f"{path} is a safetensors file but not a gptcli checkpoint (no gptcli metadata); "

@@ -154,6 +154,32 @@ def test_safetensors_without_gptcli_metadata_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("kind", ["gguf", "json", "state"])
+def test_a_file_of_another_kind_says_what_it_is(tmp_path, kind):
+    """What sits beside a run's checkpoints (its config.json and training state) or comes out
+    of `gpt export` (GGUF), given as --model: named for what it is, with what to give."""
+    model = GPT(tiny_config())
+    path = {"gguf": tmp_path / "model.gguf", "json": tmp_path / "config.json",
+            "state": tmp_path / "last.state.safetensors"}[kind]
+    if kind == "gguf":
+        path.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    elif kind == "json":
+        path.write_text(json.dumps({"train": {}, "model": {}}, indent=2))
+    else:
+        optimizer = torch.optim.AdamW(model.parameters())
+        model(torch.zeros(1, 4, dtype=torch.long))[0].sum().backward()
+        optimizer.step()
+        checkpoint.save_training_state(path, optimizer, None, rng={}, meta={"step": "1"})
+    result = runner.invoke(app, ["generate", "--model", str(path), "--prompt", "x"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {path} is " + {
+        "gguf": "a GGUF file (for llama.cpp or Ollama), not a gptcli checkpoint: give the run or "
+                "checkpoint it was exported from",
+        "json": "a JSON file, not a checkpoint: give the run folder or a .safetensors file",
+        "state": "a run's training state (what --resume reads), not a model; give the run "
+                 "folder or its last.safetensors"}[kind]
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.safetensors")
