@@ -92,8 +92,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *,
 
 def file_out(out: str | None, flag: str = "--out") -> Path | None:
     """An output file's name as typed (typer's Path would drop a trailing slash): one that
-    ends like a folder (``newdir/``) is refused rather than written as a file so named."""
-    if out is not None and out.endswith(("/", os.sep)):
+    ends like a folder (``newdir/``) is refused rather than written as a file so named, and so
+    is an existing folder (before --force is talked about)."""
+    if out is not None and (out.endswith(("/", os.sep)) or Path(out).is_dir()):
         raise UserError(f"{flag} {out} names a folder; give the file's name, such as "
                         f"{Path(out) / 'model.safetensors'}")
     return None if out is None else Path(out)

@@ -267,6 +267,13 @@ def test_an_out_that_ends_like_a_folder_is_refused(tmp_path, command):
         2, f"error: --out {out} names a folder; give the file's name, such as "
            f"{tmp_path / 'newdir' / 'model.safetensors'}")
     assert not (tmp_path / "newdir").exists()
+    (tmp_path / "newdir").mkdir()  # an existing folder, without the slash: the same, and
+    args[args.index(out)] = out = out.rstrip("/")  # before any talk of --force
+    for force in ([], ["--force"]):
+        result = runner.invoke(app, args + force)
+        assert (result.exit_code, result.stderr.strip()) == (
+            2, f"error: --out {out} names a folder; give the file's name, such as "
+               f"{tmp_path / 'newdir' / 'model.safetensors'}")
 
 
 def test_an_out_whose_folder_cannot_be_made_names_the_folder(tmp_path):
