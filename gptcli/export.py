@@ -94,6 +94,9 @@ def export_model(model: str | os.PathLike | None, out: str | os.PathLike, *,
     dtype = check_options(fmt, dtype)
     if revision and not push_to_hub:
         raise UserError("--revision is the branch to push to; use it with --push-to-hub")
+    if private and not push_to_hub:
+        raise UserError("--private makes the --push-to-hub repo private; use it with "
+                        "--push-to-hub")
     if push_to_hub:
         from .upload import check_push
 

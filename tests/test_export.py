@@ -248,10 +248,13 @@ def test_existing_out_needs_force_and_foreign_files_are_kept(tmp_path):
     (["--format", "gguf", "--dtype", "q4"], "--dtype q4 is not a gguf export type; use one of: "
                                             "f32, f16, q8_0"),
     (["--revision", "dev"], "--revision is the branch to push to; use it with --push-to-hub"),
+    (["--private"], "--private makes the --push-to-hub repo private; use it with --push-to-hub"),
+    (["--out", ""], "--out is empty; give the folder (or .gguf file) to write"),
 ])
 def test_bad_options(tmp_path, args, message):
     path = gpt2_checkpoint(tmp_path / "m.safetensors")
-    result = export("--model", path, "--out", tmp_path / "out", *args)
+    result = export("--model", path, *(["--out", tmp_path / "out"] if "--out" not in args
+                                       else []), *args)
     assert (result.exit_code, result.stderr.strip()) == (2, f"error: {message}")
     assert not (tmp_path / "out").exists()
 

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import UserError
 from ..files import file_out
 from .app import Json, ModelArg, ModelOpt, command, one_model
 from .commands import note
@@ -118,7 +119,7 @@ def quantize_cmd(
 
 @command("export")
 def export_cmd(
-    out: Annotated[Path, Opt(metavar="PATH", help=(
+    out: Annotated[str, Opt(metavar="PATH", help=(
         "Where to write: a folder (--format hf) or a .gguf file (--format gguf)."))],
     model: ModelArg = None,
     model_opt: ModelOpt = None,
@@ -142,7 +143,9 @@ def export_cmd(
     (llama.cpp, Ollama), and optionally push it to the Hugging Face Hub."""
     from ..export import export_model, summary
 
-    result = export_model(one_model(model, model_opt), out, fmt=fmt, dtype=dtype, force=force,
+    if not out.strip():  # (a Path would read it as ".")
+        raise UserError("--out is empty; give the folder (or .gguf file) to write")
+    result = export_model(one_model(model, model_opt), Path(out), fmt=fmt, dtype=dtype, force=force,
                           push_to_hub=push_to_hub, private=private, revision=revision, log=note)
     done, hints = summary(result, str(out))
     print(json.dumps(result) if as_json else done)
