@@ -57,7 +57,7 @@ def plot_runs(runs: list[Path], out: Path, x: str = "step") -> Path:
         return plot_sweep(runs[0], out, x)
     runs = expand_runs(runs)
     scales = [x_scale(RunFolder(r), x) for r in runs]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (run, scale) in enumerate(zip(runs, scales)):
         label = Path(run).name if len(runs) > 1 else ""
@@ -75,7 +75,7 @@ def plot_sweep(folder: Path, out: Path, x: str = "step") -> Path:
     started = {p["point"] for p in table["points"] if RunFolder(p["run"]).metrics_path.is_file()}
     scales = {p["point"]: x_scale(RunFolder(p["run"]), x) for p in table["points"]
               if p["point"] in started}
-    plt = _pyplot()
+    plt = pyplot()
     one = len(varied) == 1 and any(g["val_loss"] is not None for g in table["groups"])
     fig, axes = plt.subplots(1, 2 if one else 1, figsize=(13 if one else 8, 5), squeeze=False)
     groups = sorted(table["groups"], key=lambda g: [
@@ -143,7 +143,8 @@ def _finish_curves(ax, x: str) -> None:
         ax.legend(fontsize="small")
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot, drawing to files; without it a UserError naming the extra."""
     matplotlib = require("matplotlib", "plot", needed_for="plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

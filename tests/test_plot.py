@@ -77,6 +77,7 @@ def test_gpt_plot_without_matplotlib_names_the_extra(tmp_path):
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip() == ('error: plotting needs matplotlib, which is not installed; '
                                   f'install it with {install_command("plot")}')
+    assert out.stdout == ""  # (the runs' table came first)
     assert not (tmp_path / "p.png").exists()
 
 

@@ -362,8 +362,9 @@ def plot_cmd(
     """Overlay the loss curves of several runs and list the settings that differ; a sweep
     folder alone also gets its final loss against the setting it varies."""
     from ..tables import render_comparison
-    from ..plot import compare_runs, plot_runs
+    from ..plot import compare_runs, plot_runs, pyplot
 
     check_new(out, "--out", force, mark=b"matplotlib")
+    pyplot()  # (a missing extra before the table, which would go to stdout for nothing)
     render_comparison(*compare_runs(runs))
     note(f"wrote {plot_runs(runs, out, x=x)}")
