@@ -93,6 +93,13 @@ class Dimension:
         return str(round(x)) if field_kind(self.name) is int else f"{x:.3g}"
 
 
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text  # (refused as the setting's own error later)
+
+
 def parse_dimension(text: str) -> Dimension:
     """``NAME=V1,V2,...`` or ``NAME=LOW..HIGH[:log][:COUNT]``; NAME is a `gpt train` flag
     (``n-layer``, ``--n-layer`` or ``n_layer``). Errors are one sentence."""
@@ -116,6 +123,14 @@ def parse_dimension(text: str) -> Dimension:
                             f"{flag}=A,B,C")
         if "" in values:
             raise UserError(f"--set {text}: {flag} has an empty value (two commas in a row?)")
+        seen: dict = {}
+        for v in values:
+            key = _number(v) if field_kind(field) in (int, float) else v
+            if key in seen:
+                twice = v if seen[key] == v else f"{seen[key]} and {v} are one value"
+                raise UserError(f"--set {text}: {twice} listed twice; every value is one point "
+                                "(--seeds N repeats each with other seeds)")
+            seen[key] = v
         return Dimension(field, values, text=text)
     match = re.fullmatch(r"(.+?)\.\.([^:]+)((?::[^:]*)*)", spec.strip())
     options = match.group(3).split(":")[1:] if match else []
@@ -235,8 +250,9 @@ def is_sweep(folder: str | Path) -> bool:
 def read_manifest(folder: str | Path) -> dict:
     path = manifest_path(folder)
     if not path.is_file():
-        raise UserError(f"{folder} is not a sweep folder (it has no {MANIFEST}); make one with "
-                        "gpt sweep --set NAME=A,B --out FOLDER")
+        what = "does not exist" if not Path(folder).exists() else \
+            f"is not a sweep folder (it has no {MANIFEST})"
+        raise UserError(f"{folder} {what}; make one with gpt sweep --set NAME=A,B --out FOLDER")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:

@@ -149,6 +149,13 @@ def test_match_params_gives_every_point_about_the_target(corpus, tmp_path, vary,
     (["--set", "lr=1e-3,3e-3", "--min-lr", "2e-3"],
      "point 00_lr=1e-3: min_lr (0.002) must not exceed lr (0.001)"),
     (["--set", "lr="], "--set lr=: lr has no values; list them, e.g. lr=A,B,C"),
+    (["--set", "lr=1e-3,1e-3"], "--set lr=1e-3,1e-3: 1e-3 listed twice; every value is one "
+                                "point (--seeds N repeats each with other seeds)"),
+    (["--set", "lr=1e-3,3e-3,0.001"], "--set lr=1e-3,3e-3,0.001: 1e-3 and 0.001 are one value "
+                                      "listed twice"),
+    (["--set", "position=rope,learned,rope"], "--set position=rope,learned,rope: rope listed "
+                                              "twice"),
+    (["--set", "n-layer=1,1"], "--set n-layer=1,1: 1 listed twice"),
     ([], "nothing to sweep: give at least one --set NAME=A,B"),
     (["--set", "lr=1e-4..1e-2:log"], "--set lr=1e-4..1e-2:log is a range: give the number of"),
     (["--set", "out=a,b"], "--set out=a,b: --out is the sweep's folder"),
@@ -167,6 +174,14 @@ def test_bad_inputs_are_one_sentence_before_anything_runs(corpus, tmp_path, args
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
     assert not out.exists()
+
+
+def test_show_of_a_folder_that_is_missing_or_not_a_sweep(tmp_path):
+    for folder, what in ((tmp_path / "nothere", "does not exist"),
+                         (tmp_path, "is not a sweep folder (it has no sweep.json)")):
+        result = runner.invoke(app, ["sweep", "show", str(folder)])
+        assert (result.exit_code, result.stderr.strip()) == (
+            2, f"error: {folder} {what}; make one with gpt sweep --set NAME=A,B --out FOLDER")
 
 
 def test_another_sweep_in_the_same_folder_is_refused(corpus, tmp_path):
