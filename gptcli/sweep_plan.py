@@ -83,13 +83,22 @@ def plan(req: Request) -> tuple[Path, dict]:
             seed = _seed(req) + s
             name = point_name(len(points), total, values, seed if req.seeds > 1 else None)
             points.append(_point(req, values, seed, folder / name, budget, solve, shapes))
-    notes = _one_dtype(points)
+    notes = _one_dtype(points) + _far_from(req.match_params, solve, points)
     return folder, {"notes": notes, "format": FORMAT, "varied": names + ([solve] if solve else []),
                     "derived": [solve] if solve else [],
                     "seeds": req.seeds, "random": req.random,
                     "budget": {"kind": budget.kind, "amount": budget.amount} if budget else None,
                     "match_params": req.match_params, "nproc": req.nproc, "points": points,
                     "failed": {}}
+
+
+def _far_from(target: int | None, solve: str | None, points: list[dict]) -> list[str]:
+    """A note for each point whose nearest size is more than 10% from --match-params: the
+    count cannot get there (a vocabulary alone can outweigh it, or a width is too coarse)."""
+    far = [p for p in points if target and abs(p["params"] - target) > 0.1 * target]
+    return [f"point {p['name']}: --match-params {target:,} cannot be met; the nearest is "
+            f"{p['params']:,} parameters (--{solve.replace('_', '-')} {p['settings'][solve]})"
+            for p in far]
 
 
 def _one_dtype(points: list[dict]) -> list[str]:

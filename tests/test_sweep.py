@@ -138,6 +138,19 @@ def test_match_params_gives_every_point_about_the_target(corpus, tmp_path, vary,
         with torch.device("meta"):
             real = sum(p.numel() for p in GPT(config).parameters())  # from the real tensors
         assert abs(real - target) / target < 0.05, (flags, real)
+    assert "cannot be met" not in result.stderr
+
+
+def test_a_match_params_target_out_of_reach_is_noted(corpus, tmp_path):
+    """100 parameters: the smallest width of a one-layer model already has several hundred."""
+    result = sweep("--data", corpus, "--context-length", "16", "--device", "cpu", "--set",
+                   "n-layer=1,2", "--match-params", "100", "--out", tmp_path / "m",
+                   "--print-commands")
+    assert result.exit_code == 0, result.output
+    notes = json.loads((tmp_path / "m" / "sweep.json").read_text())["notes"]
+    assert len(notes) == 2 and notes[0].startswith(
+        "point 00_n-layer=1: --match-params 100 cannot be met; the nearest is ")
+    assert notes[0].endswith(" parameters (--n-embd 4)") and notes[0] in result.stderr
 
 
 # ----------------------------------------------------------------------------- refusals
