@@ -170,8 +170,8 @@ class TrainConfig(Settings):
         "dataset's name; repeat for several (default: the bundled Shakespeare).", group="Data",
         metavar="PATH")
     tokenizer: Literal["auto", "gpt2", "char"] = setting(
-        "auto", "gpt2, char, or auto (char for the tiny and small presets, else gpt2).",
-        group="Data", metavar="NAME")
+        "auto", "gpt2, char, or auto (char for the tiny and small presets on plain text, "
+        "else gpt2: chat data needs its end-of-text token).", group="Data", metavar="NAME")
     val_fraction: float = setting(0.1, "Share of the tokens held out for validation, from the "
                                   "end.", group="Data", ge=0.0, lt=1.0)
     val_data: list[str] | None = setting(
