@@ -159,6 +159,7 @@ def test_a_match_params_target_out_of_reach_is_noted(corpus, tmp_path):
     (["--set", "lrr=1e-3"], "--set lrr=1e-3: lrr is not a gpt train setting (did you mean lr?)"),
     (["--set", "n-head=4,3"], "point 01_n-head=3: n_embd (32) must be divisible by n_head (3)"),
     (["--set", "lr=1e-3,fast"], "point 01_lr=fast: --lr must be a valid number"),
+    (["--set", "lr=0,1e-3"], "point 00_lr=0: --lr must be greater than 0, got 0"),
     (["--set", "lr=1e-3,3e-3", "--min-lr", "2e-3"],
      "point 00_lr=1e-3: min_lr (0.002) must not exceed lr (0.001)"),
     (["--set", "lr="], "--set lr=: lr has no values; list them, e.g. lr=A,B,C"),
