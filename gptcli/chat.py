@@ -274,11 +274,15 @@ def render_record(record: Mapping[str, Any], fmt: str, tokenizer: Tokenizer, *,
 
 # ----------------------------------------------------------------------------- files
 
+def where(path: Any, row: int) -> str:
+    """Row ``row`` of ``path`` as a user finds it: the line of a JSON-lines file (1-based, blank
+    lines counted, as an editor numbers them), the row of another."""
+    return f"{'line' if str(path).endswith(('.jsonl', '.json')) else 'row'} {row}"
+
+
 def located(path: Any, row: int, error: str | Exception) -> UserError:
-    """A one-sentence user error about row ``row`` of ``path``: the line of a JSON-lines file
-    (1-based, blank lines counted, as an editor numbers them), the row of another."""
-    noun = "line" if str(path).endswith((".jsonl", ".json")) else "row"
-    return UserError(f"{path} {noun} {row}: {error}")
+    """A one-sentence user error about row ``row`` of ``path``."""
+    return UserError(f"{path} {where(path, row)}: {error}")
 
 
 def render_row(record: Any, tokenizer: Tokenizer, *, path: Any, row: int,

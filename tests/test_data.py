@@ -55,7 +55,9 @@ def test_bad_paths(tmp_path, setup, message):
 
 @pytest.mark.parametrize("content, problem", [
     ('[\n {"text": "a"},\n {"text": "b"}\n]\n',
-     "is not valid JSON: Expecting value: line 2 column 1 (char 2)"),
+     "is not valid JSON (Expecting value: the line ends before the JSON does)"),
+    ('[{"text": "a"} {"text": "b"}]\n',
+     "is not valid JSON (Expecting ',' delimiter at column 16)"),
     ('[{"text": "a"}, {"text": "b"}]\n', "is not a JSON object"),
 ])
 def test_a_json_array_file_says_json_lines_are_expected(tmp_path, content, problem):
@@ -63,7 +65,7 @@ def test_a_json_array_file_says_json_lines_are_expected(tmp_path, content, probl
     path.write_text(content)
     with pytest.raises(UserError) as err:
         load_tokens([path], "gpt2")
-    assert str(err.value) == (f"{path} row 1 {problem}; a .json/.jsonl file holds one JSON "
+    assert str(err.value) == (f"{path} line 1 {problem}; a .json/.jsonl file holds one JSON "
                               "object per line (JSON lines), not an array")
 
 
@@ -250,7 +252,7 @@ def test_windows_cross_shard_boundaries_through_the_separator(tmp_path):
 def test_bad_rows_name_the_file_and_row(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "fine"}\n{"text": 7}\n')
-    with pytest.raises(UserError, match=r"d.jsonl row 2: 'text' is int, not text"):
+    with pytest.raises(UserError, match=r"d.jsonl line 2: 'text' is int, not text"):
         load_tokens([path], "gpt2")
     path.write_text('{"body": "x"}\n')
     with pytest.raises(UserError, match=r"d.jsonl line 1: the record has none of the known "
@@ -552,5 +554,5 @@ def test_unknown_characters_found_by_a_worker_name_the_line_and_row(tmp_path, mo
     rows.write_text('{"text": "abc"}\n\n{"text": "a\\tb"}\n')  # a blank line counts as a row
     with pytest.raises(UserError) as err:
         load_tokens([rows], spec)
-    assert str(err.value) == (f"{rows} row 3: the text has 1 character(s) outside this model's "
+    assert str(err.value) == (f"{rows} line 3: the text has 1 character(s) outside this model's "
                               "5-character vocabulary: '\\t'")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..chat import CHAT_FORMATS, TEMPLATE, render_row
+from ..chat import where as row_at
 from ..errors import UserError
 from ..files import process_alive
 from ..store import tokens_dir
@@ -279,7 +280,7 @@ def _unknown_characters(path: Path, tok: Tokenizer, column: str,
         for row, doc in document_rows(path, column):
             new = set(doc) - known
             if new and where is None:
-                where = f"row {row}"
+                where = row_at(path, row)
             unknown |= new
     if where is None:
         return None

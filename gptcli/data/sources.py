@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
-from ..chat import RECORD_FIELDS, RecordError, detect_format, located
+from ..chat import RECORD_FIELDS, RecordError, detect_format, located, where
 from ..errors import UserError, require
 from ..store import DATA_FORMATS, stored_dataset
 from .cuts import Cut, anywhere
@@ -210,7 +210,7 @@ def read_text_chunks(path: Path, encoding: str = "utf-8", digest=None,
 
 def _row_text(value, path: Path, row: int, column: str) -> str:
     if not isinstance(value, str):
-        raise UserError(f"{path} row {row}: {column!r} is "
+        raise UserError(f"{path} {where(path, row)}: {column!r} is "
                         f"{'missing' if value is None else type(value).__name__}, not text")
     return value
 
@@ -248,7 +248,7 @@ def _rows(path: Path, column: str, digest) -> Iterator[tuple[int, object]]:
         return
     for row, record in _json_rows(path, digest):
         if column not in record:
-            raise UserError(f"{path} row {row} has no {column!r} field; pick the text "
+            raise UserError(f"{path} {where(path, row)} has no {column!r} field; pick the text "
                             "field with --text-column")
         yield row, record[column]
 
@@ -267,9 +267,12 @@ def _json_rows(path: Path, digest) -> Iterator[tuple[int, dict]]:
             try:
                 record = json.loads(line)
             except ValueError as e:
-                raise UserError(f"{path} row {row} is not valid JSON: {e}{hint}") from None
+                at = getattr(e, "msg", str(e)) + (
+                    f" at column {e.colno}" if getattr(e, "lineno", 1) == 1 else
+                    ": the line ends before the JSON does")
+                raise UserError(f"{path} line {row} is not valid JSON ({at}){hint}") from None
             if not isinstance(record, dict):
-                raise UserError(f"{path} row {row} is not a JSON object{hint}")
+                raise UserError(f"{path} line {row} is not a JSON object{hint}")
             yield row, record
 
 
