@@ -294,6 +294,7 @@ def point_result(folder: Path, point: dict, failure: str | None = None) -> dict:
     parameters, tokens and FLOPs trained, median tokens/s, measured peak memory, the memory
     estimate by part, training time, and its status."""
     from .bench import training_flops_per_token
+    from .finetune import adapter_parameters
     from .models import run_memory
 
     run = RunFolder(folder / point["run"])
@@ -303,6 +304,8 @@ def point_result(folder: Path, point: dict, failure: str | None = None) -> dict:
     vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
     step = max((r["step"] for r in records if "step" in r), default=0)
     model = ModelConfig(**config["model"]) if config.get("model") else None
+    train_cfg = config.get("train") or {}
+    rank = train_cfg.get("lora_rank") or 0
     tokens = step * config.get("tokens_per_step", point["tokens_per_step"])
     speeds = [r["tokens_per_s"] for r in train if r.get("tokens_per_s")]
     peaks = [r["peak_memory"] for r in train if r.get("peak_memory")]
@@ -315,6 +318,8 @@ def point_result(folder: Path, point: dict, failure: str | None = None) -> dict:
             "val_loss": vals[-1] if vals else None, "best_val": min(vals, default=None),
             "train_loss": train[-1]["train_loss"] if train else None,
             "params": model.num_params() if model else point["params"], "tokens": tokens,
+            "adapters": adapter_parameters(model, rank, train_cfg.get("lora_targets") or [])
+            if model and rank else None,
             "flops": tokens * (training_flops_per_token(model) if model else
                                point["flops_per_token"]),
             "tokens_per_s": statistics.median(speeds) if speeds else None,
@@ -358,14 +363,16 @@ def _group(rows: list[dict]) -> dict:
             "seeds": len(rows), "finished": len(losses),
             "val_loss": statistics.fmean(losses) if losses else None,
             "val_std": statistics.stdev(losses) if len(losses) > 1 else None,
-            "params": rows[0]["params"], "tokens": mean("tokens"), "flops": mean("flops"),
+            "params": rows[0]["params"], "adapters": rows[0]["adapters"],
+            "tokens": mean("tokens"), "flops": mean("flops"),
             "tokens_per_s": mean("tokens_per_s"), "elapsed": mean("elapsed"),
             "peak_memory": max((r["peak_memory"] for r in rows if r["peak_memory"]), default=None),
             "memory": rows[0]["memory"], "status": sorted({r["status"] for r in rows})}
 
 
 CSV_FIELDS = ("point", "seed", "status", "step", "max_steps", "val_loss", "best_val",
-              "train_loss", "params", "tokens", "flops", "tokens_per_s", "peak_memory", "elapsed")
+              "train_loss", "params", "adapters", "tokens", "flops", "tokens_per_s", "peak_memory",
+              "elapsed")
 MEMORY_PARTS = ("weights", "gradients", "optimizer", "activations", "estimate")
 
 

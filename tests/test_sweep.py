@@ -468,3 +468,26 @@ def test_points_that_auto_would_train_in_two_precisions_all_train_in_float32(
     given = printed(sweep(*args, "--dtype", "bfloat16", "--out", tmp_path / "b",
                           "--print-commands"))
     assert [c.get("--dtype") for c in given] == ["bfloat16", "bfloat16"]
+
+
+def test_a_lora_sweep_shows_each_points_adapters_beside_the_base(corpus, tmp_path):
+    """--set lora-rank=2,4 on one base: the params column says what trains (the adapters),
+    which the sweep varies, beside the frozen base, which it does not."""
+    from gptcli.finetune import adapter_parameters
+
+    base = tmp_path / "base"
+    assert runner.invoke(app, ["train", "--data", str(corpus), *TINY, "--max-steps", "1",
+                               "--out", str(base)]).exit_code == 0
+    out = tmp_path / "sw"
+    result = sweep("--data", corpus, "--init-from", base, "--device", "cpu", "--max-steps", "1",
+                   "--eval-steps", "1", "--sample-interval", "0", "--set", "lora-rank=2,4",
+                   "--out", out)
+    assert result.exit_code == 0, result.output
+    table = json.loads(runner.invoke(app, ["sweep", "show", str(out), "--json"]).stdout)
+    model = ModelConfig(**json.loads((base / "config.json").read_text())["model"])
+    targets = TrainConfig().lora_targets
+    assert sorted(g["adapters"] for g in table["groups"]) == [
+        adapter_parameters(model, r, targets) for r in (2, 4)]
+    assert {g["params"] for g in table["groups"]} == {model.num_params()}
+    text = runner.invoke(app, ["sweep", "show", str(out)]).stdout
+    assert f" + {adapter_parameters(model, 4, targets) / 1e3:.1f}k LoRA" in text

@@ -178,7 +178,9 @@ def render_sweep(table: dict, console=None) -> None:
             f" ± {g['val_std']:.4f}" if g["val_std"] is not None else "")
         grid.add_row(str(rank), *(setting_text(k, g["settings"].get(k)) for k in varied), loss,
                      *([f"{g['finished']}/{g['seeds']}"] if seeds and not done else []),
-                     _count(g["params"]), _count(g["tokens"]), _sci(g["flops"]),
+                     _count(g["params"]) + (f" + {_count(g['adapters'])} LoRA"
+                                            if g.get("adapters") else ""),
+                     _count(g["tokens"]), _sci(g["flops"]),
                      _count(g["tokens_per_s"], plain=True),
                      "-" if not g["peak_memory"] else size_text(g["peak_memory"]),
                      "-" if g["elapsed"] is None else clock(g["elapsed"]),
