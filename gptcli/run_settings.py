@@ -88,4 +88,5 @@ def _same(key: str, asked, have) -> bool:
 
 
 def _flag(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return ",".join(map(str, value)) if isinstance(value, list) else \
+        "none" if value is None else str(value)

@@ -37,9 +37,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
