@@ -275,6 +275,10 @@ def test_models_and_health(client, served):
      "prompt", "the prompt has 40 tokens; echo and logprobs over the prompt need it within"),
     ({"prompt": "a", "frequency_penalty": 0.5}, None, KEY, 400, "frequency_penalty",
      "frequency_penalty is not supported"),
+    ({"prompt": "a", "tools": [{"type": "function"}]}, None, KEY, 400, "tools",
+     "tools are not supported: this model calls no functions"),
+    ({"prompt": "a", "response_format": {"type": "json_object"}}, None, KEY, 400,
+     "response_format", "response_format 'json_object' is not supported; only text"),
     ({"prompt": "a", "n": 5}, None, KEY, 400, "n", "this request needs 5 rows"),
     ({"prompt": "a", "max_tokens": 500}, None, KEY, 400, "max_tokens",
      "max_tokens 500 exceeds this server's limit of 200 (--max-tokens)"),
@@ -833,14 +837,15 @@ def gpt_serve(path, *args: str):
 
 
 def test_gpt_serve_subprocess_streams_and_stops_cleanly_on_sigterm(served):
-    with gpt_serve(served["path"]) as (proc, url):
-        chunks = list(openai.OpenAI(base_url=url + "/v1", api_key="x")
+    with gpt_serve(served["path"], "--api-key", "s3cret-key") as (proc, url):
+        chunks = list(openai.OpenAI(base_url=url + "/v1", api_key="s3cret-key")
                       .completions.create(model="tiny", prompt="hi", max_tokens=10, stream=True))
         assert chunks and chunks[-1].choices[0].finish_reason == "length"
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 143, stderr  # as `gpt train` ends on SIGTERM
     assert f"at {url}/v1" in stderr and "curl" in stderr
+    assert 'Authorization: Bearer $KEY"' in stderr and "s3cret" not in stderr  # (logs keep it)
     assert stderr.strip().endswith("stopped: in-flight requests finished or timed out")
     assert "Traceback" not in stderr and "error" not in stderr
 

@@ -57,6 +57,8 @@ class Sampling(BaseModel):
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, ge=0.01, le=100.0)
     logit_bias: dict | None = None
+    tools: list | None = None  # (known, to be refused: a model of ours calls none)
+    response_format: dict | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -75,6 +77,11 @@ class Sampling(BaseModel):
                               "above 1 discourages repeating earlier tokens)")
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
+        if self.tools:
+            return "tools", "tools are not supported: this model calls no functions"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format", (f"response_format {self.response_format.get('type')!r} "
+                                       "is not supported; only text")
         return None
 
     @property

@@ -362,7 +362,7 @@ def run_server(load, cfg, log) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=http.run, name="gptcli-http", daemon=True)
     url = f"http://{address}"
-    auth = f' -H "Authorization: Bearer {cfg.api_key}"' if cfg.api_key else ""
+    auth = ' -H "Authorization: Bearer $KEY"' if cfg.api_key else ""  # (not the key: logs)
     try:
         thread.start()
         while thread.is_alive() and not http.started:
