@@ -30,11 +30,10 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .model import GPT
 from .errors import UserError, path_error, validation_message
-from .files import atomic_write
+from .files import PICKLE_SUFFIXES, atomic_write
 from .tokenizer import Tokenizer, get_tokenizer
 
 FORMAT = "gptcli/1"
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 TIED_OUTPUT = ("lm_head.weight", "lm_head.qweight", "lm_head.scale")  # stored once, as wte's
 MAX_PARAMS = 2**48  # 280 trillion: more than any checkpoint holds, and far from overflowing
 

@@ -90,6 +90,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *,
     return path
 
 
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")  # never loaded
+
+
 def file_out(out: str | None, flag: str = "--out") -> Path | None:
     """An output file's name as typed (typer's Path would drop a trailing slash): one that
     ends like a folder (``newdir/``) is refused rather than written as a file so named, and so
@@ -97,6 +100,9 @@ def file_out(out: str | None, flag: str = "--out") -> Path | None:
     if out is not None and (out.endswith(("/", os.sep)) or Path(out).is_dir()):
         raise UserError(f"{flag} {out} names a folder; give the file's name, such as "
                         f"{Path(out) / 'model.safetensors'}")
+    if out is not None and Path(out).suffix.lower() in PICKLE_SUFFIXES:
+        raise UserError(f"{flag} {out} is named like a pickle file, which gptcli never loads; "
+                        f"name it {Path(out).with_suffix('.safetensors')}")
     return None if out is None else Path(out)
 
 

@@ -274,6 +274,13 @@ def test_an_out_that_ends_like_a_folder_is_refused(tmp_path, command):
         assert (result.exit_code, result.stderr.strip()) == (
             2, f"error: --out {out} names a folder; give the file's name, such as "
                f"{tmp_path / 'newdir' / 'model.safetensors'}")
+    # a name the loader would refuse as a pickle file is refused before anything is written
+    args[args.index(out)] = out = str(tmp_path / "model.bin")
+    result = runner.invoke(app, args)
+    assert (result.exit_code, result.stderr.strip()) == (
+        2, f"error: --out {out} is named like a pickle file, which gptcli never loads; name it "
+           f"{tmp_path / 'model.safetensors'}")
+    assert not Path(out).exists()
 
 
 def test_an_out_whose_folder_cannot_be_made_names_the_folder(tmp_path):
