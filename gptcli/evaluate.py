@@ -107,7 +107,8 @@ def evaluate_file(load: LoadConfig, cfg: EvalConfig) -> dict:
         raise UserError(f"{scored} has {len(tokens)} token(s); scoring needs at least 2")
     result = evaluate(model, tokens, T, stride=cfg.stride, batch_size=cfg.batch_size,
                       device=model.device, masks=masks)
-    out = {"model": str(path), "data": scored, "loss": result.loss,
+    out = {"model": str(path), **({"quantize": load.quantize} if load.quantize else {}),
+           "data": scored, "loss": result.loss,
            "perplexity": result.perplexity, "tokens": result.tokens,
            "bits_per_byte": result.loss * result.tokens / math.log(2) / n_bytes,
            "context_length": T, "stride": cfg.stride or T}
@@ -129,7 +130,9 @@ def training_estimate(path: Path, n_tokens: int, context: int) -> dict | None:
     train = run.train_settings()
     windows = len(eval_windows(n_tokens, context, context))
     used = min(windows, train.get("eval_steps", 20) * train.get("batch_size", 12))
-    return {"val_loss": float(metadata["val_loss"]), "step": metadata.get("step"),
+    step = metadata.get("step")
+    return {"val_loss": float(metadata["val_loss"]),
+            "step": int(step) if str(step).isdigit() else step,
             "windows": used, "of": windows}
 
 

@@ -199,9 +199,11 @@ def _rounded(value) -> str:
 
 
 def render_eval(result: dict) -> None:
-    print(f"{result['model']}: loss {result['loss']:.4f} nats/token, perplexity "
+    quantized = f" (--quantize {result['quantize']})" if result.get("quantize") else ""
+    print(f"{result['model']}{quantized}: loss {result['loss']:.4f} nats/token, perplexity "
           f"{result['perplexity']:.2f}, {result['bits_per_byte']:.4f} bits/byte")
-    print(f"scored {result['tokens']:,} tokens of {result['data']} (window "
+    plural = "s" * (result["tokens"] != 1)
+    print(f"scored {result['tokens']:,} token{plural} of {result['data']} (window "
           f"{result['context_length']}, stride {result['stride']})")
     if estimate := result.get("training_estimate"):
         print(f"(its val_loss in the checkpoint, {estimate['val_loss']:.4f} at step "

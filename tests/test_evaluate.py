@@ -134,3 +134,9 @@ def test_gpt_eval_of_a_run_explains_its_checkpoint_val_loss(corpus, tmp_path):
     assert last.startswith(f"(its val_loss in the checkpoint, {meta_loss:.4f} at step 2, is "
                            "training's estimate on 6 of the split's ")
     assert last.endswith(" windows; this scores every token)")
+    got = json.loads(runner.invoke(app, ["eval", "--model", str(out), "--json"]).stdout)
+    assert got["training_estimate"]["step"] == 2 and "quantize" not in got  # (a number)
+    quantized = runner.invoke(app, ["eval", "--model", str(out), "--quantize", "int8"])
+    assert quantized.stdout.startswith(f"{out / 'best.safetensors'} (--quantize int8): loss ")
+    assert json.loads(runner.invoke(app, ["eval", "--model", str(out), "--quantize", "int8",
+                                          "--json"]).stdout)["quantize"] == "int8"

@@ -146,9 +146,13 @@ def generate_once(loaded, text: str, cfg: SampleConfig, as_json: bool, engine=No
     # --compile: the first call's steps compile (gpt bench --compile times the steps after)
     compiling = " with compiling" if loaded.step is not None and not loaded.warm else ""
     loaded.warm = True
-    note(f"[{stats.prompt_tokens} prompt tokens{kept}, {stats.new_tokens} new tokens, first token "
-         f"{stats.time_to_first_token_s * 1000:.0f} ms, {stats.decode_tokens_per_s:.1f} "
-         f"tokens/s{compiling}{_acceptance(stats)}]")
+    note(f"[{_count(stats.prompt_tokens, 'prompt')}{kept}, {_count(stats.new_tokens, 'new')}, "
+         f"first token {stats.time_to_first_token_s * 1000:.0f} ms, "
+         f"{stats.decode_tokens_per_s:.1f} tokens/s{compiling}{_acceptance(stats)}]")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what} token{'s' * (n != 1)}"
 
 
 def _acceptance(stats) -> str:
