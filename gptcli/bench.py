@@ -103,7 +103,14 @@ def resolve_settings(load: LoadConfig, s: BenchConfig) -> tuple[BenchConfig, tor
         s = s.model_copy(update={"only": "generate"})
     preset = s.preset or {"cuda": "gpt2", "mps": "small"}.get(device.type, "tiny")
     if load.model:
+        if s.preset:
+            raise UserError("--preset picks the shape of a model with random weights; --model "
+                            "times that model: give one of them")
         config = ModelConfig.model_validate(model_info(find_model(load.model))[0]["config"])
+        if (s.context_length or 0) > config.context_length:
+            raise UserError(f"--context-length {s.context_length} is longer than the model's "
+                            f"context ({config.context_length}); give at most "
+                            f"{config.context_length}")
         config = config.model_copy(update={"context_length": min(
             config.context_length, s.context_length or config.context_length)})
         preset = load.model

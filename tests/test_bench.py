@@ -285,7 +285,7 @@ def test_bench_times_decoding_with_a_draft_against_without(tmp_path):
         assert "with the draft, batch 2" in result.stderr and "accepted" in result.stderr
 
 
-def test_bench_refuses_a_draft_it_cannot_time(tmp_path):
+def test_bench_refuses_a_draft_or_shape_it_cannot_time(tmp_path):
     from conftest import char_tokenizer
     from gptcli.tokenizer import GPT2Tokenizer
 
@@ -301,6 +301,15 @@ def test_bench_refuses_a_draft_it_cannot_time(tmp_path):
         (["--model", target, "--draft-model", words], "error: the draft model words uses the "
          "gpt2 tokenizer and the model big the char one; a draft model must share the model's "
          "tokenizer"),
+    ]
+    from gptcli.checkpoint import load_checkpoint
+
+    context = load_checkpoint(target)[0].config.context_length
+    cases += [  # settings of a random-weights model, which --model's own shape replaces
+        (["--model", target, "--preset", "small"], "error: --preset picks the shape of a model "
+         "with random weights; --model times that model: give one of them"),
+        (["--model", target, "--context-length", str(context + 1)], f"error: --context-length "
+         f"{context + 1} is longer than the model's context ({context}); give at most {context}"),
     ]
     for args, message in cases:
         result = runner.invoke(app, ["bench", "--device", "cpu", "--steps", "1", *args])
