@@ -144,12 +144,12 @@ Quantize = Annotated[Optional[Literal["half", "int8", "int4"]], Field(
     description="Smaller weights for inference, CPU only: half (bf16/fp16), int8 (per channel) or "
                 "int4 (groups of 32, output matrix int8). Off by default.",
     json_schema_extra={"group": "Device", "metavar": "SCHEME"})]
+KERNEL_INDUCTOR = (" inductor (with --compile, on a CPU): inductor's own products in the compiled "
+                   "step, compiled with freezing (faster on some CPUs: see README Performance).")
 Kernel = Annotated[Optional[str], Field(description="Force a matrix-product kernel (`gpt bench` "
     "lists them; also $GPTCLI_KERNEL); default: the fastest, measured once per machine. "
-    "fused: each block's decode step as one C call (chosen by measurement otherwise). "
-    "inductor (with --compile, on a CPU): inductor's own products in the compiled step, "
-    "compiled with freezing (faster on some CPUs: see README Performance).",
-    json_schema_extra={"group": "Device", "metavar": "NAME"})]
+    "fused: each block's decode step as one C call (chosen by measurement otherwise)." +
+    KERNEL_INDUCTOR, json_schema_extra={"group": "Device", "metavar": "NAME"})]
 LogTo = Annotated[list[Literal["tensorboard", "wandb"]], Field(
     description="Also log the run's metrics to tensorboard (event files in the run folder) or "
                 "wandb (WANDB_MODE=offline works without a network); repeatable. Needs the "

@@ -24,6 +24,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from .. import __version__
+from ..config import KERNEL_INDUCTOR
 from ..errors import GptcliError, UserError, is_debug, is_oom
 from ..files import STDOUT_CLOSED, silence_stdout
 
@@ -227,6 +228,8 @@ def config_flags(*models, exclude: tuple[str, ...] = (),
                 continue
             help_text, extra = field_info(field)
             help_text = (helps or {}).get(name, help_text)
+            if name == "kernel" and "compile" in exclude:  # (no --compile: no inductor)
+                help_text = help_text.replace(KERNEL_INDUCTOR, "")
             kind = _base_type(field.annotation)
             help_text = with_default(help_text, field.default)
             flag = flag_name(name)
