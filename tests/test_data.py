@@ -59,14 +59,18 @@ def test_bad_paths(tmp_path, setup, message):
     ('[{"text": "a"} {"text": "b"}]\n',
      "is not valid JSON (Expecting ',' delimiter at column 16)"),
     ('[{"text": "a"}, {"text": "b"}]\n', "is not a JSON object"),
+    ('{\n  "train": {}\n}\n', "is not valid JSON (Expecting property name enclosed in double "
+     "quotes: the line ends before the JSON does)"),
 ])
 def test_a_json_array_file_says_json_lines_are_expected(tmp_path, content, problem):
     path = tmp_path / "arr.json"
     path.write_text(content)
     with pytest.raises(UserError) as err:
         load_tokens([path], "gpt2")
+    not_ = "an array" if content.startswith("[") else \
+        "an object over several lines (a run folder's config.json, say)"
     assert str(err.value) == (f"{path} line 1 {problem}; a .json/.jsonl file holds one JSON "
-                              "object per line (JSON lines), not an array")
+                              f"object per line (JSON lines), not {not_}")
 
 
 def test_not_utf8_names_file_and_offset(tmp_path):

@@ -262,8 +262,10 @@ def _json_rows(path: Path, digest) -> Iterator[tuple[int, dict]]:
                 digest.update(line)
             if not line.strip():
                 continue
-            hint = "; a .json/.jsonl file holds one JSON object per line (JSON lines), not " \
-                "an array" if row == 1 and line.lstrip().startswith(b"[") else ""
+            first = line.lstrip()[:1] if row == 1 else b""
+            hint = "; a .json/.jsonl file holds one JSON object per line (JSON lines), not " + (
+                "an array" if first == b"[" else "an object over several lines (a run folder's "
+                "config.json, say)") if first in (b"[", b"{") else ""
             try:
                 record = json.loads(line)
             except ValueError as e:
