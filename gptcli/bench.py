@@ -51,12 +51,15 @@ def training_flops_per_token(config: ModelConfig) -> int:
 def decode_bytes(model: GPT) -> int:
     """Bytes of weights one decode step of ``model`` in its inference layout reads: every tensor
     once (shared ones once, even as different tensor objects), except an embedding table that
-    is only looked up (one row a token) while the output matrix is a separate copy; plus
+    is only looked up (one row a token: the token embedding while the output matrix is a
+    separate copy, the learned positions always); plus
     layouts held outside tensors (``KernelLinear.packed_bytes``)."""
     def key(t: torch.Tensor):
         return id(t) if t.is_mkldnn or t.device.type == "meta" else (t.data_ptr(), t.numel())
 
-    lookups = {key(t) for t in [*model.wte.parameters(), *model.wte.buffers()]}
+    wpe = getattr(model, "wpe", None)  # (learned positions: looked up too, one row a step)
+    lookups = {key(t) for m in (model.wte, wpe) if m is not None
+               for t in [*m.parameters(), *m.buffers()]}
     head = {key(t) for t in [*model.lm_head.parameters(), *model.lm_head.buffers()]}
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
@@ -157,7 +160,7 @@ def ceiling(flag: float | None, flag_name: str, datasheet: tuple[float | None, s
     if datasheet[0] is not None:
         return datasheet
     if not needed:
-        return None, "not measured (not needed for what was timed)"
+        return None, "not measured: not needed for what was timed"
     return measure(), "measured"
 
 

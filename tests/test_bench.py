@@ -146,15 +146,15 @@ def test_bandwidth_formula_equals_hand_count():
     cfg = ModelConfig(vocab_size=10, context_length=8, n_layer=1, n_head=2, n_embd=4)
     model = GPT(cfg)
     prepare(model, None, kernel="linear")
-    # every weight once, the 32 position weights included and the output matrix (nn.Linear's
-    # layout: the embedding table itself, read once): (292 + 32) * 4 bytes in float32
-    assert bench.decode_bytes(model) == 1296
+    # every weight once, the output matrix (nn.Linear's layout: the embedding table itself,
+    # read once), not the 32 position weights (a step looks up one row): 292 * 4 bytes
+    assert bench.decode_bytes(model) == 1168
     model = GPT(cfg)
     prepare(model, "int8", kernel="int8-intmm2")  # a kernel that keeps no extra buffers
     # int8: output 10*4, c_attn 12*4, attn.c_proj 4*4, c_fc 16*4, mlp.c_proj 4*16 = 232 weights
     # of one byte; float32 scales for each output channel (10 + 12 + 4 + 16 + 4 = 46), and
-    # float32 biases, norms and positions (12 + 4 + 16 + 4 + 8 + 8 + 8 + 32 = 92)
-    assert bench.decode_bytes(model) == 232 + 46 * 4 + 92 * 4
+    # float32 biases and norms (12 + 4 + 16 + 4 + 8 + 8 + 8 = 60)
+    assert bench.decode_bytes(model) == 232 + 46 * 4 + 60 * 4
     # 1296 bytes per step at 1e6 steps/s = 1.296 GB/s, on a 2.592 GB/s device: one half
     assert bench.bandwidth_utilisation(1296, 1e6, 2.592) == pytest.approx(0.5)
 
