@@ -309,3 +309,18 @@ def test_training_from_an_int8_checkpoint_is_refused(tmp_path, corpus):
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'm-int8.safetensors'} is an int8 checkpoint, for inference only; "
         f"train from the float checkpoint it was made from ({src})")
+
+
+def test_quantizing_a_stored_model_suggests_it_by_name():
+    """A model in the local store quantizes beside itself, and the suggested command names
+    the copy as the store's models go, by name (the full path worked too, but reads badly)."""
+    from gptcli.store import models_dir
+
+    models_dir().mkdir(parents=True, exist_ok=True)
+    save_checkpoint(models_dir() / "tiny-x.safetensors", GPT(tiny_config()), char_tokenizer(101))
+    result = runner.invoke(app, ["quantize", "tiny-x"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().endswith("use it with: gpt generate --model tiny-x-int8")
+    again = runner.invoke(app, ["generate", "--model", "tiny-x-int8", "--prompt", chr(0x101),
+                                "--max-new-tokens", "2"])
+    assert again.exit_code == 0, again.output

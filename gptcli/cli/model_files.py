@@ -114,7 +114,11 @@ def quantize_cmd(
     print(f"wrote {result['path']} (int8, {result['size'] / 1e6:,.1f} MB, "
           f"{result['size'] / result['float_size']:.0%} of the float model's "
           f"{result['float_size'] / 1e6:,.1f} MB)")
-    note(f"use it with: gpt generate --model {result['path']}")
+    from ..store import is_stored_name
+
+    path = Path(result["path"])  # a stored model by its name, as the store's models go
+    note(f"use it with: gpt generate --model "
+         f"{path.stem.replace('--', '/') if is_stored_name(path) else path}")
 
 
 @command("export")
