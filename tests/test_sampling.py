@@ -308,6 +308,10 @@ def test_cli_streams_text_and_prints_stats(char_checkpoint):
     assert len(samples[0].text) == 40
     assert result.stdout == "abc" + samples[0].text + "\n"  # the prompt, then the new text
     assert "3 prompt tokens, 40 new tokens" in result.stderr and "tokens/s" in result.stderr
+    one = gen("--model", str(char_checkpoint), "--prompt", "a", "--max-new-tokens", "1",
+              "--device", "cpu")  # one of each; no speed after the first token, with none
+    assert "[1 prompt token, 1 new token, first token " in one.stderr
+    assert "tokens/s" not in one.stderr
 
 
 def read_within(pipe, n: int, seconds: float) -> bytes:

@@ -146,9 +146,10 @@ def generate_once(loaded, text: str, cfg: SampleConfig, as_json: bool, engine=No
     # --compile: the first call's steps compile (gpt bench --compile times the steps after)
     compiling = " with compiling" if loaded.step is not None and not loaded.warm else ""
     loaded.warm = True
+    speed = f", {stats.decode_tokens_per_s:.1f} tokens/s{compiling}" if stats.new_tokens > 1 \
+        else ""  # (after the first token: none to time)
     note(f"[{_count(stats.prompt_tokens, 'prompt')}{kept}, {_count(stats.new_tokens, 'new')}, "
-         f"first token {stats.time_to_first_token_s * 1000:.0f} ms, "
-         f"{stats.decode_tokens_per_s:.1f} tokens/s{compiling}{_acceptance(stats)}]")
+         f"first token {stats.time_to_first_token_s * 1000:.0f} ms{speed}{_acceptance(stats)}]")
 
 
 def _count(n: int, what: str) -> str:
