@@ -1033,7 +1033,8 @@ def test_a_port_in_use_is_one_sentence(served):
                           str(served["path"]), "--port", str(port)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2
-    assert out.stderr.strip().startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+    assert out.stderr.strip() == (f"error: cannot listen on 127.0.0.1:{port}: address already "
+                                  "in use; pick another --port (or stop what uses it)")
 
 
 @pytest.mark.parametrize("host,why", [

@@ -26,6 +26,7 @@ def check_address(host: str, port: int) -> str:
     does not have, else --port (one in use, or below 1024 without the right). Returns the
     address as a URL has it (``[::1]:8000``)."""
     import errno
+    import os
     import socket
 
     from ..errors import os_error_reason
@@ -46,8 +47,10 @@ def check_address(host: str, port: int) -> str:
         if e.errno == errno.EADDRNOTAVAIL:
             raise UserError(f"cannot listen on {where}: {host} is not an address of this "
                             f"machine; {instead}") from None
-        raise UserError(f"cannot listen on {where}: {os_error_reason(e)}; pick another "
-                        "--port (or stop what uses it)") from None
+        # (the system's words alone: socket's message repeats the address)
+        reason = os.strerror(e.errno).lower() if e.errno else os_error_reason(e)
+        raise UserError(f"cannot listen on {where}: {reason}; pick another --port (or stop "
+                        "what uses it)") from None
     return where
 
 
