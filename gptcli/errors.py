@@ -118,13 +118,6 @@ def path_error(e: OSError, doing: str, path=None, *, note: str = "",
 NUMBER_RULES = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
-class Raw(str):
-    """A value shown as typed (its repr without quotes)."""
-
-    def __repr__(self) -> str:
-        return str(self)
-
-
 def validation_message(err: Exception, *, flags: bool = False) -> str:
     """One readable sentence from a pydantic ValidationError (or any exception): each problem as
     "<setting> <rule>, got <value>". With ``flags``, settings are named as command-line flags
@@ -149,9 +142,9 @@ def validation_message(err: Exception, *, flags: bool = False) -> str:
         if e.get("type") == "extra_forbidden":
             msg = "is not a setting" if not flags else "is not an option"
         value = e.get("input")
-        if isinstance(value, str) and e.get("type") in NUMBER_RULES:  # as typed: 0, not '0'
-            value = Raw(value)
-        got = f", got {value!r}" if isinstance(value, (int, float, str)) and \
+        # a number's rule broken by a text (a sweep's value): as typed, 0 not '0'
+        shown = value if isinstance(value, str) and e.get("type") in NUMBER_RULES else repr(value)
+        got = f", got {shown}" if isinstance(value, (int, float, str)) and \
             e.get("type") != "extra_forbidden" and not isinstance(value, bool) else ""
         parts.append(f"{name} {msg}{got}" if name else msg)
     return "; ".join(parts)
